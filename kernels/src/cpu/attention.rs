@@ -1,0 +1,231 @@
+//! Multi-head scaled-dot-product attention on the CPU, forward and backward side by side.
+//!
+//! Shapes: q `[B, Tq, H*D]`, k and v `[B, Tk, H*D]` (heads interleaved), key_mask `[B, Tk]`
+//! (1 real, 0 padding), probs `[B, H, Tq, Tk]`, out `[B, Tq, H*D]`.
+//! forward:  `S = q_h k_h^T / sqrt(D)`; masked keys (padding, or j > i when causal) get -1e30
+//!           (so a fully masked row becomes uniform, as transformers' finfo.min mask does);
+//!           `P = softmax(S)` (saved), `Pd = dropout(P)`, `out_h = Pd v_h`.
+//! backward: `dPd = dout_h v_h^T`, `dv_h += Pd^T dout_h`, `dP = dropout(dPd)`,
+//!           `dS = P * (dP - rowsum(dP * P))`, `dq_h = dS k_h / sqrt(D)` (assigned),
+//!           `dk_h += dS^T q_h / sqrt(D)`.
+//! Dropout element (b, h, i, j) uses counter `((b*H + h)*Tq + i)*Tk + j` of `seed`.
+//! Work is split over the batch: each task owns one batch item's rows of out/dq/dk/dv.
+
+use rayon::prelude::*;
+
+use super::matmul::{Strided, matmul};
+use super::{Cpu, check};
+use crate::{AttentionOps, AttentionShape, Result, rng};
+
+const MASKED: f32 = -1.0e30;
+
+fn check_shapes(op: &'static str, s: &AttentionShape, q: usize, k: usize, v: usize, mask: usize, probs: usize) -> Result<()> {
+    let c = s.heads * s.head_dim;
+    check(op, q == s.batch * s.tq * c && k == s.batch * s.tk * c && v == k && mask == s.batch * s.tk && probs == s.probs_len(), || {
+        format!("{s:?}: q {q} k {k} v {v} mask {mask} probs {probs}")
+    })?;
+    check(op, (0.0..1.0).contains(&s.dropout), || format!("dropout {} outside [0, 1)", s.dropout))
+}
+
+/// Dropout factor of probability element (b, h, i, j): 0 or 1/(1-p).
+#[inline]
+fn keep(s: &AttentionShape, b: usize, h: usize, i: usize, j: usize) -> f32 {
+    let idx = (((b * s.heads + h) * s.tq + i) * s.tk + j) as u64;
+    if rng::uniform(s.seed, idx) >= s.dropout { 1.0 / (1.0 - s.dropout) } else { 0.0 }
+}
+
+impl AttentionOps for Cpu {
+    fn attention_forward(
+        &self,
+        s: AttentionShape,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        key_mask: &[f32],
+        probs: &mut [f32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        check_shapes("attention_forward", &s, q.len(), k.len(), v.len(), key_mask.len(), probs.len())?;
+        check("attention_forward", out.len() == q.len(), || format!("out {} != q {}", out.len(), q.len()))?;
+        let (c, d, tq, tk) = (s.heads * s.head_dim, s.head_dim, s.tq, s.tk);
+        let scale = 1.0 / (d as f32).sqrt();
+        let per_b_probs = s.heads * tq * tk;
+        out.par_chunks_mut(tq * c).zip(probs.par_chunks_mut(per_b_probs)).enumerate().for_each(|(b, (ob, pb))| {
+            let qb = &q[b * tq * c..(b + 1) * tq * c];
+            let kb = &k[b * tk * c..(b + 1) * tk * c];
+            let vb = &v[b * tk * c..(b + 1) * tk * c];
+            let mask = &key_mask[b * tk..(b + 1) * tk];
+            let mut pd = vec![0.0f32; tq * tk];
+            for h in 0..s.heads {
+                let p = &mut pb[h * tq * tk..(h + 1) * tq * tk];
+                let head = Strided::row_major(tq, d, c);
+                let khead_t = Strided::row_major(tk, d, c).t();
+                matmul(p, Strided::row_major(tq, tk, tk), 0.0, scale, &qb[h * d..], head, &kb[h * d..], khead_t, false);
+                for i in 0..tq {
+                    let row = &mut p[i * tk..(i + 1) * tk];
+                    for j in 0..tk {
+                        if mask[j] == 0.0 || (s.causal && j > i) {
+                            row[j] = MASKED;
+                        }
+                    }
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0f32;
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    let inv = 1.0 / sum;
+                    for (j, x) in row.iter_mut().enumerate() {
+                        *x *= inv;
+                        pd[i * tk + j] = if s.dropout > 0.0 { *x * keep(&s, b, h, i, j) } else { *x };
+                    }
+                }
+                matmul(&mut ob[h * d..], Strided::row_major(tq, d, c), 0.0, 1.0, &pd, Strided::row_major(tq, tk, tk), &vb[h * d..], Strided::row_major(tk, d, c), false);
+            }
+        });
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        s: AttentionShape,
+        dout: &[f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        probs: &[f32],
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+    ) -> Result<()> {
+        check_shapes("attention_backward", &s, q.len(), k.len(), v.len(), s.batch * s.tk, probs.len())?;
+        check("attention_backward", dout.len() == q.len() && dq.len() == q.len() && dk.len() == k.len() && dv.len() == v.len(), || {
+            format!("dout {} dq {} dk {} dv {}", dout.len(), dq.len(), dk.len(), dv.len())
+        })?;
+        let (c, d, tq, tk) = (s.heads * s.head_dim, s.head_dim, s.tq, s.tk);
+        let scale = 1.0 / (d as f32).sqrt();
+        let per_b_probs = s.heads * tq * tk;
+        dq.par_chunks_mut(tq * c)
+            .zip(dk.par_chunks_mut(tk * c).zip(dv.par_chunks_mut(tk * c)))
+            .enumerate()
+            .for_each(|(b, (dqb, (dkb, dvb)))| {
+                let qb = &q[b * tq * c..(b + 1) * tq * c];
+                let kb = &k[b * tk * c..(b + 1) * tk * c];
+                let vb = &v[b * tk * c..(b + 1) * tk * c];
+                let gb = &dout[b * tq * c..(b + 1) * tq * c];
+                let pb = &probs[b * per_b_probs..(b + 1) * per_b_probs];
+                let mut pd = vec![0.0f32; tq * tk];
+                let mut dp = vec![0.0f32; tq * tk];
+                let rows = Strided::row_major(tq, tk, tk);
+                for h in 0..s.heads {
+                    let p = &pb[h * tq * tk..(h + 1) * tq * tk];
+                    for i in 0..tq {
+                        for j in 0..tk {
+                            pd[i * tk + j] = if s.dropout > 0.0 { p[i * tk + j] * keep(&s, b, h, i, j) } else { p[i * tk + j] };
+                        }
+                    }
+                    // dPd = dout_h v_h^T ; dv_h += Pd^T dout_h
+                    matmul(&mut dp, rows, 0.0, 1.0, &gb[h * d..], Strided::row_major(tq, d, c), &vb[h * d..], Strided::row_major(tk, d, c).t(), false);
+                    matmul(&mut dvb[h * d..], Strided::row_major(tk, d, c), 1.0, 1.0, &pd, rows.t(), &gb[h * d..], Strided::row_major(tq, d, c), false);
+                    for i in 0..tq {
+                        let mut dot = 0.0f32;
+                        for j in 0..tk {
+                            let mut g = dp[i * tk + j];
+                            if s.dropout > 0.0 {
+                                g *= keep(&s, b, h, i, j);
+                            }
+                            dp[i * tk + j] = g;
+                            dot += g * p[i * tk + j];
+                        }
+                        for j in 0..tk {
+                            dp[i * tk + j] = p[i * tk + j] * (dp[i * tk + j] - dot);
+                        }
+                    }
+                    // dq_h = dS k_h * scale ; dk_h += dS^T q_h * scale
+                    matmul(&mut dqb[h * d..], Strided::row_major(tq, d, c), 0.0, scale, &dp, rows, &kb[h * d..], Strided::row_major(tk, d, c), false);
+                    matmul(&mut dkb[h * d..], Strided::row_major(tk, d, c), 1.0, scale, &dp, rows.t(), &qb[h * d..], Strided::row_major(tq, d, c), false);
+                }
+            });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::testutil::*;
+
+    fn shape(causal: bool, dropout: f32) -> AttentionShape {
+        AttentionShape { batch: 2, heads: 3, head_dim: 5, tq: 7, tk: if causal { 7 } else { 6 }, causal, dropout, seed: seed_for(81) }
+    }
+
+    fn mask_for(s: &AttentionShape) -> Vec<f32> {
+        // Second batch item has its last two keys padded.
+        (0..s.batch * s.tk).map(|i| if i / s.tk == 1 && i % s.tk >= s.tk - 2 { 0.0 } else { 1.0 }).collect()
+    }
+
+    fn forward(s: &AttentionShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        let mut probs = vec![0.0; s.probs_len()];
+        let mut out = vec![0.0; q.len()];
+        Cpu.attention_forward(*s, q, k, v, &mask_for(s), &mut probs, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn forward_matches_naive_f64() {
+        for causal in [false, true] {
+            let s = shape(causal, 0.0);
+            let c = s.heads * s.head_dim;
+            let q = randn(s.batch * s.tq * c, 1.0, 82);
+            let k = randn(s.batch * s.tk * c, 1.0, 83);
+            let v = randn(s.batch * s.tk * c, 1.0, 84);
+            let out = forward(&s, &q, &k, &v);
+            let mask = mask_for(&s);
+            let mut want = vec![0.0f32; out.len()];
+            for b in 0..s.batch {
+                for h in 0..s.heads {
+                    for i in 0..s.tq {
+                        let allowed: Vec<usize> = (0..s.tk).filter(|&j| mask[b * s.tk + j] != 0.0 && !(causal && j > i)).collect();
+                        let scores: Vec<f64> = allowed
+                            .iter()
+                            .map(|&j| (0..s.head_dim).map(|t| q[(b * s.tq + i) * c + h * s.head_dim + t] as f64 * k[(b * s.tk + j) * c + h * s.head_dim + t] as f64).sum::<f64>() / (s.head_dim as f64).sqrt())
+                            .collect();
+                        let m = scores.iter().copied().fold(f64::MIN, f64::max);
+                        let z: f64 = scores.iter().map(|x| (x - m).exp()).sum();
+                        for t in 0..s.head_dim {
+                            let acc: f64 = allowed.iter().zip(&scores).map(|(&j, x)| (x - m).exp() / z * v[(b * s.tk + j) * c + h * s.head_dim + t] as f64).sum();
+                            want[(b * s.tq + i) * c + h * s.head_dim + t] = acc as f32;
+                        }
+                    }
+                }
+            }
+            assert_close(&format!("attention causal={causal}"), &out, &want, 1e-5);
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_with_dropout() {
+        for (causal, p) in [(false, 0.0), (true, 0.0), (false, 0.25)] {
+            let s = shape(causal, p);
+            let c = s.heads * s.head_dim;
+            let q = randn(s.batch * s.tq * c, 1.0, 85);
+            let k = randn(s.batch * s.tk * c, 1.0, 86);
+            let v = randn(s.batch * s.tk * c, 1.0, 87);
+            let w = randn(q.len(), 1.0, 88);
+            let mut probs = vec![0.0; s.probs_len()];
+            let mut out = vec![0.0; q.len()];
+            Cpu.attention_forward(s, &q, &k, &v, &mask_for(&s), &mut probs, &mut out).unwrap();
+            let mut dq = vec![f32::NAN; q.len()];
+            let dk0 = randn(k.len(), 1.0, 89);
+            let (mut dk, mut dv) = (dk0.clone(), vec![0.0; v.len()]);
+            Cpu.attention_backward(s, &w, &q, &k, &v, &probs, &mut dq, &mut dk, &mut dv).unwrap();
+            let nq = numeric_grad(&q, 1e-2, |x| dot(&forward(&s, x, &k, &v), &w));
+            let nk = numeric_grad(&k, 1e-2, |x| dot(&forward(&s, &q, x, &v), &w));
+            let nv = numeric_grad(&v, 1e-2, |x| dot(&forward(&s, &q, &k, x), &w));
+            let dk_only: Vec<f32> = dk.iter().zip(&dk0).map(|(a, b)| a - b).collect();
+            assert_close(&format!("dq causal={causal} p={p}"), &dq, &nq, 3e-3);
+            assert_close(&format!("dk causal={causal} p={p}"), &dk_only, &nk, 3e-3);
+            assert_close(&format!("dv causal={causal} p={p}"), &dv, &nv, 3e-3);
+        }
+    }
+}
