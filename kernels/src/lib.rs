@@ -63,8 +63,8 @@ pub trait Memory {
     ) -> (Self::Mut<'a>, Self::Mut<'a>);
     /// Reborrow an exclusive view as a shared one.
     fn as_ref<'a>(&self, m: &'a Self::Mut<'_>) -> Self::Ref<'a>;
-    fn fill(&self, dst: Self::Mut<'_>, value: f32);
-    fn copy(&self, src: Self::Ref<'_>, dst: Self::Mut<'_>);
+    fn fill(&self, dst: Self::Mut<'_>, value: f32) -> Result<()>;
+    fn copy(&self, src: Self::Ref<'_>, dst: Self::Mut<'_>) -> Result<()>;
     /// Wait for all queued work (a no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
 }

@@ -82,11 +82,14 @@ impl Memory for Cpu {
     fn as_ref<'a>(&self, m: &'a &mut [f32]) -> &'a [f32] {
         m
     }
-    fn fill(&self, dst: &mut [f32], value: f32) {
+    fn fill(&self, dst: &mut [f32], value: f32) -> Result<()> {
         dst.fill(value);
+        Ok(())
     }
-    fn copy(&self, src: &[f32], dst: &mut [f32]) {
+    fn copy(&self, src: &[f32], dst: &mut [f32]) -> Result<()> {
+        check("copy", src.len() == dst.len(), || format!("src {} dst {}", src.len(), dst.len()))?;
         dst.copy_from_slice(src);
+        Ok(())
     }
     fn synchronize(&self) -> Result<()> {
         Ok(())

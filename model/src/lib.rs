@@ -1,0 +1,15 @@
+//! BERT2BERT on any `kernels::Backend`: HF-named parameters in one flat buffer, the encoder,
+//! the decoder with cross-attention, the LM head and loss, with hand-written backward.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod init;
+pub mod net;
+pub mod params;
+pub mod tokenizer;
+
+pub use config::{BertConfig, ModelConfig, Variant};
+pub use error::{Error, Result};
+pub use params::ParamTable;

@@ -1,0 +1,298 @@
+//! The building blocks of BERT2BERT, forward and backward side by side: Linear, the
+//! attention block (self or cross) with its residual LayerNorm, the feed-forward block and the
+//! embeddings. Each block owns the activations its backward needs.
+//!
+//! Accumulation contract (as in `kernels`): parameter gradients `+=`; a block's input gradient
+//! is assigned unless the function says it accumulates.
+
+use kernels::{AttentionShape, Backend, GemmShape, Operand};
+
+use crate::params::{AttentionView, EmbeddingsView, LayerView, LinearView, NormView};
+
+pub(crate) type KResult<T> = kernels::Result<T>;
+
+/// Whole-buffer views.
+pub(crate) fn r<'a, B: Backend>(b: &B, x: &'a B::Buf) -> B::Ref<'a> {
+    b.view(x, 0..b.len(x))
+}
+pub(crate) fn w<'a, B: Backend>(b: &B, x: &'a mut B::Buf) -> B::Mut<'a> {
+    let n = b.len(x);
+    b.view_mut(x, 0..n)
+}
+
+/// `y = x W^T` (no bias): x `[rows, in]`, W `[out, in]`, y `[rows, out]`.
+pub(crate) fn matmul_wt<B: Backend>(b: &B, p: &B::Buf, lin: &LinearView, x: B::Ref<'_>, rows: usize, y: B::Mut<'_>) -> KResult<()> {
+    let s = GemmShape::plain(rows, lin.out_dim, lin.in_dim);
+    b.gemm(s, 1.0, x, Operand::n(lin.in_dim), b.view(p, lin.w.clone()), Operand::t(lin.in_dim), 0.0, y)
+}
+
+/// `y = x W^T + bias`.
+pub(crate) fn linear_forward<B: Backend>(b: &B, p: &B::Buf, lin: &LinearView, x: B::Ref<'_>, rows: usize, y: &mut B::Buf) -> KResult<()> {
+    matmul_wt(b, p, lin, x, rows, w(b, y))?;
+    b.add_bias(w(b, y), b.view(p, lin.b.clone()), lin.out_dim)
+}
+
+/// `dW += dy^T x`; optionally `dbias += colsum(dy)`; `dx (= or +=) dy W` when `dx` is given.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_backward<B: Backend>(
+    b: &B,
+    p: &B::Buf,
+    g: &mut B::Buf,
+    lin: &LinearView,
+    x: B::Ref<'_>,
+    dy: B::Ref<'_>,
+    rows: usize,
+    with_bias: bool,
+    dx: Option<(B::Mut<'_>, bool)>,
+) -> KResult<()> {
+    let (o, i) = (lin.out_dim, lin.in_dim);
+    b.gemm(GemmShape::plain(o, i, rows), 1.0, dy, Operand::t(o), x, Operand::n(i), 1.0, b.view_mut(g, lin.w.clone()))?;
+    if with_bias {
+        b.bias_grad(dy, b.view_mut(g, lin.b.clone()), o)?;
+    }
+    if let Some((dx, accumulate)) = dx {
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        b.gemm(GemmShape::plain(rows, i, o), 1.0, dy, Operand::n(o), b.view(p, lin.w.clone()), Operand::n(i), beta, dx)?;
+    }
+    Ok(())
+}
+
+/// Saved state of one residual LayerNorm: its input (the residual sum), mean, 1/std, output.
+pub(crate) struct NormActs<B: Backend> {
+    pub input: B::Buf,
+    pub mean: B::Buf,
+    pub rstd: B::Buf,
+    pub out: B::Buf,
+}
+
+impl<B: Backend> NormActs<B> {
+    pub fn new(b: &B, rows: usize, c: usize) -> KResult<Self> {
+        Ok(Self { input: b.zeros(rows * c)?, mean: b.zeros(rows)?, rstd: b.zeros(rows)?, out: b.zeros(rows * c)? })
+    }
+    /// `out = LN(input)`.
+    pub fn forward(&mut self, b: &B, p: &B::Buf, n: &NormView, eps: f32) -> KResult<()> {
+        b.layernorm_forward(
+            r(b, &self.input),
+            b.view(p, n.gamma.clone()),
+            b.view(p, n.beta.clone()),
+            eps,
+            w(b, &mut self.out),
+            w(b, &mut self.mean),
+            w(b, &mut self.rstd),
+        )
+    }
+    /// `d_input (= or +=) LN'(d_out)`, gamma/beta gradients accumulate.
+    pub fn backward(&self, b: &B, p: &B::Buf, g: &mut B::Buf, n: &NormView, d_out: B::Ref<'_>, d_input: B::Mut<'_>, accumulate: bool) -> KResult<()> {
+        let (dg, db) = b.view_mut2(g, n.gamma.clone(), n.beta.clone());
+        b.layernorm_backward(d_out, r(b, &self.input), b.view(p, n.gamma.clone()), r(b, &self.mean), r(b, &self.rstd), d_input, accumulate, dg, db)
+    }
+}
+
+/// Dropout rates and the seeds of one block's dropout sites.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dropout {
+    pub hidden: f32,
+    pub attention: f32,
+    pub seed: u64,
+}
+
+impl Dropout {
+    pub fn off() -> Self {
+        Dropout { hidden: 0.0, attention: 0.0, seed: 0 }
+    }
+    pub fn site(&self, k: u64) -> u64 {
+        kernels::rng::derive(self.seed, k)
+    }
+}
+
+/// An attention block: `LN(x_q + dropout(Dense(Attention(Q(x_q), K(x_kv), V(x_kv)))))`.
+pub(crate) struct AttnActs<B: Backend> {
+    pub q: B::Buf,
+    pub k: B::Buf,
+    pub v: B::Buf,
+    pub probs: B::Buf,
+    pub ctx: B::Buf,
+    pub norm: NormActs<B>,
+}
+
+/// Gradient scratch shared by all blocks of a stack (sized for the largest use).
+pub(crate) struct Scratch<B: Backend> {
+    pub d_res: B::Buf,
+    pub d_ctx: B::Buf,
+    pub dq: B::Buf,
+    pub dk: B::Buf,
+    pub dv: B::Buf,
+    pub d_inter: B::Buf,
+    pub d_inter_pre: B::Buf,
+}
+
+impl<B: Backend> Scratch<B> {
+    pub fn new(b: &B, rows_q: usize, rows_kv: usize, c: usize, inter: usize) -> KResult<Self> {
+        Ok(Self {
+            d_res: b.zeros(rows_q * c)?,
+            d_ctx: b.zeros(rows_q * c)?,
+            dq: b.zeros(rows_q * c)?,
+            dk: b.zeros(rows_kv * c)?,
+            dv: b.zeros(rows_kv * c)?,
+            d_inter: b.zeros(rows_q * inter)?,
+            d_inter_pre: b.zeros(rows_q * inter)?,
+        })
+    }
+}
+
+impl<B: Backend> AttnActs<B> {
+    pub fn new(b: &B, s: &AttentionShape) -> KResult<Self> {
+        let c = s.heads * s.head_dim;
+        let (rq, rk) = (s.batch * s.tq, s.batch * s.tk);
+        Ok(Self {
+            q: b.zeros(rq * c)?,
+            k: b.zeros(rk * c)?,
+            v: b.zeros(rk * c)?,
+            probs: b.zeros(s.probs_len())?,
+            ctx: b.zeros(rq * c)?,
+            norm: NormActs::new(b, rq, c)?,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(&mut self, b: &B, p: &B::Buf, av: &AttentionView, s: AttentionShape, x_q: B::Ref<'_>, x_kv: B::Ref<'_>, key_mask: B::Ref<'_>, hidden_dropout: (f32, u64), eps: f32) -> KResult<()> {
+        let (rq, rk) = (s.batch * s.tq, s.batch * s.tk);
+        linear_forward(b, p, &av.q, x_q, rq, &mut self.q)?;
+        linear_forward(b, p, &av.k, x_kv, rk, &mut self.k)?;
+        linear_forward(b, p, &av.v, x_kv, rk, &mut self.v)?;
+        b.attention_forward(s, r(b, &self.q), r(b, &self.k), r(b, &self.v), key_mask, w(b, &mut self.probs), w(b, &mut self.ctx))?;
+        linear_forward(b, p, &av.out, r(b, &self.ctx), rq, &mut self.norm.input)?;
+        if hidden_dropout.0 > 0.0 {
+            b.dropout_forward(w(b, &mut self.norm.input), hidden_dropout.0, hidden_dropout.1)?;
+        }
+        b.add_assign(w(b, &mut self.norm.input), x_q)?;
+        self.norm.forward(b, p, &av.norm, eps)
+    }
+
+    /// Given `d_out` (gradient of the block output), ASSIGNS `d_xq` and ACCUMULATES the K/V
+    /// input gradient into `d_xkv`, or into `d_xq` for self-attention (`d_xkv = None`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        b: &B,
+        p: &B::Buf,
+        g: &mut B::Buf,
+        av: &AttentionView,
+        s: AttentionShape,
+        x_q: B::Ref<'_>,
+        x_kv: B::Ref<'_>,
+        hidden_dropout: (f32, u64),
+        d_out: B::Ref<'_>,
+        d_xq: &mut B::Buf,
+        d_xkv: Option<&mut B::Buf>,
+        sc: &mut Scratch<B>,
+    ) -> KResult<()> {
+        let (rq, rk) = (s.batch * s.tq, s.batch * s.tk);
+        let c = s.heads * s.head_dim;
+        let d_res = b.view_mut(&mut sc.d_res, 0..rq * c);
+        self.norm.backward(b, p, g, &av.norm, d_out, d_res, false)?;
+        b.copy(b.view(&sc.d_res, 0..rq * c), w(b, d_xq))?;
+        if hidden_dropout.0 > 0.0 {
+            b.dropout_backward(b.view_mut(&mut sc.d_res, 0..rq * c), hidden_dropout.0, hidden_dropout.1)?;
+        }
+        let d_ctx = b.view_mut(&mut sc.d_ctx, 0..rq * c);
+        linear_backward(b, p, g, &av.out, r(b, &self.ctx), b.view(&sc.d_res, 0..rq * c), rq, true, Some((d_ctx, false)))?;
+        b.fill(b.view_mut(&mut sc.dk, 0..rk * c), 0.0)?;
+        b.fill(b.view_mut(&mut sc.dv, 0..rk * c), 0.0)?;
+        let (dq, dk, dv) = (b.view_mut(&mut sc.dq, 0..rq * c), b.view_mut(&mut sc.dk, 0..rk * c), b.view_mut(&mut sc.dv, 0..rk * c));
+        b.attention_backward(s, b.view(&sc.d_ctx, 0..rq * c), r(b, &self.q), r(b, &self.k), r(b, &self.v), r(b, &self.probs), dq, dk, dv)?;
+        linear_backward(b, p, g, &av.q, x_q, b.view(&sc.dq, 0..rq * c), rq, true, Some((w(b, d_xq), true)))?;
+        let d_kv_target = match d_xkv {
+            Some(t) => t,
+            None => d_xq,
+        };
+        linear_backward(b, p, g, &av.k, x_kv, b.view(&sc.dk, 0..rk * c), rk, true, Some((w(b, d_kv_target), true)))?;
+        linear_backward(b, p, g, &av.v, x_kv, b.view(&sc.dv, 0..rk * c), rk, true, Some((w(b, d_kv_target), true)))
+    }
+}
+
+/// The feed-forward block: `LN(h + dropout(Dense2(gelu(Dense1(h)))))`.
+pub(crate) struct FfnActs<B: Backend> {
+    pub inter_pre: B::Buf,
+    pub inter_act: B::Buf,
+    pub norm: NormActs<B>,
+}
+
+impl<B: Backend> FfnActs<B> {
+    pub fn new(b: &B, rows: usize, c: usize, inter: usize) -> KResult<Self> {
+        Ok(Self { inter_pre: b.zeros(rows * inter)?, inter_act: b.zeros(rows * inter)?, norm: NormActs::new(b, rows, c)? })
+    }
+
+    pub fn forward(&mut self, b: &B, p: &B::Buf, lv: &LayerView, h: B::Ref<'_>, rows: usize, dropout: (f32, u64), eps: f32) -> KResult<()> {
+        matmul_wt(b, p, &lv.inter, h, rows, w(b, &mut self.inter_pre))?;
+        b.bias_gelu_forward(w(b, &mut self.inter_pre), b.view(p, lv.inter.b.clone()), w(b, &mut self.inter_act))?;
+        linear_forward(b, p, &lv.output, r(b, &self.inter_act), rows, &mut self.norm.input)?;
+        if dropout.0 > 0.0 {
+            b.dropout_forward(w(b, &mut self.norm.input), dropout.0, dropout.1)?;
+        }
+        b.add_assign(w(b, &mut self.norm.input), h)?;
+        self.norm.forward(b, p, &lv.norm, eps)
+    }
+
+    /// ASSIGNS `d_h` from `d_out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(&self, b: &B, p: &B::Buf, g: &mut B::Buf, lv: &LayerView, h: B::Ref<'_>, rows: usize, dropout: (f32, u64), d_out: B::Ref<'_>, d_h: &mut B::Buf, sc: &mut Scratch<B>) -> KResult<()> {
+        let c = lv.output.out_dim;
+        let i = lv.inter.out_dim;
+        self.norm.backward(b, p, g, &lv.norm, d_out, b.view_mut(&mut sc.d_res, 0..rows * c), false)?;
+        b.copy(b.view(&sc.d_res, 0..rows * c), w(b, d_h))?;
+        if dropout.0 > 0.0 {
+            b.dropout_backward(b.view_mut(&mut sc.d_res, 0..rows * c), dropout.0, dropout.1)?;
+        }
+        let d_inter = b.view_mut(&mut sc.d_inter, 0..rows * i);
+        linear_backward(b, p, g, &lv.output, r(b, &self.inter_act), b.view(&sc.d_res, 0..rows * c), rows, true, Some((d_inter, false)))?;
+        b.bias_gelu_backward(r(b, &self.inter_pre), b.view(&sc.d_inter, 0..rows * i), b.view_mut(&mut sc.d_inter_pre, 0..rows * i), b.view_mut(g, lv.inter.b.clone()))?;
+        linear_backward(b, p, g, &lv.inter, h, b.view(&sc.d_inter_pre, 0..rows * i), rows, false, Some((w(b, d_h), true)))
+    }
+}
+
+/// Embeddings: `dropout(LN(word[ids] + position[t] + token_type[0]))`.
+pub(crate) struct EmbActs<B: Backend> {
+    pub norm: NormActs<B>,
+}
+
+/// Ids a stack's embeddings read: tokens, positions `0..T` per row, token types (all 0).
+pub(crate) struct EmbIds<B: Backend> {
+    pub tokens: B::Ids,
+    pub positions: B::Ids,
+    pub types: B::Ids,
+}
+
+impl<B: Backend> EmbIds<B> {
+    pub fn new(b: &B, tokens: &[i32], batch: usize, len: usize) -> KResult<Self> {
+        let positions: Vec<i32> = (0..batch * len).map(|i| (i % len) as i32).collect();
+        Ok(Self { tokens: b.upload_ids(tokens)?, positions: b.upload_ids(&positions)?, types: b.upload_ids(&vec![0; batch * len])? })
+    }
+}
+
+impl<B: Backend> EmbActs<B> {
+    pub fn forward(&mut self, b: &B, p: &B::Buf, ev: &EmbeddingsView, ids: &EmbIds<B>, c: usize, dropout: (f32, u64), eps: f32) -> KResult<()> {
+        b.embedding_forward(&ids.tokens, b.view(p, ev.word.clone()), c, w(b, &mut self.norm.input), false)?;
+        b.embedding_forward(&ids.positions, b.view(p, ev.position.clone()), c, w(b, &mut self.norm.input), true)?;
+        b.embedding_forward(&ids.types, b.view(p, ev.token_type.clone()), c, w(b, &mut self.norm.input), true)?;
+        self.norm.forward(b, p, &ev.norm, eps)?;
+        if dropout.0 > 0.0 {
+            b.dropout_forward(w(b, &mut self.norm.out), dropout.0, dropout.1)?;
+        }
+        Ok(())
+    }
+
+    /// Consumes `d_out` (modified in place by the dropout backward).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(&self, b: &B, p: &B::Buf, g: &mut B::Buf, ev: &EmbeddingsView, ids: &EmbIds<B>, c: usize, dropout: (f32, u64), d_out: &mut B::Buf, d_sum: &mut B::Buf) -> KResult<()> {
+        if dropout.0 > 0.0 {
+            b.dropout_backward(w(b, d_out), dropout.0, dropout.1)?;
+        }
+        let n = b.len(d_out);
+        self.norm.backward(b, p, g, &ev.norm, r(b, d_out), b.view_mut(d_sum, 0..n), false)?;
+        let ds = b.view(d_sum, 0..n);
+        b.embedding_backward(&ids.tokens, ds, c, b.view_mut(g, ev.word.clone()))?;
+        b.embedding_backward(&ids.positions, ds, c, b.view_mut(g, ev.position.clone()))?;
+        b.embedding_backward(&ids.types, ds, c, b.view_mut(g, ev.token_type.clone()))
+    }
+}
