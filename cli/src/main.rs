@@ -1,1 +1,93 @@
-fn main() {}
+//! The single `bert2bert` binary. This is the only place that sets up tracing, reads the
+//! environment and turns errors into exit codes: 0 ok, 1 failure, 2 bad usage or bad input.
+
+mod bench;
+mod device;
+mod init;
+mod score;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "bert2bert", version, about = "Fine-tune BERT2BERT sequence-to-sequence models (Rothe et al. 2020)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Warm-start an HF EncoderDecoderModel directory from HF BERT checkpoints.
+    Init(init::Args),
+    /// Per-example mean token cross-entropy of a data file (eval mode), optionally gradients.
+    Score(score::Args),
+    /// Time forward + backward + AdamW steps on synthetic batches.
+    Bench(bench::Args),
+}
+
+/// A failure with the exit code it deserves.
+pub struct CliError {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl CliError {
+    pub fn usage(msg: impl Into<String>) -> Self {
+        CliError { code: 2, error: anyhow::anyhow!(msg.into()) }
+    }
+}
+
+impl From<model::Error> for CliError {
+    fn from(e: model::Error) -> Self {
+        CliError { code: if e.is_bad_input() { 2 } else { 1 }, error: e.into() }
+    }
+}
+
+impl From<kernels::KernelError> for CliError {
+    fn from(e: kernels::KernelError) -> Self {
+        let code = if matches!(e, kernels::KernelError::Unavailable(_)) { 2 } else { 1 };
+        CliError { code, error: e.into() }
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        CliError { code: 1, error: e.into() }
+    }
+}
+
+pub type CliResult<T = ()> = Result<T, CliError>;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BERT2BERT_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Init(a) => init::run(a),
+        Command::Score(a) => score::run(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {:#}", e.error);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+/// A progress bar on stderr, hidden when stderr is not a terminal.
+pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>8} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}

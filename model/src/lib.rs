@@ -7,6 +7,7 @@ pub mod data;
 pub mod error;
 pub mod init;
 pub mod net;
+pub mod optim;
 pub mod params;
 pub mod tokenizer;
 

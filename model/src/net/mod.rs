@@ -166,6 +166,23 @@ pub struct Bert2Bert<B: Backend> {
     pub params: B::Buf,
     pub grads: B::Buf,
     ws: Option<Workspace<B>>,
+    /// Wall time of each phase of the last pass, in ms. Backends that queue work
+    /// asynchronously only show where the host waited, unless they synchronise.
+    pub phases: Vec<(&'static str, f64)>,
+}
+
+/// Phase timer of one pass.
+struct Clock {
+    last: std::time::Instant,
+    phases: Vec<(&'static str, f64)>,
+}
+
+impl Clock {
+    fn mark(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.phases.push((name, (now - self.last).as_secs_f64() * 1e3));
+        self.last = now;
+    }
 }
 
 impl<B: Backend> Bert2Bert<B> {
@@ -174,7 +191,7 @@ impl<B: Backend> Bert2Bert<B> {
             return Err(Error::Other(format!("parameter buffer has {} values, table needs {}", host_params.len(), table.storage_len)));
         }
         let view = table.view(&config);
-        Ok(Self { params: b.upload(host_params)?, grads: b.zeros(table.storage_len)?, config, table, view, ws: None })
+        Ok(Self { params: b.upload(host_params)?, grads: b.zeros(table.storage_len)?, config, table, view, ws: None, phases: Vec::new() })
     }
 
     pub fn zero_grads(&mut self, b: &B) -> Result<()> {
@@ -238,12 +255,14 @@ impl<B: Backend> Bert2Bert<B> {
     /// into `self.grads` (call `zero_grads` before the first micro-batch of a step).
     pub fn pass(&mut self, b: &B, x: &Inputs<B>, opts: PassOptions) -> Result<BatchLoss> {
         let mut ws = self.workspace(b, x.batch, x.src_len, x.tgt_len)?;
-        let out = self.pass_in(b, x, opts, &mut ws);
+        let mut clock = Clock { last: std::time::Instant::now(), phases: Vec::new() };
+        let out = self.pass_in(b, x, opts, &mut ws, &mut clock);
         self.ws = Some(ws);
+        self.phases = clock.phases;
         out
     }
 
-    fn pass_in(&mut self, b: &B, x: &Inputs<B>, opts: PassOptions, ws: &mut Workspace<B>) -> Result<BatchLoss> {
+    fn pass_in(&mut self, b: &B, x: &Inputs<B>, opts: PassOptions, ws: &mut Workspace<B>, clock: &mut Clock) -> Result<BatchLoss> {
         let (ec, dc) = (self.config.encoder.clone(), self.config.decoder.clone());
         let c = ec.hidden_size;
         let (bs, s, t) = (x.batch, x.src_len, x.tgt_len);
@@ -278,6 +297,7 @@ impl<B: Backend> Bert2Bert<B> {
             layer.ffn.forward(b, p, lv, r(b, &layer.attn.norm.out), ns, (de.hidden, de.site(site::enc(l, site::FFN_OUT))), ec.layer_norm_eps)?;
         }
         let enc_out = ws.enc.last().map(|e| &e.ffn.norm.out).unwrap_or(&ws.enc_emb.norm.out);
+        clock.mark("encoder_fwd");
 
         // ---- decoder ----
         ws.dec_emb.forward(b, p, &view.decoder.embeddings, &x.dec, c, (dd.hidden, dd.site(site::DEC_EMB)), dc.layer_norm_eps)?;
@@ -294,6 +314,7 @@ impl<B: Backend> Bert2Bert<B> {
             layer.ffn.forward(b, p, lv, r(b, &layer.cross.norm.out), nt, (dd.hidden, dd.site(site::dec(l, site::FFN_OUT))), dc.layer_norm_eps)?;
         }
         let dec_out = ws.dec.last().map(|e| &e.ffn.norm.out).unwrap_or(&ws.dec_emb.norm.out);
+        clock.mark("decoder_fwd");
 
         // ---- LM head on the label rows only ----
         let hv = &view.lm_head;
@@ -320,6 +341,7 @@ impl<B: Backend> Bert2Bert<B> {
         b.add_bias(b.view_mut(&mut head.logits, 0..mv), b.view(p, hv.bias.clone()), v)?;
         let dlogits = opts.grad_scale.map(|_| b.view_mut(&mut head.dlogits, 0..mv));
         b.cross_entropy(b.view(&head.logits, 0..mv), &x.labels, v, opts.label_smoothing, opts.grad_scale.unwrap_or(0.0), b.view_mut(&mut head.losses, 0..m), dlogits)?;
+        clock.mark("lm_head_fwd_loss");
         let loss = BatchLoss { token_loss: b.download(b.view(&head.losses, 0..m))?, token_example: x.row_example.clone(), batch: bs };
         if opts.grad_scale.is_none() {
             return Ok(loss);
@@ -345,6 +367,7 @@ impl<B: Backend> Bert2Bert<B> {
         b.fill(b.view_mut(d_a, 0..nt * c), 0.0)?;
         b.embedding_backward(&x.label_rows, b.view(d_b, 0..mc), c, b.view_mut(d_a, 0..nt * c))?;
 
+        clock.mark("lm_head_bwd");
         // ---- backward: decoder ----
         b.fill(w(b, &mut ws.d_enc_out), 0.0)?;
         for l in (0..ws.dec.len()).rev() {
@@ -362,6 +385,7 @@ impl<B: Backend> Bert2Bert<B> {
         }
         ws.dec_emb.backward(b, p, g, &view.decoder.embeddings, &x.dec, c, (dd.hidden, dd.site(site::DEC_EMB)), d_a, d_b)?;
 
+        clock.mark("decoder_bwd");
         // ---- backward: encoder ----
         let [e_a, e_b] = &mut ws.d_enc;
         b.copy(r(b, &ws.d_enc_out), w(b, e_a))?;
@@ -375,6 +399,7 @@ impl<B: Backend> Bert2Bert<B> {
             layer.attn.backward(b, p, g, &lv.self_attn, sh, r(b, input), r(b, input), (de.hidden, de.site(site::enc(l, site::ATTN_OUT))), r(b, e_b), e_a, None, sc)?;
         }
         ws.enc_emb.backward(b, p, g, &view.encoder.embeddings, &x.src, c, (de.hidden, de.site(site::ENC_EMB)), e_a, e_b)?;
+        clock.mark("encoder_bwd");
         Ok(loss)
     }
 }
