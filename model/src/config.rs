@@ -115,7 +115,10 @@ impl BertConfig {
         m.insert("intermediate_size".into(), json!(self.intermediate_size));
         m.insert("max_position_embeddings".into(), json!(self.max_position_embeddings));
         m.insert("type_vocab_size".into(), json!(self.type_vocab_size));
-        m.insert("layer_norm_eps".into(), json!(self.layer_norm_eps as f64));
+        // Keep the user's exact value (1e-12 would print as 9.99e-13 through f32).
+        if !m.contains_key("layer_norm_eps") {
+            m.insert("layer_norm_eps".into(), json!(self.layer_norm_eps as f64));
+        }
         m.insert("hidden_act".into(), json!("gelu"));
         m.insert("pad_token_id".into(), json!(self.pad_token_id));
         m.insert("is_decoder".into(), json!(decoder));
@@ -218,6 +221,14 @@ impl ModelConfig {
             pad_token_id: int_key("pad_token_id")?,
             eos_token_id: int_key("eos_token_id")?,
         };
+        if cfg.tie_encoder_decoder {
+            let (e, d) = (&cfg.encoder, &cfg.decoder);
+            let same = (e.vocab_size, e.hidden_size, e.num_hidden_layers, e.num_attention_heads, e.intermediate_size, e.max_position_embeddings, e.type_vocab_size)
+                == (d.vocab_size, d.hidden_size, d.num_hidden_layers, d.num_attention_heads, d.intermediate_size, d.max_position_embeddings, d.type_vocab_size);
+            if !same {
+                return Err(Error::input(file, "`tie_encoder_decoder` is true but the encoder and decoder configs differ in shape"));
+            }
+        }
         if cfg.encoder.hidden_size != cfg.decoder.hidden_size {
             return Err(Error::input(file, "encoder and decoder `hidden_size` differ; cross-attention needs them equal"));
         }
