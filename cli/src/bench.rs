@@ -96,7 +96,9 @@ pub fn run(a: Args) -> CliResult {
     let (bs, s, t) = (a.batch, a.src_len, a.tgt_len);
     // Full-length rows of random word ids (no padding): the worst case for us, since the LM
     // head then runs on every row.
-    let word = |i: u64| (1000 + rng::mix(12345, i) % (vocab - 1000)) as i32;
+    // Ordinary word ids: above BERT's special and unused tokens when the vocabulary is big.
+    let lo = if vocab > 2000 { 1000 } else { vocab / 4 };
+    let word = |i: u64| (lo + rng::mix(12345, i) % (vocab - lo)) as i32;
     let (cls, sep) = (ck.config.decoder_start_token_id, ck.config.eos_token_id);
     let src: Vec<i32> = (0..bs * s).map(|i| if i % s == 0 { cls } else if i % s == s - 1 { sep } else { word(i as u64) }).collect();
     let labels: Vec<i32> = (0..bs * t).map(|i| if i % t == t - 1 { sep } else { word(1_000_000 + i as u64) }).collect();
