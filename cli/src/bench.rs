@@ -42,14 +42,23 @@ fn builtin(name: &str) -> CliResult<ModelConfig> {
     let (hidden, layers, heads, inter) = match name {
         "minilm" => (384, 6, 12, 1536),
         "bert-base" => (768, 12, 12, 3072),
-        _ => return Err(CliError::usage(format!("--config `{name}`: use minilm or bert-base"))),
+        _ => {
+            return Err(CliError::usage(format!("--config `{name}`: use minilm or bert-base")));
+        }
     };
     let v = serde_json::json!({
         "vocab_size": 30522, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
         "intermediate_size": inter, "max_position_embeddings": 512, "type_vocab_size": 2
     });
     let c = BertConfig::from_value(&v, Path::new(name))?;
-    Ok(ModelConfig { encoder: c.clone(), decoder: c, tie_encoder_decoder: false, decoder_start_token_id: 101, pad_token_id: 0, eos_token_id: 102 })
+    Ok(ModelConfig {
+        encoder: c.clone(),
+        decoder: c,
+        tie_encoder_decoder: false,
+        decoder_start_token_id: 101,
+        pad_token_id: 0,
+        eos_token_id: 102,
+    })
 }
 
 /// BERT-style random weights: N(0, 0.02) matrices, zero biases, unit LayerNorm scales.
@@ -79,7 +88,13 @@ fn peak_rss_bytes() -> Option<u64> {
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
-    if s.is_empty() { f64::NAN } else if s.len() % 2 == 1 { s[s.len() / 2] } else { 0.5 * (s[s.len() / 2 - 1] + s[s.len() / 2]) }
+    if s.is_empty() {
+        f64::NAN
+    } else if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        0.5 * (s[s.len() / 2 - 1] + s[s.len() / 2])
+    }
 }
 
 pub fn run(a: Args) -> CliResult {
@@ -90,7 +105,9 @@ pub fn run(a: Args) -> CliResult {
     let ck = match (&a.model, &a.config) {
         (Some(dir), _) => checkpoint::load_model_dir(dir)?,
         (None, Some(name)) => random_checkpoint(builtin(name)?),
-        (None, None) => return Err(CliError::usage("give --model DIR or --config minilm|bert-base")),
+        (None, None) => {
+            return Err(CliError::usage("give --model DIR or --config minilm|bert-base"));
+        }
     };
     let vocab = ck.config.decoder.vocab_size as u64;
     let (bs, s, t) = (a.batch, a.src_len, a.tgt_len);
@@ -100,7 +117,17 @@ pub fn run(a: Args) -> CliResult {
     let lo = if vocab > 2000 { 1000 } else { vocab / 4 };
     let word = |i: u64| (lo + rng::mix(12345, i) % (vocab - lo)) as i32;
     let (cls, sep) = (ck.config.decoder_start_token_id, ck.config.eos_token_id);
-    let src: Vec<i32> = (0..bs * s).map(|i| if i % s == 0 { cls } else if i % s == s - 1 { sep } else { word(i as u64) }).collect();
+    let src: Vec<i32> = (0..bs * s)
+        .map(|i| {
+            if i % s == 0 {
+                cls
+            } else if i % s == s - 1 {
+                sep
+            } else {
+                word(i as u64)
+            }
+        })
+        .collect();
     let labels: Vec<i32> = (0..bs * t).map(|i| if i % t == t - 1 { sep } else { word(1_000_000 + i as u64) }).collect();
     let dec: Vec<i32> = (0..bs * t).map(|i| if i % t == 0 { cls } else { labels[i - 1] }).collect();
     let mask = vec![1.0f32; bs * s];
@@ -116,7 +143,11 @@ pub fn run(a: Args) -> CliResult {
     for step in 0..a.warmup + a.steps {
         let t0 = Instant::now();
         net.zero_grads(&b)?;
-        let loss = net.pass(&b, &x, PassOptions { train: true, seed: step as u64, label_smoothing: 0.0, grad_scale: Some(scale) })?;
+        let loss = net.pass(
+            &b,
+            &x,
+            PassOptions { train: true, seed: step as u64, label_smoothing: 0.0, grad_scale: Some(scale) },
+        )?;
         let t_opt = Instant::now();
         opt.update(&b, &ck.table, &mut net.params, &net.grads, 5e-5)?;
         let now = Instant::now();
@@ -139,7 +170,8 @@ pub fn run(a: Args) -> CliResult {
     let tokens_per_s = (bs * (s + t)) as f64 / (step_ms / 1e3);
     let device = format!("cpu ({} threads)", rayon::current_num_threads());
     if a.json {
-        let phases: serde_json::Map<String, serde_json::Value> = phase_sum.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms))).collect();
+        let phases: serde_json::Map<String, serde_json::Value> =
+            phase_sum.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms))).collect();
         let out = serde_json::json!({
             "impl": "bert2bert", "device": device, "threads": rayon::current_num_threads(),
             "batch": bs, "src_len": s, "tgt_len": t,
@@ -150,7 +182,11 @@ pub fn run(a: Args) -> CliResult {
         println!("{out}");
     } else {
         println!("device {device}: batch {bs} src {s} tgt {t}");
-        println!("step {step_ms:.1} ms (median of {}), {tokens_per_s:.0} tokens/s, peak RSS {:.2} GB", a.steps, peak_rss_bytes().unwrap_or(0) as f64 / 1e9);
+        println!(
+            "step {step_ms:.1} ms (median of {}), {tokens_per_s:.0} tokens/s, peak RSS {:.2} GB",
+            a.steps,
+            peak_rss_bytes().unwrap_or(0) as f64 / 1e9
+        );
         for (n, ms) in &phase_sum {
             println!("  {n:<18} {ms:8.1} ms");
         }

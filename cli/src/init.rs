@@ -26,8 +26,9 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> CliResult {
-    let variant = Variant::parse(&a.variant)
-        .ok_or_else(|| CliError::usage(format!("--variant `{}`: use bert2bert, bertshare, bert2rnd, rnd2bert or rnd2rnd", a.variant)))?;
+    let variant = Variant::parse(&a.variant).ok_or_else(|| {
+        CliError::usage(format!("--variant `{}`: use bert2bert, bertshare, bert2rnd, rnd2bert or rnd2rnd", a.variant))
+    })?;
     let decoder_dir = if a.decoder == "random" {
         if variant.decoder_from_bert() {
             return Err(CliError::usage(format!(

@@ -66,7 +66,16 @@ pub fn run(a: Args) -> CliResult {
     let bar = crate::progress(pairs.len() as u64, "score");
     let (mut per_example, mut loss_sum) = (Vec::with_capacity(pairs.len()), 0.0f64);
     for batch in &batches {
-        let x = Inputs::new(&b, batch.batch, batch.src_len, batch.tgt_len, &batch.src_ids, &batch.src_mask, &batch.dec_ids, &batch.labels)?;
+        let x = Inputs::new(
+            &b,
+            batch.batch,
+            batch.src_len,
+            batch.tgt_len,
+            &batch.src_ids,
+            &batch.src_mask,
+            &batch.dec_ids,
+            &batch.labels,
+        )?;
         let loss = net.pass(&b, &x, PassOptions { train: false, seed: 0, label_smoothing: 0.0, grad_scale })?;
         loss_sum += loss.sum();
         per_example.extend(loss.per_example_mean());
@@ -81,7 +90,8 @@ pub fn run(a: Args) -> CliResult {
         write_tensors(path, &tensors)?;
     }
     if a.json {
-        let out = serde_json::json!({ "per_example_loss": per_example, "mean_loss": mean_loss, "tokens": total_tokens });
+        let out =
+            serde_json::json!({ "per_example_loss": per_example, "mean_loss": mean_loss, "tokens": total_tokens });
         println!("{out}");
     } else {
         for (i, l) in per_example.iter().enumerate() {

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use kernels::rng;
-use model::checkpoint::{bert_shapes, write_tensors};
 use model::BertConfig;
+use model::checkpoint::{bert_shapes, write_tensors};
 use serde_json::{Value, json};
 
 const WORDS: &[&str] = &[
@@ -25,7 +25,8 @@ fn run(args: &[&str]) -> Output {
 }
 
 fn tokenizer_json() -> Value {
-    let vocab: serde_json::Map<String, Value> = WORDS.iter().enumerate().map(|(i, w)| (w.to_string(), json!(i))).collect();
+    let vocab: serde_json::Map<String, Value> =
+        WORDS.iter().enumerate().map(|(i, w)| (w.to_string(), json!(i))).collect();
     let added: Vec<Value> = WORDS[..5]
         .iter()
         .enumerate()
@@ -70,7 +71,8 @@ fn make_bert(dir: &Path, break_tensor: Option<&str>) {
             (name, shape, vals)
         })
         .collect();
-    let refs: Vec<(String, Vec<usize>, &[f32])> = tensors.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice())).collect();
+    let refs: Vec<(String, Vec<usize>, &[f32])> =
+        tensors.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice())).collect();
     write_tensors(&dir.join("model.safetensors"), &refs).unwrap();
 }
 
@@ -103,7 +105,16 @@ fn init_then_score_is_batch_invariant_and_json() {
     let data = tmp.path().join("d.jsonl");
     write_data(&data, GOOD);
     let score = |bs: &str| -> Value {
-        let o = run(&["score", "--model", out.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json", "--batch-size", bs]);
+        let o = run(&[
+            "score",
+            "--model",
+            out.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--json",
+            "--batch-size",
+            bs,
+        ]);
         assert!(o.status.success());
         serde_json::from_slice(&o.stdout).expect("score --json prints one JSON object")
     };
@@ -126,8 +137,25 @@ fn bench_prints_the_json_contract() {
     make_bert(&bert, None);
     let out = tmp.path().join("b2b");
     let b = bert.to_str().unwrap();
-    assert!(run(&["init", "--encoder", b, "--decoder", "random", "--variant", "bert2rnd", "--out", out.to_str().unwrap()]).status.success());
-    let o = run(&["bench", "--model", out.to_str().unwrap(), "--batch", "3", "--src-len", "9", "--tgt-len", "7", "--steps", "2", "--json"]);
+    assert!(
+        run(&["init", "--encoder", b, "--decoder", "random", "--variant", "bert2rnd", "--out", out.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let o = run(&[
+        "bench",
+        "--model",
+        out.to_str().unwrap(),
+        "--batch",
+        "3",
+        "--src-len",
+        "9",
+        "--tgt-len",
+        "7",
+        "--steps",
+        "2",
+        "--json",
+    ]);
     assert!(o.status.success());
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     for key in ["device", "step_ms_median", "tokens_per_s", "peak_rss_bytes", "peak_device_bytes", "mfu"] {
@@ -148,13 +176,31 @@ fn bad_inputs_exit_2_and_name_the_culprit() {
     let bad_shape = tmp.path().join("bad_shape");
     make_bert(&bad_shape, Some("encoder.layer.1.attention.self.query.weight"));
     let bs = bad_shape.to_str().unwrap();
-    let o = run(&["init", "--encoder", bs, "--decoder", bs, "--variant", "bert2bert", "--out", tmp.path().join("x").to_str().unwrap()]);
+    let o = run(&[
+        "init",
+        "--encoder",
+        bs,
+        "--decoder",
+        bs,
+        "--variant",
+        "bert2bert",
+        "--out",
+        tmp.path().join("x").to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("encoder.layer.1.attention.self.query.weight") && stderr(&o).contains("model.safetensors"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("encoder.layer.1.attention.self.query.weight") && stderr(&o).contains("model.safetensors"),
+        "{}",
+        stderr(&o)
+    );
 
     // A missing config key in the model directory.
     let out = tmp.path().join("b2b");
-    assert!(run(&["init", "--encoder", g, "--decoder", g, "--variant", "bertshare", "--out", out.to_str().unwrap()]).status.success());
+    assert!(
+        run(&["init", "--encoder", g, "--decoder", g, "--variant", "bertshare", "--out", out.to_str().unwrap()])
+            .status
+            .success()
+    );
     let data = tmp.path().join("d.jsonl");
     write_data(&data, GOOD);
     let broken = tmp.path().join("broken");

@@ -52,8 +52,7 @@ pub trait Memory {
     fn upload_ids(&self, host: &[i32]) -> Result<Self::Ids>;
     fn len(&self, buf: &Self::Buf) -> usize;
     fn view<'a>(&self, buf: &'a Self::Buf, range: std::ops::Range<usize>) -> Self::Ref<'a>;
-    fn view_mut<'a>(&self, buf: &'a mut Self::Buf, range: std::ops::Range<usize>)
-    -> Self::Mut<'a>;
+    fn view_mut<'a>(&self, buf: &'a mut Self::Buf, range: std::ops::Range<usize>) -> Self::Mut<'a>;
     /// Two disjoint exclusive views of one buffer (e.g. LayerNorm's dgamma and dbeta).
     fn view_mut2<'a>(
         &self,
@@ -142,13 +141,8 @@ pub trait EmbeddingOps: Memory {
         accumulate: bool,
     ) -> Result<()>;
     /// `dtable[ids[i], :] += dout[i, :]` (parameter gradient: accumulates).
-    fn embedding_backward(
-        &self,
-        ids: &Self::Ids,
-        dout: Self::Ref<'_>,
-        dim: usize,
-        dtable: Self::Mut<'_>,
-    ) -> Result<()>;
+    fn embedding_backward(&self, ids: &Self::Ids, dout: Self::Ref<'_>, dim: usize, dtable: Self::Mut<'_>)
+    -> Result<()>;
 }
 
 /// LayerNorm family over the last dimension, with saved per-row mean and 1/std.
@@ -183,12 +177,7 @@ pub trait LayerNormOps: Memory {
 /// Bias + exact (erf) GELU, BERT's "gelu".
 pub trait GeluOps: Memory {
     /// `pre += bias` (kept for backward), then `out = gelu(pre)`.
-    fn bias_gelu_forward(
-        &self,
-        pre: Self::Mut<'_>,
-        bias: Self::Ref<'_>,
-        out: Self::Mut<'_>,
-    ) -> Result<()>;
+    fn bias_gelu_forward(&self, pre: Self::Mut<'_>, bias: Self::Ref<'_>, out: Self::Mut<'_>) -> Result<()>;
     /// `dpre = dout * gelu'(pre)`, `dbias += sum over rows of dpre`.
     fn bias_gelu_backward(
         &self,

@@ -32,27 +32,21 @@ impl BertConfig {
 
     /// Parse an HF BertConfig object; `file` only names the source in errors.
     pub fn from_value(v: &Value, file: &Path) -> Result<Self> {
-        let obj = v
-            .as_object()
-            .ok_or_else(|| Error::input(file, "config is not a JSON object"))?;
+        let obj = v.as_object().ok_or_else(|| Error::input(file, "config is not a JSON object"))?;
         let usize_key = |key: &str| -> Result<usize> {
-            let val = obj
-                .get(key)
-                .ok_or_else(|| Error::input(file, format!("missing config key `{key}`")))?;
+            let val = obj.get(key).ok_or_else(|| Error::input(file, format!("missing config key `{key}`")))?;
             val.as_u64()
                 .filter(|&n| n > 0)
                 .map(|n| n as usize)
-                .ok_or_else(|| {
-                    Error::input(file, format!("config key `{key}` must be a positive integer, got {val}"))
-                })
+                .ok_or_else(|| Error::input(file, format!("config key `{key}` must be a positive integer, got {val}")))
         };
         let f32_key = |key: &str, default: Option<f32>| -> Result<f32> {
             match obj.get(key) {
-                None => default
-                    .ok_or_else(|| Error::input(file, format!("missing config key `{key}`"))),
-                Some(val) => val.as_f64().map(|x| x as f32).ok_or_else(|| {
-                    Error::input(file, format!("config key `{key}` must be a number, got {val}"))
-                }),
+                None => default.ok_or_else(|| Error::input(file, format!("missing config key `{key}`"))),
+                Some(val) => val
+                    .as_f64()
+                    .map(|x| x as f32)
+                    .ok_or_else(|| Error::input(file, format!("config key `{key}` must be a number, got {val}"))),
             }
         };
         if let Some(act) = obj.get("hidden_act") {
@@ -199,9 +193,7 @@ impl ModelConfig {
 
     pub fn from_value(v: &Value, file: &Path) -> Result<Self> {
         let sub = |key: &str| -> Result<BertConfig> {
-            let val = v
-                .get(key)
-                .ok_or_else(|| Error::input(file, format!("missing config key `{key}`")))?;
+            let val = v.get(key).ok_or_else(|| Error::input(file, format!("missing config key `{key}`")))?;
             BertConfig::from_value(val, file).map_err(|e| match e {
                 Error::Input { file, msg } => Error::Input { file, msg: format!("in `{key}`: {msg}") },
                 other => other,
@@ -223,14 +215,35 @@ impl ModelConfig {
         };
         if cfg.tie_encoder_decoder {
             let (e, d) = (&cfg.encoder, &cfg.decoder);
-            let same = (e.vocab_size, e.hidden_size, e.num_hidden_layers, e.num_attention_heads, e.intermediate_size, e.max_position_embeddings, e.type_vocab_size)
-                == (d.vocab_size, d.hidden_size, d.num_hidden_layers, d.num_attention_heads, d.intermediate_size, d.max_position_embeddings, d.type_vocab_size);
+            let same = (
+                e.vocab_size,
+                e.hidden_size,
+                e.num_hidden_layers,
+                e.num_attention_heads,
+                e.intermediate_size,
+                e.max_position_embeddings,
+                e.type_vocab_size,
+            ) == (
+                d.vocab_size,
+                d.hidden_size,
+                d.num_hidden_layers,
+                d.num_attention_heads,
+                d.intermediate_size,
+                d.max_position_embeddings,
+                d.type_vocab_size,
+            );
             if !same {
-                return Err(Error::input(file, "`tie_encoder_decoder` is true but the encoder and decoder configs differ in shape"));
+                return Err(Error::input(
+                    file,
+                    "`tie_encoder_decoder` is true but the encoder and decoder configs differ in shape",
+                ));
             }
         }
         if cfg.encoder.hidden_size != cfg.decoder.hidden_size {
-            return Err(Error::input(file, "encoder and decoder `hidden_size` differ; cross-attention needs them equal"));
+            return Err(Error::input(
+                file,
+                "encoder and decoder `hidden_size` differ; cross-attention needs them equal",
+            ));
         }
         Ok(cfg)
     }

@@ -35,22 +35,14 @@ fn for_each_line(path: &Path, mut each: impl FnMut(usize, &str) -> Result<()>) -
         buf.clear();
         // Bytes, not `lines()`: a bad byte must become an error naming its line, which
         // `lines()` would report as a bare InvalidData.
-        if reader
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| Error::io(path, e))?
-            == 0
-        {
+        if reader.read_until(b'\n', &mut buf).map_err(|e| Error::io(path, e))? == 0 {
             return Ok(());
         }
         n += 1;
-        let text = std::str::from_utf8(&buf)
-            .map_err(|e| Error::input(path, format!("line {n}: not valid UTF-8 ({e})")))?;
+        let text =
+            std::str::from_utf8(&buf).map_err(|e| Error::input(path, format!("line {n}: not valid UTF-8 ({e})")))?;
         // Files saved by Windows editors start with a BOM that JSON parsers reject.
-        let text = if n == 1 {
-            text.trim_start_matches('\u{feff}')
-        } else {
-            text
-        };
+        let text = if n == 1 { text.trim_start_matches('\u{feff}') } else { text };
         let text = text.trim_end_matches(['\n', '\r']);
         if !text.trim().is_empty() {
             each(n, text)?;
@@ -60,10 +52,7 @@ fn for_each_line(path: &Path, mut each: impl FnMut(usize, &str) -> Result<()>) -
 
 fn nonempty(path: &Path, pairs: Vec<Pair>) -> Result<Vec<Pair>> {
     if pairs.is_empty() {
-        return Err(Error::input(
-            path,
-            "no examples (the file is empty or has only blank lines)",
-        ));
+        return Err(Error::input(path, "no examples (the file is empty or has only blank lines)"));
     }
     Ok(pairs)
 }
@@ -72,33 +61,20 @@ fn nonempty(path: &Path, pairs: Vec<Pair>) -> Result<Vec<Pair>> {
 pub fn read_jsonl(path: &Path, source_field: &str, target_field: &str) -> Result<Vec<Pair>> {
     let mut pairs = Vec::new();
     for_each_line(path, |n, line| {
-        let v: Value = serde_json::from_str(line)
-            .map_err(|e| Error::input(path, format!("line {n}: invalid JSON: {e}")))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| Error::input(path, format!("line {n}: expected a JSON object")))?;
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| Error::input(path, format!("line {n}: invalid JSON: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| Error::input(path, format!("line {n}: expected a JSON object")))?;
         let field = |name: &str| -> Result<String> {
-            let val = obj
-                .get(name)
-                .ok_or_else(|| Error::input(path, format!("line {n}: missing field `{name}`")))?;
-            let s = val.as_str().ok_or_else(|| {
-                Error::input(
-                    path,
-                    format!("line {n}: field `{name}` is not a string (got {val})"),
-                )
-            })?;
+            let val = obj.get(name).ok_or_else(|| Error::input(path, format!("line {n}: missing field `{name}`")))?;
+            let s = val
+                .as_str()
+                .ok_or_else(|| Error::input(path, format!("line {n}: field `{name}` is not a string (got {val})")))?;
             if s.trim().is_empty() {
-                return Err(Error::input(
-                    path,
-                    format!("line {n}: field `{name}` is empty"),
-                ));
+                return Err(Error::input(path, format!("line {n}: field `{name}` is empty")));
             }
             Ok(s.to_owned())
         };
-        pairs.push(Pair {
-            source: field(source_field)?,
-            target: field(target_field)?,
-        });
+        pairs.push(Pair { source: field(source_field)?, target: field(target_field)? });
         Ok(())
     })?;
     nonempty(path, pairs)
@@ -112,24 +88,15 @@ pub fn read_tsv(path: &Path) -> Result<Vec<Pair>> {
         if cols.len() != 2 {
             return Err(Error::input(
                 path,
-                format!(
-                    "line {n}: expected 2 tab-separated columns (source, target), found {}",
-                    cols.len()
-                ),
+                format!("line {n}: expected 2 tab-separated columns (source, target), found {}", cols.len()),
             ));
         }
         for (col, name) in cols.iter().zip(["source", "target"]) {
             if col.trim().is_empty() {
-                return Err(Error::input(
-                    path,
-                    format!("line {n}: column `{name}` is empty"),
-                ));
+                return Err(Error::input(path, format!("line {n}: column `{name}` is empty")));
             }
         }
-        pairs.push(Pair {
-            source: cols[0].to_owned(),
-            target: cols[1].to_owned(),
-        });
+        pairs.push(Pair { source: cols[0].to_owned(), target: cols[1].to_owned() });
         Ok(())
     })?;
     nonempty(path, pairs)
@@ -137,14 +104,8 @@ pub fn read_tsv(path: &Path) -> Result<Vec<Pair>> {
 
 /// `.tsv` files are read as TSV, anything else as JSONL.
 pub fn read_pairs(path: &Path, source_field: &str, target_field: &str) -> Result<Vec<Pair>> {
-    let is_tsv = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("tsv"));
-    if is_tsv {
-        read_tsv(path)
-    } else {
-        read_jsonl(path, source_field, target_field)
-    }
+    let is_tsv = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("tsv"));
+    if is_tsv { read_tsv(path) } else { read_jsonl(path, source_field, target_field) }
 }
 
 /// Token ids, one row per text.
@@ -182,24 +143,9 @@ impl Batch {
     /// # Panics
     /// If `src` and `tgt` differ in length, `max_src < 2` or `max_tgt < 1` (callers validate
     /// those limits when they parse them).
-    pub fn new(
-        src: &[Vec<i32>],
-        tgt: &[Vec<i32>],
-        special: Special,
-        max_src: usize,
-        max_tgt: usize,
-    ) -> Batch {
-        assert_eq!(
-            src.len(),
-            tgt.len(),
-            "Batch::new: {} sources but {} targets",
-            src.len(),
-            tgt.len()
-        );
-        assert!(
-            max_src >= 2,
-            "Batch::new: max_src {max_src} leaves no room for [CLS] and [SEP]"
-        );
+    pub fn new(src: &[Vec<i32>], tgt: &[Vec<i32>], special: Special, max_src: usize, max_tgt: usize) -> Batch {
+        assert_eq!(src.len(), tgt.len(), "Batch::new: {} sources but {} targets", src.len(), tgt.len());
+        assert!(max_src >= 2, "Batch::new: max_src {max_src} leaves no room for [CLS] and [SEP]");
         assert!(max_tgt >= 1, "Batch::new: max_tgt must be at least 1");
         let batch = src.len();
         let src_toks: Vec<&[i32]> = src.iter().map(|s| &s[..s.len().min(max_src - 2)]).collect();
@@ -235,10 +181,7 @@ impl Batch {
 
     /// Tokens the loss counts (labels not ignored): the normaliser of a mean token loss.
     pub fn label_tokens(&self) -> usize {
-        self.labels
-            .iter()
-            .filter(|&&l| l != kernels::IGNORE_INDEX)
-            .count()
+        self.labels.iter().filter(|&&l| l != kernels::IGNORE_INDEX).count()
     }
 
     /// `label_tokens` per row.
@@ -258,37 +201,22 @@ mod tests {
     use super::*;
     use kernels::IGNORE_INDEX as IGN;
 
-    const SP: Special = Special {
-        cls: 101,
-        sep: 102,
-        pad: 0,
-    };
+    const SP: Special = Special { cls: 101, sep: 102, pad: 0 };
 
     /// Random token ids in 1000..30000, so none collides with a special id.
     fn rand_ids(seed: u64, len: usize) -> Vec<i32> {
-        (0..len as u64)
-            .map(|i| 1000 + (kernels::rng::uniform(seed, i) * 29000.0) as i32)
-            .collect()
+        (0..len as u64).map(|i| 1000 + (kernels::rng::uniform(seed, i) * 29000.0) as i32).collect()
     }
 
     #[test]
     fn frames_and_pads_like_encoder_decoder_model() {
         let (s0, s1) = (rand_ids(1, 3), rand_ids(2, 1));
         let (t0, t1) = (rand_ids(3, 2), rand_ids(4, 4));
-        let b = Batch::new(
-            &[s0.clone(), s1.clone()],
-            &[t0.clone(), t1.clone()],
-            SP,
-            64,
-            64,
-        );
+        let b = Batch::new(&[s0.clone(), s1.clone()], &[t0.clone(), t1.clone()], SP, 64, 64);
         assert_eq!((b.batch, b.src_len, b.tgt_len), (2, 5, 5));
         assert_eq!(&b.src_ids[..5], &[101, s0[0], s0[1], s0[2], 102]);
         assert_eq!(&b.src_ids[5..], &[101, s1[0], 102, 0, 0]);
-        assert_eq!(
-            b.src_mask,
-            vec![1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
-        );
+        assert_eq!(b.src_mask, vec![1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
         assert_eq!(&b.dec_ids[..5], &[101, t0[0], t0[1], 0, 0]);
         assert_eq!(&b.labels[..5], &[t0[0], t0[1], 102, IGN, IGN]);
         assert_eq!(&b.dec_ids[5..], &[101, t1[0], t1[1], t1[2], t1[3]]);
@@ -296,10 +224,7 @@ mod tests {
         // Labels are the decoder input shifted left wherever both are real.
         for r in 0..2 {
             let n = b.example_tokens()[r];
-            assert_eq!(
-                &b.dec_ids[r * 5 + 1..r * 5 + n],
-                &b.labels[r * 5..r * 5 + n - 1]
-            );
+            assert_eq!(&b.dec_ids[r * 5 + 1..r * 5 + n], &b.labels[r * 5..r * 5 + n - 1]);
         }
         assert_eq!(b.example_tokens(), vec![3, 5]);
         assert_eq!(b.label_tokens(), 8);
@@ -308,13 +233,7 @@ mod tests {
     #[test]
     fn truncates_to_the_limits() {
         let (s, t) = (rand_ids(5, 40), rand_ids(6, 40));
-        let b = Batch::new(
-            &[s.clone(), rand_ids(7, 2)],
-            &[t.clone(), rand_ids(8, 1)],
-            SP,
-            10,
-            7,
-        );
+        let b = Batch::new(&[s.clone(), rand_ids(7, 2)], &[t.clone(), rand_ids(8, 1)], SP, 10, 7);
         assert_eq!((b.src_len, b.tgt_len), (10, 7));
         assert_eq!(b.src_ids[0], 101);
         assert_eq!(&b.src_ids[1..9], &s[..8]);
@@ -324,15 +243,9 @@ mod tests {
         assert_eq!(b.example_tokens(), vec![7, 2]);
         // The smallest limits still frame every row.
         let b = Batch::new(&[s], &[t], SP, 2, 1);
-        assert_eq!(
-            (b.src_ids.clone(), b.dec_ids.clone(), b.labels.clone()),
-            (vec![101, 102], vec![101], vec![102])
-        );
+        assert_eq!((b.src_ids.clone(), b.dec_ids.clone(), b.labels.clone()), (vec![101, 102], vec![101], vec![102]));
         let empty = Batch::new(&[], &[], SP, 8, 8);
-        assert_eq!(
-            (empty.batch, empty.label_tokens(), empty.example_tokens()),
-            (0, 0, vec![])
-        );
+        assert_eq!((empty.batch, empty.label_tokens(), empty.example_tokens()), (0, 0, vec![]));
     }
 
     fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
@@ -359,16 +272,7 @@ mod tests {
         let pairs = read_pairs(&p, "doc", "sum").unwrap();
         assert_eq!(
             pairs,
-            vec![
-                Pair {
-                    source: "x y".into(),
-                    target: "z".into()
-                },
-                Pair {
-                    source: "p".into(),
-                    target: "q".into()
-                }
-            ]
+            vec![Pair { source: "x y".into(), target: "z".into() }, Pair { source: "p".into(), target: "q".into() }]
         );
     }
 
@@ -377,39 +281,20 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let ok = "{\"source\": \"a\", \"target\": \"b\"}\n";
         let cases = [
-            (
-                format!("{ok}\n{{\"source\": \"a\", \"target\"\n"),
-                "line 3: invalid JSON",
-            ),
-            (
-                format!("{ok}{{\"source\": \"a\"}}\n"),
-                "line 2: missing field `target`",
-            ),
-            (
-                format!("{ok}{ok}{{\"source\": \"a\", \"target\": \"  \"}}\n"),
-                "line 3: field `target` is empty",
-            ),
-            (
-                "{\"source\": 7, \"target\": \"b\"}\n".to_string(),
-                "line 1: field `source` is not a string (got 7)",
-            ),
+            (format!("{ok}\n{{\"source\": \"a\", \"target\"\n"), "line 3: invalid JSON"),
+            (format!("{ok}{{\"source\": \"a\"}}\n"), "line 2: missing field `target`"),
+            (format!("{ok}{ok}{{\"source\": \"a\", \"target\": \"  \"}}\n"), "line 3: field `target` is empty"),
+            ("{\"source\": 7, \"target\": \"b\"}\n".to_string(), "line 1: field `source` is not a string (got 7)"),
             (format!("{ok}[1, 2]\n"), "line 2: expected a JSON object"),
             ("\n \n".to_string(), "no examples"),
         ];
         for (text, want) in cases {
             let p = write(&d, "bad.jsonl", &text);
             let msg = err_msg(read_jsonl(&p, "source", "target"));
-            assert!(
-                msg.contains(want) && msg.contains("bad.jsonl"),
-                "{msg:?} lacks {want:?}"
-            );
+            assert!(msg.contains(want) && msg.contains("bad.jsonl"), "{msg:?} lacks {want:?}");
         }
         let p = d.path().join("utf8.jsonl");
-        std::fs::write(
-            &p,
-            b"{\"source\": \"a\", \"target\": \"b\"}\n{\"source\": \"\xff\"}\n",
-        )
-        .unwrap();
+        std::fs::write(&p, b"{\"source\": \"a\", \"target\": \"b\"}\n{\"source\": \"\xff\"}\n").unwrap();
         assert!(err_msg(read_jsonl(&p, "source", "target")).contains("line 2: not valid UTF-8"));
     }
 
@@ -420,21 +305,12 @@ mod tests {
         assert_eq!(
             read_pairs(&p, "unused", "unused").unwrap(),
             vec![
-                Pair {
-                    source: "src one".into(),
-                    target: "tgt one".into()
-                },
-                Pair {
-                    source: "src two".into(),
-                    target: "tgt two".into()
-                }
+                Pair { source: "src one".into(), target: "tgt one".into() },
+                Pair { source: "src two".into(), target: "tgt two".into() }
             ]
         );
         let p = write(&d, "b.tsv", "a\tb\nonly one column\n");
-        assert!(
-            err_msg(read_tsv(&p))
-                .ends_with("line 2: expected 2 tab-separated columns (source, target), found 1")
-        );
+        assert!(err_msg(read_tsv(&p)).ends_with("line 2: expected 2 tab-separated columns (source, target), found 1"));
         let p = write(&d, "c.tsv", "a\tb\na\tb\tc\n");
         assert!(err_msg(read_tsv(&p)).contains("line 2: expected 2 tab-separated columns"));
         let p = write(&d, "e.tsv", "a\tb\n\na\t \n");
@@ -445,14 +321,8 @@ mod tests {
     fn tokenize_pairs_matches_single_encodes() {
         let (_d, tok) = crate::tokenizer::tests::tiny_tokenizer();
         let pairs = vec![
-            Pair {
-                source: "the cat sat".into(),
-                target: "a dog".into(),
-            },
-            Pair {
-                source: "hello".into(),
-                target: "the mat , the cat".into(),
-            },
+            Pair { source: "the cat sat".into(), target: "a dog".into() },
+            Pair { source: "hello".into(), target: "the mat , the cat".into() },
         ];
         let (src, tgt) = tokenize_pairs(&tok, &pairs).unwrap();
         for (i, p) in pairs.iter().enumerate() {

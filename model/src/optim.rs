@@ -102,7 +102,13 @@ impl<B: Backend> Optimizer<B> {
                 step: self.step,
             };
             let r = e.range();
-            b.adamw(h, b.view_mut(params, r.clone()), b.view(grads, r.clone()), b.view_mut(&mut self.m, r.clone()), b.view_mut(&mut self.v, r))?;
+            b.adamw(
+                h,
+                b.view_mut(params, r.clone()),
+                b.view(grads, r.clone()),
+                b.view_mut(&mut self.m, r.clone()),
+                b.view_mut(&mut self.v, r),
+            )?;
         }
         Ok(())
     }

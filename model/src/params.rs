@@ -211,12 +211,7 @@ impl ParamTable {
 
     fn linear(&self, prefix: &str) -> LinearView {
         let e = self.get(&format!("{prefix}.weight")).unwrap_or_else(|| panic!("no {prefix}.weight"));
-        LinearView {
-            w: e.range(),
-            b: self.range(&format!("{prefix}.bias")),
-            out_dim: e.shape[0],
-            in_dim: e.shape[1],
-        }
+        LinearView { w: e.range(), b: self.range(&format!("{prefix}.bias")), out_dim: e.shape[0], in_dim: e.shape[1] }
     }
 
     fn norm(&self, prefix: &str) -> NormView {

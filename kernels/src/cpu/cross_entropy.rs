@@ -39,10 +39,16 @@ impl CrossEntropyOps for Cpu {
         match dlogits {
             None => losses.par_iter_mut().enumerate().for_each(|(r, l)| {
                 let y = labels[r];
-                *l = if y == IGNORE_INDEX { 0.0 } else { row_loss(&logits[r * vocab..(r + 1) * vocab], y as usize, ls).0 };
+                *l = if y == IGNORE_INDEX {
+                    0.0
+                } else {
+                    row_loss(&logits[r * vocab..(r + 1) * vocab], y as usize, ls).0
+                };
             }),
             Some(d) => {
-                check("cross_entropy", d.len() == logits.len(), || format!("dlogits {} != logits {}", d.len(), logits.len()))?;
+                check("cross_entropy", d.len() == logits.len(), || {
+                    format!("dlogits {} != logits {}", d.len(), logits.len())
+                })?;
                 d.par_chunks_mut(vocab).zip(losses.par_iter_mut()).enumerate().for_each(|(r, (dr, l))| {
                     let y = labels[r];
                     if y == IGNORE_INDEX {
@@ -81,7 +87,8 @@ mod tests {
     fn loss_matches_f64_reference_and_ignores_padding() {
         let (rows, vocab) = (9, 37);
         let x = randn(rows * vocab, 3.0, 71);
-        let labels: Vec<i32> = (0..rows as i32).map(|r| if r % 4 == 3 { IGNORE_INDEX } else { (r * 7) % vocab as i32 }).collect();
+        let labels: Vec<i32> =
+            (0..rows as i32).map(|r| if r % 4 == 3 { IGNORE_INDEX } else { (r * 7) % vocab as i32 }).collect();
         let mut l = vec![f32::NAN; rows];
         Cpu.cross_entropy(&x, &labels, vocab, 0.1, 1.0, &mut l, None).unwrap();
         for r in 0..rows {
@@ -105,7 +112,8 @@ mod tests {
             let mut l = vec![0.0; rows];
             let mut d = vec![f32::NAN; x.len()];
             Cpu.cross_entropy(&x, &labels, vocab, ls, 0.5, &mut l, Some(&mut d)).unwrap();
-            let num: Vec<f32> = numeric_grad(&x, 1e-2, |xp| total(xp, &labels, vocab, ls)).iter().map(|g| g * 0.5).collect();
+            let num: Vec<f32> =
+                numeric_grad(&x, 1e-2, |xp| total(xp, &labels, vocab, ls)).iter().map(|g| g * 0.5).collect();
             assert_close(&format!("dlogits ls={ls}"), &d, &num, 2e-3);
         }
     }

@@ -16,7 +16,14 @@ fn check_ids(op: &'static str, ids: &[i32], rows: usize) -> Result<()> {
 }
 
 impl EmbeddingOps for Cpu {
-    fn embedding_forward(&self, ids: &Vec<i32>, table: &[f32], dim: usize, out: &mut [f32], accumulate: bool) -> Result<()> {
+    fn embedding_forward(
+        &self,
+        ids: &Vec<i32>,
+        table: &[f32],
+        dim: usize,
+        out: &mut [f32],
+        accumulate: bool,
+    ) -> Result<()> {
         check("embedding_forward", dim > 0 && out.len() == ids.len() * dim && table.len() % dim == 0, || {
             format!("out len {} != ids {} x dim {dim}", out.len(), ids.len())
         })?;
@@ -43,7 +50,8 @@ impl EmbeddingOps for Cpu {
         // Split the embedding dimension across threads so no two threads touch the same
         // element; within a thread, rows are visited in id order of appearance (deterministic).
         let cols_per_task = dim.div_ceil(rayon::current_num_threads().max(1)).max(8);
-        let mut col_blocks: Vec<(usize, usize)> = (0..dim).step_by(cols_per_task).map(|c| (c, (c + cols_per_task).min(dim))).collect();
+        let mut col_blocks: Vec<(usize, usize)> =
+            (0..dim).step_by(cols_per_task).map(|c| (c, (c + cols_per_task).min(dim))).collect();
         let table_ptr = SharedMut(dtable.as_mut_ptr());
         let len = dtable.len();
         col_blocks.par_iter_mut().for_each(|&mut (c0, c1)| {

@@ -43,9 +43,11 @@ impl GeluOps for Cpu {
 
     fn bias_gelu_backward(&self, pre: &[f32], dout: &[f32], dpre: &mut [f32], dbias: &mut [f32]) -> Result<()> {
         let c = dbias.len();
-        check("bias_gelu_backward", c > 0 && pre.len() % c == 0 && dout.len() == pre.len() && dpre.len() == pre.len(), || {
-            format!("pre {} dout {} dpre {} dbias {c}", pre.len(), dout.len(), dpre.len())
-        })?;
+        check(
+            "bias_gelu_backward",
+            c > 0 && pre.len() % c == 0 && dout.len() == pre.len() && dpre.len() == pre.len(),
+            || format!("pre {} dout {} dpre {} dbias {c}", pre.len(), dout.len(), dpre.len()),
+        )?;
         dpre.par_chunks_mut(c * ROW_CHUNK).enumerate().for_each(|(chunk, d)| {
             let base = chunk * c * ROW_CHUNK;
             for (i, v) in d.iter_mut().enumerate() {
@@ -68,7 +70,8 @@ mod tests {
         // Phi from the f64 erf of libm: an independent path from the f32 kernel.
         let xs = randn(257, 3.0, 31);
         let got: Vec<f32> = xs.iter().map(|&x| gelu(x)).collect();
-        let want: Vec<f32> = xs.iter().map(|&x| (0.5 * x as f64 * (1.0 + libm::erf(x as f64 / 2f64.sqrt()))) as f32).collect();
+        let want: Vec<f32> =
+            xs.iter().map(|&x| (0.5 * x as f64 * (1.0 + libm::erf(x as f64 / 2f64.sqrt()))) as f32).collect();
         assert_close("gelu", &got, &want, 1e-6);
     }
 

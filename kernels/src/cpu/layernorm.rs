@@ -24,9 +24,21 @@ impl LayerNormOps for Cpu {
     ) -> Result<()> {
         let c = gamma.len();
         let rows = mean.len();
-        check("layernorm_forward", c > 0 && beta.len() == c && x.len() == rows * c && out.len() == x.len() && rstd.len() == rows, || {
-            format!("x {} out {} gamma {} beta {} mean {} rstd {}", x.len(), out.len(), c, beta.len(), rows, rstd.len())
-        })?;
+        check(
+            "layernorm_forward",
+            c > 0 && beta.len() == c && x.len() == rows * c && out.len() == x.len() && rstd.len() == rows,
+            || {
+                format!(
+                    "x {} out {} gamma {} beta {} mean {} rstd {}",
+                    x.len(),
+                    out.len(),
+                    c,
+                    beta.len(),
+                    rows,
+                    rstd.len()
+                )
+            },
+        )?;
         out.par_chunks_mut(c * ROW_CHUNK)
             .zip(mean.par_chunks_mut(ROW_CHUNK).zip(rstd.par_chunks_mut(ROW_CHUNK)))
             .enumerate()
@@ -61,9 +73,17 @@ impl LayerNormOps for Cpu {
     ) -> Result<()> {
         let c = gamma.len();
         let rows = mean.len();
-        check("layernorm_backward", c > 0 && x.len() == rows * c && dout.len() == x.len() && dx.len() == x.len() && rstd.len() == rows && dgamma.len() == c && dbeta.len() == c, || {
-            format!("x {} dout {} dx {} gamma {} rows {}", x.len(), dout.len(), dx.len(), c, rows)
-        })?;
+        check(
+            "layernorm_backward",
+            c > 0
+                && x.len() == rows * c
+                && dout.len() == x.len()
+                && dx.len() == x.len()
+                && rstd.len() == rows
+                && dgamma.len() == c
+                && dbeta.len() == c,
+            || format!("x {} dout {} dx {} gamma {} rows {}", x.len(), dout.len(), dx.len(), c, rows),
+        )?;
         let partials = dx
             .par_chunks_mut(c * ROW_CHUNK)
             .enumerate()
@@ -93,10 +113,13 @@ impl LayerNormOps for Cpu {
                 }
                 acc
             })
-            .reduce(|| vec![0.0f32; 2 * c], |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            });
+            .reduce(
+                || vec![0.0f32; 2 * c],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
         dgamma.iter_mut().zip(&partials[..c]).for_each(|(d, p)| *d += p);
         dbeta.iter_mut().zip(&partials[c..]).for_each(|(d, p)| *d += p);
         Ok(())

@@ -105,9 +105,15 @@ impl GemmOps for Cpu {
         let va = operand_view(op_a, s.m, s.k);
         let vb = operand_view(op_b, s.k, s.n);
         let vc = Strided::row_major(s.m, s.n, s.ldc);
-        let need = |span: usize, stride: usize| if s.batch == 0 { 0 } else { (s.batch - 1) * stride + span };
-        check("gemm", need(va.span(), op_a.batch_stride) <= a.len(), || format!("A too short: {s:?} {op_a:?} len {}", a.len()))?;
-        check("gemm", need(vb.span(), op_b.batch_stride) <= b.len(), || format!("B too short: {s:?} {op_b:?} len {}", b.len()))?;
+        let need = |span: usize, stride: usize| {
+            if s.batch == 0 { 0 } else { (s.batch - 1) * stride + span }
+        };
+        check("gemm", need(va.span(), op_a.batch_stride) <= a.len(), || {
+            format!("A too short: {s:?} {op_a:?} len {}", a.len())
+        })?;
+        check("gemm", need(vb.span(), op_b.batch_stride) <= b.len(), || {
+            format!("B too short: {s:?} {op_b:?} len {}", b.len())
+        })?;
         check("gemm", need(vc.span(), s.batch_stride_c) <= c.len(), || format!("C too short: {s:?} len {}", c.len()))?;
         if s.batch == 1 {
             matmul(c, vc, beta, alpha, a, va, b, vb, true);
@@ -192,15 +198,32 @@ mod tests {
     use super::*;
     use crate::cpu::testutil::*;
 
-    fn naive(s: GemmShape, alpha: f32, a: &[f32], oa: Operand, b: &[f32], ob: Operand, beta: f32, c: &[f32]) -> Vec<f32> {
+    fn naive(
+        s: GemmShape,
+        alpha: f32,
+        a: &[f32],
+        oa: Operand,
+        b: &[f32],
+        ob: Operand,
+        beta: f32,
+        c: &[f32],
+    ) -> Vec<f32> {
         let mut out = c.to_vec();
         for bi in 0..s.batch {
             for i in 0..s.m {
                 for j in 0..s.n {
                     let mut acc = 0.0f64;
                     for p in 0..s.k {
-                        let av = if oa.trans { a[bi * oa.batch_stride + p * oa.ld + i] } else { a[bi * oa.batch_stride + i * oa.ld + p] };
-                        let bv = if ob.trans { b[bi * ob.batch_stride + j * ob.ld + p] } else { b[bi * ob.batch_stride + p * ob.ld + j] };
+                        let av = if oa.trans {
+                            a[bi * oa.batch_stride + p * oa.ld + i]
+                        } else {
+                            a[bi * oa.batch_stride + i * oa.ld + p]
+                        };
+                        let bv = if ob.trans {
+                            b[bi * ob.batch_stride + j * ob.ld + p]
+                        } else {
+                            b[bi * ob.batch_stride + p * ob.ld + j]
+                        };
                         acc += av as f64 * bv as f64;
                     }
                     let idx = bi * s.batch_stride_c + i * s.ldc + j;

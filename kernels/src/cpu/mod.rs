@@ -64,12 +64,7 @@ impl Memory for Cpu {
     fn view_mut<'a>(&self, buf: &'a mut Vec<f32>, range: Range<usize>) -> &'a mut [f32] {
         &mut buf[range]
     }
-    fn view_mut2<'a>(
-        &self,
-        buf: &'a mut Vec<f32>,
-        a: Range<usize>,
-        b: Range<usize>,
-    ) -> (&'a mut [f32], &'a mut [f32]) {
+    fn view_mut2<'a>(&self, buf: &'a mut Vec<f32>, a: Range<usize>, b: Range<usize>) -> (&'a mut [f32], &'a mut [f32]) {
         assert!(a.end <= b.start || b.end <= a.start, "view_mut2: {a:?} and {b:?} overlap");
         if a.end <= b.start {
             let (lo, hi) = buf.split_at_mut(b.start);

@@ -12,7 +12,9 @@ const CHUNK: usize = 1 << 14;
 
 impl ResidualOps for Cpu {
     fn add(&self, a: &[f32], b: &[f32], out: &mut [f32]) -> Result<()> {
-        check("add", a.len() == b.len() && out.len() == a.len(), || format!("a {} b {} out {}", a.len(), b.len(), out.len()))?;
+        check("add", a.len() == b.len() && out.len() == a.len(), || {
+            format!("a {} b {} out {}", a.len(), b.len(), out.len())
+        })?;
         out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (x, y))| {
             o.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (x, y))| *o = x + y);
         });
@@ -20,7 +22,9 @@ impl ResidualOps for Cpu {
     }
     fn add_assign(&self, dst: &mut [f32], src: &[f32]) -> Result<()> {
         check("add_assign", dst.len() == src.len(), || format!("dst {} src {}", dst.len(), src.len()))?;
-        dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
         Ok(())
     }
     fn scale(&self, x: &mut [f32], s: f32) -> Result<()> {

@@ -21,13 +21,27 @@ pub(crate) fn w<'a, B: Backend>(b: &B, x: &'a mut B::Buf) -> B::Mut<'a> {
 }
 
 /// `y = x W^T` (no bias): x `[rows, in]`, W `[out, in]`, y `[rows, out]`.
-pub(crate) fn matmul_wt<B: Backend>(b: &B, p: &B::Buf, lin: &LinearView, x: B::Ref<'_>, rows: usize, y: B::Mut<'_>) -> KResult<()> {
+pub(crate) fn matmul_wt<B: Backend>(
+    b: &B,
+    p: &B::Buf,
+    lin: &LinearView,
+    x: B::Ref<'_>,
+    rows: usize,
+    y: B::Mut<'_>,
+) -> KResult<()> {
     let s = GemmShape::plain(rows, lin.out_dim, lin.in_dim);
     b.gemm(s, 1.0, x, Operand::n(lin.in_dim), b.view(p, lin.w.clone()), Operand::t(lin.in_dim), 0.0, y)
 }
 
 /// `y = x W^T + bias`.
-pub(crate) fn linear_forward<B: Backend>(b: &B, p: &B::Buf, lin: &LinearView, x: B::Ref<'_>, rows: usize, y: &mut B::Buf) -> KResult<()> {
+pub(crate) fn linear_forward<B: Backend>(
+    b: &B,
+    p: &B::Buf,
+    lin: &LinearView,
+    x: B::Ref<'_>,
+    rows: usize,
+    y: &mut B::Buf,
+) -> KResult<()> {
     matmul_wt(b, p, lin, x, rows, w(b, y))?;
     b.add_bias(w(b, y), b.view(p, lin.b.clone()), lin.out_dim)
 }
@@ -52,7 +66,16 @@ pub(crate) fn linear_backward<B: Backend>(
     }
     if let Some((dx, accumulate)) = dx {
         let beta = if accumulate { 1.0 } else { 0.0 };
-        b.gemm(GemmShape::plain(rows, i, o), 1.0, dy, Operand::n(o), b.view(p, lin.w.clone()), Operand::n(i), beta, dx)?;
+        b.gemm(
+            GemmShape::plain(rows, i, o),
+            1.0,
+            dy,
+            Operand::n(o),
+            b.view(p, lin.w.clone()),
+            Operand::n(i),
+            beta,
+            dx,
+        )?;
     }
     Ok(())
 }
@@ -82,9 +105,28 @@ impl<B: Backend> NormActs<B> {
         )
     }
     /// `d_input (= or +=) LN'(d_out)`, gamma/beta gradients accumulate.
-    pub fn backward(&self, b: &B, p: &B::Buf, g: &mut B::Buf, n: &NormView, d_out: B::Ref<'_>, d_input: B::Mut<'_>, accumulate: bool) -> KResult<()> {
+    pub fn backward(
+        &self,
+        b: &B,
+        p: &B::Buf,
+        g: &mut B::Buf,
+        n: &NormView,
+        d_out: B::Ref<'_>,
+        d_input: B::Mut<'_>,
+        accumulate: bool,
+    ) -> KResult<()> {
         let (dg, db) = b.view_mut2(g, n.gamma.clone(), n.beta.clone());
-        b.layernorm_backward(d_out, r(b, &self.input), b.view(p, n.gamma.clone()), r(b, &self.mean), r(b, &self.rstd), d_input, accumulate, dg, db)
+        b.layernorm_backward(
+            d_out,
+            r(b, &self.input),
+            b.view(p, n.gamma.clone()),
+            r(b, &self.mean),
+            r(b, &self.rstd),
+            d_input,
+            accumulate,
+            dg,
+            db,
+        )
     }
 }
 
@@ -155,12 +197,31 @@ impl<B: Backend> AttnActs<B> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(&mut self, b: &B, p: &B::Buf, av: &AttentionView, s: AttentionShape, x_q: B::Ref<'_>, x_kv: B::Ref<'_>, key_mask: B::Ref<'_>, hidden_dropout: (f32, u64), eps: f32) -> KResult<()> {
+    pub fn forward(
+        &mut self,
+        b: &B,
+        p: &B::Buf,
+        av: &AttentionView,
+        s: AttentionShape,
+        x_q: B::Ref<'_>,
+        x_kv: B::Ref<'_>,
+        key_mask: B::Ref<'_>,
+        hidden_dropout: (f32, u64),
+        eps: f32,
+    ) -> KResult<()> {
         let (rq, rk) = (s.batch * s.tq, s.batch * s.tk);
         linear_forward(b, p, &av.q, x_q, rq, &mut self.q)?;
         linear_forward(b, p, &av.k, x_kv, rk, &mut self.k)?;
         linear_forward(b, p, &av.v, x_kv, rk, &mut self.v)?;
-        b.attention_forward(s, r(b, &self.q), r(b, &self.k), r(b, &self.v), key_mask, w(b, &mut self.probs), w(b, &mut self.ctx))?;
+        b.attention_forward(
+            s,
+            r(b, &self.q),
+            r(b, &self.k),
+            r(b, &self.v),
+            key_mask,
+            w(b, &mut self.probs),
+            w(b, &mut self.ctx),
+        )?;
         linear_forward(b, p, &av.out, r(b, &self.ctx), rq, &mut self.norm.input)?;
         if hidden_dropout.0 > 0.0 {
             b.dropout_forward(w(b, &mut self.norm.input), hidden_dropout.0, hidden_dropout.1)?;
@@ -196,11 +257,32 @@ impl<B: Backend> AttnActs<B> {
             b.dropout_backward(b.view_mut(&mut sc.d_res, 0..rq * c), hidden_dropout.0, hidden_dropout.1)?;
         }
         let d_ctx = b.view_mut(&mut sc.d_ctx, 0..rq * c);
-        linear_backward(b, p, g, &av.out, r(b, &self.ctx), b.view(&sc.d_res, 0..rq * c), rq, true, Some((d_ctx, false)))?;
+        linear_backward(
+            b,
+            p,
+            g,
+            &av.out,
+            r(b, &self.ctx),
+            b.view(&sc.d_res, 0..rq * c),
+            rq,
+            true,
+            Some((d_ctx, false)),
+        )?;
         b.fill(b.view_mut(&mut sc.dk, 0..rk * c), 0.0)?;
         b.fill(b.view_mut(&mut sc.dv, 0..rk * c), 0.0)?;
-        let (dq, dk, dv) = (b.view_mut(&mut sc.dq, 0..rq * c), b.view_mut(&mut sc.dk, 0..rk * c), b.view_mut(&mut sc.dv, 0..rk * c));
-        b.attention_backward(s, b.view(&sc.d_ctx, 0..rq * c), r(b, &self.q), r(b, &self.k), r(b, &self.v), r(b, &self.probs), dq, dk, dv)?;
+        let (dq, dk, dv) =
+            (b.view_mut(&mut sc.dq, 0..rq * c), b.view_mut(&mut sc.dk, 0..rk * c), b.view_mut(&mut sc.dv, 0..rk * c));
+        b.attention_backward(
+            s,
+            b.view(&sc.d_ctx, 0..rq * c),
+            r(b, &self.q),
+            r(b, &self.k),
+            r(b, &self.v),
+            r(b, &self.probs),
+            dq,
+            dk,
+            dv,
+        )?;
         linear_backward(b, p, g, &av.q, x_q, b.view(&sc.dq, 0..rq * c), rq, true, Some((w(b, d_xq), true)))?;
         let d_kv_target = match d_xkv {
             Some(t) => t,
@@ -220,10 +302,23 @@ pub(crate) struct FfnActs<B: Backend> {
 
 impl<B: Backend> FfnActs<B> {
     pub fn new(b: &B, rows: usize, c: usize, inter: usize) -> KResult<Self> {
-        Ok(Self { inter_pre: b.zeros(rows * inter)?, inter_act: b.zeros(rows * inter)?, norm: NormActs::new(b, rows, c)? })
+        Ok(Self {
+            inter_pre: b.zeros(rows * inter)?,
+            inter_act: b.zeros(rows * inter)?,
+            norm: NormActs::new(b, rows, c)?,
+        })
     }
 
-    pub fn forward(&mut self, b: &B, p: &B::Buf, lv: &LayerView, h: B::Ref<'_>, rows: usize, dropout: (f32, u64), eps: f32) -> KResult<()> {
+    pub fn forward(
+        &mut self,
+        b: &B,
+        p: &B::Buf,
+        lv: &LayerView,
+        h: B::Ref<'_>,
+        rows: usize,
+        dropout: (f32, u64),
+        eps: f32,
+    ) -> KResult<()> {
         matmul_wt(b, p, &lv.inter, h, rows, w(b, &mut self.inter_pre))?;
         b.bias_gelu_forward(w(b, &mut self.inter_pre), b.view(p, lv.inter.b.clone()), w(b, &mut self.inter_act))?;
         linear_forward(b, p, &lv.output, r(b, &self.inter_act), rows, &mut self.norm.input)?;
@@ -236,7 +331,19 @@ impl<B: Backend> FfnActs<B> {
 
     /// ASSIGNS `d_h` from `d_out`.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(&self, b: &B, p: &B::Buf, g: &mut B::Buf, lv: &LayerView, h: B::Ref<'_>, rows: usize, dropout: (f32, u64), d_out: B::Ref<'_>, d_h: &mut B::Buf, sc: &mut Scratch<B>) -> KResult<()> {
+    pub fn backward(
+        &self,
+        b: &B,
+        p: &B::Buf,
+        g: &mut B::Buf,
+        lv: &LayerView,
+        h: B::Ref<'_>,
+        rows: usize,
+        dropout: (f32, u64),
+        d_out: B::Ref<'_>,
+        d_h: &mut B::Buf,
+        sc: &mut Scratch<B>,
+    ) -> KResult<()> {
         let c = lv.output.out_dim;
         let i = lv.inter.out_dim;
         self.norm.backward(b, p, g, &lv.norm, d_out, b.view_mut(&mut sc.d_res, 0..rows * c), false)?;
@@ -245,9 +352,34 @@ impl<B: Backend> FfnActs<B> {
             b.dropout_backward(b.view_mut(&mut sc.d_res, 0..rows * c), dropout.0, dropout.1)?;
         }
         let d_inter = b.view_mut(&mut sc.d_inter, 0..rows * i);
-        linear_backward(b, p, g, &lv.output, r(b, &self.inter_act), b.view(&sc.d_res, 0..rows * c), rows, true, Some((d_inter, false)))?;
-        b.bias_gelu_backward(r(b, &self.inter_pre), b.view(&sc.d_inter, 0..rows * i), b.view_mut(&mut sc.d_inter_pre, 0..rows * i), b.view_mut(g, lv.inter.b.clone()))?;
-        linear_backward(b, p, g, &lv.inter, h, b.view(&sc.d_inter_pre, 0..rows * i), rows, false, Some((w(b, d_h), true)))
+        linear_backward(
+            b,
+            p,
+            g,
+            &lv.output,
+            r(b, &self.inter_act),
+            b.view(&sc.d_res, 0..rows * c),
+            rows,
+            true,
+            Some((d_inter, false)),
+        )?;
+        b.bias_gelu_backward(
+            r(b, &self.inter_pre),
+            b.view(&sc.d_inter, 0..rows * i),
+            b.view_mut(&mut sc.d_inter_pre, 0..rows * i),
+            b.view_mut(g, lv.inter.b.clone()),
+        )?;
+        linear_backward(
+            b,
+            p,
+            g,
+            &lv.inter,
+            h,
+            b.view(&sc.d_inter_pre, 0..rows * i),
+            rows,
+            false,
+            Some((w(b, d_h), true)),
+        )
     }
 }
 
@@ -266,12 +398,25 @@ pub(crate) struct EmbIds<B: Backend> {
 impl<B: Backend> EmbIds<B> {
     pub fn new(b: &B, tokens: &[i32], batch: usize, len: usize) -> KResult<Self> {
         let positions: Vec<i32> = (0..batch * len).map(|i| (i % len) as i32).collect();
-        Ok(Self { tokens: b.upload_ids(tokens)?, positions: b.upload_ids(&positions)?, types: b.upload_ids(&vec![0; batch * len])? })
+        Ok(Self {
+            tokens: b.upload_ids(tokens)?,
+            positions: b.upload_ids(&positions)?,
+            types: b.upload_ids(&vec![0; batch * len])?,
+        })
     }
 }
 
 impl<B: Backend> EmbActs<B> {
-    pub fn forward(&mut self, b: &B, p: &B::Buf, ev: &EmbeddingsView, ids: &EmbIds<B>, c: usize, dropout: (f32, u64), eps: f32) -> KResult<()> {
+    pub fn forward(
+        &mut self,
+        b: &B,
+        p: &B::Buf,
+        ev: &EmbeddingsView,
+        ids: &EmbIds<B>,
+        c: usize,
+        dropout: (f32, u64),
+        eps: f32,
+    ) -> KResult<()> {
         b.embedding_forward(&ids.tokens, b.view(p, ev.word.clone()), c, w(b, &mut self.norm.input), false)?;
         b.embedding_forward(&ids.positions, b.view(p, ev.position.clone()), c, w(b, &mut self.norm.input), true)?;
         b.embedding_forward(&ids.types, b.view(p, ev.token_type.clone()), c, w(b, &mut self.norm.input), true)?;
@@ -284,7 +429,18 @@ impl<B: Backend> EmbActs<B> {
 
     /// Consumes `d_out` (modified in place by the dropout backward).
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(&self, b: &B, p: &B::Buf, g: &mut B::Buf, ev: &EmbeddingsView, ids: &EmbIds<B>, c: usize, dropout: (f32, u64), d_out: &mut B::Buf, d_sum: &mut B::Buf) -> KResult<()> {
+    pub fn backward(
+        &self,
+        b: &B,
+        p: &B::Buf,
+        g: &mut B::Buf,
+        ev: &EmbeddingsView,
+        ids: &EmbIds<B>,
+        c: usize,
+        dropout: (f32, u64),
+        d_out: &mut B::Buf,
+        d_sum: &mut B::Buf,
+    ) -> KResult<()> {
         if dropout.0 > 0.0 {
             b.dropout_backward(w(b, d_out), dropout.0, dropout.1)?;
         }

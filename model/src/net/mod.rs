@@ -35,10 +35,24 @@ impl<B: Backend> Inputs<B> {
     /// `src_ids`/`src_mask` `[batch, src_len]`; `dec_ids`/`labels` `[batch, tgt_len]`,
     /// labels `IGNORE_INDEX` at padding.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(b: &B, batch: usize, src_len: usize, tgt_len: usize, src_ids: &[i32], src_mask: &[f32], dec_ids: &[i32], labels: &[i32]) -> Result<Self> {
-        let ok = src_ids.len() == batch * src_len && src_mask.len() == src_ids.len() && dec_ids.len() == batch * tgt_len && labels.len() == dec_ids.len();
+    pub fn new(
+        b: &B,
+        batch: usize,
+        src_len: usize,
+        tgt_len: usize,
+        src_ids: &[i32],
+        src_mask: &[f32],
+        dec_ids: &[i32],
+        labels: &[i32],
+    ) -> Result<Self> {
+        let ok = src_ids.len() == batch * src_len
+            && src_mask.len() == src_ids.len()
+            && dec_ids.len() == batch * tgt_len
+            && labels.len() == dec_ids.len();
         if !ok || batch == 0 || src_len == 0 || tgt_len == 0 {
-            return Err(Error::Other(format!("inputs: inconsistent batch shapes (batch {batch}, src {src_len}, tgt {tgt_len})")));
+            return Err(Error::Other(format!(
+                "inputs: inconsistent batch shapes (batch {batch}, src {src_len}, tgt {tgt_len})"
+            )));
         }
         let rows: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] != IGNORE_INDEX).collect();
         let label_rows: Vec<i32> = rows.iter().map(|&i| i as i32).collect();
@@ -188,10 +202,22 @@ impl Clock {
 impl<B: Backend> Bert2Bert<B> {
     pub fn new(b: &B, config: ModelConfig, table: ParamTable, host_params: &[f32]) -> Result<Self> {
         if host_params.len() != table.storage_len {
-            return Err(Error::Other(format!("parameter buffer has {} values, table needs {}", host_params.len(), table.storage_len)));
+            return Err(Error::Other(format!(
+                "parameter buffer has {} values, table needs {}",
+                host_params.len(),
+                table.storage_len
+            )));
         }
         let view = table.view(&config);
-        Ok(Self { params: b.upload(host_params)?, grads: b.zeros(table.storage_len)?, config, table, view, ws: None, phases: Vec::new() })
+        Ok(Self {
+            params: b.upload(host_params)?,
+            grads: b.zeros(table.storage_len)?,
+            config,
+            table,
+            view,
+            ws: None,
+            phases: Vec::new(),
+        })
     }
 
     pub fn zero_grads(&mut self, b: &B) -> Result<()> {
@@ -211,7 +237,12 @@ impl<B: Backend> Bert2Bert<B> {
         let dec_shape = self.attn_shape(batch, t, t, true, Dropout::off(), 0);
         let cross_shape = self.attn_shape(batch, t, s, false, Dropout::off(), 0);
         let enc = (0..ec.num_hidden_layers)
-            .map(|_| Ok(EncoderLayer { attn: AttnActs::new(b, &enc_shape)?, ffn: FfnActs::new(b, ns, c, ec.intermediate_size)? }))
+            .map(|_| {
+                Ok(EncoderLayer {
+                    attn: AttnActs::new(b, &enc_shape)?,
+                    ffn: FfnActs::new(b, ns, c, ec.intermediate_size)?,
+                })
+            })
             .collect::<kernels::Result<Vec<_>>>()?;
         let dec = (0..dc.num_hidden_layers)
             .map(|_| {
@@ -248,7 +279,16 @@ impl<B: Backend> Bert2Bert<B> {
 
     fn attn_shape(&self, batch: usize, tq: usize, tk: usize, causal: bool, d: Dropout, site: u64) -> AttentionShape {
         let c = &self.config.encoder;
-        AttentionShape { batch, heads: c.num_attention_heads, head_dim: c.head_dim(), tq, tk, causal, dropout: d.attention, seed: d.site(site) }
+        AttentionShape {
+            batch,
+            heads: c.num_attention_heads,
+            head_dim: c.head_dim(),
+            tq,
+            tk,
+            causal,
+            dropout: d.attention,
+            seed: d.site(site),
+        }
     }
 
     /// Forward, then backward when `opts.grad_scale` is set. Parameter gradients ACCUMULATE
@@ -262,7 +302,14 @@ impl<B: Backend> Bert2Bert<B> {
         out
     }
 
-    fn pass_in(&mut self, b: &B, x: &Inputs<B>, opts: PassOptions, ws: &mut Workspace<B>, clock: &mut Clock) -> Result<BatchLoss> {
+    fn pass_in(
+        &mut self,
+        b: &B,
+        x: &Inputs<B>,
+        opts: PassOptions,
+        ws: &mut Workspace<B>,
+        clock: &mut Clock,
+    ) -> Result<BatchLoss> {
         let (ec, dc) = (self.config.encoder.clone(), self.config.decoder.clone());
         let c = ec.hidden_size;
         let (bs, s, t) = (x.batch, x.src_len, x.tgt_len);
@@ -275,32 +322,81 @@ impl<B: Backend> Bert2Bert<B> {
             }
         }
         let drop = |cfg: &crate::config::BertConfig| {
-            if opts.train { Dropout { hidden: cfg.hidden_dropout_prob, attention: cfg.attention_probs_dropout_prob, seed: opts.seed } } else { Dropout::off() }
+            if opts.train {
+                Dropout {
+                    hidden: cfg.hidden_dropout_prob,
+                    attention: cfg.attention_probs_dropout_prob,
+                    seed: opts.seed,
+                }
+            } else {
+                Dropout::off()
+            }
         };
         let (de, dd) = (drop(&ec), drop(&dc));
         let (heads, head_dim) = (ec.num_attention_heads, ec.head_dim());
         let shape = |tq: usize, tk: usize, causal: bool, d: Dropout, site: u64| AttentionShape {
-            batch: bs, heads, head_dim, tq, tk, causal, dropout: d.attention, seed: d.site(site),
+            batch: bs,
+            heads,
+            head_dim,
+            tq,
+            tk,
+            causal,
+            dropout: d.attention,
+            seed: d.site(site),
         };
         let p = &self.params;
         let view = &self.view;
 
         // ---- encoder ----
-        ws.enc_emb.forward(b, p, &view.encoder.embeddings, &x.src, c, (de.hidden, de.site(site::ENC_EMB)), ec.layer_norm_eps)?;
+        ws.enc_emb.forward(
+            b,
+            p,
+            &view.encoder.embeddings,
+            &x.src,
+            c,
+            (de.hidden, de.site(site::ENC_EMB)),
+            ec.layer_norm_eps,
+        )?;
         for l in 0..ws.enc.len() {
             let (done, rest) = ws.enc.split_at_mut(l);
             let input = done.last().map(|e| &e.ffn.norm.out).unwrap_or(&ws.enc_emb.norm.out);
             let lv = &view.encoder.layers[l];
             let layer = &mut rest[0];
             let sh = shape(s, s, false, de, site::enc(l, site::ATTN_PROBS));
-            layer.attn.forward(b, p, &lv.self_attn, sh, r(b, input), r(b, input), r(b, &x.src_mask), (de.hidden, de.site(site::enc(l, site::ATTN_OUT))), ec.layer_norm_eps)?;
-            layer.ffn.forward(b, p, lv, r(b, &layer.attn.norm.out), ns, (de.hidden, de.site(site::enc(l, site::FFN_OUT))), ec.layer_norm_eps)?;
+            layer.attn.forward(
+                b,
+                p,
+                &lv.self_attn,
+                sh,
+                r(b, input),
+                r(b, input),
+                r(b, &x.src_mask),
+                (de.hidden, de.site(site::enc(l, site::ATTN_OUT))),
+                ec.layer_norm_eps,
+            )?;
+            layer.ffn.forward(
+                b,
+                p,
+                lv,
+                r(b, &layer.attn.norm.out),
+                ns,
+                (de.hidden, de.site(site::enc(l, site::FFN_OUT))),
+                ec.layer_norm_eps,
+            )?;
         }
         let enc_out = ws.enc.last().map(|e| &e.ffn.norm.out).unwrap_or(&ws.enc_emb.norm.out);
         clock.mark("encoder_fwd");
 
         // ---- decoder ----
-        ws.dec_emb.forward(b, p, &view.decoder.embeddings, &x.dec, c, (dd.hidden, dd.site(site::DEC_EMB)), dc.layer_norm_eps)?;
+        ws.dec_emb.forward(
+            b,
+            p,
+            &view.decoder.embeddings,
+            &x.dec,
+            c,
+            (dd.hidden, dd.site(site::DEC_EMB)),
+            dc.layer_norm_eps,
+        )?;
         for l in 0..ws.dec.len() {
             let (done, rest) = ws.dec.split_at_mut(l);
             let input = done.last().map(|e| &e.ffn.norm.out).unwrap_or(&ws.dec_emb.norm.out);
@@ -308,10 +404,38 @@ impl<B: Backend> Bert2Bert<B> {
             let cv = lv.cross_attn.as_ref().expect("decoder layers have cross-attention");
             let layer = &mut rest[0];
             let sh = shape(t, t, true, dd, site::dec(l, site::ATTN_PROBS));
-            layer.attn.forward(b, p, &lv.self_attn, sh, r(b, input), r(b, input), r(b, &x.dec_mask), (dd.hidden, dd.site(site::dec(l, site::ATTN_OUT))), dc.layer_norm_eps)?;
+            layer.attn.forward(
+                b,
+                p,
+                &lv.self_attn,
+                sh,
+                r(b, input),
+                r(b, input),
+                r(b, &x.dec_mask),
+                (dd.hidden, dd.site(site::dec(l, site::ATTN_OUT))),
+                dc.layer_norm_eps,
+            )?;
             let sh = shape(t, s, false, dd, site::dec(l, site::CROSS_PROBS));
-            layer.cross.forward(b, p, cv, sh, r(b, &layer.attn.norm.out), r(b, enc_out), r(b, &x.src_mask), (dd.hidden, dd.site(site::dec(l, site::CROSS_OUT))), dc.layer_norm_eps)?;
-            layer.ffn.forward(b, p, lv, r(b, &layer.cross.norm.out), nt, (dd.hidden, dd.site(site::dec(l, site::FFN_OUT))), dc.layer_norm_eps)?;
+            layer.cross.forward(
+                b,
+                p,
+                cv,
+                sh,
+                r(b, &layer.attn.norm.out),
+                r(b, enc_out),
+                r(b, &x.src_mask),
+                (dd.hidden, dd.site(site::dec(l, site::CROSS_OUT))),
+                dc.layer_norm_eps,
+            )?;
+            layer.ffn.forward(
+                b,
+                p,
+                lv,
+                r(b, &layer.cross.norm.out),
+                nt,
+                (dd.hidden, dd.site(site::dec(l, site::FFN_OUT))),
+                dc.layer_norm_eps,
+            )?;
         }
         let dec_out = ws.dec.last().map(|e| &e.ffn.norm.out).unwrap_or(&ws.dec_emb.norm.out);
         clock.mark("decoder_fwd");
@@ -323,7 +447,11 @@ impl<B: Backend> Bert2Bert<B> {
         let mc = m * c;
         b.embedding_forward(&x.label_rows, r(b, dec_out), c, b.view_mut(&mut head.hidden, 0..mc), false)?;
         matmul_wt(b, p, &hv.transform, b.view(&head.hidden, 0..mc), m, b.view_mut(&mut head.pre, 0..mc))?;
-        b.bias_gelu_forward(b.view_mut(&mut head.pre, 0..mc), b.view(p, hv.transform.b.clone()), b.view_mut(&mut head.act, 0..mc))?;
+        b.bias_gelu_forward(
+            b.view_mut(&mut head.pre, 0..mc),
+            b.view(p, hv.transform.b.clone()),
+            b.view_mut(&mut head.act, 0..mc),
+        )?;
         {
             let n = &mut head.norm;
             b.layernorm_forward(
@@ -337,12 +465,33 @@ impl<B: Backend> Bert2Bert<B> {
             )?;
         }
         let mv = m * v;
-        b.gemm(GemmShape::plain(m, v, c), 1.0, b.view(&head.norm.out, 0..mc), Operand::n(c), b.view(p, word.clone()), Operand::t(c), 0.0, b.view_mut(&mut head.logits, 0..mv))?;
+        b.gemm(
+            GemmShape::plain(m, v, c),
+            1.0,
+            b.view(&head.norm.out, 0..mc),
+            Operand::n(c),
+            b.view(p, word.clone()),
+            Operand::t(c),
+            0.0,
+            b.view_mut(&mut head.logits, 0..mv),
+        )?;
         b.add_bias(b.view_mut(&mut head.logits, 0..mv), b.view(p, hv.bias.clone()), v)?;
         let dlogits = opts.grad_scale.map(|_| b.view_mut(&mut head.dlogits, 0..mv));
-        b.cross_entropy(b.view(&head.logits, 0..mv), &x.labels, v, opts.label_smoothing, opts.grad_scale.unwrap_or(0.0), b.view_mut(&mut head.losses, 0..m), dlogits)?;
+        b.cross_entropy(
+            b.view(&head.logits, 0..mv),
+            &x.labels,
+            v,
+            opts.label_smoothing,
+            opts.grad_scale.unwrap_or(0.0),
+            b.view_mut(&mut head.losses, 0..m),
+            dlogits,
+        )?;
         clock.mark("lm_head_fwd_loss");
-        let loss = BatchLoss { token_loss: b.download(b.view(&head.losses, 0..m))?, token_example: x.row_example.clone(), batch: bs };
+        let loss = BatchLoss {
+            token_loss: b.download(b.view(&head.losses, 0..m))?,
+            token_example: x.row_example.clone(),
+            batch: bs,
+        };
         if opts.grad_scale.is_none() {
             return Ok(loss);
         }
@@ -351,18 +500,61 @@ impl<B: Backend> Bert2Bert<B> {
         let g = &mut self.grads;
         let dl = b.view(&head.dlogits, 0..mv);
         b.bias_grad(dl, b.view_mut(g, hv.bias.clone()), v)?;
-        b.gemm(GemmShape::plain(v, c, m), 1.0, dl, Operand::t(v), b.view(&head.norm.out, 0..mc), Operand::n(c), 1.0, b.view_mut(g, word.clone()))?;
+        b.gemm(
+            GemmShape::plain(v, c, m),
+            1.0,
+            dl,
+            Operand::t(v),
+            b.view(&head.norm.out, 0..mc),
+            Operand::n(c),
+            1.0,
+            b.view_mut(g, word.clone()),
+        )?;
         // d(normed) into `hidden`'s spare twin `pre`? No: `pre` is still needed by GELU backward,
         // so the LN output gradient goes to the decoder ping-pong buffer (free until the layers).
         let [d_a, d_b] = &mut ws.d_dec;
-        b.gemm(GemmShape::plain(m, c, v), 1.0, dl, Operand::n(v), b.view(p, word), Operand::n(c), 0.0, b.view_mut(d_a, 0..mc))?;
+        b.gemm(
+            GemmShape::plain(m, c, v),
+            1.0,
+            dl,
+            Operand::n(v),
+            b.view(p, word),
+            Operand::n(c),
+            0.0,
+            b.view_mut(d_a, 0..mc),
+        )?;
         {
             let n = &head.norm;
             let (dg, db) = b.view_mut2(g, hv.norm.gamma.clone(), hv.norm.beta.clone());
-            b.layernorm_backward(b.view(d_a, 0..mc), b.view(&head.act, 0..mc), b.view(p, hv.norm.gamma.clone()), b.view(&n.mean, 0..m), b.view(&n.rstd, 0..m), b.view_mut(d_b, 0..mc), false, dg, db)?;
+            b.layernorm_backward(
+                b.view(d_a, 0..mc),
+                b.view(&head.act, 0..mc),
+                b.view(p, hv.norm.gamma.clone()),
+                b.view(&n.mean, 0..m),
+                b.view(&n.rstd, 0..m),
+                b.view_mut(d_b, 0..mc),
+                false,
+                dg,
+                db,
+            )?;
         }
-        b.bias_gelu_backward(b.view(&head.pre, 0..mc), b.view(d_b, 0..mc), b.view_mut(d_a, 0..mc), b.view_mut(g, hv.transform.b.clone()))?;
-        layers::linear_backward(b, p, g, &hv.transform, b.view(&head.hidden, 0..mc), b.view(d_a, 0..mc), m, false, Some((b.view_mut(d_b, 0..mc), false)))?;
+        b.bias_gelu_backward(
+            b.view(&head.pre, 0..mc),
+            b.view(d_b, 0..mc),
+            b.view_mut(d_a, 0..mc),
+            b.view_mut(g, hv.transform.b.clone()),
+        )?;
+        layers::linear_backward(
+            b,
+            p,
+            g,
+            &hv.transform,
+            b.view(&head.hidden, 0..mc),
+            b.view(d_a, 0..mc),
+            m,
+            false,
+            Some((b.view_mut(d_b, 0..mc), false)),
+        )?;
         // Scatter the label rows' gradient back to all decoder rows (padding rows get 0).
         b.fill(b.view_mut(d_a, 0..nt * c), 0.0)?;
         b.embedding_backward(&x.label_rows, b.view(d_b, 0..mc), c, b.view_mut(d_a, 0..nt * c))?;
@@ -376,14 +568,61 @@ impl<B: Backend> Bert2Bert<B> {
             let cv = lv.cross_attn.as_ref().expect("decoder layers have cross-attention");
             let layer = &ws.dec[l];
             let sc = &mut ws.dec_scratch;
-            layer.ffn.backward(b, p, g, lv, r(b, &layer.cross.norm.out), nt, (dd.hidden, dd.site(site::dec(l, site::FFN_OUT))), r(b, d_a), d_b, sc)?;
+            layer.ffn.backward(
+                b,
+                p,
+                g,
+                lv,
+                r(b, &layer.cross.norm.out),
+                nt,
+                (dd.hidden, dd.site(site::dec(l, site::FFN_OUT))),
+                r(b, d_a),
+                d_b,
+                sc,
+            )?;
             let sh = shape(t, s, false, dd, site::dec(l, site::CROSS_PROBS));
-            layer.cross.backward(b, p, g, cv, sh, r(b, &layer.attn.norm.out), r(b, enc_out), (dd.hidden, dd.site(site::dec(l, site::CROSS_OUT))), r(b, d_b), d_a, Some(&mut ws.d_enc_out), sc)?;
+            layer.cross.backward(
+                b,
+                p,
+                g,
+                cv,
+                sh,
+                r(b, &layer.attn.norm.out),
+                r(b, enc_out),
+                (dd.hidden, dd.site(site::dec(l, site::CROSS_OUT))),
+                r(b, d_b),
+                d_a,
+                Some(&mut ws.d_enc_out),
+                sc,
+            )?;
             let sh = shape(t, t, true, dd, site::dec(l, site::ATTN_PROBS));
-            layer.attn.backward(b, p, g, &lv.self_attn, sh, r(b, input), r(b, input), (dd.hidden, dd.site(site::dec(l, site::ATTN_OUT))), r(b, d_a), d_b, None, sc)?;
+            layer.attn.backward(
+                b,
+                p,
+                g,
+                &lv.self_attn,
+                sh,
+                r(b, input),
+                r(b, input),
+                (dd.hidden, dd.site(site::dec(l, site::ATTN_OUT))),
+                r(b, d_a),
+                d_b,
+                None,
+                sc,
+            )?;
             std::mem::swap(d_a, d_b);
         }
-        ws.dec_emb.backward(b, p, g, &view.decoder.embeddings, &x.dec, c, (dd.hidden, dd.site(site::DEC_EMB)), d_a, d_b)?;
+        ws.dec_emb.backward(
+            b,
+            p,
+            g,
+            &view.decoder.embeddings,
+            &x.dec,
+            c,
+            (dd.hidden, dd.site(site::DEC_EMB)),
+            d_a,
+            d_b,
+        )?;
 
         clock.mark("decoder_bwd");
         // ---- backward: encoder ----
@@ -394,11 +633,45 @@ impl<B: Backend> Bert2Bert<B> {
             let lv = &view.encoder.layers[l];
             let layer = &ws.enc[l];
             let sc = &mut ws.enc_scratch;
-            layer.ffn.backward(b, p, g, lv, r(b, &layer.attn.norm.out), ns, (de.hidden, de.site(site::enc(l, site::FFN_OUT))), r(b, e_a), e_b, sc)?;
+            layer.ffn.backward(
+                b,
+                p,
+                g,
+                lv,
+                r(b, &layer.attn.norm.out),
+                ns,
+                (de.hidden, de.site(site::enc(l, site::FFN_OUT))),
+                r(b, e_a),
+                e_b,
+                sc,
+            )?;
             let sh = shape(s, s, false, de, site::enc(l, site::ATTN_PROBS));
-            layer.attn.backward(b, p, g, &lv.self_attn, sh, r(b, input), r(b, input), (de.hidden, de.site(site::enc(l, site::ATTN_OUT))), r(b, e_b), e_a, None, sc)?;
+            layer.attn.backward(
+                b,
+                p,
+                g,
+                &lv.self_attn,
+                sh,
+                r(b, input),
+                r(b, input),
+                (de.hidden, de.site(site::enc(l, site::ATTN_OUT))),
+                r(b, e_b),
+                e_a,
+                None,
+                sc,
+            )?;
         }
-        ws.enc_emb.backward(b, p, g, &view.encoder.embeddings, &x.src, c, (de.hidden, de.site(site::ENC_EMB)), e_a, e_b)?;
+        ws.enc_emb.backward(
+            b,
+            p,
+            g,
+            &view.encoder.embeddings,
+            &x.src,
+            c,
+            (de.hidden, de.site(site::ENC_EMB)),
+            e_a,
+            e_b,
+        )?;
         clock.mark("encoder_bwd");
         Ok(loss)
     }
