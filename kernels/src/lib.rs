@@ -11,6 +11,7 @@
 //! - Token ids and labels are `i32`; a label equal to [`IGNORE_INDEX`] is skipped by the loss.
 
 pub mod cpu;
+pub mod cuda;
 pub mod rng;
 
 pub use cpu::Cpu;

@@ -1,0 +1,143 @@
+//! GEMM family on CUDA: cuBLAS strided-batched GEMMs on row-major data, plus the bias kernels.
+//!
+//! cuBLAS is column-major. A row-major `C = op(A) op(B)` is the column-major
+//! `C^T = op(B)^T op(A)^T`, so we call it with the operands swapped and m/n exchanged; a stored
+//! row-major matrix read as column-major is its own transpose, so each operand's flag carries over.
+
+use std::ffi::c_void;
+
+use cudarc::cublas::{result as blas, sys as bsys};
+use cudarc::driver::CudaStream;
+
+use super::{Cuda, DevMut, DevRef, GemmPrecision, check, dev_err};
+use crate::{GemmOps, GemmShape, Operand, Result};
+
+pub(crate) struct Blas {
+    handle: bsys::cublasHandle_t,
+}
+
+// SAFETY: the handle is only used from the thread that owns `Cuda`, on its one stream.
+unsafe impl Send for Blas {}
+// SAFETY: as above; `Cuda`'s ops take `&self` but cuBLAS calls are serialised on one stream.
+unsafe impl Sync for Blas {}
+
+impl Blas {
+    pub(crate) fn new(stream: &CudaStream) -> Result<Self> {
+        let handle = blas::create_handle().map_err(dev_err)?;
+        // SAFETY: fresh handle; the stream outlives it (both owned by `Cuda`).
+        unsafe { blas::set_stream(handle, stream.cu_stream() as _) }.map_err(dev_err)?;
+        Ok(Self { handle })
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once.
+        let _ = unsafe { blas::destroy_handle(self.handle) };
+    }
+}
+
+fn span(rows: usize, cols: usize, ld: usize) -> usize {
+    if rows == 0 || cols == 0 { 0 } else { (rows - 1) * ld + cols }
+}
+
+/// Elements the operand occupies: op(X) is `rows x cols`, stored transposed when `trans`.
+fn operand_span(op: Operand, rows: usize, cols: usize, batch: usize) -> usize {
+    let one = if op.trans { span(cols, rows, op.ld) } else { span(rows, cols, op.ld) };
+    if batch == 0 { 0 } else { (batch - 1) * op.batch_stride + one }
+}
+
+impl Cuda {
+    /// Row-major strided-batched GEMM on raw device pointers (bounds checked by callers).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_raw(
+        &self,
+        s: GemmShape,
+        alpha: f32,
+        a: u64,
+        op_a: Operand,
+        b: u64,
+        op_b: Operand,
+        beta: f32,
+        c: u64,
+    ) -> Result<()> {
+        if s.m == 0 || s.n == 0 || s.batch == 0 {
+            return Ok(());
+        }
+        let flag =
+            |t: bool| if t { bsys::cublasOperation_t::CUBLAS_OP_T } else { bsys::cublasOperation_t::CUBLAS_OP_N };
+        let compute = match self.precision {
+            GemmPrecision::Fp32 => bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            GemmPrecision::Bf16 => bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+        };
+        let f32t = bsys::cudaDataType::CUDA_R_32F;
+        // SAFETY: pointers come from live views whose extents the callers checked against the
+        // shape; alpha/beta are host scalars that outlive the (stream-ordered) call.
+        unsafe {
+            blas::gemm_strided_batched_ex(
+                self.blas.handle,
+                flag(op_b.trans),
+                flag(op_a.trans),
+                s.n as i32,
+                s.m as i32,
+                s.k as i32,
+                &alpha as *const f32 as *const c_void,
+                b as *const c_void,
+                f32t,
+                op_b.ld as i32,
+                op_b.batch_stride as i64,
+                a as *const c_void,
+                f32t,
+                op_a.ld as i32,
+                op_a.batch_stride as i64,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                f32t,
+                s.ldc as i32,
+                s.batch_stride_c as i64,
+                s.batch as i32,
+                compute,
+                bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(dev_err)
+    }
+}
+
+impl GemmOps for Cuda {
+    fn gemm(
+        &self,
+        s: GemmShape,
+        alpha: f32,
+        a: DevRef<'_>,
+        op_a: Operand,
+        b: DevRef<'_>,
+        op_b: Operand,
+        beta: f32,
+        c: DevMut<'_>,
+    ) -> Result<()> {
+        check("gemm", operand_span(op_a, s.m, s.k, s.batch) <= a.len, || {
+            format!("A too short: {s:?} {op_a:?} len {}", a.len)
+        })?;
+        check("gemm", operand_span(op_b, s.k, s.n, s.batch) <= b.len, || {
+            format!("B too short: {s:?} {op_b:?} len {}", b.len)
+        })?;
+        let c_need = if s.batch == 0 { 0 } else { (s.batch - 1) * s.batch_stride_c + span(s.m, s.n, s.ldc) };
+        check("gemm", c_need <= c.len, || format!("C too short: {s:?} len {}", c.len))?;
+        self.gemm_raw(s, alpha, a.ptr, op_a, b.ptr, op_b, beta, c.ptr)
+    }
+
+    fn add_bias(&self, y: DevMut<'_>, bias: DevRef<'_>, cols: usize) -> Result<()> {
+        check("add_bias", cols == bias.len && cols > 0 && y.len % cols == 0, || {
+            format!("y {} bias {}", y.len, bias.len)
+        })?;
+        self.launch_bias_add(y.ptr, bias.ptr, y.len / cols, cols)
+    }
+
+    fn bias_grad(&self, dy: DevRef<'_>, dbias: DevMut<'_>, cols: usize) -> Result<()> {
+        check("bias_grad", cols == dbias.len && cols > 0 && dy.len % cols == 0, || {
+            format!("dy {} dbias {}", dy.len, dbias.len)
+        })?;
+        self.launch_column_sum(dbias.ptr, dy.ptr, dy.len / cols, cols)
+    }
+}

@@ -1,0 +1,270 @@
+//! The CUDA backend: hand-written kernels compiled at run time by NVRTC (through cudarc) for
+//! the device's architecture, and GEMMs through cuBLAS.
+//!
+//! Storage is fp32 (`CudaSlice<f32>`) so this backend is a drop-in for the CPU oracle; GEMMs can
+//! run on bf16 tensor cores with fp32 accumulation (`GemmPrecision::Bf16`), or in exact fp32 for
+//! the self-test. Everything runs on one stream, so views need no event tracking: a view is a raw
+//! device pointer whose lifetime is tied to the buffer it came from.
+//!
+//! Kernel names have one source of truth: each family's `KernelSource` lists the entry points its
+//! launchers use, and CI (`kernels/tests/nvrtc.rs`) checks that each exists in the PTX.
+
+mod adamw;
+mod attention;
+mod bias;
+pub mod compile;
+mod cross_entropy;
+mod dropout;
+mod embedding;
+mod gelu;
+mod layernorm;
+mod matmul;
+mod residual;
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::ops::Range;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
+
+use crate::{KernelError, Memory, Result};
+
+/// One kernel family: its `.cu` file and the entry points the Rust side launches.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelSource {
+    pub file: &'static str,
+    pub code: &'static str,
+    pub kernels: &'static [&'static str],
+}
+
+/// Every kernel family, the registry that loading and the CI name check both read.
+pub const SOURCES: &[KernelSource] = &[
+    residual::SOURCE,
+    bias::SOURCE,
+    embedding::SOURCE,
+    layernorm::SOURCE,
+    gelu::SOURCE,
+    attention::SOURCE,
+    cross_entropy::SOURCE,
+    dropout::SOURCE,
+    adamw::SOURCE,
+];
+
+/// Message for machines without a driver; the CLI shows it as is.
+pub const NO_DRIVER: &str = "no CUDA driver found; use --device cpu";
+
+/// How cuBLAS multiplies fp32 matrices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmPrecision {
+    /// Full fp32 (the self-test compares against the CPU at fp32 tolerances).
+    Fp32,
+    /// bf16 tensor cores with fp32 accumulation (CUBLAS_COMPUTE_32F_FAST_16BF).
+    Bf16,
+}
+
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: matmul::Blas,
+    functions: HashMap<&'static str, CudaFunction>,
+    sm_count: u32,
+    pub precision: GemmPrecision,
+}
+
+/// A shared view of device memory: pointer and length, borrowed from a buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct DevRef<'a> {
+    pub(crate) ptr: u64,
+    pub(crate) len: usize,
+    _buf: PhantomData<&'a [f32]>,
+}
+
+/// An exclusive view of device memory.
+#[derive(Debug)]
+pub struct DevMut<'a> {
+    pub(crate) ptr: u64,
+    pub(crate) len: usize,
+    _buf: PhantomData<&'a mut [f32]>,
+}
+
+pub(crate) fn dev_err(e: impl std::fmt::Debug) -> KernelError {
+    KernelError::Device(format!("{e:?}"))
+}
+
+/// `n` threads in blocks of `block`, capped so grid-stride loops cover the rest.
+pub(crate) fn grid_for(n: usize, block: u32) -> LaunchConfig {
+    let blocks = n.div_ceil(block as usize).clamp(1, 65_535 * 8) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+impl Cuda {
+    /// Open device `ordinal`, compile (or load from cache) every kernel for its architecture.
+    /// Never panics when no driver is installed: that is `KernelError::Unavailable(NO_DRIVER)`.
+    pub fn new(ordinal: usize, precision: GemmPrecision) -> Result<Self> {
+        // SAFETY: only probes whether libcuda can be opened.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(KernelError::Unavailable(NO_DRIVER.into()));
+        }
+        let count =
+            CudaContext::device_count().map_err(|e| KernelError::Unavailable(format!("{NO_DRIVER} ({e:?})")))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(KernelError::Unavailable(format!("CUDA device {ordinal} requested but {count} found")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(dev_err)?;
+        // SAFETY: one stream does all the work, so cudarc's cross-stream events are not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let (major, minor) = ctx.compute_capability().map_err(dev_err)?;
+        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+        let sm_count = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(dev_err)? as u32;
+        let include = include_paths();
+        let mut functions = HashMap::new();
+        for src in SOURCES {
+            let ptx = compile::cached_ptx(src, arch, &include)?;
+            let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(dev_err)?;
+            for &name in src.kernels {
+                functions.insert(name, module.load_function(name).map_err(dev_err)?);
+            }
+        }
+        let blas = matmul::Blas::new(&stream)?;
+        Ok(Self { ctx, stream, blas, functions, sm_count, precision })
+    }
+
+    pub fn device_name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "CUDA device".into())
+    }
+
+    /// Bytes in use on the device (total minus free), for memory reports.
+    pub fn used_bytes(&self) -> Option<u64> {
+        self.ctx.mem_get_info().ok().map(|(free, total)| (total - free) as u64)
+    }
+
+    pub(crate) fn func(&self, name: &'static str) -> Result<&CudaFunction> {
+        self.functions.get(name).ok_or_else(|| KernelError::Device(format!("kernel `{name}` not loaded")))
+    }
+
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub(crate) fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    fn base(&self, buf: &CudaSlice<f32>) -> u64 {
+        let (ptr, _sync) = buf.device_ptr(&self.stream);
+        ptr
+    }
+
+    /// A scratch buffer for one op (stream-ordered allocation, freed when dropped).
+    pub(crate) fn scratch(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros::<f32>(n.max(1)).map_err(dev_err)
+    }
+
+    pub(crate) fn whole<'a>(&self, buf: &'a CudaSlice<f32>) -> DevRef<'a> {
+        DevRef { ptr: self.base(buf), len: buf.len(), _buf: PhantomData }
+    }
+
+    pub(crate) fn whole_mut<'a>(&self, buf: &'a mut CudaSlice<f32>) -> DevMut<'a> {
+        DevMut { ptr: self.base(buf), len: buf.len(), _buf: PhantomData }
+    }
+
+    /// `dst = src` for `dst.len` elements from a raw device pointer.
+    pub(crate) fn copy_raw(&self, src: u64, dst: &mut DevMut<'_>) -> Result<()> {
+        // SAFETY: callers pass a source of at least dst.len live f32s on this stream.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr, src, 4 * dst.len, self.stream.cu_stream()) }
+            .map_err(dev_err)
+    }
+
+    pub(crate) fn ids_ptr(&self, ids: &CudaSlice<i32>) -> u64 {
+        let (ptr, _sync) = ids.device_ptr(&self.stream);
+        ptr
+    }
+}
+
+fn include_paths() -> Vec<String> {
+    std::env::var("BERT2BERT_CUDA_INCLUDE").map(|p| p.split(':').map(String::from).collect()).unwrap_or_default()
+}
+
+pub(crate) fn check(op: &'static str, ok: bool, what: impl FnOnce() -> String) -> Result<()> {
+    if ok { Ok(()) } else { Err(KernelError::Shape { op, what: what() }) }
+}
+
+impl Memory for Cuda {
+    type Buf = CudaSlice<f32>;
+    type Ref<'a> = DevRef<'a>;
+    type Mut<'a> = DevMut<'a>;
+    type Ids = CudaSlice<i32>;
+
+    fn name(&self) -> String {
+        format!("cuda ({})", self.device_name())
+    }
+    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros::<f32>(n).map_err(dev_err)
+    }
+    fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
+        self.stream.clone_htod(host).map_err(dev_err)
+    }
+    fn download(&self, view: DevRef<'_>) -> Result<Vec<f32>> {
+        let mut out = vec![0.0f32; view.len];
+        if view.len > 0 {
+            // SAFETY: `view` points at `len` live f32s on this context; the stream is synchronised
+            // before `out` is read.
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut out, view.ptr, self.stream.cu_stream()) }
+                .map_err(dev_err)?;
+        }
+        self.stream.synchronize().map_err(dev_err)?;
+        Ok(out)
+    }
+    fn upload_ids(&self, host: &[i32]) -> Result<CudaSlice<i32>> {
+        if host.is_empty() {
+            return self.stream.alloc_zeros::<i32>(1).map_err(dev_err);
+        }
+        self.stream.clone_htod(host).map_err(dev_err)
+    }
+    fn len(&self, buf: &CudaSlice<f32>) -> usize {
+        buf.len()
+    }
+    fn view<'a>(&self, buf: &'a CudaSlice<f32>, range: Range<usize>) -> DevRef<'a> {
+        assert!(range.start <= range.end && range.end <= buf.len(), "view {range:?} of {}", buf.len());
+        DevRef { ptr: self.base(buf) + 4 * range.start as u64, len: range.len(), _buf: PhantomData }
+    }
+    fn view_mut<'a>(&self, buf: &'a mut CudaSlice<f32>, range: Range<usize>) -> DevMut<'a> {
+        assert!(range.start <= range.end && range.end <= buf.len(), "view {range:?} of {}", buf.len());
+        DevMut { ptr: self.base(buf) + 4 * range.start as u64, len: range.len(), _buf: PhantomData }
+    }
+    fn view_mut2<'a>(&self, buf: &'a mut CudaSlice<f32>, a: Range<usize>, b: Range<usize>) -> (DevMut<'a>, DevMut<'a>) {
+        assert!(a.end <= b.start || b.end <= a.start, "view_mut2: {a:?} and {b:?} overlap");
+        assert!(a.end <= buf.len() && b.end <= buf.len());
+        let base = self.base(buf);
+        let mk = |r: Range<usize>| DevMut { ptr: base + 4 * r.start as u64, len: r.len(), _buf: PhantomData };
+        (mk(a), mk(b))
+    }
+    fn as_ref<'a>(&self, m: &'a DevMut<'_>) -> DevRef<'a> {
+        DevRef { ptr: m.ptr, len: m.len, _buf: PhantomData }
+    }
+    fn fill(&self, dst: DevMut<'_>, value: f32) -> Result<()> {
+        if dst.len == 0 {
+            return Ok(());
+        }
+        // SAFETY: `dst` is a live exclusive view of `len` f32s on this stream.
+        unsafe { cudarc::driver::sys::cuMemsetD32Async(dst.ptr, value.to_bits(), dst.len, self.stream.cu_stream()) }
+            .result()
+            .map_err(dev_err)
+    }
+    fn copy(&self, src: DevRef<'_>, dst: DevMut<'_>) -> Result<()> {
+        check("copy", src.len == dst.len, || format!("src {} dst {}", src.len, dst.len))?;
+        if src.len == 0 {
+            return Ok(());
+        }
+        // SAFETY: both views are live, of equal length, on this stream; `dst` is exclusive.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr, src.ptr, 4 * src.len, self.stream.cu_stream()) }
+            .map_err(dev_err)
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(dev_err)
+    }
+}
