@@ -10,6 +10,7 @@
 //! - Activation gradients are ASSIGNED (`=`) unless an op says otherwise.
 //! - Token ids and labels are `i32`; a label equal to [`IGNORE_INDEX`] is skipped by the loss.
 
+pub mod collective;
 pub mod cpu;
 pub mod cuda;
 pub mod rng;

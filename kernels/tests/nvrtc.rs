@@ -249,6 +249,8 @@ struct Usage {
     spill_stores: u64,
     spill_loads: u64,
     entry: bool,
+    /// This function's lines of the log, for failure messages.
+    lines: Vec<String>,
 }
 
 /// The number before `unit` in `text` (`"1088 bytes stack frame"` with unit `bytes stack frame`).
@@ -271,7 +273,10 @@ fn parse_ptxas(log: &str) -> BTreeMap<String, Usage> {
     let mut props: Option<String> = None;
     for line in log.lines() {
         let Some(body) = line.strip_prefix("ptxas") else { continue };
-        let body = body.trim_start_matches(|c: char| c == ' ' || c == '.').trim_start_matches("info").trim_start();
+        if line.contains("Compiling entry function '") {
+            props = None;
+        }
+        let body = body.trim_start_matches([' ', '.']).trim_start_matches("info").trim_start();
         let body = body.strip_prefix(':').unwrap_or(body).trim();
         if let Some(rest) = body.strip_prefix("Compiling entry function '") {
             let name = rest.split('\'').next().unwrap_or_default().to_string();
@@ -287,11 +292,15 @@ fn parse_ptxas(log: &str) -> BTreeMap<String, Usage> {
                 u.spill_stores = number_before(body, "bytes spill stores").unwrap_or(0);
                 u.spill_loads = number_before(body, "bytes spill loads").unwrap_or(0);
             }
-        } else if body.starts_with("Used ") && body.contains(" registers") {
-            if let Some(u) = entry.as_ref().and_then(|e| usage.get_mut(e)) {
-                u.registers = number_before(body, "registers").map(|r| r as u32);
-                u.shared = number_before(body, "bytes smem").unwrap_or(0);
-            }
+        } else if body.starts_with("Used ")
+            && body.contains(" registers")
+            && let Some(u) = entry.as_ref().and_then(|e| usage.get_mut(e))
+        {
+            u.registers = number_before(body, "registers").map(|r| r as u32);
+            u.shared = number_before(body, "bytes smem").unwrap_or(0);
+        }
+        if let Some(u) = props.as_ref().or(entry.as_ref()).and_then(|n| usage.get_mut(n)) {
+            u.lines.push(line.to_string());
         }
     }
     usage
@@ -330,7 +339,11 @@ fn source_kernels_are_listed() {
     let mut problems = Vec::new();
     for src in SOURCES {
         let listed: BTreeSet<&str> = src.kernels.iter().copied().collect();
-        for k in source_kernels(src.code) {
+        let found = source_kernels(src.code);
+        if found.is_empty() && !src.kernels.is_empty() {
+            problems.push(format!("{}: no __global__ definition found in the source (parser out of date?)", src.file));
+        }
+        for k in found {
             if !k.extern_c {
                 problems.push(format!(
                     "{}: __global__ `{}` is not extern \"C\" (its name would be mangled)",
@@ -412,9 +425,10 @@ fn no_register_spills_on_sm90() {
         let usage = parse_ptxas(&compiled.log);
         for &name in src.kernels {
             if !usage.get(name).is_some_and(|u| u.entry && u.registers.is_some()) {
+                let reported: Vec<&String> = usage.iter().filter(|(_, u)| u.entry).map(|(n, _)| n).collect();
                 problems.push(format!(
-                    "{}: no ptxas report for kernel `{name}` (log format changed?):\n{}",
-                    src.file, compiled.log
+                    "{}: no ptxas report for listed kernel `{name}` (entries reported: {reported:?})",
+                    src.file
                 ));
             }
         }
@@ -428,7 +442,7 @@ fn no_register_spills_on_sm90() {
             );
             let spills = u.spill_stores + u.spill_loads > 0;
             if spills && !MAY_SPILL.contains(&name.as_str()) {
-                let excerpt: Vec<&str> = compiled.log.lines().filter(|l| l.contains(name.as_str())).collect();
+                let excerpt = &u.lines;
                 problems.push(format!(
                     "{}: `{name}` spills on {SASS_ARCH} ({} bytes stores, {} bytes loads, {} registers, {} bytes stack):\n  {}",
                     src.file,
@@ -510,6 +524,8 @@ ptxas info    : Used 8 registers, used 1 barriers, 4096 bytes smem
         let h = &u["helper"];
         assert!(!h.entry);
         assert_eq!((h.registers, h.spill_stores, h.spill_loads), (None, 8, 8));
+        assert_eq!(s.lines.len(), 5);
+        assert_eq!(h.lines.len(), 2);
         let k = &u["small_k"];
         assert_eq!((k.registers, k.shared, k.spill_stores), (Some(8), 4096, 0));
     }

@@ -117,3 +117,17 @@ pub fn cached_ptx(src: &KernelSource, arch: &str, include_paths: &[String]) -> R
     }
     Ok(ptx)
 }
+
+/// Compile every kernel family for `arch` into the PTX cache, so a machine without NVRTC (or
+/// with a newer NVRTC than its driver accepts) can load them: copy the cache directory there and
+/// point `BERT2BERT_CACHE` at it. Returns the cache directory.
+pub fn precompile_all(arch: &str) -> Result<PathBuf> {
+    let dir = cache_dir().ok_or_else(|| KernelError::Unavailable("no cache directory: set BERT2BERT_CACHE".into()))?;
+    let include = std::env::var("BERT2BERT_CUDA_INCLUDE")
+        .map(|p| p.split(':').map(String::from).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for src in super::SOURCES {
+        cached_ptx(src, arch, &include)?;
+    }
+    Ok(dir)
+}

@@ -19,6 +19,7 @@ mod embedding;
 mod gelu;
 mod layernorm;
 mod matmul;
+pub mod nccl;
 mod residual;
 
 use std::collections::HashMap;
