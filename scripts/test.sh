@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # The test command (CI runs exactly this through .ci/run): formatting, then every test of the
-# workspace. Needs only cargo; nothing here downloads models or needs a GPU.
+# workspace. Needs cargo, and python3 with pip for NVRTC (pinned PyPI wheels, installed once into
+# .deps/cuda13 by scripts/setup_nvrtc.sh) so the CUDA kernels are compile-checked without a GPU.
+# Nothing here downloads models or needs a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+scripts/setup_nvrtc.sh >/dev/null
+# shellcheck source=/dev/null
+. .deps/cuda13/env.sh
+# The NVRTC tests (kernels/tests/nvrtc.rs) fail here rather than skip when NVRTC cannot load.
+export B2B_REQUIRE_NVRTC=1
 
 if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all -- --check

@@ -97,12 +97,14 @@ fn content_hash(parts: &[&str]) -> u64 {
 
 /// PTX for `src` on `arch`, from the disk cache when the same source was compiled before.
 pub fn cached_ptx(src: &KernelSource, arch: &str, include_paths: &[String]) -> Result<String> {
-    let key = format!("{}-{:016x}.ptx", src.file.trim_end_matches(".cu"), content_hash(&[COMMON, src.code, arch]));
+    // The key covers everything that changes the output we control; a different NVRTC build is
+    // not in it (NVRTC has no version query in cudarc), so clear the cache after changing NVRTC.
+    let includes = include_paths.join(":");
+    let key =
+        format!("{}-{:016x}.ptx", src.file.trim_end_matches(".cu"), content_hash(&[COMMON, src.code, arch, &includes]));
     let path = cache_dir().map(|d| d.join(&key));
-    if let Some(p) = &path {
-        if let Ok(ptx) = std::fs::read_to_string(p) {
-            return Ok(ptx);
-        }
+    if let Some(Ok(ptx)) = path.as_ref().map(std::fs::read_to_string) {
+        return Ok(ptx);
     }
     let ptx = compile(src, arch, false, include_paths)?.ptx;
     if let Some(p) = &path {
@@ -123,11 +125,8 @@ pub fn cached_ptx(src: &KernelSource, arch: &str, include_paths: &[String]) -> R
 /// point `BERT2BERT_CACHE` at it. Returns the cache directory.
 pub fn precompile_all(arch: &str) -> Result<PathBuf> {
     let dir = cache_dir().ok_or_else(|| KernelError::Unavailable("no cache directory: set BERT2BERT_CACHE".into()))?;
-    let include = std::env::var("BERT2BERT_CUDA_INCLUDE")
-        .map(|p| p.split(':').map(String::from).collect::<Vec<_>>())
-        .unwrap_or_default();
     for src in super::SOURCES {
-        cached_ptx(src, arch, &include)?;
+        cached_ptx(src, arch, &super::include_paths())?;
     }
     Ok(dir)
 }

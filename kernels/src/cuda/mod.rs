@@ -186,8 +186,11 @@ impl Cuda {
     }
 }
 
-fn include_paths() -> Vec<String> {
-    std::env::var("BERT2BERT_CUDA_INCLUDE").map(|p| p.split(':').map(String::from).collect()).unwrap_or_default()
+/// Header directories for NVRTC (`BERT2BERT_CUDA_INCLUDE`, colon-separated; empty parts skipped).
+pub(crate) fn include_paths() -> Vec<String> {
+    std::env::var("BERT2BERT_CUDA_INCLUDE")
+        .map(|p| p.split(':').filter(|s| !s.is_empty()).map(String::from).collect())
+        .unwrap_or_default()
 }
 
 pub(crate) fn check(op: &'static str, ok: bool, what: impl FnOnce() -> String) -> Result<()> {
