@@ -7,7 +7,10 @@
 //! The LM head runs only on rows whose label is not ignored: padding rows cost nothing in the
 //! largest GEMMs (the projection to the vocabulary) and the loss.
 
+mod generate;
 mod layers;
+
+pub use generate::{GenerateOptions, Generated, LengthPenaltyKind};
 
 use kernels::{AttentionShape, Backend, GemmShape, IGNORE_INDEX, Operand};
 
@@ -218,6 +221,12 @@ impl<B: Backend> Bert2Bert<B> {
             ws: None,
             phases: Vec::new(),
         })
+    }
+
+    /// Logits `[label tokens, vocab]` of the last pass (rows in label order), for tests and tools.
+    pub fn last_logits(&self, b: &B, label_tokens: usize) -> Result<Vec<f32>> {
+        let ws = self.ws.as_ref().ok_or_else(|| Error::Other("no pass has run yet".into()))?;
+        Ok(b.download(b.view(&ws.head.logits, 0..label_tokens * self.config.decoder.vocab_size))?)
     }
 
     pub fn zero_grads(&mut self, b: &B) -> Result<()> {

@@ -1,0 +1,426 @@
+//! Generation: beam search (greedy is one beam) with a KV cache.
+//!
+//! The encoder runs once per batch; each decoder layer's cross-attention K/V are computed once
+//! from its output. Decoder self-attention keeps K/V of every generated position in a cache of
+//! `[rows, max_len + 1, hidden]` per layer; a step attends over the whole cache with the not yet
+//! written positions masked, so the attention op needs no special case. When beams are
+//! re-ranked, cache rows follow their parent beam (a row gather through the embedding op).
+
+use kernels::{AttentionShape, Backend, GemmShape, Operand};
+
+use super::layers::{EmbActs, EmbIds, FfnActs, NormActs, linear_forward, matmul_wt, r, w};
+use super::{Bert2Bert, EncoderLayer};
+use crate::error::{Error, Result};
+
+/// How a finished hypothesis's summed log-probability is normalised by its length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LengthPenaltyKind {
+    /// `((5 + len) / 6) ^ alpha`, Wu et al. 2016 (GNMT), as Rothe et al. use.
+    Gnmt,
+    /// `len ^ alpha`, transformers' `length_penalty`.
+    Hf,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct GenerateOptions {
+    pub beams: usize,
+    /// Most generated tokens, [SEP] included.
+    pub max_len: usize,
+    /// [SEP] is banned before this many tokens.
+    pub min_len: usize,
+    pub length_penalty: f32,
+    pub penalty_kind: LengthPenaltyKind,
+    /// Ban any n-gram of this size from repeating (0 disables).
+    pub no_repeat_ngram: usize,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            beams: 4,
+            max_len: 64,
+            min_len: 0,
+            length_penalty: 0.6,
+            penalty_kind: LengthPenaltyKind::Gnmt,
+            no_repeat_ngram: 0,
+        }
+    }
+}
+
+impl GenerateOptions {
+    fn penalty(&self, len: usize) -> f64 {
+        let (l, a) = (len as f64, self.length_penalty as f64);
+        match self.penalty_kind {
+            LengthPenaltyKind::Gnmt => ((5.0 + l) / 6.0).powf(a),
+            LengthPenaltyKind::Hf => l.max(1.0).powf(a),
+        }
+    }
+}
+
+/// One generated target: ids without the start token and the final [SEP], and the length-
+/// normalised log-probability it was ranked by (its [SEP], when generated, counts in both).
+#[derive(Clone, Debug)]
+pub struct Generated {
+    pub tokens: Vec<i32>,
+    pub score: f64,
+    /// Whether the hypothesis ended with [SEP] (false when cut at `max_len`).
+    pub ended: bool,
+}
+
+struct LayerState<B: Backend> {
+    k_self: B::Buf,
+    v_self: B::Buf,
+    k_cross: B::Buf,
+    v_cross: B::Buf,
+    self_norm: NormActs<B>,
+    cross_norm: NormActs<B>,
+    ffn: FfnActs<B>,
+}
+
+/// Per-item beam bookkeeping on the host.
+struct Beams {
+    scores: Vec<f64>,
+    tokens: Vec<Vec<i32>>,
+    finished: Vec<Vec<(f64, Vec<i32>)>>,
+    done: Vec<bool>,
+}
+
+fn log_softmax(x: &[f32]) -> Vec<f64> {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max + x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+    x.iter().map(|&v| v as f64 - lse).collect()
+}
+
+/// Tokens that would repeat an n-gram already in `seq` if appended.
+fn banned_by_ngram(seq: &[i32], n: usize) -> Vec<i32> {
+    if n == 0 || seq.len() + 1 < n {
+        return Vec::new();
+    }
+    let prefix = &seq[seq.len() + 1 - n..];
+    seq.windows(n).filter(|g| &g[..n - 1] == prefix).map(|g| g[n - 1]).collect()
+}
+
+impl<B: Backend> Bert2Bert<B> {
+    /// Generate a target for each source (token ids with [CLS] ... [SEP]).
+    pub fn generate(&mut self, b: &B, sources: &[Vec<i32>], opts: &GenerateOptions) -> Result<Vec<Generated>> {
+        let (ec, dc) = (self.config.encoder.clone(), self.config.decoder.clone());
+        let (c, v, k) = (ec.hidden_size, dc.vocab_size, opts.beams.max(1));
+        let bs = sources.len();
+        if bs == 0 {
+            return Ok(Vec::new());
+        }
+        let s = sources.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let tmax = opts.max_len + 1;
+        if s > ec.max_position_embeddings || tmax > dc.max_position_embeddings {
+            return Err(Error::Other(format!(
+                "source length {s} or max_len {} exceeds the position table",
+                opts.max_len
+            )));
+        }
+        let (eos, start, pad) =
+            (self.config.eos_token_id, self.config.decoder_start_token_id, self.config.pad_token_id);
+        let n = bs * k;
+        let p = &self.params;
+        let view = &self.view;
+        let eps_e = ec.layer_norm_eps;
+        let eps_d = dc.layer_norm_eps;
+
+        // ---- encode each source once, then copy its output to its beams ----
+        let mut src_ids = vec![pad; bs * s];
+        let mut mask = vec![0.0f32; bs * s];
+        for (i, row) in sources.iter().enumerate() {
+            src_ids[i * s..i * s + row.len()].copy_from_slice(row);
+            mask[i * s..i * s + row.len()].fill(1.0);
+        }
+        let enc_ids = EmbIds::new(b, &src_ids, bs, s)?;
+        let enc_mask = b.upload(&mask)?;
+        let mut emb = EmbActs { norm: NormActs::new(b, bs * s, c)? };
+        emb.forward(b, p, &view.encoder.embeddings, &enc_ids, c, (0.0, 0), eps_e)?;
+        let shape = |batch: usize, tq: usize, tk: usize, causal: bool| AttentionShape {
+            batch,
+            heads: ec.num_attention_heads,
+            head_dim: ec.head_dim(),
+            tq,
+            tk,
+            causal,
+            dropout: 0.0,
+            seed: 0,
+        };
+        let mut layers: Vec<EncoderLayer<B>> = Vec::with_capacity(ec.num_hidden_layers);
+        for (l, lv) in view.encoder.layers.iter().enumerate() {
+            let sh = shape(bs, s, s, false);
+            let mut layer = EncoderLayer {
+                attn: super::layers::AttnActs::new(b, &sh)?,
+                ffn: FfnActs::new(b, bs * s, c, ec.intermediate_size)?,
+            };
+            let input = if l == 0 { &emb.norm.out } else { &layers[l - 1].ffn.norm.out };
+            layer.attn.forward(b, p, &lv.self_attn, sh, r(b, input), r(b, input), r(b, &enc_mask), (0.0, 0), eps_e)?;
+            layer.ffn.forward(b, p, lv, r(b, &layer.attn.norm.out), bs * s, (0.0, 0), eps_e)?;
+            layers.push(layer);
+        }
+        let enc_out = layers.last().map(|e| &e.ffn.norm.out).unwrap_or(&emb.norm.out);
+        let item_of_row: Vec<i32> = (0..n).map(|r| (r / k) as i32).collect();
+        let item_ids = b.upload_ids(&item_of_row)?;
+        let mut enc_n = b.zeros(n * s * c)?;
+        b.embedding_forward(&item_ids, r(b, enc_out), s * c, w(b, &mut enc_n), false)?;
+        let mut mask_n = b.zeros(n * s)?;
+        b.embedding_forward(&item_ids, r(b, &enc_mask), s, w(b, &mut mask_n), false)?;
+        drop(layers);
+
+        // ---- decoder state ----
+        let mut state = Vec::with_capacity(dc.num_hidden_layers);
+        for lv in &view.decoder.layers {
+            let cv = lv.cross_attn.as_ref().expect("decoder layers have cross-attention");
+            let (mut k_cross, mut v_cross) = (b.zeros(n * s * c)?, b.zeros(n * s * c)?);
+            linear_forward(b, p, &cv.k, r(b, &enc_n), n * s, &mut k_cross)?;
+            linear_forward(b, p, &cv.v, r(b, &enc_n), n * s, &mut v_cross)?;
+            state.push(LayerState {
+                k_self: b.zeros(n * tmax * c)?,
+                v_self: b.zeros(n * tmax * c)?,
+                k_cross,
+                v_cross,
+                self_norm: NormActs::new(b, n, c)?,
+                cross_norm: NormActs::new(b, n, c)?,
+                ffn: FfnActs::new(b, n, c, dc.intermediate_size)?,
+            });
+        }
+        let (mut q, mut knew, mut vnew, mut ctx) = (b.zeros(n * c)?, b.zeros(n * c)?, b.zeros(n * c)?, b.zeros(n * c)?);
+        let mut probs_self = b.zeros(n * ec.num_attention_heads * tmax)?;
+        let mut probs_cross = b.zeros(n * ec.num_attention_heads * s)?;
+        let mut spare = b.zeros(n * tmax * c)?;
+        let mut demb = EmbActs { norm: NormActs::new(b, n, c)? };
+        let hv = &view.lm_head;
+        let (mut pre, mut act, mut head_norm) = (b.zeros(n * c)?, b.zeros(n * c)?, NormActs::new(b, n, c)?);
+        let mut logits = b.zeros(n * v)?;
+
+        let mut beams = Beams {
+            scores: (0..n).map(|r| if r % k == 0 { 0.0 } else { f64::NEG_INFINITY }).collect(),
+            tokens: vec![Vec::new(); n],
+            finished: vec![Vec::new(); bs],
+            done: vec![false; bs],
+        };
+        let mut current = vec![start; n];
+        for t in 0..opts.max_len {
+            // ---- one decoder step for every row ----
+            let ids = EmbIds::<B> {
+                tokens: b.upload_ids(&current)?,
+                positions: b.upload_ids(&vec![t as i32; n])?,
+                types: b.upload_ids(&vec![0; n])?,
+            };
+            demb.forward(b, p, &view.decoder.embeddings, &ids, c, (0.0, 0), eps_d)?;
+            let self_mask: Vec<f32> = (0..n * tmax).map(|i| if i % tmax <= t { 1.0 } else { 0.0 }).collect();
+            let self_mask = b.upload(&self_mask)?;
+            for l in 0..state.len() {
+                let lv = &view.decoder.layers[l];
+                let cv = lv.cross_attn.as_ref().expect("decoder layers have cross-attention");
+                let (done_layers, rest) = state.split_at_mut(l);
+                let x = done_layers.last().map(|st| &st.ffn.norm.out).unwrap_or(&demb.norm.out);
+                let st = &mut rest[0];
+                linear_forward(b, p, &lv.self_attn.q, r(b, x), n, &mut q)?;
+                linear_forward(b, p, &lv.self_attn.k, r(b, x), n, &mut knew)?;
+                linear_forward(b, p, &lv.self_attn.v, r(b, x), n, &mut vnew)?;
+                for row in 0..n {
+                    let at = (row * tmax + t) * c;
+                    b.copy(b.view(&knew, row * c..(row + 1) * c), b.view_mut(&mut st.k_self, at..at + c))?;
+                    b.copy(b.view(&vnew, row * c..(row + 1) * c), b.view_mut(&mut st.v_self, at..at + c))?;
+                }
+                let sh = shape(n, 1, tmax, false);
+                b.attention_forward(
+                    sh,
+                    r(b, &q),
+                    r(b, &st.k_self),
+                    r(b, &st.v_self),
+                    r(b, &self_mask),
+                    w(b, &mut probs_self),
+                    w(b, &mut ctx),
+                )?;
+                linear_forward(b, p, &lv.self_attn.out, r(b, &ctx), n, &mut st.self_norm.input)?;
+                b.add_assign(w(b, &mut st.self_norm.input), r(b, x))?;
+                st.self_norm.forward(b, p, &lv.self_attn.norm, eps_d)?;
+                linear_forward(b, p, &cv.q, r(b, &st.self_norm.out), n, &mut q)?;
+                let sh = shape(n, 1, s, false);
+                b.attention_forward(
+                    sh,
+                    r(b, &q),
+                    r(b, &st.k_cross),
+                    r(b, &st.v_cross),
+                    r(b, &mask_n),
+                    w(b, &mut probs_cross),
+                    w(b, &mut ctx),
+                )?;
+                linear_forward(b, p, &cv.out, r(b, &ctx), n, &mut st.cross_norm.input)?;
+                b.add_assign(w(b, &mut st.cross_norm.input), r(b, &st.self_norm.out))?;
+                st.cross_norm.forward(b, p, &cv.norm, eps_d)?;
+                st.ffn.forward(b, p, lv, r(b, &st.cross_norm.out), n, (0.0, 0), eps_d)?;
+            }
+            let hidden = state.last().map(|st| &st.ffn.norm.out).unwrap_or(&demb.norm.out);
+            matmul_wt(b, p, &hv.transform, r(b, hidden), n, w(b, &mut pre))?;
+            b.bias_gelu_forward(w(b, &mut pre), b.view(p, hv.transform.b.clone()), w(b, &mut act))?;
+            b.copy(r(b, &act), w(b, &mut head_norm.input))?;
+            head_norm.forward(b, p, &hv.norm, eps_d)?;
+            let word = view.decoder.embeddings.word.clone();
+            b.gemm(
+                GemmShape::plain(n, v, c),
+                1.0,
+                r(b, &head_norm.out),
+                Operand::n(c),
+                b.view(p, word),
+                Operand::t(c),
+                0.0,
+                w(b, &mut logits),
+            )?;
+            b.add_bias(w(b, &mut logits), b.view(p, hv.bias.clone()), v)?;
+            let host = b.download(r(b, &logits))?;
+
+            // ---- beam update on the host ----
+            let parents = self.step_beams(&host, v, k, t, eos, opts, &mut beams);
+            if beams.done.iter().all(|&d| d) {
+                break;
+            }
+            current = (0..n).map(|r| *beams.tokens[r].last().unwrap_or(&pad)).collect();
+            if k > 1 {
+                let parent_ids = b.upload_ids(&parents)?;
+                for st in &mut state {
+                    for cache in [&mut st.k_self, &mut st.v_self] {
+                        b.embedding_forward(&parent_ids, r(b, cache), tmax * c, w(b, &mut spare), false)?;
+                        std::mem::swap(cache, &mut spare);
+                    }
+                }
+            }
+        }
+        // Items still running at max_len end with their live beams.
+        for i in 0..bs {
+            if !beams.done[i] {
+                for r in i * k..(i + 1) * k {
+                    if beams.scores[r].is_finite() {
+                        let len = beams.tokens[r].len();
+                        beams.finished[i].push((beams.scores[r] / opts.penalty(len), beams.tokens[r].clone()));
+                    }
+                }
+            }
+        }
+        Ok(beams
+            .finished
+            .into_iter()
+            .map(|f| {
+                f.into_iter()
+                    .max_by(|a, b| a.0.total_cmp(&b.0))
+                    .map(|(score, mut tokens)| {
+                        let ended = tokens.last() == Some(&eos);
+                        if ended {
+                            tokens.pop();
+                        }
+                        Generated { tokens, score, ended }
+                    })
+                    .unwrap_or(Generated { tokens: Vec::new(), score: f64::NEG_INFINITY, ended: false })
+            })
+            .collect())
+    }
+
+    /// Advance every live item by one token; returns each new row's parent row.
+    #[allow(clippy::too_many_arguments)]
+    fn step_beams(
+        &self,
+        logits: &[f32],
+        v: usize,
+        k: usize,
+        t: usize,
+        eos: i32,
+        opts: &GenerateOptions,
+        beams: &mut Beams,
+    ) -> Vec<i32> {
+        let n = beams.scores.len();
+        let mut parents: Vec<i32> = (0..n as i32).collect();
+        let mut new_tokens = beams.tokens.clone();
+        let mut new_scores = beams.scores.clone();
+        for item in 0..beams.done.len() {
+            if beams.done[item] {
+                continue;
+            }
+            let mut cands: Vec<(f64, usize, i32)> = Vec::with_capacity(2 * k * k);
+            for row in item * k..(item + 1) * k {
+                if !beams.scores[row].is_finite() {
+                    continue;
+                }
+                let mut lp = log_softmax(&logits[row * v..(row + 1) * v]);
+                if t < opts.min_len {
+                    lp[eos as usize] = f64::NEG_INFINITY;
+                }
+                for tok in banned_by_ngram(&beams.tokens[row], opts.no_repeat_ngram) {
+                    lp[tok as usize] = f64::NEG_INFINITY;
+                }
+                let mut idx: Vec<usize> = (0..v).collect();
+                let take = (2 * k).min(v);
+                idx.select_nth_unstable_by(take - 1, |&a, &b| lp[b].total_cmp(&lp[a]));
+                for &tok in &idx[..take] {
+                    cands.push((beams.scores[row] + lp[tok], row, tok as i32));
+                }
+            }
+            cands.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let mut next = 0;
+            for (rank, &(score, row, tok)) in cands.iter().enumerate() {
+                if !score.is_finite() {
+                    break;
+                }
+                if tok == eos {
+                    if rank < k {
+                        let mut hyp = beams.tokens[row].clone();
+                        hyp.push(tok);
+                        let len = hyp.len();
+                        beams.finished[item].push((score / opts.penalty(len), hyp));
+                    }
+                    continue;
+                }
+                if next < k {
+                    let dst = item * k + next;
+                    parents[dst] = row as i32;
+                    let mut hyp = beams.tokens[row].clone();
+                    hyp.push(tok);
+                    new_tokens[dst] = hyp;
+                    new_scores[dst] = score;
+                    next += 1;
+                }
+                if next == k && rank + 1 >= k {
+                    break;
+                }
+            }
+            for dst in item * k + next..(item + 1) * k {
+                new_scores[dst] = f64::NEG_INFINITY;
+            }
+            let fin = &beams.finished[item];
+            let best_running = (item * k..(item + 1) * k).map(|r| new_scores[r]).fold(f64::NEG_INFINITY, f64::max);
+            beams.done[item] = if k == 1 {
+                !fin.is_empty()
+            } else if fin.len() >= k {
+                let worst = fin.iter().map(|f| f.0).fold(f64::INFINITY, f64::min);
+                best_running / opts.penalty(t + 1) <= worst
+            } else {
+                !best_running.is_finite()
+            };
+        }
+        beams.tokens = new_tokens;
+        beams.scores = new_scores;
+        parents
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ngram_bans_repeat_only_after_matching_prefix() {
+        assert_eq!(banned_by_ngram(&[1, 2, 3, 1, 2], 3), vec![3]);
+        assert_eq!(banned_by_ngram(&[1, 2, 3], 3), Vec::<i32>::new());
+        assert_eq!(banned_by_ngram(&[5, 5], 2), vec![5]);
+        assert!(banned_by_ngram(&[1], 3).is_empty());
+    }
+
+    #[test]
+    fn penalties_follow_their_formulas() {
+        let g = GenerateOptions { length_penalty: 0.6, penalty_kind: LengthPenaltyKind::Gnmt, ..Default::default() };
+        assert!((g.penalty(7) - 2.0f64.powf(0.6)).abs() < 1e-12);
+        let h = GenerateOptions { length_penalty: 2.0, penalty_kind: LengthPenaltyKind::Hf, ..Default::default() };
+        assert_eq!(h.penalty(3), 9.0);
+    }
+}
