@@ -101,8 +101,24 @@ fn banned_by_ngram(seq: &[i32], n: usize) -> Vec<i32> {
 }
 
 impl<B: Backend> Bert2Bert<B> {
-    /// Generate a target for each source (token ids with [CLS] ... [SEP]).
+    /// Generate a target for each source (token ids with [CLS] ... [SEP]): the best hypothesis.
     pub fn generate(&mut self, b: &B, sources: &[Vec<i32>], opts: &GenerateOptions) -> Result<Vec<Generated>> {
+        let nbest = self.generate_nbest(b, sources, opts)?;
+        Ok(nbest
+            .into_iter()
+            .map(|h| {
+                h.into_iter().next().unwrap_or(Generated { tokens: Vec::new(), score: f64::NEG_INFINITY, ended: false })
+            })
+            .collect())
+    }
+
+    /// Every finished hypothesis of each source, best first.
+    pub fn generate_nbest(
+        &mut self,
+        b: &B,
+        sources: &[Vec<i32>],
+        opts: &GenerateOptions,
+    ) -> Result<Vec<Vec<Generated>>> {
         let (ec, dc) = (self.config.encoder.clone(), self.config.decoder.clone());
         let (c, v, k) = (ec.hidden_size, dc.vocab_size, opts.beams.max(1));
         let bs = sources.len();
@@ -303,8 +319,8 @@ impl<B: Backend> Bert2Bert<B> {
             .finished
             .into_iter()
             .map(|f| {
-                f.into_iter()
-                    .max_by(|a, b| a.0.total_cmp(&b.0))
+                let mut hyps: Vec<Generated> = f
+                    .into_iter()
                     .map(|(score, mut tokens)| {
                         let ended = tokens.last() == Some(&eos);
                         if ended {
@@ -312,7 +328,9 @@ impl<B: Backend> Bert2Bert<B> {
                         }
                         Generated { tokens, score, ended }
                     })
-                    .unwrap_or(Generated { tokens: Vec::new(), score: f64::NEG_INFINITY, ended: false })
+                    .collect();
+                hyps.sort_by(|a, b| b.score.total_cmp(&a.score));
+                hyps
             })
             .collect())
     }
