@@ -39,7 +39,10 @@ impl OptimizerOps for Cpu {
     }
 
     fn sum_squares(&self, x: &[f32]) -> Result<f64> {
-        Ok(x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>()).sum())
+        // Partials in chunk order, summed sequentially: the same bits whatever the thread schedule.
+        let partials: Vec<f64> =
+            x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>()).collect();
+        Ok(partials.iter().sum())
     }
 }
 

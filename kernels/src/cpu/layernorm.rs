@@ -113,13 +113,13 @@ impl LayerNormOps for Cpu {
                 }
                 acc
             })
-            .reduce(
-                || vec![0.0f32; 2 * c],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+            .collect::<Vec<_>>()
+            // Added in chunk order so the result does not depend on the thread schedule.
+            .into_iter()
+            .fold(vec![0.0f32; 2 * c], |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            });
         dgamma.iter_mut().zip(&partials[..c]).for_each(|(d, p)| *d += p);
         dbeta.iter_mut().zip(&partials[c..]).for_each(|(d, p)| *d += p);
         Ok(())

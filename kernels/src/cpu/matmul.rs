@@ -159,7 +159,10 @@ impl GemmOps for Cpu {
 
 /// Column sums of a row-major `[rows, cols]` matrix: per-chunk partials, then a reduction.
 pub(crate) fn column_sums(x: &[f32], cols: usize) -> Vec<f32> {
-    x.par_chunks(cols * 64)
+    // Per-chunk partials collected in order, then added in order: deterministic bits whatever
+    // the thread schedule (bitwise-exact resume depends on it).
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(cols * 64)
         .map(|rows| {
             let mut acc = vec![0.0f32; cols];
             for row in rows.chunks(cols) {
@@ -169,15 +172,14 @@ pub(crate) fn column_sums(x: &[f32], cols: usize) -> Vec<f32> {
             }
             acc
         })
-        .reduce(
-            || vec![0.0f32; cols],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x += y;
-                }
-                a
-            },
-        )
+        .collect();
+    let mut total = vec![0.0f32; cols];
+    for p in partials {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
 }
 
 /// Split `c` into `batch` disjoint mutable windows of `span` elements spaced `stride` apart.
