@@ -6,9 +6,13 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod init;
+pub mod job;
+pub mod metrics;
 pub mod net;
 pub mod optim;
 pub mod params;
+pub mod pipeline;
+pub mod testing;
 pub mod tokenizer;
 
 pub use config::{BertConfig, ModelConfig, Variant};

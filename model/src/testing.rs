@@ -1,0 +1,89 @@
+//! Small, real inputs for tests in every crate: a tiny BERT directory (config, random weights,
+//! a WordPiece tokenizer whose vocabulary covers the words below) and a few sentence pairs.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::checkpoint::{bert_shapes, write_tensors};
+use crate::config::BertConfig;
+
+pub const WORDS: &[&str] = &[
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "and", "the", "lord", "said", "unto", "moses", "god", "he", "she", "was",
+    "is", "to", "of", "in", "light", "earth", "day", "night", ",", ".", "##s", "##eth",
+];
+
+/// Pairs in the vocabulary above, KJV-like source and WEB-like target.
+pub const PAIRS: &[(&str, &str)] = &[
+    ("And the Lord said unto Moses", "The Lord said to Moses"),
+    ("And God said", "God said"),
+    ("the light of the day and the night of the earth", "light is day, night is earth."),
+    ("And he said unto the Lord", "He said to the Lord."),
+    ("she was the light of the earth", "she is the light of the earth."),
+    ("And Moses said unto God", "Moses said to God."),
+    ("the day of the Lord", "the day of the Lord."),
+    ("And the night was", "The night is."),
+];
+
+pub fn tokenizer_json() -> Value {
+    let vocab: serde_json::Map<String, Value> = WORDS.iter().enumerate().map(|(i, w)| (w.to_string(), json!(i))).collect();
+    let added: Vec<Value> = WORDS[..5]
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            json!({"id": i, "content": w, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true, "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": null,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##", "max_input_chars_per_word": 100, "vocab": vocab}
+    })
+}
+
+pub fn bert_config() -> Value {
+    json!({
+        "architectures": ["BertModel"], "model_type": "bert", "vocab_size": WORDS.len(), "hidden_size": 16,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 24, "max_position_embeddings": 64,
+        "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "pad_token_id": 0,
+        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02
+    })
+}
+
+/// Write a tiny random BERT directory; `break_tensor` is written with a wrong shape.
+pub fn write_bert_dir(dir: &Path, seed: u64, break_tensor: Option<&str>) {
+    std::fs::create_dir_all(dir).expect("create test dir");
+    let cfg_v = bert_config();
+    std::fs::write(dir.join("config.json"), cfg_v.to_string()).expect("write config");
+    std::fs::write(dir.join("tokenizer.json"), tokenizer_json().to_string()).expect("write tokenizer");
+    let cfg = BertConfig::from_value(&cfg_v, dir).expect("valid test config");
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = bert_shapes(&cfg)
+        .into_iter()
+        .enumerate()
+        .map(|(k, (name, mut shape))| {
+            if Some(name.as_str()) == break_tensor {
+                shape[0] += 1;
+            }
+            let n: usize = shape.iter().product();
+            let vals = (0..n as u64).map(|i| 0.2 * kernels::rng::normal(seed ^ k as u64, i)).collect();
+            (name, shape, vals)
+        })
+        .collect();
+    let refs: Vec<(String, Vec<usize>, &[f32])> = tensors.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice())).collect();
+    write_tensors(&dir.join("model.safetensors"), &refs).expect("write weights");
+}
+
+/// `PAIRS` as JSONL lines, repeated `times` times.
+pub fn write_pairs(path: &Path, times: usize) {
+    let mut text = String::new();
+    for _ in 0..times {
+        for (s, t) in PAIRS {
+            text.push_str(&json!({"source": s, "target": t}).to_string());
+            text.push('\n');
+        }
+    }
+    std::fs::write(path, text).expect("write pairs");
+}

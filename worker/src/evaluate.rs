@@ -1,0 +1,100 @@
+//! Evaluation: validation loss (eval mode, mean token cross-entropy) and generation metrics
+//! (corpus BLEU as sacreBLEU computes it, ROUGE-1/2/L F1 as rouge-score does).
+//!
+//! BERT checkpoints are usually uncased, so their output is lowercase: hypotheses and references
+//! are lowercased before BLEU (sacreBLEU's `lowercase=True`); ROUGE lowercases by itself.
+
+use kernels::Backend;
+use model::data::{Batch, Pair, Special};
+use model::metrics::{Rouge, corpus_bleu, rouge};
+use model::net::{Bert2Bert, GenerateOptions, Inputs, PassOptions};
+use model::tokenizer::Tokenizer;
+use model::Result;
+
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    pub batch_size: usize,
+    pub max_source_len: usize,
+    pub max_target_len: usize,
+    /// Generate and score with these options; `None` computes the loss only.
+    pub generate: Option<GenerateOptions>,
+    /// Generate for at most this many examples (the first ones of the file).
+    pub max_generate: usize,
+    pub bleu: bool,
+    pub rouge: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub source: String,
+    pub reference: String,
+    pub hypothesis: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub tokens: usize,
+    pub bleu: Option<f64>,
+    pub rouge: Option<Rouge>,
+    pub samples: Vec<Sample>,
+}
+
+/// `[CLS] toks [SEP]` with the tokens cut to fit `max_len`.
+pub fn source_row(toks: &[i32], special: Special, max_len: usize) -> Vec<i32> {
+    let mut row = Vec::with_capacity(toks.len().min(max_len) + 2);
+    row.push(special.cls);
+    row.extend(&toks[..toks.len().min(max_len.saturating_sub(2))]);
+    row.push(special.sep);
+    row
+}
+
+/// Generated ids to text: tokenizer decode, specials skipped.
+pub fn detokenize(tok: &Tokenizer, ids: &[i32]) -> Result<String> {
+    tok.decode(ids)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate<B: Backend>(
+    b: &B,
+    net: &mut Bert2Bert<B>,
+    tok: &Tokenizer,
+    pairs: &[Pair],
+    src: &[Vec<i32>],
+    tgt: &[Vec<i32>],
+    opts: &EvalOptions,
+) -> Result<EvalResult> {
+    let special = tok.special();
+    let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+    for (s, t) in src.chunks(opts.batch_size.max(1)).zip(tgt.chunks(opts.batch_size.max(1))) {
+        let batch = Batch::new(s, t, special, opts.max_source_len, opts.max_target_len);
+        let x = Inputs::new(b, batch.batch, batch.src_len, batch.tgt_len, &batch.src_ids, &batch.src_mask, &batch.dec_ids, &batch.labels)?;
+        let l = net.pass(b, &x, PassOptions { train: false, seed: 0, label_smoothing: 0.0, grad_scale: None })?;
+        loss_sum += l.sum();
+        tokens += l.tokens();
+    }
+    let mut result = EvalResult { loss: loss_sum / tokens.max(1) as f64, tokens, bleu: None, rouge: None, samples: Vec::new() };
+    let Some(gen_opts) = opts.generate else {
+        return Ok(result);
+    };
+    let n = opts.max_generate.min(pairs.len());
+    let (mut hyps, mut refs) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for start in (0..n).step_by(opts.batch_size.max(1)) {
+        let end = (start + opts.batch_size.max(1)).min(n);
+        let rows: Vec<Vec<i32>> = src[start..end].iter().map(|s| source_row(s, special, opts.max_source_len)).collect();
+        for (i, g) in net.generate(b, &rows, &gen_opts)?.into_iter().enumerate() {
+            hyps.push(detokenize(tok, &g.tokens)?.to_lowercase());
+            refs.push(pairs[start + i].target.to_lowercase());
+        }
+    }
+    if opts.bleu {
+        result.bleu = Some(corpus_bleu(&hyps, &refs).score);
+    }
+    if opts.rouge {
+        result.rouge = Some(rouge(&hyps, &refs, true));
+    }
+    result.samples = (0..n.min(5))
+        .map(|i| Sample { source: pairs[i].source.clone(), reference: pairs[i].target.clone(), hypothesis: hyps[i].clone() })
+        .collect();
+    Ok(result)
+}

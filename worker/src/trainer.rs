@@ -1,0 +1,255 @@
+//! The training loop of one rank.
+//!
+//! A step reads global batch `step` (model::pipeline: deterministic in (seed, epoch), length
+//! bucketed), takes this rank's micro-batches of it, accumulates their gradients, averages them
+//! over ranks, clips the global norm, and makes one AdamW update. Each token's loss is weighted by
+//! 1 / (label tokens of the GLOBAL batch), so the update is the same whatever the number of
+//! workers and micro-batches. Dropout masks are keyed on (seed, step, micro-batch), so a step
+//! replays exactly after a resume.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use kernels::collective::Collective;
+use kernels::{Backend, clip_grad_norm, rng};
+use model::checkpoint::{self, Checkpoint};
+use model::data::{Pair, read_pairs, tokenize_pairs};
+use model::job::{JobSpec, Metric, ModelSpec};
+use model::net::{Bert2Bert, GenerateOptions, Inputs, LengthPenaltyKind, PassOptions};
+use model::optim::{Optimizer, Schedule};
+use model::pipeline::{Cursor, Dataset, Sampler, shard};
+use model::tokenizer::Tokenizer;
+use model::{Error, Result};
+
+use crate::evaluate::{EvalOptions, EvalResult, evaluate};
+use crate::state::{self, TrainingState};
+
+#[derive(Clone, Debug)]
+pub struct StepStats {
+    /// Updates done after this step (1-based).
+    pub step: u64,
+    pub total_steps: u64,
+    /// Mean token loss of the global batch (label smoothing included).
+    pub loss: f64,
+    pub lr: f32,
+    pub grad_norm: f32,
+    /// Source + target tokens this rank processed in the step.
+    pub tokens: usize,
+    pub step_ms: f64,
+}
+
+#[derive(Clone, Debug)]
+pub enum Event {
+    Resumed { step: u64, from: PathBuf },
+    Step(StepStats),
+    Eval { step: u64, result: EvalResult },
+    Checkpoint { step: u64, dir: PathBuf },
+}
+
+struct Validation {
+    pairs: Vec<Pair>,
+    src: Vec<Vec<i32>>,
+    tgt: Vec<Vec<i32>>,
+}
+
+pub struct Trainer<'a, B: Backend, C: Collective<B>> {
+    b: &'a B,
+    coll: &'a C,
+    pub job: JobSpec,
+    tok: Tokenizer,
+    train: Dataset,
+    sampler: Sampler,
+    valid: Option<Validation>,
+    pub net: Bert2Bert<B>,
+    opt: Optimizer<B>,
+    schedule: Schedule,
+    pub step: u64,
+    cursor: Cursor,
+}
+
+fn load_model(job: &JobSpec) -> Result<(Checkpoint, Tokenizer)> {
+    match &job.model {
+        ModelSpec::Init(dir) => {
+            let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+            Ok((checkpoint::load_model_dir(dir)?, tok))
+        }
+        ModelSpec::Inline { encoder, decoder, variant } => {
+            let tok = Tokenizer::from_file(&encoder.join("tokenizer.json"))?;
+            let ck = model::init::warm_start(encoder, decoder.as_deref(), *variant, tok.special(), job.training.seed)?;
+            Ok((ck, tok))
+        }
+    }
+}
+
+impl<'a, B: Backend, C: Collective<B>> Trainer<'a, B, C> {
+    /// Load the model and data of `job`, and resume from its newest valid checkpoint if any.
+    pub fn new(b: &'a B, coll: &'a C, job: JobSpec) -> Result<(Self, Option<Event>)> {
+        let (ck, tok) = load_model(&job)?;
+        let d = &job.data;
+        let train = Dataset::load(&d.train, &tok, &d.source_field, &d.target_field)?;
+        let t = &job.training;
+        let sampler = train.sampler(t.global_batch, t.seed, d.max_source_len, d.max_target_len)?;
+        let valid = match &d.validation {
+            Some(path) => {
+                let pairs = read_pairs(path, &d.source_field, &d.target_field)?;
+                let (src, tgt) = tokenize_pairs(&tok, &pairs)?;
+                Some(Validation { pairs, src, tgt })
+            }
+            None => None,
+        };
+        let net = Bert2Bert::new(b, ck.config.clone(), ck.table.clone(), &ck.params)?;
+        let opt = Optimizer::new(b, &ck.table, job.adamw())?;
+        let schedule = job.schedule();
+        let mut trainer =
+            Trainer { b, coll, tok, train, sampler, valid, net, opt, schedule, step: 0, cursor: Cursor::default(), job };
+        let resumed = trainer.resume()?;
+        Ok((trainer, resumed))
+    }
+
+    fn resume(&mut self) -> Result<Option<Event>> {
+        let Some(dir) = state::latest_valid(&self.job.checkpoint.dir) else {
+            return Ok(None);
+        };
+        let ck = checkpoint::load_model_dir(&dir)?;
+        let st = state::read_state(&dir)?;
+        let n = self.net.table.storage_len;
+        if ck.params.len() != n || st.adam_m.len() != n || st.adam_v.len() != n {
+            return Err(Error::input(&dir, "checkpoint does not match the job's model shape"));
+        }
+        if st.seed != self.job.training.seed {
+            return Err(Error::input(&dir, format!("checkpoint was trained with seed {}, the job says {}", st.seed, self.job.training.seed)));
+        }
+        let b = self.b;
+        b.copy(b.view(&b.upload(&ck.params)?, 0..n), b.view_mut(&mut self.net.params, 0..n))?;
+        self.opt.m = b.upload(&st.adam_m)?;
+        self.opt.v = b.upload(&st.adam_v)?;
+        self.opt.step = st.step;
+        self.step = st.step;
+        self.cursor = st.cursor;
+        tracing::info!("resumed from {} at step {}", dir.display(), st.step);
+        Ok(Some(Event::Resumed { step: st.step, from: dir }))
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tok
+    }
+
+    /// One optimiser step.
+    pub fn step(&mut self) -> Result<StepStats> {
+        let t0 = Instant::now();
+        let (b, job) = (self.b, &self.job);
+        let (d, t) = (&job.data, &job.training);
+        let (rank, world) = (self.coll.rank(), self.coll.world_size());
+        let global = self.sampler.batch_at(self.cursor);
+        // Every rank knows the whole global batch, so the loss normaliser needs no communication.
+        let label_tokens: usize = global.iter().map(|&i| self.train.tgt()[i].len().min(d.max_target_len - 1) + 1).sum();
+        let grad_scale = world as f32 / label_tokens as f32;
+        self.net.zero_grads(b)?;
+        let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+        let special = self.tok.special();
+        for (j, micro) in shard(&global, t.micro_batch, rank, world).into_iter().enumerate() {
+            let batch = self.train.batch(micro, special, d.max_source_len, d.max_target_len)?;
+            let x = Inputs::new(b, batch.batch, batch.src_len, batch.tgt_len, &batch.src_ids, &batch.src_mask, &batch.dec_ids, &batch.labels)?;
+            let seed = rng::derive(t.seed, self.step.wrapping_mul(1 << 20) + (rank + j * world) as u64);
+            let opts = PassOptions { train: true, seed, label_smoothing: t.label_smoothing, grad_scale: Some(grad_scale) };
+            loss_sum += self.net.pass(b, &x, opts)?.sum();
+            tokens += batch.batch * (batch.src_len + batch.tgt_len);
+        }
+        let n = self.net.table.storage_len;
+        self.coll.all_reduce_avg(b, b.view_mut(&mut self.net.grads, 0..n))?;
+        let mut loss_buf = b.upload(&[loss_sum as f32 * world as f32 / label_tokens as f32])?;
+        self.coll.all_reduce_avg(b, b.view_mut(&mut loss_buf, 0..1))?;
+        self.coll.wait(b)?;
+        let grad_norm = clip_grad_norm(b, &mut self.net.grads, t.max_grad_norm)?;
+        let lr = self.schedule.lr(self.step);
+        self.opt.update(b, &self.net.table, &mut self.net.params, &self.net.grads, lr)?;
+        let loss = b.download(b.view(&loss_buf, 0..1))?[0] as f64;
+        self.step += 1;
+        self.cursor = self.cursor.next(self.sampler.steps_per_epoch());
+        if !loss.is_finite() {
+            return Err(Error::Other(format!("loss is {loss} at step {}: training diverged", self.step)));
+        }
+        Ok(StepStats { step: self.step, total_steps: t.steps, loss, lr, grad_norm, tokens, step_ms: t0.elapsed().as_secs_f64() * 1e3 })
+    }
+
+    /// Validation loss and, when the job asks for them, generation metrics.
+    pub fn evaluate(&mut self, max_generate: usize) -> Result<Option<EvalResult>> {
+        let Some(v) = &self.valid else {
+            return Ok(None);
+        };
+        let d = &self.job.data;
+        let generate = self.job.eval.as_ref().map(|e| GenerateOptions {
+            beams: e.beams,
+            max_len: e.max_len.min(d.max_target_len),
+            length_penalty: e.length_penalty,
+            penalty_kind: LengthPenaltyKind::Gnmt,
+            ..GenerateOptions::default()
+        });
+        let metrics = self.job.eval.as_ref().map(|e| e.metrics.clone()).unwrap_or_default();
+        let opts = EvalOptions {
+            batch_size: self.job.training.micro_batch,
+            max_source_len: d.max_source_len,
+            max_target_len: d.max_target_len,
+            generate: generate.filter(|_| !metrics.is_empty() && max_generate > 0),
+            max_generate,
+            bleu: metrics.contains(&Metric::Bleu),
+            rouge: metrics.contains(&Metric::Rouge),
+        };
+        evaluate(self.b, &mut self.net, &self.tok, &v.pairs, &v.src, &v.tgt, &opts).map(Some)
+    }
+
+    /// Write a checkpoint of the current step (rank 0 only; other ranks return `None`).
+    pub fn save(&self) -> Result<Option<PathBuf>> {
+        if self.coll.rank() != 0 {
+            return Ok(None);
+        }
+        let b = self.b;
+        let n = self.net.table.storage_len;
+        let ck = Checkpoint {
+            config: self.net.config.clone(),
+            table: self.net.table.clone(),
+            params: b.download(b.view(&self.net.params, 0..n))?,
+        };
+        let st = TrainingState {
+            step: self.step,
+            cursor: self.cursor,
+            seed: self.job.training.seed,
+            adam_m: b.download(b.view(&self.opt.m, 0..n))?,
+            adam_v: b.download(b.view(&self.opt.v, 0..n))?,
+        };
+        let root = &self.job.checkpoint.dir;
+        std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        let dir = state::checkpoint_dir(root, self.step);
+        checkpoint::save_model_dir_with(&dir, &ck, Some(&self.tok), |tmp| {
+            state::write_state(tmp, &st)?;
+            state::write_manifest(tmp)
+        })?;
+        state::prune(root, self.job.checkpoint.keep)?;
+        Ok(Some(dir))
+    }
+
+    /// Train until `job.training.steps` (or `stop_after` more steps, to simulate a stop), with
+    /// evaluation and checkpoints on their schedules; every event goes to `on_event`.
+    pub fn run(&mut self, stop_after: Option<u64>, max_generate: usize, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
+        let total = self.job.training.steps;
+        let end = stop_after.map(|k| (self.step + k).min(total)).unwrap_or(total);
+        let every_ckpt = self.job.checkpoint.every_steps;
+        let every_eval = self.job.eval.as_ref().map(|e| e.every_steps).unwrap_or(0);
+        while self.step < end {
+            let stats = self.step()?;
+            on_event(&Event::Step(stats));
+            let last = self.step == end;
+            if every_eval > 0 && (self.step % every_eval == 0 || (last && self.step == total)) {
+                if let Some(result) = self.evaluate(max_generate)? {
+                    on_event(&Event::Eval { step: self.step, result });
+                }
+            }
+            if (every_ckpt > 0 && self.step % every_ckpt == 0) || last {
+                if let Some(dir) = self.save()? {
+                    on_event(&Event::Checkpoint { step: self.step, dir });
+                }
+            }
+        }
+        Ok(())
+    }
+}
