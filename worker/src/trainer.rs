@@ -147,7 +147,7 @@ impl<'a, B: Backend, C: Collective<B>> Trainer<'a, B, C> {
         self.net.zero_grads(b)?;
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
         let special = self.tok.special();
-        for (j, micro) in shard(&global, t.micro_batch, rank, world).into_iter().enumerate() {
+        for (j, micro) in shard(&global, job.micro_batch(), rank, world).into_iter().enumerate() {
             let batch = self.train.batch(micro, special, d.max_source_len, d.max_target_len)?;
             let x = Inputs::new(b, batch.batch, batch.src_len, batch.tgt_len, &batch.src_ids, &batch.src_mask, &batch.dec_ids, &batch.labels)?;
             let seed = rng::derive(t.seed, self.step.wrapping_mul(1 << 20) + (rank + j * world) as u64);
@@ -187,7 +187,7 @@ impl<'a, B: Backend, C: Collective<B>> Trainer<'a, B, C> {
         });
         let metrics = self.job.eval.as_ref().map(|e| e.metrics.clone()).unwrap_or_default();
         let opts = EvalOptions {
-            batch_size: self.job.training.micro_batch,
+            batch_size: self.job.micro_batch(),
             max_source_len: d.max_source_len,
             max_target_len: d.max_target_len,
             generate: generate.filter(|_| !metrics.is_empty() && max_generate > 0),
