@@ -140,7 +140,7 @@ fn schedule_name(k: ScheduleKind) -> &'static str {
 
 // ---- The YAML as written. Every key optional that has a default. ----
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawJob {
     name: String,
@@ -224,12 +224,6 @@ struct RawResources {
     device: Option<String>,
     max_restarts: Option<u32>,
 }
-
-/// Defaults that design.md's example implies.
-const DEFAULT_MAX_LEN: usize = 128;
-const DEFAULT_EVERY_STEPS: u64 = 500;
-const DEFAULT_KEEP: usize = 3;
-const DEFAULT_MAX_RESTARTS: u32 = 3;
 
 impl JobSpec {
     /// Read, parse and check a job file.
@@ -463,7 +457,8 @@ fn yaml_message(e: &serde_yaml_ng::Error) -> String {
     }
 }
 
-/// Defaults, paths and enumerations. Numeric checks are `validate`'s.
+/// Defaults (those of design.md's example where it implies them), paths and enumerations.
+/// Numeric checks are `validate`'s.
 fn build(raw: RawJob, base: &Path, origin: &Path) -> Result<JobSpec> {
     let bad = |key: &str, msg: String| Error::input(origin, format!("{key}: {msg}"));
     let path = |key: &str, p: PathBuf| -> Result<PathBuf> {
@@ -510,8 +505,8 @@ fn build(raw: RawJob, base: &Path, origin: &Path) -> Result<JobSpec> {
     let data = DataSpec {
         train: path("data.train", d.train)?,
         validation: d.validation.map(|v| path("data.validation", v)).transpose()?,
-        max_source_len: d.max_source_len.unwrap_or(DEFAULT_MAX_LEN),
-        max_target_len: d.max_target_len.unwrap_or(DEFAULT_MAX_LEN),
+        max_source_len: d.max_source_len.unwrap_or(128),
+        max_target_len: d.max_target_len.unwrap_or(128),
         source_field: d.source_field.unwrap_or_else(|| "source".into()),
         target_field: d.target_field.unwrap_or_else(|| "target".into()),
     };
@@ -526,7 +521,7 @@ fn build(raw: RawJob, base: &Path, origin: &Path) -> Result<JobSpec> {
         workers,
         min_workers: r.min_workers.unwrap_or(workers),
         device,
-        max_restarts: r.max_restarts.unwrap_or(DEFAULT_MAX_RESTARTS),
+        max_restarts: r.max_restarts.unwrap_or(3),
     };
 
     let t = raw.training;
@@ -568,8 +563,8 @@ fn build(raw: RawJob, base: &Path, origin: &Path) -> Result<JobSpec> {
             Some(p) => path("checkpoint.dir", p)?,
             None => base.join("ckpt").join(&raw.name),
         },
-        every_steps: c.every_steps.unwrap_or(DEFAULT_EVERY_STEPS.min(training.steps)),
-        keep: c.keep.unwrap_or(DEFAULT_KEEP),
+        every_steps: c.every_steps.unwrap_or(training.steps.min(500)),
+        keep: c.keep.unwrap_or(3),
     };
 
     let eval = match (raw.eval, &data.validation) {
