@@ -9,8 +9,9 @@ use model::checkpoint::{self, Checkpoint};
 use model::net::{Bert2Bert, Inputs, PassOptions};
 use model::optim::{AdamWConfig, Optimizer};
 use model::{BertConfig, ModelConfig, ParamTable};
+use rayon::prelude::*;
 
-use crate::device::Device;
+use crate::device::{self, Device, DeviceInfo, GemmPrecision};
 use crate::{CliError, CliResult};
 
 #[derive(clap::Args)]
@@ -70,9 +71,7 @@ fn random_checkpoint(config: ModelConfig) -> Checkpoint {
         if e.name.ends_with("LayerNorm.weight") {
             params[r].fill(1.0);
         } else if !e.no_decay {
-            for (i, p) in params[r.clone()].iter_mut().enumerate() {
-                *p = 0.02 * rng::normal(e.offset as u64, i as u64);
-            }
+            params[r].par_iter_mut().enumerate().for_each(|(i, p)| *p = 0.02 * rng::normal(e.offset as u64, i as u64));
         }
     }
     Checkpoint { config, table, params }
@@ -97,26 +96,49 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-pub fn run(a: Args) -> CliResult {
-    a.device.require_cpu()?;
-    if a.batch == 0 || a.src_len < 2 || a.tgt_len < 2 || a.steps == 0 {
-        return Err(CliError::usage("--batch and --steps must be > 0, lengths >= 2"));
-    }
-    let ck = match (&a.model, &a.config) {
-        (Some(dir), _) => checkpoint::load_model_dir(dir)?,
-        (None, Some(name)) => random_checkpoint(builtin(name)?),
-        (None, None) => {
-            return Err(CliError::usage("give --model DIR or --config minilm|bert-base"));
-        }
-    };
-    let vocab = ck.config.decoder.vocab_size as u64;
-    let (bs, s, t) = (a.batch, a.src_len, a.tgt_len);
-    // Full-length rows of random word ids (no padding): the worst case for us, since the LM
-    // head then runs on every row.
+/// Model FLOPs of one training step (forward + backward), counted analytically; the MFU
+/// numerator, and bench/pytorch_gpu.py uses the same formula.
+///
+/// - Every Linear (`rows x in -> out`) costs `6 * rows * in * out`: 2 forward, 2 for the input
+///   gradient and 2 for the weight gradient. Encoder layer: Q, K, V, O (`C x C`) and the FFN
+///   (`C x I`, `I x C`) over `B*S` rows. Decoder layer: self-attention Q, K, V, O and
+///   cross-attention Q, O over `B*T` rows, cross-attention K, V over the `B*S` encoder rows,
+///   the FFN over `B*T` rows. LM head: transform (`C x C`) and the tied vocabulary projection
+///   (`C x V`) over the `M` label rows (we run the head on label rows only; the benchmark batch
+///   has no padding, so `M = B*T`, the same as transformers).
+/// - Every attention costs `12 * B * Tq * Tk * C`: `Q K^T` and `P V` are `2*B*H*Tq*Tk*D` each
+///   forward (`H*D = C`), and backward does twice the forward's work (`dP`, `dV`, `dQ`, `dK`).
+///   Causal self-attention is counted in full (no halving), the usual convention (PaLM's).
+/// - Not counted: embeddings, LayerNorm, GELU, softmax, dropout, loss, AdamW (all O(params) or
+///   O(tokens * C), under 1% here).
+pub fn step_flops(c: &ModelConfig, batch: usize, src: usize, tgt: usize, label_rows: usize) -> f64 {
+    let (e, d) = (&c.encoder, &c.decoder);
+    let (b, s, t, m) = (batch as f64, src as f64, tgt as f64, label_rows as f64);
+    let (ce, ie, le) = (e.hidden_size as f64, e.intermediate_size as f64, e.num_hidden_layers as f64);
+    let (cd, id, ld, v) =
+        (d.hidden_size as f64, d.intermediate_size as f64, d.num_hidden_layers as f64, d.vocab_size as f64);
+    let linear = b * s * le * (4.0 * ce * ce + 2.0 * ce * ie)
+        + ld * (b * t * (6.0 * cd * cd + 2.0 * cd * id) + b * s * 2.0 * ce * cd)
+        + m * (cd * cd + cd * v);
+    let attention = b * (le * s * s * ce + ld * (t * t + t * s) * cd);
+    6.0 * linear + 12.0 * attention
+}
+
+/// A synthetic full-length batch: `[CLS] words [SEP]` sources, random-word targets ending in
+/// `[SEP]`, decoder inputs = targets shifted right after `[CLS]` (as bench/pytorch_*.py).
+struct SynthBatch {
+    src: Vec<i32>,
+    mask: Vec<f32>,
+    dec: Vec<i32>,
+    labels: Vec<i32>,
+}
+
+fn synthetic_batch(c: &ModelConfig, bs: usize, s: usize, t: usize) -> SynthBatch {
+    let vocab = c.decoder.vocab_size as u64;
     // Ordinary word ids: above BERT's special and unused tokens when the vocabulary is big.
     let lo = if vocab > 2000 { 1000 } else { vocab / 4 };
     let word = |i: u64| (lo + rng::mix(12345, i) % (vocab - lo)) as i32;
-    let (cls, sep) = (ck.config.decoder_start_token_id, ck.config.eos_token_id);
+    let (cls, sep) = (c.decoder_start_token_id, c.eos_token_id);
     let src: Vec<i32> = (0..bs * s)
         .map(|i| {
             if i % s == 0 {
@@ -130,27 +152,57 @@ pub fn run(a: Args) -> CliResult {
         .collect();
     let labels: Vec<i32> = (0..bs * t).map(|i| if i % t == t - 1 { sep } else { word(1_000_000 + i as u64) }).collect();
     let dec: Vec<i32> = (0..bs * t).map(|i| if i % t == 0 { cls } else { labels[i - 1] }).collect();
-    let mask = vec![1.0f32; bs * s];
+    SynthBatch { src, mask: vec![1.0f32; bs * s], dec, labels }
+}
 
-    let b = Cpu;
-    let mut net = Bert2Bert::new(&b, ck.config.clone(), ck.table.clone(), &ck.params)?;
-    let mut opt = Optimizer::new(&b, &ck.table, AdamWConfig::default())?;
-    let x = Inputs::new(&b, bs, s, t, &src, &mask, &dec, &labels)?;
+pub fn run(a: Args) -> CliResult {
+    if a.batch == 0 || a.src_len < 2 || a.tgt_len < 2 || a.steps == 0 {
+        return Err(CliError::usage("--batch and --steps must be > 0, lengths >= 2"));
+    }
+    let ck = match (&a.model, &a.config) {
+        (Some(dir), _) => checkpoint::load_model_dir(dir)?,
+        (None, Some(name)) => random_checkpoint(builtin(name)?),
+        (None, None) => {
+            return Err(CliError::usage("give --model DIR or --config minilm|bert-base"));
+        }
+    };
+    match a.device {
+        Device::Cpu => bench_on(&Cpu, &a, &ck),
+        // bf16 tensor-core GEMMs with fp32 accumulation, fp32 everything else.
+        Device::Cuda(i) => bench_on(&device::open_cuda(i, GemmPrecision::Bf16)?, &a, &ck),
+    }
+}
+
+fn bench_on<B: DeviceInfo>(b: &B, a: &Args, ck: &Checkpoint) -> CliResult {
+    let (bs, s, t) = (a.batch, a.src_len, a.tgt_len);
+    // Full-length rows of random word ids (no padding): the worst case for us, since the LM
+    // head then runs on every row.
+    let batch = synthetic_batch(&ck.config, bs, s, t);
+    let mut net = Bert2Bert::new(b, ck.config.clone(), ck.table.clone(), &ck.params)?;
+    let mut opt = Optimizer::new(b, &ck.table, AdamWConfig::default())?;
+    let x = Inputs::new(b, bs, s, t, &batch.src, &batch.mask, &batch.dec, &batch.labels)?;
     let scale = 1.0 / x.label_tokens() as f32;
+    let flops = step_flops(&ck.config, bs, s, t, x.label_tokens());
     let bar = crate::progress((a.warmup + a.steps) as u64, "bench");
     let (mut times, mut phase_sum): (Vec<f64>, Vec<(&'static str, f64)>) = (Vec::new(), Vec::new());
     let mut last_loss = 0.0;
+    let mut peak_device = b.used_bytes();
+    b.synchronize()?;
     for step in 0..a.warmup + a.steps {
         let t0 = Instant::now();
-        net.zero_grads(&b)?;
+        net.zero_grads(b)?;
         let loss = net.pass(
-            &b,
+            b,
             &x,
             PassOptions { train: true, seed: step as u64, label_smoothing: 0.0, grad_scale: Some(scale) },
         )?;
+        peak_device = peak_device.max(b.used_bytes());
         let t_opt = Instant::now();
-        opt.update(&b, &ck.table, &mut net.params, &net.grads, 5e-5)?;
+        opt.update(b, &ck.table, &mut net.params, &net.grads, 5e-5)?;
+        // Asynchronous backends: the step ends when the device has finished it.
+        b.synchronize()?;
         let now = Instant::now();
+        peak_device = peak_device.max(b.used_bytes());
         last_loss = loss.sum() / loss.tokens() as f64;
         if step >= a.warmup {
             times.push((now - t0).as_secs_f64() * 1e3);
@@ -168,15 +220,19 @@ pub fn run(a: Args) -> CliResult {
     bar.finish_and_clear();
     let step_ms = median(&times);
     let tokens_per_s = (bs * (s + t)) as f64 / (step_ms / 1e3);
-    let device = format!("cpu ({} threads)", rayon::current_num_threads());
+    let device = b.name();
+    let achieved = flops / (step_ms / 1e3);
+    let mfu = b.peak_flops().map(|peak| achieved / peak);
     if a.json {
         let phases: serde_json::Map<String, serde_json::Value> =
             phase_sum.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms))).collect();
         let out = serde_json::json!({
             "impl": "bert2bert", "device": device, "threads": rayon::current_num_threads(),
-            "batch": bs, "src_len": s, "tgt_len": t,
+            "batch": bs, "src_len": s, "tgt_len": t, "steps": a.steps, "warmup": a.warmup,
             "step_ms_median": step_ms, "step_ms_all": times, "tokens_per_s": tokens_per_s,
-            "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": null, "mfu": null,
+            "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device,
+            "flops_per_step": flops, "achieved_flops": achieved,
+            "peak_flops": b.peak_flops(), "mfu": mfu,
             "phases_ms_mean": phases, "last_loss": last_loss,
         });
         println!("{out}");
@@ -187,9 +243,37 @@ pub fn run(a: Args) -> CliResult {
             a.steps,
             peak_rss_bytes().unwrap_or(0) as f64 / 1e9
         );
+        let mfu_txt = mfu.map(|m| format!(", MFU {:.1}%", 100.0 * m)).unwrap_or_default();
+        println!("model FLOPs {:.3e}/step, {:.1} GFLOP/s{mfu_txt}", flops, achieved / 1e9);
+        if let Some(p) = peak_device {
+            println!("peak device memory in use {:.2} GB", p as f64 / 1e9);
+        }
         for (n, ms) in &phase_sum {
             println!("  {n:<18} {ms:8.1} ms");
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_flops_is_about_six_n_per_token_for_bert_base() {
+        // Dense parameters touched per token, counted by hand for bert-base bert2bert:
+        // encoder layer 4C^2 + 2CI; decoder layer 8C^2 + 2CI (self Q K V O, cross Q O, and
+        // cross K V, which run on source rows, as many as target rows here); LM head C^2 + CV.
+        let c = builtin("bert-base").ok().unwrap();
+        let (b, s, t) = (32usize, 128usize, 128usize);
+        let f = step_flops(&c, b, s, t, b * t);
+        let (cc, i, v) = (768.0f64, 3072.0f64, 30522.0f64);
+        let per_token_enc = 12.0 * (4.0 * cc * cc + 2.0 * cc * i);
+        let per_token_dec = 12.0 * (8.0 * cc * cc + 2.0 * cc * i) + cc * cc + cc * v;
+        let linear = 6.0 * (b * s) as f64 * per_token_enc + 6.0 * (b * t) as f64 * per_token_dec;
+        let attention = 12.0 * b as f64 * 12.0 * (3.0 * 128.0 * 128.0) * cc;
+        assert!((f - linear - attention).abs() < 1e-6 * f, "{f} vs {}", linear + attention);
+        // About 5.6 TFLOP per step at this shape, 3% of it in attention.
+        assert!(f > 5.5e12 && f < 5.8e12, "{f:e}");
+    }
 }

@@ -3,8 +3,12 @@
 
 mod bench;
 mod device;
+mod eval;
+mod generate;
 mod init;
 mod score;
+mod selftest;
+mod train;
 
 use std::process::ExitCode;
 
@@ -25,6 +29,14 @@ enum Command {
     Score(score::Args),
     /// Time forward + backward + AdamW steps on synthetic batches.
     Bench(bench::Args),
+    /// Every op of a backend against the CPU oracle, then a whole training step.
+    Selftest(selftest::Args),
+    /// Run a training job (YAML) locally; resumes from its newest valid checkpoint.
+    Train(train::Args),
+    /// Generate targets for source lines read on stdin.
+    Generate(generate::Args),
+    /// Loss and BLEU/ROUGE of a model on a data file.
+    Eval(eval::Args),
 }
 
 /// A failure with the exit code it deserves.
@@ -70,6 +82,10 @@ fn main() -> ExitCode {
         Command::Init(a) => init::run(a),
         Command::Score(a) => score::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Selftest(a) => selftest::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Eval(a) => eval::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

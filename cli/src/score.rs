@@ -4,13 +4,13 @@
 
 use std::path::PathBuf;
 
-use kernels::{Cpu, Memory};
-use model::checkpoint::{self, write_tensors};
+use kernels::{Backend, Cpu};
+use model::checkpoint::{self, Checkpoint, write_tensors};
 use model::data::{Batch, read_pairs, tokenize_pairs};
 use model::net::{Bert2Bert, Inputs, PassOptions};
 use model::tokenizer::Tokenizer;
 
-use crate::device::Device;
+use crate::device::{self, Device, GemmPrecision};
 use crate::{CliError, CliResult};
 
 #[derive(clap::Args)]
@@ -42,7 +42,6 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> CliResult {
-    a.device.require_cpu()?;
     if a.batch_size == 0 || a.max_source_len < 3 || a.max_target_len < 2 {
         return Err(CliError::usage("--batch-size must be > 0, --max-source-len >= 3 and --max-target-len >= 2"));
     }
@@ -58,16 +57,23 @@ pub fn run(a: Args) -> CliResult {
         .zip(tgt.chunks(a.batch_size))
         .map(|(s, t)| Batch::new(s, t, tok.special(), a.max_source_len, a.max_target_len))
         .collect();
+    match a.device {
+        Device::Cpu => score_on(&Cpu, &a, &ck, &batches, pairs.len()),
+        // Exact fp32 GEMMs: scores and gradients are compared against the CPU's.
+        Device::Cuda(i) => score_on(&device::open_cuda(i, GemmPrecision::Fp32)?, &a, &ck, &batches, pairs.len()),
+    }
+}
+
+fn score_on<B: Backend>(b: &B, a: &Args, ck: &Checkpoint, batches: &[Batch], examples: usize) -> CliResult {
     let total_tokens: usize = batches.iter().map(Batch::label_tokens).sum();
-    let b = Cpu;
-    let mut net = Bert2Bert::new(&b, ck.config.clone(), ck.table.clone(), &ck.params)?;
-    net.zero_grads(&b)?;
+    let mut net = Bert2Bert::new(b, ck.config.clone(), ck.table.clone(), &ck.params)?;
+    net.zero_grads(b)?;
     let grad_scale = a.grads_out.as_ref().map(|_| 1.0 / total_tokens as f32);
-    let bar = crate::progress(pairs.len() as u64, "score");
-    let (mut per_example, mut loss_sum) = (Vec::with_capacity(pairs.len()), 0.0f64);
-    for batch in &batches {
+    let bar = crate::progress(examples as u64, "score");
+    let (mut per_example, mut loss_sum) = (Vec::with_capacity(examples), 0.0f64);
+    for batch in batches {
         let x = Inputs::new(
-            &b,
+            b,
             batch.batch,
             batch.src_len,
             batch.tgt_len,
@@ -76,7 +82,7 @@ pub fn run(a: Args) -> CliResult {
             &batch.dec_ids,
             &batch.labels,
         )?;
-        let loss = net.pass(&b, &x, PassOptions { train: false, seed: 0, label_smoothing: 0.0, grad_scale })?;
+        let loss = net.pass(b, &x, PassOptions { train: false, seed: 0, label_smoothing: 0.0, grad_scale })?;
         loss_sum += loss.sum();
         per_example.extend(loss.per_example_mean());
         bar.inc(batch.batch as u64);

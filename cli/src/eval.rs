@@ -1,0 +1,99 @@
+//! `bert2bert eval --model DIR --data FILE.jsonl`: loss and generation metrics of a model.
+
+use std::path::PathBuf;
+
+use kernels::Backend;
+use model::checkpoint;
+use model::data::{read_pairs, tokenize_pairs};
+use model::net::Bert2Bert;
+use model::tokenizer::Tokenizer;
+use worker::evaluate::{EvalOptions, evaluate};
+
+use crate::device::{self, Device, GemmPrecision};
+use crate::{CliError, CliResult};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    /// Comma-separated: bleu, rouge (empty: loss only).
+    #[arg(long, default_value = "bleu,rouge")]
+    metrics: String,
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value_t = 4)]
+    beams: usize,
+    #[arg(long, default_value_t = 64)]
+    max_len: usize,
+    #[arg(long, default_value_t = 0.6)]
+    length_penalty: f32,
+    #[arg(long, default_value = "gnmt")]
+    penalty: String,
+    /// Generate for at most this many examples (all by default).
+    #[arg(long)]
+    max_examples: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 128)]
+    max_source_len: usize,
+    #[arg(long, default_value_t = 128)]
+    max_target_len: usize,
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+}
+
+pub fn run(a: Args) -> CliResult {
+    match a.device {
+        Device::Cpu => eval_on(&kernels::Cpu, &a),
+        Device::Cuda(i) => eval_on(&device::open_cuda(i, GemmPrecision::Fp32)?, &a),
+    }
+}
+
+fn eval_on<B: Backend>(b: &B, a: &Args) -> CliResult {
+    let (mut bleu, mut rouge) = (false, false);
+    for m in a.metrics.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        match m {
+            "bleu" => bleu = true,
+            "rouge" => rouge = true,
+            other => return Err(CliError::usage(format!("--metrics: unknown metric `{other}` (use bleu, rouge)"))),
+        }
+    }
+    let gen_opts = crate::generate::options(a.beams, a.max_len, 0, a.length_penalty, &a.penalty, 0)?;
+    let ck = checkpoint::load_model_dir(&a.model)?;
+    let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
+    let pairs = read_pairs(&a.data, "source", "target")?;
+    let (src, tgt) = tokenize_pairs(&tok, &pairs)?;
+    let mut net = Bert2Bert::new(b, ck.config, ck.table, &ck.params)?;
+    let opts = EvalOptions {
+        batch_size: a.batch_size,
+        max_source_len: a.max_source_len,
+        max_target_len: a.max_target_len,
+        generate: (bleu || rouge).then_some(gen_opts),
+        max_generate: a.max_examples.unwrap_or(pairs.len()),
+        bleu,
+        rouge,
+    };
+    let r = evaluate(b, &mut net, &tok, &pairs, &src, &tgt, &opts)?;
+    if a.json {
+        let out = serde_json::json!({
+            "loss": r.loss, "tokens": r.tokens,
+            "bleu": r.bleu,
+            "rouge1": r.rouge.map(|x| x.rouge1), "rouge2": r.rouge.map(|x| x.rouge2), "rougeL": r.rouge.map(|x| x.rouge_l),
+        });
+        println!("{out}");
+    } else {
+        println!("loss\t{:.4}\t({} tokens)", r.loss, r.tokens);
+        if let Some(x) = r.bleu {
+            println!("bleu\t{x:.2}");
+        }
+        if let Some(x) = r.rouge {
+            println!("rouge1\t{:.2}\nrouge2\t{:.2}\nrougeL\t{:.2}", x.rouge1, x.rouge2, x.rouge_l);
+        }
+        for s in &r.samples {
+            println!("---\nsource: {}\noutput: {}\ntarget: {}", s.source, s.hypothesis, s.reference);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! `bert2bert train JOB.yaml`: run a job locally, with a progress bar, evaluation lines and
+//! checkpoints; resumes from the job's newest valid checkpoint.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use kernels::Backend;
+use kernels::collective::Single;
+use model::job::{self, JobSpec, Precision};
+use worker::{Event, Trainer};
+
+use crate::device::{self, Device, GemmPrecision};
+use crate::{CliError, CliResult};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The job file (YAML).
+    job: PathBuf,
+    /// Local worker processes (more than 1 needs the coordinator; not in this build yet).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Overrides `resources.device` of the job.
+    #[arg(long)]
+    device: Option<Device>,
+    /// Validation examples to generate for BLEU/ROUGE at each evaluation.
+    #[arg(long, default_value_t = 100)]
+    eval_examples: usize,
+}
+
+pub fn run(a: Args) -> CliResult {
+    let spec = JobSpec::from_file(&a.job)?;
+    if a.workers != 1 {
+        return Err(CliError::usage("--workers above 1 needs the coordinator, which this build does not have yet; use --workers 1"));
+    }
+    let device = a.device.unwrap_or(match spec.resources.device {
+        job::Device::Cpu => Device::Cpu,
+        job::Device::Cuda => Device::Cuda(0),
+    });
+    match device {
+        Device::Cpu => train_on(&kernels::Cpu, spec, a.eval_examples),
+        Device::Cuda(i) => {
+            let precision = if spec.precision() == Precision::Bf16 { GemmPrecision::Bf16 } else { GemmPrecision::Fp32 };
+            train_on(&device::open_cuda(i, precision)?, spec, a.eval_examples)
+        }
+    }
+}
+
+fn train_on<B: Backend>(b: &B, spec: JobSpec, eval_examples: usize) -> CliResult {
+    let name = spec.name.clone();
+    let (mut trainer, resumed) = Trainer::new(b, &Single, spec)?;
+    if let Some(Event::Resumed { step, from }) = &resumed {
+        eprintln!("resumed from {} (step {step})", from.display());
+    }
+    let total = trainer.job.training.steps;
+    let bar = crate::progress(total, &name);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:25}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(trainer.step);
+    let t0 = Instant::now();
+    let (mut tokens, mut last_eval) = (0usize, None);
+    trainer.run(None, eval_examples, &mut |e| match e {
+        Event::Step(s) => {
+            tokens += s.tokens;
+            let tps = tokens as f64 / t0.elapsed().as_secs_f64();
+            bar.set_message(format!("loss {:.4} lr {:.2e} gnorm {:.2} {:.0} tok/s", s.loss, s.lr, s.grad_norm, tps));
+            bar.set_position(s.step);
+            tracing::debug!(step = s.step, loss = s.loss, lr = s.lr, grad_norm = s.grad_norm, "step");
+        }
+        Event::Eval { step, result } => {
+            let mut line = format!("step {step}: validation loss {:.4}", result.loss);
+            if let Some(bleu) = result.bleu {
+                line.push_str(&format!(", BLEU {bleu:.2}"));
+            }
+            if let Some(r) = result.rouge {
+                line.push_str(&format!(", ROUGE-1/2/L {:.2}/{:.2}/{:.2}", r.rouge1, r.rouge2, r.rouge_l));
+            }
+            bar.println(line);
+            if let Some(s) = result.samples.first() {
+                bar.println(format!("  source: {}\n  output: {}\n  target: {}", s.source, s.hypothesis, s.reference));
+            }
+            last_eval = Some(result.clone());
+        }
+        Event::Checkpoint { step, dir } => bar.println(format!("step {step}: checkpoint {}", dir.display())),
+        Event::Resumed { .. } => {}
+    })?;
+    bar.finish_and_clear();
+    eprintln!("done: {} steps in {:.1}s", trainer.step, t0.elapsed().as_secs_f64());
+    if let Some(r) = last_eval {
+        eprintln!("final validation loss {:.4}{}", r.loss, r.bleu.map(|b| format!(", BLEU {b:.2}")).unwrap_or_default());
+    }
+    Ok(())
+}
