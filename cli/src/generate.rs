@@ -41,7 +41,14 @@ pub struct Args {
     device: Device,
 }
 
-pub fn options(beams: usize, max_len: usize, min_len: usize, length_penalty: f32, penalty: &str, no_repeat: usize) -> CliResult<GenerateOptions> {
+pub fn options(
+    beams: usize,
+    max_len: usize,
+    min_len: usize,
+    length_penalty: f32,
+    penalty: &str,
+    no_repeat: usize,
+) -> CliResult<GenerateOptions> {
     let penalty_kind = match penalty {
         "gnmt" => LengthPenaltyKind::Gnmt,
         "hf" => LengthPenaltyKind::Hf,

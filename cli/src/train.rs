@@ -30,7 +30,9 @@ pub struct Args {
 pub fn run(a: Args) -> CliResult {
     let spec = JobSpec::from_file(&a.job)?;
     if a.workers != 1 {
-        return Err(CliError::usage("--workers above 1 needs the coordinator, which this build does not have yet; use --workers 1"));
+        return Err(CliError::usage(
+            "--workers above 1 needs the coordinator, which this build does not have yet; use --workers 1",
+        ));
     }
     let device = a.device.unwrap_or(match spec.resources.device {
         job::Device::Cpu => Device::Cpu,
@@ -61,11 +63,21 @@ fn train_on<B: Backend>(b: &B, spec: JobSpec, eval_examples: usize) -> CliResult
     bar.set_position(trainer.step);
     let t0 = Instant::now();
     let (mut tokens, mut last_eval) = (0usize, None);
+    // Without a terminal the bar is hidden: print lines instead, and a step line now and then.
+    let say = |bar: &indicatif::ProgressBar, line: String| {
+        if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) }
+    };
+    let mut last_line = Instant::now();
     trainer.run(None, eval_examples, &mut |e| match e {
         Event::Step(s) => {
             tokens += s.tokens;
             let tps = tokens as f64 / t0.elapsed().as_secs_f64();
-            bar.set_message(format!("loss {:.4} lr {:.2e} gnorm {:.2} {:.0} tok/s", s.loss, s.lr, s.grad_norm, tps));
+            let msg = format!("loss {:.4} lr {:.2e} gnorm {:.2} {:.0} tok/s", s.loss, s.lr, s.grad_norm, tps);
+            if bar.is_hidden() && (last_line.elapsed().as_secs() >= 10 || s.step == s.total_steps) {
+                eprintln!("step {}/{}: {msg}", s.step, s.total_steps);
+                last_line = Instant::now();
+            }
+            bar.set_message(msg);
             bar.set_position(s.step);
             tracing::debug!(step = s.step, loss = s.loss, lr = s.lr, grad_norm = s.grad_norm, "step");
         }
@@ -77,19 +89,23 @@ fn train_on<B: Backend>(b: &B, spec: JobSpec, eval_examples: usize) -> CliResult
             if let Some(r) = result.rouge {
                 line.push_str(&format!(", ROUGE-1/2/L {:.2}/{:.2}/{:.2}", r.rouge1, r.rouge2, r.rouge_l));
             }
-            bar.println(line);
+            say(&bar, line);
             if let Some(s) = result.samples.first() {
-                bar.println(format!("  source: {}\n  output: {}\n  target: {}", s.source, s.hypothesis, s.reference));
+                say(&bar, format!("  source: {}\n  output: {}\n  target: {}", s.source, s.hypothesis, s.reference));
             }
             last_eval = Some(result.clone());
         }
-        Event::Checkpoint { step, dir } => bar.println(format!("step {step}: checkpoint {}", dir.display())),
+        Event::Checkpoint { step, dir } => say(&bar, format!("step {step}: checkpoint {}", dir.display())),
         Event::Resumed { .. } => {}
     })?;
     bar.finish_and_clear();
     eprintln!("done: {} steps in {:.1}s", trainer.step, t0.elapsed().as_secs_f64());
     if let Some(r) = last_eval {
-        eprintln!("final validation loss {:.4}{}", r.loss, r.bleu.map(|b| format!(", BLEU {b:.2}")).unwrap_or_default());
+        eprintln!(
+            "final validation loss {:.4}{}",
+            r.loss,
+            r.bleu.map(|b| format!(", BLEU {b:.2}")).unwrap_or_default()
+        );
     }
     Ok(())
 }

@@ -4,15 +4,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use kernels::rng;
-use model::BertConfig;
-use model::checkpoint::{bert_shapes, write_tensors};
-use serde_json::{Value, json};
-
-const WORDS: &[&str] = &[
-    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "and", "the", "lord", "said", "unto", "moses", "god", "he", "she",
-    "was", "is", "said", "to", "of", "in", "light", "earth", "day", "night", ",", ".", "##s", "##eth",
-];
+use model::testing;
+use serde_json::Value;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_bert2bert"))
@@ -24,56 +17,10 @@ fn run(args: &[&str]) -> Output {
     out
 }
 
-fn tokenizer_json() -> Value {
-    let vocab: serde_json::Map<String, Value> =
-        WORDS.iter().enumerate().map(|(i, w)| (w.to_string(), json!(i))).collect();
-    let added: Vec<Value> = WORDS[..5]
-        .iter()
-        .enumerate()
-        .map(|(i, w)| json!({"id": i, "content": w, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
-        .collect();
-    json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true, "strip_accents": null, "lowercase": true},
-        "pre_tokenizer": {"type": "BertPreTokenizer"},
-        "post_processor": null,
-        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
-        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##", "max_input_chars_per_word": 100, "vocab": vocab}
-    })
-}
-
-fn bert_config() -> Value {
-    json!({
-        "architectures": ["BertModel"], "model_type": "bert", "vocab_size": WORDS.len(), "hidden_size": 16,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 24, "max_position_embeddings": 64,
-        "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "pad_token_id": 0,
-        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02
-    })
-}
-
 /// A tiny random BERT directory; `break_tensor` writes that tensor with a wrong shape.
 fn make_bert(dir: &Path, break_tensor: Option<&str>) {
-    std::fs::create_dir_all(dir).unwrap();
-    let cfg_v = bert_config();
-    std::fs::write(dir.join("config.json"), cfg_v.to_string()).unwrap();
-    std::fs::write(dir.join("tokenizer.json"), tokenizer_json().to_string()).unwrap();
-    let cfg = BertConfig::from_value(&cfg_v, dir).unwrap();
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = bert_shapes(&cfg)
-        .into_iter()
-        .enumerate()
-        .map(|(k, (name, mut shape))| {
-            if Some(name.as_str()) == break_tensor {
-                shape[0] += 1;
-            }
-            let n: usize = shape.iter().product();
-            let vals = (0..n as u64).map(|i| 0.2 * rng::normal(seed ^ k as u64, i)).collect();
-            (name, shape, vals)
-        })
-        .collect();
-    let refs: Vec<(String, Vec<usize>, &[f32])> =
-        tensors.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice())).collect();
-    write_tensors(&dir.join("model.safetensors"), &refs).unwrap();
+    testing::write_bert_dir(dir, seed, break_tensor);
 }
 
 fn write_data(path: &Path, lines: &[&str]) {

@@ -1,0 +1,106 @@
+//! `train`, `eval` and `generate` end to end on a tiny model, and bad job files exit 2 naming
+//! the key or line.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use model::testing;
+
+fn run(args: &[&str], dir: &Path) -> Output {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_bert2bert")).args(args).current_dir(dir).output().expect("run bert2bert");
+    eprintln!("$ bert2bert {}\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn setup(root: &Path) {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    testing::write_bert_dir(&root.join("bert"), seed, None);
+    testing::write_pairs(&root.join("train.jsonl"), 4);
+    testing::write_pairs(&root.join("valid.jsonl"), 1);
+    let o = run(&["init", "--encoder", "bert", "--decoder", "bert", "--variant", "bert2bert", "--out", "b2b"], root);
+    assert!(o.status.success());
+}
+
+const JOB: &str = r#"
+name: tiny
+model: { init: b2b }
+data: { train: train.jsonl, validation: valid.jsonl, max_source_len: 16, max_target_len: 12 }
+training: { steps: 6, global_batch: 4, micro_batch: 2, lr: 1.0e-3, warmup_steps: 1, seed: 3 }
+checkpoint: { dir: ckpt, every_steps: 3, keep: 1 }
+eval: { every_steps: 3, beams: 2, max_len: 8, length_penalty: 0.6, metrics: [bleu, rouge] }
+resources: { workers: 1, device: cpu }
+"#;
+
+#[test]
+fn train_eval_generate_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    setup(root);
+    std::fs::write(root.join("job.yaml"), JOB).unwrap();
+    let o = run(&["train", "job.yaml", "--eval-examples", "4"], root);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("validation loss") && err.contains("BLEU"), "{err}");
+    // keep: 1 leaves only the last checkpoint, which verifies and loads.
+    let ckpts: Vec<_> = std::fs::read_dir(root.join("ckpt")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(ckpts, vec![std::ffi::OsString::from("step-00000006")]);
+
+    let o = run(
+        &["eval", "--model", "ckpt/step-00000006", "--data", "valid.jsonl", "--json", "--beams", "2", "--max-len", "8"],
+        root,
+    );
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for key in ["loss", "bleu", "rouge1", "rouge2", "rougeL"] {
+        assert!(v[key].as_f64().is_some_and(f64::is_finite), "eval --json lacks {key}: {v}");
+    }
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bert2bert"))
+        .args(["generate", "--model", "ckpt/step-00000006", "--beams", "3", "--max-len", "6"])
+        .current_dir(root)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"And the Lord said unto Moses\nAnd God said\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 2, "one output line per input line");
+
+    // Running the finished job again resumes at its last step and trains nothing more.
+    let o = run(&["train", "job.yaml"], root);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("resumed from"));
+}
+
+#[test]
+fn bad_job_files_exit_2_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    setup(root);
+    let cases = [
+        (JOB.replace("seed: 3", "seed: 3, sede: 4"), "sede"),
+        (JOB.replace("micro_batch: 2", "micro_batch: 3"), "training.micro_batch"),
+        (JOB.replace("lr: 1.0e-3", "lr: fast"), "training.lr"),
+        (JOB.replace("resources: {", "resources: {{"), "line"),
+    ];
+    for (text, want) in cases {
+        std::fs::write(root.join("bad.yaml"), text).unwrap();
+        let o = run(&["train", "bad.yaml"], root);
+        assert_eq!(o.status.code(), Some(2));
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want) && e.contains("bad.yaml") && !e.contains("panicked"), "want `{want}` in: {e}");
+    }
+    // A malformed data line is named by file and line.
+    std::fs::write(root.join("job.yaml"), JOB).unwrap();
+    let mut data = std::fs::read_to_string(root.join("train.jsonl")).unwrap();
+    data.push_str("{\"source\": \"and\"}\n");
+    std::fs::write(root.join("train.jsonl"), data).unwrap();
+    let o = run(&["train", "job.yaml"], root);
+    assert_eq!(o.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("train.jsonl") && e.contains("line 33") && e.contains("target"), "{e}");
+}
