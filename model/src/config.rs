@@ -49,21 +49,21 @@ impl BertConfig {
                     .ok_or_else(|| Error::input(file, format!("config key `{key}` must be a number, got {val}"))),
             }
         };
-        if let Some(act) = obj.get("hidden_act") {
-            if act.as_str() != Some("gelu") {
-                return Err(Error::input(
-                    file,
-                    format!("config key `hidden_act` is {act}; only \"gelu\" (exact erf GELU) is supported"),
-                ));
-            }
+        if let Some(act) = obj.get("hidden_act")
+            && act.as_str() != Some("gelu")
+        {
+            return Err(Error::input(
+                file,
+                format!("config key `hidden_act` is {act}; only \"gelu\" (exact erf GELU) is supported"),
+            ));
         }
-        if let Some(pos) = obj.get("position_embedding_type") {
-            if pos.as_str() != Some("absolute") {
-                return Err(Error::input(
-                    file,
-                    format!("config key `position_embedding_type` is {pos}; only \"absolute\" is supported"),
-                ));
-            }
+        if let Some(pos) = obj.get("position_embedding_type")
+            && pos.as_str() != Some("absolute")
+        {
+            return Err(Error::input(
+                file,
+                format!("config key `position_embedding_type` is {pos}; only \"absolute\" is supported"),
+            ));
         }
         let cfg = BertConfig {
             vocab_size: usize_key("vocab_size")?,
@@ -80,7 +80,7 @@ impl BertConfig {
             pad_token_id: obj.get("pad_token_id").and_then(Value::as_i64).unwrap_or(0) as i32,
             raw: obj.clone(),
         };
-        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(Error::input(
                 file,
                 format!(

@@ -24,7 +24,7 @@ impl EmbeddingOps for Cpu {
         out: &mut [f32],
         accumulate: bool,
     ) -> Result<()> {
-        check("embedding_forward", dim > 0 && out.len() == ids.len() * dim && table.len() % dim == 0, || {
+        check("embedding_forward", dim > 0 && out.len() == ids.len() * dim && table.len().is_multiple_of(dim), || {
             format!("out len {} != ids {} x dim {dim}", out.len(), ids.len())
         })?;
         check_ids("embedding_forward", ids, table.len() / dim)?;
@@ -43,9 +43,11 @@ impl EmbeddingOps for Cpu {
     }
 
     fn embedding_backward(&self, ids: &Vec<i32>, dout: &[f32], dim: usize, dtable: &mut [f32]) -> Result<()> {
-        check("embedding_backward", dim > 0 && dout.len() == ids.len() * dim && dtable.len() % dim == 0, || {
-            format!("dout len {} != ids {} x dim {dim}", dout.len(), ids.len())
-        })?;
+        check(
+            "embedding_backward",
+            dim > 0 && dout.len() == ids.len() * dim && dtable.len().is_multiple_of(dim),
+            || format!("dout len {} != ids {} x dim {dim}", dout.len(), ids.len()),
+        )?;
         check_ids("embedding_backward", ids, dtable.len() / dim)?;
         // Split the embedding dimension across threads so no two threads touch the same
         // element; within a thread, rows are visited in id order of appearance (deterministic).

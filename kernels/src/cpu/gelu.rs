@@ -27,7 +27,7 @@ pub(crate) fn gelu_grad(x: f32) -> f32 {
 impl GeluOps for Cpu {
     fn bias_gelu_forward(&self, pre: &mut [f32], bias: &[f32], out: &mut [f32]) -> Result<()> {
         let c = bias.len();
-        check("bias_gelu_forward", c > 0 && pre.len() % c == 0 && out.len() == pre.len(), || {
+        check("bias_gelu_forward", c > 0 && pre.len().is_multiple_of(c) && out.len() == pre.len(), || {
             format!("pre {} out {} bias {c}", pre.len(), out.len())
         })?;
         pre.par_chunks_mut(c * ROW_CHUNK).zip(out.par_chunks_mut(c * ROW_CHUNK)).for_each(|(p, o)| {
@@ -45,7 +45,7 @@ impl GeluOps for Cpu {
         let c = dbias.len();
         check(
             "bias_gelu_backward",
-            c > 0 && pre.len() % c == 0 && dout.len() == pre.len() && dpre.len() == pre.len(),
+            c > 0 && pre.len().is_multiple_of(c) && dout.len() == pre.len() && dpre.len() == pre.len(),
             || format!("pre {} dout {} dpre {} dbias {c}", pre.len(), dout.len(), dpre.len()),
         )?;
         dpre.par_chunks_mut(c * ROW_CHUNK).enumerate().for_each(|(chunk, d)| {

@@ -132,7 +132,7 @@ impl GemmOps for Cpu {
     }
 
     fn add_bias(&self, y: &mut [f32], bias: &[f32], cols: usize) -> Result<()> {
-        check("add_bias", cols == bias.len() && cols > 0 && y.len() % cols == 0, || {
+        check("add_bias", cols == bias.len() && cols > 0 && y.len().is_multiple_of(cols), || {
             format!("y len {} not a multiple of bias len {}", y.len(), bias.len())
         })?;
         y.par_chunks_mut(cols * ROW_CHUNK).for_each(|rows| {
@@ -146,7 +146,7 @@ impl GemmOps for Cpu {
     }
 
     fn bias_grad(&self, dy: &[f32], dbias: &mut [f32], cols: usize) -> Result<()> {
-        check("bias_grad", cols == dbias.len() && cols > 0 && dy.len() % cols == 0, || {
+        check("bias_grad", cols == dbias.len() && cols > 0 && dy.len().is_multiple_of(cols), || {
             format!("dy len {} not a multiple of dbias len {}", dy.len(), dbias.len())
         })?;
         let sum = column_sums(dy, cols);

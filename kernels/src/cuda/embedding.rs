@@ -21,9 +21,11 @@ impl EmbeddingOps for Cuda {
         accumulate: bool,
     ) -> Result<()> {
         let n = out.len / dim.max(1);
-        check("embedding_forward", dim > 0 && out.len == n * dim && n <= ids.len() && table.len % dim == 0, || {
-            format!("out {} ids {} dim {dim} table {}", out.len, ids.len(), table.len)
-        })?;
+        check(
+            "embedding_forward",
+            dim > 0 && out.len == n * dim && n <= ids.len() && table.len.is_multiple_of(dim),
+            || format!("out {} ids {} dim {dim} table {}", out.len, ids.len(), table.len),
+        )?;
         let (n64, d, rows, acc) = (n as i64, dim as i32, (table.len / dim) as i32, accumulate as i32);
         let idp = self.ids_ptr(ids);
         let mut l = self.stream().launch_builder(self.func(FORWARD)?);
@@ -34,9 +36,11 @@ impl EmbeddingOps for Cuda {
 
     fn embedding_backward(&self, ids: &CudaSlice<i32>, dout: DevRef<'_>, dim: usize, dtable: DevMut<'_>) -> Result<()> {
         let n = dout.len / dim.max(1);
-        check("embedding_backward", dim > 0 && dout.len == n * dim && n <= ids.len() && dtable.len % dim == 0, || {
-            format!("dout {} ids {} dim {dim} dtable {}", dout.len, ids.len(), dtable.len)
-        })?;
+        check(
+            "embedding_backward",
+            dim > 0 && dout.len == n * dim && n <= ids.len() && dtable.len.is_multiple_of(dim),
+            || format!("dout {} ids {} dim {dim} dtable {}", dout.len, ids.len(), dtable.len),
+        )?;
         let (n64, d, rows) = (n as i64, dim as i32, (dtable.len / dim) as i32);
         let idp = self.ids_ptr(ids);
         let mut l = self.stream().launch_builder(self.func(BACKWARD)?);

@@ -14,7 +14,7 @@ pub(crate) const SOURCE: KernelSource =
 impl GeluOps for Cuda {
     fn bias_gelu_forward(&self, pre: DevMut<'_>, bias: DevRef<'_>, out: DevMut<'_>) -> Result<()> {
         let c = bias.len;
-        check("bias_gelu_forward", c > 0 && pre.len % c == 0 && out.len == pre.len, || {
+        check("bias_gelu_forward", c > 0 && pre.len.is_multiple_of(c) && out.len == pre.len, || {
             format!("pre {} out {} bias {c}", pre.len, out.len)
         })?;
         let (n, ci) = (pre.len as i64, c as i32);
@@ -26,9 +26,11 @@ impl GeluOps for Cuda {
 
     fn bias_gelu_backward(&self, pre: DevRef<'_>, dout: DevRef<'_>, dpre: DevMut<'_>, dbias: DevMut<'_>) -> Result<()> {
         let c = dbias.len;
-        check("bias_gelu_backward", c > 0 && pre.len % c == 0 && dout.len == pre.len && dpre.len == pre.len, || {
-            format!("pre {} dout {} dpre {} dbias {c}", pre.len, dout.len, dpre.len)
-        })?;
+        check(
+            "bias_gelu_backward",
+            c > 0 && pre.len.is_multiple_of(c) && dout.len == pre.len && dpre.len == pre.len,
+            || format!("pre {} dout {} dpre {} dbias {c}", pre.len, dout.len, dpre.len),
+        )?;
         let n = pre.len as i64;
         let mut l = self.stream().launch_builder(self.func(BACKWARD)?);
         l.arg(&dpre.ptr).arg(&pre.ptr).arg(&dout.ptr).arg(&n);

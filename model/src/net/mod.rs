@@ -234,10 +234,10 @@ impl<B: Backend> Bert2Bert<B> {
     }
 
     fn workspace(&mut self, b: &B, batch: usize, s: usize, t: usize) -> Result<Workspace<B>> {
-        if let Some(ws) = self.ws.take() {
-            if ws.shape == (batch, s, t) {
-                return Ok(ws);
-            }
+        if let Some(ws) = self.ws.take()
+            && ws.shape == (batch, s, t)
+        {
+            return Ok(ws);
         }
         let (ec, dc) = (&self.config.encoder, &self.config.decoder);
         let c = ec.hidden_size;
