@@ -9,8 +9,8 @@ use crate::checkpoint::{bert_shapes, write_tensors};
 use crate::config::BertConfig;
 
 pub const WORDS: &[&str] = &[
-    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "and", "the", "lord", "said", "unto", "moses", "god", "he", "she", "was",
-    "is", "to", "of", "in", "light", "earth", "day", "night", ",", ".", "##s", "##eth",
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "and", "the", "lord", "said", "unto", "moses", "god", "he", "she",
+    "was", "is", "to", "of", "in", "light", "earth", "day", "night", ",", ".", "##s", "##eth",
 ];
 
 /// Pairs in the vocabulary above, KJV-like source and WEB-like target.
@@ -26,7 +26,8 @@ pub const PAIRS: &[(&str, &str)] = &[
 ];
 
 pub fn tokenizer_json() -> Value {
-    let vocab: serde_json::Map<String, Value> = WORDS.iter().enumerate().map(|(i, w)| (w.to_string(), json!(i))).collect();
+    let vocab: serde_json::Map<String, Value> =
+        WORDS.iter().enumerate().map(|(i, w)| (w.to_string(), json!(i))).collect();
     let added: Vec<Value> = WORDS[..5]
         .iter()
         .enumerate()
@@ -72,7 +73,8 @@ pub fn write_bert_dir(dir: &Path, seed: u64, break_tensor: Option<&str>) {
             (name, shape, vals)
         })
         .collect();
-    let refs: Vec<(String, Vec<usize>, &[f32])> = tensors.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice())).collect();
+    let refs: Vec<(String, Vec<usize>, &[f32])> =
+        tensors.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice())).collect();
     write_tensors(&dir.join("model.safetensors"), &refs).expect("write weights");
 }
 

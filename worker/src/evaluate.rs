@@ -5,11 +5,11 @@
 //! are lowercased before BLEU (sacreBLEU's `lowercase=True`); ROUGE lowercases by itself.
 
 use kernels::Backend;
+use model::Result;
 use model::data::{Batch, Pair, Special};
 use model::metrics::{Rouge, corpus_bleu, rouge};
 use model::net::{Bert2Bert, GenerateOptions, Inputs, PassOptions};
 use model::tokenizer::Tokenizer;
-use model::Result;
 
 #[derive(Clone, Debug)]
 pub struct EvalOptions {
@@ -68,12 +68,22 @@ pub fn evaluate<B: Backend>(
     let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
     for (s, t) in src.chunks(opts.batch_size.max(1)).zip(tgt.chunks(opts.batch_size.max(1))) {
         let batch = Batch::new(s, t, special, opts.max_source_len, opts.max_target_len);
-        let x = Inputs::new(b, batch.batch, batch.src_len, batch.tgt_len, &batch.src_ids, &batch.src_mask, &batch.dec_ids, &batch.labels)?;
+        let x = Inputs::new(
+            b,
+            batch.batch,
+            batch.src_len,
+            batch.tgt_len,
+            &batch.src_ids,
+            &batch.src_mask,
+            &batch.dec_ids,
+            &batch.labels,
+        )?;
         let l = net.pass(b, &x, PassOptions { train: false, seed: 0, label_smoothing: 0.0, grad_scale: None })?;
         loss_sum += l.sum();
         tokens += l.tokens();
     }
-    let mut result = EvalResult { loss: loss_sum / tokens.max(1) as f64, tokens, bleu: None, rouge: None, samples: Vec::new() };
+    let mut result =
+        EvalResult { loss: loss_sum / tokens.max(1) as f64, tokens, bleu: None, rouge: None, samples: Vec::new() };
     let Some(gen_opts) = opts.generate else {
         return Ok(result);
     };
@@ -94,7 +104,11 @@ pub fn evaluate<B: Backend>(
         result.rouge = Some(rouge(&hyps, &refs, true));
     }
     result.samples = (0..n.min(5))
-        .map(|i| Sample { source: pairs[i].source.clone(), reference: pairs[i].target.clone(), hypothesis: hyps[i].clone() })
+        .map(|i| Sample {
+            source: pairs[i].source.clone(),
+            reference: pairs[i].target.clone(),
+            hypothesis: hyps[i].clone(),
+        })
         .collect();
     Ok(result)
 }

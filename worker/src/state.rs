@@ -64,7 +64,8 @@ pub fn write_state(dir: &Path, st: &TrainingState) -> Result<()> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let bytes = safetensors::serialize(tensors, Some(meta)).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    let bytes =
+        safetensors::serialize(tensors, Some(meta)).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
     write_synced(&path, &bytes)
 }
 
@@ -72,11 +73,14 @@ pub fn read_state(dir: &Path) -> Result<TrainingState> {
     let path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&path).map_err(io(&path))?;
     let bad = |msg: String| Error::input(&path, msg);
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let meta = meta.metadata().clone().unwrap_or_default();
     let num = |key: &str| -> Result<u64> {
-        meta.get(key).and_then(|v| v.parse().ok()).ok_or_else(|| bad(format!("metadata `{key}` missing or not a number")))
+        meta.get(key)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad(format!("metadata `{key}` missing or not a number")))
     };
     let vec = |name: &str| -> Result<Vec<f32>> {
         let t = st.tensor(name).map_err(|_| bad(format!("missing tensor `{name}`")))?;
@@ -131,7 +135,8 @@ pub fn write_manifest(dir: &Path) -> Result<()> {
 pub fn verify_manifest(dir: &Path) -> Result<()> {
     let path = dir.join(MANIFEST_FILE);
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::input(&path, format!("invalid JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::input(&path, format!("invalid JSON: {e}")))?;
     let files = v.get("files").and_then(|f| f.as_object()).ok_or_else(|| Error::input(&path, "no `files` object"))?;
     for required in ["config.json", "model.safetensors", STATE_FILE] {
         if !files.contains_key(required) {
@@ -141,7 +146,9 @@ pub fn verify_manifest(dir: &Path) -> Result<()> {
     for (name, want) in files {
         let file = dir.join(name);
         let (bytes, sha) = sha256_file(&file)?;
-        if want.get("bytes").and_then(|b| b.as_u64()) != Some(bytes) || want.get("sha256").and_then(|s| s.as_str()) != Some(sha.as_str()) {
+        if want.get("bytes").and_then(|b| b.as_u64()) != Some(bytes)
+            || want.get("sha256").and_then(|s| s.as_str()) != Some(sha.as_str())
+        {
             return Err(Error::input(&file, "size or SHA-256 differs from manifest.json: the checkpoint is damaged"));
         }
     }

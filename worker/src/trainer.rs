@@ -100,8 +100,20 @@ impl<'a, B: Backend, C: Collective<B>> Trainer<'a, B, C> {
         let net = Bert2Bert::new(b, ck.config.clone(), ck.table.clone(), &ck.params)?;
         let opt = Optimizer::new(b, &ck.table, job.adamw())?;
         let schedule = job.schedule();
-        let mut trainer =
-            Trainer { b, coll, tok, train, sampler, valid, net, opt, schedule, step: 0, cursor: Cursor::default(), job };
+        let mut trainer = Trainer {
+            b,
+            coll,
+            tok,
+            train,
+            sampler,
+            valid,
+            net,
+            opt,
+            schedule,
+            step: 0,
+            cursor: Cursor::default(),
+            job,
+        };
         let resumed = trainer.resume()?;
         Ok((trainer, resumed))
     }
@@ -117,7 +129,10 @@ impl<'a, B: Backend, C: Collective<B>> Trainer<'a, B, C> {
             return Err(Error::input(&dir, "checkpoint does not match the job's model shape"));
         }
         if st.seed != self.job.training.seed {
-            return Err(Error::input(&dir, format!("checkpoint was trained with seed {}, the job says {}", st.seed, self.job.training.seed)));
+            return Err(Error::input(
+                &dir,
+                format!("checkpoint was trained with seed {}, the job says {}", st.seed, self.job.training.seed),
+            ));
         }
         let b = self.b;
         b.copy(b.view(&b.upload(&ck.params)?, 0..n), b.view_mut(&mut self.net.params, 0..n))?;
@@ -149,9 +164,19 @@ impl<'a, B: Backend, C: Collective<B>> Trainer<'a, B, C> {
         let special = self.tok.special();
         for (j, micro) in shard(&global, job.micro_batch(), rank, world).into_iter().enumerate() {
             let batch = self.train.batch(micro, special, d.max_source_len, d.max_target_len)?;
-            let x = Inputs::new(b, batch.batch, batch.src_len, batch.tgt_len, &batch.src_ids, &batch.src_mask, &batch.dec_ids, &batch.labels)?;
+            let x = Inputs::new(
+                b,
+                batch.batch,
+                batch.src_len,
+                batch.tgt_len,
+                &batch.src_ids,
+                &batch.src_mask,
+                &batch.dec_ids,
+                &batch.labels,
+            )?;
             let seed = rng::derive(t.seed, self.step.wrapping_mul(1 << 20) + (rank + j * world) as u64);
-            let opts = PassOptions { train: true, seed, label_smoothing: t.label_smoothing, grad_scale: Some(grad_scale) };
+            let opts =
+                PassOptions { train: true, seed, label_smoothing: t.label_smoothing, grad_scale: Some(grad_scale) };
             loss_sum += self.net.pass(b, &x, opts)?.sum();
             tokens += batch.batch * (batch.src_len + batch.tgt_len);
         }
@@ -169,7 +194,15 @@ impl<'a, B: Backend, C: Collective<B>> Trainer<'a, B, C> {
         if !loss.is_finite() {
             return Err(Error::Other(format!("loss is {loss} at step {}: training diverged", self.step)));
         }
-        Ok(StepStats { step: self.step, total_steps: t.steps, loss, lr, grad_norm, tokens, step_ms: t0.elapsed().as_secs_f64() * 1e3 })
+        Ok(StepStats {
+            step: self.step,
+            total_steps: t.steps,
+            loss,
+            lr,
+            grad_norm,
+            tokens,
+            step_ms: t0.elapsed().as_secs_f64() * 1e3,
+        })
     }
 
     /// Validation loss and, when the job asks for them, generation metrics.
@@ -230,7 +263,12 @@ impl<'a, B: Backend, C: Collective<B>> Trainer<'a, B, C> {
 
     /// Train until `job.training.steps` (or `stop_after` more steps, to simulate a stop), with
     /// evaluation and checkpoints on their schedules; every event goes to `on_event`.
-    pub fn run(&mut self, stop_after: Option<u64>, max_generate: usize, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
+    pub fn run(
+        &mut self,
+        stop_after: Option<u64>,
+        max_generate: usize,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<()> {
         let total = self.job.training.steps;
         let end = stop_after.map(|k| (self.step + k).min(total)).unwrap_or(total);
         let every_ckpt = self.job.checkpoint.every_steps;

@@ -1,0 +1,601 @@
+//! A CPU collective over TCP: a bandwidth-optimal ring between data-parallel ranks.
+//!
+//! Every rank dials its right neighbour (`(rank + 1) % world`) and accepts one connection from its
+//! left neighbour, with a handshake of (magic, rank, world, token) both ways, so a stray
+//! connection or one left over from an earlier attempt (another token) is turned away.
+//!
+//! `all_reduce_avg` splits the buffer into `world` chunks (sizes may differ by one), runs a
+//! reduce-scatter of `world - 1` steps, divides each rank's finished chunk by `world`, and
+//! all-gathers it in `world - 1` more. In every step the chunk to send goes out from a helper
+//! thread in 256 KiB segments while the caller's thread receives and adds the incoming one, so
+//! sending and receiving overlap. Each chunk is summed in one fixed order along the ring and
+//! then copied bit for bit, so results are deterministic and identical on every rank.
+//!
+//! Every call starts with a header (op, root, length, sequence number) checked by the receiver,
+//! so ranks that disagree on the collective fail instead of mixing data. Every socket read and
+//! write has the configured timeout; any error shuts the sockets (which wakes the neighbours
+//! too) and poisons the collective, so later calls fail at once. Wire floats are little-endian.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::ops::Range;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kernels::collective::Collective;
+use kernels::{Cpu, KernelError, Result};
+
+const MAGIC_HELLO: u64 = 0x6232_6232_7269_6e67; // "b2b2ring"
+const MAGIC_ACK: u64 = 0x6232_6232_6163_6b21; // "b2b2ack!"
+const HELLO: usize = 32;
+const HEADER: usize = 24;
+const SEGMENT_BYTES: usize = 256 * 1024;
+
+#[derive(Clone, Copy, Debug)]
+#[rustfmt::skip]
+enum Op { AllReduce = 1, Broadcast = 2, ReduceScatter = 3, AllGather = 4 }
+
+/// A ring collective over TCP for the CPU backend. See the module docs.
+pub struct RingCollective {
+    rank: usize,
+    world: usize,
+    state: Mutex<State>,
+    poisoned: AtomicBool,
+    failure: Mutex<Option<String>>,
+    /// Clones of the two sockets, so `abort` can shut them while a collective runs.
+    handles: Vec<TcpStream>,
+}
+
+struct State {
+    links: Option<Links>,
+    seq: u64,
+}
+
+struct Links {
+    right: TcpStream,
+    left: TcpStream,
+    send_buf: Vec<u8>,
+    recv_buf: Vec<u8>,
+}
+
+impl RingCollective {
+    /// Join the ring as `rank` of `world`. `listener` is this rank's bound listener, `peers[r]`
+    /// rank r's listen address, and `token` names the job attempt (all ranks must agree). Gives up
+    /// with an error if the ring is not formed within `timeout`, which also bounds every later
+    /// socket read and write: it must exceed how long one rank may reach a collective after its
+    /// neighbours (compute imbalance), or a slow rank reads as a dead one.
+    pub fn connect(
+        rank: usize,
+        world: usize,
+        token: u64,
+        listener: TcpListener,
+        peers: &[SocketAddr],
+        timeout: Duration,
+    ) -> Result<Self> {
+        let bad = |what: String| Err(KernelError::Shape { op: "RingCollective::connect", what });
+        if world == 0 || rank >= world {
+            return bad(format!("rank {rank} out of world {world}"));
+        }
+        if peers.len() != world {
+            return bad(format!("{} peer addresses for world {world}", peers.len()));
+        }
+        if timeout.is_zero() {
+            return bad("zero timeout".into());
+        }
+        let mut me = Self {
+            rank,
+            world,
+            state: Mutex::new(State { links: None, seq: 0 }),
+            poisoned: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            handles: Vec::new(),
+        };
+        if world == 1 {
+            return Ok(me);
+        }
+        let (right_rank, left_rank) = ((rank + 1) % world, (rank + world - 1) % world);
+        let deadline = Instant::now() + timeout;
+        let stop = AtomicBool::new(false);
+        let (right, left) = thread::scope(|sc| {
+            let acceptor = sc.spawn(|| {
+                let r = accept_left(&listener, [rank, world, left_rank], token, deadline, &stop);
+                if r.is_err() {
+                    stop.store(true, Ordering::SeqCst);
+                }
+                r
+            });
+            let right = dial_right(peers[right_rank], [rank, world, right_rank], token, deadline, &stop);
+            if right.is_err() {
+                stop.store(true, Ordering::SeqCst);
+            }
+            let left = acceptor.join().unwrap_or_else(|_| Err(io::Error::other("accept thread panicked")));
+            (right, left)
+        });
+        let fail =
+            |side: &str, e: io::Error| KernelError::Unavailable(format!("ring rank {rank}/{world}: {side}: {e}"));
+        let right = right.map_err(|e| fail(&format!("connect to right neighbour rank {right_rank}"), e))?;
+        let left = left.map_err(|e| fail(&format!("accept from left neighbour rank {left_rank}"), e))?;
+        let setup = |s: &TcpStream| -> io::Result<TcpStream> {
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.set_write_timeout(Some(timeout))?;
+            s.try_clone()
+        };
+        let handles = [setup(&right), setup(&left)].into_iter().collect::<io::Result<Vec<_>>>();
+        me.handles = handles.map_err(|e| fail("socket setup", e))?;
+        let links = Links { right, left, send_buf: vec![0; SEGMENT_BYTES], recv_buf: vec![0; SEGMENT_BYTES] };
+        me.state = Mutex::new(State { links: Some(links), seq: 0 });
+        Ok(me)
+    }
+
+    /// Poison the collective and shut its sockets: a collective running on another thread, and
+    /// the neighbours, fail promptly instead of waiting for the timeout.
+    pub fn abort(&self) {
+        self.poison("aborted");
+    }
+
+    /// Whether an earlier error (or `abort`) has made the collective unusable.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
+    }
+
+    fn poison(&self, why: &str) {
+        if let Ok(mut f) = self.failure.lock()
+            && f.is_none()
+        {
+            *f = Some(why.to_string());
+        }
+        self.poisoned.store(true, Ordering::SeqCst);
+        for h in &self.handles {
+            let _ = h.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn error(&self, op: Op, what: impl std::fmt::Display) -> KernelError {
+        KernelError::Device(format!("ring rank {}/{}: {op:?}: {what}", self.rank, self.world))
+    }
+
+    /// Run one collective on the links: checks the poison flag, numbers the call, and poisons the
+    /// collective if anything fails.
+    fn run(
+        &self,
+        op: Op,
+        aux: usize,
+        len: usize,
+        f: impl FnOnce(&mut Links, &[u8; HEADER]) -> io::Result<()>,
+    ) -> Result<()> {
+        if self.is_poisoned() {
+            let why = self.failure.lock().ok().and_then(|f| f.clone()).unwrap_or_default();
+            return Err(self.error(op, format_args!("poisoned by an earlier error: {why}")));
+        }
+        let mut st = match self.state.lock() {
+            Ok(st) => st,
+            Err(_) => {
+                self.poison("a collective panicked");
+                return Err(self.error(op, "state lock poisoned"));
+            }
+        };
+        st.seq += 1;
+        let header = encode_header(op, aux, len, st.seq);
+        let Some(links) = st.links.as_mut() else { return Ok(()) };
+        f(links, &header).map_err(|e| {
+            let err = self.error(op, &e);
+            self.poison(&err.to_string());
+            err
+        })
+    }
+
+    fn shape(&self, op: Op, what: String) -> Result<()> {
+        let err = KernelError::Shape { op: "RingCollective", what: format!("{op:?}: {what}") };
+        if self.world > 1 {
+            self.poison(&err.to_string());
+        }
+        Err(err)
+    }
+}
+
+impl Collective<Cpu> for RingCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_avg(&self, _b: &Cpu, buf: &mut [f32]) -> Result<()> {
+        let (r, w) = (self.rank, self.world);
+        if w == 1 || buf.is_empty() {
+            return self.run(Op::AllReduce, 0, buf.len(), |_, _| Ok(()));
+        }
+        self.run(Op::AllReduce, 0, buf.len(), |l, h| {
+            let chunks = chunk_ranges(buf.len(), w);
+            l.ring_pass(buf, &chunks, r, true, Some(h))?;
+            let owned = (r + 1) % w;
+            let scale = w as f32;
+            buf[chunks[owned].clone()].iter_mut().for_each(|v| *v /= scale);
+            l.ring_pass(buf, &chunks, owned, false, None)
+        })
+    }
+
+    fn broadcast(&self, _b: &Cpu, buf: &mut [f32], root: usize) -> Result<()> {
+        if root >= self.world {
+            return self.shape(Op::Broadcast, format!("root {root} out of world {}", self.world));
+        }
+        if self.world == 1 || buf.is_empty() {
+            return self.run(Op::Broadcast, root, buf.len(), |_, _| Ok(()));
+        }
+        let (r, w) = (self.rank, self.world);
+        self.run(Op::Broadcast, root, buf.len(), |l, h| l.broadcast(buf, r == root, (r + 1) % w != root, h))
+    }
+
+    fn reduce_scatter_avg(&self, _b: &Cpu, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        let (r, w, n) = (self.rank, self.world, recv.len());
+        if send.len() != w * n {
+            return self.shape(Op::ReduceScatter, format!("send {} != world {w} * recv {n}", send.len()));
+        }
+        if w == 1 || n == 0 {
+            recv.copy_from_slice(send);
+            return self.run(Op::ReduceScatter, 0, n, |_, _| Ok(()));
+        }
+        self.run(Op::ReduceScatter, 0, n, |l, h| {
+            let mut work = send.to_vec();
+            let chunks: Vec<_> = (0..w).map(|i| i * n..(i + 1) * n).collect();
+            l.ring_pass(&mut work, &chunks, (r + w - 1) % w, true, Some(h))?;
+            let scale = w as f32;
+            recv.iter_mut().zip(&work[chunks[r].clone()]).for_each(|(d, s)| *d = *s / scale);
+            Ok(())
+        })
+    }
+
+    fn all_gather(&self, _b: &Cpu, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        let (r, w, n) = (self.rank, self.world, send.len());
+        if recv.len() != w * n {
+            return self.shape(Op::AllGather, format!("recv {} != world {w} * send {n}", recv.len()));
+        }
+        recv[r * n..(r + 1) * n].copy_from_slice(send);
+        if w == 1 || n == 0 {
+            return self.run(Op::AllGather, 0, n, |_, _| Ok(()));
+        }
+        self.run(Op::AllGather, 0, n, |l, h| {
+            let chunks: Vec<_> = (0..w).map(|i| i * n..(i + 1) * n).collect();
+            l.ring_pass(recv, &chunks, r, false, Some(h))
+        })
+    }
+
+    fn wait(&self, _b: &Cpu) -> Result<()> {
+        Ok(())
+    }
+
+    fn wait_timeout(&self, _b: &Cpu, _limit: Duration) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Links {
+    /// `world - 1` ring steps over `chunks` of `buf`: at step s this rank sends chunk
+    /// `first - s` and receives chunk `first - s - 1` (mod world), adding it into its own values
+    /// (`reduce`) or overwriting them. The header goes with the first step.
+    fn ring_pass(
+        &mut self,
+        buf: &mut [f32],
+        chunks: &[Range<usize>],
+        first: usize,
+        reduce: bool,
+        header: Option<&[u8; HEADER]>,
+    ) -> io::Result<()> {
+        let w = chunks.len();
+        for s in 0..w - 1 {
+            let send = chunks[(first + w - s) % w].clone();
+            let recv = chunks[(first + 2 * w - s - 1) % w].clone();
+            self.step(buf, send, recv, reduce, if s == 0 { header } else { None })?;
+        }
+        Ok(())
+    }
+
+    /// Send `buf[send]` to the right while receiving `buf[recv]` from the left (disjoint ranges).
+    fn step(
+        &mut self,
+        buf: &mut [f32],
+        send: Range<usize>,
+        recv: Range<usize>,
+        reduce: bool,
+        header: Option<&[u8; HEADER]>,
+    ) -> io::Result<()> {
+        let (out, inp): (&[f32], &mut [f32]) = if send.start < recv.start {
+            let (a, b) = buf.split_at_mut(recv.start);
+            (&a[send], &mut b[..recv.len()])
+        } else {
+            let (a, b) = buf.split_at_mut(send.start);
+            (&b[..send.len()], &mut a[recv])
+        };
+        let Links { right, left, send_buf, recv_buf } = self;
+        let (right, left) = (&*right, &*left);
+        let result = if out.is_empty() || inp.is_empty() {
+            // At most one element moves each way: no need for a second thread.
+            send_floats(right, header, out, send_buf).and_then(|()| recv_floats(left, header, inp, recv_buf, reduce))
+        } else {
+            thread::scope(|sc| {
+                let sender = sc.spawn(move || {
+                    let r = send_floats(right, header, out, send_buf);
+                    if r.is_err() {
+                        shut(right, left);
+                    }
+                    r
+                });
+                let received = recv_floats(left, header, inp, recv_buf, reduce);
+                if received.is_err() {
+                    shut(right, left);
+                }
+                let sent = sender.join().unwrap_or_else(|_| Err(io::Error::other("sender thread panicked")));
+                match (sent, received) {
+                    (Ok(()), Ok(())) => Ok(()),
+                    (Err(e), Ok(())) => Err(context(e, "send to right")),
+                    (Ok(()), Err(e)) => Err(context(e, "receive from left")),
+                    (Err(s), Err(r)) => {
+                        Err(io::Error::new(r.kind(), format!("send to right: {s}; receive from left: {r}")))
+                    }
+                }
+            })
+        };
+        if result.is_err() {
+            shut(right, left);
+        }
+        result
+    }
+
+    /// Chain broadcast from the root along the ring, forwarding each segment as it arrives.
+    fn broadcast(&mut self, buf: &mut [f32], is_root: bool, forward: bool, header: &[u8; HEADER]) -> io::Result<()> {
+        let Links { right, left, send_buf, recv_buf } = self;
+        let (mut right, mut left) = (&*right, &*left);
+        let result = if is_root {
+            send_floats(right, Some(header), buf, send_buf)
+        } else {
+            (|| {
+                check_header(left, header)?;
+                if forward {
+                    right.write_all(header)?;
+                }
+                for seg in buf.chunks_mut(SEGMENT_BYTES / 4) {
+                    let bytes = &mut recv_buf[..seg.len() * 4];
+                    left.read_exact(bytes)?;
+                    if forward {
+                        right.write_all(bytes)?;
+                    }
+                    decode(bytes, seg, false);
+                }
+                Ok(())
+            })()
+        };
+        if result.is_err() {
+            shut(right, left);
+        }
+        result
+    }
+}
+
+fn shut(a: &TcpStream, b: &TcpStream) {
+    let _ = a.shutdown(Shutdown::Both);
+    let _ = b.shutdown(Shutdown::Both);
+}
+
+fn context(e: io::Error, what: &str) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+fn send_floats(mut s: &TcpStream, header: Option<&[u8; HEADER]>, data: &[f32], bytes: &mut [u8]) -> io::Result<()> {
+    if let Some(h) = header {
+        s.write_all(h)?;
+    }
+    for seg in data.chunks(SEGMENT_BYTES / 4) {
+        let out = &mut bytes[..seg.len() * 4];
+        for (d, v) in out.chunks_exact_mut(4).zip(seg) {
+            d.copy_from_slice(&v.to_le_bytes());
+        }
+        s.write_all(out)?;
+    }
+    Ok(())
+}
+
+fn recv_floats(
+    mut s: &TcpStream,
+    header: Option<&[u8; HEADER]>,
+    data: &mut [f32],
+    bytes: &mut [u8],
+    reduce: bool,
+) -> io::Result<()> {
+    if let Some(h) = header {
+        check_header(s, h)?;
+    }
+    for seg in data.chunks_mut(SEGMENT_BYTES / 4) {
+        let inp = &mut bytes[..seg.len() * 4];
+        s.read_exact(inp)?;
+        decode(inp, seg, reduce);
+    }
+    Ok(())
+}
+
+fn decode(bytes: &[u8], dst: &mut [f32], reduce: bool) {
+    let vals = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    if reduce {
+        dst.iter_mut().zip(vals).for_each(|(d, v)| *d += v);
+    } else {
+        dst.iter_mut().zip(vals).for_each(|(d, v)| *d = v);
+    }
+}
+
+fn encode_header(op: Op, aux: usize, len: usize, seq: u64) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..4].copy_from_slice(&(op as u32).to_le_bytes());
+    h[4..8].copy_from_slice(&(aux as u32).to_le_bytes());
+    h[8..16].copy_from_slice(&(len as u64).to_le_bytes());
+    h[16..].copy_from_slice(&seq.to_le_bytes());
+    h
+}
+
+fn check_header(mut s: &TcpStream, expect: &[u8; HEADER]) -> io::Result<()> {
+    let mut got = [0u8; HEADER];
+    s.read_exact(&mut got)?;
+    if &got == expect {
+        return Ok(());
+    }
+    let field = |h: &[u8; HEADER], r: Range<usize>| h[r].iter().rev().fold(0u64, |a, &b| a << 8 | b as u64);
+    let show = |h: &[u8; HEADER]| {
+        format!("op {} root {} len {} call #{}", field(h, 0..4), field(h, 4..8), field(h, 8..16), field(h, 16..24))
+    };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("left neighbour is in a different collective ({}) than this rank ({})", show(&got), show(expect)),
+    ))
+}
+
+fn chunk_ranges(n: usize, parts: usize) -> Vec<Range<usize>> {
+    let (base, rem) = (n / parts, n % parts);
+    let mut start = 0;
+    (0..parts)
+        .map(|i| {
+            let len = base + usize::from(i < rem);
+            start += len;
+            start - len..start
+        })
+        .collect()
+}
+
+fn hello(magic: u64, rank: usize, world: usize, token: u64) -> [u8; HELLO] {
+    let mut h = [0u8; HELLO];
+    for (i, v) in [magic, rank as u64, world as u64, token].into_iter().enumerate() {
+        h[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    h
+}
+
+fn set_deadline(s: &TcpStream, deadline: Instant) -> io::Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    s.set_read_timeout(Some(left))?;
+    s.set_write_timeout(Some(left))
+}
+
+fn timed_out(what: String, last: Option<io::Error>) -> io::Error {
+    let last = last.map(|e| format!(" (last error: {e})")).unwrap_or_default();
+    io::Error::new(io::ErrorKind::TimedOut, format!("{what}{last}"))
+}
+
+/// Dial the right neighbour until it accepts our hello and answers as the rank we expect.
+/// `ids` is (this rank, world, right rank).
+fn dial_right(
+    addr: SocketAddr,
+    [rank, world, right]: [usize; 3],
+    token: u64,
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> io::Result<TcpStream> {
+    let mut last = None;
+    loop {
+        let now = Instant::now();
+        if stop.load(Ordering::SeqCst) {
+            return Err(io::Error::other("stopped: accepting from the left failed"));
+        }
+        if now >= deadline {
+            return Err(timed_out(format!("no handshake with {addr} before the timeout"), last));
+        }
+        let attempt = TcpStream::connect_timeout(&addr, deadline - now).and_then(|mut s| {
+            set_deadline(&s, deadline)?;
+            s.set_nodelay(true)?;
+            s.write_all(&hello(MAGIC_HELLO, rank, world, token))?;
+            let mut reply = [0u8; HELLO];
+            s.read_exact(&mut reply).map_err(|e| context(e, "handshake rejected or unanswered"))?;
+            if reply != hello(MAGIC_ACK, right, world, token) {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected handshake reply"));
+            }
+            Ok(s)
+        });
+        match attempt {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+        thread::sleep(Duration::from_millis(10).min(deadline.saturating_duration_since(Instant::now())));
+    }
+}
+
+/// Accept connections until one says hello as our left neighbour with our world and token.
+/// `ids` is (this rank, world, left rank).
+fn accept_left(
+    listener: &TcpListener,
+    [rank, world, left]: [usize; 3],
+    token: u64,
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> io::Result<TcpStream> {
+    listener.set_nonblocking(true)?;
+    let mut last = None;
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return Err(io::Error::other("stopped: connecting to the right failed"));
+        }
+        if Instant::now() >= deadline {
+            return Err(timed_out(format!("no valid hello from rank {left} before the timeout"), last));
+        }
+        match listener.accept() {
+            Ok((mut s, from)) => {
+                let check = (|| {
+                    s.set_nonblocking(false)?;
+                    set_deadline(&s, deadline)?;
+                    let mut got = [0u8; HELLO];
+                    s.read_exact(&mut got)?;
+                    if got != hello(MAGIC_HELLO, left, world, token) {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("rejected hello from {from}")));
+                    }
+                    s.write_all(&hello(MAGIC_ACK, rank, world, token))
+                })();
+                match check {
+                    Ok(()) => return Ok(s),
+                    Err(e) => last = Some(e), // dropping `s` closes it: the dialer sees the refusal
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(2)),
+            Err(e) => {
+                last = Some(e);
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_uneven_lengths() {
+        assert_eq!(chunk_ranges(7, 3), vec![0..3, 3..5, 5..7]);
+        assert_eq!(chunk_ranges(1, 4), vec![0..1, 1..1, 1..1, 1..1]);
+    }
+
+    /// A stray connection with the wrong token reaches rank 0 first; rank 0 turns it away and
+    /// still forms the ring with the real rank 1.
+    #[test]
+    fn stray_connection_is_rejected() {
+        let ls: Vec<_> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let addrs: Vec<_> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+        let mut stray = TcpStream::connect(addrs[0]).unwrap();
+        stray.write_all(&hello(MAGIC_HELLO, 1, 2, 99)).unwrap();
+        let t = Duration::from_secs(5);
+        let rings: Vec<_> = thread::scope(|sc| {
+            let hs: Vec<_> = ls
+                .into_iter()
+                .enumerate()
+                .map(|(r, l)| {
+                    let addrs = &addrs;
+                    sc.spawn(move || RingCollective::connect(r, 2, 7, l, addrs, t))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut reply = [0u8; HELLO];
+        stray.set_read_timeout(Some(t)).unwrap();
+        assert!(stray.read_exact(&mut reply).is_err(), "the stray connection was answered");
+        assert!(rings.iter().all(|r| r.is_ok()));
+    }
+}
