@@ -6,8 +6,10 @@ mod device;
 mod eval;
 mod generate;
 mod init;
+mod remote;
 mod score;
 mod selftest;
+mod serve;
 mod train;
 
 use std::process::ExitCode;
@@ -37,6 +39,16 @@ enum Command {
     Generate(generate::Args),
     /// Loss and BLEU/ROUGE of a model on a data file.
     Eval(eval::Args),
+    /// Serve the job and worker gRPC APIs (jobs persist in --state).
+    Coordinator(serve::Args),
+    /// Submit a job file to a coordinator; prints the job id.
+    Submit(remote::SubmitArgs),
+    /// Show one job of a coordinator.
+    Status(remote::StatusArgs),
+    /// List a coordinator's jobs, newest first.
+    List(remote::ListArgs),
+    /// Cancel a job; its workers stop.
+    Cancel(remote::CancelArgs),
 }
 
 /// A failure with the exit code it deserves.
@@ -86,6 +98,11 @@ fn main() -> ExitCode {
         Command::Train(a) => train::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Coordinator(a) => serve::run(a),
+        Command::Submit(a) => remote::submit(a),
+        Command::Status(a) => remote::status(a),
+        Command::List(a) => remote::list(a),
+        Command::Cancel(a) => remote::cancel(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

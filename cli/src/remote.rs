@@ -1,0 +1,310 @@
+//! `bert2bert submit | status | list | cancel`: JobService clients of a running coordinator.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use model::job::JobSpec;
+use proto::v1;
+use proto::v1::job_service_client::JobServiceClient;
+use serde_json::json;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+use crate::{CliError, CliResult};
+
+/// Where the coordinator is and how to authenticate.
+#[derive(clap::Args, Clone)]
+pub struct Conn {
+    /// The coordinator, e.g. http://10.0.0.5:7070 (a bare HOST:PORT means http).
+    #[arg(long, env = "BERT2BERT_COORDINATOR", value_name = "URL")]
+    coordinator: String,
+    /// File holding the client bearer token (first line). Default: $BERT2BERT_TOKEN.
+    #[arg(long, value_name = "F")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct SubmitArgs {
+    /// The job file (YAML); it is checked here first, then sent with absolute paths.
+    job: PathBuf,
+    #[command(flatten)]
+    conn: Conn,
+    /// Print progress and events (on stderr) until the job ends.
+    #[arg(long)]
+    watch: bool,
+    /// Wait for the job to end; exit 0 only if it SUCCEEDED.
+    #[arg(long)]
+    wait: bool,
+}
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    job_id: String,
+    #[command(flatten)]
+    conn: Conn,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// One JSON object (`{"jobs": [..]}`) on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct CancelArgs {
+    job_id: String,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Client = JobServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// gRPC failures: the caller's fault (bad input, unknown job, bad token) is exit code 2.
+fn status_error(s: Status) -> CliError {
+    let code = match s.code() {
+        Code::InvalidArgument | Code::NotFound | Code::OutOfRange | Code::Unauthenticated | Code::PermissionDenied => 2,
+        _ => 1,
+    };
+    CliError { code, error: anyhow::anyhow!("{}: {}", code_name(s.code()), s.message()) }
+}
+
+fn code_name(c: Code) -> String {
+    format!("{c:?}").chars().fold(String::new(), |mut out, ch| {
+        if ch.is_uppercase() && !out.is_empty() {
+            out.push('_');
+        }
+        out.push(ch.to_ascii_uppercase());
+        out
+    })
+}
+
+fn runtime() -> CliResult<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+async fn connect(conn: &Conn) -> CliResult<Client> {
+    let token = crate::serve::read_token(conn.token_file.as_ref(), "BERT2BERT_TOKEN")?
+        .map(|t| format!("Bearer {t}").parse())
+        .transpose()
+        .map_err(|_| CliError::usage("the token must be printable ASCII"))?;
+    let url = if conn.coordinator.contains("://") {
+        conn.coordinator.clone()
+    } else {
+        format!("http://{}", conn.coordinator)
+    };
+    let endpoint = Channel::from_shared(url.clone())
+        .map_err(|e| CliError::usage(format!("--coordinator {url}: {e}")))?
+        .connect_timeout(Duration::from_secs(10));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| CliError { code: 1, error: anyhow::anyhow!("cannot reach the coordinator at {url}: {e}") })?;
+    Ok(JobServiceClient::with_interceptor(channel, Bearer(token)))
+}
+
+fn state_name(j: &v1::Job) -> &'static str {
+    match j.state() {
+        v1::JobState::Unspecified => "UNSPECIFIED",
+        v1::JobState::Pending => "PENDING",
+        v1::JobState::Running => "RUNNING",
+        v1::JobState::Succeeded => "SUCCEEDED",
+        v1::JobState::Failed => "FAILED",
+        v1::JobState::Cancelled => "CANCELLED",
+    }
+}
+
+fn is_terminal(j: &v1::Job) -> bool {
+    matches!(j.state(), v1::JobState::Succeeded | v1::JobState::Failed | v1::JobState::Cancelled)
+}
+
+fn job_json(j: &v1::Job) -> serde_json::Value {
+    json!({
+        "id": j.id, "name": j.name, "state": state_name(j), "step": j.step, "total_steps": j.total_steps,
+        "restarts": j.restarts, "reason": j.reason, "checkpoint_step": j.checkpoint_step,
+        "workers": j.workers, "min_workers": j.min_workers,
+        "created_unix_ms": j.created_unix_ms, "updated_unix_ms": j.updated_unix_ms,
+    })
+}
+
+pub fn submit(a: SubmitArgs) -> CliResult {
+    let spec = JobSpec::from_file(&a.job)?;
+    runtime()?.block_on(async move {
+        let mut c = connect(&a.conn).await?;
+        let req = v1::SubmitJobRequest { job_yaml: spec.to_yaml() };
+        let job = c.submit(req).await.map_err(status_error)?.into_inner().job.unwrap_or_default();
+        println!("{}", job.id);
+        if !(a.wait || a.watch) {
+            return Ok(());
+        }
+        let last = follow(&mut c, &job.id, a.watch).await?;
+        if a.wait && last.state() != v1::JobState::Succeeded {
+            let why = if last.reason.is_empty() { String::new() } else { format!(": {}", last.reason) };
+            return Err(CliError { code: 1, error: anyhow::anyhow!("job {} {}{why}", last.id, state_name(&last)) });
+        }
+        Ok(())
+    })
+}
+
+/// Follows a job to its end through Watch, reconnecting while the coordinator is away (e.g.
+/// restarting); returns the job in its terminal state.
+async fn follow(c: &mut Client, id: &str, print: bool) -> CliResult<v1::Job> {
+    use v1::watch_job_response::Event;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let stream = c.watch(v1::WatchJobRequest { job_id: id.to_owned() }).await;
+        let mut stream = match stream {
+            Ok(s) => s.into_inner(),
+            Err(s) if retryable(&s) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            Err(s) => return Err(status_error(s)),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(msg)) => {
+                    backoff = Duration::from_millis(200);
+                    match msg.event {
+                        Some(Event::Job(j)) => {
+                            if print {
+                                eprintln!("{} {} step {}/{}", j.id, state_name(&j), j.step, j.total_steps);
+                            }
+                            if is_terminal(&j) {
+                                return Ok(j);
+                            }
+                        }
+                        Some(Event::Progress(p)) if print => eprintln!(
+                            "step {}/{} loss {:.4} lr {:.3e} {:.0} tok/s eta {:.0}s",
+                            p.step, p.total_steps, p.loss, p.lr, p.tokens_per_s, p.eta_s
+                        ),
+                        Some(Event::Eval(e)) if print => eprintln!(
+                            "eval step {} loss {:.4} bleu {:?} rougeL {:?}",
+                            e.step, e.loss, e.bleu, e.rouge_l
+                        ),
+                        Some(Event::Worker(w)) if print => {
+                            eprintln!("worker {} rank {} {:?} {}", w.worker_id, w.rank, w.kind(), w.message)
+                        }
+                        _ => {}
+                    }
+                }
+                // The stream ended without a terminal state or broke: ask again.
+                Ok(None) => break,
+                Err(s) if retryable(&s) => break,
+                Err(s) => return Err(status_error(s)),
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn retryable(s: &Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal)
+}
+
+pub fn status(a: StatusArgs) -> CliResult {
+    runtime()?.block_on(async move {
+        let mut c = connect(&a.conn).await?;
+        let req = v1::GetJobRequest { job_id: a.job_id.clone() };
+        let j = c.get(req).await.map_err(status_error)?.into_inner().job.unwrap_or_default();
+        if a.json {
+            println!("{}", job_json(&j));
+        } else {
+            println!("id:          {}", j.id);
+            println!("name:        {}", j.name);
+            println!("state:       {}", state_name(&j));
+            println!("step:        {}/{}", j.step, j.total_steps);
+            println!("checkpoint:  {}", j.checkpoint_step);
+            println!("workers:     {} (min {})", j.workers, j.min_workers);
+            println!("restarts:    {}", j.restarts);
+            if !j.reason.is_empty() {
+                println!("reason:      {}", j.reason);
+            }
+        }
+        Ok(())
+    })
+}
+
+pub fn list(a: ListArgs) -> CliResult {
+    runtime()?.block_on(async move {
+        let mut c = connect(&a.conn).await?;
+        let jobs = c.list(v1::ListJobsRequest::default()).await.map_err(status_error)?.into_inner().jobs;
+        if a.json {
+            println!("{}", json!({ "jobs": jobs.iter().map(job_json).collect::<Vec<_>>() }));
+        } else {
+            print!("{}", table(&jobs));
+        }
+        Ok(())
+    })
+}
+
+/// Jobs as a table with aligned columns.
+fn table(jobs: &[v1::Job]) -> String {
+    let mut rows = vec![["ID", "NAME", "STATE", "STEP", "RESTARTS", "REASON"].map(String::from).to_vec()];
+    for j in jobs {
+        rows.push(vec![
+            j.id.clone(),
+            j.name.clone(),
+            state_name(j).to_owned(),
+            format!("{}/{}", j.step, j.total_steps),
+            j.restarts.to_string(),
+            j.reason.clone(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn cancel(a: CancelArgs) -> CliResult {
+    runtime()?.block_on(async move {
+        let mut c = connect(&a.conn).await?;
+        let req = v1::CancelJobRequest { job_id: a.job_id.clone(), reason: String::new() };
+        let j = c.cancel(req).await.map_err(status_error)?.into_inner().job.unwrap_or_default();
+        println!("{} {}", j.id, state_name(&j));
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_columns_line_up() {
+        let a = v1::Job { id: "job-1".into(), name: "a".into(), state: 1, total_steps: 10, ..Default::default() };
+        let b = v1::Job { id: "job-12".into(), name: "longer".into(), state: 5, reason: "x".into(), ..a.clone() };
+        let t = table(&[a, b]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        let col = |l: &str| l.find("STATE").or_else(|| l.find("PENDING")).or_else(|| l.find("CANCELLED"));
+        assert_eq!(col(lines[0]), col(lines[1]));
+        assert_eq!(col(lines[1]), col(lines[2]));
+        assert_eq!(code_name(Code::InvalidArgument), "INVALID_ARGUMENT");
+    }
+}

@@ -1,0 +1,118 @@
+//! `bert2bert coordinator`: serve the job and worker APIs until SIGINT or SIGTERM.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{CliError, CliResult};
+
+#[derive(clap::Args)]
+#[command(after_help = "\
+Authentication: every JobService call needs `authorization: Bearer <token>`, the token from
+--token-file, or else from the BERT2BERT_TOKEN environment variable; one of them is required.
+WorkerService calls need the worker token: --worker-token-file, else BERT2BERT_WORKER_TOKEN, else
+the same token as clients. grpc.health.v1 and server reflection need no token.
+
+Once listening, the coordinator prints `listening on IP:PORT` on stdout (useful with port 0).
+Jobs live in DIR/coordinator.sqlite; a coordinator restarted on the same --state resumes them.")]
+pub struct Args {
+    /// HOST:PORT to listen on; port 0 picks a free port.
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: String,
+    /// State directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    state: PathBuf,
+    /// File holding the client bearer token (first line). Default: $BERT2BERT_TOKEN.
+    #[arg(long, value_name = "F")]
+    token_file: Option<PathBuf>,
+    /// File holding the worker bearer token. Default: $BERT2BERT_WORKER_TOKEN, else the client token.
+    #[arg(long, value_name = "F")]
+    worker_token_file: Option<PathBuf>,
+    /// Seconds without a heartbeat after which a worker is declared dead.
+    #[arg(long, default_value_t = 10.0, value_name = "S")]
+    heartbeat_timeout: f64,
+    /// The largest request accepted, in bytes.
+    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
+    max_request_bytes: usize,
+}
+
+/// A token from a file (its first line) or else an environment variable.
+pub fn read_token(file: Option<&PathBuf>, env: &str) -> CliResult<Option<String>> {
+    let token = match file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| CliError::usage(format!("cannot read token file {}: {e}", f.display())))?;
+            Some(text.lines().next().unwrap_or("").trim().to_owned())
+        }
+        None => std::env::var(env).ok().map(|t| t.trim().to_owned()),
+    };
+    match token {
+        Some(t) if t.is_empty() => Err(CliError::usage(match file {
+            Some(f) => format!("token file {} is empty", f.display()),
+            None => format!("{env} is empty"),
+        })),
+        t => Ok(t),
+    }
+}
+
+fn resolve(listen: &str) -> CliResult<SocketAddr> {
+    listen
+        .to_socket_addrs()
+        .map_err(|e| CliError::usage(format!("--listen {listen}: {e} (expected HOST:PORT)")))?
+        .next()
+        .ok_or_else(|| CliError::usage(format!("--listen {listen}: no address")))
+}
+
+pub fn run(a: Args) -> CliResult {
+    let listen = resolve(&a.listen)?;
+    let client = read_token(a.token_file.as_ref(), "BERT2BERT_TOKEN")?
+        .ok_or_else(|| CliError::usage("no token: pass --token-file F or set BERT2BERT_TOKEN"))?;
+    let worker = read_token(a.worker_token_file.as_ref(), "BERT2BERT_WORKER_TOKEN")?.unwrap_or_else(|| client.clone());
+    if !(a.heartbeat_timeout.is_finite() && a.heartbeat_timeout > 0.0) {
+        return Err(CliError::usage("--heartbeat-timeout must be a positive number of seconds"));
+    }
+    let mut config = coordinator::Config::new(listen, a.state, client);
+    config.worker_token = worker;
+    config.heartbeat_timeout = Duration::from_secs_f64(a.heartbeat_timeout);
+    config.heartbeat_interval = (config.heartbeat_timeout / 5).min(config.heartbeat_interval);
+    config.max_request_bytes = a.max_request_bytes;
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let running = coordinator::start(config).await.map_err(coordinator_error)?;
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "listening on {}", running.addr)?;
+            out.flush()?;
+        }
+        running.run_until(shutdown_signal()).await.map_err(coordinator_error)
+    })
+}
+
+pub fn coordinator_error(e: coordinator::Error) -> CliError {
+    let code = if matches!(e, coordinator::Error::InvalidArgument(_)) { 2 } else { 1 };
+    CliError { code, error: e.into() }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

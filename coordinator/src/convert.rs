@@ -1,0 +1,245 @@
+//! Every conversion between protobuf messages and domain types, in one place. Requests become
+//! checked domain values with `TryFrom`; a bad field is `Error::InvalidArgument` naming it.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use model::job::JobSpec;
+use proto::v1;
+
+use crate::domain::{
+    DeviceKind, EvalMetrics, Job, JobEvent, JobFilter, JobState, Progress, WorkerEvent, WorkerEventKind,
+};
+use crate::error::{Error, Result};
+use crate::workers::{Command, Registration};
+
+/// The longest id, name or address field a request may carry.
+const MAX_FIELD: usize = 256;
+
+fn id_field(field: &str, v: &str) -> Result<String> {
+    let v = v.trim();
+    if v.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if v.len() > MAX_FIELD || !v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        return Err(Error::invalid(field, format!("`{v}` is not an id (1 to {MAX_FIELD} of A-Z a-z 0-9 - _ .)")));
+    }
+    Ok(v.to_owned())
+}
+
+fn text_field(field: &str, v: String) -> Result<String> {
+    if v.len() > MAX_FIELD {
+        return Err(Error::invalid(field, format!("longer than {MAX_FIELD} bytes")));
+    }
+    Ok(v)
+}
+
+/// A submitted job, parsed and validated.
+pub struct Submit(pub JobSpec);
+
+impl TryFrom<v1::SubmitJobRequest> for Submit {
+    type Error = Error;
+    fn try_from(r: v1::SubmitJobRequest) -> Result<Self> {
+        // The origin names the field in every message: "job_yaml: training.steps: ...".
+        JobSpec::from_str(&r.job_yaml, Path::new("job_yaml")).map(Submit).map_err(|e| match e {
+            model::Error::Input { .. } => Error::InvalidArgument(e.to_string()),
+            other => Error::Internal(other.to_string()),
+        })
+    }
+}
+
+/// A request that names one job.
+pub struct JobId(pub String);
+
+impl TryFrom<v1::GetJobRequest> for JobId {
+    type Error = Error;
+    fn try_from(r: v1::GetJobRequest) -> Result<Self> {
+        id_field("job_id", &r.job_id).map(JobId)
+    }
+}
+
+impl TryFrom<v1::WatchJobRequest> for JobId {
+    type Error = Error;
+    fn try_from(r: v1::WatchJobRequest) -> Result<Self> {
+        id_field("job_id", &r.job_id).map(JobId)
+    }
+}
+
+pub struct Cancel {
+    pub job_id: String,
+    pub reason: String,
+}
+
+impl TryFrom<v1::CancelJobRequest> for Cancel {
+    type Error = Error;
+    fn try_from(r: v1::CancelJobRequest) -> Result<Self> {
+        Ok(Cancel { job_id: id_field("job_id", &r.job_id)?, reason: text_field("reason", r.reason)? })
+    }
+}
+
+fn job_state(field: &str, v: i32) -> Result<JobState> {
+    match v1::JobState::try_from(v) {
+        Ok(v1::JobState::Pending) => Ok(JobState::Pending),
+        Ok(v1::JobState::Running) => Ok(JobState::Running),
+        Ok(v1::JobState::Succeeded) => Ok(JobState::Succeeded),
+        Ok(v1::JobState::Failed) => Ok(JobState::Failed),
+        Ok(v1::JobState::Cancelled) => Ok(JobState::Cancelled),
+        Ok(v1::JobState::Unspecified) | Err(_) => Err(Error::invalid(field, format!("not a job state: {v}"))),
+    }
+}
+
+impl TryFrom<v1::ListJobsRequest> for JobFilter {
+    type Error = Error;
+    fn try_from(r: v1::ListJobsRequest) -> Result<Self> {
+        let states =
+            r.states.iter().enumerate().map(|(i, &s)| job_state(&format!("states[{i}]"), s)).collect::<Result<_>>()?;
+        Ok(JobFilter { states, limit: r.limit })
+    }
+}
+
+impl From<JobState> for v1::JobState {
+    fn from(s: JobState) -> Self {
+        match s {
+            JobState::Pending => v1::JobState::Pending,
+            JobState::Running => v1::JobState::Running,
+            JobState::Succeeded => v1::JobState::Succeeded,
+            JobState::Failed => v1::JobState::Failed,
+            JobState::Cancelled => v1::JobState::Cancelled,
+        }
+    }
+}
+
+impl From<Job> for v1::Job {
+    fn from(j: Job) -> Self {
+        v1::Job {
+            id: j.id,
+            name: j.name,
+            state: v1::JobState::from(j.state) as i32,
+            step: j.step,
+            total_steps: j.total_steps,
+            restarts: j.restarts,
+            reason: j.reason,
+            created_unix_ms: j.created_ms,
+            updated_unix_ms: j.updated_ms,
+            spec_yaml: j.spec_yaml,
+            workers: j.workers,
+            min_workers: j.min_workers,
+            checkpoint_step: j.checkpoint_step,
+        }
+    }
+}
+
+impl From<Progress> for v1::Progress {
+    fn from(p: Progress) -> Self {
+        v1::Progress {
+            step: p.step,
+            total_steps: p.total_steps,
+            loss: p.loss,
+            lr: p.lr,
+            tokens_per_s: p.tokens_per_s,
+            eta_s: p.eta_s,
+        }
+    }
+}
+
+impl From<EvalMetrics> for v1::EvalMetrics {
+    fn from(e: EvalMetrics) -> Self {
+        v1::EvalMetrics {
+            step: e.step,
+            loss: e.loss,
+            bleu: e.bleu,
+            rouge1: e.rouge1,
+            rouge2: e.rouge2,
+            rouge_l: e.rouge_l,
+        }
+    }
+}
+
+impl From<WorkerEvent> for v1::WorkerEvent {
+    fn from(w: WorkerEvent) -> Self {
+        let kind = match w.kind {
+            WorkerEventKind::Joined => v1::WorkerEventKind::Joined,
+            WorkerEventKind::Left => v1::WorkerEventKind::Left,
+            WorkerEventKind::Failed => v1::WorkerEventKind::Failed,
+            WorkerEventKind::Lost => v1::WorkerEventKind::Lost,
+            WorkerEventKind::Checkpoint => v1::WorkerEventKind::Checkpoint,
+        };
+        v1::WorkerEvent { worker_id: w.worker_id, rank: w.rank, kind: kind as i32, message: w.message }
+    }
+}
+
+/// A Watch message stamped with the time it was sent.
+pub fn watch_response(event: JobEvent, unix_ms: i64) -> v1::WatchJobResponse {
+    use v1::watch_job_response::Event;
+    let event = match event {
+        JobEvent::Job(j) => Event::Job(j.into()),
+        JobEvent::Progress(p) => Event::Progress(p.into()),
+        JobEvent::Eval(e) => Event::Eval(e.into()),
+        JobEvent::Worker(w) => Event::Worker(w.into()),
+    };
+    v1::WatchJobResponse { unix_ms, event: Some(event) }
+}
+
+impl TryFrom<v1::RegisterWorkerRequest> for Registration {
+    type Error = Error;
+    fn try_from(r: v1::RegisterWorkerRequest) -> Result<Self> {
+        let caps = r.capabilities.ok_or_else(|| Error::invalid("capabilities", "must be set"))?;
+        let device = DeviceKind::parse(&caps.device)
+            .ok_or_else(|| Error::invalid("capabilities.device", format!("`{}`: use cpu or cuda", caps.device)))?;
+        if !r.ring_address.is_empty() {
+            r.ring_address.parse::<SocketAddr>().map_err(|e| {
+                Error::invalid("ring_address", format!("`{}` is not an IP:PORT address ({e})", r.ring_address))
+            })?;
+        }
+        Ok(Registration {
+            hostname: text_field("hostname", r.hostname)?,
+            device,
+            device_index: caps.device_index,
+            ring_address: r.ring_address,
+            version: text_field("version", r.version)?,
+        })
+    }
+}
+
+/// A heartbeat: the worker and, when busy, the attempt it runs.
+pub struct Heartbeat {
+    pub worker_id: String,
+    pub job: Option<(String, u32)>,
+    pub step: u64,
+}
+
+impl TryFrom<v1::HeartbeatRequest> for Heartbeat {
+    type Error = Error;
+    fn try_from(r: v1::HeartbeatRequest) -> Result<Self> {
+        let job = if r.job_id.is_empty() { None } else { Some((id_field("job_id", &r.job_id)?, r.attempt)) };
+        Ok(Heartbeat { worker_id: id_field("worker_id", &r.worker_id)?, job, step: r.step })
+    }
+}
+
+impl From<Command> for v1::WorkerCommand {
+    fn from(c: Command) -> Self {
+        match c {
+            Command::Continue => v1::WorkerCommand::Continue,
+            Command::Stop => v1::WorkerCommand::Stop,
+            Command::Reregister => v1::WorkerCommand::Reregister,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_fields_are_named() {
+        let e = Submit::try_from(v1::SubmitJobRequest { job_yaml: "name: x\nbogus: 1\n".into() }).err().unwrap();
+        assert!(matches!(&e, Error::InvalidArgument(m) if m.starts_with("job_yaml: ") && m.contains("bogus")), "{e}");
+        let e = JobId::try_from(v1::GetJobRequest { job_id: " ".into() }).err().unwrap();
+        assert_eq!(e.to_string(), "job_id: must not be empty");
+        let e = JobFilter::try_from(v1::ListJobsRequest { states: vec![1, 42], limit: 0 }).err().unwrap();
+        assert!(e.to_string().starts_with("states[1]: "), "{e}");
+        let caps = v1::Capabilities { device: "tpu".into(), ..Default::default() };
+        let e = Registration::try_from(v1::RegisterWorkerRequest { capabilities: Some(caps), ..Default::default() });
+        assert!(e.err().unwrap().to_string().starts_with("capabilities.device: "));
+    }
+}

@@ -1,0 +1,191 @@
+//! The job manager: submit, get, list, cancel, and the per-job event broadcast behind Watch.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use model::job::JobSpec;
+use tokio::sync::broadcast;
+
+use crate::domain::{Clock, Job, JobEvent, JobFilter, JobState, NewJob};
+use crate::error::{Error, Result};
+use crate::store::Store;
+
+/// Events a slow watcher may fall behind by before it skips ahead (it is then sent the job's
+/// current state again).
+const EVENT_BUFFER: usize = 256;
+
+pub struct Jobs {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    /// One sender per job that has (or had) watchers; dropped when the job ends, which ends
+    /// the watchers' streams after they drain.
+    channels: Mutex<HashMap<String, broadcast::Sender<JobEvent>>>,
+    /// Serialises read-modify-write sequences on jobs.
+    write: Mutex<()>,
+}
+
+/// A watch: the job as it was when the subscription started, then its events.
+pub struct Subscription {
+    pub job: Job,
+    /// `None` when the job had already ended: there is nothing more to come.
+    pub events: Option<broadcast::Receiver<JobEvent>>,
+}
+
+impl Jobs {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Jobs {
+        Jobs { store, clock, channels: Mutex::new(HashMap::new()), write: Mutex::new(()) }
+    }
+
+    fn lock<'a, T>(m: &'a Mutex<T>) -> Result<std::sync::MutexGuard<'a, T>> {
+        m.lock().map_err(|_| Error::Internal("job manager lock poisoned".into()))
+    }
+
+    /// Stores a checked job; it starts PENDING.
+    pub fn submit(&self, spec: &JobSpec) -> Result<Job> {
+        let job = self.store.insert_job(NewJob {
+            name: spec.name.clone(),
+            spec_yaml: spec.to_yaml(),
+            total_steps: spec.training.steps,
+            workers: spec.resources.workers as u32,
+            min_workers: spec.resources.min_workers as u32,
+            created_ms: self.clock.now_ms(),
+        })?;
+        tracing::info!(job = %job.id, name = %job.name, "job submitted");
+        Ok(job)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Job> {
+        self.store.get_job(id)?.ok_or_else(|| Error::NotFound(format!("job_id: no job `{id}`")))
+    }
+
+    pub fn list(&self, filter: &JobFilter) -> Result<Vec<Job>> {
+        self.store.list_jobs(filter)
+    }
+
+    /// Cancels a PENDING or RUNNING job.
+    pub fn cancel(&self, id: &str, reason: &str) -> Result<Job> {
+        let reason = if reason.trim().is_empty() { "cancelled by user" } else { reason.trim() };
+        self.transition(id, |job| {
+            if job.state.is_terminal() {
+                return Err(Error::FailedPrecondition(format!(
+                    "job_id: job `{}` already ended ({})",
+                    job.id,
+                    job.state.as_str()
+                )));
+            }
+            job.state = JobState::Cancelled;
+            job.reason = reason.to_owned();
+            Ok(())
+        })
+    }
+
+    /// Applies `change` to the stored job under the write lock, stores it with a new updated
+    /// time and tells watchers. A change to a terminal state closes the job's broadcast.
+    pub fn transition(&self, id: &str, change: impl FnOnce(&mut Job) -> Result<()>) -> Result<Job> {
+        let job = {
+            let _w = Self::lock(&self.write)?;
+            let mut job = self.get(id)?;
+            change(&mut job)?;
+            job.updated_ms = self.clock.now_ms();
+            self.store.update_job(&job)?;
+            job
+        };
+        tracing::info!(job = %job.id, state = job.state.as_str(), reason = %job.reason, "job state");
+        self.publish(&job.id, JobEvent::Job(job.clone()));
+        if job.state.is_terminal() {
+            Self::lock(&self.channels).map(|mut c| c.remove(&job.id)).ok();
+        }
+        Ok(job)
+    }
+
+    /// Sends an event to the job's watchers, if any.
+    pub fn publish(&self, id: &str, event: JobEvent) {
+        if let Ok(channels) = Self::lock(&self.channels)
+            && let Some(tx) = channels.get(id)
+        {
+            // An error only means that nobody is watching right now.
+            let _ = tx.send(event);
+        }
+    }
+
+    /// Subscribes to a job's events. Subscribing before reading the job means no event between
+    /// the read and the first received event is lost.
+    pub fn watch(&self, id: &str) -> Result<Subscription> {
+        let rx = {
+            let mut channels = Self::lock(&self.channels)?;
+            channels.entry(id.to_owned()).or_insert_with(|| broadcast::channel(EVENT_BUFFER).0).subscribe()
+        };
+        let job = match self.get(id) {
+            Ok(job) => job,
+            Err(e) => {
+                self.forget_if_unwatched(id);
+                return Err(e);
+            }
+        };
+        if job.state.is_terminal() {
+            self.forget_if_unwatched(id);
+            return Ok(Subscription { job, events: None });
+        }
+        Ok(Subscription { job, events: Some(rx) })
+    }
+
+    fn forget_if_unwatched(&self, id: &str) {
+        if let Ok(mut channels) = Self::lock(&self.channels)
+            && channels.get(id).is_some_and(|tx| tx.receiver_count() <= 1)
+        {
+            channels.remove(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::domain::{FakeClock, Progress};
+    use crate::store::MemStore;
+
+    pub(crate) const JOB: &str = "name: t\nmodel: { init: /m }\ndata: { train: /d.jsonl }\n\
+        training: { steps: 10, global_batch: 4 }\nresources: { workers: 2, device: cpu }\n";
+
+    fn jobs() -> Jobs {
+        Jobs::new(Arc::new(MemStore::default()), Arc::new(FakeClock::new(1000)))
+    }
+
+    fn spec() -> JobSpec {
+        JobSpec::from_str(JOB, Path::new("job_yaml")).unwrap()
+    }
+
+    #[test]
+    fn submit_get_list_cancel() {
+        let j = jobs();
+        let a = j.submit(&spec()).unwrap();
+        let b = j.submit(&spec()).unwrap();
+        assert_eq!((a.state, a.total_steps, a.workers), (JobState::Pending, 10, 2));
+        assert_ne!(a.id, b.id);
+        assert_eq!(j.list(&JobFilter::default()).unwrap().iter().map(|x| &x.id).collect::<Vec<_>>(), [&b.id, &a.id]);
+        let c = j.cancel(&a.id, "").unwrap();
+        assert_eq!((c.state, c.reason.as_str()), (JobState::Cancelled, "cancelled by user"));
+        let only = j.list(&JobFilter { states: vec![JobState::Cancelled], limit: 0 }).unwrap();
+        assert_eq!(only.len(), 1);
+        assert!(matches!(j.cancel(&a.id, ""), Err(Error::FailedPrecondition(_))));
+        assert!(matches!(j.get("job-99"), Err(Error::NotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn watch_sees_events_then_closes_on_terminal_state() {
+        let j = jobs();
+        let job = j.submit(&spec()).unwrap();
+        let mut sub = j.watch(&job.id).unwrap();
+        assert_eq!(sub.job.state, JobState::Pending);
+        let rx = sub.events.as_mut().unwrap();
+        j.publish(&job.id, JobEvent::Progress(Progress { step: 1, ..Progress::default() }));
+        j.cancel(&job.id, "stop").unwrap();
+        assert!(matches!(rx.recv().await.unwrap(), JobEvent::Progress(p) if p.step == 1));
+        assert!(matches!(rx.recv().await.unwrap(), JobEvent::Job(x) if x.state == JobState::Cancelled));
+        assert!(rx.recv().await.is_err(), "closed after the terminal state");
+        let again = j.watch(&job.id).unwrap();
+        assert!(again.events.is_none());
+    }
+}

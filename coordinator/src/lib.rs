@@ -1,0 +1,254 @@
+//! The bert2bert coordinator: takes jobs over gRPC (`bert2bert.v1.JobService`), keeps them in
+//! an embedded SQLite database in its state directory, and tracks workers
+//! (`bert2bert.v1.WorkerService`) by their heartbeats.
+//!
+//! Layers, top down: [`service`] (thin gRPC handlers) -> [`convert`] (protobuf <-> domain) ->
+//! [`jobs`] / [`workers`] (domain state) -> [`store`] (persistence, a trait with an SQLite
+//! implementation and an in-memory fake). [`serve`] puts it together with bearer-token
+//! authentication ([`auth`]), request size limits, `grpc.health.v1` and server reflection.
+
+pub mod auth;
+pub mod convert;
+pub mod domain;
+pub mod error;
+pub mod jobs;
+pub mod service;
+pub mod store;
+pub mod workers;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::v1::job_service_server::JobServiceServer;
+use proto::v1::worker_service_server::WorkerServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+
+use crate::auth::BearerAuth;
+use crate::domain::{Clock, SystemClock};
+pub use crate::error::{Error, Result};
+use crate::jobs::Jobs;
+use crate::service::{JobApi, WorkerApi};
+use crate::store::{SqliteStore, Store};
+use crate::workers::Workers;
+
+/// The largest request metadata (HTTP/2 header list) accepted.
+const MAX_HEADER_BYTES: u32 = 16 << 10;
+
+/// How to run a coordinator.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where to listen; port 0 picks a free port (see [`start`]).
+    pub listen: SocketAddr,
+    /// Holds `coordinator.sqlite`; a coordinator restarted on the same directory resumes.
+    pub state_dir: PathBuf,
+    /// JobService callers must send `authorization: Bearer <client_token>`.
+    pub client_token: String,
+    /// WorkerService callers must send `authorization: Bearer <worker_token>`.
+    pub worker_token: String,
+    pub heartbeat_interval: Duration,
+    /// A worker silent for longer is marked dead.
+    pub heartbeat_timeout: Duration,
+    /// The largest request message accepted (RESOURCE_EXHAUSTED beyond it).
+    pub max_request_bytes: usize,
+}
+
+impl Config {
+    /// Defaults: 2 s heartbeats, 10 s timeout, 1 MiB requests; one token for clients and workers.
+    pub fn new(listen: SocketAddr, state_dir: impl Into<PathBuf>, token: impl Into<String>) -> Config {
+        let token = token.into();
+        Config {
+            listen,
+            state_dir: state_dir.into(),
+            client_token: token.clone(),
+            worker_token: token,
+            heartbeat_interval: Duration::from_secs(2),
+            heartbeat_timeout: Duration::from_secs(10),
+            max_request_bytes: 1 << 20,
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        for (what, t) in [("client token", &self.client_token), ("worker token", &self.worker_token)] {
+            if t.trim().is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(Error::InvalidArgument(format!("the {what} must be non-empty, without whitespace")));
+            }
+        }
+        if self.heartbeat_timeout <= self.heartbeat_interval {
+            return Err(Error::InvalidArgument("the heartbeat timeout must exceed the heartbeat interval".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Binds `config.listen` and serves until `shutdown` completes; open Watch streams then end
+/// with UNAVAILABLE and in-flight calls finish.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    config.check()?;
+    let listener = bind(config.listen).await?;
+    serve_on(listener, config, shutdown).await
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| Error::io(format!("cannot listen on {addr}"), e))
+}
+
+/// Serves on a bound listener (whose address the caller already knows).
+pub async fn serve_on(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    config.check()?;
+    let state = State::open(&config)?;
+    run(listener, config, state, shutdown).await
+}
+
+/// The state directory, opened and locked: one coordinator per directory at a time. The lock
+/// is an OS file lock, so a killed coordinator leaves none behind.
+struct State {
+    _lock: std::fs::File,
+    store: Arc<dyn Store>,
+}
+
+impl State {
+    fn open(config: &Config) -> Result<State> {
+        let dir = &config.state_dir;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
+        let path = dir.join("coordinator.lock");
+        let lock = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(path.display().to_string(), e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{}: another coordinator is using this state directory",
+                    dir.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(path.display().to_string(), e)),
+        }
+        Ok(State { _lock: lock, store: Arc::new(SqliteStore::open(dir)?) })
+    }
+}
+
+async fn run(
+    listener: TcpListener,
+    config: Config,
+    state: State,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store = state.store.clone();
+    let jobs = Arc::new(Jobs::new(store.clone(), clock.clone()));
+    let workers = Arc::new(Workers::load(store, clock.clone(), config.heartbeat_interval, config.heartbeat_timeout)?);
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<JobServiceServer<JobApi>>().await;
+    health_reporter.set_serving::<WorkerServiceServer<WorkerApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("server reflection: {e}")))?;
+
+    let job_api = JobApi { jobs, clock, shutdown: stop_rx.clone() };
+    let job_service = JobServiceServer::new(job_api).max_decoding_message_size(config.max_request_bytes);
+    let worker_service = WorkerServiceServer::new(WorkerApi { workers: workers.clone() })
+        .max_decoding_message_size(config.max_request_bytes);
+
+    let reaper = tokio::spawn(reap_dead_workers(workers, stop_rx));
+    let addr = listener.local_addr().map_err(|e| Error::io("listener address", e))?;
+    tracing::info!(%addr, state = %config.state_dir.display(), "coordinator serving");
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // Metadata (the bearer token included) is small; bound it as well as the messages.
+        .http2_max_header_list_size(MAX_HEADER_BYTES)
+        .concurrency_limit_per_connection(256)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(InterceptedService::new(job_service, BearerAuth::new(&config.client_token, "client")))
+        .add_service(InterceptedService::new(worker_service, BearerAuth::new(&config.worker_token, "worker")))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            tracing::info!("coordinator shutting down");
+            let _ = stop_tx.send(true);
+        })
+        .await;
+    let _ = reaper.await;
+    drop(state);
+    result.map_err(Error::from)
+}
+
+async fn reap_dead_workers(workers: Arc<Workers>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval((workers.heartbeat_timeout / 4).max(Duration::from_millis(50)));
+    loop {
+        tokio::select! {
+            _ = service::stopped(&mut stop) => return,
+            _ = tick.tick() => {
+                if let Err(e) = workers.reap() {
+                    tracing::error!("reaping dead workers: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// A coordinator running on the current tokio runtime; see [`start`].
+pub struct Running {
+    /// The address it listens on (the real port when `listen` had port 0).
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+/// Locks and opens the state directory, binds (port 0 picks a port), then serves in a task
+/// until [`Running::shutdown`] or until the [`Running`] is dropped.
+pub async fn start(config: Config) -> Result<Running> {
+    config.check()?;
+    let state = State::open(&config)?;
+    let listener = bind(config.listen).await?;
+    let addr = listener.local_addr().map_err(|e| Error::io("listener address", e))?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(run(listener, config, state, async move {
+        let _ = stopped.await;
+    }));
+    Ok(Running { addr, stop: Some(stop), task })
+}
+
+impl Running {
+    /// `http://ADDR`, for clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Serves until `signal` completes (then shuts down) or the server fails.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> Result<()> {
+        let finished = tokio::select! {
+            () = signal => None,
+            r = &mut self.task => Some(r),
+        };
+        match finished {
+            None => self.shutdown().await,
+            Some(r) => r.map_err(|e| Error::Internal(format!("coordinator task: {e}")))?,
+        }
+    }
+
+    /// Stops serving and waits for the server to finish.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.map_err(|e| Error::Internal(format!("coordinator task: {e}")))?
+    }
+}
