@@ -30,6 +30,8 @@ echo "== after fine-tuning: $last on the same 100 validation pairs"
 $bin eval --model "$last" "${EVAL_ARGS[@]}" | head -4
 
 echo "== sample generations"
-head -3 examples/data/kjv_web_sample/test.jsonl | python3 -c 'import json,sys; [print(json.loads(l)["source"]) for l in sys.stdin]' \
-  | tee /tmp/b2b-sources.txt | $bin generate --model "$last" --beams 4 --max-len 64 --device "$DEVICE" \
-  | paste -d '\n' /tmp/b2b-sources.txt - | sed 'n;s/^/  -> /'
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+head -3 examples/data/kjv_web_sample/test.jsonl | python3 -c 'import json,sys; [print(json.loads(l)["source"]) for l in sys.stdin]' >"$tmp/sources.txt"
+$bin generate --model "$last" --beams 4 --max-len 64 --no-repeat-ngram 3 --device "$DEVICE" <"$tmp/sources.txt" >"$tmp/outputs.txt"
+paste -d '\n' "$tmp/sources.txt" "$tmp/outputs.txt" | sed 'n;s/^/  -> /'

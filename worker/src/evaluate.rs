@@ -11,6 +11,15 @@ use model::metrics::{Rouge, corpus_bleu, rouge};
 use model::net::{Bert2Bert, GenerateOptions, Inputs, PassOptions};
 use model::tokenizer::Tokenizer;
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cleanup_joins_punctuation_like_transformers() {
+        assert_eq!(super::clean_up_tokenization("leah ' s daughter , he said ."), "leah's daughter, he said.");
+        assert_eq!(super::clean_up_tokenization("don ' t go !"), "don't go!");
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct EvalOptions {
     pub batch_size: usize,
@@ -49,9 +58,28 @@ pub fn source_row(toks: &[i32], special: Special, max_len: usize) -> Vec<i32> {
     row
 }
 
-/// Generated ids to text: tokenizer decode, specials skipped.
+/// Generated ids to text: tokenizer decode (specials skipped), then transformers'
+/// `clean_up_tokenization` on the whole string. The `tokenizers` WordPiece decoder cleans each
+/// token on its own, so spaces around punctuation that spans tokens (`leah ' s`) would stay.
 pub fn detokenize(tok: &Tokenizer, ids: &[i32]) -> Result<String> {
-    tok.decode(ids)
+    Ok(clean_up_tokenization(&tok.decode(ids)?))
+}
+
+pub fn clean_up_tokenization(text: &str) -> String {
+    [
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ]
+    .iter()
+    .fold(text.to_string(), |s, (from, to)| s.replace(from, to))
 }
 
 #[allow(clippy::too_many_arguments)]
