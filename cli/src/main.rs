@@ -1,11 +1,13 @@
 //! The single `bert2bert` binary. This is the only place that sets up tracing, reads the
 //! environment and turns errors into exit codes: 0 ok, 1 failure, 2 bad usage or bad input.
 
+mod agent;
 mod bench;
 mod device;
 mod eval;
 mod generate;
 mod init;
+mod local;
 mod remote;
 mod score;
 mod selftest;
@@ -49,6 +51,8 @@ enum Command {
     List(remote::ListArgs),
     /// Cancel a job; its workers stop.
     Cancel(remote::CancelArgs),
+    /// Run a worker agent: register with a coordinator and train the jobs it assigns.
+    Worker(agent::Args),
 }
 
 /// A failure with the exit code it deserves.
@@ -103,6 +107,7 @@ fn main() -> ExitCode {
         Command::Status(a) => remote::status(a),
         Command::List(a) => remote::list(a),
         Command::Cancel(a) => remote::cancel(a),
+        Command::Worker(a) => agent::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

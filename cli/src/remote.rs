@@ -65,7 +65,7 @@ pub struct CancelArgs {
 }
 
 #[derive(Clone)]
-struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+pub(crate) struct Bearer(pub(crate) Option<tonic::metadata::AsciiMetadataValue>);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
@@ -76,10 +76,10 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
-type Client = JobServiceClient<InterceptedService<Channel, Bearer>>;
+pub(crate) type Client = JobServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// gRPC failures: the caller's fault (bad input, unknown job, bad token) is exit code 2.
-fn status_error(s: Status) -> CliError {
+pub(crate) fn status_error(s: Status) -> CliError {
     let code = match s.code() {
         Code::InvalidArgument | Code::NotFound | Code::OutOfRange | Code::Unauthenticated | Code::PermissionDenied => 2,
         _ => 1,
@@ -102,26 +102,33 @@ fn runtime() -> CliResult<tokio::runtime::Runtime> {
 }
 
 async fn connect(conn: &Conn) -> CliResult<Client> {
-    let token = crate::serve::read_token(conn.token_file.as_ref(), "BERT2BERT_TOKEN")?
+    let token = crate::serve::read_token(conn.token_file.as_ref(), "BERT2BERT_TOKEN")?;
+    let channel = channel(&conn.coordinator).await?;
+    Ok(JobServiceClient::with_interceptor(channel, bearer(token)?))
+}
+
+/// `Bearer <token>` metadata for an interceptor.
+pub(crate) fn bearer(token: Option<String>) -> CliResult<Bearer> {
+    token
         .map(|t| format!("Bearer {t}").parse())
         .transpose()
-        .map_err(|_| CliError::usage("the token must be printable ASCII"))?;
-    let url = if conn.coordinator.contains("://") {
-        conn.coordinator.clone()
-    } else {
-        format!("http://{}", conn.coordinator)
-    };
+        .map(Bearer)
+        .map_err(|_| CliError::usage("the token must be printable ASCII"))
+}
+
+/// A channel to the coordinator at `url` (a bare HOST:PORT means http).
+pub(crate) async fn channel(url: &str) -> CliResult<Channel> {
+    let url = if url.contains("://") { url.to_owned() } else { format!("http://{url}") };
     let endpoint = Channel::from_shared(url.clone())
         .map_err(|e| CliError::usage(format!("--coordinator {url}: {e}")))?
         .connect_timeout(Duration::from_secs(10));
-    let channel = endpoint
+    endpoint
         .connect()
         .await
-        .map_err(|e| CliError { code: 1, error: anyhow::anyhow!("cannot reach the coordinator at {url}: {e}") })?;
-    Ok(JobServiceClient::with_interceptor(channel, Bearer(token)))
+        .map_err(|e| CliError { code: 1, error: anyhow::anyhow!("cannot reach the coordinator at {url}: {e}") })
 }
 
-fn state_name(j: &v1::Job) -> &'static str {
+pub(crate) fn state_name(j: &v1::Job) -> &'static str {
     match j.state() {
         v1::JobState::Unspecified => "UNSPECIFIED",
         v1::JobState::Pending => "PENDING",
@@ -166,7 +173,7 @@ pub fn submit(a: SubmitArgs) -> CliResult {
 
 /// Follows a job to its end through Watch, reconnecting while the coordinator is away (e.g.
 /// restarting); returns the job in its terminal state.
-async fn follow(c: &mut Client, id: &str, print: bool) -> CliResult<v1::Job> {
+pub(crate) async fn follow(c: &mut Client, id: &str, print: bool) -> CliResult<v1::Job> {
     use v1::watch_job_response::Event;
     let mut backoff = Duration::from_millis(200);
     loop {

@@ -16,7 +16,8 @@ use crate::{CliError, CliResult};
 pub struct Args {
     /// The job file (YAML).
     job: PathBuf,
-    /// Local worker processes (more than 1 needs the coordinator; not in this build yet).
+    /// Local worker processes; above 1, a coordinator runs in this process with N `bert2bert
+    /// worker` child processes (CPU only).
     #[arg(long, default_value_t = 1)]
     workers: usize,
     /// Overrides `resources.device` of the job.
@@ -29,10 +30,14 @@ pub struct Args {
 
 pub fn run(a: Args) -> CliResult {
     let spec = JobSpec::from_file(&a.job)?;
-    if a.workers != 1 {
-        return Err(CliError::usage(
-            "--workers above 1 needs the coordinator, which this build does not have yet; use --workers 1",
-        ));
+    if a.workers == 0 {
+        return Err(CliError::usage("--workers must be at least 1"));
+    }
+    if a.workers > 1 {
+        if a.device.is_some_and(|d| d != Device::Cpu) {
+            return Err(CliError::usage("--workers above 1 runs CPU workers only in this build"));
+        }
+        return crate::local::run(spec, a.workers);
     }
     let device = a.device.unwrap_or(match spec.resources.device {
         job::Device::Cpu => Device::Cpu,

@@ -11,6 +11,7 @@ use crate::domain::{
     DeviceKind, EvalMetrics, Job, JobEvent, JobFilter, JobState, Progress, WorkerEvent, WorkerEventKind,
 };
 use crate::error::{Error, Result};
+use crate::scheduler::{Assignment, AttemptRef};
 use crate::workers::{Command, Registration};
 
 /// The longest id, name or address field a request may carry.
@@ -223,6 +224,118 @@ impl From<Command> for v1::WorkerCommand {
             Command::Stop => v1::WorkerCommand::Stop,
             Command::Reregister => v1::WorkerCommand::Reregister,
         }
+    }
+}
+
+fn attempt_ref(worker_id: &str, job_id: &str, attempt: u32) -> Result<AttemptRef> {
+    Ok(AttemptRef { worker_id: id_field("worker_id", worker_id)?, job_id: id_field("job_id", job_id)?, attempt })
+}
+
+/// A GetAssignment request: who asks, and how long it may wait (capped).
+pub struct AssignmentPoll {
+    pub worker_id: String,
+    pub wait_ms: u32,
+}
+
+/// The longest GetAssignment long-poll.
+pub const MAX_WAIT_MS: u32 = 5_000;
+
+impl TryFrom<v1::GetAssignmentRequest> for AssignmentPoll {
+    type Error = Error;
+    fn try_from(r: v1::GetAssignmentRequest) -> Result<Self> {
+        Ok(AssignmentPoll { worker_id: id_field("worker_id", &r.worker_id)?, wait_ms: r.wait_ms.min(MAX_WAIT_MS) })
+    }
+}
+
+impl From<Assignment> for v1::Assignment {
+    fn from(a: Assignment) -> Self {
+        v1::Assignment {
+            job_id: a.job_id,
+            attempt: a.attempt,
+            rank: a.rank,
+            world_size: a.world_size,
+            job_yaml: a.job_yaml,
+            nccl_unique_id: Vec::new(),
+            ring_peers: a.ring_peers,
+            resume_checkpoint: a.resume_checkpoint,
+            resume_step: a.resume_step,
+            ring_token: a.ring_token,
+        }
+    }
+}
+
+impl From<v1::Progress> for Progress {
+    fn from(p: v1::Progress) -> Self {
+        Progress {
+            step: p.step,
+            total_steps: p.total_steps,
+            loss: p.loss,
+            lr: p.lr,
+            tokens_per_s: p.tokens_per_s,
+            eta_s: p.eta_s,
+        }
+    }
+}
+
+pub struct ReportProgress(pub AttemptRef, pub Progress);
+
+impl TryFrom<v1::ReportProgressRequest> for ReportProgress {
+    type Error = Error;
+    fn try_from(r: v1::ReportProgressRequest) -> Result<Self> {
+        let p = r.progress.ok_or_else(|| Error::invalid("progress", "must be set"))?;
+        Ok(ReportProgress(attempt_ref(&r.worker_id, &r.job_id, r.attempt)?, p.into()))
+    }
+}
+
+pub struct Commit {
+    pub at: AttemptRef,
+    pub step: u64,
+    pub path: String,
+    pub manifest_sha256: String,
+}
+
+impl TryFrom<v1::CommitCheckpointRequest> for Commit {
+    type Error = Error;
+    fn try_from(r: v1::CommitCheckpointRequest) -> Result<Self> {
+        if r.path.is_empty() {
+            return Err(Error::invalid("path", "must not be empty"));
+        }
+        if r.path.len() > 4096 {
+            return Err(Error::invalid("path", "longer than 4096 bytes"));
+        }
+        Ok(Commit {
+            at: attempt_ref(&r.worker_id, &r.job_id, r.attempt)?,
+            step: r.step,
+            path: r.path,
+            manifest_sha256: text_field("manifest_sha256", r.manifest_sha256)?,
+        })
+    }
+}
+
+pub struct Done(pub AttemptRef, pub u64);
+
+impl TryFrom<v1::ReportDoneRequest> for Done {
+    type Error = Error;
+    fn try_from(r: v1::ReportDoneRequest) -> Result<Self> {
+        Ok(Done(attempt_ref(&r.worker_id, &r.job_id, r.attempt)?, r.step))
+    }
+}
+
+pub struct Failed(pub AttemptRef, pub String);
+
+impl TryFrom<v1::ReportFailedRequest> for Failed {
+    type Error = Error;
+    fn try_from(r: v1::ReportFailedRequest) -> Result<Self> {
+        // Reasons can be long error chains: keep the first 2 KiB.
+        let mut reason = r.reason;
+        if reason.len() > 2048 {
+            let mut cut = 2048;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+        }
+        Ok(Failed(attempt_ref(&r.worker_id, &r.job_id, r.attempt)?, reason))
     }
 }
 

@@ -98,6 +98,18 @@ impl Jobs {
         Ok(job)
     }
 
+    /// Records the step rank 0 reached (no Job event: the caller publishes the progress).
+    pub fn set_step(&self, id: &str, step: u64) -> Result<()> {
+        let _w = Self::lock(&self.write)?;
+        let mut job = self.get(id)?;
+        if job.state.is_terminal() {
+            return Ok(());
+        }
+        job.step = step;
+        job.updated_ms = self.clock.now_ms();
+        self.store.update_job(&job)
+    }
+
     /// Sends an event to the job's watchers, if any.
     pub fn publish(&self, id: &str, event: JobEvent) {
         if let Ok(channels) = Self::lock(&self.channels)

@@ -12,6 +12,7 @@ pub mod convert;
 pub mod domain;
 pub mod error;
 pub mod jobs;
+pub mod scheduler;
 pub mod service;
 pub mod store;
 pub mod workers;
@@ -33,6 +34,7 @@ use crate::auth::BearerAuth;
 use crate::domain::{Clock, SystemClock};
 pub use crate::error::{Error, Result};
 use crate::jobs::Jobs;
+use crate::scheduler::Scheduler;
 use crate::service::{JobApi, WorkerApi};
 use crate::store::{SqliteStore, Store};
 use crate::workers::Workers;
@@ -150,7 +152,9 @@ async fn run(
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let store = state.store.clone();
     let jobs = Arc::new(Jobs::new(store.clone(), clock.clone()));
-    let workers = Arc::new(Workers::load(store, clock.clone(), config.heartbeat_interval, config.heartbeat_timeout)?);
+    let workers =
+        Arc::new(Workers::load(store.clone(), clock.clone(), config.heartbeat_interval, config.heartbeat_timeout)?);
+    let scheduler = Arc::new(Scheduler::new(jobs.clone(), workers.clone(), store, clock.clone())?);
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -164,10 +168,10 @@ async fn run(
 
     let job_api = JobApi { jobs, clock, shutdown: stop_rx.clone() };
     let job_service = JobServiceServer::new(job_api).max_decoding_message_size(config.max_request_bytes);
-    let worker_service = WorkerServiceServer::new(WorkerApi { workers: workers.clone() })
+    let worker_service = WorkerServiceServer::new(WorkerApi { workers: workers.clone(), scheduler: scheduler.clone() })
         .max_decoding_message_size(config.max_request_bytes);
 
-    let reaper = tokio::spawn(reap_dead_workers(workers, stop_rx));
+    let reaper = tokio::spawn(reap_dead_workers(workers, scheduler, stop_rx));
     let addr = listener.local_addr().map_err(|e| Error::io("listener address", e))?;
     tracing::info!(%addr, state = %config.state_dir.display(), "coordinator serving");
     let result = tonic::transport::Server::builder()
@@ -190,14 +194,20 @@ async fn run(
     result.map_err(Error::from)
 }
 
-async fn reap_dead_workers(workers: Arc<Workers>, mut stop: watch::Receiver<bool>) {
+async fn reap_dead_workers(workers: Arc<Workers>, scheduler: Arc<Scheduler>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval((workers.heartbeat_timeout / 4).max(Duration::from_millis(50)));
     loop {
         tokio::select! {
             _ = service::stopped(&mut stop) => return,
             _ = tick.tick() => {
-                if let Err(e) = workers.reap() {
-                    tracing::error!("reaping dead workers: {e}");
+                match workers.reap() {
+                    Ok(dead) if !dead.is_empty() => {
+                        if let Err(e) = scheduler.lost(&dead) {
+                            tracing::error!("ending the attempts of lost workers: {e}");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!("reaping dead workers: {e}"),
                 }
             }
         }

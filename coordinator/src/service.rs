@@ -2,6 +2,7 @@
 //! domain, and turns the answer back. Nothing else lives here.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use proto::v1;
 use proto::v1::job_service_server::JobService;
@@ -10,10 +11,14 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::convert::{self, Cancel, Heartbeat, JobId, Submit};
+use crate::convert::{self, AssignmentPoll, Cancel, Commit, Done, Failed, Heartbeat, JobId, ReportProgress, Submit};
 use crate::domain::{Clock, JobEvent, JobFilter};
 use crate::jobs::Jobs;
-use crate::workers::{Registration, Workers};
+use crate::scheduler::{AttemptRef, Scheduler};
+use crate::workers::{Command, Registration, Workers};
+
+/// How often a waiting GetAssignment looks again.
+const ASSIGNMENT_POLL: Duration = Duration::from_millis(50);
 
 /// JobService over the job manager.
 pub struct JobApi {
@@ -98,10 +103,10 @@ impl JobService for JobApi {
     }
 }
 
-/// WorkerService over the worker registry. Rendezvous, progress, checkpoints and outcomes come
-/// with the scheduler; until then those RPCs answer UNIMPLEMENTED.
+/// WorkerService over the worker registry and the scheduler.
 pub struct WorkerApi {
     pub workers: Arc<Workers>,
+    pub scheduler: Arc<Scheduler>,
 }
 
 /// Resolves once the shutdown flag is set (or its sender is gone).
@@ -109,8 +114,8 @@ pub async fn stopped(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|&stop| stop).await;
 }
 
-fn not_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!("WorkerService.{rpc} is not implemented by this coordinator yet"))
+fn command(c: Command) -> i32 {
+    v1::WorkerCommand::from(c) as i32
 }
 
 #[tonic::async_trait]
@@ -130,42 +135,63 @@ impl WorkerService for WorkerApi {
 
     async fn heartbeat(&self, req: Request<v1::HeartbeatRequest>) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let hb: Heartbeat = req.into_inner().try_into()?;
-        let command = self.workers.heartbeat(&hb.worker_id)?;
-        Ok(Response::new(v1::HeartbeatResponse { command: v1::WorkerCommand::from(command) as i32 }))
+        let mut c = self.workers.heartbeat(&hb.worker_id)?;
+        if let (Command::Continue, Some((job_id, attempt))) = (c, hb.job) {
+            c = self.scheduler.command(&AttemptRef { worker_id: hb.worker_id, job_id, attempt })?;
+        }
+        Ok(Response::new(v1::HeartbeatResponse { command: command(c) }))
     }
 
     async fn get_assignment(
         &self,
-        _req: Request<v1::GetAssignmentRequest>,
+        req: Request<v1::GetAssignmentRequest>,
     ) -> Result<Response<v1::GetAssignmentResponse>, Status> {
-        Err(not_yet("GetAssignment"))
+        let poll: AssignmentPoll = req.into_inner().try_into()?;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(poll.wait_ms));
+        loop {
+            if let Some(a) = self.scheduler.assignment(&poll.worker_id)? {
+                return Ok(Response::new(v1::GetAssignmentResponse { assignment: Some(a.into()) }));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(Response::new(v1::GetAssignmentResponse { assignment: None }));
+            }
+            tokio::time::sleep(ASSIGNMENT_POLL).await;
+        }
     }
 
     async fn report_progress(
         &self,
-        _req: Request<v1::ReportProgressRequest>,
+        req: Request<v1::ReportProgressRequest>,
     ) -> Result<Response<v1::ReportProgressResponse>, Status> {
-        Err(not_yet("ReportProgress"))
+        let ReportProgress(at, progress) = req.into_inner().try_into()?;
+        let c = self.scheduler.progress(&at, progress)?;
+        Ok(Response::new(v1::ReportProgressResponse { command: command(c) }))
     }
 
     async fn commit_checkpoint(
         &self,
-        _req: Request<v1::CommitCheckpointRequest>,
+        req: Request<v1::CommitCheckpointRequest>,
     ) -> Result<Response<v1::CommitCheckpointResponse>, Status> {
-        Err(not_yet("CommitCheckpoint"))
+        let Commit { at, step, path, manifest_sha256 } = req.into_inner().try_into()?;
+        let c = self.scheduler.commit_checkpoint(&at, step, path, manifest_sha256)?;
+        Ok(Response::new(v1::CommitCheckpointResponse { command: command(c) }))
     }
 
     async fn report_done(
         &self,
-        _req: Request<v1::ReportDoneRequest>,
+        req: Request<v1::ReportDoneRequest>,
     ) -> Result<Response<v1::ReportDoneResponse>, Status> {
-        Err(not_yet("ReportDone"))
+        let Done(at, step) = req.into_inner().try_into()?;
+        self.scheduler.done(&at, step)?;
+        Ok(Response::new(v1::ReportDoneResponse {}))
     }
 
     async fn report_failed(
         &self,
-        _req: Request<v1::ReportFailedRequest>,
+        req: Request<v1::ReportFailedRequest>,
     ) -> Result<Response<v1::ReportFailedResponse>, Status> {
-        Err(not_yet("ReportFailed"))
+        let Failed(at, reason) = req.into_inner().try_into()?;
+        self.scheduler.failed(&at, &reason)?;
+        Ok(Response::new(v1::ReportFailedResponse {}))
     }
 }

@@ -242,7 +242,11 @@ async fn workers_register_and_heartbeat() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().starts_with("ring_address: "), "{}", e.message());
     let e = w.get_assignment(v1::GetAssignmentRequest::default()).await.unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("worker_id: "), "{}", e.message());
+    // No job: nothing to do yet.
+    let req = v1::GetAssignmentRequest { worker_id: r.worker_id.clone(), wait_ms: 0, ..Default::default() };
+    assert!(w.get_assignment(req).await.unwrap().into_inner().assignment.is_none());
     c.shutdown().await.unwrap();
 }
 

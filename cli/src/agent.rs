@@ -1,0 +1,306 @@
+//! `bert2bert worker`: a worker agent. It registers with the coordinator, heartbeats in the
+//! background, polls for an assignment, joins the CPU ring of its gang, trains its rank, and
+//! reports progress, checkpoints and the outcome; then it polls again.
+//!
+//! The gRPC client runs on a tokio runtime made here; the trainer runs synchronously on the
+//! main thread, which calls into the runtime with `block_on` to report.
+
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use model::job::JobSpec;
+use proto::v1;
+use proto::v1::worker_service_client::WorkerServiceClient;
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use worker::ring::RingCollective;
+use worker::{Event, Trainer};
+
+use crate::remote::{Bearer, bearer, channel, status_error};
+use crate::{CliError, CliResult};
+
+#[derive(clap::Args)]
+#[command(after_help = "\
+Authentication: the worker token from --token-file, else BERT2BERT_WORKER_TOKEN, else
+BERT2BERT_TOKEN. The worker runs until it is killed; a failed job is reported and it polls again.")]
+pub struct Args {
+    /// The coordinator, e.g. http://10.0.0.5:7070 (a bare HOST:PORT means http).
+    #[arg(long, env = "BERT2BERT_COORDINATOR", value_name = "URL")]
+    coordinator: String,
+    /// File holding the worker bearer token (first line).
+    #[arg(long, value_name = "F")]
+    token_file: Option<PathBuf>,
+    /// Only `cpu` in this build.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Where the CPU ring listens for the left neighbour; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "HOST:PORT")]
+    ring_listen: String,
+    /// Seconds a collective (or forming the ring) may take before a peer counts as dead.
+    #[arg(long, default_value_t = 60.0, value_name = "S")]
+    collective_timeout: f64,
+    /// Exit when stdin reaches end of file (`train --workers N` uses it so that its workers do
+    /// not outlive it, even when it is killed).
+    #[arg(long, hide = true)]
+    exit_on_stdin_close: bool,
+}
+
+type Client = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// What the heartbeat task reports and can abort.
+#[derive(Default)]
+struct Current {
+    worker_id: String,
+    job: Option<(String, u32)>,
+    step: u64,
+    ring: Option<Arc<RingCollective>>,
+    /// The coordinator said STOP (or forgot us): abandon the attempt.
+    stop: bool,
+    reregister: bool,
+}
+
+pub fn run(a: Args) -> CliResult {
+    if a.device != "cpu" {
+        return Err(CliError::usage(format!("--device {}: only cpu workers exist in this build", a.device)));
+    }
+    if !(a.collective_timeout > 0.0 && a.collective_timeout.is_finite()) {
+        return Err(CliError::usage("--collective-timeout must be a positive number of seconds"));
+    }
+    let token = match crate::serve::read_token(a.token_file.as_ref(), "BERT2BERT_WORKER_TOKEN")? {
+        Some(t) => Some(t),
+        None if a.token_file.is_none() => crate::serve::read_token(None, "BERT2BERT_TOKEN")?,
+        None => None,
+    };
+    if a.exit_on_stdin_close {
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+            tracing::info!("stdin closed: exiting");
+            std::process::exit(0);
+        });
+    }
+    let listen: SocketAddr = a
+        .ring_listen
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| CliError::usage(format!("--ring-listen {}: not a HOST:PORT address", a.ring_listen)))?;
+    let listener = TcpListener::bind(listen)?;
+    let ring_address = listener.local_addr()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let client: Client = rt.block_on(async {
+        Ok::<_, CliError>(WorkerServiceClient::with_interceptor(channel(&a.coordinator).await?, bearer(token)?))
+    })?;
+    let current = Arc::new(Mutex::new(Current::default()));
+    let interval = register(&rt, &client, ring_address, &current)?;
+    rt.spawn(heartbeats(client.clone(), current.clone(), interval));
+    let timeout = Duration::from_secs_f64(a.collective_timeout);
+    loop {
+        if take(&current, |c| std::mem::take(&mut c.reregister)) {
+            register(&rt, &client, ring_address, &current)?;
+        }
+        let worker_id = take(&current, |c| c.worker_id.clone());
+        let req = v1::GetAssignmentRequest { worker_id, wait_ms: 2_000, nccl_unique_id: Vec::new() };
+        let got = rt.block_on(client.clone().get_assignment(req));
+        let assignment = match got {
+            Ok(r) => r.into_inner().assignment,
+            Err(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) => {
+                return Err(status_error(s));
+            }
+            Err(s) => {
+                tracing::warn!("GetAssignment: {}", s.message());
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Some(asg) = assignment else { continue };
+        attempt(&rt, &client, &listener, &current, asg, timeout);
+    }
+}
+
+fn take<T>(current: &Mutex<Current>, f: impl FnOnce(&mut Current) -> T) -> T {
+    let mut c = current.lock().unwrap_or_else(|p| p.into_inner());
+    f(&mut c)
+}
+
+/// Registers and returns the heartbeat interval.
+fn register(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    ring_address: SocketAddr,
+    current: &Mutex<Current>,
+) -> CliResult<Duration> {
+    let caps = v1::Capabilities {
+        device: "cpu".into(),
+        cpu_threads: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        ..Default::default()
+    };
+    let req = v1::RegisterWorkerRequest {
+        hostname: std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
+        capabilities: Some(caps),
+        ring_address: ring_address.to_string(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let r = rt.block_on(client.clone().register(req)).map_err(status_error)?.into_inner();
+    tracing::info!(worker = %r.worker_id, ring = %ring_address, "registered");
+    take(current, |c| c.worker_id = r.worker_id);
+    Ok(Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 60_000)))
+}
+
+async fn heartbeats(mut client: Client, current: Arc<Mutex<Current>>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        let req = take(&current, |c| {
+            let (job_id, attempt) = c.job.clone().unwrap_or_default();
+            v1::HeartbeatRequest { worker_id: c.worker_id.clone(), job_id, attempt, step: c.step }
+        });
+        let busy = !req.job_id.is_empty();
+        match client.heartbeat(req).await.map(|r| r.into_inner().command()) {
+            Ok(v1::WorkerCommand::Stop) if busy => take(&current, |c| {
+                c.stop = true;
+                if let Some(r) = &c.ring {
+                    r.abort();
+                }
+            }),
+            Ok(v1::WorkerCommand::Reregister) => take(&current, |c| c.reregister = true),
+            Ok(_) => {}
+            Err(s) => tracing::warn!("heartbeat: {}", s.message()),
+        }
+    }
+}
+
+/// Runs one assignment to its end and reports the outcome; never fails (a failure is reported).
+fn attempt(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    listener: &TcpListener,
+    current: &Arc<Mutex<Current>>,
+    asg: v1::Assignment,
+    timeout: Duration,
+) {
+    let worker_id = take(current, |c| {
+        c.job = Some((asg.job_id.clone(), asg.attempt));
+        c.step = asg.resume_step;
+        c.stop = false;
+        c.worker_id.clone()
+    });
+    tracing::info!(job = %asg.job_id, attempt = asg.attempt, rank = asg.rank, world = asg.world_size, "assigned");
+    let result = train(rt, client, listener, current, &asg, &worker_id, timeout);
+    let (stopped, step) = take(current, |c| {
+        c.job = None;
+        c.ring = None;
+        (std::mem::take(&mut c.stop), c.step)
+    });
+    let (job_id, attempt) = (asg.job_id.clone(), asg.attempt);
+    let report = match result {
+        Ok(()) => {
+            tracing::info!(job = %job_id, step, "attempt done");
+            let req = v1::ReportDoneRequest { worker_id, job_id, attempt, step, final_checkpoint: String::new() };
+            rt.block_on(client.clone().report_done(req)).map(|_| ())
+        }
+        Err(e) => {
+            let reason = format!("{:#}", e.error);
+            if stopped {
+                tracing::info!(job = %job_id, "attempt stopped by the coordinator: {reason}");
+            } else {
+                tracing::error!(job = %job_id, "attempt failed: {reason}");
+            }
+            let req = v1::ReportFailedRequest { worker_id, job_id, attempt, step, reason };
+            rt.block_on(client.clone().report_failed(req)).map(|_| ())
+        }
+    };
+    if let Err(s) = report {
+        tracing::warn!("reporting the outcome: {}", s.message());
+    }
+}
+
+fn train(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    listener: &TcpListener,
+    current: &Arc<Mutex<Current>>,
+    asg: &v1::Assignment,
+    worker_id: &str,
+    timeout: Duration,
+) -> CliResult {
+    let spec = JobSpec::from_str(&asg.job_yaml, Path::new("assignment.job_yaml"))?;
+    let peers = asg
+        .ring_peers
+        .iter()
+        .map(|p| p.parse::<SocketAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CliError { code: 1, error: anyhow::anyhow!("assignment.ring_peers: {e}") })?;
+    let ring = RingCollective::connect(
+        asg.rank as usize,
+        asg.world_size as usize,
+        asg.ring_token,
+        listener.try_clone()?,
+        &peers,
+        timeout,
+    )?;
+    let ring = Arc::new(ring);
+    take(current, |c| c.ring = Some(ring.clone()));
+    let (mut trainer, _resumed) = Trainer::new(&kernels::Cpu, &*ring, spec)?;
+    let at = |c: &Mutex<Current>| take(c, |c| c.stop);
+    if at(current) {
+        return Err(CliError { code: 1, error: anyhow::anyhow!("stopped by the coordinator") });
+    }
+    let t0 = Instant::now();
+    let mut tokens = 0usize;
+    let base = v1::ReportProgressRequest {
+        worker_id: worker_id.to_owned(),
+        job_id: asg.job_id.clone(),
+        attempt: asg.attempt,
+        ..Default::default()
+    };
+    let stop_flag = AtomicBool::new(false);
+    trainer.run(None, 0, &mut |e| match e {
+        Event::Step(s) => {
+            take(current, |c| c.step = s.step);
+            tokens += s.tokens * asg.world_size as usize;
+            let secs = t0.elapsed().as_secs_f64().max(1e-9);
+            let done = s.step.saturating_sub(asg.resume_step).max(1) as f64;
+            let progress = v1::Progress {
+                step: s.step,
+                total_steps: s.total_steps,
+                loss: s.loss as f32,
+                lr: s.lr,
+                tokens_per_s: tokens as f64 / secs,
+                eta_s: secs / done * s.total_steps.saturating_sub(s.step) as f64,
+            };
+            let req = v1::ReportProgressRequest { progress: Some(progress), ..base.clone() };
+            match rt.block_on(client.clone().report_progress(req)) {
+                Ok(r) if r.get_ref().command() == v1::WorkerCommand::Stop => {
+                    stop_flag.store(true, Ordering::SeqCst);
+                    take(current, |c| c.stop = true);
+                    ring.abort();
+                }
+                Ok(_) => {}
+                Err(s) => tracing::warn!("ReportProgress: {}", s.message()),
+            }
+        }
+        Event::Checkpoint { step, dir } => {
+            let req = v1::CommitCheckpointRequest {
+                worker_id: worker_id.to_owned(),
+                job_id: asg.job_id.clone(),
+                attempt: asg.attempt,
+                step: *step,
+                path: dir.display().to_string(),
+                manifest_sha256: String::new(),
+            };
+            if let Err(s) = rt.block_on(client.clone().commit_checkpoint(req)) {
+                tracing::warn!("CommitCheckpoint: {}", s.message());
+            }
+        }
+        Event::Eval { step, result } => tracing::info!(step, loss = result.loss, "evaluation"),
+        Event::Resumed { .. } => {}
+    })?;
+    if stop_flag.load(Ordering::SeqCst) {
+        return Err(CliError { code: 1, error: anyhow::anyhow!("stopped by the coordinator") });
+    }
+    Ok(())
+}

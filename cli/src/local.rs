@@ -1,0 +1,111 @@
+//! `bert2bert train JOB.yaml --workers N` with N > 1: a coordinator in this process on
+//! 127.0.0.1:0 with a random token, N `bert2bert worker` child processes, and the job submitted
+//! and followed to its end. The children are killed when this returns, however it returns.
+
+use std::hash::BuildHasher;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use model::job::JobSpec;
+use proto::v1;
+use proto::v1::job_service_client::JobServiceClient;
+
+use crate::remote::{bearer, channel, follow, state_name, status_error};
+use crate::{CliError, CliResult};
+
+/// Child processes, killed and reaped on drop.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn random_hex() -> String {
+    let s = std::collections::hash_map::RandomState::new();
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{:016x}{:016x}", s.hash_one((t, std::process::id())), s.hash_one((std::process::id(), t, 1u8)))
+}
+
+fn fail(msg: String) -> CliError {
+    CliError { code: 1, error: anyhow::anyhow!(msg) }
+}
+
+pub fn run(mut spec: JobSpec, workers: usize) -> CliResult {
+    if spec.resources.device != model::job::Device::Cpu {
+        return Err(CliError::usage("--workers above 1 runs CPU workers only in this build (resources.device: cpu)"));
+    }
+    spec.resources.workers = workers;
+    spec.resources.min_workers = spec.resources.min_workers.clamp(1, workers);
+    let token = random_hex();
+    let state = TempDir(std::env::temp_dir().join(format!("bert2bert-train-{}", random_hex())));
+    let exe = std::env::current_exe()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let config = coordinator::Config::new(([127, 0, 0, 1], 0).into(), &state.0, token.clone());
+        let running = coordinator::start(config).await.map_err(|e| fail(format!("coordinator: {e}")))?;
+        let url = running.url();
+        eprintln!("coordinator on {url}; starting {workers} workers");
+        let mut children = Children(Vec::with_capacity(workers));
+        for _ in 0..workers {
+            let child = Command::new(&exe)
+                .args(["worker", "--coordinator", &url, "--exit-on-stdin-close"])
+                .env("BERT2BERT_WORKER_TOKEN", &token)
+                .stdin(Stdio::piped())
+                .spawn()?;
+            children.0.push(child);
+        }
+        let result = submit_and_follow(&url, &token, &spec, &mut children).await;
+        drop(children);
+        if let Err(e) = running.shutdown().await {
+            tracing::warn!("coordinator shutdown: {e}");
+        }
+        result
+    })
+}
+
+async fn submit_and_follow(url: &str, token: &str, spec: &JobSpec, children: &mut Children) -> CliResult {
+    let mut c = JobServiceClient::with_interceptor(channel(url).await?, bearer(Some(token.to_owned()))?);
+    let req = v1::SubmitJobRequest { job_yaml: spec.to_yaml() };
+    let job = c.submit(req).await.map_err(status_error)?.into_inner().job.unwrap_or_default();
+    eprintln!("submitted {}", job.id);
+    let last = tokio::select! {
+        r = follow(&mut c, &job.id, true) => r?,
+        e = watch_children(children) => return Err(e),
+    };
+    if last.state() != v1::JobState::Succeeded {
+        let why = if last.reason.is_empty() { String::new() } else { format!(": {}", last.reason) };
+        return Err(fail(format!("job {} {}{why}", last.id, state_name(&last))));
+    }
+    eprintln!("job {} SUCCEEDED at step {}", last.id, last.step);
+    Ok(())
+}
+
+/// Resolves with an error when a worker process exits (they only exit on their own when their
+/// stdin, held by this process, closes).
+async fn watch_children(children: &mut Children) -> CliError {
+    loop {
+        for (i, c) in children.0.iter_mut().enumerate() {
+            match c.try_wait() {
+                Ok(Some(status)) => return fail(format!("worker process {i} exited ({status})")),
+                Ok(None) => {}
+                Err(e) => return fail(format!("worker process {i}: {e}")),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

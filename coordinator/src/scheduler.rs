@@ -1,0 +1,435 @@
+//! Gang scheduling: a PENDING job whose `workers` idle live workers exist becomes an attempt
+//! (ranks 0..N by registration order, ring peers, a ring token, the checkpoint to resume from).
+//! Progress, checkpoint commits and outcomes of the attempt come back through here; a failed
+//! or lost member ends the attempt and the job is queued again up to `max_restarts`.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use model::job::JobSpec;
+
+use crate::domain::{Attempt, Checkpoint, Clock, Job, JobEvent, JobFilter, JobState, Progress, Worker};
+use crate::error::{Error, Result};
+use crate::jobs::Jobs;
+use crate::store::Store;
+use crate::workers::{Command, Workers};
+
+/// One rank's part of an attempt, as GetAssignment hands it out.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Assignment {
+    pub job_id: String,
+    pub attempt: u32,
+    pub rank: u32,
+    pub world_size: u32,
+    pub job_yaml: String,
+    pub ring_peers: Vec<String>,
+    pub ring_token: u64,
+    pub resume_checkpoint: String,
+    pub resume_step: u64,
+}
+
+/// A running attempt.
+struct Gang {
+    attempt: Attempt,
+    job_yaml: String,
+    ring_peers: Vec<String>,
+    ring_token: u64,
+    resume: Option<Checkpoint>,
+}
+
+#[derive(Default)]
+struct Table {
+    /// By job id.
+    gangs: HashMap<String, Gang>,
+    /// Worker id -> the job it runs.
+    busy: HashMap<String, String>,
+}
+
+pub struct Scheduler {
+    jobs: Arc<Jobs>,
+    workers: Arc<Workers>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    table: Mutex<Table>,
+}
+
+/// Which attempt a worker call is about.
+#[derive(Clone, Debug)]
+pub struct AttemptRef {
+    pub worker_id: String,
+    pub job_id: String,
+    pub attempt: u32,
+}
+
+impl Scheduler {
+    /// Jobs that were RUNNING when the coordinator stopped have lost their gang: queue them
+    /// again (without counting a restart).
+    pub fn new(jobs: Arc<Jobs>, workers: Arc<Workers>, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Result<Self> {
+        let running = jobs.list(&JobFilter { states: vec![JobState::Running], limit: 0 })?;
+        for j in running {
+            jobs.transition(&j.id, |job| {
+                job.state = JobState::Pending;
+                job.reason = "coordinator restarted; waiting for workers".into();
+                Ok(())
+            })?;
+        }
+        Ok(Scheduler { jobs, workers, store, clock, table: Mutex::new(Table::default()) })
+    }
+
+    fn table(&self) -> Result<MutexGuard<'_, Table>> {
+        self.table.lock().map_err(|_| Error::Internal("scheduler lock poisoned".into()))
+    }
+
+    /// The worker's assignment: the one it already has, or a new gang it is part of, or `None`.
+    pub fn assignment(&self, worker_id: &str) -> Result<Option<Assignment>> {
+        let mut t = self.table()?;
+        self.sweep(&mut t)?;
+        if !t.busy.contains_key(worker_id) {
+            self.schedule(&mut t, worker_id)?;
+        }
+        let Some(job_id) = t.busy.get(worker_id) else { return Ok(None) };
+        let Some(g) = t.gangs.get(job_id) else { return Ok(None) };
+        let Some(rank) = g.attempt.workers.iter().position(|w| w == worker_id) else { return Ok(None) };
+        Ok(Some(Assignment {
+            job_id: g.attempt.job_id.clone(),
+            attempt: g.attempt.attempt,
+            rank: rank as u32,
+            world_size: g.attempt.world_size,
+            job_yaml: g.job_yaml.clone(),
+            ring_peers: g.ring_peers.clone(),
+            ring_token: g.ring_token,
+            resume_checkpoint: g.resume.as_ref().map(|c| c.path.clone()).unwrap_or_default(),
+            resume_step: g.resume.as_ref().map_or(0, |c| c.step),
+        }))
+    }
+
+    /// Drops gangs whose job ended (e.g. was cancelled).
+    fn sweep(&self, t: &mut Table) -> Result<()> {
+        let mut ended = Vec::new();
+        for id in t.gangs.keys() {
+            if self.jobs.get(id)?.state.is_terminal() {
+                ended.push(id.clone());
+            }
+        }
+        for id in ended {
+            self.end(t, &id, "job ended")?;
+        }
+        Ok(())
+    }
+
+    /// Starts the oldest PENDING job that fits the idle workers, if the caller is idle and alive.
+    fn schedule(&self, t: &mut Table, caller: &str) -> Result<()> {
+        let alive = self.workers.alive()?;
+        let Some(me) = alive.iter().find(|w| w.id == caller).cloned() else { return Ok(()) };
+        let idle: Vec<&Worker> = alive.iter().filter(|w| w.id != caller && !t.busy.contains_key(&w.id)).collect();
+        let mut pending = self.jobs.list(&JobFilter { states: vec![JobState::Pending], limit: 0 })?;
+        pending.reverse();
+        for job in pending {
+            let spec = match JobSpec::from_str(&job.spec_yaml, Path::new("spec_yaml")) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.jobs.transition(&job.id, |j| {
+                        j.state = JobState::Failed;
+                        j.reason = format!("stored job does not parse: {e}");
+                        Ok(())
+                    })?;
+                    continue;
+                }
+            };
+            let device = match spec.resources.device {
+                model::job::Device::Cpu => crate::domain::DeviceKind::Cpu,
+                model::job::Device::Cuda => crate::domain::DeviceKind::Cuda,
+            };
+            let need = job.workers.max(1) as usize;
+            if me.device != device {
+                continue;
+            }
+            let others: Vec<&Worker> = idle.iter().copied().filter(|w| w.device == device).take(need - 1).collect();
+            if others.len() + 1 < need {
+                continue;
+            }
+            let mut gang: Vec<Worker> = others.into_iter().cloned().collect();
+            gang.push(me);
+            gang.sort_by(|a, b| (a.registered_ms, &a.id).cmp(&(b.registered_ms, &b.id)));
+            self.start(t, &job, gang)?;
+            return Ok(());
+        }
+        Ok(())
+    }
+
+    fn start(&self, t: &mut Table, job: &Job, gang: Vec<Worker>) -> Result<()> {
+        let number = self.store.attempts(&job.id)?.iter().map(|a| a.attempt).max().unwrap_or(0) + 1;
+        let resume = self.store.latest_checkpoint(&job.id)?;
+        let attempt = Attempt {
+            job_id: job.id.clone(),
+            attempt: number,
+            world_size: gang.len() as u32,
+            workers: gang.iter().map(|w| w.id.clone()).collect(),
+            resume_step: resume.as_ref().map_or(0, |c| c.step),
+            started_ms: self.clock.now_ms(),
+            ended_ms: None,
+            outcome: String::new(),
+        };
+        self.store.put_attempt(&attempt)?;
+        self.jobs.transition(&job.id, |j| {
+            j.state = JobState::Running;
+            j.reason = String::new();
+            Ok(())
+        })?;
+        tracing::info!(job = %job.id, attempt = number, world = gang.len(), "attempt started");
+        for w in &gang {
+            t.busy.insert(w.id.clone(), job.id.clone());
+        }
+        let ring_token = std::collections::hash_map::RandomState::new().hash_one((&job.id, number));
+        let gang = Gang {
+            attempt,
+            job_yaml: job.spec_yaml.clone(),
+            ring_peers: gang.iter().map(|w| w.ring_address.clone()).collect(),
+            ring_token,
+            resume,
+        };
+        t.gangs.insert(job.id.clone(), gang);
+        Ok(())
+    }
+
+    /// Ends the job's attempt with `outcome` and frees its workers.
+    fn end(&self, t: &mut Table, job_id: &str, outcome: &str) -> Result<()> {
+        if let Some(mut g) = t.gangs.remove(job_id) {
+            for w in &g.attempt.workers {
+                t.busy.remove(w);
+            }
+            g.attempt.ended_ms = Some(self.clock.now_ms());
+            g.attempt.outcome = outcome.to_owned();
+            self.store.put_attempt(&g.attempt)?;
+        }
+        Ok(())
+    }
+
+    /// The caller's rank if `r` names the current attempt of the job.
+    fn rank(t: &Table, r: &AttemptRef) -> Option<usize> {
+        let g = t.gangs.get(&r.job_id)?;
+        if g.attempt.attempt != r.attempt {
+            return None;
+        }
+        g.attempt.workers.iter().position(|w| *w == r.worker_id)
+    }
+
+    /// What a worker in attempt `r` should do: go on while the attempt is current.
+    pub fn command(&self, r: &AttemptRef) -> Result<Command> {
+        let mut t = self.table()?;
+        self.sweep(&mut t)?;
+        Ok(if Self::rank(&t, r).is_some() { Command::Continue } else { Command::Stop })
+    }
+
+    /// Rank 0's progress updates the job's step; every rank learns whether to go on.
+    pub fn progress(&self, r: &AttemptRef, p: Progress) -> Result<Command> {
+        let rank = {
+            let mut t = self.table()?;
+            self.sweep(&mut t)?;
+            Self::rank(&t, r)
+        };
+        match rank {
+            None => Ok(Command::Stop),
+            Some(0) => {
+                self.jobs.set_step(&r.job_id, p.step)?;
+                self.jobs.publish(&r.job_id, JobEvent::Progress(p));
+                Ok(Command::Continue)
+            }
+            Some(_) => Ok(Command::Continue),
+        }
+    }
+
+    pub fn commit_checkpoint(&self, r: &AttemptRef, step: u64, path: String, sha: String) -> Result<Command> {
+        let t = self.table()?;
+        if Self::rank(&t, r) != Some(0) {
+            return Err(Error::FailedPrecondition(format!(
+                "job_id: worker `{}` is not rank 0 of attempt {} of `{}`",
+                r.worker_id, r.attempt, r.job_id
+            )));
+        }
+        let c = Checkpoint {
+            job_id: r.job_id.clone(),
+            step,
+            path,
+            manifest_sha256: sha,
+            committed_ms: self.clock.now_ms(),
+        };
+        self.store.insert_checkpoint(&c)?;
+        tracing::info!(job = %r.job_id, step, path = %c.path, "checkpoint committed");
+        Ok(Command::Continue)
+    }
+
+    /// Rank 0 done with every step: the job SUCCEEDED. Other ranks just leave the gang.
+    pub fn done(&self, r: &AttemptRef, step: u64) -> Result<()> {
+        let mut t = self.table()?;
+        match Self::rank(&t, r) {
+            Some(0) => {
+                let job = self.jobs.get(&r.job_id)?;
+                if step < job.total_steps {
+                    drop(t);
+                    return self.failed(r, &format!("rank 0 stopped at step {step} of {}", job.total_steps));
+                }
+                self.end(&mut t, &r.job_id, "succeeded")?;
+                self.jobs.transition(&r.job_id, |j| {
+                    j.state = JobState::Succeeded;
+                    j.step = step;
+                    j.reason = String::new();
+                    Ok(())
+                })?;
+            }
+            Some(_) => {
+                t.busy.remove(&r.worker_id);
+            }
+            // A stale attempt: nothing to do.
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// A member failed: end the attempt; queue the job again, or fail it after max_restarts.
+    pub fn failed(&self, r: &AttemptRef, reason: &str) -> Result<()> {
+        let mut t = self.table()?;
+        let Some(rank) = Self::rank(&t, r) else { return Ok(()) };
+        let why = format!("rank {rank} ({}) failed: {reason}", r.worker_id);
+        self.end(&mut t, &r.job_id, &why)?;
+        self.requeue(&r.job_id, &why)
+    }
+
+    /// Workers lost to the heartbeat timeout end the attempts they were in.
+    pub fn lost(&self, dead: &[Worker]) -> Result<()> {
+        let mut t = self.table()?;
+        for w in dead {
+            if let Some(job_id) = t.busy.get(&w.id).cloned() {
+                let why = format!("worker {} lost (no heartbeat)", w.id);
+                self.end(&mut t, &job_id, &why)?;
+                self.requeue(&job_id, &why)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn requeue(&self, job_id: &str, why: &str) -> Result<()> {
+        let job = self.jobs.get(job_id)?;
+        if job.state.is_terminal() {
+            return Ok(());
+        }
+        let max = JobSpec::from_str(&job.spec_yaml, Path::new("spec_yaml")).map_or(0, |s| s.resources.max_restarts);
+        self.jobs.transition(job_id, |j| {
+            if j.restarts < max {
+                j.restarts += 1;
+                j.state = JobState::Pending;
+            } else {
+                j.state = JobState::Failed;
+            }
+            j.reason = why.to_owned();
+            Ok(())
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::domain::{DeviceKind, FakeClock};
+    use crate::store::MemStore;
+    use crate::workers::Registration;
+
+    const JOB: &str = "name: t\nmodel: { init: /m }\ndata: { train: /d.jsonl }\n\
+        training: { steps: 10, global_batch: 4 }\nresources: { workers: 2, device: cpu, max_restarts: 1 }\n";
+
+    fn setup() -> (Scheduler, Arc<Jobs>, Arc<Workers>) {
+        let clock: Arc<dyn Clock> = Arc::new(FakeClock::new(1000));
+        let store: Arc<dyn Store> = Arc::new(MemStore::default());
+        let jobs = Arc::new(Jobs::new(store.clone(), clock.clone()));
+        let workers = Arc::new(
+            Workers::load(store.clone(), clock.clone(), Duration::from_secs(1), Duration::from_secs(5)).unwrap(),
+        );
+        let s = Scheduler::new(jobs.clone(), workers.clone(), store, clock).unwrap();
+        (s, jobs, workers)
+    }
+
+    fn reg(w: &Workers, port: u16) -> String {
+        let r = Registration {
+            hostname: "h".into(),
+            device: DeviceKind::Cpu,
+            device_index: 0,
+            ring_address: format!("127.0.0.1:{port}"),
+            version: "0".into(),
+        };
+        w.register(r).unwrap().id
+    }
+
+    #[test]
+    fn gang_forms_runs_fails_requeues_and_succeeds() {
+        let (s, jobs, workers) = setup();
+        let spec = JobSpec::from_str(JOB, Path::new("job_yaml")).unwrap();
+        let job = jobs.submit(&spec).unwrap();
+        let a = reg(&workers, 1);
+        assert_eq!(s.assignment(&a).unwrap(), None, "one worker is not a gang of two");
+        let b = reg(&workers, 2);
+        let ab = s.assignment(&b).unwrap().unwrap();
+        let aa = s.assignment(&a).unwrap().unwrap();
+        assert_eq!((aa.rank, ab.rank, aa.world_size, aa.attempt), (0, 1, 2, 1));
+        assert_eq!(aa.ring_peers, ["127.0.0.1:1", "127.0.0.1:2"]);
+        assert_eq!(aa.ring_token, ab.ring_token);
+        assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Running);
+
+        let ra = AttemptRef { worker_id: a.clone(), job_id: job.id.clone(), attempt: 1 };
+        let rb = AttemptRef { worker_id: b.clone(), ..ra.clone() };
+        let p = Progress { step: 3, ..Progress::default() };
+        assert_eq!(s.progress(&ra, p).unwrap(), Command::Continue);
+        assert_eq!(jobs.get(&job.id).unwrap().step, 3);
+        s.commit_checkpoint(&ra, 3, "/c/3".into(), String::new()).unwrap();
+
+        s.failed(&rb, "boom").unwrap();
+        let j = jobs.get(&job.id).unwrap();
+        assert_eq!((j.state, j.restarts), (JobState::Pending, 1));
+        assert!(j.reason.contains("boom"), "{}", j.reason);
+        assert_eq!(s.command(&ra).unwrap(), Command::Stop);
+
+        let aa = s.assignment(&a).unwrap().unwrap();
+        assert_eq!((aa.attempt, aa.resume_step, aa.resume_checkpoint.as_str()), (2, 3, "/c/3"));
+        let ra = AttemptRef { attempt: 2, ..ra };
+        let rb = AttemptRef { attempt: 2, ..rb };
+        s.done(&rb, 10).unwrap();
+        s.done(&ra, 10).unwrap();
+        assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Succeeded);
+        assert_eq!(s.assignment(&a).unwrap(), None);
+    }
+
+    #[test]
+    fn cancel_stops_the_gang_and_frees_its_workers() {
+        let (s, jobs, workers) = setup();
+        let job = jobs.submit(&JobSpec::from_str(JOB, Path::new("job_yaml")).unwrap()).unwrap();
+        let (a, b) = (reg(&workers, 1), reg(&workers, 2));
+        assert!(s.assignment(&a).unwrap().is_some());
+        let ra = AttemptRef { worker_id: a.clone(), job_id: job.id.clone(), attempt: 1 };
+        assert_eq!(s.command(&ra).unwrap(), Command::Continue);
+        jobs.cancel(&job.id, "").unwrap();
+        assert_eq!(s.progress(&ra, Progress::default()).unwrap(), Command::Stop);
+        s.failed(&AttemptRef { worker_id: b.clone(), ..ra }, "aborted").unwrap();
+        assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Cancelled);
+        // Both are idle again: a new job gets them.
+        let next = jobs.submit(&JobSpec::from_str(JOB, Path::new("job_yaml")).unwrap()).unwrap();
+        assert_eq!(s.assignment(&b).unwrap().unwrap().job_id, next.id);
+    }
+
+    #[test]
+    fn failures_past_max_restarts_fail_the_job() {
+        let (s, jobs, workers) = setup();
+        let job = jobs.submit(&JobSpec::from_str(JOB, Path::new("job_yaml")).unwrap()).unwrap();
+        let (a, b) = (reg(&workers, 1), reg(&workers, 2));
+        for attempt in 1..=2 {
+            assert!(s.assignment(&a).unwrap().is_some());
+            s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt }, "x").unwrap();
+        }
+        let j = jobs.get(&job.id).unwrap();
+        assert_eq!(j.state, JobState::Failed);
+        assert!(j.reason.contains("failed: x"), "{}", j.reason);
+    }
+}
