@@ -213,6 +213,26 @@ impl AttentionShape {
     pub fn probs_len(&self) -> usize {
         self.batch * self.heads * self.tq * self.tk
     }
+
+    /// Check buffer lengths against the shape (every backend's attention ops call this).
+    pub fn check(&self, op: &'static str, q: usize, k: usize, v: usize, mask: usize, probs: usize) -> Result<()> {
+        let c = self.heads * self.head_dim;
+        let ok = q == self.batch * self.tq * c
+            && k == self.batch * self.tk * c
+            && v == k
+            && mask == self.batch * self.tk
+            && probs == self.probs_len();
+        if !ok {
+            return Err(KernelError::Shape {
+                op,
+                what: format!("{self:?}: q {q} k {k} v {v} mask {mask} probs {probs}"),
+            });
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(KernelError::Shape { op, what: format!("dropout {} outside [0, 1)", self.dropout) });
+        }
+        Ok(())
+    }
 }
 
 pub trait AttentionOps: Memory {

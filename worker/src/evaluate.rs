@@ -96,16 +96,7 @@ pub fn evaluate<B: Backend>(
     let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
     for (s, t) in src.chunks(opts.batch_size.max(1)).zip(tgt.chunks(opts.batch_size.max(1))) {
         let batch = Batch::new(s, t, special, opts.max_source_len, opts.max_target_len);
-        let x = Inputs::new(
-            b,
-            batch.batch,
-            batch.src_len,
-            batch.tgt_len,
-            &batch.src_ids,
-            &batch.src_mask,
-            &batch.dec_ids,
-            &batch.labels,
-        )?;
+        let x = Inputs::from_batch(b, &batch)?;
         let l = net.pass(b, &x, PassOptions { train: false, seed: 0, label_smoothing: 0.0, grad_scale: None })?;
         loss_sum += l.sum();
         tokens += l.tokens();

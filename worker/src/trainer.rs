@@ -164,16 +164,7 @@ impl<'a, B: Backend, C: Collective<B>> Trainer<'a, B, C> {
         let special = self.tok.special();
         for (j, micro) in shard(&global, job.micro_batch(), rank, world).into_iter().enumerate() {
             let batch = self.train.batch(micro, special, d.max_source_len, d.max_target_len)?;
-            let x = Inputs::new(
-                b,
-                batch.batch,
-                batch.src_len,
-                batch.tgt_len,
-                &batch.src_ids,
-                &batch.src_mask,
-                &batch.dec_ids,
-                &batch.labels,
-            )?;
+            let x = Inputs::from_batch(b, &batch)?;
             let seed = rng::derive(t.seed, self.step.wrapping_mul(1 << 20) + (rank + j * world) as u64);
             let opts =
                 PassOptions { train: true, seed, label_smoothing: t.label_smoothing, grad_scale: Some(grad_scale) };

@@ -19,28 +19,6 @@ use crate::{AttentionOps, AttentionShape, Result, rng};
 
 const MASKED: f32 = -1.0e30;
 
-fn check_shapes(
-    op: &'static str,
-    s: &AttentionShape,
-    q: usize,
-    k: usize,
-    v: usize,
-    mask: usize,
-    probs: usize,
-) -> Result<()> {
-    let c = s.heads * s.head_dim;
-    check(
-        op,
-        q == s.batch * s.tq * c
-            && k == s.batch * s.tk * c
-            && v == k
-            && mask == s.batch * s.tk
-            && probs == s.probs_len(),
-        || format!("{s:?}: q {q} k {k} v {v} mask {mask} probs {probs}"),
-    )?;
-    check(op, (0.0..1.0).contains(&s.dropout), || format!("dropout {} outside [0, 1)", s.dropout))
-}
-
 /// Dropout factor of probability element (b, h, i, j): 0 or 1/(1-p).
 #[inline]
 fn keep(s: &AttentionShape, b: usize, h: usize, i: usize, j: usize) -> f32 {
@@ -59,7 +37,7 @@ impl AttentionOps for Cpu {
         probs: &mut [f32],
         out: &mut [f32],
     ) -> Result<()> {
-        check_shapes("attention_forward", &s, q.len(), k.len(), v.len(), key_mask.len(), probs.len())?;
+        s.check("attention_forward", q.len(), k.len(), v.len(), key_mask.len(), probs.len())?;
         check("attention_forward", out.len() == q.len(), || format!("out {} != q {}", out.len(), q.len()))?;
         let (c, d, tq, tk) = (s.heads * s.head_dim, s.head_dim, s.tq, s.tk);
         let scale = 1.0 / (d as f32).sqrt();
@@ -122,7 +100,7 @@ impl AttentionOps for Cpu {
         dk: &mut [f32],
         dv: &mut [f32],
     ) -> Result<()> {
-        check_shapes("attention_backward", &s, q.len(), k.len(), v.len(), s.batch * s.tk, probs.len())?;
+        s.check("attention_backward", q.len(), k.len(), v.len(), s.batch * s.tk, probs.len())?;
         check(
             "attention_backward",
             dout.len() == q.len() && dq.len() == q.len() && dk.len() == k.len() && dv.len() == v.len(),

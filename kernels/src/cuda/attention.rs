@@ -19,28 +19,6 @@ pub(crate) const SOURCE: KernelSource = KernelSource {
 
 const WARPS: u32 = 8;
 
-fn check_shapes(
-    op: &'static str,
-    s: &AttentionShape,
-    q: usize,
-    k: usize,
-    v: usize,
-    mask: usize,
-    probs: usize,
-) -> Result<()> {
-    let c = s.heads * s.head_dim;
-    check(
-        op,
-        q == s.batch * s.tq * c
-            && k == s.batch * s.tk * c
-            && v == k
-            && mask == s.batch * s.tk
-            && probs == s.probs_len(),
-        || format!("{s:?}: q {q} k {k} v {v} mask {mask} probs {probs}"),
-    )?;
-    check(op, (0.0..1.0).contains(&s.dropout), || format!("dropout {} outside [0, 1)", s.dropout))
-}
-
 fn ptr(buf: &CudaSlice<f32>, cuda: &Cuda) -> u64 {
     cuda.whole(buf).ptr
 }
@@ -92,7 +70,7 @@ impl AttentionOps for Cuda {
         probs: DevMut<'_>,
         out: DevMut<'_>,
     ) -> Result<()> {
-        check_shapes("attention_forward", &s, q.len, k.len, v.len, key_mask.len, probs.len)?;
+        s.check("attention_forward", q.len, k.len, v.len, key_mask.len, probs.len)?;
         check("attention_forward", out.len == q.len, || format!("out {} != q {}", out.len, q.len))?;
         let (bh, tq, tk, d) = (s.batch * s.heads, s.tq, s.tk, s.head_dim);
         let scale = 1.0 / (d as f32).sqrt();
@@ -152,7 +130,7 @@ impl AttentionOps for Cuda {
         dk: DevMut<'_>,
         dv: DevMut<'_>,
     ) -> Result<()> {
-        check_shapes("attention_backward", &s, q.len, k.len, v.len, s.batch * s.tk, probs.len)?;
+        s.check("attention_backward", q.len, k.len, v.len, s.batch * s.tk, probs.len)?;
         check(
             "attention_backward",
             dout.len == q.len && dq.len == q.len && dk.len == k.len && dv.len == v.len,

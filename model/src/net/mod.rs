@@ -74,6 +74,20 @@ impl<B: Backend> Inputs<B> {
         })
     }
 
+    /// A padded batch from `data::Batch`.
+    pub fn from_batch(b: &B, batch: &crate::data::Batch) -> Result<Self> {
+        Self::new(
+            b,
+            batch.batch,
+            batch.src_len,
+            batch.tgt_len,
+            &batch.src_ids,
+            &batch.src_mask,
+            &batch.dec_ids,
+            &batch.labels,
+        )
+    }
+
     /// Number of label tokens that the loss counts.
     pub fn label_tokens(&self) -> usize {
         self.row_example.len()
