@@ -128,6 +128,46 @@ impl<B: Backend> NormActs<B> {
             db,
         )
     }
+
+    /// `out = LN(dropout(input) + skip)`, where `input` holds the block's output on entry.
+    pub fn residual_forward(
+        &mut self,
+        b: &B,
+        p: &B::Buf,
+        n: &NormView,
+        skip: B::Ref<'_>,
+        dropout: (f32, u64),
+        eps: f32,
+    ) -> KResult<()> {
+        if dropout.0 > 0.0 {
+            b.dropout_forward(w(b, &mut self.input), dropout.0, dropout.1)?;
+        }
+        b.add_assign(w(b, &mut self.input), skip)?;
+        self.forward(b, p, n, eps)
+    }
+
+    /// Backward of `residual_forward`: ASSIGNS `d_skip`, and leaves the gradient of the block's
+    /// output (before dropout) in `d_res[..len]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn residual_backward(
+        &self,
+        b: &B,
+        p: &B::Buf,
+        g: &mut B::Buf,
+        n: &NormView,
+        d_out: B::Ref<'_>,
+        d_res: &mut B::Buf,
+        len: usize,
+        d_skip: &mut B::Buf,
+        dropout: (f32, u64),
+    ) -> KResult<()> {
+        self.backward(b, p, g, n, d_out, b.view_mut(d_res, 0..len), false)?;
+        b.copy(b.view(d_res, 0..len), w(b, d_skip))?;
+        if dropout.0 > 0.0 {
+            b.dropout_backward(b.view_mut(d_res, 0..len), dropout.0, dropout.1)?;
+        }
+        Ok(())
+    }
 }
 
 /// Dropout rates and the seeds of one block's dropout sites.
@@ -223,11 +263,7 @@ impl<B: Backend> AttnActs<B> {
             w(b, &mut self.ctx),
         )?;
         linear_forward(b, p, &av.out, r(b, &self.ctx), rq, &mut self.norm.input)?;
-        if hidden_dropout.0 > 0.0 {
-            b.dropout_forward(w(b, &mut self.norm.input), hidden_dropout.0, hidden_dropout.1)?;
-        }
-        b.add_assign(w(b, &mut self.norm.input), x_q)?;
-        self.norm.forward(b, p, &av.norm, eps)
+        self.norm.residual_forward(b, p, &av.norm, x_q, hidden_dropout, eps)
     }
 
     /// Given `d_out` (gradient of the block output), ASSIGNS `d_xq` and ACCUMULATES the K/V
@@ -250,12 +286,7 @@ impl<B: Backend> AttnActs<B> {
     ) -> KResult<()> {
         let (rq, rk) = (s.batch * s.tq, s.batch * s.tk);
         let c = s.heads * s.head_dim;
-        let d_res = b.view_mut(&mut sc.d_res, 0..rq * c);
-        self.norm.backward(b, p, g, &av.norm, d_out, d_res, false)?;
-        b.copy(b.view(&sc.d_res, 0..rq * c), w(b, d_xq))?;
-        if hidden_dropout.0 > 0.0 {
-            b.dropout_backward(b.view_mut(&mut sc.d_res, 0..rq * c), hidden_dropout.0, hidden_dropout.1)?;
-        }
+        self.norm.residual_backward(b, p, g, &av.norm, d_out, &mut sc.d_res, rq * c, d_xq, hidden_dropout)?;
         let d_ctx = b.view_mut(&mut sc.d_ctx, 0..rq * c);
         linear_backward(
             b,
@@ -322,11 +353,7 @@ impl<B: Backend> FfnActs<B> {
         matmul_wt(b, p, &lv.inter, h, rows, w(b, &mut self.inter_pre))?;
         b.bias_gelu_forward(w(b, &mut self.inter_pre), b.view(p, lv.inter.b.clone()), w(b, &mut self.inter_act))?;
         linear_forward(b, p, &lv.output, r(b, &self.inter_act), rows, &mut self.norm.input)?;
-        if dropout.0 > 0.0 {
-            b.dropout_forward(w(b, &mut self.norm.input), dropout.0, dropout.1)?;
-        }
-        b.add_assign(w(b, &mut self.norm.input), h)?;
-        self.norm.forward(b, p, &lv.norm, eps)
+        self.norm.residual_forward(b, p, &lv.norm, h, dropout, eps)
     }
 
     /// ASSIGNS `d_h` from `d_out`.
@@ -346,11 +373,7 @@ impl<B: Backend> FfnActs<B> {
     ) -> KResult<()> {
         let c = lv.output.out_dim;
         let i = lv.inter.out_dim;
-        self.norm.backward(b, p, g, &lv.norm, d_out, b.view_mut(&mut sc.d_res, 0..rows * c), false)?;
-        b.copy(b.view(&sc.d_res, 0..rows * c), w(b, d_h))?;
-        if dropout.0 > 0.0 {
-            b.dropout_backward(b.view_mut(&mut sc.d_res, 0..rows * c), dropout.0, dropout.1)?;
-        }
+        self.norm.residual_backward(b, p, g, &lv.norm, d_out, &mut sc.d_res, rows * c, d_h, dropout)?;
         let d_inter = b.view_mut(&mut sc.d_inter, 0..rows * i);
         linear_backward(
             b,
