@@ -68,6 +68,12 @@ impl Nccl {
         self.stream.wait(&ev).map_err(dev_err)
     }
 
+    /// Every collective's preamble: refuse an aborted communicator, then order after compute.
+    fn begin(&self, cuda: &Cuda) -> Result<()> {
+        self.usable()?;
+        self.after_compute(cuda)
+    }
+
     fn raw(&self) -> nsys::cudaStream_t {
         self.stream.cu_stream() as _
     }
@@ -108,8 +114,7 @@ impl Collective<Cuda> for Nccl {
         self.world
     }
     fn all_reduce_avg(&self, cuda: &Cuda, buf: DevMut<'_>) -> Result<()> {
-        self.usable()?;
-        self.after_compute(cuda)?;
+        self.begin(cuda)?;
         let p = buf.ptr as *mut c_void;
         // SAFETY: in-place all-reduce over a live exclusive view of `len` f32s.
         unsafe {
@@ -127,9 +132,8 @@ impl Collective<Cuda> for Nccl {
         .map_err(nccl_err)
     }
     fn broadcast(&self, cuda: &Cuda, buf: DevMut<'_>, root: usize) -> Result<()> {
-        self.usable()?;
         check("broadcast", root < self.world, || format!("root {root} of world {}", self.world))?;
-        self.after_compute(cuda)?;
+        self.begin(cuda)?;
         let p = buf.ptr as *mut c_void;
         // SAFETY: in-place broadcast over a live exclusive view.
         unsafe { nres::broadcast(p, p, buf.len, nsys::ncclDataType_t::ncclFloat32, root as i32, self.comm, self.raw()) }
@@ -137,11 +141,10 @@ impl Collective<Cuda> for Nccl {
             .map_err(nccl_err)
     }
     fn reduce_scatter_avg(&self, cuda: &Cuda, send: DevRef<'_>, recv: DevMut<'_>) -> Result<()> {
-        self.usable()?;
         check("reduce_scatter", send.len == recv.len * self.world, || {
             format!("send {} recv {} world {}", send.len, recv.len, self.world)
         })?;
-        self.after_compute(cuda)?;
+        self.begin(cuda)?;
         // SAFETY: send holds world*n and recv n live f32s.
         unsafe {
             nres::reduce_scatter(
@@ -158,11 +161,10 @@ impl Collective<Cuda> for Nccl {
         .map_err(nccl_err)
     }
     fn all_gather(&self, cuda: &Cuda, send: DevRef<'_>, recv: DevMut<'_>) -> Result<()> {
-        self.usable()?;
         check("all_gather", recv.len == send.len * self.world, || {
             format!("send {} recv {} world {}", send.len, recv.len, self.world)
         })?;
-        self.after_compute(cuda)?;
+        self.begin(cuda)?;
         // SAFETY: send holds n and recv world*n live f32s.
         unsafe {
             nres::all_gather(
