@@ -11,6 +11,10 @@ scripts/setup_nvrtc.sh >/dev/null
 . .deps/cuda13/env.sh
 # The NVRTC tests (kernels/tests/nvrtc.rs) fail here rather than skip when NVRTC cannot load.
 export B2B_REQUIRE_NVRTC=1
+# Tests that drive Python (grpcio client, TensorBoard's reader) use this interpreter, and fail
+# rather than skip when B2B_REQUIRE_PYTHON is set.
+B2B_PYTHON=$(scripts/setup_python.sh)
+export B2B_PYTHON B2B_REQUIRE_PYTHON=1
 
 if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all -- --check
