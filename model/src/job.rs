@@ -27,6 +27,7 @@ pub struct JobSpec {
     /// `None` when `data.validation` is not set: no evaluation.
     pub eval: Option<EvalSpec>,
     pub resources: ResourcesSpec,
+    pub logging: LoggingSpec,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -75,6 +76,13 @@ pub struct CheckpointSpec {
     pub dir: PathBuf,
     pub every_steps: u64,
     pub keep: usize,
+}
+
+/// Where rank 0 writes TensorBoard event files (`bert2bert plot` reads them back).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoggingSpec {
+    /// Default `<checkpoint.dir>/logs`, so a job's curves live beside its checkpoints.
+    pub dir: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -153,6 +161,8 @@ struct RawJob {
     eval: Option<RawEval>,
     #[serde(skip_serializing_if = "Option::is_none")]
     resources: Option<RawResources>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logging: Option<RawLogging>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -214,6 +224,12 @@ struct RawEval {
     max_len: Option<usize>,
     length_penalty: Option<f64>,
     metrics: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogging {
+    dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -300,6 +316,7 @@ impl JobSpec {
                 device: Some(self.resources.device.as_str().to_owned()),
                 max_restarts: Some(self.resources.max_restarts),
             }),
+            logging: Some(RawLogging { dir: Some(self.logging.dir.clone()) }),
         };
         // Plain structs of strings, numbers and paths always serialise.
         serde_yaml_ng::to_string(&raw).unwrap_or_default()
@@ -590,7 +607,24 @@ fn build(raw: RawJob, base: &Path, origin: &Path) -> Result<JobSpec> {
         }
     };
 
-    Ok(JobSpec { origin: origin.to_path_buf(), name: raw.name, model, data, training, checkpoint, eval, resources })
+    let logging = LoggingSpec {
+        dir: match raw.logging.and_then(|l| l.dir) {
+            Some(p) => path("logging.dir", p)?,
+            None => checkpoint.dir.join("logs"),
+        },
+    };
+
+    Ok(JobSpec {
+        origin: origin.to_path_buf(),
+        name: raw.name,
+        model,
+        data,
+        training,
+        checkpoint,
+        eval,
+        resources,
+        logging,
+    })
 }
 
 #[cfg(test)]

@@ -86,6 +86,8 @@ resources:
   min_workers: 1
   device: cuda
   max_restarts: 3
+logging:
+  dir: logs/x
 ";
 
 #[test]
@@ -116,6 +118,7 @@ fn design_example_parses_and_derives_accumulation() {
     let job = parse(FULL).unwrap();
     assert_eq!(job.data.validation, Some(PathBuf::from("/jobs/d/val.jsonl")));
     assert_eq!(job.checkpoint.dir, PathBuf::from("/jobs/ckpt/x"));
+    assert_eq!(job.logging.dir, PathBuf::from("/jobs/logs/x"));
     assert_eq!(job.training.precision, Some(Precision::Bf16));
     assert_eq!(job.eval.as_ref().unwrap().length_penalty, 0.6);
     assert_eq!(job.micro_batches_per_step(), 4);
@@ -135,6 +138,11 @@ fn defaults_fill_what_is_left_out() {
     assert_eq!((job.data.max_source_len, job.data.source_field.as_str()), (128, "source"));
     assert_eq!(job.checkpoint, CheckpointSpec { dir: "/jobs/ckpt/t".into(), every_steps: 10, keep: 3 });
     assert_eq!(job.eval, None, "no validation set, no eval");
+    assert_eq!(job.logging, LoggingSpec { dir: "/jobs/ckpt/t/logs".into() }, "logs beside the checkpoints");
+    let elsewhere = parse(&format!("{MINIMAL}checkpoint: {{ dir: /runs/c }}\n")).unwrap();
+    assert_eq!(elsewhere.logging.dir, PathBuf::from("/runs/c/logs"));
+    let absolute = parse(&format!("{MINIMAL}logging: {{ dir: /var/tb }}\n")).unwrap();
+    assert_eq!(absolute.logging.dir, PathBuf::from("/var/tb"));
     assert_eq!(job.resources, ResourcesSpec { workers: 1, min_workers: 1, device: Device::Cpu, max_restarts: 3 });
     assert_eq!(job.precision(), Precision::Fp32);
     let cuda = parse(&format!("{MINIMAL}resources: {{ device: cuda, workers: 2 }}\n")).unwrap();
@@ -214,6 +222,8 @@ fn value_errors_name_their_key() {
         ("data", "max_source_len", "2", "data.max_source_len: must be at least 3"),
         ("data", "max_target_len", "0", "data.max_target_len: must be at least 3"),
         ("data", "train", "''", "data.train: must not be empty"),
+        ("logging", "dir", "''", "logging.dir: must not be empty"),
+        ("logging", "dir", "[a]", "logging.dir: invalid type: sequence"),
         ("data", "source_field", "' '", "data.source_field: must not be empty"),
         ("checkpoint", "keep", "0", "checkpoint.keep: must be at least 1"),
         ("checkpoint", "every_steps", "0", "checkpoint.every_steps: must be at least 1"),
@@ -275,6 +285,7 @@ fn unknown_keys_are_named_at_every_level() {
             "eval: unknown field `beam`",
         ),
         (format!("{MINIMAL}resources: {{ gpus: 2 }}\n"), "resources: unknown field `gpus`"),
+        (format!("{MINIMAL}logging: {{ path: l }}\n"), "logging: unknown field `path`"),
     ];
     for (text, want) in cases {
         let msg = err(&text);
