@@ -31,6 +31,10 @@ pub struct Args {
     /// Seconds without a heartbeat after which a worker is declared dead.
     #[arg(long, default_value_t = 10.0, value_name = "S")]
     heartbeat_timeout: f64,
+    /// Seconds a PENDING job waits for `resources.workers` idle workers before it starts with
+    /// fewer (at least `resources.min_workers`), e.g. on the survivors of a failure.
+    #[arg(long, default_value_t = 10.0, value_name = "S")]
+    elastic_wait: f64,
     /// The largest request accepted, in bytes.
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
     max_request_bytes: usize,
@@ -71,7 +75,11 @@ pub fn run(a: Args) -> CliResult {
     if !(a.heartbeat_timeout.is_finite() && a.heartbeat_timeout > 0.0) {
         return Err(CliError::usage("--heartbeat-timeout must be a positive number of seconds"));
     }
+    if !(a.elastic_wait.is_finite() && a.elastic_wait >= 0.0) {
+        return Err(CliError::usage("--elastic-wait must be a number of seconds, 0 or more"));
+    }
     let mut config = coordinator::Config::new(listen, a.state, client);
+    config.elastic_wait = Duration::from_secs_f64(a.elastic_wait);
     config.worker_token = worker;
     config.heartbeat_timeout = Duration::from_secs_f64(a.heartbeat_timeout);
     config.heartbeat_interval = (config.heartbeat_timeout / 5).min(config.heartbeat_interval);

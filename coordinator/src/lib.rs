@@ -5,16 +5,19 @@
 //! Layers, top down: [`service`] (thin gRPC handlers) -> [`convert`] (protobuf <-> domain) ->
 //! [`jobs`] / [`workers`] (domain state) -> [`store`] (persistence, a trait with an SQLite
 //! implementation and an in-memory fake). [`serve`] puts it together with bearer-token
-//! authentication ([`auth`]), request size limits, `grpc.health.v1` and server reflection.
+//! authentication ([`auth`]), request size limits, `grpc.health.v1` and server reflection,
+//! optional TLS ([`tls`]) and an optional Prometheus endpoint ([`metrics`]).
 
 pub mod auth;
 pub mod convert;
 pub mod domain;
 pub mod error;
 pub mod jobs;
+pub mod metrics;
 pub mod scheduler;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod workers;
 
 use std::future::Future;
@@ -34,6 +37,7 @@ use crate::auth::BearerAuth;
 use crate::domain::{Clock, SystemClock};
 pub use crate::error::{Error, Result};
 use crate::jobs::Jobs;
+use crate::metrics::{MeteredStore, Metrics, RpcMetricsLayer};
 use crate::scheduler::Scheduler;
 use crate::service::{JobApi, WorkerApi};
 use crate::store::{SqliteStore, Store};
@@ -58,6 +62,12 @@ pub struct Config {
     pub heartbeat_timeout: Duration,
     /// The largest request message accepted (RESOURCE_EXHAUSTED beyond it).
     pub max_request_bytes: usize,
+    /// Serve gRPC over TLS (clients then use `https://`).
+    pub tls: Option<tls::Tls>,
+    /// Where to serve plain-HTTP `GET /metrics` (Prometheus text format); port 0 picks a port.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long a PENDING job waits for `workers` before starting with at least `min_workers`.
+    pub elastic_wait: Duration,
 }
 
 impl Config {
@@ -72,6 +82,9 @@ impl Config {
             heartbeat_interval: Duration::from_secs(2),
             heartbeat_timeout: Duration::from_secs(10),
             max_request_bytes: 1 << 20,
+            tls: None,
+            metrics_listen: None,
+            elastic_wait: scheduler::DEFAULT_ELASTIC_WAIT,
         }
     }
 
@@ -84,6 +97,9 @@ impl Config {
         if self.heartbeat_timeout <= self.heartbeat_interval {
             return Err(Error::InvalidArgument("the heartbeat timeout must exceed the heartbeat interval".into()));
         }
+        if let Some(tls) = &self.tls {
+            tls.check()?;
+        }
         Ok(())
     }
 }
@@ -94,6 +110,13 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     config.check()?;
     let listener = bind(config.listen).await?;
     serve_on(listener, config, shutdown).await
+}
+
+async fn bind_metrics(config: &Config) -> Result<Option<TcpListener>> {
+    match config.metrics_listen {
+        Some(addr) => Ok(Some(metrics::bind(addr).await?)),
+        None => Ok(None),
+    }
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -108,7 +131,14 @@ pub async fn serve_on(
 ) -> Result<()> {
     config.check()?;
     let state = State::open(&config)?;
-    run(listener, config, state, shutdown).await
+    let metrics_listener = bind_metrics(&config).await?;
+    run(Listeners { grpc: listener, metrics: metrics_listener }, config, state, shutdown).await
+}
+
+/// The bound sockets a coordinator serves on.
+struct Listeners {
+    grpc: TcpListener,
+    metrics: Option<TcpListener>,
 }
 
 /// The state directory, opened and locked: one coordinator per directory at a time. The lock
@@ -144,17 +174,20 @@ impl State {
 }
 
 async fn run(
-    listener: TcpListener,
+    listeners: Listeners,
     config: Config,
     state: State,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let store = state.store.clone();
+    let metrics = Arc::new(Metrics::new());
+    let store: Arc<dyn Store> = Arc::new(MeteredStore::new(state.store.clone(), metrics.clone()));
     let jobs = Arc::new(Jobs::new(store.clone(), clock.clone()));
     let workers =
         Arc::new(Workers::load(store.clone(), clock.clone(), config.heartbeat_interval, config.heartbeat_timeout)?);
-    let scheduler = Arc::new(Scheduler::new(jobs.clone(), workers.clone(), store, clock.clone())?);
+    let scheduler = Arc::new(
+        Scheduler::new(jobs.clone(), workers.clone(), store, clock.clone())?.with_elastic_wait(config.elastic_wait),
+    );
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -166,15 +199,29 @@ async fn run(
         .build_v1()
         .map_err(|e| Error::Internal(format!("server reflection: {e}")))?;
 
+    let mut tasks = Vec::new();
+    if let Some(listener) = listeners.metrics {
+        let addr = listener.local_addr().map_err(|e| Error::io("metrics listener address", e))?;
+        tracing::info!(%addr, "serving GET /metrics");
+        let serve = metrics::serve_http(listener, metrics.clone(), jobs.clone(), workers.clone(), stop_rx.clone());
+        tasks.push(tokio::spawn(serve));
+        tasks.push(tokio::spawn(metrics::follow_progress(metrics.clone(), jobs.clone(), stop_rx.clone())));
+    }
     let job_api = JobApi { jobs, clock, shutdown: stop_rx.clone() };
     let job_service = JobServiceServer::new(job_api).max_decoding_message_size(config.max_request_bytes);
     let worker_service = WorkerServiceServer::new(WorkerApi { workers: workers.clone(), scheduler: scheduler.clone() })
         .max_decoding_message_size(config.max_request_bytes);
 
-    let reaper = tokio::spawn(reap_dead_workers(workers, scheduler, stop_rx));
+    tasks.push(tokio::spawn(reap_dead_workers(workers, scheduler, metrics.clone(), stop_rx)));
+    let listener = listeners.grpc;
     let addr = listener.local_addr().map_err(|e| Error::io("listener address", e))?;
-    tracing::info!(%addr, state = %config.state_dir.display(), "coordinator serving");
-    let result = tonic::transport::Server::builder()
+    tracing::info!(%addr, state = %config.state_dir.display(), tls = config.tls.is_some(), "coordinator serving");
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        server = server.tls_config(tls.server_config())?;
+    }
+    let result = server
+        .layer(RpcMetricsLayer::new(metrics))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         // Metadata (the bearer token included) is small; bound it as well as the messages.
         .http2_max_header_list_size(MAX_HEADER_BYTES)
@@ -189,12 +236,19 @@ async fn run(
             let _ = stop_tx.send(true);
         })
         .await;
-    let _ = reaper.await;
+    for task in tasks {
+        let _ = task.await;
+    }
     drop(state);
     result.map_err(Error::from)
 }
 
-async fn reap_dead_workers(workers: Arc<Workers>, scheduler: Arc<Scheduler>, mut stop: watch::Receiver<bool>) {
+async fn reap_dead_workers(
+    workers: Arc<Workers>,
+    scheduler: Arc<Scheduler>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval((workers.heartbeat_timeout / 4).max(Duration::from_millis(50)));
     loop {
         tokio::select! {
@@ -202,6 +256,7 @@ async fn reap_dead_workers(workers: Arc<Workers>, scheduler: Arc<Scheduler>, mut
             _ = tick.tick() => {
                 match workers.reap() {
                     Ok(dead) if !dead.is_empty() => {
+                        metrics.heartbeat_timeouts(dead.len());
                         if let Err(e) = scheduler.lost(&dead) {
                             tracing::error!("ending the attempts of lost workers: {e}");
                         }
@@ -218,6 +273,9 @@ async fn reap_dead_workers(workers: Arc<Workers>, scheduler: Arc<Scheduler>, mut
 pub struct Running {
     /// The address it listens on (the real port when `listen` had port 0).
     pub addr: SocketAddr,
+    /// Where `GET /metrics` is served, when it is.
+    pub metrics_addr: Option<SocketAddr>,
+    tls: bool,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<()>>,
 }
@@ -229,17 +287,23 @@ pub async fn start(config: Config) -> Result<Running> {
     let state = State::open(&config)?;
     let listener = bind(config.listen).await?;
     let addr = listener.local_addr().map_err(|e| Error::io("listener address", e))?;
+    let metrics = bind_metrics(&config).await?;
+    let metrics_addr = match &metrics {
+        Some(l) => Some(l.local_addr().map_err(|e| Error::io("metrics listener address", e))?),
+        None => None,
+    };
+    let tls = config.tls.is_some();
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(run(listener, config, state, async move {
+    let task = tokio::spawn(run(Listeners { grpc: listener, metrics }, config, state, async move {
         let _ = stopped.await;
     }));
-    Ok(Running { addr, stop: Some(stop), task })
+    Ok(Running { addr, metrics_addr, tls, stop: Some(stop), task })
 }
 
 impl Running {
-    /// `http://ADDR`, for clients.
+    /// `http://ADDR` (`https://` with TLS), for clients.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }
 
     /// Serves until `signal` completes (then shuts down) or the server fails.

@@ -2,11 +2,21 @@
 //! (ranks 0..N by registration order, ring peers, a ring token, the checkpoint to resume from).
 //! Progress, checkpoint commits and outcomes of the attempt come back through here; a failed
 //! or lost member ends the attempt and the job is queued again up to `max_restarts`.
+//!
+//! Elastic gangs: a job that has waited `elastic_wait` in PENDING starts with fewer than
+//! `workers` (but at least `min_workers`) when that is all there is, so a job whose worker died
+//! for good re-forms on the survivors. Any world size up to `workers` keeps the update exact:
+//! the micro-batch size comes from the job (`workers`, not the gang), the trainer deals the
+//! global batch's micro-batches round-robin over the ranks, and each rank's gradient is scaled by
+//! world / label tokens before the average over ranks, which leaves sum / label tokens whatever
+//! the world size. `validate` makes the micro-batch count a multiple of `workers`, so every rank
+//! of a smaller gang gets at least one micro-batch (just not always the same number).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use model::job::JobSpec;
 
@@ -45,7 +55,16 @@ struct Table {
     gangs: HashMap<String, Gang>,
     /// Worker id -> the job it runs.
     busy: HashMap<String, String>,
+    /// Workers that said they are shutting down: never scheduled again, even before their
+    /// heartbeats time out (the proto has no deregistration).
+    departed: HashSet<String>,
 }
+
+/// The failure reason a worker agent reports when it leaves on SIGTERM.
+pub const SHUTDOWN_REASON: &str = "worker shutting down (SIGTERM)";
+
+/// How long a PENDING job waits for its full gang before starting with fewer workers.
+pub const DEFAULT_ELASTIC_WAIT: Duration = Duration::from_secs(10);
 
 pub struct Scheduler {
     jobs: Arc<Jobs>,
@@ -53,6 +72,7 @@ pub struct Scheduler {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     table: Mutex<Table>,
+    elastic_wait_ms: i64,
 }
 
 /// Which attempt a worker call is about.
@@ -75,7 +95,15 @@ impl Scheduler {
                 Ok(())
             })?;
         }
-        Ok(Scheduler { jobs, workers, store, clock, table: Mutex::new(Table::default()) })
+        let elastic_wait_ms = DEFAULT_ELASTIC_WAIT.as_millis() as i64;
+        Ok(Scheduler { jobs, workers, store, clock, table: Mutex::new(Table::default()), elastic_wait_ms })
+    }
+
+    /// How long a PENDING job waits for `workers` idle workers before it starts with at least
+    /// `min_workers` (see the module comment).
+    pub fn with_elastic_wait(mut self, wait: Duration) -> Self {
+        self.elastic_wait_ms = wait.as_millis().min(i64::MAX as u128) as i64;
+        self
     }
 
     fn table(&self) -> Result<MutexGuard<'_, Table>> {
@@ -86,6 +114,9 @@ impl Scheduler {
     pub fn assignment(&self, worker_id: &str) -> Result<Option<Assignment>> {
         let mut t = self.table()?;
         self.sweep(&mut t)?;
+        if t.departed.contains(worker_id) {
+            return Ok(None);
+        }
         if !t.busy.contains_key(worker_id) {
             self.schedule(&mut t, worker_id)?;
         }
@@ -119,11 +150,16 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Starts the oldest PENDING job that fits the idle workers, if the caller is idle and alive.
+    /// Starts the oldest PENDING job that fits the idle workers, if the caller is idle and alive:
+    /// with `workers` of them, or after `elastic_wait` with at least `min_workers`.
     fn schedule(&self, t: &mut Table, caller: &str) -> Result<()> {
         let alive = self.workers.alive()?;
         let Some(me) = alive.iter().find(|w| w.id == caller).cloned() else { return Ok(()) };
-        let idle: Vec<&Worker> = alive.iter().filter(|w| w.id != caller && !t.busy.contains_key(&w.id)).collect();
+        let idle: Vec<&Worker> = alive
+            .iter()
+            .filter(|w| w.id != caller && !t.busy.contains_key(&w.id) && !t.departed.contains(&w.id))
+            .collect();
+        let now = self.clock.now_ms();
         let mut pending = self.jobs.list(&JobFilter { states: vec![JobState::Pending], limit: 0 })?;
         pending.reverse();
         for job in pending {
@@ -143,11 +179,14 @@ impl Scheduler {
                 model::job::Device::Cuda => crate::domain::DeviceKind::Cuda,
             };
             let need = job.workers.max(1) as usize;
+            let least = (job.min_workers as usize).clamp(1, need);
             if me.device != device {
                 continue;
             }
             let others: Vec<&Worker> = idle.iter().copied().filter(|w| w.device == device).take(need - 1).collect();
-            if others.len() + 1 < need {
+            // PENDING jobs change only on transitions, so updated_ms is when the job began to wait.
+            let waited = now - job.updated_ms >= self.elastic_wait_ms;
+            if others.len() + 1 < need && !(waited && others.len() + 1 >= least) {
                 continue;
             }
             let mut gang: Vec<Worker> = others.into_iter().cloned().collect();
@@ -291,6 +330,9 @@ impl Scheduler {
     /// A member failed: end the attempt; queue the job again, or fail it after max_restarts.
     pub fn failed(&self, r: &AttemptRef, reason: &str) -> Result<()> {
         let mut t = self.table()?;
+        if reason == SHUTDOWN_REASON {
+            t.departed.insert(r.worker_id.clone());
+        }
         let Some(rank) = Self::rank(&t, r) else { return Ok(()) };
         let why = format!("rank {rank} ({}) failed: {reason}", r.worker_id);
         self.end(&mut t, &r.job_id, &why)?;
@@ -301,6 +343,7 @@ impl Scheduler {
     pub fn lost(&self, dead: &[Worker]) -> Result<()> {
         let mut t = self.table()?;
         for w in dead {
+            t.departed.remove(&w.id);
             if let Some(job_id) = t.busy.get(&w.id).cloned() {
                 let why = format!("worker {} lost (no heartbeat)", w.id);
                 self.end(&mut t, &job_id, &why)?;
@@ -351,6 +394,24 @@ mod tests {
         );
         let s = Scheduler::new(jobs.clone(), workers.clone(), store, clock).unwrap();
         (s, jobs, workers)
+    }
+
+    const ELASTIC: &str = "name: e\nmodel: { init: /m }\ndata: { train: /d.jsonl }\n\
+        training: { steps: 10, global_batch: 12 }\n\
+        resources: { workers: 3, min_workers: 2, device: cpu, max_restarts: 5 }\n";
+
+    fn setup_with_clock() -> (Scheduler, Arc<Jobs>, Arc<Workers>, Arc<FakeClock>) {
+        let fake = Arc::new(FakeClock::new(1000));
+        let clock: Arc<dyn Clock> = fake.clone();
+        let store: Arc<dyn Store> = Arc::new(MemStore::default());
+        let jobs = Arc::new(Jobs::new(store.clone(), clock.clone()));
+        let workers = Arc::new(
+            Workers::load(store.clone(), clock.clone(), Duration::from_secs(1), Duration::from_secs(5)).unwrap(),
+        );
+        let s = Scheduler::new(jobs.clone(), workers.clone(), store, clock)
+            .unwrap()
+            .with_elastic_wait(Duration::from_millis(3_000));
+        (s, jobs, workers, fake)
     }
 
     fn reg(w: &Workers, port: u16) -> String {
@@ -431,5 +492,72 @@ mod tests {
         let j = jobs.get(&job.id).unwrap();
         assert_eq!(j.state, JobState::Failed);
         assert!(j.reason.contains("failed: x"), "{}", j.reason);
+    }
+
+    #[test]
+    fn short_gang_starts_only_after_the_elastic_wait_and_never_below_min_workers() {
+        let (s, jobs, workers, clock) = setup_with_clock();
+        let job = jobs.submit(&JobSpec::from_str(ELASTIC, Path::new("job_yaml")).unwrap()).unwrap();
+        let a = reg(&workers, 1);
+        clock.advance(10_000);
+        assert_eq!(s.assignment(&a).unwrap(), None, "one worker is below min_workers (2), however long it waits");
+        let b = reg(&workers, 2);
+        // The job has waited long already: two of three start at once.
+        let ab = s.assignment(&b).unwrap().unwrap();
+        assert_eq!((ab.world_size, ab.rank, ab.attempt), (2, 1, 1));
+        assert_eq!(s.assignment(&a).unwrap().unwrap().rank, 0);
+        assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Running);
+    }
+
+    #[test]
+    fn full_gang_starts_at_once_and_a_lost_worker_re_forms_the_job_on_the_survivors() {
+        let (s, jobs, workers, clock) = setup_with_clock();
+        let job = jobs.submit(&JobSpec::from_str(ELASTIC, Path::new("job_yaml")).unwrap()).unwrap();
+        let (a, b) = (reg(&workers, 1), reg(&workers, 2));
+        assert_eq!(s.assignment(&a).unwrap(), None, "2 of 3 must wait for the elastic grace");
+        let c = reg(&workers, 3);
+        let first = s.assignment(&c).unwrap().unwrap();
+        assert_eq!((first.world_size, first.rank), (3, 2), "a full gang needs no wait");
+        let ra = AttemptRef { worker_id: a.clone(), job_id: job.id.clone(), attempt: 1 };
+        s.commit_checkpoint(&ra, 4, "/c/4".into(), String::new()).unwrap();
+
+        // c goes silent: the reaper declares it dead and the attempt ends.
+        for _ in 0..3 {
+            clock.advance(2_000);
+            workers.heartbeat(&a).unwrap();
+            workers.heartbeat(&b).unwrap();
+        }
+        let dead = workers.reap().unwrap();
+        assert_eq!(dead.iter().map(|w| w.id.clone()).collect::<Vec<_>>(), [c.clone()]);
+        s.lost(&dead).unwrap();
+        let j = jobs.get(&job.id).unwrap();
+        assert_eq!((j.state, j.restarts), (JobState::Pending, 1));
+        assert!(j.reason.contains("lost"), "{}", j.reason);
+
+        clock.advance(2_999);
+        assert_eq!(s.assignment(&a).unwrap(), None, "still inside the elastic wait");
+        clock.advance(1);
+        let again = s.assignment(&a).unwrap().unwrap();
+        assert_eq!((again.attempt, again.world_size, again.rank), (2, 2, 0));
+        assert_eq!((again.resume_step, again.resume_checkpoint.as_str()), (4, "/c/4"));
+        assert_eq!(s.assignment(&b).unwrap().unwrap().rank, 1);
+    }
+
+    #[test]
+    fn a_worker_leaving_on_sigterm_is_not_scheduled_again() {
+        let (s, jobs, workers, clock) = setup_with_clock();
+        let job = jobs.submit(&JobSpec::from_str(ELASTIC, Path::new("job_yaml")).unwrap()).unwrap();
+        let (a, b, c) = (reg(&workers, 1), reg(&workers, 2), reg(&workers, 3));
+        assert_eq!(s.assignment(&a).unwrap().unwrap().world_size, 3);
+        let rb = AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 };
+        s.failed(&rb, SHUTDOWN_REASON).unwrap();
+        assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Pending);
+        clock.advance(3_000);
+        // b still heartbeats (it is alive until it exits) but must not join the new gang.
+        workers.heartbeat(&b).unwrap();
+        assert_eq!(s.assignment(&b).unwrap(), None);
+        let ac = s.assignment(&c).unwrap().unwrap();
+        assert_eq!(ac.world_size, 2);
+        assert_eq!(ac.ring_peers, ["127.0.0.1:1", "127.0.0.1:3"]);
     }
 }
