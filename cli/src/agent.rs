@@ -5,7 +5,7 @@
 //! The gRPC client runs on a tokio runtime made here; the trainer runs synchronously on the
 //! main thread, which calls into the runtime with `block_on` to report.
 
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,6 +40,10 @@ pub struct Args {
     /// Where the CPU ring listens for the left neighbour; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:0", value_name = "HOST:PORT")]
     ring_listen: String,
+    /// The address peers dial to reach this worker's ring (its port is the listening port);
+    /// required when --ring-listen is a wildcard such as 0.0.0.0 (e.g. a pod IP in Kubernetes).
+    #[arg(long, env = "BERT2BERT_RING_ADVERTISE", value_name = "HOST")]
+    ring_advertise: Option<String>,
     /// Seconds a collective (or forming the ring) may take before a peer counts as dead.
     #[arg(long, default_value_t = 60.0, value_name = "S")]
     collective_timeout: f64,
@@ -89,7 +93,7 @@ pub fn run(a: Args) -> CliResult {
         .and_then(|mut it| it.next())
         .ok_or_else(|| CliError::usage(format!("--ring-listen {}: not a HOST:PORT address", a.ring_listen)))?;
     let listener = TcpListener::bind(listen)?;
-    let ring_address = listener.local_addr()?;
+    let ring_address = advertised_ring_address(listener.local_addr()?, a.ring_advertise.as_deref())?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let client: Client = rt.block_on(async {
         Ok::<_, CliError>(WorkerServiceClient::with_interceptor(channel(&a.coordinator).await?, bearer(token)?))
@@ -119,6 +123,35 @@ pub fn run(a: Args) -> CliResult {
         let Some(asg) = assignment else { continue };
         attempt(&rt, &client, &listener, &current, asg, timeout);
     }
+}
+
+/// The ring address registered with the coordinator: `advertise` (an IP, or a name resolved
+/// here) with the listening port, else the listening address itself, which must then be one a
+/// peer can dial (a wildcard like 0.0.0.0 is not).
+fn advertised_ring_address(listening: SocketAddr, advertise: Option<&str>) -> CliResult<SocketAddr> {
+    let Some(host) = advertise.map(str::trim) else {
+        if listening.ip().is_unspecified() {
+            return Err(CliError::usage(format!(
+                "--ring-listen {listening} listens on every interface: pass --ring-advertise HOST, the \
+                 address peers reach this worker at (in Kubernetes, the pod IP)"
+            )));
+        }
+        return Ok(listening);
+    };
+    let bad = |why: String| CliError::usage(format!("--ring-advertise {host}: {why}"));
+    let ip = match host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) => (host, listening.port())
+            .to_socket_addrs()
+            .map_err(|e| bad(format!("cannot resolve it ({e})")))?
+            .next()
+            .ok_or_else(|| bad("resolves to no address".into()))?
+            .ip(),
+    };
+    if ip.is_unspecified() {
+        return Err(bad("a wildcard address cannot be dialled; give this worker's own address".into()));
+    }
+    Ok(SocketAddr::new(ip, listening.port()))
 }
 
 fn take<T>(current: &Mutex<Current>, f: impl FnOnce(&mut Current) -> T) -> T {
@@ -303,4 +336,35 @@ fn train(
         return Err(CliError { code: 1, error: anyhow::anyhow!("stopped by the coordinator") });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised_ring_address;
+    use std::net::SocketAddr;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn advertised(listening: SocketAddr, host: Option<&str>) -> SocketAddr {
+        advertised_ring_address(listening, host).unwrap_or_else(|e| panic!("{host:?}: {}", e.error))
+    }
+
+    #[test]
+    fn advertise_keeps_the_listening_port_and_needs_a_dialable_host() {
+        let wildcard = addr("0.0.0.0:7071");
+        assert_eq!(advertised(wildcard, Some("10.1.2.3")), addr("10.1.2.3:7071"));
+        assert_eq!(advertised(addr("[::]:7071"), Some("[fd00::5]")), addr("[fd00::5]:7071"));
+        assert_eq!(advertised(addr("127.0.0.1:9"), None), addr("127.0.0.1:9"));
+        assert_eq!(advertised(wildcard, Some("localhost")).port(), 7071);
+        let no_host = advertised_ring_address(wildcard, None).unwrap_err();
+        assert_eq!(no_host.code, 2);
+        assert!(no_host.error.to_string().contains("--ring-advertise"), "{}", no_host.error);
+        for bad in ["0.0.0.0", "no-such-host.invalid"] {
+            let e = advertised_ring_address(wildcard, Some(bad)).unwrap_err();
+            assert_eq!(e.code, 2, "{bad}");
+            assert!(e.error.to_string().contains(bad), "{}", e.error);
+        }
+    }
 }
