@@ -65,6 +65,8 @@ struct Current {
     /// The coordinator said STOP (or forgot us): abandon the attempt.
     stop: bool,
     reregister: bool,
+    /// Set by the first SIGTERM/SIGINT: finish the step, checkpoint (rank 0), report, exit 0.
+    shutdown: Arc<AtomicBool>,
 }
 
 pub fn run(a: Args) -> CliResult {
@@ -99,10 +101,16 @@ pub fn run(a: Args) -> CliResult {
         Ok::<_, CliError>(WorkerServiceClient::with_interceptor(channel(&a.coordinator).await?, bearer(token)?))
     })?;
     let current = Arc::new(Mutex::new(Current::default()));
+    let shutdown = take(&current, |c| c.shutdown.clone());
+    rt.spawn(watch_signals(rt.block_on(async { ShutdownSignals::new() })?, shutdown.clone()));
     let interval = register(&rt, &client, ring_address, &current)?;
     rt.spawn(heartbeats(client.clone(), current.clone(), interval));
     let timeout = Duration::from_secs_f64(a.collective_timeout);
     loop {
+        if shutdown.load(Ordering::SeqCst) {
+            tracing::info!("shutting down on a signal");
+            return Ok(());
+        }
         if take(&current, |c| std::mem::take(&mut c.reregister)) {
             register(&rt, &client, ring_address, &current)?;
         }
@@ -152,6 +160,40 @@ fn advertised_ring_address(listening: SocketAddr, advertise: Option<&str>) -> Cl
         return Err(bad("a wildcard address cannot be dialled; give this worker's own address".into()));
     }
     Ok(SocketAddr::new(ip, listening.port()))
+}
+
+/// SIGTERM and SIGINT streams, made on the runtime before anything else so that no signal
+/// meets the default action (death) once the agent runs.
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(ShutdownSignals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+}
+
+/// The first signal asks for a graceful stop (polled between training steps); a second one
+/// exits at once.
+async fn watch_signals(mut s: ShutdownSignals, shutdown: Arc<AtomicBool>) {
+    loop {
+        tokio::select! {
+            _ = s.term.recv() => {}
+            _ = s.int.recv() => {}
+        }
+        if shutdown.swap(true, Ordering::SeqCst) {
+            eprintln!("second signal: exiting now");
+            std::process::exit(1);
+        }
+        tracing::warn!("signal received: finishing the current step, then leaving (signal again to exit now)");
+    }
+}
+
+fn shutdown_error() -> CliError {
+    CliError { code: 1, error: anyhow::anyhow!("{}", coordinator::scheduler::SHUTDOWN_REASON) }
 }
 
 fn take<T>(current: &Mutex<Current>, f: impl FnOnce(&mut Current) -> T) -> T {
@@ -223,11 +265,13 @@ fn attempt(
     });
     tracing::info!(job = %asg.job_id, attempt = asg.attempt, rank = asg.rank, world = asg.world_size, "assigned");
     let result = train(rt, client, listener, current, &asg, &worker_id, timeout);
-    let (stopped, step) = take(current, |c| {
+    let (stopped, step, shutdown) = take(current, |c| {
         c.job = None;
         c.ring = None;
-        (std::mem::take(&mut c.stop), c.step)
+        (std::mem::take(&mut c.stop), c.step, c.shutdown.load(Ordering::SeqCst))
     });
+    // Leaving on a signal: say so whatever else failed, so that the coordinator drops this worker.
+    let result = if shutdown && result.is_err() { Err(shutdown_error()) } else { result };
     let (job_id, attempt) = (asg.job_id.clone(), asg.attempt);
     let report = match result {
         Ok(()) => {
@@ -237,8 +281,8 @@ fn attempt(
         }
         Err(e) => {
             let reason = format!("{:#}", e.error);
-            if stopped {
-                tracing::info!(job = %job_id, "attempt stopped by the coordinator: {reason}");
+            if stopped || shutdown {
+                tracing::info!(job = %job_id, "attempt stopped: {reason}");
             } else {
                 tracing::error!(job = %job_id, "attempt failed: {reason}");
             }
@@ -260,6 +304,10 @@ fn train(
     worker_id: &str,
     timeout: Duration,
 ) -> CliResult {
+    let shutdown = take(current, |c| c.shutdown.clone());
+    if shutdown.load(Ordering::SeqCst) {
+        return Err(shutdown_error());
+    }
     let spec = JobSpec::from_str(&asg.job_yaml, Path::new("assignment.job_yaml"))?;
     let peers = asg
         .ring_peers
@@ -278,6 +326,11 @@ fn train(
     let ring = Arc::new(ring);
     take(current, |c| c.ring = Some(ring.clone()));
     let (mut trainer, _resumed) = Trainer::new(&kernels::Cpu, &*ring, spec)?;
+    trainer.stop = Some(shutdown.clone());
+    // The trainer resumes from the newest valid checkpoint on disk, which may be past the
+    // coordinator's last committed one (a commit lost with a crash): report from there, or a
+    // finished job would be reported done at the older step.
+    take(current, |c| c.step = trainer.step);
     let at = |c: &Mutex<Current>| take(c, |c| c.stop);
     if at(current) {
         return Err(CliError { code: 1, error: anyhow::anyhow!("stopped by the coordinator") });
@@ -334,6 +387,9 @@ fn train(
     })?;
     if stop_flag.load(Ordering::SeqCst) {
         return Err(CliError { code: 1, error: anyhow::anyhow!("stopped by the coordinator") });
+    }
+    if shutdown.load(Ordering::SeqCst) && trainer.step < trainer.job.training.steps {
+        return Err(shutdown_error());
     }
     Ok(())
 }

@@ -8,6 +8,8 @@
 //! replays exactly after a resume.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use kernels::collective::Collective;
@@ -65,6 +67,8 @@ pub struct Trainer<'a, B: Backend, C: Collective<B>> {
     schedule: Schedule,
     pub step: u64,
     cursor: Cursor,
+    /// Set (e.g. from a SIGTERM handler) to end `run` after the current step, with a checkpoint.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 fn load_model(job: &JobSpec) -> Result<(Checkpoint, Tokenizer)> {
@@ -112,6 +116,7 @@ impl<'a, B: Backend, C: Collective<B>> Trainer<'a, B, C> {
             schedule,
             step: 0,
             cursor: Cursor::default(),
+            stop: None,
             job,
         };
         let resumed = trainer.resume()?;
@@ -264,10 +269,11 @@ impl<'a, B: Backend, C: Collective<B>> Trainer<'a, B, C> {
         let end = stop_after.map(|k| (self.step + k).min(total)).unwrap_or(total);
         let every_ckpt = self.job.checkpoint.every_steps;
         let every_eval = self.job.eval.as_ref().map(|e| e.every_steps).unwrap_or(0);
-        while self.step < end {
+        let stop_requested = |s: &Option<Arc<AtomicBool>>| s.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        while self.step < end && !stop_requested(&self.stop) {
             let stats = self.step()?;
             on_event(&Event::Step(stats));
-            let last = self.step == end;
+            let last = self.step == end || stop_requested(&self.stop);
             if every_eval > 0 && (self.step % every_eval == 0 || (last && self.step == total)) {
                 if let Some(result) = self.evaluate(max_generate)? {
                     on_event(&Event::Eval { step: self.step, result });
