@@ -5,6 +5,7 @@
 pub mod evaluate;
 pub mod ring;
 pub mod state;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use trainer::{Event, StepStats, Trainer};
