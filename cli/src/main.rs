@@ -13,10 +13,11 @@ mod score;
 mod selftest;
 mod serve;
 mod train;
+mod watch;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "bert2bert", version, about = "Fine-tune BERT2BERT sequence-to-sequence models (Rothe et al. 2020)")]
@@ -45,6 +46,8 @@ enum Command {
     Coordinator(serve::Args),
     /// Submit a job file to a coordinator; prints the job id.
     Submit(remote::SubmitArgs),
+    /// Follow a job to its end: a live progress bar on a terminal, plain lines otherwise.
+    Watch(remote::WatchArgs),
     /// Show one job of a coordinator.
     Status(remote::StatusArgs),
     /// List a coordinator's jobs, newest first.
@@ -53,6 +56,8 @@ enum Command {
     Cancel(remote::CancelArgs),
     /// Run a worker agent: register with a coordinator and train the jobs it assigns.
     Worker(agent::Args),
+    /// Print a shell completion script, e.g. `bert2bert completions bash > /etc/bash_completion.d/bert2bert`.
+    Completions { shell: clap_complete::Shell },
 }
 
 /// A failure with the exit code it deserves.
@@ -104,10 +109,15 @@ fn main() -> ExitCode {
         Command::Eval(a) => eval::run(a),
         Command::Coordinator(a) => serve::run(a),
         Command::Submit(a) => remote::submit(a),
+        Command::Watch(a) => remote::watch(a),
         Command::Status(a) => remote::status(a),
         Command::List(a) => remote::list(a),
         Command::Cancel(a) => remote::cancel(a),
         Command::Worker(a) => agent::run(a),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "bert2bert", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

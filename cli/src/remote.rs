@@ -1,4 +1,4 @@
-//! `bert2bert submit | status | list | cancel`: JobService clients of a running coordinator.
+//! `bert2bert submit | watch | status | list | cancel`: JobService clients of a running coordinator.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,6 +11,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
+use crate::watch::Display;
+pub(crate) use crate::watch::state_name;
 use crate::{CliError, CliResult};
 
 /// Where the coordinator is and how to authenticate.
@@ -30,12 +32,21 @@ pub struct SubmitArgs {
     job: PathBuf,
     #[command(flatten)]
     conn: Conn,
-    /// Print progress and events (on stderr) until the job ends.
+    /// Show progress and events on stderr until the job ends: a live bar on a terminal, one
+    /// line per event otherwise.
     #[arg(long)]
     watch: bool,
     /// Wait for the job to end; exit 0 only if it SUCCEEDED.
     #[arg(long)]
     wait: bool,
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "Exits 0 if the job SUCCEEDED, 1 if it failed or was cancelled, 2 if there is no such job.")]
+pub struct WatchArgs {
+    job_id: String,
+    #[command(flatten)]
+    conn: Conn,
 }
 
 #[derive(clap::Args)]
@@ -128,17 +139,6 @@ pub(crate) async fn channel(url: &str) -> CliResult<Channel> {
         .map_err(|e| CliError { code: 1, error: anyhow::anyhow!("cannot reach the coordinator at {url}: {e}") })
 }
 
-pub(crate) fn state_name(j: &v1::Job) -> &'static str {
-    match j.state() {
-        v1::JobState::Unspecified => "UNSPECIFIED",
-        v1::JobState::Pending => "PENDING",
-        v1::JobState::Running => "RUNNING",
-        v1::JobState::Succeeded => "SUCCEEDED",
-        v1::JobState::Failed => "FAILED",
-        v1::JobState::Cancelled => "CANCELLED",
-    }
-}
-
 fn is_terminal(j: &v1::Job) -> bool {
     matches!(j.state(), v1::JobState::Succeeded | v1::JobState::Failed | v1::JobState::Cancelled)
 }
@@ -163,18 +163,33 @@ pub fn submit(a: SubmitArgs) -> CliResult {
             return Ok(());
         }
         let last = follow(&mut c, &job.id, a.watch).await?;
-        if a.wait && last.state() != v1::JobState::Succeeded {
-            let why = if last.reason.is_empty() { String::new() } else { format!(": {}", last.reason) };
-            return Err(CliError { code: 1, error: anyhow::anyhow!("job {} {}{why}", last.id, state_name(&last)) });
-        }
-        Ok(())
+        if a.wait { succeeded(&last) } else { Ok(()) }
     })
 }
 
+/// `watch`: follows a job to its end; exits 0 only if it SUCCEEDED.
+pub fn watch(a: WatchArgs) -> CliResult {
+    runtime()?.block_on(async move {
+        let mut c = connect(&a.conn).await?;
+        let last = follow(&mut c, &a.job_id, true).await?;
+        succeeded(&last)
+    })
+}
+
+fn succeeded(last: &v1::Job) -> CliResult {
+    if last.state() == v1::JobState::Succeeded {
+        return Ok(());
+    }
+    let why = if last.reason.is_empty() { String::new() } else { format!(": {}", last.reason) };
+    Err(CliError { code: 1, error: anyhow::anyhow!("job {} {}{why}", last.id, state_name(last)) })
+}
+
 /// Follows a job to its end through Watch, reconnecting while the coordinator is away (e.g.
-/// restarting); returns the job in its terminal state.
+/// restarting); returns the job in its terminal state. With `print`, shows it on stderr (see
+/// `watch::Display`).
 pub(crate) async fn follow(c: &mut Client, id: &str, print: bool) -> CliResult<v1::Job> {
     use v1::watch_job_response::Event;
+    let mut display = Display::new(print);
     let mut backoff = Duration::from_millis(200);
     loop {
         let stream = c.watch(v1::WatchJobRequest { job_id: id.to_owned() }).await;
@@ -191,27 +206,13 @@ pub(crate) async fn follow(c: &mut Client, id: &str, print: bool) -> CliResult<v
             match stream.message().await {
                 Ok(Some(msg)) => {
                     backoff = Duration::from_millis(200);
-                    match msg.event {
-                        Some(Event::Job(j)) => {
-                            if print {
-                                eprintln!("{} {} step {}/{}", j.id, state_name(&j), j.step, j.total_steps);
-                            }
-                            if is_terminal(&j) {
-                                return Ok(j);
-                            }
-                        }
-                        Some(Event::Progress(p)) if print => eprintln!(
-                            "step {}/{} loss {:.4} lr {:.3e} {:.0} tok/s eta {:.0}s",
-                            p.step, p.total_steps, p.loss, p.lr, p.tokens_per_s, p.eta_s
-                        ),
-                        Some(Event::Eval(e)) if print => eprintln!(
-                            "eval step {} loss {:.4} bleu {:?} rougeL {:?}",
-                            e.step, e.loss, e.bleu, e.rouge_l
-                        ),
-                        Some(Event::Worker(w)) if print => {
-                            eprintln!("worker {} rank {} {:?} {}", w.worker_id, w.rank, w.kind(), w.message)
-                        }
-                        _ => {}
+                    let Some(event) = msg.event else { continue };
+                    display.show(&event);
+                    if let Event::Job(j) = event
+                        && is_terminal(&j)
+                    {
+                        display.finish();
+                        return Ok(j);
                     }
                 }
                 // The stream ended without a terminal state or broke: ask again.
@@ -259,26 +260,32 @@ pub fn list(a: ListArgs) -> CliResult {
         if a.json {
             println!("{}", json!({ "jobs": jobs.iter().map(job_json).collect::<Vec<_>>() }));
         } else {
-            print!("{}", table(&jobs));
+            let now_ms =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+            print!("{}", table(&jobs, now_ms));
         }
         Ok(())
     })
 }
 
-/// Jobs as a table with aligned columns.
-fn table(jobs: &[v1::Job]) -> String {
-    let mut rows = vec![["ID", "NAME", "STATE", "STEP", "RESTARTS", "REASON"].map(String::from).to_vec()];
+/// Jobs as a table with aligned columns; UPDATED is the age of the last change at `now_ms`.
+fn table(jobs: &[v1::Job], now_ms: i64) -> String {
+    let header = ["ID", "NAME", "STATE", "STEP", "WORKERS", "RESTARTS", "UPDATED", "REASON"];
+    let mut rows = vec![header.map(String::from).to_vec()];
     for j in jobs {
         rows.push(vec![
             j.id.clone(),
             j.name.clone(),
             state_name(j).to_owned(),
             format!("{}/{}", j.step, j.total_steps),
+            j.workers.to_string(),
             j.restarts.to_string(),
+            crate::watch::age(j.updated_unix_ms, now_ms),
             j.reason.clone(),
         ]);
     }
-    let widths: Vec<usize> = (0..6).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> =
+        (0..header.len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for r in &rows {
         let line: Vec<String> = r.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
@@ -304,14 +311,36 @@ mod tests {
 
     #[test]
     fn table_columns_line_up() {
-        let a = v1::Job { id: "job-1".into(), name: "a".into(), state: 1, total_steps: 10, ..Default::default() };
-        let b = v1::Job { id: "job-12".into(), name: "longer".into(), state: 5, reason: "x".into(), ..a.clone() };
-        let t = table(&[a, b]);
+        let now = 1_800_000_000_000;
+        let a = v1::Job {
+            id: "job-1".into(),
+            name: "a".into(),
+            state: 1,
+            total_steps: 10,
+            workers: 2,
+            updated_unix_ms: now - 12_000,
+            ..Default::default()
+        };
+        let b = v1::Job {
+            id: "job-12".into(),
+            name: "longer".into(),
+            state: 5,
+            reason: "x".into(),
+            workers: 16,
+            updated_unix_ms: now - 300_000,
+            ..a.clone()
+        };
+        let t = table(&[a, b], now);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3);
         let col = |l: &str| l.find("STATE").or_else(|| l.find("PENDING")).or_else(|| l.find("CANCELLED"));
         assert_eq!(col(lines[0]), col(lines[1]));
         assert_eq!(col(lines[1]), col(lines[2]));
+        let at = |l: &str, cell: &str| l.find(cell).unwrap_or_else(|| panic!("{cell:?} not in {l:?}"));
+        assert_eq!(at(lines[0], "WORKERS"), at(lines[1], " 2 ") + 1);
+        assert_eq!(at(lines[0], "WORKERS"), at(lines[2], " 16 ") + 1);
+        assert_eq!(at(lines[0], "UPDATED"), at(lines[1], "12s ago"));
+        assert_eq!(at(lines[0], "UPDATED"), at(lines[2], "5m ago"));
         assert_eq!(code_name(Code::InvalidArgument), "INVALID_ARGUMENT");
     }
 }
