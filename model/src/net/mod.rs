@@ -8,6 +8,7 @@
 //! largest GEMMs (the projection to the vocabulary) and the loss.
 
 mod generate;
+mod grad_ready;
 mod layers;
 
 pub use generate::{GenerateOptions, Generated, LengthPenaltyKind};
@@ -17,6 +18,7 @@ use kernels::{AttentionShape, Backend, GemmShape, IGNORE_INDEX, Operand};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::params::{ModelView, ParamTable};
+use grad_ready::GradReady;
 use layers::{AttnActs, Dropout, EmbActs, EmbIds, FfnActs, NormActs, Scratch, matmul_wt, r, w};
 
 /// One batch on the device, in transformers' EncoderDecoderModel convention.
@@ -317,9 +319,33 @@ impl<B: Backend> Bert2Bert<B> {
     /// Forward, then backward when `opts.grad_scale` is set. Parameter gradients ACCUMULATE
     /// into `self.grads` (call `zero_grads` before the first micro-batch of a step).
     pub fn pass(&mut self, b: &B, x: &Inputs<B>, opts: PassOptions) -> Result<BatchLoss> {
+        self.pass_hooked(b, x, opts, None)
+    }
+
+    /// `pass`, and during backward `on_final(range, grads)` each time a range of `self.grads`
+    /// becomes final for this pass: nothing later in backward writes to it. The ranges come top
+    /// down (`[a, len)` first, `[0, b)` last), cover the buffer exactly once, and are the same
+    /// for every batch. An error from `on_final` stops the pass.
+    pub fn pass_with_final_grads(
+        &mut self,
+        b: &B,
+        x: &Inputs<B>,
+        opts: PassOptions,
+        on_final: &mut dyn FnMut(std::ops::Range<usize>, &B::Buf) -> Result<()>,
+    ) -> Result<BatchLoss> {
+        self.pass_hooked(b, x, opts, Some(on_final))
+    }
+
+    fn pass_hooked(
+        &mut self,
+        b: &B,
+        x: &Inputs<B>,
+        opts: PassOptions,
+        on_final: Option<&mut dyn FnMut(std::ops::Range<usize>, &B::Buf) -> Result<()>>,
+    ) -> Result<BatchLoss> {
         let mut ws = self.workspace(b, x.batch, x.src_len, x.tgt_len)?;
         let mut clock = Clock { last: std::time::Instant::now(), phases: Vec::new() };
-        let out = self.pass_in(b, x, opts, &mut ws, &mut clock);
+        let out = self.pass_in(b, x, opts, &mut ws, &mut clock, on_final);
         self.ws = Some(ws);
         self.phases = clock.phases;
         out
@@ -332,6 +358,7 @@ impl<B: Backend> Bert2Bert<B> {
         opts: PassOptions,
         ws: &mut Workspace<B>,
         clock: &mut Clock,
+        on_final: Option<&mut dyn FnMut(std::ops::Range<usize>, &B::Buf) -> Result<()>>,
     ) -> Result<BatchLoss> {
         let (ec, dc) = (self.config.encoder.clone(), self.config.decoder.clone());
         let c = ec.hidden_size;
@@ -520,6 +547,7 @@ impl<B: Backend> Bert2Bert<B> {
         }
 
         // ---- backward: LM head ----
+        let mut ready = on_final.map(|h| GradReady::new(view, self.table.storage_len, h));
         let g = &mut self.grads;
         let dl = b.view(&head.dlogits, 0..mv);
         b.bias_grad(dl, b.view_mut(g, hv.bias.clone()), v)?;
@@ -582,6 +610,7 @@ impl<B: Backend> Bert2Bert<B> {
         b.fill(b.view_mut(d_a, 0..nt * c), 0.0)?;
         b.embedding_backward(&x.label_rows, b.view(d_b, 0..mc), c, b.view_mut(d_a, 0..nt * c))?;
 
+        stage_done(&mut ready, g)?;
         clock.mark("lm_head_bwd");
         // ---- backward: decoder ----
         b.fill(w(b, &mut ws.d_enc_out), 0.0)?;
@@ -634,6 +663,7 @@ impl<B: Backend> Bert2Bert<B> {
                 sc,
             )?;
             std::mem::swap(d_a, d_b);
+            stage_done(&mut ready, g)?;
         }
         ws.dec_emb.backward(
             b,
@@ -646,7 +676,7 @@ impl<B: Backend> Bert2Bert<B> {
             d_a,
             d_b,
         )?;
-
+        stage_done(&mut ready, g)?;
         clock.mark("decoder_bwd");
         // ---- backward: encoder ----
         let [e_a, e_b] = &mut ws.d_enc;
@@ -683,6 +713,7 @@ impl<B: Backend> Bert2Bert<B> {
                 None,
                 sc,
             )?;
+            stage_done(&mut ready, g)?;
         }
         ws.enc_emb.backward(
             b,
@@ -695,7 +726,12 @@ impl<B: Backend> Bert2Bert<B> {
             e_a,
             e_b,
         )?;
+        stage_done(&mut ready, g)?;
         clock.mark("encoder_bwd");
         Ok(loss)
     }
+}
+
+fn stage_done<Buf>(ready: &mut Option<GradReady<'_, Buf>>, grads: &Buf) -> Result<()> {
+    ready.as_mut().map_or(Ok(()), |r| r.stage_done(grads))
 }
