@@ -34,6 +34,8 @@ pub struct Args {
     /// File holding the worker bearer token (first line).
     #[arg(long, value_name = "F")]
     token_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: crate::tls::TlsArgs,
     /// Only `cpu` in this build.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -98,7 +100,7 @@ pub fn run(a: Args) -> CliResult {
     let ring_address = advertised_ring_address(listener.local_addr()?, a.ring_advertise.as_deref())?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let client: Client = rt.block_on(async {
-        Ok::<_, CliError>(WorkerServiceClient::with_interceptor(channel(&a.coordinator).await?, bearer(token)?))
+        Ok::<_, CliError>(WorkerServiceClient::with_interceptor(channel(&a.coordinator, &a.tls).await?, bearer(token)?))
     })?;
     let current = Arc::new(Mutex::new(Current::default()));
     let shutdown = take(&current, |c| c.shutdown.clone());

@@ -79,7 +79,8 @@ pub fn run(mut spec: JobSpec, workers: usize) -> CliResult {
 }
 
 async fn submit_and_follow(url: &str, token: &str, spec: &JobSpec, children: &mut Children) -> CliResult {
-    let mut c = JobServiceClient::with_interceptor(channel(url).await?, bearer(Some(token.to_owned()))?);
+    let mut c =
+        JobServiceClient::with_interceptor(channel(url, &Default::default()).await?, bearer(Some(token.to_owned()))?);
     let req = v1::SubmitJobRequest { job_yaml: spec.to_yaml() };
     let job = c.submit(req).await.map_err(status_error)?.into_inner().job.unwrap_or_default();
     eprintln!("submitted {}", job.id);

@@ -12,6 +12,7 @@ mod remote;
 mod score;
 mod selftest;
 mod serve;
+mod tls;
 mod train;
 mod watch;
 

@@ -24,6 +24,8 @@ pub struct Conn {
     /// File holding the client bearer token (first line). Default: $BERT2BERT_TOKEN.
     #[arg(long, value_name = "F")]
     token_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: crate::tls::TlsArgs,
 }
 
 #[derive(clap::Args)]
@@ -114,7 +116,7 @@ fn runtime() -> CliResult<tokio::runtime::Runtime> {
 
 async fn connect(conn: &Conn) -> CliResult<Client> {
     let token = crate::serve::read_token(conn.token_file.as_ref(), "BERT2BERT_TOKEN")?;
-    let channel = channel(&conn.coordinator).await?;
+    let channel = channel(&conn.coordinator, &conn.tls).await?;
     Ok(JobServiceClient::with_interceptor(channel, bearer(token)?))
 }
 
@@ -128,15 +130,16 @@ pub(crate) fn bearer(token: Option<String>) -> CliResult<Bearer> {
 }
 
 /// A channel to the coordinator at `url` (a bare HOST:PORT means http).
-pub(crate) async fn channel(url: &str) -> CliResult<Channel> {
+pub(crate) async fn channel(url: &str, tls: &crate::tls::TlsArgs) -> CliResult<Channel> {
     let url = if url.contains("://") { url.to_owned() } else { format!("http://{url}") };
     let endpoint = Channel::from_shared(url.clone())
         .map_err(|e| CliError::usage(format!("--coordinator {url}: {e}")))?
         .connect_timeout(Duration::from_secs(10));
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| CliError { code: 1, error: anyhow::anyhow!("cannot reach the coordinator at {url}: {e}") })
+    let endpoint = crate::tls::configure(endpoint, &url, tls)?;
+    endpoint.connect().await.map_err(|e| CliError {
+        code: 1,
+        error: anyhow::Error::new(e).context(format!("cannot reach the coordinator at {url}")),
+    })
 }
 
 fn is_terminal(j: &v1::Job) -> bool {

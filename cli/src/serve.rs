@@ -13,7 +13,9 @@ Authentication: every JobService call needs `authorization: Bearer <token>`, the
 WorkerService calls need the worker token: --worker-token-file, else BERT2BERT_WORKER_TOKEN, else
 the same token as clients. grpc.health.v1 and server reflection need no token.
 
-Once listening, the coordinator prints `listening on IP:PORT` on stdout (useful with port 0).
+Once listening, the coordinator prints `listening on IP:PORT` on stdout (useful with port 0), then
+`metrics on http://IP:PORT/metrics` with --metrics-listen. With --tls-cert/--tls-key clients use
+https:// URLs and --tls-ca; with --tls-client-ca they also need --tls-cert/--tls-key.
 Jobs live in DIR/coordinator.sqlite; a coordinator restarted on the same --state resumes them.")]
 pub struct Args {
     /// HOST:PORT to listen on; port 0 picks a free port.
@@ -38,6 +40,18 @@ pub struct Args {
     /// The largest request accepted, in bytes.
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
     max_request_bytes: usize,
+    /// Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates issued by this CA (PEM): mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Also serve plain-HTTP GET /metrics (Prometheus text format) on HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<String>,
 }
 
 /// A token from a file (its first line) or else an environment variable.
@@ -59,16 +73,16 @@ pub fn read_token(file: Option<&PathBuf>, env: &str) -> CliResult<Option<String>
     }
 }
 
-fn resolve(listen: &str) -> CliResult<SocketAddr> {
+fn resolve(flag: &str, listen: &str) -> CliResult<SocketAddr> {
     listen
         .to_socket_addrs()
-        .map_err(|e| CliError::usage(format!("--listen {listen}: {e} (expected HOST:PORT)")))?
+        .map_err(|e| CliError::usage(format!("{flag} {listen}: {e} (expected HOST:PORT)")))?
         .next()
-        .ok_or_else(|| CliError::usage(format!("--listen {listen}: no address")))
+        .ok_or_else(|| CliError::usage(format!("{flag} {listen}: no address")))
 }
 
 pub fn run(a: Args) -> CliResult {
-    let listen = resolve(&a.listen)?;
+    let listen = resolve("--listen", &a.listen)?;
     let client = read_token(a.token_file.as_ref(), "BERT2BERT_TOKEN")?
         .ok_or_else(|| CliError::usage("no token: pass --token-file F or set BERT2BERT_TOKEN"))?;
     let worker = read_token(a.worker_token_file.as_ref(), "BERT2BERT_WORKER_TOKEN")?.unwrap_or_else(|| client.clone());
@@ -84,6 +98,11 @@ pub fn run(a: Args) -> CliResult {
     config.heartbeat_timeout = Duration::from_secs_f64(a.heartbeat_timeout);
     config.heartbeat_interval = (config.heartbeat_timeout / 5).min(config.heartbeat_interval);
     config.max_request_bytes = a.max_request_bytes;
+    config.metrics_listen = a.metrics_listen.as_deref().map(|m| resolve("--metrics-listen", m)).transpose()?;
+    if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
+        let tls = coordinator::tls::Tls::from_files(cert, key, a.tls_client_ca.as_deref());
+        config.tls = Some(tls.map_err(coordinator_error)?);
+    }
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
@@ -92,6 +111,9 @@ pub fn run(a: Args) -> CliResult {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
             writeln!(out, "listening on {}", running.addr)?;
+            if let Some(m) = running.metrics_addr {
+                writeln!(out, "metrics on http://{m}/metrics")?;
+            }
             out.flush()?;
         }
         running.run_until(shutdown_signal()).await.map_err(coordinator_error)
