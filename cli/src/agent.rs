@@ -284,7 +284,7 @@ fn attempt(
         Err(e) => {
             let reason = format!("{:#}", e.error);
             if stopped || shutdown {
-                tracing::info!(job = %job_id, "attempt stopped: {reason}");
+                tracing::info!(job = %job_id, step, "attempt stopped: {reason}");
             } else {
                 tracing::error!(job = %job_id, "attempt failed: {reason}");
             }

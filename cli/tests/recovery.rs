@@ -1,0 +1,418 @@
+//! Failure recovery with real processes: a `coordinator` and `worker` processes on 127.0.0.1,
+//! a tiny model, and faults injected from outside (kill -9 of a worker or of the coordinator,
+//! SIGSTOP, SIGTERM). Every wait polls `status --json` with a deadline; every child is killed
+//! on drop. The coordinator declares a worker dead after 2 s without heartbeats, a survivor's
+//! collective gives up after 3 s, and a job short of workers starts on at least `min_workers`
+//! after 1 s, so that each test recovers in seconds.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use model::testing;
+use serde_json::Value;
+
+const TOKEN: &str = "recovery-test-token";
+const WAIT: Duration = Duration::from_secs(90);
+
+fn bin(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bert2bert"));
+    c.current_dir(dir)
+        .env_remove("BERT2BERT_TOKEN")
+        .env_remove("BERT2BERT_WORKER_TOKEN")
+        .env_remove("BERT2BERT_COORDINATOR")
+        .env("BERT2BERT_LOG", "info")
+        .env("NO_COLOR", "1");
+    c
+}
+
+/// Kills the child if it still runs when dropped (a stopped one too: SIGKILL ends it).
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Proc {
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.0.id().to_string()]).status().unwrap();
+        assert!(ok.success(), "kill -{sig} {}", self.0.id());
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+/// A tiny BERT2BERT model, training pairs and a job file in `root`. Dropout is off so that
+/// runs with different micro-batch layouts can be compared.
+fn setup(root: &Path, job: &str) {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    eprintln!("recovery test seed {seed}");
+    let bert = root.join("bert");
+    testing::write_bert_dir(&bert, seed, None);
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(bert.join("config.json")).unwrap()).unwrap();
+    cfg["hidden_dropout_prob"] = 0.0.into();
+    cfg["attention_probs_dropout_prob"] = 0.0.into();
+    std::fs::write(bert.join("config.json"), cfg.to_string()).unwrap();
+    testing::write_pairs(&root.join("train.jsonl"), 8);
+    let o = bin(root)
+        .args(["init", "--encoder", "bert", "--decoder", "bert", "--variant", "bert2bert", "--out", "b2b"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::write(root.join("job.yaml"), job).unwrap();
+}
+
+/// A job long enough to be interrupted: 2 workers, down to 1 after a failure.
+fn long_job(steps: u64) -> String {
+    format!(
+        r#"
+name: recovery
+model: {{ init: b2b }}
+data: {{ train: train.jsonl, max_source_len: 16, max_target_len: 12 }}
+training: {{ steps: {steps}, global_batch: 4, micro_batch: 2, lr: 1.0e-3, warmup_steps: 1, seed: 5 }}
+checkpoint: {{ dir: ckpt, every_steps: 10, keep: 3 }}
+resources: {{ workers: 2, min_workers: 1, device: cpu, max_restarts: 20 }}
+"#
+    )
+}
+
+/// A coordinator process (restartable on the same port and state) and its worker processes.
+struct Cluster {
+    root: PathBuf,
+    port: u16,
+    coordinator: Option<Proc>,
+    workers: Vec<Proc>,
+    /// Each worker's log file, by index in `workers`.
+    worker_logs: Vec<PathBuf>,
+    started: usize,
+}
+
+impl Cluster {
+    fn new(root: &Path) -> Cluster {
+        // A free port now, so that a restarted coordinator can listen on the same one.
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut c = Cluster {
+            root: root.to_owned(),
+            port,
+            coordinator: None,
+            workers: Vec::new(),
+            worker_logs: Vec::new(),
+            started: 0,
+        };
+        c.start_coordinator();
+        c
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn log(&mut self, name: &str) -> (File, PathBuf) {
+        self.started += 1;
+        let path = self.root.join(format!("log-{:02}-{name}.txt", self.started));
+        (File::create(&path).unwrap(), path)
+    }
+
+    /// Waits until worker `i`'s log has a line containing `needle`; returns that line.
+    fn wait_log(&self, i: usize, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            let text = std::fs::read_to_string(&self.worker_logs[i]).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                return line.to_owned();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("worker {i} never logged {needle:?}\n{}", self.logs());
+    }
+
+    fn start_coordinator(&mut self) {
+        let listen = format!("127.0.0.1:{}", self.port);
+        let (log, _) = self.log("coordinator");
+        let mut child = bin(&self.root)
+            .args(["coordinator", "--listen", &listen, "--state", "state"])
+            .args(["--heartbeat-timeout", "2", "--elastic-wait", "1"])
+            .env("BERT2BERT_TOKEN", TOKEN)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.starts_with("listening on "), "coordinator did not start: {line:?}\n{}", self.logs());
+        self.coordinator = Some(Proc(child));
+    }
+
+    /// Starts a worker process; returns its index in `workers`.
+    fn add_worker(&mut self) -> usize {
+        let (log, path) = self.log("worker");
+        self.worker_logs.push(path);
+        let child = bin(&self.root)
+            .args(["worker", "--coordinator", &self.url(), "--collective-timeout", "3"])
+            .env("BERT2BERT_WORKER_TOKEN", TOKEN)
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.workers.push(Proc(child));
+        self.workers.len() - 1
+    }
+
+    fn client(&self, args: &[&str]) -> std::process::Output {
+        bin(&self.root).args(args).args(["--coordinator", &self.url()]).env("BERT2BERT_TOKEN", TOKEN).output().unwrap()
+    }
+
+    fn submit(&self) -> String {
+        let o = self.client(&["submit", "job.yaml"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    }
+
+    /// The job as `status --json` shows it; `None` while the coordinator does not answer.
+    fn status(&self, job: &str) -> Option<Value> {
+        let o = self.client(&["status", job, "--json"]);
+        if !o.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
+    /// Polls the job until `pred` holds; panics (with every log's tail) past the deadline or
+    /// when the job ends otherwise.
+    fn wait_for(&self, job: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(v) = self.status(job) {
+                if pred(&v) {
+                    return v;
+                }
+                let state = v["state"].as_str().unwrap_or("");
+                assert!(
+                    !matches!(state, "SUCCEEDED" | "FAILED" | "CANCELLED"),
+                    "job ended before {what}: {v}\n{}",
+                    self.logs()
+                );
+                last = Some(v);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("timed out waiting for {what}; last status {last:?}\n{}", self.logs());
+    }
+
+    fn wait_succeeded(&self, job: &str) -> Value {
+        let v = self.wait_for(job, "SUCCEEDED", |v| matches!(v["state"].as_str(), Some("SUCCEEDED" | "FAILED")));
+        assert_eq!(v["state"], "SUCCEEDED", "{v}\n{}", self.logs());
+        assert_eq!(v["step"], v["total_steps"], "{v}");
+        v
+    }
+
+    /// The last lines of every process's log, for failure messages.
+    fn logs(&self) -> String {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&self.root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("log-")))
+            .collect();
+        names.sort();
+        let mut out = String::new();
+        for p in names {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out += &format!("==== {}\n", p.file_name().unwrap().to_string_lossy());
+            for l in &lines[lines.len().saturating_sub(25)..] {
+                out += l;
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+/// The newest checkpoint directory, after checking that every one left on disk verifies.
+fn verified_checkpoints(root: &Path) -> Vec<(u64, PathBuf)> {
+    let all = worker::state::list_checkpoints(&root.join("ckpt"));
+    for (_, dir) in &all {
+        worker::state::verify_manifest(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    }
+    all
+}
+
+fn assert_final_checkpoint(root: &Path, total: u64) {
+    let all = verified_checkpoints(root);
+    assert_eq!(all.last().map(|c| c.0), Some(total), "{all:?}");
+}
+
+/// The newest committed checkpoint is at least `step`.
+fn committed(step: u64) -> impl Fn(&Value) -> bool {
+    move |v: &Value| v["checkpoint_step"].as_u64().unwrap_or(0) >= step
+}
+
+#[test]
+fn killed_worker_job_re_forms_and_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let total = 400;
+    setup(root, &long_job(total));
+    let mut c = Cluster::new(root);
+    let (a, _b) = (c.add_worker(), c.add_worker());
+    let job = c.submit();
+    let before = c.wait_for(&job, "a committed checkpoint", committed(10));
+    c.workers[a].0.kill().unwrap();
+    c.workers[a].0.wait().unwrap();
+    // A replacement joins later; the survivor may already have gone on alone.
+    c.add_worker();
+    let v = c.wait_succeeded(&job);
+    assert!(before["step"].as_u64().unwrap() < total, "the kill came after the end: {before}");
+    assert!(v["restarts"].as_u64().unwrap() >= 1, "{v}");
+    assert_final_checkpoint(root, total);
+}
+
+#[test]
+fn killed_coordinator_restarts_on_its_state_and_the_job_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let total = 400;
+    setup(root, &long_job(total));
+    let mut c = Cluster::new(root);
+    c.add_worker();
+    c.add_worker();
+    let job = c.submit();
+    let before = c.wait_for(&job, "a committed checkpoint", committed(10));
+    let mut coordinator = c.coordinator.take().unwrap();
+    coordinator.0.kill().unwrap();
+    coordinator.0.wait().unwrap();
+    // Same port and state directory: the workers keep their ids and reconnect on their own.
+    c.start_coordinator();
+    c.wait_succeeded(&job);
+    assert!(before["step"].as_u64().unwrap() < total, "the kill came after the end: {before}");
+    assert_final_checkpoint(root, total);
+}
+
+#[test]
+fn stopped_worker_is_dropped_and_the_job_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let total = 400;
+    setup(root, &long_job(total));
+    let mut c = Cluster::new(root);
+    let (a, _b) = (c.add_worker(), c.add_worker());
+    let job = c.submit();
+    let before = c.wait_for(&job, "a committed checkpoint", committed(10));
+    c.workers[a].signal("STOP");
+    // The survivor's collective times out and the stopped worker misses its heartbeats; the
+    // job goes back to PENDING (a restart) and then runs again without it.
+    let t0 = Instant::now();
+    c.wait_for(&job, "a restart", |v| v["restarts"].as_u64().unwrap_or(0) >= 1);
+    let detected = t0.elapsed();
+    c.add_worker();
+    let v = c.wait_succeeded(&job);
+    assert!(before["step"].as_u64().unwrap() < total, "the stop came after the end: {before}");
+    assert!(detected < Duration::from_secs(20), "noticed the stopped worker only after {detected:?}");
+    assert!(v["restarts"].as_u64().unwrap() >= 1, "{v}");
+    assert_final_checkpoint(root, total);
+    c.workers[a].signal("CONT");
+}
+
+#[test]
+fn sigterm_worker_checkpoints_exits_zero_and_the_job_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let total = 400;
+    setup(root, &long_job(total));
+    let mut c = Cluster::new(root);
+    // Ranks follow registration order: `a` registers first, so it is rank 0, the one that
+    // writes checkpoints.
+    let a = c.add_worker();
+    c.wait_log(a, "registered");
+    let b = c.add_worker();
+    let job = c.submit();
+    let before = c.wait_for(&job, "a committed checkpoint", committed(10));
+    c.workers[a].signal("TERM");
+    let status = c.workers[a].wait_exit(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "SIGTERM: {status:?}\n{}", c.logs());
+    let v = c.wait_succeeded(&job);
+    assert!(before["step"].as_u64().unwrap() < total, "the signal came after the end: {before}");
+    assert!(v["restarts"].as_u64().unwrap() >= 1, "{v}");
+    assert_final_checkpoint(root, total);
+    // Rank 0 finished its step and checkpointed it before leaving: the survivor resumed there.
+    let step_of = |line: &str| {
+        line.rsplit("step").next().and_then(|s| s.trim_matches(|c: char| !c.is_ascii_digit()).parse::<u64>().ok())
+    };
+    let left = c.wait_log(a, "attempt stopped: worker shutting down (SIGTERM)");
+    let resumed = c.wait_log(b, "resumed from");
+    assert_eq!(step_of(&left), step_of(&resumed), "left: {left}\nresumed: {resumed}");
+}
+
+/// `train --workers 2` (two worker processes, micro-batch 2) and `train --workers 1`
+/// (micro-batch 4) at the same global batch and seed reach the same parameters.
+#[test]
+fn two_worker_processes_equal_one_with_twice_the_micro_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let job = |workers: usize, micro: usize| {
+        format!(
+            r#"
+name: equivalence
+model: {{ init: b2b }}
+data: {{ train: train.jsonl, max_source_len: 16, max_target_len: 12 }}
+training: {{ steps: 10, global_batch: 8, micro_batch: {micro}, lr: 1.0e-3, warmup_steps: 2, label_smoothing: 0.1, precision: fp32, seed: 11 }}
+checkpoint: {{ dir: ckpt{workers}, every_steps: 100, keep: 1 }}
+resources: {{ workers: {workers}, device: cpu }}
+"#
+        )
+    };
+    setup(root, &job(2, 2));
+    std::fs::write(root.join("job1.yaml"), job(1, 4)).unwrap();
+    for (file, workers) in [("job.yaml", "2"), ("job1.yaml", "1")] {
+        let o = bin(root).args(["train", file, "--workers", workers]).output().unwrap();
+        assert!(o.status.success(), "train {file}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let load = |dir: &str| {
+        let dir = root.join(dir).join("step-00000010");
+        worker::state::verify_manifest(&dir).unwrap();
+        model::checkpoint::load_model_dir(&dir).unwrap()
+    };
+    let (two, one) = (load("ckpt2"), load("ckpt1"));
+    let init = model::checkpoint::load_model_dir(&root.join("b2b")).unwrap();
+    assert_eq!(two.params.len(), one.params.len());
+    // Key biases have an exactly zero true gradient; AdamW turns their rounding noise into
+    // lr-sized steps of random sign, so they are compared on their own, loosely.
+    let (mut worst, mut worst_name, mut worst_key_bias) = (0.0f32, String::new(), 0.0f32);
+    for e in one.table.owned() {
+        let r = e.range();
+        let d = one.params[r.clone()]
+            .iter()
+            .zip(&two.params[r])
+            .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
+            .fold(0.0f32, f32::max);
+        if e.name.contains(".self.key.bias") {
+            worst_key_bias = worst_key_bias.max(d);
+        } else if d > worst {
+            (worst, worst_name) = (d, e.name.clone());
+        }
+    }
+    eprintln!("max relative difference 1 process vs 2: {worst:e} ({worst_name}); key biases {worst_key_bias:e}");
+    assert!(worst < 1e-5, "1 and 2 worker processes differ by {worst:e} in {worst_name}");
+    assert!(worst_key_bias < 1e-2, "key biases differ by {worst_key_bias:e}");
+    let moved = one.params.iter().zip(&init.params).filter(|(a, b)| a != b).count();
+    assert!(moved > one.params.len() / 2, "only {moved} parameters changed in 10 steps");
+}
