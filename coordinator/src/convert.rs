@@ -235,6 +235,8 @@ fn attempt_ref(worker_id: &str, job_id: &str, attempt: u32) -> Result<AttemptRef
 pub struct AssignmentPoll {
     pub worker_id: String,
     pub wait_ms: u32,
+    /// Rank 0 of an NCCL job posting its unique id.
+    pub nccl_unique_id: Option<Vec<u8>>,
 }
 
 /// The longest GetAssignment long-poll.
@@ -243,7 +245,19 @@ pub const MAX_WAIT_MS: u32 = 5_000;
 impl TryFrom<v1::GetAssignmentRequest> for AssignmentPoll {
     type Error = Error;
     fn try_from(r: v1::GetAssignmentRequest) -> Result<Self> {
-        Ok(AssignmentPoll { worker_id: id_field("worker_id", &r.worker_id)?, wait_ms: r.wait_ms.min(MAX_WAIT_MS) })
+        let nccl_unique_id = match r.nccl_unique_id.len() {
+            0 => None,
+            crate::scheduler::NCCL_UNIQUE_ID_BYTES => Some(r.nccl_unique_id),
+            n => {
+                let want = crate::scheduler::NCCL_UNIQUE_ID_BYTES;
+                return Err(Error::invalid("nccl_unique_id", format!("must be {want} bytes, got {n}")));
+            }
+        };
+        Ok(AssignmentPoll {
+            worker_id: id_field("worker_id", &r.worker_id)?,
+            wait_ms: r.wait_ms.min(MAX_WAIT_MS),
+            nccl_unique_id,
+        })
     }
 }
 
@@ -255,7 +269,7 @@ impl From<Assignment> for v1::Assignment {
             rank: a.rank,
             world_size: a.world_size,
             job_yaml: a.job_yaml,
-            nccl_unique_id: Vec::new(),
+            nccl_unique_id: a.nccl_unique_id,
             ring_peers: a.ring_peers,
             resume_checkpoint: a.resume_checkpoint,
             resume_step: a.resume_step,

@@ -38,6 +38,10 @@ pub struct Assignment {
     pub ring_token: u64,
     pub resume_checkpoint: String,
     pub resume_step: u64,
+    /// The job trains on CUDA: its ranks meet through an NCCL communicator, not the CPU ring.
+    pub uses_nccl: bool,
+    /// NCCL jobs: rank 0's unique id, empty until rank 0 has posted it ([`Scheduler::post_nccl_id`]).
+    pub nccl_unique_id: Vec<u8>,
 }
 
 /// A running attempt.
@@ -47,6 +51,7 @@ struct Gang {
     ring_peers: Vec<String>,
     ring_token: u64,
     resume: Option<Checkpoint>,
+    nccl: NcclRelay,
 }
 
 #[derive(Default)]
@@ -133,6 +138,8 @@ impl Scheduler {
             ring_token: g.ring_token,
             resume_checkpoint: g.resume.as_ref().map(|c| c.path.clone()).unwrap_or_default(),
             resume_step: g.resume.as_ref().map_or(0, |c| c.step),
+            uses_nccl: !matches!(g.nccl, NcclRelay::NotNeeded),
+            nccl_unique_id: g.nccl.id().to_vec(),
         }))
     }
 
@@ -228,6 +235,7 @@ impl Scheduler {
             ring_peers: gang.iter().map(|w| w.ring_address.clone()).collect(),
             ring_token,
             resume,
+            nccl: NcclRelay::for_job(&job.spec_yaml),
         };
         t.gangs.insert(job.id.clone(), gang);
         Ok(())
@@ -370,6 +378,63 @@ impl Scheduler {
             Ok(())
         })?;
         Ok(())
+    }
+}
+
+/// The size of an NCCL unique id (`ncclUniqueId`).
+pub const NCCL_UNIQUE_ID_BYTES: usize = 128;
+
+/// Where an attempt stands with rank 0's NCCL unique id, which every rank needs to join the
+/// communicator. Rank 0 makes it and posts it in GetAssignment; the other ranks' assignments carry
+/// it once it is known.
+enum NcclRelay {
+    /// A CPU job: the ranks meet on the CPU ring.
+    NotNeeded,
+    Waiting,
+    Known(Vec<u8>),
+}
+
+impl NcclRelay {
+    fn for_job(spec_yaml: &str) -> NcclRelay {
+        match JobSpec::from_str(spec_yaml, Path::new("spec_yaml")).map(|s| s.resources.device) {
+            Ok(model::job::Device::Cuda) => NcclRelay::Waiting,
+            _ => NcclRelay::NotNeeded,
+        }
+    }
+
+    fn id(&self) -> &[u8] {
+        match self {
+            NcclRelay::Known(id) => id,
+            _ => &[],
+        }
+    }
+}
+
+impl Scheduler {
+    /// Rank 0 of the worker's current attempt posts its NCCL unique id (checked to be
+    /// [`NCCL_UNIQUE_ID_BYTES`] long by the caller). Posting the same id again is a no-op, so a
+    /// retried call is harmless; a different one is refused, since other ranks may have it already.
+    pub fn post_nccl_id(&self, worker_id: &str, id: &[u8]) -> Result<()> {
+        let mut t = self.table()?;
+        let refuse = |why: String| Err(Error::FailedPrecondition(format!("nccl_unique_id: {why}")));
+        let Some(job_id) = t.busy.get(worker_id).cloned() else {
+            return refuse(format!("worker `{worker_id}` has no assignment"));
+        };
+        let Some(g) = t.gangs.get_mut(&job_id) else { return refuse(format!("job `{job_id}` is not running")) };
+        let rank = g.attempt.workers.iter().position(|w| w == worker_id);
+        if rank != Some(0) {
+            return refuse(format!("only rank 0 posts it; worker `{worker_id}` is rank {rank:?} of `{job_id}`"));
+        }
+        match &g.nccl {
+            NcclRelay::NotNeeded => refuse(format!("job `{job_id}` runs on the CPU ring, not NCCL")),
+            NcclRelay::Known(known) if known.as_slice() == id => Ok(()),
+            NcclRelay::Known(_) => refuse(format!("attempt {} of `{job_id}` already has one", g.attempt.attempt)),
+            NcclRelay::Waiting => {
+                tracing::info!(job = %job_id, attempt = g.attempt.attempt, "NCCL unique id posted by rank 0");
+                g.nccl = NcclRelay::Known(id.to_vec());
+                Ok(())
+            }
+        }
     }
 }
 
@@ -559,5 +624,57 @@ mod tests {
         let ac = s.assignment(&c).unwrap().unwrap();
         assert_eq!(ac.world_size, 2);
         assert_eq!(ac.ring_peers, ["127.0.0.1:1", "127.0.0.1:3"]);
+    }
+
+    #[test]
+    fn nccl_unique_id_goes_from_rank_0_to_the_other_ranks_of_its_attempt_only() {
+        use std::collections::hash_map::RandomState;
+        let (s, jobs, workers) = setup();
+        let cuda = JOB.replace("device: cpu", "device: cuda");
+        let job = jobs.submit(&JobSpec::from_str(&cuda, Path::new("job_yaml")).unwrap()).unwrap();
+        let gpu = |port: u16| {
+            let r = Registration {
+                hostname: "g".into(),
+                device: DeviceKind::Cuda,
+                device_index: 0,
+                ring_address: format!("127.0.0.1:{port}"),
+                version: "0".into(),
+            };
+            workers.register(r).unwrap().id
+        };
+        let (a, b) = (gpu(1), gpu(2));
+        let (aa, ab) = (s.assignment(&a).unwrap().unwrap(), s.assignment(&b).unwrap().unwrap());
+        assert_eq!((aa.rank, ab.rank), (0, 1));
+        assert!(aa.uses_nccl && aa.nccl_unique_id.is_empty() && ab.nccl_unique_id.is_empty());
+
+        let random = RandomState::new();
+        let id: Vec<u8> = (0..NCCL_UNIQUE_ID_BYTES).map(|i| random.hash_one(i) as u8).collect();
+        let refused = |r: Result<()>, what: &str| match r {
+            Err(Error::FailedPrecondition(m)) => assert!(m.starts_with("nccl_unique_id: ") && m.contains(what), "{m}"),
+            other => panic!("expected FAILED_PRECONDITION about {what}, got {other:?}"),
+        };
+        refused(s.post_nccl_id(&b, &id), "only rank 0");
+        assert!(s.assignment(&b).unwrap().unwrap().nccl_unique_id.is_empty());
+        s.post_nccl_id(&a, &id).unwrap();
+        s.post_nccl_id(&a, &id).unwrap();
+        let other: Vec<u8> = id.iter().map(|x| x ^ 1).collect();
+        refused(s.post_nccl_id(&a, &other), "already has one");
+        assert_eq!(s.assignment(&b).unwrap().unwrap().nccl_unique_id, id);
+        assert_eq!(s.assignment(&a).unwrap().unwrap().nccl_unique_id, id);
+
+        // A new attempt needs a new communicator: it starts without an id.
+        s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 }, "x").unwrap();
+        refused(s.post_nccl_id(&a, &id), "no assignment");
+        let again = s.assignment(&a).unwrap().unwrap();
+        assert_eq!(again.attempt, 2);
+        assert!(again.nccl_unique_id.is_empty());
+
+        // CPU jobs have no NCCL id to relay.
+        let one = JOB.replace("workers: 2", "workers: 1");
+        jobs.submit(&JobSpec::from_str(&one, Path::new("job_yaml")).unwrap()).unwrap();
+        let c = reg(&workers, 3);
+        let ac = s.assignment(&c).unwrap().unwrap();
+        assert!(!ac.uses_nccl && ac.nccl_unique_id.is_empty());
+        refused(s.post_nccl_id(&c, &id), "CPU ring");
     }
 }

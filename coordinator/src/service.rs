@@ -147,12 +147,20 @@ impl WorkerService for WorkerApi {
         req: Request<v1::GetAssignmentRequest>,
     ) -> Result<Response<v1::GetAssignmentResponse>, Status> {
         let poll: AssignmentPoll = req.into_inner().try_into()?;
+        if let Some(id) = &poll.nccl_unique_id {
+            self.scheduler.post_nccl_id(&poll.worker_id, id)?;
+        }
         let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(poll.wait_ms));
         loop {
+            let past = tokio::time::Instant::now() >= deadline;
             if let Some(a) = self.scheduler.assignment(&poll.worker_id)? {
-                return Ok(Response::new(v1::GetAssignmentResponse { assignment: Some(a.into()) }));
+                // Ranks > 0 of an NCCL job wait (within wait_ms) for rank 0's unique id.
+                let waiting_for_id = a.uses_nccl && a.rank > 0 && a.nccl_unique_id.is_empty();
+                if !waiting_for_id || past {
+                    return Ok(Response::new(v1::GetAssignmentResponse { assignment: Some(a.into()) }));
+                }
             }
-            if tokio::time::Instant::now() >= deadline {
+            if past {
                 return Ok(Response::new(v1::GetAssignmentResponse { assignment: None }));
             }
             tokio::time::sleep(ASSIGNMENT_POLL).await;

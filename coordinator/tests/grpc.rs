@@ -293,3 +293,62 @@ async fn one_coordinator_per_state_directory() {
     // The lock goes with the first coordinator.
     coordinator::start(config).await.unwrap().shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn nccl_unique_id_is_relayed_from_rank_0_and_checked() {
+    use std::collections::hash_map::RandomState;
+    use std::hash::BuildHasher;
+
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path()).await;
+    let mut j = jobs(&c, Some(CLIENT_TOKEN)).await;
+    let mut w = workers(&c, Some(WORKER_TOKEN)).await;
+    submit(&mut j, &JOB.replace("device: cpu", "device: cuda")).await.unwrap();
+    let mut ids = Vec::new();
+    for port in [7001, 7002] {
+        let caps = v1::Capabilities { device: "cuda".into(), ..Default::default() };
+        let reg = v1::RegisterWorkerRequest {
+            capabilities: Some(caps),
+            ring_address: format!("127.0.0.1:{port}"),
+            ..Default::default()
+        };
+        ids.push(w.register(reg).await.unwrap().into_inner().worker_id);
+    }
+    let poll = |id: &str, wait_ms: u32, nccl: Vec<u8>| v1::GetAssignmentRequest {
+        worker_id: id.into(),
+        wait_ms,
+        nccl_unique_id: nccl,
+    };
+    let assignment = |r: tonic::Response<v1::GetAssignmentResponse>| r.into_inner().assignment.expect("an assignment");
+    let first = assignment(w.get_assignment(poll(&ids[0], 2_000, vec![])).await.unwrap());
+    let (rank0, rank1) = if first.rank == 0 { (&ids[0], &ids[1]) } else { (&ids[1], &ids[0]) };
+    // Rank 1 is held up to wait_ms for the id, then gets its assignment without it.
+    let t0 = tokio::time::Instant::now();
+    let early = assignment(w.get_assignment(poll(rank1, 300, vec![])).await.unwrap());
+    assert!(t0.elapsed() >= Duration::from_millis(250), "{:?}", t0.elapsed());
+    assert_eq!((early.rank, early.nccl_unique_id.len()), (1, 0));
+
+    let e = w.get_assignment(poll(rank0, 0, vec![7; 5])).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("nccl_unique_id: must be 128 bytes, got 5"), "{}", e.message());
+    let random = RandomState::new();
+    let id: Vec<u8> = (0..128u32).map(|i| random.hash_one(i) as u8).collect();
+    let e = w.get_assignment(poll(rank1, 0, id.clone())).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    // A rank 1 already waiting gets the id as soon as rank 0 posts it.
+    let mut w1 = w.clone();
+    let waiting = tokio::spawn({
+        let req = poll(rank1, 5_000, vec![]);
+        async move { (w1.get_assignment(req).await, tokio::time::Instant::now()) }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let posted_at = tokio::time::Instant::now();
+    let own = assignment(w.get_assignment(poll(rank0, 0, id.clone())).await.unwrap());
+    assert_eq!(own.nccl_unique_id, id);
+    let (got, at) = waiting.await.unwrap();
+    let got = assignment(got.unwrap());
+    assert_eq!((got.rank, got.attempt, &got.nccl_unique_id), (1, own.attempt, &id));
+    assert!(at - posted_at < Duration::from_secs(2), "the waiting rank was not woken by the post");
+    c.shutdown().await.unwrap();
+}
