@@ -1,0 +1,162 @@
+//! `bert2bert coordinator` with TLS (certificates made here with rcgen) and --metrics-listen,
+//! driven by the real `list` client. Every wait is for a line or a process exit.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+const TOKEN: &str = "tls-test-token";
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bert2bert"));
+    for var in ["BERT2BERT_COORDINATOR", "BERT2BERT_TLS_CA", "BERT2BERT_TLS_CERT", "BERT2BERT_TLS_KEY"] {
+        c.env_remove(var);
+    }
+    c.env("BERT2BERT_TOKEN", TOKEN).env("BERT2BERT_LOG", "warn");
+    c
+}
+
+/// Kills the child if a test fails before it is stopped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// A fresh CA (random key) and a server certificate for 127.0.0.1 it issued: (ca, cert, key).
+fn pki(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, format!("{name} CA"));
+    let ca = params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &issuer).unwrap();
+    let write = |file: &str, text: String| {
+        let p = dir.join(format!("{name}-{file}"));
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    (write("ca.pem", ca.pem()), write("cert.pem", cert.pem()), write("key.pem", key.serialize_pem()))
+}
+
+fn list(url: &str, extra: &[&Path]) -> Output {
+    let mut c = bin();
+    c.args(["list", "--coordinator", url]);
+    if let Some(ca) = extra.first() {
+        c.arg("--tls-ca").arg(ca);
+    }
+    c.output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn tls_coordinator_serves_https_clients_that_trust_its_ca_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = pki(dir.path(), "good");
+    let (other_ca, _, _) = pki(dir.path(), "other");
+    let mut coord = Proc(
+        bin()
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--state"])
+            .arg(dir.path().join("state"))
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(coord.0.stdout.take().unwrap());
+    let mut line = || {
+        let mut l = String::new();
+        out.read_line(&mut l).unwrap();
+        l.trim().to_owned()
+    };
+    let first = line();
+    let addr = first.strip_prefix("listening on ").unwrap_or_else(|| panic!("{first:?}")).to_owned();
+    let second = line();
+    let metrics = second.strip_prefix("metrics on http://").and_then(|m| m.strip_suffix("/metrics"));
+    let metrics = metrics.unwrap_or_else(|| panic!("{second:?}")).to_owned();
+    let https = format!("https://{addr}");
+
+    let o = list(&https, &[&ca]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("ID"), "{o:?}");
+    // The CA may come from the environment too.
+    let o = bin().args(["list", "--json", "--coordinator", &https]).env("BERT2BERT_TLS_CA", &ca).output().unwrap();
+    assert!(o.status.success(), "{o:?}");
+
+    let o = list(&format!("http://{addr}"), &[]);
+    assert!(!o.status.success(), "plain http to a TLS port: {o:?}");
+    let o = list(&https, &[]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(stderr(&o).contains("no CA to trust: pass --tls-ca FILE or set BERT2BERT_TLS_CA"), "{o:?}");
+    let o = list(&https, &[&other_ca]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(stderr(&o).contains("cannot reach the coordinator") && stderr(&o).contains("certificate"), "{o:?}");
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "hello\n").unwrap();
+    let o = list(&https, &[&junk]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(stderr(&o).contains(&junk.display().to_string()), "{o:?}");
+
+    // The two good `list` calls are counted.
+    let mut s = std::net::TcpStream::connect(&metrics).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    let want = "bert2bert_rpc_requests_total{service=\"bert2bert.v1.JobService\",method=\"List\",code=\"OK\"} 2\n";
+    assert!(text.contains(want), "{text}");
+    assert!(text.contains("\nbert2bert_jobs{state=\"PENDING\"} 0\n"), "{text}");
+
+    let pid = coord.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(coord.0.wait().unwrap().success());
+}
+
+#[test]
+fn coordinator_refuses_tls_files_that_are_not_pem_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert, key) = pki(dir.path(), "good");
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "-----BEGIN NONSENSE-----\n").unwrap();
+    let missing = dir.path().join("missing.pem");
+    for (c, k) in [(&junk, &key), (&cert, &junk), (&missing, &key)] {
+        let o = bin()
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--state"])
+            .arg(dir.path().join("state"))
+            .arg("--tls-cert")
+            .arg(c)
+            .arg("--tls-key")
+            .arg(k)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{o:?}");
+        let named = if c == &cert { k } else { c };
+        assert!(stderr(&o).contains(&named.display().to_string()), "{o:?}");
+    }
+    // --tls-cert without --tls-key is a usage error too.
+    let o = bin()
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--state"])
+        .arg(dir.path().join("state"))
+        .arg("--tls-cert")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+}
