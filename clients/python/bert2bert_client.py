@@ -53,13 +53,14 @@ def generate_stubs(out_dir, proto_dir=REPO / "proto"):
 class Client:
     """JobService calls with the bearer token on every request."""
 
-    def __init__(self, target, token, stubs, ca_file=None):
+    def __init__(self, target, token, stubs, tls_ca=None, tls_cert=None, tls_key=None):
         import grpc
 
         self.pb, grpc_mod = stubs
         if target.startswith("https://"):
-            roots = pathlib.Path(ca_file).read_bytes() if ca_file else None
-            channel = grpc.secure_channel(target[len("https://"):], grpc.ssl_channel_credentials(roots))
+            pem = {name: read_pem(name, path) for name, path in [("ca", tls_ca), ("cert", tls_cert), ("key", tls_key)]}
+            creds = grpc.ssl_channel_credentials(pem["ca"], private_key=pem["key"], certificate_chain=pem["cert"])
+            channel = grpc.secure_channel(target[len("https://"):], creds)
         else:
             channel = grpc.insecure_channel(target.removeprefix("http://"))
         self.stub = grpc_mod.JobServiceStub(channel)
@@ -136,6 +137,15 @@ def follow(client, job_id, out=sys.stderr):
     return client.get(job_id)
 
 
+def read_pem(name, path):
+    if not path:
+        return None
+    try:
+        return pathlib.Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read --tls-{name} {path}: {e.strerror}") from e
+
+
 def read_token(token_file):
     if token_file:
         try:
@@ -150,7 +160,7 @@ def read_token(token_file):
 
 
 def run(args, stubs):
-    client = Client(args.coordinator, read_token(args.token_file), stubs, args.ca_file)
+    client = Client(args.coordinator, read_token(args.token_file), stubs, args.tls_ca, args.tls_cert, args.tls_key)
     pb = client.pb
     if args.command == "submit":
         try:
@@ -182,7 +192,12 @@ def parse_args(argv):
     p.add_argument("--coordinator", default=os.environ.get("BERT2BERT_COORDINATOR"),
                    help="HOST:PORT, http://HOST:PORT or https://HOST:PORT (default $BERT2BERT_COORDINATOR)")
     p.add_argument("--token-file", help="file holding the client bearer token (default $BERT2BERT_TOKEN)")
-    p.add_argument("--ca-file", help="PEM roots for an https:// coordinator (default: the system's)")
+    p.add_argument("--tls-ca", default=os.environ.get("BERT2BERT_TLS_CA"),
+                   help="CA certificate (PEM) of an https:// coordinator (default $BERT2BERT_TLS_CA, else the system's)")
+    p.add_argument("--tls-cert", default=os.environ.get("BERT2BERT_TLS_CERT"),
+                   help="client certificate (PEM) for mutual TLS (default $BERT2BERT_TLS_CERT)")
+    p.add_argument("--tls-key", default=os.environ.get("BERT2BERT_TLS_KEY"),
+                   help="its private key (PEM) (default $BERT2BERT_TLS_KEY)")
     p.add_argument("--proto-dir", default=str(REPO / "proto"), help="where bert2bert/v1/*.proto are")
     p.add_argument("--stubs-dir", help="write the generated stubs here (default: a temporary directory)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -198,6 +213,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not args.coordinator:
         p.error("--coordinator or BERT2BERT_COORDINATOR is required")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        p.error("--tls-cert and --tls-key go together")
     return args
 
 
