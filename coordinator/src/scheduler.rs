@@ -63,7 +63,16 @@ struct Table {
     /// Workers that said they are shutting down: never scheduled again, even before their
     /// heartbeats time out (the proto has no deregistration).
     departed: HashSet<String>,
+    /// Worker id -> when it last asked for an assignment. Only workers asking lately join a new
+    /// gang: a worker killed a moment ago still counts as alive until its heartbeats time out,
+    /// and a gang with it would wait for it until the ring's connect timeout.
+    last_poll: HashMap<String, i64>,
 }
+
+/// How recently an idle worker must have polled GetAssignment (or registered) to join a gang.
+/// Idle agents long-poll back to back and the service re-checks every 50 ms, so a live idle
+/// worker is never staler than this.
+const POLL_FRESH_MS: i64 = 1_000;
 
 /// The failure reason a worker agent reports when it leaves on SIGTERM.
 pub const SHUTDOWN_REASON: &str = "worker shutting down (SIGTERM)";
@@ -122,6 +131,7 @@ impl Scheduler {
         if t.departed.contains(worker_id) {
             return Ok(None);
         }
+        t.last_poll.insert(worker_id.to_owned(), self.clock.now_ms());
         if !t.busy.contains_key(worker_id) {
             self.schedule(&mut t, worker_id)?;
         }
@@ -162,11 +172,12 @@ impl Scheduler {
     fn schedule(&self, t: &mut Table, caller: &str) -> Result<()> {
         let alive = self.workers.alive()?;
         let Some(me) = alive.iter().find(|w| w.id == caller).cloned() else { return Ok(()) };
+        let now = self.clock.now_ms();
+        let fresh = |w: &Worker| t.last_poll.get(&w.id).copied().unwrap_or(w.registered_ms) >= now - POLL_FRESH_MS;
         let idle: Vec<&Worker> = alive
             .iter()
-            .filter(|w| w.id != caller && !t.busy.contains_key(&w.id) && !t.departed.contains(&w.id))
+            .filter(|w| w.id != caller && !t.busy.contains_key(&w.id) && !t.departed.contains(&w.id) && fresh(w))
             .collect();
-        let now = self.clock.now_ms();
         let mut pending = self.jobs.list(&JobFilter { states: vec![JobState::Pending], limit: 0 })?;
         pending.reverse();
         for job in pending {
@@ -352,6 +363,7 @@ impl Scheduler {
         let mut t = self.table()?;
         for w in dead {
             t.departed.remove(&w.id);
+            t.last_poll.remove(&w.id);
             if let Some(job_id) = t.busy.get(&w.id).cloned() {
                 let why = format!("worker {} lost (no heartbeat)", w.id);
                 self.end(&mut t, &job_id, &why)?;
@@ -601,6 +613,7 @@ mod tests {
 
         clock.advance(2_999);
         assert_eq!(s.assignment(&a).unwrap(), None, "still inside the elastic wait");
+        assert_eq!(s.assignment(&b).unwrap(), None, "still inside the elastic wait");
         clock.advance(1);
         let again = s.assignment(&a).unwrap().unwrap();
         assert_eq!((again.attempt, again.world_size, again.rank), (2, 2, 0));
@@ -621,6 +634,7 @@ mod tests {
         // b still heartbeats (it is alive until it exits) but must not join the new gang.
         workers.heartbeat(&b).unwrap();
         assert_eq!(s.assignment(&b).unwrap(), None);
+        assert_eq!(s.assignment(&a).unwrap(), None, "c has not asked for work lately");
         let ac = s.assignment(&c).unwrap().unwrap();
         assert_eq!(ac.world_size, 2);
         assert_eq!(ac.ring_peers, ["127.0.0.1:1", "127.0.0.1:3"]);
@@ -676,5 +690,20 @@ mod tests {
         let ac = s.assignment(&c).unwrap().unwrap();
         assert!(!ac.uses_nccl && ac.nccl_unique_id.is_empty());
         refused(s.post_nccl_id(&c, &id), "CPU ring");
+    }
+
+    #[test]
+    fn a_worker_that_stopped_polling_is_left_out_of_a_new_gang() {
+        let (s, jobs, workers, clock) = setup_with_clock();
+        jobs.submit(&JobSpec::from_str(ELASTIC, Path::new("job_yaml")).unwrap()).unwrap();
+        let (a, b, c) = (reg(&workers, 1), reg(&workers, 2), reg(&workers, 3));
+        clock.advance(5_000);
+        // c still heartbeats (say it hangs, or was killed a moment ago) but asks for no work.
+        workers.heartbeat(&c).unwrap();
+        assert_eq!(s.assignment(&a).unwrap(), None, "b and c have not polled since registering");
+        let ab = s.assignment(&b).unwrap().unwrap();
+        assert_eq!(ab.world_size, 2);
+        assert_eq!(ab.ring_peers, ["127.0.0.1:1", "127.0.0.1:2"]);
+        assert_eq!(s.assignment(&c).unwrap(), None, "c is idle but the job already runs");
     }
 }
