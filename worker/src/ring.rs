@@ -32,6 +32,11 @@ const MAGIC_ACK: u64 = 0x6232_6232_6163_6b21; // "b2b2ack!"
 const HELLO: usize = 32;
 const HEADER: usize = 24;
 const SEGMENT_BYTES: usize = 256 * 1024;
+/// `all_reduce_avg` deals the buffer out to the ranks' chunks in blocks of this many values,
+/// round robin. Where a value's sum starts along the ring depends only on its block's index,
+/// so an all-reduce of a piece that starts at a multiple of `BLOCK_FLOATS * world` sums each
+/// value exactly as an all-reduce of the whole buffer does (gradient buckets rely on this).
+pub const BLOCK_FLOATS: usize = 1024;
 
 #[derive(Clone, Copy, Debug)]
 #[rustfmt::skip]
@@ -211,12 +216,12 @@ impl Collective<Cpu> for RingCollective {
             return self.run(Op::AllReduce, 0, buf.len(), |_, _| Ok(()));
         }
         self.run(Op::AllReduce, 0, buf.len(), |l, h| {
-            let chunks = chunk_ranges(buf.len(), w);
-            l.ring_pass(buf, &chunks, r, true, Some(h))?;
+            let deal = Deal { block: BLOCK_FLOATS, world: w };
+            l.ring_pass(buf, deal, r, true, Some(h))?;
             let owned = (r + 1) % w;
             let scale = w as f32;
-            buf[chunks[owned].clone()].iter_mut().for_each(|v| *v /= scale);
-            l.ring_pass(buf, &chunks, owned, false, None)
+            deal.blocks_mut(buf, owned).for_each(|b| b.iter_mut().for_each(|v| *v /= scale));
+            l.ring_pass(buf, deal, owned, false, None)
         })
     }
 
@@ -242,10 +247,9 @@ impl Collective<Cpu> for RingCollective {
         }
         self.run(Op::ReduceScatter, 0, n, |l, h| {
             let mut work = send.to_vec();
-            let chunks: Vec<_> = (0..w).map(|i| i * n..(i + 1) * n).collect();
-            l.ring_pass(&mut work, &chunks, (r + w - 1) % w, true, Some(h))?;
+            l.ring_pass(&mut work, Deal { block: n, world: w }, (r + w - 1) % w, true, Some(h))?;
             let scale = w as f32;
-            recv.iter_mut().zip(&work[chunks[r].clone()]).for_each(|(d, s)| *d = *s / scale);
+            recv.iter_mut().zip(&work[r * n..(r + 1) * n]).for_each(|(d, s)| *d = *s / scale);
             Ok(())
         })
     }
@@ -259,10 +263,7 @@ impl Collective<Cpu> for RingCollective {
         if w == 1 || n == 0 {
             return self.run(Op::AllGather, 0, n, |_, _| Ok(()));
         }
-        self.run(Op::AllGather, 0, n, |l, h| {
-            let chunks: Vec<_> = (0..w).map(|i| i * n..(i + 1) * n).collect();
-            l.ring_pass(recv, &chunks, r, false, Some(h))
-        })
+        self.run(Op::AllGather, 0, n, |l, h| l.ring_pass(recv, Deal { block: n, world: w }, r, false, Some(h)))
     }
 
     fn wait(&self, _b: &Cpu) -> Result<()> {
@@ -275,51 +276,54 @@ impl Collective<Cpu> for RingCollective {
 }
 
 impl Links {
-    /// `world - 1` ring steps over `chunks` of `buf`: at step s this rank sends chunk
-    /// `first - s` and receives chunk `first - s - 1` (mod world), adding it into its own values
-    /// (`reduce`) or overwriting them. The header goes with the first step.
+    /// `world - 1` ring steps over the chunks of `buf` dealt by `deal`: at step s this rank sends
+    /// chunk `first - s` and receives chunk `first - s - 1` (mod world), adding it into its own
+    /// values (`reduce`) or overwriting them. The header goes with the first step.
     fn ring_pass(
         &mut self,
         buf: &mut [f32],
-        chunks: &[Range<usize>],
+        deal: Deal,
         first: usize,
         reduce: bool,
         header: Option<&[u8; HEADER]>,
     ) -> io::Result<()> {
-        let w = chunks.len();
+        let w = deal.world;
         for s in 0..w - 1 {
-            let send = chunks[(first + w - s) % w].clone();
-            let recv = chunks[(first + 2 * w - s - 1) % w].clone();
-            self.step(buf, send, recv, reduce, if s == 0 { header } else { None })?;
+            let send = (first + w - s) % w;
+            let recv = (first + 2 * w - s - 1) % w;
+            self.step(buf, deal, send, recv, reduce, if s == 0 { header } else { None })?;
         }
         Ok(())
     }
 
-    /// Send `buf[send]` to the right while receiving `buf[recv]` from the left (disjoint ranges).
+    /// Send chunk `send` of `buf` to the right while receiving chunk `recv` from the left.
     fn step(
         &mut self,
         buf: &mut [f32],
-        send: Range<usize>,
-        recv: Range<usize>,
+        deal: Deal,
+        send: usize,
+        recv: usize,
         reduce: bool,
         header: Option<&[u8; HEADER]>,
     ) -> io::Result<()> {
-        let (out, inp): (&[f32], &mut [f32]) = if send.start < recv.start {
-            let (a, b) = buf.split_at_mut(recv.start);
-            (&a[send], &mut b[..recv.len()])
-        } else {
-            let (a, b) = buf.split_at_mut(send.start);
-            (&b[..send.len()], &mut a[recv])
-        };
+        let (mut out, mut inp): (Vec<&[f32]>, Vec<&mut [f32]>) = (Vec::new(), Vec::new());
+        for (j, block) in buf.chunks_mut(deal.block).enumerate() {
+            match j % deal.world {
+                c if c == send => out.push(block),
+                c if c == recv => inp.push(block),
+                _ => {}
+            }
+        }
         let Links { right, left, send_buf, recv_buf } = self;
         let (right, left) = (&*right, &*left);
-        let result = if out.is_empty() || inp.is_empty() {
-            // At most one element moves each way: no need for a second thread.
-            send_floats(right, header, out, send_buf).and_then(|()| recv_floats(left, header, inp, recv_buf, reduce))
+        let tiny = out.iter().map(|b| b.len()).sum::<usize>().min(inp.iter().map(|b| b.len()).sum()) == 0;
+        let result = if tiny {
+            // Nothing moves one way: no need for a second thread.
+            send_floats(right, header, &out, send_buf).and_then(|()| recv_floats(left, header, inp, recv_buf, reduce))
         } else {
             thread::scope(|sc| {
                 let sender = sc.spawn(move || {
-                    let r = send_floats(right, header, out, send_buf);
+                    let r = send_floats(right, header, &out, send_buf);
                     if r.is_err() {
                         shut(right, left);
                     }
@@ -351,7 +355,7 @@ impl Links {
         let Links { right, left, send_buf, recv_buf } = self;
         let (mut right, mut left) = (&*right, &*left);
         let result = if is_root {
-            send_floats(right, Some(header), buf, send_buf)
+            send_floats(right, Some(header), &[&*buf], send_buf)
         } else {
             (|| {
                 check_header(left, header)?;
@@ -385,34 +389,67 @@ fn context(e: io::Error, what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
-fn send_floats(mut s: &TcpStream, header: Option<&[u8; HEADER]>, data: &[f32], bytes: &mut [u8]) -> io::Result<()> {
+/// Send `blocks` back to back, packed into segments of `bytes.len()`.
+fn send_floats(
+    mut s: &TcpStream,
+    header: Option<&[u8; HEADER]>,
+    blocks: &[&[f32]],
+    bytes: &mut [u8],
+) -> io::Result<()> {
     if let Some(h) = header {
         s.write_all(h)?;
     }
-    for seg in data.chunks(SEGMENT_BYTES / 4) {
-        let out = &mut bytes[..seg.len() * 4];
-        for (d, v) in out.chunks_exact_mut(4).zip(seg) {
-            d.copy_from_slice(&v.to_le_bytes());
+    let cap = bytes.len() / 4;
+    let mut used = 0;
+    for block in blocks {
+        let mut rest = *block;
+        while !rest.is_empty() {
+            let k = (cap - used).min(rest.len());
+            for (d, v) in bytes[used * 4..(used + k) * 4].chunks_exact_mut(4).zip(&rest[..k]) {
+                d.copy_from_slice(&v.to_le_bytes());
+            }
+            (used, rest) = (used + k, &rest[k..]);
+            if used == cap {
+                s.write_all(bytes)?;
+                used = 0;
+            }
         }
-        s.write_all(out)?;
+    }
+    if used > 0 {
+        s.write_all(&bytes[..used * 4])?;
     }
     Ok(())
 }
 
+/// Receive into `blocks` back to back, a segment of `bytes.len()` at a time.
 fn recv_floats(
     mut s: &TcpStream,
     header: Option<&[u8; HEADER]>,
-    data: &mut [f32],
+    blocks: Vec<&mut [f32]>,
     bytes: &mut [u8],
     reduce: bool,
 ) -> io::Result<()> {
     if let Some(h) = header {
         check_header(s, h)?;
     }
-    for seg in data.chunks_mut(SEGMENT_BYTES / 4) {
-        let inp = &mut bytes[..seg.len() * 4];
-        s.read_exact(inp)?;
-        decode(inp, seg, reduce);
+    let mut left: usize = blocks.iter().map(|b| b.len()).sum();
+    let mut blocks = blocks.into_iter();
+    let mut dst: &mut [f32] = &mut [];
+    let cap = bytes.len() / 4;
+    while left > 0 {
+        let k = left.min(cap);
+        s.read_exact(&mut bytes[..k * 4])?;
+        let mut got = &bytes[..k * 4];
+        while !got.is_empty() {
+            if dst.is_empty() {
+                dst = blocks.next().unwrap_or_default();
+            }
+            let m = dst.len().min(got.len() / 4);
+            let (now, later) = std::mem::take(&mut dst).split_at_mut(m);
+            decode(&got[..m * 4], now, reduce);
+            (dst, got) = (later, &got[m * 4..]);
+        }
+        left -= k;
     }
     Ok(())
 }
@@ -451,16 +488,18 @@ fn check_header(mut s: &TcpStream, expect: &[u8; HEADER]) -> io::Result<()> {
     ))
 }
 
-fn chunk_ranges(n: usize, parts: usize) -> Vec<Range<usize>> {
-    let (base, rem) = (n / parts, n % parts);
-    let mut start = 0;
-    (0..parts)
-        .map(|i| {
-            let len = base + usize::from(i < rem);
-            start += len;
-            start - len..start
-        })
-        .collect()
+/// How a buffer is dealt out to the ring's `world` chunks: block j (of `block` values, the
+/// last one maybe shorter) belongs to chunk j mod world.
+#[derive(Clone, Copy, Debug)]
+struct Deal {
+    block: usize,
+    world: usize,
+}
+
+impl Deal {
+    fn blocks_mut<'a>(&self, buf: &'a mut [f32], chunk: usize) -> impl Iterator<Item = &'a mut [f32]> + use<'a> {
+        buf.chunks_mut(self.block).skip(chunk).step_by(self.world)
+    }
 }
 
 fn hello(magic: u64, rank: usize, world: usize, token: u64) -> [u8; HELLO] {
@@ -568,9 +607,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chunks_cover_uneven_lengths() {
-        assert_eq!(chunk_ranges(7, 3), vec![0..3, 3..5, 5..7]);
-        assert_eq!(chunk_ranges(1, 4), vec![0..1, 1..1, 1..1, 1..1]);
+    fn deal_is_round_robin_by_block() {
+        let mut buf: Vec<f32> = (0..11).map(|i| i as f32).collect();
+        let deal = Deal { block: 2, world: 3 };
+        let got: Vec<Vec<f32>> = deal.blocks_mut(&mut buf, 1).map(|b| b.to_vec()).collect();
+        assert_eq!(got, vec![vec![2.0, 3.0], vec![8.0, 9.0]]);
+        assert_eq!(deal.blocks_mut(&mut buf, 2).flatten().count(), 3); // blocks 2 and 5 (short)
     }
 
     /// A stray connection with the wrong token reaches rank 0 first; rank 0 turns it away and

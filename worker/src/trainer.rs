@@ -7,9 +7,12 @@
 //! workers and micro-batches. Dropout masks are keyed on (seed, step, micro-batch), so a step
 //! replays exactly after a resume.
 
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread;
 use std::time::Instant;
 
 use kernels::collective::Collective;
@@ -24,6 +27,7 @@ use model::tokenizer::Tokenizer;
 use model::{Error, Result};
 
 use crate::evaluate::{EvalOptions, EvalResult, evaluate};
+use crate::ring::BLOCK_FLOATS;
 use crate::state::{self, TrainingState};
 
 #[derive(Clone, Debug)]
@@ -69,7 +73,17 @@ pub struct Trainer<'a, B: Backend, C: Collective<B>> {
     cursor: Cursor,
     /// Set (e.g. from a SIGTERM handler) to end `run` after the current step, with a checkpoint.
     pub stop: Option<Arc<AtomicBool>>,
+    /// With more than one rank, gradients are all-reduced in buckets of about this many MB
+    /// (1e6 bytes) on a background thread while the last micro-batch's backward goes on;
+    /// 0 turns the overlap off (one all-reduce after backward). The result is bitwise the same.
+    pub grad_bucket_mb: f64,
+    /// Staging buffers of the buckets, reused from step to step.
+    grad_stage: Vec<B::Buf>,
 }
+
+/// PyTorch DDP's default bucket size: big enough for the ring to reach its bandwidth, small
+/// enough that the first buckets finish early in backward.
+pub const DEFAULT_GRAD_BUCKET_MB: f64 = 25.0;
 
 fn load_model(job: &JobSpec) -> Result<(Checkpoint, Tokenizer)> {
     match &job.model {
@@ -85,7 +99,7 @@ fn load_model(job: &JobSpec) -> Result<(Checkpoint, Tokenizer)> {
     }
 }
 
-impl<'a, B: Backend, C: Collective<B>> Trainer<'a, B, C> {
+impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
     /// Load the model and data of `job`, and resume from its newest valid checkpoint if any.
     pub fn new(b: &'a B, coll: &'a C, job: JobSpec) -> Result<(Self, Option<Event>)> {
         let (ck, tok) = load_model(&job)?;
@@ -117,6 +131,8 @@ impl<'a, B: Backend, C: Collective<B>> Trainer<'a, B, C> {
             step: 0,
             cursor: Cursor::default(),
             stop: None,
+            grad_bucket_mb: DEFAULT_GRAD_BUCKET_MB,
+            grad_stage: Vec::new(),
             job,
         };
         let resumed = trainer.resume()?;
@@ -154,6 +170,11 @@ impl<'a, B: Backend, C: Collective<B>> Trainer<'a, B, C> {
         &self.tok
     }
 
+    /// How many gradient buckets the last step all-reduced while backward ran (0: none).
+    pub fn grad_bucket_count(&self) -> usize {
+        self.grad_stage.len()
+    }
+
     /// One optimiser step.
     pub fn step(&mut self) -> Result<StepStats> {
         let t0 = Instant::now();
@@ -167,17 +188,81 @@ impl<'a, B: Backend, C: Collective<B>> Trainer<'a, B, C> {
         self.net.zero_grads(b)?;
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
         let special = self.tok.special();
-        for (j, micro) in shard(&global, job.micro_batch(), rank, world).into_iter().enumerate() {
-            let batch = self.train.batch(micro, special, d.max_source_len, d.max_target_len)?;
-            let x = Inputs::from_batch(b, &batch)?;
-            let seed = rng::derive(t.seed, self.step.wrapping_mul(1 << 20) + (rank + j * world) as u64);
-            let opts =
-                PassOptions { train: true, seed, label_smoothing: t.label_smoothing, grad_scale: Some(grad_scale) };
-            loss_sum += self.net.pass(b, &x, opts)?.sum();
-            tokens += batch.batch * (batch.src_len + batch.tgt_len);
-        }
+        let micros = shard(&global, job.micro_batch(), rank, world);
         let n = self.net.table.storage_len;
-        self.coll.all_reduce_avg(b, b.view_mut(&mut self.net.grads, 0..n))?;
+        let bucket_len = (self.grad_bucket_mb.max(0.0) * 1e6 / 4.0) as usize;
+        let overlap = world > 1 && bucket_len > 0;
+        let mut buckets = Buckets::new(n, bucket_len, BLOCK_FLOATS * world);
+        let mut spare = std::mem::take(&mut self.grad_stage).into_iter();
+        let (coll, net, train, step) = (self.coll, &mut self.net, &self.train, self.step);
+        let reduced = thread::scope(|sc| -> Result<Vec<(Range<usize>, B::Buf)>> {
+            // Buckets go to the reducer in the order backward finishes them, the same on every
+            // rank, so the ranks' collectives pair up.
+            let (tx, rx) = mpsc::channel::<(Range<usize>, B::Buf)>();
+            let reducer = overlap.then(|| {
+                sc.spawn(move || -> Result<Vec<(Range<usize>, B::Buf)>> {
+                    let mut done = Vec::new();
+                    for (range, mut buf) in rx {
+                        coll.all_reduce_avg(b, b.view_mut(&mut buf, 0..range.len()))?;
+                        done.push((range, buf));
+                    }
+                    Ok(done)
+                })
+            });
+            let mut start_buckets = |ready: Range<usize>, grads: &B::Buf| -> Result<()> {
+                for range in buckets.ready_from(ready.start) {
+                    let len = range.len();
+                    let mut buf = match spare.next() {
+                        Some(s) if b.len(&s) == len => s,
+                        _ => b.zeros(len)?,
+                    };
+                    b.copy(b.view(grads, range.clone()), b.view_mut(&mut buf, 0..len))?;
+                    // A closed channel means the reducer failed: its error comes from `join`.
+                    let _ = tx.send((range, buf));
+                }
+                Ok(())
+            };
+            let passes = (|| -> Result<()> {
+                for (j, micro) in micros.iter().enumerate() {
+                    let batch = train.batch(micro, special, d.max_source_len, d.max_target_len)?;
+                    let x = Inputs::from_batch(b, &batch)?;
+                    let seed = rng::derive(t.seed, step.wrapping_mul(1 << 20) + (rank + j * world) as u64);
+                    let opts = PassOptions {
+                        train: true,
+                        seed,
+                        label_smoothing: t.label_smoothing,
+                        grad_scale: Some(grad_scale),
+                    };
+                    let loss = if overlap && j + 1 == micros.len() {
+                        net.pass_with_final_grads(b, &x, opts, &mut start_buckets)?
+                    } else {
+                        net.pass(b, &x, opts)?
+                    };
+                    loss_sum += loss.sum();
+                    tokens += batch.batch * (batch.src_len + batch.tgt_len);
+                }
+                Ok(())
+            })();
+            drop(tx);
+            let reduced = match reducer {
+                Some(h) => h.join().unwrap_or_else(|_| Err(Error::Other("gradient all-reduce thread panicked".into()))),
+                None => Ok(Vec::new()),
+            };
+            passes?;
+            reduced
+        })?;
+        if overlap {
+            let covered: usize = reduced.iter().map(|(r, _)| r.len()).sum();
+            if covered != n {
+                return Err(Error::Other(format!("gradient buckets covered {covered} of {n} values")));
+            }
+            for (range, buf) in reduced {
+                b.copy(b.view(&buf, 0..range.len()), b.view_mut(&mut self.net.grads, range))?;
+                self.grad_stage.push(buf);
+            }
+        } else {
+            self.coll.all_reduce_avg(b, b.view_mut(&mut self.net.grads, 0..n))?;
+        }
         let mut loss_buf = b.upload(&[loss_sum as f32 * world as f32 / label_tokens as f32])?;
         self.coll.all_reduce_avg(b, b.view_mut(&mut loss_buf, 0..1))?;
         self.coll.wait(b)?;
@@ -286,5 +371,69 @@ impl<'a, B: Backend, C: Collective<B>> Trainer<'a, B, C> {
             }
         }
         Ok(())
+    }
+}
+
+/// Cuts the final part of the gradient buffer, which grows from the top down during backward,
+/// into buckets of at least `len` values. Every bucket but the last (which ends at 0) starts at
+/// a multiple of `align`, so the ring reduces each value in the same order as one all-reduce of
+/// the whole buffer would (see `ring::BLOCK_FLOATS`).
+struct Buckets {
+    top: usize,
+    len: usize,
+    align: usize,
+}
+
+impl Buckets {
+    fn new(n: usize, len: usize, align: usize) -> Self {
+        Self { top: n, len: len.max(1), align: align.max(1) }
+    }
+
+    /// `[final_from, n)` is final: the buckets to start now, top down.
+    fn ready_from(&mut self, final_from: usize) -> Vec<Range<usize>> {
+        let mut out = Vec::new();
+        if final_from == 0 {
+            if self.top > 0 {
+                out.push(0..self.top);
+                self.top = 0;
+            }
+            return out;
+        }
+        let lowest = final_from.div_ceil(self.align) * self.align;
+        while self.top > lowest && self.top - lowest >= self.len {
+            let start = ((self.top - self.len) / self.align * self.align).max(lowest);
+            out.push(start..self.top);
+            self.top = start;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Buckets;
+
+    #[test]
+    fn buckets_tile_the_buffer_aligned_and_at_least_len() {
+        let (n, len, align) = (10_000, 700, 64);
+        let mut b = Buckets::new(n, len, align);
+        let mut got = Vec::new();
+        for mark in [9_990, 9_000, 8_950, 5_001, 4_999, 3_000, 0] {
+            got.extend(b.ready_from(mark));
+        }
+        let mut top = n;
+        for (i, r) in got.iter().enumerate() {
+            assert_eq!(r.end, top);
+            top = r.start;
+            let last = i + 1 == got.len();
+            assert!(last || r.start % align == 0, "{r:?} unaligned");
+            assert!(last || r.len() >= len, "{r:?} shorter than {len}");
+        }
+        assert_eq!(top, 0);
+        assert!(got.len() > 5, "{got:?}");
+        // Nothing is cut before it is final.
+        let mut b = Buckets::new(n, len, align);
+        assert!(b.ready_from(9_990).is_empty());
+        assert!(b.ready_from(9_000).iter().all(|r| r.start >= 9_000));
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kernels::collective::Collective;
 use kernels::{Cpu, rng};
-use worker::ring::RingCollective;
+use worker::ring::{BLOCK_FLOATS, RingCollective};
 
 /// Bind one listener per rank, run `f(rank, ring)` on a thread per rank, return results by rank.
 fn with_ring<R: Send>(
@@ -250,5 +250,38 @@ fn bench_all_reduce_64mib() {
         let gb = (n * 4) as f64 / 1e9;
         let bus = gb * 2.0 * (world - 1) as f64 / world as f64 / s;
         eprintln!("all_reduce 64 MiB, {world} ranks: {:.1} ms, algbw {:.2} GB/s, busbw {bus:.2} GB/s", s * 1e3, gb / s);
+    }
+}
+
+/// Gradient buckets: all-reducing a buffer piece by piece, with every cut at a multiple of
+/// `BLOCK_FLOATS * world`, gives bitwise the result of one all-reduce of the whole buffer (with
+/// three or more ranks the order of a sum depends on where along the ring it starts).
+#[test]
+fn aligned_pieces_reduce_exactly_like_the_whole() {
+    let seed = seed();
+    eprintln!("ring pieces seed {seed}");
+    for world in [2, 3, 4] {
+        let align = BLOCK_FLOATS * world;
+        let n = 7 * align + 123;
+        // Random aligned cuts, the same on every rank.
+        let mut cuts: Vec<usize> = (0..3).map(|i| (rng::mix(seed, i) as usize % 7 + 1) * align).collect();
+        cuts.extend([0, n]);
+        cuts.sort();
+        cuts.dedup();
+        let out = with_ring(world, T, &[3], |r, ring| {
+            let ring = ring.unwrap();
+            let mut whole = data(seed, r, n);
+            let mut pieces = whole.clone();
+            ring.all_reduce_avg(&Cpu, &mut whole).unwrap();
+            for c in cuts.windows(2).rev() {
+                ring.all_reduce_avg(&Cpu, &mut pieces[c[0]..c[1]]).unwrap();
+            }
+            (whole, pieces)
+        });
+        for (r, (whole, pieces)) in out.iter().enumerate() {
+            let bad = whole.iter().zip(pieces).position(|(a, b)| a.to_bits() != b.to_bits());
+            assert!(bad.is_none(), "world {world} rank {r} cuts {cuts:?}: differs at {bad:?}");
+            assert!(whole.iter().zip(&out[0].0).all(|(a, b)| a.to_bits() == b.to_bits()), "ranks disagree");
+        }
     }
 }
