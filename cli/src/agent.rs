@@ -23,6 +23,8 @@ use worker::{Event, Trainer};
 use crate::remote::{Bearer, bearer, channel, status_error};
 use crate::{CliError, CliResult};
 
+mod nccl;
+
 #[derive(clap::Args)]
 #[command(after_help = "\
 Authentication: the worker token from --token-file, else BERT2BERT_WORKER_TOKEN, else
@@ -36,7 +38,7 @@ pub struct Args {
     token_file: Option<PathBuf>,
     #[command(flatten)]
     tls: crate::tls::TlsArgs,
-    /// Only `cpu` in this build.
+    /// `cpu`, or `cuda[:N]` for jobs with `device: cuda` (NCCL between the ranks).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Where the CPU ring listens for the left neighbour; port 0 picks a free port.
@@ -64,6 +66,8 @@ struct Current {
     job: Option<(String, u32)>,
     step: u64,
     ring: Option<Arc<RingCollective>>,
+    /// `--device cuda:N`: the device index and its backend, opened once at start.
+    cuda: Option<(usize, Arc<crate::device::Cuda>)>,
     /// The coordinator said STOP (or forgot us): abandon the attempt.
     stop: bool,
     reregister: bool,
@@ -72,9 +76,9 @@ struct Current {
 }
 
 pub fn run(a: Args) -> CliResult {
-    if a.device != "cpu" {
-        return Err(CliError::usage(format!("--device {}: only cpu workers exist in this build", a.device)));
-    }
+    let device: crate::device::Device = a.device.parse().map_err(CliError::usage)?;
+    // A machine without a driver is told so (exit 2) before the worker registers.
+    let cuda = nccl::open(device)?;
     if !(a.collective_timeout > 0.0 && a.collective_timeout.is_finite()) {
         return Err(CliError::usage("--collective-timeout must be a positive number of seconds"));
     }
@@ -102,7 +106,7 @@ pub fn run(a: Args) -> CliResult {
     let client: Client = rt.block_on(async {
         Ok::<_, CliError>(WorkerServiceClient::with_interceptor(channel(&a.coordinator, &a.tls).await?, bearer(token)?))
     })?;
-    let current = Arc::new(Mutex::new(Current::default()));
+    let current = Arc::new(Mutex::new(Current { cuda, ..Current::default() }));
     let shutdown = take(&current, |c| c.shutdown.clone());
     rt.spawn(watch_signals(rt.block_on(async { ShutdownSignals::new() })?, shutdown.clone()));
     let interval = register(&rt, &client, ring_address, &current)?;
@@ -215,6 +219,7 @@ fn register(
         cpu_threads: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         ..Default::default()
     };
+    let caps = take(current, |c| nccl::capabilities(c.cuda.as_ref(), caps));
     let req = v1::RegisterWorkerRequest {
         hostname: std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
         capabilities: Some(caps),
@@ -311,6 +316,9 @@ fn train(
         return Err(shutdown_error());
     }
     let spec = JobSpec::from_str(&asg.job_yaml, Path::new("assignment.job_yaml"))?;
+    if spec.resources.device == model::job::Device::Cuda {
+        return nccl::train(rt, client, current, asg, worker_id, spec, timeout);
+    }
     let peers = asg
         .ring_peers
         .iter()
@@ -327,8 +335,24 @@ fn train(
     )?;
     let ring = Arc::new(ring);
     take(current, |c| c.ring = Some(ring.clone()));
-    let (mut trainer, _resumed) = Trainer::new(&kernels::Cpu, &*ring, spec)?;
-    trainer.stop = Some(shutdown.clone());
+    run_trainer(rt, client, current, asg, worker_id, (&kernels::Cpu, &*ring, spec), (&shutdown, &|| ring.abort()))
+}
+
+/// Trains the rank on `backend` with `collective` until the job ends or is stopped. `halt` is
+/// the trainer's stop flag (checked between steps; a SIGTERM sets it too); `abort` makes a STOP
+/// from the coordinator take effect.
+fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B> + Sync>(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    current: &Arc<Mutex<Current>>,
+    asg: &v1::Assignment,
+    worker_id: &str,
+    (backend, collective, spec): (&B, &C, JobSpec),
+    (halt, abort): (&Arc<AtomicBool>, &dyn Fn()),
+) -> CliResult {
+    let shutdown = take(current, |c| c.shutdown.clone());
+    let (mut trainer, _resumed) = Trainer::new(backend, collective, spec)?;
+    trainer.stop = Some(halt.clone());
     // The trainer resumes from the newest valid checkpoint on disk, which may be past the
     // coordinator's last committed one (a commit lost with a crash): report from there, or a
     // finished job would be reported done at the older step.
@@ -348,6 +372,9 @@ fn train(
     let stop_flag = AtomicBool::new(false);
     trainer.run(None, 0, &mut |e| match e {
         Event::Step(s) => {
+            if shutdown.load(Ordering::SeqCst) {
+                halt.store(true, Ordering::SeqCst);
+            }
             take(current, |c| c.step = s.step);
             tokens += s.tokens * asg.world_size as usize;
             let secs = t0.elapsed().as_secs_f64().max(1e-9);
@@ -365,7 +392,7 @@ fn train(
                 Ok(r) if r.get_ref().command() == v1::WorkerCommand::Stop => {
                     stop_flag.store(true, Ordering::SeqCst);
                     take(current, |c| c.stop = true);
-                    ring.abort();
+                    abort();
                 }
                 Ok(_) => {}
                 Err(s) => tracing::warn!("ReportProgress: {}", s.message()),

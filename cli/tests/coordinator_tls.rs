@@ -160,3 +160,21 @@ fn coordinator_refuses_tls_files_that_are_not_pem_naming_them() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "{o:?}");
 }
+
+#[test]
+fn worker_with_device_cuda_and_no_driver_exits_2_with_the_message() {
+    let o = bin().args(["worker", "--device", "cuda", "--coordinator", "http://127.0.0.1:9"]).output().unwrap();
+    let err = stderr(&o);
+    if !err.contains("no CUDA driver") {
+        // A driver is present here: the worker opened the device and then failed to reach the
+        // (absent) coordinator.
+        eprintln!("a CUDA driver is present: nothing to check ({err})");
+        assert!(!err.contains("panicked"), "{err}");
+        return;
+    }
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(err.contains("no CUDA driver found; use --device cpu"), "{err}");
+    let o = bin().args(["worker", "--device", "tpu", "--coordinator", "http://127.0.0.1:9"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(stderr(&o).contains("unknown device `tpu`"), "{o:?}");
+}

@@ -1,6 +1,7 @@
 //! clients/python/bert2bert_client.py (grpcio, stubs generated from proto/ at run time) against a
 //! real coordinator and worker process on 127.0.0.1:0: it submits a job, follows Watch to the
-//! end, and its final status equals `bert2bert status --json`. Needs $B2B_PYTHON with grpcio and
+//! end, and its final status equals `bert2bert status --json`; over TLS it trusts only the
+//! coordinator's CA. Needs $B2B_PYTHON with grpcio and
 //! grpcio-tools (scripts/setup_python.sh); skips without it unless B2B_REQUIRE_PYTHON=1.
 
 use std::io::{BufRead, BufReader, Read};
@@ -195,4 +196,66 @@ fn python_client_submits_watches_and_reads_the_final_status() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "no token: {}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("UNAUTHENTICATED"), "{o:?}");
+}
+
+/// A fresh CA and a server certificate for 127.0.0.1 it issued: (ca, cert, key).
+fn pki(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, format!("{name} CA"));
+    let ca = params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &issuer).unwrap();
+    let write = |file: &str, text: String| {
+        let p = dir.join(format!("{name}-{file}"));
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    (write("ca.pem", ca.pem()), write("cert.pem", cert.pem()), write("key.pem", key.serialize_pem()))
+}
+
+#[test]
+fn python_client_speaks_tls_with_the_coordinators_ca() {
+    let Some(py) = python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (ca, cert, key) = pki(root, "good");
+    let (other_ca, _, _) = pki(root, "other");
+    let mut coord = Proc(
+        bin(root)
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--state", "state", "--tls-cert"])
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .env("BERT2BERT_TOKEN", TOKEN)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(coord.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("no address: {line:?}")).to_owned();
+    let list = |url: &str, ca: Option<&Path>| {
+        let mut c = Command::new(&py);
+        c.arg(client_script()).args(["--coordinator", url]);
+        if let Some(ca) = ca {
+            c.arg("--tls-ca").arg(ca);
+        }
+        c.arg("list").env("BERT2BERT_TOKEN", TOKEN).env_remove("BERT2BERT_TLS_CA").output().unwrap()
+    };
+    let https = format!("https://{addr}");
+    let o = list(&https, Some(&ca));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["jobs"].as_array().map(Vec::len), Some(0), "{v}");
+    // A CA that did not sign the server's certificate, or plain http to a TLS port: refused.
+    for (url, ca) in [(https.as_str(), Some(other_ca.as_path())), (addr.as_str(), None)] {
+        let o = list(url, ca);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{url} {ca:?}: {err}");
+        assert!(err.contains("error: UNAVAILABLE"), "{url} {ca:?}: {err}");
+    }
 }

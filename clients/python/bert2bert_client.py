@@ -29,6 +29,9 @@ import tempfile
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PROTOS = ["bert2bert/v1/jobs.proto", "bert2bert/v1/workers.proto"]
 CALLER_FAULTS = {"INVALID_ARGUMENT", "NOT_FOUND", "OUT_OF_RANGE", "UNAUTHENTICATED", "PERMISSION_DENIED"}
+# Unary calls fail after this long rather than hang on a coordinator that does not answer; Watch
+# has no deadline (it lasts as long as the job).
+UNARY_TIMEOUT_S = 30
 TERMINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"}
 
 
@@ -67,17 +70,17 @@ class Client:
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
 
     def submit(self, job_yaml):
-        return self.stub.Submit(self.pb.SubmitJobRequest(job_yaml=job_yaml), metadata=self.metadata).job
+        return self.stub.Submit(self.pb.SubmitJobRequest(job_yaml=job_yaml), metadata=self.metadata, timeout=UNARY_TIMEOUT_S).job
 
     def get(self, job_id):
-        return self.stub.Get(self.pb.GetJobRequest(job_id=job_id), metadata=self.metadata).job
+        return self.stub.Get(self.pb.GetJobRequest(job_id=job_id), metadata=self.metadata, timeout=UNARY_TIMEOUT_S).job
 
     def list(self):
-        return self.stub.List(self.pb.ListJobsRequest(), metadata=self.metadata).jobs
+        return self.stub.List(self.pb.ListJobsRequest(), metadata=self.metadata, timeout=UNARY_TIMEOUT_S).jobs
 
     def cancel(self, job_id, reason=""):
         req = self.pb.CancelJobRequest(job_id=job_id, reason=reason)
-        return self.stub.Cancel(req, metadata=self.metadata).job
+        return self.stub.Cancel(req, metadata=self.metadata, timeout=UNARY_TIMEOUT_S).job
 
     def watch(self, job_id):
         """Yields WatchJobResponse messages until the job ends (the server closes the stream)."""
