@@ -16,7 +16,7 @@
 //! write has the configured timeout; any error shuts the sockets (which wakes the neighbours
 //! too) and poisons the collective, so later calls fail at once. Wire floats are little-endian.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::ops::Range;
 use std::sync::Mutex;
@@ -32,11 +32,19 @@ const MAGIC_ACK: u64 = 0x6232_6232_6163_6b21; // "b2b2ack!"
 const HELLO: usize = 32;
 const HEADER: usize = 24;
 const SEGMENT_BYTES: usize = 256 * 1024;
-/// `all_reduce_avg` deals the buffer out to the ranks' chunks in blocks of this many values,
-/// round robin. Where a value's sum starts along the ring depends only on its block's index,
-/// so an all-reduce of a piece that starts at a multiple of `BLOCK_FLOATS * world` sums each
-/// value exactly as an all-reduce of the whole buffer does (gradient buckets rely on this).
+/// With three or more ranks, `all_reduce_avg` deals the buffer out to the ranks' chunks in
+/// blocks of this many values, round robin. Where a value's sum starts along the ring then
+/// depends only on its block's index, so an all-reduce of a piece that starts at a multiple of
+/// `BLOCK_FLOATS * world` sums each value exactly as an all-reduce of the whole buffer does
+/// (gradient buckets rely on this). Two ranks use contiguous halves: a sum of two terms is the
+/// same in either order.
 pub const BLOCK_FLOATS: usize = 1024;
+/// Most buffers one vectored read or write hands the kernel (Linux's IOV_MAX).
+const MAX_IOV: usize = 1024;
+
+// Floats go on the wire in memory order, and the wire format is little-endian.
+#[cfg(target_endian = "big")]
+compile_error!("worker::ring assumes a little-endian host");
 
 #[derive(Clone, Copy, Debug)]
 #[rustfmt::skip]
@@ -61,8 +69,8 @@ struct State {
 struct Links {
     right: TcpStream,
     left: TcpStream,
-    send_buf: Vec<u8>,
-    recv_buf: Vec<u8>,
+    /// Where `all_reduce_avg` receives a segment before adding it.
+    recv_buf: Vec<f32>,
 }
 
 impl RingCollective {
@@ -130,7 +138,7 @@ impl RingCollective {
         };
         let handles = [setup(&right), setup(&left)].into_iter().collect::<io::Result<Vec<_>>>();
         me.handles = handles.map_err(|e| fail("socket setup", e))?;
-        let links = Links { right, left, send_buf: vec![0; SEGMENT_BYTES], recv_buf: vec![0; SEGMENT_BYTES] };
+        let links = Links { right, left, recv_buf: vec![0.0; SEGMENT_BYTES / 4] };
         me.state = Mutex::new(State { links: Some(links), seq: 0 });
         Ok(me)
     }
@@ -216,7 +224,8 @@ impl Collective<Cpu> for RingCollective {
             return self.run(Op::AllReduce, 0, buf.len(), |_, _| Ok(()));
         }
         self.run(Op::AllReduce, 0, buf.len(), |l, h| {
-            let deal = Deal { block: BLOCK_FLOATS, world: w };
+            let block = if w == 2 { buf.len().div_ceil(2) } else { BLOCK_FLOATS };
+            let deal = Deal { block, world: w };
             l.ring_pass(buf, deal, r, true, Some(h))?;
             let owned = (r + 1) % w;
             let scale = w as f32;
@@ -314,16 +323,16 @@ impl Links {
                 _ => {}
             }
         }
-        let Links { right, left, send_buf, recv_buf } = self;
+        let Links { right, left, recv_buf } = self;
         let (right, left) = (&*right, &*left);
         let tiny = out.iter().map(|b| b.len()).sum::<usize>().min(inp.iter().map(|b| b.len()).sum()) == 0;
         let result = if tiny {
             // Nothing moves one way: no need for a second thread.
-            send_floats(right, header, &out, send_buf).and_then(|()| recv_floats(left, header, inp, recv_buf, reduce))
+            send_floats(right, header, &out).and_then(|()| recv_floats(left, header, inp, recv_buf, reduce))
         } else {
             thread::scope(|sc| {
                 let sender = sc.spawn(move || {
-                    let r = send_floats(right, header, &out, send_buf);
+                    let r = send_floats(right, header, &out);
                     if r.is_err() {
                         shut(right, left);
                     }
@@ -352,10 +361,10 @@ impl Links {
 
     /// Chain broadcast from the root along the ring, forwarding each segment as it arrives.
     fn broadcast(&mut self, buf: &mut [f32], is_root: bool, forward: bool, header: &[u8; HEADER]) -> io::Result<()> {
-        let Links { right, left, send_buf, recv_buf } = self;
+        let Links { right, left, .. } = self;
         let (mut right, mut left) = (&*right, &*left);
         let result = if is_root {
-            send_floats(right, Some(header), &[&*buf], send_buf)
+            send_floats(right, Some(header), &[&*buf])
         } else {
             (|| {
                 check_header(left, header)?;
@@ -363,12 +372,10 @@ impl Links {
                     right.write_all(header)?;
                 }
                 for seg in buf.chunks_mut(SEGMENT_BYTES / 4) {
-                    let bytes = &mut recv_buf[..seg.len() * 4];
-                    left.read_exact(bytes)?;
+                    left.read_exact(bytes_of_mut(seg))?;
                     if forward {
-                        right.write_all(bytes)?;
+                        right.write_all(bytes_of(seg))?;
                     }
-                    decode(bytes, seg, false);
                 }
                 Ok(())
             })()
@@ -389,78 +396,81 @@ fn context(e: io::Error, what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
-/// Send `blocks` back to back, packed into segments of `bytes.len()`.
-fn send_floats(
-    mut s: &TcpStream,
-    header: Option<&[u8; HEADER]>,
-    blocks: &[&[f32]],
-    bytes: &mut [u8],
-) -> io::Result<()> {
-    if let Some(h) = header {
-        s.write_all(h)?;
-    }
-    let cap = bytes.len() / 4;
-    let mut used = 0;
-    for block in blocks {
-        let mut rest = *block;
-        while !rest.is_empty() {
-            let k = (cap - used).min(rest.len());
-            for (d, v) in bytes[used * 4..(used + k) * 4].chunks_exact_mut(4).zip(&rest[..k]) {
-                d.copy_from_slice(&v.to_le_bytes());
-            }
-            (used, rest) = (used + k, &rest[k..]);
-            if used == cap {
-                s.write_all(bytes)?;
-                used = 0;
-            }
+/// Send `blocks` back to back, straight from their memory (vectored writes, no copy).
+fn send_floats(s: &TcpStream, header: Option<&[u8; HEADER]>, blocks: &[&[f32]]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice> = header.map(|h| IoSlice::new(h)).into_iter().collect();
+    slices.extend(blocks.iter().filter(|b| !b.is_empty()).map(|b| IoSlice::new(bytes_of(b))));
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let k = rest.len().min(MAX_IOV);
+        match (&*s).write_vectored(&rest[..k]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-    }
-    if used > 0 {
-        s.write_all(&bytes[..used * 4])?;
     }
     Ok(())
 }
 
-/// Receive into `blocks` back to back, a segment of `bytes.len()` at a time.
+/// Receive into `blocks` back to back: added to them a segment at a time through `tmp`
+/// (`reduce`), or read straight into them.
 fn recv_floats(
     mut s: &TcpStream,
     header: Option<&[u8; HEADER]>,
-    blocks: Vec<&mut [f32]>,
-    bytes: &mut [u8],
+    mut blocks: Vec<&mut [f32]>,
+    tmp: &mut [f32],
     reduce: bool,
 ) -> io::Result<()> {
     if let Some(h) = header {
         check_header(s, h)?;
     }
+    if !reduce {
+        let mut slices: Vec<IoSliceMut> = blocks.iter_mut().map(|b| IoSliceMut::new(bytes_of_mut(b))).collect();
+        let mut rest = &mut slices[..];
+        IoSliceMut::advance_slices(&mut rest, 0); // skips empty blocks
+        while !rest.is_empty() {
+            let k = rest.len().min(MAX_IOV);
+            match s.read_vectored(&mut rest[..k]) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => IoSliceMut::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        return Ok(());
+    }
     let mut left: usize = blocks.iter().map(|b| b.len()).sum();
     let mut blocks = blocks.into_iter();
     let mut dst: &mut [f32] = &mut [];
-    let cap = bytes.len() / 4;
     while left > 0 {
-        let k = left.min(cap);
-        s.read_exact(&mut bytes[..k * 4])?;
-        let mut got = &bytes[..k * 4];
+        let k = left.min(tmp.len());
+        s.read_exact(bytes_of_mut(&mut tmp[..k]))?;
+        let mut got = &tmp[..k];
         while !got.is_empty() {
             if dst.is_empty() {
                 dst = blocks.next().unwrap_or_default();
             }
-            let m = dst.len().min(got.len() / 4);
+            let m = dst.len().min(got.len());
             let (now, later) = std::mem::take(&mut dst).split_at_mut(m);
-            decode(&got[..m * 4], now, reduce);
-            (dst, got) = (later, &got[m * 4..]);
+            now.iter_mut().zip(&got[..m]).for_each(|(d, v)| *d += v);
+            (dst, got) = (later, &got[m..]);
         }
         left -= k;
     }
     Ok(())
 }
 
-fn decode(bytes: &[u8], dst: &mut [f32], reduce: bool) {
-    let vals = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-    if reduce {
-        dst.iter_mut().zip(vals).for_each(|(d, v)| *d += v);
-    } else {
-        dst.iter_mut().zip(vals).for_each(|(d, v)| *d = v);
-    }
+fn bytes_of(x: &[f32]) -> &[u8] {
+    // SAFETY: the view covers exactly the slice's memory for the slice's lifetime; f32 has no
+    // padding and u8 no alignment requirement.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+}
+
+fn bytes_of_mut(x: &mut [f32]) -> &mut [u8] {
+    // SAFETY: as in `bytes_of`, and every bit pattern is a valid f32, so whatever is written
+    // through the view leaves valid floats.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
 }
 
 fn encode_header(op: Op, aux: usize, len: usize, seq: u64) -> [u8; HEADER] {
