@@ -69,7 +69,14 @@ pub struct TrainingSpec {
     /// `None`: the device's default (see [`JobSpec::precision`]).
     pub precision: Option<Precision>,
     pub seed: u64,
+    /// With several workers, gradients are all-reduced in buckets of about this many MB while
+    /// backward runs (0: one all-reduce after backward). Does not change the result.
+    pub grad_bucket_mb: f32,
 }
+
+/// `training.grad_bucket_mb` when the job does not say: PyTorch DDP's default, big enough for
+/// the ring to reach its bandwidth, small enough that the first buckets finish early in backward.
+pub const DEFAULT_GRAD_BUCKET_MB: f32 = 25.0;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct CheckpointSpec {
@@ -206,6 +213,8 @@ struct RawTraining {
     #[serde(skip_serializing_if = "Option::is_none")]
     precision: Option<String>,
     seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grad_bucket_mb: Option<f64>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -297,6 +306,7 @@ impl JobSpec {
                 label_smoothing: Some(t.label_smoothing as f64),
                 precision: t.precision.map(|p| p.as_str().to_owned()),
                 seed: Some(t.seed),
+                grad_bucket_mb: Some(t.grad_bucket_mb as f64),
             },
             checkpoint: Some(RawCheckpoint {
                 dir: Some(self.checkpoint.dir.clone()),
@@ -408,7 +418,11 @@ impl JobSpec {
         if !(t.lr.is_finite() && t.lr > 0.0) {
             return bad("training.lr", format!("must be a positive number, got {}", t.lr));
         }
-        for (key, v) in [("training.weight_decay", t.weight_decay), ("training.max_grad_norm", t.max_grad_norm)] {
+        for (key, v) in [
+            ("training.weight_decay", t.weight_decay),
+            ("training.max_grad_norm", t.max_grad_norm),
+            ("training.grad_bucket_mb", t.grad_bucket_mb),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 return bad(key, format!("must be a number >= 0, got {v}"));
             }
@@ -572,6 +586,7 @@ fn build(raw: RawJob, base: &Path, origin: &Path) -> Result<JobSpec> {
             .map(|s| Precision::parse(&s).ok_or_else(|| pick("training.precision", &s, "bf16, fp32")))
             .transpose()?,
         seed: t.seed.unwrap_or(42),
+        grad_bucket_mb: float("training.grad_bucket_mb", t.grad_bucket_mb, DEFAULT_GRAD_BUCKET_MB)?,
     };
 
     let c = raw.checkpoint.unwrap_or_default();

@@ -215,6 +215,7 @@ fn value_errors_name_their_key() {
         ("training", "schedule", "step", "training.schedule: `step` is not one of linear, cosine, constant, rsqrt"),
         ("training", "weight_decay", "-0.1", "training.weight_decay: must be a number >= 0"),
         ("training", "max_grad_norm", "-1", "training.max_grad_norm: must be a number >= 0"),
+        ("training", "grad_bucket_mb", "-2", "training.grad_bucket_mb: must be a number >= 0"),
         ("training", "label_smoothing", "1.0", "training.label_smoothing: must be in [0, 1)"),
         ("training", "label_smoothing", "-0.1", "training.label_smoothing: must be in [0, 1)"),
         ("training", "precision", "fp16", "training.precision: `fp16` is not one of bf16, fp32"),

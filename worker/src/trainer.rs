@@ -76,14 +76,11 @@ pub struct Trainer<'a, B: Backend, C: Collective<B>> {
     /// With more than one rank, gradients are all-reduced in buckets of about this many MB
     /// (1e6 bytes) on a background thread while the last micro-batch's backward goes on;
     /// 0 turns the overlap off (one all-reduce after backward). The result is bitwise the same.
+    /// From `training.grad_bucket_mb`.
     pub grad_bucket_mb: f64,
     /// Staging buffers of the buckets, reused from step to step.
     grad_stage: Vec<B::Buf>,
 }
-
-/// PyTorch DDP's default bucket size: big enough for the ring to reach its bandwidth, small
-/// enough that the first buckets finish early in backward.
-pub const DEFAULT_GRAD_BUCKET_MB: f64 = 25.0;
 
 fn load_model(job: &JobSpec) -> Result<(Checkpoint, Tokenizer)> {
     match &job.model {
@@ -131,7 +128,7 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
             step: 0,
             cursor: Cursor::default(),
             stop: None,
-            grad_bucket_mb: DEFAULT_GRAD_BUCKET_MB,
+            grad_bucket_mb: job.training.grad_bucket_mb as f64,
             grad_stage: Vec::new(),
             job,
         };
