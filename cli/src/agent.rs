@@ -18,6 +18,7 @@ use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use worker::ring::RingCollective;
+use worker::tensorboard::{TrainLog, recording};
 use worker::{Event, Trainer};
 
 use crate::remote::{Bearer, bearer, channel, status_error};
@@ -370,7 +371,11 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
         ..Default::default()
     };
     let stop_flag = AtomicBool::new(false);
-    trainer.run(None, 0, &mut |e| match e {
+    // Rank 0 alone writes the job's loss curves; a log dir it cannot write costs the curves only.
+    let mut curves = (asg.rank == 0)
+        .then(|| TrainLog::create(&trainer.job.logging.dir, trainer.step, asg.world_size as usize))
+        .and_then(|made| made.map_err(|e| tracing::warn!("logging.dir: no TensorBoard events: {e}")).ok());
+    let mut on_event = recording(curves.as_mut(), |e| match e {
         Event::Step(s) => {
             if shutdown.load(Ordering::SeqCst) {
                 halt.store(true, Ordering::SeqCst);
@@ -413,7 +418,8 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
         }
         Event::Eval { step, result } => tracing::info!(step, loss = result.loss, "evaluation"),
         Event::Resumed { .. } => {}
-    })?;
+    });
+    trainer.run(None, 0, &mut on_event)?;
     if stop_flag.load(Ordering::SeqCst) {
         return Err(CliError { code: 1, error: anyhow::anyhow!("stopped by the coordinator") });
     }

@@ -8,6 +8,7 @@ mod eval;
 mod generate;
 mod init;
 mod local;
+mod plot;
 mod remote;
 mod score;
 mod selftest;
@@ -39,6 +40,8 @@ enum Command {
     Selftest(selftest::Args),
     /// Run a training job (YAML) locally; resumes from its newest valid checkpoint.
     Train(train::Args),
+    /// Draw a job's loss curves (its TensorBoard event files) to a PNG.
+    Plot(plot::Args),
     /// Generate targets for source lines read on stdin.
     Generate(generate::Args),
     /// Loss and BLEU/ROUGE of a model on a data file.
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Selftest(a) => selftest::run(a),
         Command::Train(a) => train::run(a),
+        Command::Plot(a) => plot::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Coordinator(a) => serve::run(a),

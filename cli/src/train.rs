@@ -7,6 +7,7 @@ use std::time::Instant;
 use kernels::Backend;
 use kernels::collective::Single;
 use model::job::{self, JobSpec, Precision};
+use worker::tensorboard::{TrainLog, recording};
 use worker::{Event, Trainer};
 
 use crate::device::{self, Device, GemmPrecision};
@@ -58,6 +59,11 @@ fn train_on<B: Backend>(b: &B, spec: JobSpec, eval_examples: usize) -> CliResult
     if let Some(Event::Resumed { step, from }) = &resumed {
         eprintln!("resumed from {} (step {step})", from.display());
     }
+    let log_dir = trainer.job.logging.dir.clone();
+    let mut curves = TrainLog::create(&log_dir, trainer.step, 1).map_err(|e| CliError {
+        code: 1,
+        error: anyhow::anyhow!("logging.dir {}: cannot write TensorBoard events: {e}", log_dir.display()),
+    })?;
     let total = trainer.job.training.steps;
     let bar = crate::progress(total, &name);
     bar.set_style(
@@ -73,7 +79,7 @@ fn train_on<B: Backend>(b: &B, spec: JobSpec, eval_examples: usize) -> CliResult
         if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) }
     };
     let mut last_line = Instant::now();
-    trainer.run(None, eval_examples, &mut |e| match e {
+    let mut on_event = recording(Some(&mut curves), |e| match e {
         Event::Step(s) => {
             tokens += s.tokens;
             let tps = tokens as f64 / t0.elapsed().as_secs_f64();
@@ -102,7 +108,9 @@ fn train_on<B: Backend>(b: &B, spec: JobSpec, eval_examples: usize) -> CliResult
         }
         Event::Checkpoint { step, dir } => say(&bar, format!("step {step}: checkpoint {}", dir.display())),
         Event::Resumed { .. } => {}
-    })?;
+    });
+    trainer.run(None, eval_examples, &mut on_event)?;
+    drop(on_event);
     bar.finish_and_clear();
     eprintln!("done: {} steps in {:.1}s", trainer.step, t0.elapsed().as_secs_f64());
     if let Some(r) = last_eval {

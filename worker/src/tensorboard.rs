@@ -207,6 +207,20 @@ impl TrainLog {
     }
 }
 
+/// `on_event` with every event first written to `log` (when there is one), for
+/// [`crate::Trainer::run`].
+pub fn recording<'a>(
+    mut log: Option<&'a mut TrainLog>,
+    mut on_event: impl FnMut(&TrainEvent) + 'a,
+) -> impl FnMut(&TrainEvent) + 'a {
+    move |e| {
+        if let Some(log) = log.as_deref_mut() {
+            log.record(e);
+        }
+        on_event(e)
+    }
+}
+
 /// One point of a curve.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scalar {
