@@ -303,6 +303,27 @@ fn attempt(
     }
 }
 
+fn commit_checkpoint(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    asg: &v1::Assignment,
+    worker_id: &str,
+    step: u64,
+    dir: &Path,
+) {
+    let req = v1::CommitCheckpointRequest {
+        worker_id: worker_id.to_owned(),
+        job_id: asg.job_id.clone(),
+        attempt: asg.attempt,
+        step,
+        path: dir.display().to_string(),
+        manifest_sha256: String::new(),
+    };
+    if let Err(s) = rt.block_on(client.clone().commit_checkpoint(req)) {
+        tracing::warn!("CommitCheckpoint: {}", s.message());
+    }
+}
+
 fn train(
     rt: &tokio::runtime::Runtime,
     client: &Client,
@@ -352,12 +373,20 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
     (halt, abort): (&Arc<AtomicBool>, &dyn Fn()),
 ) -> CliResult {
     let shutdown = take(current, |c| c.shutdown.clone());
-    let (mut trainer, _resumed) = Trainer::new(backend, collective, spec)?;
+    let (mut trainer, resumed) = Trainer::new(backend, collective, spec)?;
     trainer.stop = Some(halt.clone());
     // The trainer resumes from the newest valid checkpoint on disk, which may be past the
     // coordinator's last committed one (a commit lost with a crash): report from there, or a
     // finished job would be reported done at the older step.
     take(current, |c| c.step = trainer.step);
+    // A checkpoint newer than the coordinator knows (its commit was lost in a crash of rank 0 or
+    // of the coordinator): commit it, so that the job's committed step is the one resumed from.
+    if let Some(Event::Resumed { step, from }) = &resumed
+        && asg.rank == 0
+        && *step > asg.resume_step
+    {
+        commit_checkpoint(rt, client, asg, worker_id, *step, from);
+    }
     let at = |c: &Mutex<Current>| take(c, |c| c.stop);
     if at(current) {
         return Err(CliError { code: 1, error: anyhow::anyhow!("stopped by the coordinator") });
@@ -403,19 +432,7 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
                 Err(s) => tracing::warn!("ReportProgress: {}", s.message()),
             }
         }
-        Event::Checkpoint { step, dir } => {
-            let req = v1::CommitCheckpointRequest {
-                worker_id: worker_id.to_owned(),
-                job_id: asg.job_id.clone(),
-                attempt: asg.attempt,
-                step: *step,
-                path: dir.display().to_string(),
-                manifest_sha256: String::new(),
-            };
-            if let Err(s) = rt.block_on(client.clone().commit_checkpoint(req)) {
-                tracing::warn!("CommitCheckpoint: {}", s.message());
-            }
-        }
+        Event::Checkpoint { step, dir } => commit_checkpoint(rt, client, asg, worker_id, *step, dir),
         Event::Eval { step, result } => tracing::info!(step, loss = result.loss, "evaluation"),
         Event::Resumed { .. } => {}
     });

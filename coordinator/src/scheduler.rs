@@ -63,14 +63,16 @@ struct Table {
     /// Workers that said they are shutting down: never scheduled again, even before their
     /// heartbeats time out (the proto has no deregistration).
     departed: HashSet<String>,
-    /// Worker id -> when it last asked for an assignment. Only workers asking lately join a new
-    /// gang: a worker killed a moment ago still counts as alive until its heartbeats time out,
-    /// and a gang with it would wait for it until the ring's connect timeout.
-    last_poll: HashMap<String, i64>,
+    /// Worker id -> when it last called about work (asked for an assignment, reported progress
+    /// or an outcome); i64::MIN when it has not since its last attempt ended. Only workers heard
+    /// from lately join a new gang: a worker killed a moment ago still counts as alive until its
+    /// heartbeats time out, and a gang with it would wait for it until the ring's connect
+    /// timeout.
+    last_heard: HashMap<String, i64>,
 }
 
-/// How recently an idle worker must have polled GetAssignment (or registered) to join a gang.
-/// Idle agents long-poll back to back and the service re-checks every 50 ms, so a live idle
+/// How recently an idle worker must have called (or registered) to join a gang. Idle agents
+/// long-poll GetAssignment back to back and the service re-checks every 50 ms, so a live idle
 /// worker is never staler than this.
 const POLL_FRESH_MS: i64 = 1_000;
 
@@ -131,7 +133,7 @@ impl Scheduler {
         if t.departed.contains(worker_id) {
             return Ok(None);
         }
-        t.last_poll.insert(worker_id.to_owned(), self.clock.now_ms());
+        self.heard(&mut t, worker_id);
         if !t.busy.contains_key(worker_id) {
             self.schedule(&mut t, worker_id)?;
         }
@@ -173,7 +175,7 @@ impl Scheduler {
         let alive = self.workers.alive()?;
         let Some(me) = alive.iter().find(|w| w.id == caller).cloned() else { return Ok(()) };
         let now = self.clock.now_ms();
-        let fresh = |w: &Worker| t.last_poll.get(&w.id).copied().unwrap_or(w.registered_ms) >= now - POLL_FRESH_MS;
+        let fresh = |w: &Worker| t.last_heard.get(&w.id).copied().unwrap_or(w.registered_ms) >= now - POLL_FRESH_MS;
         let idle: Vec<&Worker> = alive
             .iter()
             .filter(|w| w.id != caller && !t.busy.contains_key(&w.id) && !t.departed.contains(&w.id) && fresh(w))
@@ -257,12 +259,19 @@ impl Scheduler {
         if let Some(mut g) = t.gangs.remove(job_id) {
             for w in &g.attempt.workers {
                 t.busy.remove(w);
+                // A member may have died with the attempt: it joins a new gang only once it
+                // asks for work again.
+                t.last_heard.insert(w.clone(), i64::MIN);
             }
             g.attempt.ended_ms = Some(self.clock.now_ms());
             g.attempt.outcome = outcome.to_owned();
             self.store.put_attempt(&g.attempt)?;
         }
         Ok(())
+    }
+
+    fn heard(&self, t: &mut Table, worker_id: &str) {
+        t.last_heard.insert(worker_id.to_owned(), self.clock.now_ms());
     }
 
     /// The caller's rank if `r` names the current attempt of the job.
@@ -278,6 +287,7 @@ impl Scheduler {
     pub fn command(&self, r: &AttemptRef) -> Result<Command> {
         let mut t = self.table()?;
         self.sweep(&mut t)?;
+        self.heard(&mut t, &r.worker_id);
         Ok(if Self::rank(&t, r).is_some() { Command::Continue } else { Command::Stop })
     }
 
@@ -286,6 +296,7 @@ impl Scheduler {
         let rank = {
             let mut t = self.table()?;
             self.sweep(&mut t)?;
+            self.heard(&mut t, &r.worker_id);
             Self::rank(&t, r)
         };
         match rank {
@@ -343,6 +354,7 @@ impl Scheduler {
             // A stale attempt: nothing to do.
             None => {}
         }
+        self.heard(&mut t, &r.worker_id);
         Ok(())
     }
 
@@ -352,9 +364,14 @@ impl Scheduler {
         if reason == SHUTDOWN_REASON {
             t.departed.insert(r.worker_id.clone());
         }
-        let Some(rank) = Self::rank(&t, r) else { return Ok(()) };
+        let Some(rank) = Self::rank(&t, r) else {
+            self.heard(&mut t, &r.worker_id);
+            return Ok(());
+        };
         let why = format!("rank {rank} ({}) failed: {reason}", r.worker_id);
         self.end(&mut t, &r.job_id, &why)?;
+        // The reporter is alive, unlike (perhaps) the rest of its gang.
+        self.heard(&mut t, &r.worker_id);
         self.requeue(&r.job_id, &why)
     }
 
@@ -363,7 +380,7 @@ impl Scheduler {
         let mut t = self.table()?;
         for w in dead {
             t.departed.remove(&w.id);
-            t.last_poll.remove(&w.id);
+            t.last_heard.remove(&w.id);
             if let Some(job_id) = t.busy.get(&w.id).cloned() {
                 let why = format!("worker {} lost (no heartbeat)", w.id);
                 self.end(&mut t, &job_id, &why)?;
@@ -705,5 +722,23 @@ mod tests {
         assert_eq!(ab.world_size, 2);
         assert_eq!(ab.ring_peers, ["127.0.0.1:1", "127.0.0.1:2"]);
         assert_eq!(s.assignment(&c).unwrap(), None, "c is idle but the job already runs");
+    }
+
+    #[test]
+    fn members_of_an_ended_attempt_must_ask_again_before_joining_a_gang() {
+        let (s, jobs, workers, clock) = setup_with_clock();
+        let job = jobs.submit(&JobSpec::from_str(ELASTIC, Path::new("job_yaml")).unwrap()).unwrap();
+        let (a, b, c) = (reg(&workers, 1), reg(&workers, 2), reg(&workers, 3));
+        assert_eq!(s.assignment(&a).unwrap().unwrap().world_size, 3);
+        assert_eq!(s.assignment(&c).unwrap().unwrap().rank, 2);
+        // b fails at once (c was just killed, say): no time passes, yet c is not taken again.
+        s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 }, "x").unwrap();
+        assert_eq!(s.assignment(&a).unwrap(), None);
+        assert_eq!(s.assignment(&b).unwrap(), None, "2 of 3 wait for the elastic grace");
+        clock.advance(3_000);
+        assert_eq!(s.assignment(&a).unwrap(), None, "b asked 3 s ago: not lately");
+        let again = s.assignment(&b).unwrap().unwrap();
+        assert_eq!((again.attempt, again.world_size), (2, 2));
+        assert_eq!(again.ring_peers, ["127.0.0.1:1", "127.0.0.1:2"]);
     }
 }
