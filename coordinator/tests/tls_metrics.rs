@@ -202,7 +202,7 @@ fn parse_exposition(text: &str) -> HashMap<String, f64> {
         let value: f64 = value.parse().expect(&at);
         let name = key.split('{').next().unwrap();
         assert!(name_ok(name), "{at}");
-        let family = families.get(name).expect(&format!("{at}: no # TYPE for {name}"));
+        let family = families.get(name).unwrap_or_else(|| panic!("{at}: no # TYPE for {name}"));
         assert!(family != "counter" || value >= 0.0, "{at}: a negative counter");
         if let Some(labels) = key.strip_prefix(name).filter(|l| !l.is_empty()) {
             let inner = labels.strip_prefix('{').and_then(|l| l.strip_suffix('}')).expect(&at);
