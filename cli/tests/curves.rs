@@ -111,6 +111,23 @@ fn train_writes_event_files_and_plot_draws_them() {
 }
 
 #[test]
+fn two_workers_write_one_event_file_from_rank_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    setup(root);
+    std::fs::write(root.join("job.yaml"), JOB.replace("workers: 1", "workers: 2")).unwrap();
+    let o = run(&["train", "job.yaml", "--workers", "2"], root);
+    assert!(o.status.success());
+    let logs = root.join("ckpt/logs");
+    assert_eq!(event_files(&logs).unwrap().len(), 1, "only rank 0 writes");
+    let tags = steps_by_tag(&logs);
+    assert_eq!(tags["train/loss"], (1..=8).collect::<Vec<i64>>());
+    assert_eq!(tags["eval/loss"], [4, 8]);
+    // Workers evaluate the loss only (no generation): no BLEU curve.
+    assert!(!tags.contains_key("eval/bleu"), "{tags:?}");
+}
+
+#[test]
 fn plot_without_event_files_exits_2_naming_the_dir() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();

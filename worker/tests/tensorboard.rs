@@ -98,6 +98,7 @@ fn tensorboard_python_reader_sees_the_same_scalars() {
     assert!(out.status.success(), "tensorboard reader failed:\n{}", String::from_utf8_lossy(&out.stderr));
     let parsed: BTreeMap<String, Vec<(i64, f64)>> = serde_json::from_slice(&out.stdout).unwrap();
     // Python holds the f32 as a double: converting back must be exact.
-    let got: Curves = parsed.into_iter().map(|(t, p)| (t, p.into_iter().map(|(s, v)| (s, v as f32)).collect())).collect();
+    let got: Curves =
+        parsed.into_iter().map(|(t, p)| (t, p.into_iter().map(|(s, v)| (s, v as f32)).collect())).collect();
     assert_eq!(got, want, "seed {seed}");
 }
