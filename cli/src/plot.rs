@@ -74,6 +74,9 @@ pub fn run(a: Args) -> CliResult {
         return Err(CliError::usage("--width must be in 200..=10000 and --height in 150..=10000"));
     }
     let (dir, title) = log_dir(&a.job_or_logdir)?;
+    if !dir.is_dir() {
+        return Err(bad(format!("{}: no such log directory (has the job trained yet?)", dir.display())));
+    }
     let files = event_files(&dir).map_err(|e| bad(format!("{}: {e}", dir.display())))?;
     if files.is_empty() {
         return Err(bad(format!("{}: no TensorBoard event files (events.out.tfevents.*)", dir.display())));

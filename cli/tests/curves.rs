@@ -140,7 +140,8 @@ fn plot_without_event_files_exits_2_naming_the_dir() {
     std::fs::write(root.join("job.yaml"), JOB).unwrap();
     let o = run(&["plot", "job.yaml"], root);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("ckpt/logs"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("ckpt/logs: no such log directory"), "{err}");
     let o = run(&["plot", "nowhere"], root);
     assert_eq!(o.status.code(), Some(2));
     assert!(!root.join("x.png").exists() && !root.join("curves.png").exists());
