@@ -368,6 +368,25 @@ fn sigterm_worker_checkpoints_exits_zero_and_the_job_succeeds() {
     );
 }
 
+#[test]
+fn idle_worker_exits_zero_on_sigterm_and_at_once_on_a_second_signal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut c = Cluster::new(root);
+    let (a, b) = (c.add_worker(), c.add_worker());
+    c.wait_log(a, "registered");
+    c.wait_log(b, "registered");
+    c.workers[a].signal("TERM");
+    let status = c.workers[a].wait_exit(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "SIGTERM: {status:?}\n{}", c.logs());
+    // The first signal asks for a graceful stop, which an idle worker takes at its next poll
+    // (up to 2 s away); the second one, right behind it, exits at once with status 1.
+    c.workers[b].signal("TERM");
+    c.workers[b].signal("INT");
+    let status = c.workers[b].wait_exit(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", c.logs());
+}
+
 /// `train --workers 2` (two worker processes, micro-batch 2) and `train --workers 1`
 /// (micro-batch 4) at the same global batch and seed reach the same parameters.
 #[test]
