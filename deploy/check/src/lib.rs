@@ -85,6 +85,8 @@ pub struct Object {
     pub kind: Kind,
 }
 
+// A deployment has a handful of objects: their size does not matter, boxing would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Kind {
     Namespace(Namespace),

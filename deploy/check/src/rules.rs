@@ -122,7 +122,8 @@ fn catalog<'a>(k: &Kustomization, objects: &'a [Object], r: &mut Report) -> Cata
             }
         }
     }
-    if !(k.secret_generator.is_empty() && k.config_map_generator.is_empty()) && !k.fixed_generator_names() {
+    let generates = !k.secret_generator.is_empty() || !k.config_map_generator.is_empty();
+    if generates && !k.fixed_generator_names() {
         r.at(
             "kustomization.yaml",
             "generated names get a content hash that the extra manifests (tools/) cannot follow: \
