@@ -4,7 +4,8 @@ worker/examples/allreduce.rs (see run.sh).
 
 One process per rank on 127.0.0.1. Sizes are MiB of fp32 per rank; each timed iteration starts
 after a barrier, runs SUM then divides by the world size (the mean, as our all_reduce_avg), and
-its time is the slowest rank's; a size reports the median over --iters after one warm-up call.
+its time is the slowest rank's; a size reports the median over --iters after one warm-up call,
+and the CPU time (user + system, all ranks together) per call.
 
     python3 bench/allreduce/gloo.py --ranks 2 --sizes 1,4,16,64,256 --iters 10 [--json]
 """
@@ -12,6 +13,7 @@ its time is the slowest rank's; a size reports the median over --iters after one
 import argparse
 import json
 import os
+import resource
 import socket
 import sys
 import time
@@ -46,14 +48,20 @@ def rank_main(rank, world, port, sizes, iters, out):
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x.div_(world)
         times = torch.zeros(iters, dtype=torch.float64)
+        dist.barrier()
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
         for i in range(iters):
             dist.barrier()
             t0 = time.perf_counter()
             dist.all_reduce(x, op=dist.ReduceOp.SUM)
             x.div_(world)
             times[i] = time.perf_counter() - t0
+        dist.barrier()
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = torch.tensor([(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / iters], dtype=torch.float64)
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
-        results.append((mib, n * 4, sorted(times.tolist())[iters // 2]))
+        dist.all_reduce(cpu, op=dist.ReduceOp.SUM)
+        results.append((mib, n * 4, sorted(times.tolist())[iters // 2], cpu.item()))
     if rank == 0:
         out.put(results)
     dist.destroy_process_group()
@@ -89,15 +97,15 @@ def main():
         print("error: a gloo rank failed", file=sys.stderr)
         return 1
     if not a.json:
-        print(f"{'MiB':>8} {'ranks':>6} {'ms':>10} {'algbw GB/s':>12} {'busbw GB/s':>12}")
-    for mib, nbytes, secs in results:
+        print(f"{'MiB':>8} {'ranks':>6} {'ms':>10} {'algbw GB/s':>12} {'busbw GB/s':>12} {'cpu ms':>10}")
+    for mib, nbytes, secs, cpu in results:
         algbw = nbytes / secs / 1e9
         busbw = algbw * 2 * (a.ranks - 1) / a.ranks
         if a.json:
             print(json.dumps({"impl": "gloo", "ranks": a.ranks, "mib": mib, "bytes": nbytes, "iters": a.iters,
-                              "median_s": secs, "algbw_gbs": algbw, "busbw_gbs": busbw}))
+                              "median_s": secs, "algbw_gbs": algbw, "busbw_gbs": busbw, "cpu_s": cpu}))
         else:
-            print(f"{mib:>8} {a.ranks:>6} {secs * 1e3:>10.2f} {algbw:>12.3f} {busbw:>12.3f}")
+            print(f"{mib:>8} {a.ranks:>6} {secs * 1e3:>10.2f} {algbw:>12.3f} {busbw:>12.3f} {cpu * 1e3:>10.2f}")
     return 0
 
 

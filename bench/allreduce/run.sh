@@ -2,7 +2,9 @@
 # Our ring all-reduce (worker/examples/allreduce.rs) against torch.distributed gloo on loopback,
 # side by side. Both run ROUNDS times, alternating, and each size keeps its best round (the
 # median of ITERS timed calls within a round), so a burst of other load on the machine does not
-# decide the comparison.
+# decide the comparison. "cpu ms" is the user + system CPU time per call of all ranks together
+# (the lowest round's): on loopback the collective is CPU work, and CPU time varies much less
+# than wall time when the machine is busy.
 #
 #   bench/allreduce/run.sh [--ranks 2] [--sizes 1,4,16,64,256] [--iters 10] [--rounds 3]
 #
@@ -40,18 +42,21 @@ done
 echo "$(date -u +%Y-%m-%dT%H:%MZ) $(uname -n), $(nproc) CPUs, $ranks ranks on 127.0.0.1, best of $rounds rounds x median of $iters"
 "$python" - "$out" <<'EOF'
 import json, sys
-best = {}
+best, cpu = {}, {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
     key = (r["impl"], r["mib"])
     if key not in best or r["median_s"] < best[key]["median_s"]:
         best[key] = r
+    cpu[key] = min(cpu.get(key, float("inf")), r["cpu_s"])
 sizes = sorted({mib for _, mib in best})
-print("| MiB | ring ms | ring algbw GB/s | ring busbw GB/s | gloo ms | gloo algbw GB/s | gloo busbw GB/s | ring / gloo |")
-print("|----:|--------:|----------------:|----------------:|--------:|----------------:|----------------:|------------:|")
+print("| MiB | ring ms | ring algbw GB/s | ring busbw GB/s | gloo ms | gloo algbw GB/s | gloo busbw GB/s "
+      "| ring / gloo (speed) | ring cpu ms | gloo cpu ms |")
+print("|----:|--------:|----------------:|----------------:|--------:|----------------:|----------------:"
+      "|----:|----:|----:|")
 for mib in sizes:
     o, g = best[("ring", mib)], best[("gloo", mib)]
     print(f"| {mib} | {o['median_s'] * 1e3:.2f} | {o['algbw_gbs']:.3f} | {o['busbw_gbs']:.3f} "
           f"| {g['median_s'] * 1e3:.2f} | {g['algbw_gbs']:.3f} | {g['busbw_gbs']:.3f} "
-          f"| {o['algbw_gbs'] / g['algbw_gbs']:.2f} |")
+          f"| {o['algbw_gbs'] / g['algbw_gbs']:.2f} | {cpu[('ring', mib)] * 1e3:.1f} | {cpu[('gloo', mib)] * 1e3:.1f} |")
 EOF
