@@ -43,8 +43,14 @@ fn train_eval_generate_end_to_end() {
     assert!(o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("validation loss") && err.contains("BLEU"), "{err}");
-    // keep: 1 leaves only the last checkpoint, which verifies and loads.
-    let ckpts: Vec<_> = std::fs::read_dir(root.join("ckpt")).unwrap().flatten().map(|e| e.file_name()).collect();
+    // keep: 1 leaves only the last checkpoint, which verifies and loads (beside it: logs/, the
+    // TensorBoard events).
+    let ckpts: Vec<_> = std::fs::read_dir(root.join("ckpt"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != "logs")
+        .collect();
     assert_eq!(ckpts, vec![std::ffi::OsString::from("step-00000006")]);
 
     let o = run(
