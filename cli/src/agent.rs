@@ -29,7 +29,11 @@ mod nccl;
 #[derive(clap::Args)]
 #[command(after_help = "\
 Authentication: the worker token from --token-file, else BERT2BERT_WORKER_TOKEN, else
-BERT2BERT_TOKEN. The worker runs until it is killed; a failed job is reported and it polls again.")]
+BERT2BERT_TOKEN. The worker runs until it is stopped; a failed job is reported and it polls again.
+
+SIGTERM or SIGINT: the worker finishes its current training step (rank 0 then writes and
+commits a checkpoint), reports the attempt failed with \"worker shutting down (SIGTERM)\" so that
+the coordinator re-forms the gang without it, and exits 0. A second signal exits at once (1).")]
 pub struct Args {
     /// The coordinator, e.g. http://10.0.0.5:7070 (a bare HOST:PORT means http).
     #[arg(long, env = "BERT2BERT_COORDINATOR", value_name = "URL")]
