@@ -359,3 +359,51 @@ fn every_renamed_key_and_retyped_value_is_caught() {
     // The walk itself must have covered the manifests (about 300 keys today).
     assert!(renamed > 200 && retyped > 100, "only {renamed} keys renamed and {retyped} values retyped");
 }
+
+/// The image and the manifests share facts that nothing else ties together: the uid, the PTX
+/// cache directory, the Rust version, the CUDA major version the kernels are built for.
+#[test]
+fn dockerfile_agrees_with_the_manifests() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dockerfile = std::fs::read_to_string(root.join("deploy/Dockerfile")).unwrap();
+    let after = |prefix: &str| -> String {
+        let line = dockerfile.lines().find_map(|l| l.trim().strip_prefix(prefix));
+        let value = line.unwrap_or_else(|| panic!("deploy/Dockerfile has no line starting `{prefix}`"));
+        value.split_whitespace().next().unwrap().trim_end_matches('\\').to_owned()
+    };
+    let uid: i64 = after("ARG UID=").parse().unwrap();
+    assert_eq!(after("ENV BERT2BERT_CACHE="), deploy_check::rules::IMAGE_PTX_CACHE);
+
+    // Every pod runs as the image's user, so files on the shared volume have one owner.
+    let input = real();
+    for (file, text) in input.files.iter().filter(|(f, _)| !f.starts_with("jobs/")) {
+        for doc in documents(text) {
+            let spec = match doc.get("kind").and_then(Value::as_str) {
+                Some("Pod") => doc.get("spec"),
+                Some("Deployment" | "StatefulSet" | "Job") => {
+                    doc.get("spec").and_then(|s| s.get("template")?.get("spec"))
+                }
+                _ => continue,
+            };
+            let sc =
+                spec.and_then(|s| s.get("securityContext")).unwrap_or_else(|| panic!("{file}: no securityContext"));
+            for key in ["runAsUser", "runAsGroup", "fsGroup"] {
+                assert_eq!(sc.get(key).and_then(Value::as_i64), Some(uid), "{file}: securityContext.{key}");
+            }
+        }
+    }
+
+    // The build image's Rust is at least the workspace's rust-version.
+    let version = |v: &str| -> Vec<u32> { v.split('.').map(|p| p.parse().unwrap()).collect() };
+    let rust_image = after("ARG RUST_IMAGE=rust:");
+    let rust = rust_image.split('-').next().unwrap();
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let required = manifest.lines().find_map(|l| l.strip_prefix("rust-version = ")).unwrap().trim_matches('"');
+    assert!(version(rust) >= version(required), "Dockerfile builds with Rust {rust}, the workspace needs {required}");
+
+    // The runtime image's CUDA major is the one cudarc is built for (kernels/Cargo.toml, cuda-13000).
+    let cuda_image = after("ARG CUDA_IMAGE=nvidia/cuda:");
+    let kernels = std::fs::read_to_string(root.join("kernels/Cargo.toml")).unwrap();
+    let cudarc_major = kernels.split("\"cuda-").nth(1).and_then(|s| s.get(..2)).unwrap();
+    assert!(cuda_image.starts_with(&format!("{cudarc_major}.")), "{cuda_image} vs cudarc cuda-{cudarc_major}xxx");
+}
