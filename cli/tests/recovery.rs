@@ -387,36 +387,36 @@ fn idle_worker_exits_zero_on_sigterm_and_at_once_on_a_second_signal() {
     assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", c.logs());
 }
 
-/// `train --workers 2` (two worker processes, micro-batch 2) and `train --workers 1`
-/// (micro-batch 4) at the same global batch and seed reach the same parameters.
-#[test]
-fn two_worker_processes_equal_one_with_twice_the_micro_batch() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    let job = |workers: usize, micro: usize| {
-        format!(
-            r#"
+/// A job at 10 steps, global batch 8, with `workers`, `min_workers`, `micro_batch`; its
+/// checkpoints go to `ckpt{tag}`.
+fn equivalence_job(workers: usize, min_workers: usize, micro: usize, tag: &str) -> String {
+    format!(
+        r#"
 name: equivalence
 model: {{ init: b2b }}
 data: {{ train: train.jsonl, max_source_len: 16, max_target_len: 12 }}
 training: {{ steps: 10, global_batch: 8, micro_batch: {micro}, lr: 1.0e-3, warmup_steps: 2, label_smoothing: 0.1, precision: fp32, seed: 11 }}
-checkpoint: {{ dir: ckpt{workers}, every_steps: 100, keep: 1 }}
-resources: {{ workers: {workers}, device: cpu }}
+checkpoint: {{ dir: ckpt{tag}, every_steps: 100, keep: 1 }}
+resources: {{ workers: {workers}, min_workers: {min_workers}, device: cpu }}
 "#
-        )
-    };
-    setup(root, &job(2, 2));
-    std::fs::write(root.join("job1.yaml"), job(1, 4)).unwrap();
-    for (file, workers) in [("job.yaml", "2"), ("job1.yaml", "1")] {
-        let o = bin(root).args(["train", file, "--workers", workers]).output().unwrap();
-        assert!(o.status.success(), "train {file}: {}", String::from_utf8_lossy(&o.stderr));
-    }
-    let load = |dir: &str| {
-        let dir = root.join(dir).join("step-00000010");
+    )
+}
+
+/// `bert2bert train FILE --workers N` must succeed.
+fn train(root: &Path, file: &str, workers: &str) {
+    let o = bin(root).args(["train", file, "--workers", workers]).output().unwrap();
+    assert!(o.status.success(), "train {file}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The final (step 10) parameters under `ckpt{a}` and `ckpt{b}` agree within 1e-5 relative, and
+/// training moved them from the initial model.
+fn assert_same_parameters(root: &Path, a: &str, b: &str) {
+    let load = |tag: &str| {
+        let dir = root.join(format!("ckpt{tag}")).join("step-00000010");
         worker::state::verify_manifest(&dir).unwrap();
         model::checkpoint::load_model_dir(&dir).unwrap()
     };
-    let (two, one) = (load("ckpt2"), load("ckpt1"));
+    let (one, two) = (load(a), load(b));
     let init = model::checkpoint::load_model_dir(&root.join("b2b")).unwrap();
     assert_eq!(two.params.len(), one.params.len());
     // Key biases have an exactly zero true gradient; AdamW turns their rounding noise into
@@ -435,9 +435,41 @@ resources: {{ workers: {workers}, device: cpu }}
             (worst, worst_name) = (d, e.name.clone());
         }
     }
-    eprintln!("max relative difference 1 process vs 2: {worst:e} ({worst_name}); key biases {worst_key_bias:e}");
-    assert!(worst < 1e-5, "1 and 2 worker processes differ by {worst:e} in {worst_name}");
+    eprintln!("max relative difference {a} vs {b}: {worst:e} ({worst_name}); key biases {worst_key_bias:e}");
+    assert!(worst < 1e-5, "{a} and {b} differ by {worst:e} in {worst_name}");
     assert!(worst_key_bias < 1e-2, "key biases differ by {worst_key_bias:e}");
     let moved = one.params.iter().zip(&init.params).filter(|(a, b)| a != b).count();
     assert!(moved > one.params.len() / 2, "only {moved} parameters changed in 10 steps");
+}
+
+/// `train --workers 2` (two worker processes, micro-batch 2) and `train --workers 1`
+/// (micro-batch 4) at the same global batch and seed reach the same parameters.
+#[test]
+fn two_worker_processes_equal_one_with_twice_the_micro_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    setup(root, &equivalence_job(2, 2, 2, "2"));
+    std::fs::write(root.join("job1.yaml"), equivalence_job(1, 1, 4, "1")).unwrap();
+    train(root, "job.yaml", "2");
+    train(root, "job1.yaml", "1");
+    assert_same_parameters(root, "1", "2");
+}
+
+/// An elastic gang that does not divide the batch: a job for 4 workers (4 micro-batches of 2)
+/// starts on the 3 there are after the elastic wait; its ranks run 2, 1 and 1 micro-batches,
+/// and the update is still the one a single process makes.
+#[test]
+fn elastic_gang_of_three_for_four_equals_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    setup(root, &equivalence_job(4, 3, 2, "3"));
+    std::fs::write(root.join("job1.yaml"), equivalence_job(1, 1, 2, "1")).unwrap();
+    let mut c = Cluster::new(root);
+    let ws: Vec<usize> = (0..3).map(|_| c.add_worker()).collect();
+    let job = c.submit();
+    c.wait_succeeded(&job);
+    let assigned = c.wait_log(ws[0], "assigned");
+    assert!(assigned.contains("world=3"), "{assigned}");
+    train(root, "job1.yaml", "1");
+    assert_same_parameters(root, "1", "3");
 }
