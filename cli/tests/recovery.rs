@@ -132,15 +132,20 @@ impl Cluster {
 
     /// Waits until worker `i`'s log has a line containing `needle`; returns that line.
     fn wait_log(&self, i: usize, needle: &str) -> String {
+        self.wait_file(&self.worker_logs[i], &[needle])
+    }
+
+    /// Waits until the log at `path` has a line containing one of `needles`; returns it.
+    fn wait_file(&self, path: &Path, needles: &[&str]) -> String {
         let deadline = Instant::now() + WAIT;
         while Instant::now() < deadline {
-            let text = std::fs::read_to_string(&self.worker_logs[i]).unwrap_or_default();
-            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| needles.iter().any(|n| l.contains(n))) {
                 return line.to_owned();
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("worker {i} never logged {needle:?}\n{}", self.logs());
+        panic!("{} never logged any of {needles:?}\n{}", path.display(), self.logs());
     }
 
     fn start_coordinator(&mut self) {
@@ -314,7 +319,7 @@ fn stopped_worker_is_dropped_and_the_job_recovers() {
     let total = 400;
     setup(root, &long_job(total));
     let mut c = Cluster::new(root);
-    let (a, _b) = (c.add_worker(), c.add_worker());
+    let (a, b) = (c.add_worker(), c.add_worker());
     let job = c.submit();
     let before = c.wait_for(&job, "a committed checkpoint", committed(10));
     c.workers[a].signal("STOP");
@@ -323,6 +328,10 @@ fn stopped_worker_is_dropped_and_the_job_recovers() {
     let t0 = Instant::now();
     c.wait_for(&job, "a restart", |v| v["restarts"].as_u64().unwrap_or(0) >= 1);
     let detected = t0.elapsed();
+    // The coordinator drops the silent worker; the survivor gives up its attempt, on its
+    // collective's timeout or on the coordinator's STOP, whichever comes first.
+    c.wait_file(&root.join("log-01-coordinator.txt"), &["worker lost: no heartbeat"]);
+    c.wait_file(&c.worker_logs[b], &["attempt failed", "attempt stopped"]);
     c.add_worker();
     let v = c.wait_succeeded(&job);
     assert!(before["step"].as_u64().unwrap() < total, "the stop came after the end: {before}");
