@@ -622,7 +622,7 @@ mod tests {
             workers.heartbeat(&b).unwrap();
         }
         let dead = workers.reap().unwrap();
-        assert_eq!(dead.iter().map(|w| w.id.clone()).collect::<Vec<_>>(), [c.clone()]);
+        assert_eq!(dead.iter().map(|w| w.id.as_str()).collect::<Vec<_>>(), [c.as_str()]);
         s.lost(&dead).unwrap();
         let j = jobs.get(&job.id).unwrap();
         assert_eq!((j.state, j.restarts), (JobState::Pending, 1));
