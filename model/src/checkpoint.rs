@@ -130,14 +130,18 @@ pub fn save_model_dir_with(
             ck.table.storage_len
         )));
     }
-    let tmp = sibling(dir, "tmp")?;
-    let old = sibling(dir, "old")?;
+    // Two processes may save the same directory at once (a stopped rank 0 that wakes up while its
+    // replacement checkpoints the same step), so each writer gets temp names of its own: with one
+    // shared `DIR.tmp`, one writer would delete the other's half-written files.
+    let unique = writer_suffix();
+    let tmp = sibling(dir, &format!("tmp.{unique}"))?;
+    let old = sibling(dir, &format!("old.{unique}"))?;
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    remove_any(&tmp)?;
+    remove_stale_siblings(dir)?;
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
 
     let cfg = serde_json::to_string_pretty(&ck.config.to_value()).expect("a JSON value serialises");
@@ -153,16 +157,30 @@ pub fn save_model_dir_with(
     extra(&tmp)?;
     sync_dir(&tmp)?;
 
-    if dir.exists() {
+    // Move the current directory aside and ours in. A concurrent writer can slip its directory
+    // in between our two renames; then ours no longer fits (ENOTEMPTY) and we swap again.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
         remove_any(&old)?;
-        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
-        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-        sync_dir(&parent)?;
-        remove_any(&old)?;
-    } else {
-        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-        sync_dir(&parent)?;
+        match std::fs::rename(dir, &old) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(dir, e)),
+        }
+        match std::fs::rename(&tmp, dir) {
+            Ok(()) => break,
+            Err(e)
+                if attempts < 16
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::DirectoryNotEmpty | std::io::ErrorKind::AlreadyExists
+                    ) => {}
+            Err(e) => return Err(Error::io(dir, e)),
+        }
     }
+    sync_dir(&parent)?;
+    remove_any(&old)?;
     Ok(())
 }
 
@@ -411,6 +429,43 @@ fn sibling(dir: &Path, suffix: &str) -> Result<PathBuf> {
     Ok(dir.with_file_name(format!("{}.{suffix}", name.to_string_lossy())))
 }
 
+/// `<pid>.<n>`: unique among the writers of one process and, with the pid, of one host.
+fn writer_suffix() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("{}.{n}.{nanos}", std::process::id())
+}
+
+/// A temp or old sibling untouched this long belongs to a writer that crashed: no save takes an
+/// hour. Younger ones may be another live writer's (possibly on another host of a shared
+/// volume, so pids cannot tell), and are left alone.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes `DIR.tmp*` / `DIR.old*` siblings left by crashed writers.
+fn remove_stale_siblings(dir: &Path) -> Result<()> {
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else { return Ok(()) };
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let name = name.to_string_lossy();
+    let (tmp, old) = (format!("{name}.tmp"), format!("{name}.old"));
+    let entries = match std::fs::read_dir(parent) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(parent, e)),
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if !(file.starts_with(&tmp) || file.starts_with(&old)) {
+            continue;
+        }
+        let age = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+        if age.is_some_and(|a| a >= STALE_AFTER) {
+            remove_any(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 fn remove_any(path: &Path) -> Result<()> {
     let r = match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -544,11 +599,39 @@ pub(crate) mod tests {
         save_model_dir(&dir, &random_checkpoint(false, 1), None).unwrap();
         std::fs::create_dir_all(d.path().join("ck.tmp/junk")).unwrap();
         std::fs::write(d.path().join("ck.old"), b"stale").unwrap();
+        // Another writer's fresh temp dir must survive our save.
+        std::fs::create_dir_all(d.path().join("ck.tmp.99.0.0/part")).unwrap();
+        let long_ago = std::time::SystemTime::now() - STALE_AFTER - std::time::Duration::from_secs(5);
+        for stale in ["ck.tmp", "ck.old"] {
+            std::fs::File::options().read(true).open(d.path().join(stale)).unwrap().set_modified(long_ago).unwrap();
+        }
         let ck = random_checkpoint(false, 2);
         save_model_dir_with(&dir, &ck, None, |tmp| write_synced(&tmp.join("state.bin"), b"s")).unwrap();
         assert_eq!(load_model_dir(&dir).unwrap().params, ck.params);
         assert!(dir.join("state.bin").exists() && !dir.join("tokenizer.json").exists());
-        assert!(!d.path().join("ck.tmp").exists() && !d.path().join("ck.old").exists());
+        assert!(!d.path().join("ck.tmp").exists() && !d.path().join("ck.old").exists(), "stale leftovers removed");
+        assert!(d.path().join("ck.tmp.99.0.0/part").exists(), "a live writer's temp dir is left alone");
+    }
+
+    #[test]
+    fn concurrent_saves_of_one_directory_both_land_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("ck");
+        let cks = [random_checkpoint(false, 3), random_checkpoint(false, 4)];
+        std::thread::scope(|s| {
+            for ck in &cks {
+                let dir = &dir;
+                s.spawn(move || {
+                    for _ in 0..5 {
+                        save_model_dir(dir, ck, None).unwrap();
+                    }
+                });
+            }
+        });
+        let got = load_model_dir(&dir).unwrap().params;
+        assert!(got == cks[0].params || got == cks[1].params, "the survivor is one writer's whole checkpoint");
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec!["ck"], "no temp or old directory left behind");
     }
 
     /// Rewrites `dir`'s model.safetensors after `edit` changes its (name, shape, values) list.

@@ -1,7 +1,7 @@
 //! Checkpoint directories: the model (HF layout) plus `training_state.safetensors` (AdamW moments,
 //! step, seed, data cursor) and `manifest.json` (size and SHA-256 of every file).
 //!
-//! A checkpoint is written to `DIR.tmp`, fsynced and renamed (model::checkpoint), with the
+//! A checkpoint is written to a temp sibling `DIR.tmp.<writer>`, fsynced and renamed (model::checkpoint), with the
 //! manifest written last inside it. Loading verifies the manifest, so a torn or tampered
 //! directory is never taken for a valid one; resume picks the newest directory that verifies.
 
