@@ -33,6 +33,12 @@ impl Drop for Proc {
 
 /// A fresh CA (random key) and a server certificate for 127.0.0.1 it issued: (ca, cert, key).
 fn pki(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let (ca, cert, key, _) = pki_with_client(dir, name);
+    (ca, cert, key)
+}
+
+/// [`pki`], plus a client certificate and key from the same CA.
+fn pki_with_client(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf, (PathBuf, PathBuf)) {
     let ca_key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -46,7 +52,10 @@ fn pki(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
         std::fs::write(&p, text).unwrap();
         p
     };
-    (write("ca.pem", ca.pem()), write("cert.pem", cert.pem()), write("key.pem", key.serialize_pem()))
+    let client_key = KeyPair::generate().unwrap();
+    let client = CertificateParams::new(vec!["worker".to_owned()]).unwrap().signed_by(&client_key, &issuer).unwrap();
+    let client = (write("client.pem", client.pem()), write("client.key", client_key.serialize_pem()));
+    (write("ca.pem", ca.pem()), write("cert.pem", cert.pem()), write("key.pem", key.serialize_pem()), client)
 }
 
 fn list(url: &str, extra: &[&Path]) -> Output {
@@ -177,4 +186,52 @@ fn worker_with_device_cuda_and_no_driver_exits_2_with_the_message() {
     let o = bin().args(["worker", "--device", "tpu", "--coordinator", "http://127.0.0.1:9"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     assert!(stderr(&o).contains("unknown device `tpu`"), "{o:?}");
+}
+
+#[test]
+fn mutual_tls_needs_a_client_certificate_from_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key, (client_cert, client_key)) = pki_with_client(dir.path(), "good");
+    let (_, _, _, (foreign_cert, foreign_key)) = pki_with_client(dir.path(), "other");
+    let mut coord = Proc(
+        bin()
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--state"])
+            .arg(dir.path().join("state"))
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .arg("--tls-client-ca")
+            .arg(&ca)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first = String::new();
+    BufReader::new(coord.0.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    let addr = first.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{first:?}")).to_owned();
+    let https = format!("https://{addr}");
+    let list_as = |identity: Option<(&Path, &Path)>| {
+        let mut c = bin();
+        c.args(["list", "--coordinator", &https]).arg("--tls-ca").arg(&ca);
+        if let Some((cert, key)) = identity {
+            c.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
+        c.output().unwrap()
+    };
+    let o = list_as(Some((&client_cert, &client_key)));
+    assert!(o.status.success(), "{o:?}");
+    let o = list_as(None);
+    assert!(!o.status.success(), "no client certificate: {o:?}");
+    let o = list_as(Some((&foreign_cert, &foreign_key)));
+    assert!(!o.status.success(), "a client certificate from another CA: {o:?}");
+    // Also from the environment.
+    let o = bin()
+        .args(["list", "--coordinator", &https])
+        .env("BERT2BERT_TLS_CA", &ca)
+        .env("BERT2BERT_TLS_CERT", &client_cert)
+        .env("BERT2BERT_TLS_KEY", &client_key)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
 }
