@@ -318,7 +318,7 @@ async fn metrics_follow_jobs_workers_attempts_and_calls() {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline && step < 9, "progress never shown: {m:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let commit = v1::CommitCheckpointRequest {
         worker_id: rank0.clone(),
