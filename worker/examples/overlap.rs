@@ -6,9 +6,10 @@
 //!  [--batch 8] [--len 64]`
 //!
 //! `--model` is a `bert2bert init` directory. For each bucket size (0: one all-reduce after
-//! backward) every rank trains `--steps` steps from the same start; the median step time of
-//! rank 0 after the first (warm-up) step is reported, with the parameters' agreement across
-//! settings (they must be bitwise equal).
+//! backward) every rank trains `--steps` steps from the same start. Rank 0's numbers after the
+//! first (warm-up) step: median and total step time, median wait from the end of backward until
+//! the gradients were reduced (the communication not hidden), and whether the parameters are
+//! bitwise those of the first setting.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -96,33 +97,35 @@ resources: {{ workers: {ranks}, device: cpu }}
         .map_err(|e| e.to_string())
 }
 
-/// Rank 0's step times (ms) and final parameters.
-fn run(a: &Args, bucket_mb: f64) -> Result<(Vec<f64>, Vec<f32>, usize), String> {
+/// Rank 0's step times and waits for communication after backward (ms), final parameters and
+/// bucket count.
+fn run(a: &Args, bucket_mb: f64) -> Result<(Vec<f64>, Vec<f64>, Vec<f32>, usize), String> {
     let tmp = std::env::temp_dir().join(format!("b2b-overlap-{}-{bucket_mb}", std::process::id()));
     let listeners: Vec<_> = (0..a.ranks)
         .map(|_| TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
     let peers: Vec<_> =
         listeners.iter().map(|l| l.local_addr().map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
-    let results: Vec<Result<(Vec<f64>, Vec<f32>, usize), String>> = std::thread::scope(|s| {
+    let results: Vec<Result<(Vec<f64>, Vec<f64>, Vec<f32>, usize), String>> = std::thread::scope(|s| {
         let handles: Vec<_> = listeners
             .into_iter()
             .enumerate()
             .map(|(rank, listener)| {
                 let (peers, tmp) = (&peers, &tmp);
-                s.spawn(move || -> Result<(Vec<f64>, Vec<f32>, usize), String> {
+                s.spawn(move || -> Result<(Vec<f64>, Vec<f64>, Vec<f32>, usize), String> {
                     let spec = job(a, &tmp.join(rank.to_string()))?;
                     let ring = RingCollective::connect(rank, a.ranks, 1, listener, peers, Duration::from_secs(300))
                         .map_err(|e| e.to_string())?;
                     let (mut t, _) = Trainer::new(&Cpu, &ring, spec).map_err(|e| e.to_string())?;
                     t.grad_bucket_mb = bucket_mb;
-                    let mut ms = Vec::new();
+                    let (mut ms, mut wait) = (Vec::new(), Vec::new());
                     for _ in 0..a.steps {
                         ms.push(t.step().map_err(|e| e.to_string())?.step_ms);
+                        wait.push(t.comm_wait_ms);
                     }
                     let n = t.net.table.storage_len;
                     let params = Cpu.download(Cpu.view(&t.net.params, 0..n)).map_err(|e| e.to_string())?;
-                    Ok((ms, params, t.grad_bucket_count()))
+                    Ok((ms, wait, params, t.grad_bucket_count()))
                 })
             })
             .collect();
@@ -141,17 +144,24 @@ fn main() -> ExitCode {
         }
     };
     let mut first: Option<Vec<f32>> = None;
-    println!("{:>10} {:>8} {:>14} {:>10}  steps (ms)", "bucket MB", "buckets", "median step ms", "same params");
+    println!(
+        "{:>10} {:>8} {:>10} {:>10} {:>10} {:>6}  steps (ms)",
+        "bucket MB", "buckets", "step ms", "total ms", "wait ms", "same"
+    );
     for &mb in &a.bucket_mb {
-        let (ms, params, buckets) = match run(&a, mb) {
+        let (ms, wait, params, buckets) = match run(&a, mb) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("error: bucket {mb} MB: {e}");
                 return ExitCode::from(1);
             }
         };
-        let mut timed = ms[1..].to_vec();
-        timed.sort_by(f64::total_cmp);
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let total: f64 = ms[1..].iter().sum();
         let same = match &first {
             None => {
                 first = Some(params);
@@ -160,7 +170,8 @@ fn main() -> ExitCode {
             Some(p) => (p.iter().zip(&params).all(|(x, y)| x.to_bits() == y.to_bits())).to_string(),
         };
         let all: Vec<String> = ms.iter().map(|m| format!("{m:.0}")).collect();
-        println!("{mb:>10} {buckets:>8} {:>14.1} {same:>10}  {}", timed[timed.len() / 2], all.join(" "));
+        let (step, waited) = (median(&ms[1..]), median(&wait[1..]));
+        println!("{mb:>10} {buckets:>8} {step:>10.1} {total:>10.0} {waited:>10.1} {same:>6}  {}", all.join(" "));
     }
     ExitCode::SUCCESS
 }

@@ -80,6 +80,9 @@ pub struct Trainer<'a, B: Backend, C: Collective<B>> {
     pub grad_bucket_mb: f64,
     /// Staging buffers of the buckets, reused from step to step.
     grad_stage: Vec<B::Buf>,
+    /// Wall time of the last step from the end of backward until the gradients were reduced:
+    /// the communication that backward did not hide.
+    pub comm_wait_ms: f64,
 }
 
 fn load_model(job: &JobSpec) -> Result<(Checkpoint, Tokenizer)> {
@@ -130,6 +133,7 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
             stop: None,
             grad_bucket_mb: job.training.grad_bucket_mb as f64,
             grad_stage: Vec::new(),
+            comm_wait_ms: 0.0,
             job,
         };
         let resumed = trainer.resume()?;
@@ -192,7 +196,7 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
         let mut buckets = Buckets::new(n, bucket_len, BLOCK_FLOATS * world);
         let mut spare = std::mem::take(&mut self.grad_stage).into_iter();
         let (coll, net, train, step) = (self.coll, &mut self.net, &self.train, self.step);
-        let reduced = thread::scope(|sc| -> Result<Vec<(Range<usize>, B::Buf)>> {
+        let (reduced, backward_done) = thread::scope(|sc| -> Result<(Vec<(Range<usize>, B::Buf)>, Instant)> {
             // Buckets go to the reducer in the order backward finishes them, the same on every
             // rank, so the ranks' collectives pair up.
             let (tx, rx) = mpsc::channel::<(Range<usize>, B::Buf)>();
@@ -240,13 +244,14 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
                 }
                 Ok(())
             })();
+            let backward_done = Instant::now();
             drop(tx);
             let reduced = match reducer {
                 Some(h) => h.join().unwrap_or_else(|_| Err(Error::Other("gradient all-reduce thread panicked".into()))),
                 None => Ok(Vec::new()),
             };
             passes?;
-            reduced
+            Ok((reduced?, backward_done))
         })?;
         if overlap {
             let covered: usize = reduced.iter().map(|(r, _)| r.len()).sum();
@@ -260,6 +265,7 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
         } else {
             self.coll.all_reduce_avg(b, b.view_mut(&mut self.net.grads, 0..n))?;
         }
+        self.comm_wait_ms = backward_done.elapsed().as_secs_f64() * 1e3;
         let mut loss_buf = b.upload(&[loss_sum as f32 * world as f32 / label_tokens as f32])?;
         self.coll.all_reduce_avg(b, b.view_mut(&mut loss_buf, 0..1))?;
         self.coll.wait(b)?;
