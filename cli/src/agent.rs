@@ -404,6 +404,8 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
         ..Default::default()
     };
     let stop_flag = AtomicBool::new(false);
+    // An evaluation is reported with the progress of the step that ran it.
+    let mut last_progress = v1::Progress::default();
     // Rank 0 alone writes the job's loss curves; a log dir it cannot write costs the curves only.
     let mut curves = (asg.rank == 0)
         .then(|| TrainLog::create(&trainer.job.logging.dir, trainer.step, asg.world_size as usize))
@@ -425,6 +427,7 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
                 tokens_per_s: tokens as f64 / secs,
                 eta_s: secs / done * s.total_steps.saturating_sub(s.step) as f64,
             };
+            last_progress = progress.clone();
             let req = v1::ReportProgressRequest { progress: Some(progress), ..base.clone() };
             match rt.block_on(client.clone().report_progress(req)) {
                 Ok(r) if r.get_ref().command() == v1::WorkerCommand::Stop => {
@@ -437,7 +440,27 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
             }
         }
         Event::Checkpoint { step, dir } => commit_checkpoint(rt, client, asg, worker_id, *step, dir),
-        Event::Eval { step, result } => tracing::info!(step, loss = result.loss, "evaluation"),
+        Event::Eval { step, result } => {
+            tracing::info!(step, loss = result.loss, "evaluation");
+            if asg.rank == 0 {
+                let eval = v1::EvalMetrics {
+                    step: *step,
+                    loss: result.loss as f32,
+                    bleu: result.bleu.map(|b| b as f32),
+                    rouge1: result.rouge.as_ref().map(|r| r.rouge1 as f32),
+                    rouge2: result.rouge.as_ref().map(|r| r.rouge2 as f32),
+                    rouge_l: result.rouge.as_ref().map(|r| r.rouge_l as f32),
+                };
+                let req = v1::ReportProgressRequest {
+                    progress: Some(last_progress.clone()),
+                    eval: Some(eval),
+                    ..base.clone()
+                };
+                if let Err(s) = rt.block_on(client.clone().report_progress(req)) {
+                    tracing::warn!("ReportProgress (evaluation): {}", s.message());
+                }
+            }
+        }
         Event::Resumed { .. } => {}
     });
     trainer.run(None, 0, &mut on_event)?;

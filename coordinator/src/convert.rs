@@ -291,13 +291,20 @@ impl From<v1::Progress> for Progress {
     }
 }
 
-pub struct ReportProgress(pub AttemptRef, pub Progress);
+impl From<v1::EvalMetrics> for EvalMetrics {
+    fn from(e: v1::EvalMetrics) -> Self {
+        EvalMetrics { step: e.step, loss: e.loss, bleu: e.bleu, rouge1: e.rouge1, rouge2: e.rouge2, rouge_l: e.rouge_l }
+    }
+}
+
+/// Progress, and the evaluation when the step ran one.
+pub struct ReportProgress(pub AttemptRef, pub Progress, pub Option<EvalMetrics>);
 
 impl TryFrom<v1::ReportProgressRequest> for ReportProgress {
     type Error = Error;
     fn try_from(r: v1::ReportProgressRequest) -> Result<Self> {
         let p = r.progress.ok_or_else(|| Error::invalid("progress", "must be set"))?;
-        Ok(ReportProgress(attempt_ref(&r.worker_id, &r.job_id, r.attempt)?, p.into()))
+        Ok(ReportProgress(attempt_ref(&r.worker_id, &r.job_id, r.attempt)?, p.into(), r.eval.map(Into::into)))
     }
 }
 

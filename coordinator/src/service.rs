@@ -171,8 +171,11 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<v1::ReportProgressRequest>,
     ) -> Result<Response<v1::ReportProgressResponse>, Status> {
-        let ReportProgress(at, progress) = req.into_inner().try_into()?;
+        let ReportProgress(at, progress, eval) = req.into_inner().try_into()?;
         let c = self.scheduler.progress(&at, progress)?;
+        if let Some(e) = eval {
+            self.scheduler.eval(&at, e)?;
+        }
         Ok(Response::new(v1::ReportProgressResponse { command: command(c) }))
     }
 

@@ -1,0 +1,311 @@
+//! Scheduler unit tests (a FakeClock and the in-memory store).
+
+use std::time::Duration;
+
+use super::*;
+use crate::domain::{DeviceKind, FakeClock};
+use crate::store::MemStore;
+use crate::workers::Registration;
+
+const JOB: &str = "name: t\nmodel: { init: /m }\ndata: { train: /d.jsonl }\n\
+    training: { steps: 10, global_batch: 4 }\nresources: { workers: 2, device: cpu, max_restarts: 1 }\n";
+
+fn setup() -> (Scheduler, Arc<Jobs>, Arc<Workers>) {
+    let clock: Arc<dyn Clock> = Arc::new(FakeClock::new(1000));
+    let store: Arc<dyn Store> = Arc::new(MemStore::default());
+    let jobs = Arc::new(Jobs::new(store.clone(), clock.clone()));
+    let workers =
+        Arc::new(Workers::load(store.clone(), clock.clone(), Duration::from_secs(1), Duration::from_secs(5)).unwrap());
+    let s = Scheduler::new(jobs.clone(), workers.clone(), store, clock).unwrap();
+    (s, jobs, workers)
+}
+
+const ELASTIC: &str = "name: e\nmodel: { init: /m }\ndata: { train: /d.jsonl }\n\
+    training: { steps: 10, global_batch: 12 }\n\
+    resources: { workers: 3, min_workers: 2, device: cpu, max_restarts: 5 }\n";
+
+fn setup_with_clock() -> (Scheduler, Arc<Jobs>, Arc<Workers>, Arc<FakeClock>) {
+    let fake = Arc::new(FakeClock::new(1000));
+    let clock: Arc<dyn Clock> = fake.clone();
+    let store: Arc<dyn Store> = Arc::new(MemStore::default());
+    let jobs = Arc::new(Jobs::new(store.clone(), clock.clone()));
+    let workers =
+        Arc::new(Workers::load(store.clone(), clock.clone(), Duration::from_secs(1), Duration::from_secs(5)).unwrap());
+    let s = Scheduler::new(jobs.clone(), workers.clone(), store, clock)
+        .unwrap()
+        .with_elastic_wait(Duration::from_millis(3_000));
+    (s, jobs, workers, fake)
+}
+
+fn reg(w: &Workers, port: u16) -> String {
+    let r = Registration {
+        hostname: "h".into(),
+        device: DeviceKind::Cpu,
+        device_index: 0,
+        ring_address: format!("127.0.0.1:{port}"),
+        version: "0".into(),
+    };
+    w.register(r).unwrap().id
+}
+
+#[test]
+fn gang_forms_runs_fails_requeues_and_succeeds() {
+    let (s, jobs, workers) = setup();
+    let spec = JobSpec::from_str(JOB, Path::new("job_yaml")).unwrap();
+    let job = jobs.submit(&spec).unwrap();
+    let a = reg(&workers, 1);
+    assert_eq!(s.assignment(&a).unwrap(), None, "one worker is not a gang of two");
+    let b = reg(&workers, 2);
+    let ab = s.assignment(&b).unwrap().unwrap();
+    let aa = s.assignment(&a).unwrap().unwrap();
+    assert_eq!((aa.rank, ab.rank, aa.world_size, aa.attempt), (0, 1, 2, 1));
+    assert_eq!(aa.ring_peers, ["127.0.0.1:1", "127.0.0.1:2"]);
+    assert_eq!(aa.ring_token, ab.ring_token);
+    assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Running);
+
+    let ra = AttemptRef { worker_id: a.clone(), job_id: job.id.clone(), attempt: 1 };
+    let rb = AttemptRef { worker_id: b.clone(), ..ra.clone() };
+    let p = Progress { step: 3, ..Progress::default() };
+    assert_eq!(s.progress(&ra, p).unwrap(), Command::Continue);
+    assert_eq!(jobs.get(&job.id).unwrap().step, 3);
+    s.commit_checkpoint(&ra, 3, "/c/3".into(), String::new()).unwrap();
+
+    s.failed(&rb, "boom").unwrap();
+    let j = jobs.get(&job.id).unwrap();
+    assert_eq!((j.state, j.restarts), (JobState::Pending, 1));
+    assert!(j.reason.contains("boom"), "{}", j.reason);
+    assert_eq!(s.command(&ra).unwrap(), Command::Stop);
+
+    let aa = s.assignment(&a).unwrap().unwrap();
+    assert_eq!((aa.attempt, aa.resume_step, aa.resume_checkpoint.as_str()), (2, 3, "/c/3"));
+    let ra = AttemptRef { attempt: 2, ..ra };
+    let rb = AttemptRef { attempt: 2, ..rb };
+    s.done(&rb, 10).unwrap();
+    s.done(&ra, 10).unwrap();
+    assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Succeeded);
+    assert_eq!(s.assignment(&a).unwrap(), None);
+}
+
+#[test]
+fn cancel_stops_the_gang_and_frees_its_workers() {
+    let (s, jobs, workers) = setup();
+    let job = jobs.submit(&JobSpec::from_str(JOB, Path::new("job_yaml")).unwrap()).unwrap();
+    let (a, b) = (reg(&workers, 1), reg(&workers, 2));
+    assert!(s.assignment(&a).unwrap().is_some());
+    let ra = AttemptRef { worker_id: a.clone(), job_id: job.id.clone(), attempt: 1 };
+    assert_eq!(s.command(&ra).unwrap(), Command::Continue);
+    jobs.cancel(&job.id, "").unwrap();
+    assert_eq!(s.progress(&ra, Progress::default()).unwrap(), Command::Stop);
+    s.failed(&AttemptRef { worker_id: b.clone(), ..ra }, "aborted").unwrap();
+    assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Cancelled);
+    // Both are idle again: a new job gets them.
+    let next = jobs.submit(&JobSpec::from_str(JOB, Path::new("job_yaml")).unwrap()).unwrap();
+    assert_eq!(s.assignment(&b).unwrap().unwrap().job_id, next.id);
+}
+
+#[test]
+fn failures_past_max_restarts_fail_the_job() {
+    let (s, jobs, workers) = setup();
+    let job = jobs.submit(&JobSpec::from_str(JOB, Path::new("job_yaml")).unwrap()).unwrap();
+    let (a, b) = (reg(&workers, 1), reg(&workers, 2));
+    for attempt in 1..=2 {
+        assert!(s.assignment(&a).unwrap().is_some());
+        s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt }, "x").unwrap();
+    }
+    let j = jobs.get(&job.id).unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    assert!(j.reason.contains("failed: x"), "{}", j.reason);
+}
+
+#[test]
+fn short_gang_starts_only_after_the_elastic_wait_and_never_below_min_workers() {
+    let (s, jobs, workers, clock) = setup_with_clock();
+    let job = jobs.submit(&JobSpec::from_str(ELASTIC, Path::new("job_yaml")).unwrap()).unwrap();
+    let a = reg(&workers, 1);
+    clock.advance(10_000);
+    assert_eq!(s.assignment(&a).unwrap(), None, "one worker is below min_workers (2), however long it waits");
+    let b = reg(&workers, 2);
+    // The job has waited long already: two of three start at once.
+    let ab = s.assignment(&b).unwrap().unwrap();
+    assert_eq!((ab.world_size, ab.rank, ab.attempt), (2, 1, 1));
+    assert_eq!(s.assignment(&a).unwrap().unwrap().rank, 0);
+    assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Running);
+}
+
+#[test]
+fn full_gang_starts_at_once_and_a_lost_worker_re_forms_the_job_on_the_survivors() {
+    let (s, jobs, workers, clock) = setup_with_clock();
+    let job = jobs.submit(&JobSpec::from_str(ELASTIC, Path::new("job_yaml")).unwrap()).unwrap();
+    let (a, b) = (reg(&workers, 1), reg(&workers, 2));
+    assert_eq!(s.assignment(&a).unwrap(), None, "2 of 3 must wait for the elastic grace");
+    let c = reg(&workers, 3);
+    let first = s.assignment(&c).unwrap().unwrap();
+    assert_eq!((first.world_size, first.rank), (3, 2), "a full gang needs no wait");
+    let ra = AttemptRef { worker_id: a.clone(), job_id: job.id.clone(), attempt: 1 };
+    s.commit_checkpoint(&ra, 4, "/c/4".into(), String::new()).unwrap();
+
+    // c goes silent: the reaper declares it dead and the attempt ends.
+    for _ in 0..3 {
+        clock.advance(2_000);
+        workers.heartbeat(&a).unwrap();
+        workers.heartbeat(&b).unwrap();
+    }
+    let dead = workers.reap().unwrap();
+    assert_eq!(dead.iter().map(|w| w.id.as_str()).collect::<Vec<_>>(), [c.as_str()]);
+    s.lost(&dead).unwrap();
+    let j = jobs.get(&job.id).unwrap();
+    assert_eq!((j.state, j.restarts), (JobState::Pending, 1));
+    assert!(j.reason.contains("lost"), "{}", j.reason);
+
+    clock.advance(2_999);
+    assert_eq!(s.assignment(&a).unwrap(), None, "still inside the elastic wait");
+    assert_eq!(s.assignment(&b).unwrap(), None, "still inside the elastic wait");
+    clock.advance(1);
+    let again = s.assignment(&a).unwrap().unwrap();
+    assert_eq!((again.attempt, again.world_size, again.rank), (2, 2, 0));
+    assert_eq!((again.resume_step, again.resume_checkpoint.as_str()), (4, "/c/4"));
+    assert_eq!(s.assignment(&b).unwrap().unwrap().rank, 1);
+}
+
+#[test]
+fn a_worker_leaving_on_sigterm_is_not_scheduled_again() {
+    let (s, jobs, workers, clock) = setup_with_clock();
+    let job = jobs.submit(&JobSpec::from_str(ELASTIC, Path::new("job_yaml")).unwrap()).unwrap();
+    let (a, b, c) = (reg(&workers, 1), reg(&workers, 2), reg(&workers, 3));
+    assert_eq!(s.assignment(&a).unwrap().unwrap().world_size, 3);
+    let rb = AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 };
+    s.failed(&rb, SHUTDOWN_REASON).unwrap();
+    assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Pending);
+    clock.advance(3_000);
+    // b still heartbeats (it is alive until it exits) but must not join the new gang.
+    workers.heartbeat(&b).unwrap();
+    assert_eq!(s.assignment(&b).unwrap(), None);
+    assert_eq!(s.assignment(&a).unwrap(), None, "c has not asked for work lately");
+    let ac = s.assignment(&c).unwrap().unwrap();
+    assert_eq!(ac.world_size, 2);
+    assert_eq!(ac.ring_peers, ["127.0.0.1:1", "127.0.0.1:3"]);
+}
+
+#[test]
+fn nccl_unique_id_goes_from_rank_0_to_the_other_ranks_of_its_attempt_only() {
+    use std::collections::hash_map::RandomState;
+    let (s, jobs, workers) = setup();
+    let cuda = JOB.replace("device: cpu", "device: cuda");
+    let job = jobs.submit(&JobSpec::from_str(&cuda, Path::new("job_yaml")).unwrap()).unwrap();
+    let gpu = |port: u16| {
+        let r = Registration {
+            hostname: "g".into(),
+            device: DeviceKind::Cuda,
+            device_index: 0,
+            ring_address: format!("127.0.0.1:{port}"),
+            version: "0".into(),
+        };
+        workers.register(r).unwrap().id
+    };
+    let (a, b) = (gpu(1), gpu(2));
+    let (aa, ab) = (s.assignment(&a).unwrap().unwrap(), s.assignment(&b).unwrap().unwrap());
+    assert_eq!((aa.rank, ab.rank), (0, 1));
+    assert!(aa.uses_nccl && aa.nccl_unique_id.is_empty() && ab.nccl_unique_id.is_empty());
+
+    let random = RandomState::new();
+    let id: Vec<u8> = (0..NCCL_UNIQUE_ID_BYTES).map(|i| random.hash_one(i) as u8).collect();
+    let refused = |r: Result<()>, what: &str| match r {
+        Err(Error::FailedPrecondition(m)) => assert!(m.starts_with("nccl_unique_id: ") && m.contains(what), "{m}"),
+        other => panic!("expected FAILED_PRECONDITION about {what}, got {other:?}"),
+    };
+    refused(s.post_nccl_id(&b, &id), "only rank 0");
+    assert!(s.assignment(&b).unwrap().unwrap().nccl_unique_id.is_empty());
+    s.post_nccl_id(&a, &id).unwrap();
+    s.post_nccl_id(&a, &id).unwrap();
+    let other: Vec<u8> = id.iter().map(|x| x ^ 1).collect();
+    refused(s.post_nccl_id(&a, &other), "already has one");
+    assert_eq!(s.assignment(&b).unwrap().unwrap().nccl_unique_id, id);
+    assert_eq!(s.assignment(&a).unwrap().unwrap().nccl_unique_id, id);
+
+    // A new attempt needs a new communicator: it starts without an id.
+    s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 }, "x").unwrap();
+    refused(s.post_nccl_id(&a, &id), "no assignment");
+    let again = s.assignment(&a).unwrap().unwrap();
+    assert_eq!(again.attempt, 2);
+    assert!(again.nccl_unique_id.is_empty());
+
+    // CPU jobs have no NCCL id to relay.
+    let one = JOB.replace("workers: 2", "workers: 1");
+    jobs.submit(&JobSpec::from_str(&one, Path::new("job_yaml")).unwrap()).unwrap();
+    let c = reg(&workers, 3);
+    let ac = s.assignment(&c).unwrap().unwrap();
+    assert!(!ac.uses_nccl && ac.nccl_unique_id.is_empty());
+    refused(s.post_nccl_id(&c, &id), "CPU ring");
+}
+
+#[test]
+fn a_worker_that_stopped_polling_is_left_out_of_a_new_gang() {
+    let (s, jobs, workers, clock) = setup_with_clock();
+    jobs.submit(&JobSpec::from_str(ELASTIC, Path::new("job_yaml")).unwrap()).unwrap();
+    let (a, b, c) = (reg(&workers, 1), reg(&workers, 2), reg(&workers, 3));
+    clock.advance(5_000);
+    // c still heartbeats (say it hangs, or was killed a moment ago) but asks for no work.
+    workers.heartbeat(&c).unwrap();
+    assert_eq!(s.assignment(&a).unwrap(), None, "b and c have not polled since registering");
+    let ab = s.assignment(&b).unwrap().unwrap();
+    assert_eq!(ab.world_size, 2);
+    assert_eq!(ab.ring_peers, ["127.0.0.1:1", "127.0.0.1:2"]);
+    assert_eq!(s.assignment(&c).unwrap(), None, "c is idle but the job already runs");
+}
+
+#[test]
+fn members_of_an_ended_attempt_must_ask_again_before_joining_a_gang() {
+    let (s, jobs, workers, clock) = setup_with_clock();
+    let job = jobs.submit(&JobSpec::from_str(ELASTIC, Path::new("job_yaml")).unwrap()).unwrap();
+    let (a, b, c) = (reg(&workers, 1), reg(&workers, 2), reg(&workers, 3));
+    assert_eq!(s.assignment(&a).unwrap().unwrap().world_size, 3);
+    assert_eq!(s.assignment(&c).unwrap().unwrap().rank, 2);
+    // b fails at once (c was just killed, say): no time passes, yet c is not taken again.
+    s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 }, "x").unwrap();
+    assert_eq!(s.assignment(&a).unwrap(), None);
+    assert_eq!(s.assignment(&b).unwrap(), None, "2 of 3 wait for the elastic grace");
+    clock.advance(3_000);
+    assert_eq!(s.assignment(&a).unwrap(), None, "b asked 3 s ago: not lately");
+    let again = s.assignment(&b).unwrap().unwrap();
+    assert_eq!((again.attempt, again.world_size), (2, 2));
+    assert_eq!(again.ring_peers, ["127.0.0.1:1", "127.0.0.1:2"]);
+}
+
+#[test]
+fn watchers_see_members_join_checkpoint_fail_and_rank_0_evaluations() {
+    let (s, jobs, workers) = setup();
+    let job = jobs.submit(&JobSpec::from_str(JOB, Path::new("job_yaml")).unwrap()).unwrap();
+    let mut sub = jobs.watch(&job.id).unwrap();
+    let rx = sub.events.as_mut().unwrap();
+    let a = reg(&workers, 1);
+    assert!(s.assignment(&a).unwrap().is_none());
+    let b = reg(&workers, 2);
+    assert!(s.assignment(&b).unwrap().is_some());
+    let ra = AttemptRef { worker_id: a.clone(), job_id: job.id.clone(), attempt: 1 };
+    let rb = AttemptRef { worker_id: b.clone(), ..ra.clone() };
+    let e = EvalMetrics { step: 4, loss: 2.5, bleu: Some(12.0), ..EvalMetrics::default() };
+    s.eval(&rb, e.clone()).unwrap();
+    s.eval(&ra, e.clone()).unwrap();
+    s.commit_checkpoint(&ra, 4, "/c/4".into(), String::new()).unwrap();
+    s.failed(&rb, "peer gone").unwrap();
+
+    let mut seen = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        match ev {
+            JobEvent::Worker(w) => seen.push(format!("{:?} {} rank {} {}", w.kind, w.worker_id, w.rank, w.message)),
+            JobEvent::Eval(got) => seen.push(format!("eval {} {}", got.step, got.loss)),
+            JobEvent::Job(_) | JobEvent::Progress(_) => {}
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            format!("Joined {a} rank 0 attempt 1: rank 0 of 2"),
+            format!("Joined {b} rank 1 attempt 1: rank 1 of 2"),
+            "eval 4 2.5".to_owned(),
+            format!("Checkpoint {a} rank 0 step 4"),
+            format!("Failed {b} rank 1 peer gone"),
+        ],
+        "rank 1's evaluation is not published"
+    );
+}
