@@ -97,22 +97,25 @@ resources: {{ workers: {ranks}, device: cpu }}
         .map_err(|e| e.to_string())
 }
 
+/// Step times, waits for communication (ms), final parameters, bucket count.
+type RankRun = (Vec<f64>, Vec<f64>, Vec<f32>, usize);
+
 /// Rank 0's step times and waits for communication after backward (ms), final parameters and
 /// bucket count.
-fn run(a: &Args, bucket_mb: f64) -> Result<(Vec<f64>, Vec<f64>, Vec<f32>, usize), String> {
+fn run(a: &Args, bucket_mb: f64) -> Result<RankRun, String> {
     let tmp = std::env::temp_dir().join(format!("b2b-overlap-{}-{bucket_mb}", std::process::id()));
     let listeners: Vec<_> = (0..a.ranks)
         .map(|_| TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
     let peers: Vec<_> =
         listeners.iter().map(|l| l.local_addr().map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
-    let results: Vec<Result<(Vec<f64>, Vec<f64>, Vec<f32>, usize), String>> = std::thread::scope(|s| {
+    let results: Vec<Result<RankRun, String>> = std::thread::scope(|s| {
         let handles: Vec<_> = listeners
             .into_iter()
             .enumerate()
             .map(|(rank, listener)| {
                 let (peers, tmp) = (&peers, &tmp);
-                s.spawn(move || -> Result<(Vec<f64>, Vec<f64>, Vec<f32>, usize), String> {
+                s.spawn(move || -> Result<RankRun, String> {
                     let spec = job(a, &tmp.join(rank.to_string()))?;
                     let ring = RingCollective::connect(rank, a.ranks, 1, listener, peers, Duration::from_secs(300))
                         .map_err(|e| e.to_string())?;

@@ -196,12 +196,12 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
         let mut buckets = Buckets::new(n, bucket_len, BLOCK_FLOATS * world);
         let mut spare = std::mem::take(&mut self.grad_stage).into_iter();
         let (coll, net, train, step) = (self.coll, &mut self.net, &self.train, self.step);
-        let (reduced, backward_done) = thread::scope(|sc| -> Result<(Vec<(Range<usize>, B::Buf)>, Instant)> {
+        let (reduced, backward_done) = thread::scope(|sc| -> Result<(Reduced<B>, Instant)> {
             // Buckets go to the reducer in the order backward finishes them, the same on every
             // rank, so the ranks' collectives pair up.
             let (tx, rx) = mpsc::channel::<(Range<usize>, B::Buf)>();
             let reducer = overlap.then(|| {
-                sc.spawn(move || -> Result<Vec<(Range<usize>, B::Buf)>> {
+                sc.spawn(move || -> Result<Reduced<B>> {
                     let mut done = Vec::new();
                     for (range, mut buf) in rx {
                         coll.all_reduce_avg(b, b.view_mut(&mut buf, 0..range.len()))?;
@@ -376,6 +376,9 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
         Ok(())
     }
 }
+
+/// Gradient buckets after their all-reduce: each range of the gradient buffer and its values.
+type Reduced<B> = Vec<(Range<usize>, <B as kernels::Memory>::Buf)>;
 
 /// Cuts the final part of the gradient buffer, which grows from the top down during backward,
 /// into buckets of at least `len` values. Every bucket but the last (which ends at 0) starts at

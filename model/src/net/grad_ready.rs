@@ -11,6 +11,7 @@
 
 use std::ops::Range;
 
+use super::FinalGrads;
 use crate::error::Result;
 use crate::params::{AttentionView, EmbeddingsView, LayerView, LinearView, ModelView, NormView};
 
@@ -21,11 +22,11 @@ pub(super) struct GradReady<'h, Buf> {
     stage: usize,
     /// Start of the final suffix reported so far.
     top: usize,
-    hook: &'h mut dyn FnMut(Range<usize>, &Buf) -> Result<()>,
+    hook: &'h mut FinalGrads<'h, Buf>,
 }
 
 impl<'h, Buf> GradReady<'h, Buf> {
-    pub(super) fn new(view: &ModelView, len: usize, hook: &'h mut dyn FnMut(Range<usize>, &Buf) -> Result<()>) -> Self {
+    pub(super) fn new(view: &ModelView, len: usize, hook: &'h mut FinalGrads<'h, Buf>) -> Self {
         let stages = stage_writes(view);
         let mut marks = vec![0; stages.len()];
         let mut later_end = 0;

@@ -109,6 +109,10 @@ pub struct PassOptions {
     pub grad_scale: Option<f32>,
 }
 
+/// The hook of [`Bert2Bert::pass_with_final_grads`]: called with a range of the gradient buffer
+/// that backward is done with, and the buffer.
+pub type FinalGrads<'h, Buf> = dyn FnMut(std::ops::Range<usize>, &Buf) -> Result<()> + 'h;
+
 /// Per-label-token losses of one pass.
 #[derive(Clone, Debug)]
 pub struct BatchLoss {
@@ -331,7 +335,7 @@ impl<B: Backend> Bert2Bert<B> {
         b: &B,
         x: &Inputs<B>,
         opts: PassOptions,
-        on_final: &mut dyn FnMut(std::ops::Range<usize>, &B::Buf) -> Result<()>,
+        on_final: &mut FinalGrads<'_, B::Buf>,
     ) -> Result<BatchLoss> {
         self.pass_hooked(b, x, opts, Some(on_final))
     }
@@ -341,7 +345,7 @@ impl<B: Backend> Bert2Bert<B> {
         b: &B,
         x: &Inputs<B>,
         opts: PassOptions,
-        on_final: Option<&mut dyn FnMut(std::ops::Range<usize>, &B::Buf) -> Result<()>>,
+        on_final: Option<&mut FinalGrads<'_, B::Buf>>,
     ) -> Result<BatchLoss> {
         let mut ws = self.workspace(b, x.batch, x.src_len, x.tgt_len)?;
         let mut clock = Clock { last: std::time::Instant::now(), phases: Vec::new() };
@@ -358,7 +362,7 @@ impl<B: Backend> Bert2Bert<B> {
         opts: PassOptions,
         ws: &mut Workspace<B>,
         clock: &mut Clock,
-        on_final: Option<&mut dyn FnMut(std::ops::Range<usize>, &B::Buf) -> Result<()>>,
+        on_final: Option<&mut FinalGrads<'_, B::Buf>>,
     ) -> Result<BatchLoss> {
         let (ec, dc) = (self.config.encoder.clone(), self.config.decoder.clone());
         let c = ec.hidden_size;
