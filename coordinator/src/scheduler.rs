@@ -11,6 +11,10 @@
 //! world / label tokens before the average over ranks, which leaves sum / label tokens whatever
 //! the world size. `validate` makes the micro-batch count a multiple of `workers`, so every rank
 //! of a smaller gang gets at least one micro-batch (just not always the same number).
+//!
+//! Scaling back up: when rank 0 of a gang smaller than `workers` commits a checkpoint while
+//! idle workers of its device wait and no other job is pending, the attempt ends there ("scaling
+//! up", not counted as a restart) and the job re-forms at once, larger, from that checkpoint.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
@@ -72,6 +76,9 @@ struct Table {
     /// heartbeats time out, and a gang with it would wait for it until the ring's connect
     /// timeout.
     last_heard: HashMap<String, i64>,
+    /// Job id -> the gang size it stopped to grow to: it starts as soon as that many are idle,
+    /// without the elastic wait.
+    grow_to: HashMap<String, usize>,
 }
 
 /// How recently an idle worker must have called (or registered) to join a gang. Idle agents
@@ -169,6 +176,15 @@ impl Scheduler {
         for id in ended {
             self.end(t, &id, "job ended")?;
         }
+        let mut stale = Vec::new();
+        for id in t.grow_to.keys() {
+            if self.jobs.get(id)?.state.is_terminal() {
+                stale.push(id.clone());
+            }
+        }
+        for id in stale {
+            t.grow_to.remove(&id);
+        }
         Ok(())
     }
 
@@ -178,11 +194,7 @@ impl Scheduler {
         let alive = self.workers.alive()?;
         let Some(me) = alive.iter().find(|w| w.id == caller).cloned() else { return Ok(()) };
         let now = self.clock.now_ms();
-        let fresh = |w: &Worker| t.last_heard.get(&w.id).copied().unwrap_or(w.registered_ms) >= now - POLL_FRESH_MS;
-        let idle: Vec<&Worker> = alive
-            .iter()
-            .filter(|w| w.id != caller && !t.busy.contains_key(&w.id) && !t.departed.contains(&w.id) && fresh(w))
-            .collect();
+        let idle: Vec<&Worker> = self.ready(t, &alive).into_iter().filter(|w| w.id != caller).collect();
         let mut pending = self.jobs.list(&JobFilter { states: vec![JobState::Pending], limit: 0 })?;
         pending.reverse();
         for job in pending {
@@ -209,7 +221,8 @@ impl Scheduler {
             let others: Vec<&Worker> = idle.iter().copied().filter(|w| w.device == device).take(need - 1).collect();
             // PENDING jobs change only on transitions, so updated_ms is when the job began to wait.
             let waited = now - job.updated_ms >= self.elastic_wait_ms;
-            if others.len() + 1 < need && !(waited && others.len() + 1 >= least) {
+            let grown = t.grow_to.get(&job.id).is_some_and(|&n| others.len() + 1 >= n.min(need));
+            if others.len() + 1 < need && !grown && !(waited && others.len() + 1 >= least) {
                 continue;
             }
             let mut gang: Vec<Worker> = others.into_iter().cloned().collect();
@@ -221,7 +234,45 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Idle live workers that may join a gang: not departed, and heard from lately.
+    fn ready<'a>(&self, t: &Table, alive: &'a [Worker]) -> Vec<&'a Worker> {
+        let now = self.clock.now_ms();
+        let fresh = |w: &Worker| t.last_heard.get(&w.id).copied().unwrap_or(w.registered_ms) >= now - POLL_FRESH_MS;
+        alive.iter().filter(|w| !t.busy.contains_key(&w.id) && !t.departed.contains(&w.id) && fresh(w)).collect()
+    }
+
+    /// After a commit by rank 0: if the gang is smaller than the job wants, idle workers of its
+    /// device wait and no other job is pending (those come first), end the attempt so the job
+    /// re-forms larger from the checkpoint just committed. Returns whether it did.
+    fn grow(&self, t: &mut Table, job_id: &str, step: u64) -> Result<bool> {
+        let Some(g) = t.gangs.get(job_id) else { return Ok(false) };
+        let job = self.jobs.get(job_id)?;
+        let world = g.attempt.world_size as usize;
+        let want = job.workers.max(1) as usize;
+        if world >= want || !self.jobs.list(&JobFilter { states: vec![JobState::Pending], limit: 1 })?.is_empty() {
+            return Ok(false);
+        }
+        let alive = self.workers.alive()?;
+        let device = alive.iter().find(|w| w.id == g.attempt.workers[0]).map(|w| w.device);
+        let extra = self.ready(t, &alive).into_iter().filter(|w| Some(w.device) == device).count();
+        if extra == 0 {
+            return Ok(false);
+        }
+        let target = (world + extra).min(want);
+        let why = format!("scaling up from {world} to {target} workers at step {step}");
+        tracing::info!(job = %job_id, "{why}");
+        self.end(t, job_id, &why)?;
+        t.grow_to.insert(job_id.to_owned(), target);
+        self.jobs.transition(job_id, |j| {
+            j.state = JobState::Pending;
+            j.reason = why.clone();
+            Ok(())
+        })?;
+        Ok(true)
+    }
+
     fn start(&self, t: &mut Table, job: &Job, gang: Vec<Worker>) -> Result<()> {
+        t.grow_to.remove(&job.id);
         let number = self.store.attempts(&job.id)?.iter().map(|a| a.attempt).max().unwrap_or(0) + 1;
         let resume = self.store.latest_checkpoint(&job.id)?;
         let attempt = Attempt {
@@ -330,7 +381,7 @@ impl Scheduler {
     }
 
     pub fn commit_checkpoint(&self, r: &AttemptRef, step: u64, path: String, sha: String) -> Result<Command> {
-        let t = self.table()?;
+        let mut t = self.table()?;
         if Self::rank(&t, r) != Some(0) {
             return Err(Error::FailedPrecondition(format!(
                 "job_id: worker `{}` is not rank 0 of attempt {} of `{}`",
@@ -347,7 +398,7 @@ impl Scheduler {
         self.store.insert_checkpoint(&c)?;
         tracing::info!(job = %r.job_id, step, path = %c.path, "checkpoint committed");
         self.worker_event(&r.job_id, &r.worker_id, 0, WorkerEventKind::Checkpoint, format!("step {step}"));
-        Ok(Command::Continue)
+        Ok(if self.grow(&mut t, &r.job_id, step)? { Command::Stop } else { Command::Continue })
     }
 
     /// Rank 0 done with every step: the job SUCCEEDED. Other ranks just leave the gang.

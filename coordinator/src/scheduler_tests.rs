@@ -309,3 +309,32 @@ fn watchers_see_members_join_checkpoint_fail_and_rank_0_evaluations() {
         "rank 1's evaluation is not published"
     );
 }
+
+#[test]
+fn a_short_gang_grows_at_its_next_checkpoint_when_workers_are_idle() {
+    let (s, jobs, workers, clock) = setup_with_clock();
+    let job = jobs.submit(&JobSpec::from_str(ELASTIC, Path::new("job_yaml")).unwrap()).unwrap();
+    let a = reg(&workers, 1);
+    clock.advance(10_000);
+    assert_eq!(s.assignment(&a).unwrap(), None);
+    let b = reg(&workers, 2);
+    assert_eq!(s.assignment(&b).unwrap().unwrap().world_size, 2);
+    let ra = AttemptRef { worker_id: a.clone(), job_id: job.id.clone(), attempt: 1 };
+    // Nobody idle: the short gang goes on.
+    assert_eq!(s.commit_checkpoint(&ra, 2, "/c/2".into(), String::new()).unwrap(), Command::Continue);
+
+    let c = reg(&workers, 3);
+    assert_eq!(s.assignment(&c).unwrap(), None, "no pending job for the newcomer");
+    assert_eq!(s.commit_checkpoint(&ra, 4, "/c/4".into(), String::new()).unwrap(), Command::Stop);
+    let j = jobs.get(&job.id).unwrap();
+    assert_eq!((j.state, j.restarts), (JobState::Pending, 0), "growing is not a restart");
+    assert!(j.reason.contains("scaling up from 2 to 3"), "{}", j.reason);
+    assert_eq!(s.command(&ra).unwrap(), Command::Stop);
+
+    // No elastic wait this time (the clock stands still): the three form the gang at once, from step 4.
+    assert_eq!(s.assignment(&a).unwrap(), None, "b has not asked again since its attempt ended");
+    let got: Vec<Assignment> = [&b, &a, &c].iter().map(|w| s.assignment(w).unwrap().unwrap()).collect();
+    assert!(got.iter().all(|g| (g.world_size, g.attempt, g.resume_step) == (3, 2, 4)), "{got:?}");
+    let ra = AttemptRef { attempt: 2, ..ra };
+    assert_eq!(s.commit_checkpoint(&ra, 6, "/c/6".into(), String::new()).unwrap(), Command::Continue, "full size");
+}
