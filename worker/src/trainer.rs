@@ -19,7 +19,7 @@ use kernels::collective::Collective;
 use kernels::{Backend, clip_grad_norm, rng};
 use model::checkpoint::{self, Checkpoint};
 use model::data::{Pair, read_pairs, tokenize_pairs};
-use model::job::{JobSpec, Metric, ModelSpec};
+use model::job::{Device, JobSpec, Metric, ModelSpec};
 use model::net::{Bert2Bert, GenerateOptions, Inputs, LengthPenaltyKind, PassOptions};
 use model::optim::{Optimizer, Schedule};
 use model::pipeline::{Cursor, Dataset, Sampler, shard};
@@ -76,7 +76,7 @@ pub struct Trainer<'a, B: Backend, C: Collective<B>> {
     /// With more than one rank, gradients are all-reduced in buckets of about this many MB
     /// (1e6 bytes) on a background thread while the last micro-batch's backward goes on;
     /// 0 turns the overlap off (one all-reduce after backward). The result is bitwise the same.
-    /// From `training.grad_bucket_mb`.
+    /// From `training.grad_bucket_mb` on CPU jobs, 0 on CUDA jobs.
     pub grad_bucket_mb: f64,
     /// Staging buffers of the buckets, reused from step to step.
     grad_stage: Vec<B::Buf>,
@@ -131,7 +131,12 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
             step: 0,
             cursor: Cursor::default(),
             stop: None,
-            grad_bucket_mb: job.training.grad_bucket_mb as f64,
+            // Only the CPU ring blocks the host; NCCL queues collectives on the GPU stream, where
+            // a host thread would hide nothing (and that path is untested with threads).
+            grad_bucket_mb: match job.resources.device {
+                Device::Cpu => job.training.grad_bucket_mb as f64,
+                Device::Cuda => 0.0,
+            },
             grad_stage: Vec::new(),
             comm_wait_ms: 0.0,
             job,
