@@ -197,7 +197,10 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
         let micros = shard(&global, job.micro_batch(), rank, world);
         let n = self.net.table.storage_len;
         let bucket_len = (self.grad_bucket_mb.max(0.0) * 1e6 / 4.0) as usize;
-        let overlap = world > 1 && bucket_len > 0;
+        // Every rank must run a backward to report buckets; all ranks see the same global batch,
+        // so they agree when one would have no micro-batch and all fall back to one all-reduce.
+        let every_rank_busy = global.len().div_ceil(job.micro_batch().max(1)) >= world;
+        let overlap = world > 1 && bucket_len > 0 && every_rank_busy;
         let mut buckets = Buckets::new(n, bucket_len, BLOCK_FLOATS * world);
         let mut spare = std::mem::take(&mut self.grad_stage).into_iter();
         let (coll, net, train, step) = (self.coll, &mut self.net, &self.train, self.step);
