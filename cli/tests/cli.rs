@@ -1,26 +1,17 @@
 //! The command-line contract, end to end through the real binary: init, score and bench work
 //! on a tiny BERT made here, and bad input exits 2 with a message that names the culprit.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
+use std::path::Path;
+
+use common::{run, stderr};
 use model::testing;
 use serde_json::Value;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_bert2bert"))
-}
-
-fn run(args: &[&str]) -> Output {
-    let out = bin().args(args).output().expect("run bert2bert");
-    eprintln!("$ bert2bert {}\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    out
-}
-
 /// A tiny random BERT directory; `break_tensor` writes that tensor with a wrong shape.
 fn make_bert(dir: &Path, break_tensor: Option<&str>) {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    testing::write_bert_dir(dir, seed, break_tensor);
+    testing::write_bert_dir(dir, common::clock_seed(), break_tensor);
 }
 
 fn write_data(path: &Path, lines: &[&str]) {
@@ -32,10 +23,6 @@ const GOOD: &[&str] = &[
     r#"{"source": "And God said", "target": "God said"}"#,
     r#"{"source": "the light of the day and the night of the earth", "target": "light is day, night is earth."}"#,
 ];
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 #[test]
 fn init_then_score_is_batch_invariant_and_json() {

@@ -1,34 +1,20 @@
 //! The real `bert2bert coordinator` process on 127.0.0.1:0, driven by the real client
 //! subcommands. No fixed sleeps: every wait is for a line or a process exit.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
+use std::io::BufReader;
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
+
+use common::{Proc, read_line, stdout};
 
 const TOKEN: &str = "cli-test-token";
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_bert2bert"));
+    let mut c = common::exe();
     c.env_remove("BERT2BERT_TOKEN").env_remove("BERT2BERT_COORDINATOR").env("BERT2BERT_LOG", "warn");
     c
-}
-
-/// Kills the child if a test fails before it is stopped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn first_line(out: &mut BufReader<ChildStdout>) -> String {
-    let mut line = String::new();
-    out.read_line(&mut line).expect("read child stdout");
-    line.trim().to_owned()
 }
 
 fn client(addr: &str, args: &[&str]) -> Output {
@@ -38,10 +24,6 @@ fn client(addr: &str, args: &[&str]) -> Output {
         .env("BERT2BERT_TOKEN", TOKEN)
         .output()
         .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn write_job(dir: &Path, name: &str, steps: u64) -> String {
@@ -109,7 +91,7 @@ fn coordinator_process_serves_the_client_commands() {
             .spawn()
             .unwrap(),
     );
-    let waited_id = first_line(&mut BufReader::new(waiter.0.stdout.take().unwrap()));
+    let waited_id = read_line(&mut BufReader::new(waiter.0.stdout.take().unwrap()));
     assert!(waited_id.starts_with("job-") && waited_id != id, "{waited_id}");
     let o = client(addr, &["cancel", &waited_id]);
     assert!(o.status.success() && stdout(&o).contains("CANCELLED"), "{o:?}");
@@ -117,7 +99,7 @@ fn coordinator_process_serves_the_client_commands() {
     assert_eq!(status.code(), Some(1), "--wait exits 1 when the job did not succeed");
 
     // SIGTERM: a clean exit.
-    signal(&coord, "TERM");
+    coord.signal("TERM");
     let status = coord.0.wait().unwrap();
     assert!(status.success(), "coordinator exit: {status:?}");
 
@@ -130,30 +112,19 @@ fn coordinator_process_serves_the_client_commands() {
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         let states: Vec<_> = v["jobs"].as_array().unwrap().iter().map(|j| j["state"].as_str().unwrap()).collect();
         assert_eq!(states, ["CANCELLED", "PENDING"]);
-        signal(&coord, how);
+        coord.signal(how);
         coord.0.wait().unwrap();
     }
 }
 
 fn spawn_coordinator(state: &Path, token_file: &Path) -> (Proc, String) {
-    let mut coord = Proc(
+    common::spawn_coordinator(
         bin()
             .args(["coordinator", "--listen", "127.0.0.1:0", "--state"])
             .arg(state)
             .arg("--token-file")
-            .arg(token_file)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let line = first_line(&mut BufReader::new(coord.0.stdout.take().unwrap()));
-    let addr = line.strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-    (coord, addr.to_owned())
-}
-
-fn signal(p: &Proc, name: &str) {
-    let pid = p.0.id().to_string();
-    assert!(Command::new("kill").args([&format!("-{name}"), &pid]).status().unwrap().success());
+            .arg(token_file),
+    )
 }
 
 #[test]

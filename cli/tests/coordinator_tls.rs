@@ -1,61 +1,24 @@
 //! `bert2bert coordinator` with TLS (certificates made here with rcgen) and --metrics-listen,
 //! driven by the real `list` client. Every wait is for a line or a process exit.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::io::{BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use common::{Proc, listening_on, pki, pki_with_client, read_line, stderr};
 
 const TOKEN: &str = "tls-test-token";
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_bert2bert"));
+    let mut c = common::exe();
     for var in ["BERT2BERT_COORDINATOR", "BERT2BERT_TLS_CA", "BERT2BERT_TLS_CERT", "BERT2BERT_TLS_KEY"] {
         c.env_remove(var);
     }
     c.env("BERT2BERT_TOKEN", TOKEN).env("BERT2BERT_LOG", "warn");
     c
-}
-
-/// Kills the child if a test fails before it is stopped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// A fresh CA (random key) and a server certificate for 127.0.0.1 it issued: (ca, cert, key).
-fn pki(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let (ca, cert, key, _) = pki_with_client(dir, name);
-    (ca, cert, key)
-}
-
-/// [`pki`], plus a client certificate and key from the same CA.
-fn pki_with_client(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf, (PathBuf, PathBuf)) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, format!("{name} CA"));
-    let ca = params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &issuer).unwrap();
-    let write = |file: &str, text: String| {
-        let p = dir.join(format!("{name}-{file}"));
-        std::fs::write(&p, text).unwrap();
-        p
-    };
-    let client_key = KeyPair::generate().unwrap();
-    let client = CertificateParams::new(vec!["worker".to_owned()]).unwrap().signed_by(&client_key, &issuer).unwrap();
-    let client = (write("client.pem", client.pem()), write("client.key", client_key.serialize_pem()));
-    (write("ca.pem", ca.pem()), write("cert.pem", cert.pem()), write("key.pem", key.serialize_pem()), client)
 }
 
 fn list(url: &str, extra: &[&Path]) -> Output {
@@ -65,10 +28,6 @@ fn list(url: &str, extra: &[&Path]) -> Output {
         c.arg("--tls-ca").arg(ca);
     }
     c.output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]
@@ -89,14 +48,8 @@ fn tls_coordinator_serves_https_clients_that_trust_its_ca_and_metrics() {
             .unwrap(),
     );
     let mut out = BufReader::new(coord.0.stdout.take().unwrap());
-    let mut line = || {
-        let mut l = String::new();
-        out.read_line(&mut l).unwrap();
-        l.trim().to_owned()
-    };
-    let first = line();
-    let addr = first.strip_prefix("listening on ").unwrap_or_else(|| panic!("{first:?}")).to_owned();
-    let second = line();
+    let addr = listening_on(&read_line(&mut out));
+    let second = read_line(&mut out);
     let metrics = second.strip_prefix("metrics on http://").and_then(|m| m.strip_suffix("/metrics"));
     let metrics = metrics.unwrap_or_else(|| panic!("{second:?}")).to_owned();
     let https = format!("https://{addr}");
@@ -133,8 +86,7 @@ fn tls_coordinator_serves_https_clients_that_trust_its_ca_and_metrics() {
     assert!(text.contains(want), "{text}");
     assert!(text.contains("\nbert2bert_jobs{state=\"PENDING\"} 0\n"), "{text}");
 
-    let pid = coord.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    coord.signal("TERM");
     assert!(coord.0.wait().unwrap().success());
 }
 
@@ -193,7 +145,7 @@ fn mutual_tls_needs_a_client_certificate_from_the_ca() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key, (client_cert, client_key)) = pki_with_client(dir.path(), "good");
     let (_, _, _, (foreign_cert, foreign_key)) = pki_with_client(dir.path(), "other");
-    let mut coord = Proc(
+    let (_coord, addr) = common::spawn_coordinator(
         bin()
             .args(["coordinator", "--listen", "127.0.0.1:0", "--state"])
             .arg(dir.path().join("state"))
@@ -202,14 +154,8 @@ fn mutual_tls_needs_a_client_certificate_from_the_ca() {
             .arg("--tls-key")
             .arg(&key)
             .arg("--tls-client-ca")
-            .arg(&ca)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .arg(&ca),
     );
-    let mut first = String::new();
-    BufReader::new(coord.0.stdout.take().unwrap()).read_line(&mut first).unwrap();
-    let addr = first.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{first:?}")).to_owned();
     let https = format!("https://{addr}");
     let list_as = |identity: Option<(&Path, &Path)>| {
         let mut c = bin();

@@ -2,28 +2,13 @@
 //! step (and a new file on resume), and `bert2bert plot` draws them to a PNG, tolerating a torn
 //! last record and exiting 2 where there are no event files.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output};
 
-use model::testing;
+use common::run_in;
 use worker::tensorboard::{event_files, frame, read_scalars};
-
-fn run(args: &[&str], dir: &Path) -> Output {
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_bert2bert")).args(args).current_dir(dir).output().expect("run bert2bert");
-    eprintln!("$ bert2bert {}\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-fn setup(root: &Path) {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    testing::write_bert_dir(&root.join("bert"), seed, None);
-    testing::write_pairs(&root.join("train.jsonl"), 4);
-    testing::write_pairs(&root.join("valid.jsonl"), 1);
-    let o = run(&["init", "--encoder", "bert", "--decoder", "bert", "--variant", "bert2bert", "--out", "b2b"], root);
-    assert!(o.status.success());
-}
 
 const JOB: &str = r#"
 name: tiny
@@ -62,9 +47,9 @@ fn decode_png(path: &Path) -> (u32, u32, std::collections::HashSet<[u8; 3]>) {
 fn train_writes_event_files_and_plot_draws_them() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    setup(root);
+    common::tiny_model_with_validation(root);
     std::fs::write(root.join("job.yaml"), JOB).unwrap();
-    let o = run(&["train", "job.yaml", "--eval-examples", "1"], root);
+    let o = run_in(&["train", "job.yaml", "--eval-examples", "1"], root);
     assert!(o.status.success());
     let logs = root.join("ckpt/logs");
     assert_eq!(event_files(&logs).unwrap().len(), 1);
@@ -79,12 +64,12 @@ fn train_writes_event_files_and_plot_draws_them() {
 
     // A longer job resumes at step 8 and appends a second file; steps stay one each.
     std::fs::write(root.join("job.yaml"), JOB.replace("steps: 8,", "steps: 12,")).unwrap();
-    let o = run(&["train", "job.yaml", "--eval-examples", "1"], root);
+    let o = run_in(&["train", "job.yaml", "--eval-examples", "1"], root);
     assert!(o.status.success());
     assert_eq!(event_files(&logs).unwrap().len(), 2);
     assert_eq!(steps_by_tag(&logs)["train/loss"], (1..=12).collect::<Vec<i64>>());
 
-    let o = run(&["plot", "job.yaml", "--out", "curves.png"], root);
+    let o = run_in(&["plot", "job.yaml", "--out", "curves.png"], root);
     assert!(o.status.success());
     let (w, h, colours) = decode_png(&root.join("curves.png"));
     assert_eq!((w, h), (1200, 900));
@@ -103,7 +88,7 @@ fn train_writes_event_files_and_plot_draws_them() {
     let mut bytes = std::fs::read(&last).unwrap();
     bytes.extend_from_slice(&torn[..torn.len() - 7]);
     std::fs::write(&last, bytes).unwrap();
-    let o = run(&["plot", "ckpt/logs", "--out", "torn.png", "--width", "640", "--height", "480"], root);
+    let o = run_in(&["plot", "ckpt/logs", "--out", "torn.png", "--width", "640", "--height", "480"], root);
     assert!(o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("warning") && err.contains("torn record"), "{err}");
@@ -114,9 +99,9 @@ fn train_writes_event_files_and_plot_draws_them() {
 fn two_workers_write_one_event_file_from_rank_0() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    setup(root);
+    common::tiny_model_with_validation(root);
     std::fs::write(root.join("job.yaml"), JOB.replace("workers: 1", "workers: 2")).unwrap();
-    let o = run(&["train", "job.yaml", "--workers", "2"], root);
+    let o = run_in(&["train", "job.yaml", "--workers", "2"], root);
     assert!(o.status.success());
     let logs = root.join("ckpt/logs");
     assert_eq!(event_files(&logs).unwrap().len(), 1, "only rank 0 writes");
@@ -132,17 +117,17 @@ fn plot_without_event_files_exits_2_naming_the_dir() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     std::fs::create_dir(root.join("empty")).unwrap();
-    let o = run(&["plot", "empty", "--out", "x.png"], root);
+    let o = run_in(&["plot", "empty", "--out", "x.png"], root);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("empty") && err.contains("no TensorBoard event files"), "{err}");
     // A job whose log dir does not exist yet, and a path that is neither.
     std::fs::write(root.join("job.yaml"), JOB).unwrap();
-    let o = run(&["plot", "job.yaml"], root);
+    let o = run_in(&["plot", "job.yaml"], root);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("ckpt/logs: no such log directory"), "{err}");
-    let o = run(&["plot", "nowhere"], root);
+    let o = run_in(&["plot", "nowhere"], root);
     assert_eq!(o.status.code(), Some(2));
     assert!(!root.join("x.png").exists() && !root.join("curves.png").exists());
 }

@@ -3,45 +3,18 @@
 //! process with two `worker` processes and `submit --wait`. No fixed sleeps: every wait is for a
 //! line or a process exit; every child is killed on drop.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 
-use model::testing;
+use common::{Proc, bin};
 
 const TOKEN: &str = "distributed-test-token";
 
-fn bin(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_bert2bert"));
-    c.current_dir(dir)
-        .env_remove("BERT2BERT_TOKEN")
-        .env_remove("BERT2BERT_WORKER_TOKEN")
-        .env_remove("BERT2BERT_COORDINATOR")
-        .env("BERT2BERT_LOG", "warn");
-    c
-}
-
-/// Kills the child if it still runs when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 fn setup(root: &Path) {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    testing::write_bert_dir(&root.join("bert"), seed, None);
-    testing::write_pairs(&root.join("train.jsonl"), 8);
-    let o = bin(root)
-        .args(["init", "--encoder", "bert", "--decoder", "bert", "--variant", "bert2bert", "--out", "b2b"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::tiny_model(root, 8);
     std::fs::write(root.join("job.yaml"), JOB).unwrap();
 }
 
@@ -80,17 +53,7 @@ fn coordinator_and_two_workers_run_a_submitted_job() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     setup(root);
-    let mut coord = Proc(
-        bin(root)
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--state", "state"])
-            .env("BERT2BERT_TOKEN", TOKEN)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(coord.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("no address: {line:?}")).to_owned();
+    let (_coord, addr) = common::coordinator(root, TOKEN, &[]);
     let url = format!("http://{addr}");
     let _workers: Vec<Proc> = (0..2)
         .map(|_| {
@@ -104,20 +67,12 @@ fn coordinator_and_two_workers_run_a_submitted_job() {
             )
         })
         .collect();
-    let o = bin(root)
-        .args(["submit", "job.yaml", "--wait", "--coordinator", &url])
-        .env("BERT2BERT_TOKEN", TOKEN)
-        .output()
-        .unwrap();
+    let o = common::client(bin(root), &url, TOKEN, &["submit", "job.yaml", "--wait"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(String::from_utf8_lossy(&o.stdout).trim().starts_with("job-"));
     assert!(checkpoints(root).contains(&"step-00000004".to_owned()), "{:?}\n{err}", checkpoints(root));
-    let o = bin(root)
-        .args(["status", "job-1", "--json", "--coordinator", &url])
-        .env("BERT2BERT_TOKEN", TOKEN)
-        .output()
-        .unwrap();
+    let o = common::client(bin(root), &url, TOKEN, &["status", "job-1", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(
         (v["state"].as_str(), v["step"].as_u64(), v["checkpoint_step"].as_u64()),

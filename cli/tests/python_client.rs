@@ -4,37 +4,18 @@
 //! coordinator's CA. Needs $B2B_PYTHON with grpcio and
 //! grpcio-tools (scripts/setup_python.sh); skips without it unless B2B_REQUIRE_PYTHON=1.
 
+mod common;
+
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use model::testing;
+use common::{Proc, bin, pki};
 
 const TOKEN: &str = "python-client-test-token";
-
-fn bin(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_bert2bert"));
-    c.current_dir(dir)
-        .env_remove("BERT2BERT_TOKEN")
-        .env_remove("BERT2BERT_WORKER_TOKEN")
-        .env_remove("BERT2BERT_COORDINATOR")
-        .env("BERT2BERT_LOG", "warn");
-    c
-}
-
-/// Kills the child if it still runs when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
 
 /// The interpreter to use, or None (after saying why) when the test should be skipped.
 fn python() -> Option<PathBuf> {
@@ -63,14 +44,7 @@ fn python_client_submits_watches_and_reads_the_final_status() {
     let Some(py) = python() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    testing::write_bert_dir(&root.join("bert"), seed, None);
-    testing::write_pairs(&root.join("train.jsonl"), 8);
-    let o = bin(root)
-        .args(["init", "--encoder", "bert", "--decoder", "bert", "--variant", "bert2bert", "--out", "b2b"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::tiny_model(root, 8);
     // The client sends the file as it is: absolute paths, as the API asks.
     let r = root.display();
     std::fs::write(
@@ -85,17 +59,7 @@ fn python_client_submits_watches_and_reads_the_final_status() {
     .unwrap();
     std::fs::write(root.join("token"), format!("{TOKEN}\n")).unwrap();
 
-    let mut coord = Proc(
-        bin(root)
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--state", "state"])
-            .env("BERT2BERT_TOKEN", TOKEN)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(coord.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("no address: {line:?}")).to_owned();
+    let (_coord, addr) = common::coordinator(root, TOKEN, &[]);
 
     let stubs = root.join("stubs");
     let mut client = Proc(
@@ -120,7 +84,7 @@ fn python_client_submits_watches_and_reads_the_final_status() {
     });
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut lines = Vec::new();
-    let mut next_line = |lines: &mut Vec<String>| -> Option<String> {
+    let next_line = |lines: &mut Vec<String>| -> Option<String> {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(l) => {
@@ -167,11 +131,7 @@ fn python_client_submits_watches_and_reads_the_final_status() {
     let id = out_lines.next().unwrap_or("").to_owned();
     assert!(id.starts_with("job-"), "{out}");
     let from_python: serde_json::Value = serde_json::from_str(out_lines.next().unwrap_or("")).unwrap();
-    let o = bin(root)
-        .args(["status", &id, "--json", "--coordinator", &addr])
-        .env("BERT2BERT_TOKEN", TOKEN)
-        .output()
-        .unwrap();
+    let o = common::client(bin(root), &addr, TOKEN, &["status", &id, "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let from_cli: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(from_python, from_cli);
@@ -198,25 +158,6 @@ fn python_client_submits_watches_and_reads_the_final_status() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("UNAUTHENTICATED"), "{o:?}");
 }
 
-/// A fresh CA and a server certificate for 127.0.0.1 it issued: (ca, cert, key).
-fn pki(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, format!("{name} CA"));
-    let ca = params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &issuer).unwrap();
-    let write = |file: &str, text: String| {
-        let p = dir.join(format!("{name}-{file}"));
-        std::fs::write(&p, text).unwrap();
-        p
-    };
-    (write("ca.pem", ca.pem()), write("cert.pem", cert.pem()), write("key.pem", key.serialize_pem()))
-}
-
 #[test]
 fn python_client_speaks_tls_with_the_coordinators_ca() {
     let Some(py) = python() else { return };
@@ -224,20 +165,8 @@ fn python_client_speaks_tls_with_the_coordinators_ca() {
     let root = tmp.path();
     let (ca, cert, key) = pki(root, "good");
     let (other_ca, _, _) = pki(root, "other");
-    let mut coord = Proc(
-        bin(root)
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--state", "state", "--tls-cert"])
-            .arg(&cert)
-            .arg("--tls-key")
-            .arg(&key)
-            .env("BERT2BERT_TOKEN", TOKEN)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(coord.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("no address: {line:?}")).to_owned();
+    let tls = [OsStr::new("--tls-cert"), cert.as_os_str(), OsStr::new("--tls-key"), key.as_os_str()];
+    let (_coord, addr) = common::coordinator(root, TOKEN, &tls);
     let list = |url: &str, ca: Option<&Path>| {
         let mut c = Command::new(&py);
         c.arg(client_script()).args(["--coordinator", url]);

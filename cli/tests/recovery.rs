@@ -5,64 +5,33 @@
 //! collective gives up after 3 s, and a job short of workers starts on at least `min_workers`
 //! after 1 s, so that each test recovers in seconds.
 
+mod common;
+
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::Proc;
 use model::testing;
 use serde_json::Value;
 
 const TOKEN: &str = "recovery-test-token";
 const WAIT: Duration = Duration::from_secs(90);
 
+/// [`common::bin`] logging at `info` without colours: the tests read the log lines.
 fn bin(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_bert2bert"));
-    c.current_dir(dir)
-        .env_remove("BERT2BERT_TOKEN")
-        .env_remove("BERT2BERT_WORKER_TOKEN")
-        .env_remove("BERT2BERT_COORDINATOR")
-        .env("BERT2BERT_LOG", "info")
-        .env("NO_COLOR", "1");
+    let mut c = common::bin_logging(dir, "info");
+    c.env("NO_COLOR", "1");
     c
-}
-
-/// Kills the child if it still runs when dropped (a stopped one too: SIGKILL ends it).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-impl Proc {
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([&format!("-{sig}"), &self.0.id().to_string()]).status().unwrap();
-        assert!(ok.success(), "kill -{sig} {}", self.0.id());
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(s) = self.0.try_wait().unwrap() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
 }
 
 /// A tiny BERT2BERT model, training pairs and a job file in `root`. Dropout is off so that
 /// runs with different micro-batch layouts can be compared.
 fn setup(root: &Path, job: &str) {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let seed = common::clock_seed();
     eprintln!("recovery test seed {seed}");
     let bert = root.join("bert");
     testing::write_bert_dir(&bert, seed, None);
@@ -71,11 +40,7 @@ fn setup(root: &Path, job: &str) {
     cfg["attention_probs_dropout_prob"] = 0.0.into();
     std::fs::write(bert.join("config.json"), cfg.to_string()).unwrap();
     testing::write_pairs(&root.join("train.jsonl"), 8);
-    let o = bin(root)
-        .args(["init", "--encoder", "bert", "--decoder", "bert", "--variant", "bert2bert", "--out", "b2b"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::init_b2b(bin(root));
     std::fs::write(root.join("job.yaml"), job).unwrap();
 }
 
@@ -159,8 +124,7 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let line = common::read_line(&mut BufReader::new(child.stdout.take().unwrap()));
         assert!(line.starts_with("listening on "), "coordinator did not start: {line:?}\n{}", self.logs());
         self.coordinator = Some(Proc(child));
     }
@@ -181,7 +145,7 @@ impl Cluster {
     }
 
     fn client(&self, args: &[&str]) -> std::process::Output {
-        bin(&self.root).args(args).args(["--coordinator", &self.url()]).env("BERT2BERT_TOKEN", TOKEN).output().unwrap()
+        common::client(bin(&self.root), &self.url(), TOKEN, args)
     }
 
     fn submit(&self) -> String {

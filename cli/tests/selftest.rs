@@ -1,15 +1,10 @@
 //! `bert2bert selftest` through the real binary: CPU against the CPU oracle passes and covers
 //! every op family, and `--device cuda` without a driver is a clean usage error.
 
-use std::process::{Command, Output};
+mod common;
 
+use common::run;
 use serde_json::Value;
-
-fn run(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_bert2bert")).args(args).output().expect("run bert2bert");
-    eprintln!("$ bert2bert {}\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    out
-}
 
 #[test]
 fn cpu_selftest_passes_and_lists_every_op_family() {

@@ -1,27 +1,12 @@
 //! `train`, `eval` and `generate` end to end on a tiny model, and bad job files exit 2 naming
 //! the key or line.
 
+mod common;
+
 use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 
-use model::testing;
-
-fn run(args: &[&str], dir: &Path) -> Output {
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_bert2bert")).args(args).current_dir(dir).output().expect("run bert2bert");
-    eprintln!("$ bert2bert {}\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-fn setup(root: &Path) {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    testing::write_bert_dir(&root.join("bert"), seed, None);
-    testing::write_pairs(&root.join("train.jsonl"), 4);
-    testing::write_pairs(&root.join("valid.jsonl"), 1);
-    let o = run(&["init", "--encoder", "bert", "--decoder", "bert", "--variant", "bert2bert", "--out", "b2b"], root);
-    assert!(o.status.success());
-}
+use common::run_in;
 
 const JOB: &str = r#"
 name: tiny
@@ -37,9 +22,9 @@ resources: { workers: 1, device: cpu }
 fn train_eval_generate_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    setup(root);
+    common::tiny_model_with_validation(root);
     std::fs::write(root.join("job.yaml"), JOB).unwrap();
-    let o = run(&["train", "job.yaml", "--eval-examples", "4"], root);
+    let o = run_in(&["train", "job.yaml", "--eval-examples", "4"], root);
     assert!(o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("validation loss") && err.contains("BLEU"), "{err}");
@@ -53,7 +38,7 @@ fn train_eval_generate_end_to_end() {
         .collect();
     assert_eq!(ckpts, vec![std::ffi::OsString::from("step-00000006")]);
 
-    let o = run(
+    let o = run_in(
         &["eval", "--model", "ckpt/step-00000006", "--data", "valid.jsonl", "--json", "--beams", "2", "--max-len", "8"],
         root,
     );
@@ -63,7 +48,7 @@ fn train_eval_generate_end_to_end() {
         assert!(v[key].as_f64().is_some_and(f64::is_finite), "eval --json lacks {key}: {v}");
     }
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bert2bert"))
+    let mut child = common::exe()
         .args(["generate", "--model", "ckpt/step-00000006", "--beams", "3", "--max-len", "6"])
         .current_dir(root)
         .stdin(Stdio::piped())
@@ -77,7 +62,7 @@ fn train_eval_generate_end_to_end() {
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 2, "one output line per input line");
 
     // Running the finished job again resumes at its last step and trains nothing more.
-    let o = run(&["train", "job.yaml"], root);
+    let o = run_in(&["train", "job.yaml"], root);
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("resumed from"));
 }
@@ -86,7 +71,7 @@ fn train_eval_generate_end_to_end() {
 fn bad_job_files_exit_2_naming_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    setup(root);
+    common::tiny_model_with_validation(root);
     let cases = [
         (JOB.replace("seed: 3", "seed: 3, sede: 4"), "sede"),
         (JOB.replace("micro_batch: 2", "micro_batch: 3"), "training.micro_batch"),
@@ -95,7 +80,7 @@ fn bad_job_files_exit_2_naming_the_key() {
     ];
     for (text, want) in cases {
         std::fs::write(root.join("bad.yaml"), text).unwrap();
-        let o = run(&["train", "bad.yaml"], root);
+        let o = run_in(&["train", "bad.yaml"], root);
         assert_eq!(o.status.code(), Some(2));
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(e.contains(want) && e.contains("bad.yaml") && !e.contains("panicked"), "want `{want}` in: {e}");
@@ -105,7 +90,7 @@ fn bad_job_files_exit_2_naming_the_key() {
     let mut data = std::fs::read_to_string(root.join("train.jsonl")).unwrap();
     data.push_str("{\"source\": \"and\"}\n");
     std::fs::write(root.join("train.jsonl"), data).unwrap();
-    let o = run(&["train", "job.yaml"], root);
+    let o = run_in(&["train", "job.yaml"], root);
     assert_eq!(o.status.code(), Some(2));
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("train.jsonl") && e.contains("line 33") && e.contains("target"), "{e}");

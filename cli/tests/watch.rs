@@ -3,72 +3,31 @@
 //! BERT2BERT_COORDINATOR variable, and shell completions. No fixed sleeps: every wait polls a
 //! condition under a deadline; every child is killed on drop.
 
-use std::io::{BufRead, BufReader, Read};
+mod common;
+
+use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use model::testing;
+use common::{Proc, bin, stderr};
 
 const TOKEN: &str = "watch-test-token";
 
-fn bin(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_bert2bert"));
-    c.current_dir(dir)
-        .env_remove("BERT2BERT_TOKEN")
-        .env_remove("BERT2BERT_WORKER_TOKEN")
-        .env_remove("BERT2BERT_COORDINATOR")
-        .env("BERT2BERT_LOG", "warn");
-    c
-}
-
-/// Kills the child if it still runs when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 /// A coordinator process on 127.0.0.1:0; returns it with its URL.
 fn coordinator(root: &Path) -> (Proc, String) {
-    let mut coord = Proc(
-        bin(root)
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--state", "state"])
-            .env("BERT2BERT_TOKEN", TOKEN)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(coord.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("no address: {line:?}")).to_owned();
+    let (coord, addr) = common::coordinator(root, TOKEN, &[]);
     (coord, format!("http://{addr}"))
 }
 
 fn client(root: &Path, url: &str, args: &[&str]) -> Output {
-    bin(root).args(args).args(["--coordinator", url]).env("BERT2BERT_TOKEN", TOKEN).output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    common::client(bin(root), url, TOKEN, args)
 }
 
 /// A tiny BERT2BERT model, data and a 10-step one-worker job in `root`.
 fn setup(root: &Path) {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    testing::write_bert_dir(&root.join("bert"), seed, None);
-    testing::write_pairs(&root.join("train.jsonl"), 8);
-    let o = bin(root)
-        .args(["init", "--encoder", "bert", "--decoder", "bert", "--variant", "bert2bert", "--out", "b2b"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    common::tiny_model(root, 8);
     std::fs::write(
         root.join("job.yaml"),
         "name: tiny-watch\nmodel: { init: b2b }\n\
@@ -153,14 +112,7 @@ fn watch_draws_a_live_bar_on_a_terminal() {
     let _worker =
         Proc(bin(root).args(["worker", "--coordinator", &url]).env("BERT2BERT_WORKER_TOKEN", TOKEN).spawn().unwrap());
     wait_for(&out, &mut watch, 300, "the end of the job", |t| t.contains("SUCCEEDED"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = watch.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "watch did not exit after the job ended");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = watch.wait_exit(Duration::from_secs(30)).expect("watch did not exit after the job ended");
     reader.join().unwrap();
     let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
     assert!(status.success(), "watch exit {status}:\n{text}");
