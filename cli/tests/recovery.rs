@@ -446,3 +446,24 @@ fn elastic_gang_of_three_for_four_equals_one_process() {
     train(root, "job1.yaml", "1");
     assert_same_parameters(root, "1", "3");
 }
+
+/// A job that started short (1 of 2 workers, after the elastic wait) grows to 2 when a second
+/// worker turns up: at rank 0's next checkpoint the attempt ends, without counting a restart,
+/// and the job finishes on a gang of 2 from that checkpoint.
+#[test]
+fn short_gang_grows_when_a_worker_joins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    setup(root, &long_job(300));
+    let mut c = Cluster::new(root);
+    let first = c.add_worker();
+    let job = c.submit();
+    c.wait_for(&job, "the first step on one worker", |v| v["step"].as_u64().unwrap_or(0) >= 1);
+    assert!(c.wait_log(first, "assigned").contains("world=1"));
+    let second = c.add_worker();
+    let joined = c.wait_log(second, "assigned");
+    assert!(joined.contains("world=2"), "{joined}");
+    let v = c.wait_succeeded(&job);
+    assert_eq!(v["restarts"], 0, "growing is not a restart: {v}");
+    assert_final_checkpoint(root, 300);
+}
