@@ -1,12 +1,12 @@
 //! The job manager: submit, get, list, cancel, and the per-job event broadcast behind Watch.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use model::job::JobSpec;
 use tokio::sync::broadcast;
 
-use crate::domain::{Clock, Job, JobEvent, JobFilter, JobState, NewJob};
+use crate::domain::{Clock, Job, JobEvent, JobFilter, JobState, NewJob, WorkerEvent};
 use crate::error::{Error, Result};
 use crate::store::Store;
 
@@ -20,6 +20,9 @@ pub struct Jobs {
     /// One sender per job that has (or had) watchers; dropped when the job ends, which ends
     /// the watchers' streams after they drain.
     channels: Mutex<HashMap<String, broadcast::Sender<JobEvent>>>,
+    /// The latest worker event of each rank of each unfinished job, so that a watcher that
+    /// arrives after the gang formed still learns who is in it.
+    members: Mutex<HashMap<String, BTreeMap<u32, WorkerEvent>>>,
     /// Serialises read-modify-write sequences on jobs.
     write: Mutex<()>,
 }
@@ -27,13 +30,21 @@ pub struct Jobs {
 /// A watch: the job as it was when the subscription started, then its events.
 pub struct Subscription {
     pub job: Job,
+    /// The latest event of each rank of the job's gang, by rank (empty once the job ended).
+    pub members: Vec<WorkerEvent>,
     /// `None` when the job had already ended: there is nothing more to come.
     pub events: Option<broadcast::Receiver<JobEvent>>,
 }
 
 impl Jobs {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Jobs {
-        Jobs { store, clock, channels: Mutex::new(HashMap::new()), write: Mutex::new(()) }
+        Jobs {
+            store,
+            clock,
+            channels: Mutex::new(HashMap::new()),
+            members: Mutex::new(HashMap::new()),
+            write: Mutex::new(()),
+        }
     }
 
     fn lock<'a, T>(m: &'a Mutex<T>) -> Result<std::sync::MutexGuard<'a, T>> {
@@ -94,6 +105,7 @@ impl Jobs {
         self.publish(&job.id, JobEvent::Job(job.clone()));
         if job.state.is_terminal() {
             Self::lock(&self.channels).map(|mut c| c.remove(&job.id)).ok();
+            Self::lock(&self.members).map(|mut m| m.remove(&job.id)).ok();
         }
         Ok(job)
     }
@@ -112,6 +124,11 @@ impl Jobs {
 
     /// Sends an event to the job's watchers, if any.
     pub fn publish(&self, id: &str, event: JobEvent) {
+        if let JobEvent::Worker(w) = &event
+            && let Ok(mut members) = Self::lock(&self.members)
+        {
+            members.entry(id.to_owned()).or_default().insert(w.rank, w.clone());
+        }
         if let Ok(channels) = Self::lock(&self.channels)
             && let Some(tx) = channels.get(id)
         {
@@ -136,9 +153,12 @@ impl Jobs {
         };
         if job.state.is_terminal() {
             self.forget_if_unwatched(id);
-            return Ok(Subscription { job, events: None });
+            // Members that reported after the job ended (e.g. rank 1 leaving) are dropped here.
+            Self::lock(&self.members)?.remove(id);
+            return Ok(Subscription { job, members: Vec::new(), events: None });
         }
-        Ok(Subscription { job, events: Some(rx) })
+        let members = Self::lock(&self.members)?.get(id).map(|m| m.values().cloned().collect()).unwrap_or_default();
+        Ok(Subscription { job, members, events: Some(rx) })
     }
 
     fn forget_if_unwatched(&self, id: &str) {
@@ -199,5 +219,28 @@ mod tests {
         assert!(rx.recv().await.is_err(), "closed after the terminal state");
         let again = j.watch(&job.id).unwrap();
         assert!(again.events.is_none());
+    }
+
+    #[test]
+    fn a_late_watcher_learns_the_latest_event_of_each_member() {
+        use crate::domain::{WorkerEvent, WorkerEventKind};
+        let j = jobs();
+        let job = j.submit(&spec()).unwrap();
+        let event = |rank: u32, kind, message: &str| {
+            JobEvent::Worker(WorkerEvent { worker_id: format!("w{rank}"), rank, kind, message: message.into() })
+        };
+        j.publish(&job.id, event(1, WorkerEventKind::Joined, "attempt 1"));
+        j.publish(&job.id, event(0, WorkerEventKind::Joined, "attempt 1"));
+        j.publish(&job.id, event(0, WorkerEventKind::Checkpoint, "step 4"));
+        let members: Vec<(u32, WorkerEventKind, String)> =
+            j.watch(&job.id).unwrap().members.into_iter().map(|w| (w.rank, w.kind, w.message)).collect();
+        assert_eq!(
+            members,
+            [(0, WorkerEventKind::Checkpoint, "step 4".to_owned()), (1, WorkerEventKind::Joined, "attempt 1".into())]
+        );
+        j.cancel(&job.id, "").unwrap();
+        j.publish(&job.id, event(1, WorkerEventKind::Left, "done"));
+        assert!(j.watch(&job.id).unwrap().members.is_empty(), "an ended job has no gang");
+        assert!(j.watch(&job.id).unwrap().members.is_empty());
     }
 }

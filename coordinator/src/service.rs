@@ -71,6 +71,11 @@ impl JobService for JobApi {
             if !send(JobEvent::Job(sub.job)).await {
                 return;
             }
+            for member in sub.members {
+                if !send(JobEvent::Worker(member)).await {
+                    return;
+                }
+            }
             let Some(mut events) = sub.events else { return };
             loop {
                 let event = tokio::select! {
