@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Our ring all-reduce (worker/examples/allreduce.rs) against torch.distributed gloo on loopback,
-# side by side. Both run ROUNDS times, alternating, and each size keeps its best round (the
-# median of ITERS timed calls within a round), so a burst of other load on the machine does not
-# decide the comparison. "cpu ms" is the user + system CPU time per call of all ranks together
-# (the lowest round's): on loopback the collective is CPU work, and CPU time varies much less
-# than wall time when the machine is busy.
+# side by side, both with one process per rank on 127.0.0.1. Both run ROUNDS times, alternating,
+# and each size keeps its best round (the median of ITERS timed calls within a round), so a burst
+# of other load on the machine does not decide the comparison. "cpu ms" is the user + system CPU
+# time per call of all ranks together (the lowest round's): on loopback the collective is CPU
+# work, and CPU time varies much less than wall time when the machine is busy.
 #
 #   bench/allreduce/run.sh [--ranks 2] [--sizes 1,4,16,64,256] [--iters 10] [--rounds 3]
 #
@@ -39,7 +39,8 @@ for ((r = 1; r <= rounds; r++)); do
     "$python" bench/allreduce/gloo.py --ranks "$ranks" --sizes "$sizes" --iters "$iters" --json >>"$out"
 done
 
-echo "$(date -u +%Y-%m-%dT%H:%MZ) $(uname -n), $(nproc) CPUs, $ranks ranks on 127.0.0.1, best of $rounds rounds x median of $iters"
+echo "$(date -u +%Y-%m-%dT%H:%MZ) $(uname -n), $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)," \
+    "$ranks rank processes on 127.0.0.1, best of $rounds rounds x median of $iters"
 "$python" - "$out" <<'EOF'
 import json, sys
 best, cpu = {}, {}
