@@ -11,8 +11,10 @@
 # Stages (each under `timeout`, all within about 7.5 minutes; a failing stage does not stop the later ones):
 #   1. bert2bert selftest --device cuda                     every op and a model step against the CPU oracle
 #   2. bert2bert bench --device cuda --config bert-base --batch 32 --src-len 128 --tgt-len 128 --steps 10 --json
-#   3. bench/pytorch_gpu.py --mode eager                    transformers EncoderDecoderModel, bf16 autocast
-#   4. bench/pytorch_gpu.py --mode compile                  the same under torch.compile
+#   3. scripts/worker-smoke.sh                              a coordinator and one `worker --device cuda` train a tiny
+#                                                           job (NCCL unique id relay, world 1, checkpoint commit)
+#   4. bench/pytorch_gpu.py --mode eager                    transformers EncoderDecoderModel, bf16 autocast
+#   5. bench/pytorch_gpu.py --mode compile                  the same under torch.compile
 # then a table: tokens/s ours vs eager vs compile, the ratios, MFU (vs 989 TFLOP/s bf16 dense) and peak memory.
 # --quick: the selftest and a small bench of ours only (minilm, batch 8, 64+64 tokens, 3 steps).
 #
@@ -200,7 +202,13 @@ if ((have_bin)); then
   cat "$work/bench_bert2bert.json"
 fi
 
-# ---- 3, 4. PyTorch ----
+# ---- 3. a CUDA worker through the coordinator ----
+say "worker smoke: scripts/worker-smoke.sh (coordinator + one cuda worker, tiny job, NCCL world 1)"
+run_stage "worker smoke" 90 env BERT2BERT="$BIN" PYTHON="$PYTHON" DEVICE=cuda scripts/worker-smoke.sh \
+  "$work/worker-smoke" >"$work/worker-smoke.txt" 2>&1
+tail -n 20 "$work/worker-smoke.txt"
+
+# ---- 4, 5. PyTorch ----
 if ((!QUICK)); then
   py_args=(--batch 32 --src-len 128 --tgt-len 128 --steps 10 --warmup 3 --json)
   say "pytorch eager: bench/pytorch_gpu.py --mode eager ${py_args[*]}"
@@ -261,13 +269,20 @@ ours = num(rows[0][1], "tokens_per_s")
 gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "-"
 fmt = lambda v, f: f.format(v) if v is not None else "-"
 print(f"selftest: {selftest}")
+smoke = "not run"
+try:
+    lines = [l for l in open(os.path.join(work, "worker-smoke.txt")).read().splitlines() if l.startswith("worker-smoke: ")]
+    smoke = lines[-1][len("worker-smoke: "):] if lines else "no result (see worker-smoke.txt)"
+except OSError:
+    pass
+print(f"cuda worker smoke: {smoke}")
 d0 = next((d for _, d in rows if d), {}) or {}
 print(f"device: {d0.get('device', '?')}; batch {d0.get('batch', '?')}, src {d0.get('src_len', '?')}, "
       f"tgt {d0.get('tgt_len', '?')}; MFU against 989 TFLOP/s (bf16 dense)")
 head = f"{'':<16} {'step ms':>9} {'tokens/s':>10} {'ours/this':>9} {'MFU':>7} {'peak GiB':>9} {'alloc GiB':>9}"
 print(head)
 print("-" * len(head))
-summary = {"selftest": selftest, "results": {}}
+summary = {"selftest": selftest, "worker_smoke": smoke, "results": {}}
 for name, d in rows:
     tps = num(d, "tokens_per_s")
     ratio = ours / tps if ours and tps else None
