@@ -1,0 +1,184 @@
+//! AttentionOps and CrossEntropyOps: fused attention forward and backward (key padding, a fully
+//! masked row, causal masks, dropout on the probabilities, a BERT-sized head dimension), and the
+//! cross-entropy loss with ignored rows and label smoothing, with and without its gradient.
+
+use kernels::{AttentionShape, Backend, IGNORE_INDEX};
+
+use super::{Case, Draw, Outputs, all, all_mut, get};
+
+pub(super) struct AttentionCase {
+    label: &'static str,
+    backward: bool,
+    s: AttentionShape,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    mask: Vec<f32>,
+    dout: Vec<f32>,
+    garbage_q: Vec<f32>,
+    garbage_p: Vec<f32>,
+    dk0: Vec<f32>,
+    dv0: Vec<f32>,
+}
+
+impl AttentionCase {
+    /// `masked[b]` keys at the end of batch item b are padding (all of them: a fully masked row).
+    pub(super) fn new(r: &mut Draw, label: &'static str, s: AttentionShape, masked: &[usize], backward: bool) -> Self {
+        let c = s.heads * s.head_dim;
+        let (nq, nk) = (s.batch * s.tq * c, s.batch * s.tk * c);
+        let mask = (0..s.batch * s.tk)
+            .map(|i| {
+                let (b, j) = (i / s.tk, i % s.tk);
+                if j + masked.get(b).copied().unwrap_or(0) >= s.tk { 0.0 } else { 1.0 }
+            })
+            .collect();
+        AttentionCase {
+            label,
+            backward,
+            s,
+            q: r.normal(nq, 1.0),
+            k: r.normal(nk, 1.0),
+            v: r.normal(nk, 1.0),
+            mask,
+            dout: r.normal(nq, 1.0),
+            garbage_q: r.normal(nq, 5.0),
+            garbage_p: r.normal(s.probs_len(), 5.0),
+            dk0: r.normal(nk, 1.0),
+            dv0: r.normal(nk, 1.0),
+        }
+    }
+}
+
+impl Case for AttentionCase {
+    fn family(&self) -> &'static str {
+        "AttentionOps"
+    }
+    fn op(&self) -> &'static str {
+        self.label
+    }
+    fn shape(&self) -> String {
+        let s = &self.s;
+        let pad = self.mask.iter().filter(|&&m| m == 0.0).count();
+        format!(
+            "b{} h{} d{} tq{} tk{}{}{} pad{pad}",
+            s.batch,
+            s.heads,
+            s.head_dim,
+            s.tq,
+            s.tk,
+            if s.causal { " causal" } else { "" },
+            if s.dropout > 0.0 { format!(" drop{}", s.dropout) } else { String::new() },
+        )
+    }
+    fn tol(&self) -> f64 {
+        if self.backward { 1e-4 } else { 1e-5 }
+    }
+    fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
+        let q = d.upload(&self.q)?;
+        let k = d.upload(&self.k)?;
+        let v = d.upload(&self.v)?;
+        let mask = d.upload(&self.mask)?;
+        let mut probs = d.upload(&self.garbage_p)?;
+        let mut out = d.upload(&self.garbage_q)?;
+        d.attention_forward(
+            self.s,
+            all(d, &q),
+            all(d, &k),
+            all(d, &v),
+            all(d, &mask),
+            all_mut(d, &mut probs),
+            all_mut(d, &mut out),
+        )?;
+        if !self.backward {
+            return Ok(vec![("out", get(d, &out)?), ("probs", get(d, &probs)?)]);
+        }
+        let dout = d.upload(&self.dout)?;
+        let mut dq = d.upload(&self.garbage_q)?;
+        let mut dk = d.upload(&self.dk0)?;
+        let mut dv = d.upload(&self.dv0)?;
+        d.attention_backward(
+            self.s,
+            all(d, &dout),
+            all(d, &q),
+            all(d, &k),
+            all(d, &v),
+            all(d, &probs),
+            all_mut(d, &mut dq),
+            all_mut(d, &mut dk),
+            all_mut(d, &mut dv),
+        )?;
+        Ok(vec![("dq", get(d, &dq)?), ("dk", get(d, &dk)?), ("dv", get(d, &dv)?)])
+    }
+}
+// CrossEntropyOps
+
+pub(super) struct CrossEntropyCase {
+    with_grad: bool,
+    rows: usize,
+    vocab: usize,
+    label_smoothing: f32,
+    grad_scale: f32,
+    logits: Vec<f32>,
+    labels: Vec<i32>,
+    garbage: Vec<f32>,
+}
+
+impl CrossEntropyCase {
+    pub(super) fn new(r: &mut Draw, rows: usize, vocab: usize, ls: f32, with_grad: bool) -> Self {
+        let mut labels = r.ids(rows, vocab);
+        // Every 5th row (and the last) is ignored.
+        for (i, y) in labels.iter_mut().enumerate() {
+            if i % 5 == 2 || i + 1 == rows {
+                *y = IGNORE_INDEX;
+            }
+        }
+        CrossEntropyCase {
+            with_grad,
+            rows,
+            vocab,
+            label_smoothing: ls,
+            grad_scale: 1.0 / rows as f32,
+            logits: r.normal(rows * vocab, 4.0),
+            labels,
+            garbage: r.normal(rows * vocab + rows, 5.0),
+        }
+    }
+}
+
+impl Case for CrossEntropyCase {
+    fn family(&self) -> &'static str {
+        "CrossEntropyOps"
+    }
+    fn op(&self) -> &'static str {
+        if self.with_grad { "cross_entropy+grad" } else { "cross_entropy" }
+    }
+    fn shape(&self) -> String {
+        let ignored = self.labels.iter().filter(|&&y| y == IGNORE_INDEX).count();
+        format!("{}x{} ls{} ignore{ignored}", self.rows, self.vocab, self.label_smoothing)
+    }
+    fn tol(&self) -> f64 {
+        1e-5
+    }
+    fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
+        let logits = d.upload(&self.logits)?;
+        let labels = d.upload_ids(&self.labels)?;
+        let n = self.rows * self.vocab;
+        let mut losses = d.upload(&self.garbage[n..])?;
+        let mut dl = d.upload(&self.garbage[..n])?;
+        let dlogits = self.with_grad.then(|| all_mut(d, &mut dl));
+        d.cross_entropy(
+            all(d, &logits),
+            &labels,
+            self.vocab,
+            self.label_smoothing,
+            self.grad_scale,
+            all_mut(d, &mut losses),
+            dlogits,
+        )?;
+        let mut outs = vec![("losses", get(d, &losses)?)];
+        if self.with_grad {
+            outs.push(("dlogits", get(d, &dl)?));
+        }
+        Ok(outs)
+    }
+}
