@@ -33,7 +33,8 @@ BERT2BERT_TOKEN. The worker runs until it is stopped; a failed job is reported a
 
 SIGTERM or SIGINT: the worker finishes its current training step (rank 0 then writes and
 commits a checkpoint), reports the attempt failed with \"worker shutting down (SIGTERM)\" so that
-the coordinator re-forms the gang without it, and exits 0. A second signal exits at once (1).")]
+the coordinator re-forms the gang without it, deregisters, and exits 0. A second signal exits at
+once (1).")]
 pub struct Args {
     /// The coordinator, e.g. http://10.0.0.5:7070 (a bare HOST:PORT means http).
     #[arg(long, env = "BERT2BERT_COORDINATOR", value_name = "URL")]
@@ -120,6 +121,7 @@ pub fn run(a: Args) -> CliResult {
     loop {
         if shutdown.load(Ordering::SeqCst) {
             tracing::info!("shutting down on a signal");
+            deregister(&rt, &client, &take(&current, |c| c.worker_id.clone()));
             return Ok(());
         }
         if take(&current, |c| std::mem::take(&mut c.reregister)) {
@@ -200,6 +202,22 @@ async fn watch_signals(mut s: ShutdownSignals, shutdown: Arc<AtomicBool>) {
             std::process::exit(1);
         }
         tracing::warn!("signal received: finishing the current step, then leaving (signal again to exit now)");
+    }
+}
+
+/// Tells the coordinator this worker is gone, so that it need not wait for the heartbeat
+/// timeout. Best effort: the worker leaves anyway.
+fn deregister(rt: &tokio::runtime::Runtime, client: &Client, worker_id: &str) {
+    let req = v1::DeregisterRequest {
+        worker_id: worker_id.to_owned(),
+        reason: coordinator::scheduler::SHUTDOWN_REASON.to_owned(),
+    };
+    let mut client = client.clone();
+    // The timer must be made inside the runtime.
+    match rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), client.deregister(req)).await }) {
+        Ok(Ok(_)) => tracing::info!("deregistered"),
+        Ok(Err(s)) => tracing::warn!("Deregister: {}", s.message()),
+        Err(_) => tracing::warn!("Deregister: no answer within 5 s"),
     }
 }
 
@@ -427,7 +445,7 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
                 tokens_per_s: tokens as f64 / secs,
                 eta_s: secs / done * s.total_steps.saturating_sub(s.step) as f64,
             };
-            last_progress = progress.clone();
+            last_progress = progress;
             let req = v1::ReportProgressRequest { progress: Some(progress), ..base.clone() };
             match rt.block_on(client.clone().report_progress(req)) {
                 Ok(r) if r.get_ref().command() == v1::WorkerCommand::Stop => {
@@ -451,11 +469,7 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
                     rouge2: result.rouge.as_ref().map(|r| r.rouge2 as f32),
                     rouge_l: result.rouge.as_ref().map(|r| r.rouge_l as f32),
                 };
-                let req = v1::ReportProgressRequest {
-                    progress: Some(last_progress.clone()),
-                    eval: Some(eval),
-                    ..base.clone()
-                };
+                let req = v1::ReportProgressRequest { progress: Some(last_progress), eval: Some(eval), ..base.clone() };
                 if let Err(s) = rt.block_on(client.clone().report_progress(req)) {
                     tracing::warn!("ReportProgress (evaluation): {}", s.message());
                 }

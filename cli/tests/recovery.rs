@@ -331,6 +331,7 @@ fn sigterm_worker_checkpoints_exits_zero_and_the_job_succeeds() {
         line.rsplit("step").next().and_then(|s| s.trim_matches(|c: char| !c.is_ascii_digit()).parse::<u64>().ok())
     };
     let left = c.wait_log(a, "attempt stopped: worker shutting down (SIGTERM)");
+    c.wait_log(a, "deregistered");
     let stopped_at = step_of(&left);
     assert!(stopped_at.is_some(), "{left}");
     let log = std::fs::read_to_string(&c.worker_logs[b]).unwrap();

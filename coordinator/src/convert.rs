@@ -344,6 +344,18 @@ impl TryFrom<v1::ReportDoneRequest> for Done {
 
 pub struct Failed(pub AttemptRef, pub String);
 
+pub struct Deregister {
+    pub worker_id: String,
+    pub reason: String,
+}
+
+impl TryFrom<v1::DeregisterRequest> for Deregister {
+    type Error = Error;
+    fn try_from(r: v1::DeregisterRequest) -> Result<Self> {
+        Ok(Deregister { worker_id: id_field("worker_id", &r.worker_id)?, reason: text_field("reason", r.reason)? })
+    }
+}
+
 impl TryFrom<v1::ReportFailedRequest> for Failed {
     type Error = Error;
     fn try_from(r: v1::ReportFailedRequest) -> Result<Self> {

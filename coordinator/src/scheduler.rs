@@ -67,8 +67,8 @@ struct Table {
     gangs: HashMap<String, Gang>,
     /// Worker id -> the job it runs.
     busy: HashMap<String, String>,
-    /// Workers that said they are shutting down: never scheduled again, even before their
-    /// heartbeats time out (the proto has no deregistration).
+    /// Workers that said they are shutting down: never scheduled again, even in the moment
+    /// between that report and their Deregister call.
     departed: HashSet<String>,
     /// Worker id -> when it last called about work (asked for an assignment, reported progress
     /// or an outcome); i64::MIN when it has not since its last attempt ended. Only workers heard
@@ -451,17 +451,32 @@ impl Scheduler {
 
     /// Workers lost to the heartbeat timeout end the attempts they were in.
     pub fn lost(&self, dead: &[Worker]) -> Result<()> {
-        let mut t = self.table()?;
         for w in dead {
-            t.departed.remove(&w.id);
-            t.last_heard.remove(&w.id);
-            if let Some(job_id) = t.busy.get(&w.id).cloned() {
-                let why = format!("worker {} lost (no heartbeat)", w.id);
-                let rank = t.gangs.get(&job_id).and_then(|g| g.attempt.workers.iter().position(|m| *m == w.id));
-                self.worker_event(&job_id, &w.id, rank.unwrap_or(0), WorkerEventKind::Lost, "no heartbeat".into());
-                self.end(&mut t, &job_id, &why)?;
-                self.requeue(&job_id, &why)?;
-            }
+            self.drop_worker(w, WorkerEventKind::Lost, "no heartbeat")?;
+        }
+        Ok(())
+    }
+
+    /// A worker that deregistered ends the attempt it was still in (normally it has reported
+    /// its failure already, and is in none).
+    pub fn left(&self, w: &Worker, reason: &str) -> Result<()> {
+        let reason = if reason.is_empty() { "deregistered" } else { reason };
+        self.drop_worker(w, WorkerEventKind::Left, reason)
+    }
+
+    fn drop_worker(&self, w: &Worker, kind: WorkerEventKind, reason: &str) -> Result<()> {
+        let mut t = self.table()?;
+        t.departed.remove(&w.id);
+        t.last_heard.remove(&w.id);
+        if let Some(job_id) = t.busy.get(&w.id).cloned() {
+            let why = match kind {
+                WorkerEventKind::Lost => format!("worker {} lost ({reason})", w.id),
+                _ => format!("worker {} left ({reason})", w.id),
+            };
+            let rank = t.gangs.get(&job_id).and_then(|g| g.attempt.workers.iter().position(|m| *m == w.id));
+            self.worker_event(&job_id, &w.id, rank.unwrap_or(0), kind, reason.to_owned());
+            self.end(&mut t, &job_id, &why)?;
+            self.requeue(&job_id, &why)?;
         }
         Ok(())
     }

@@ -11,7 +11,9 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::convert::{self, AssignmentPoll, Cancel, Commit, Done, Failed, Heartbeat, JobId, ReportProgress, Submit};
+use crate::convert::{
+    self, AssignmentPoll, Cancel, Commit, Deregister, Done, Failed, Heartbeat, JobId, ReportProgress, Submit,
+};
 use crate::domain::{Clock, JobEvent, JobFilter};
 use crate::jobs::Jobs;
 use crate::scheduler::{AttemptRef, Scheduler};
@@ -209,5 +211,16 @@ impl WorkerService for WorkerApi {
         let Failed(at, reason) = req.into_inner().try_into()?;
         self.scheduler.failed(&at, &reason)?;
         Ok(Response::new(v1::ReportFailedResponse {}))
+    }
+
+    async fn deregister(
+        &self,
+        req: Request<v1::DeregisterRequest>,
+    ) -> Result<Response<v1::DeregisterResponse>, Status> {
+        let Deregister { worker_id, reason } = req.into_inner().try_into()?;
+        if let Some(w) = self.workers.deregister(&worker_id)? {
+            self.scheduler.left(&w, &reason)?;
+        }
+        Ok(Response::new(v1::DeregisterResponse {}))
     }
 }

@@ -105,6 +105,15 @@ impl Workers {
         })
     }
 
+    /// Removes a worker that says it is leaving; `None` if it was not live.
+    pub fn deregister(&self, worker_id: &str) -> Result<Option<Worker>> {
+        let Some(w) = self.live()?.remove(worker_id) else { return Ok(None) };
+        let w = Worker { state: WorkerState::Dead, last_seen_ms: self.clock.now_ms(), ..w };
+        tracing::info!(worker = %w.id, "worker deregistered");
+        self.store.put_worker(&w)?;
+        Ok(Some(w))
+    }
+
     /// Marks dead every worker silent for longer than the heartbeat timeout; returns them.
     pub fn reap(&self) -> Result<Vec<Worker>> {
         let now = self.clock.now_ms();

@@ -352,3 +352,43 @@ async fn nccl_unique_id_is_relayed_from_rank_0_and_checked() {
     assert!(at - posted_at < Duration::from_secs(2), "the waiting rank was not woken by the post");
     c.shutdown().await.unwrap();
 }
+
+/// A worker that deregisters is gone at once (no heartbeat timeout): an attempt it was in
+/// ends and the job waits again; its heartbeats are told to re-register.
+#[tokio::test]
+async fn a_deregistered_worker_leaves_its_gang_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path()).await;
+    let mut j = jobs(&c, Some(CLIENT_TOKEN)).await;
+    let job = submit(&mut j, JOB).await.unwrap();
+    let mut w = workers(&c, Some(WORKER_TOKEN)).await;
+    let mut ids = Vec::new();
+    for port in [7001, 7002] {
+        let reg = v1::RegisterWorkerRequest {
+            capabilities: Some(v1::Capabilities { device: "cpu".into(), ..Default::default() }),
+            ring_address: format!("127.0.0.1:{port}"),
+            ..Default::default()
+        };
+        let id = w.register(reg).await.unwrap().into_inner().worker_id;
+        let ask = v1::GetAssignmentRequest { worker_id: id.clone(), wait_ms: 0, ..Default::default() };
+        w.get_assignment(ask).await.unwrap();
+        ids.push(id);
+    }
+    let ask = v1::GetAssignmentRequest { worker_id: ids[0].clone(), wait_ms: 0, ..Default::default() };
+    assert!(w.get_assignment(ask).await.unwrap().into_inner().assignment.is_some(), "a gang of two");
+    let get = v1::GetJobRequest { job_id: job.id.clone() };
+    assert_eq!(j.get(get.clone()).await.unwrap().into_inner().job.unwrap().state(), v1::JobState::Running);
+
+    let e = w.deregister(v1::DeregisterRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("worker_id: "), "{}", e.message());
+    let bye = v1::DeregisterRequest { worker_id: ids[1].clone(), reason: "maintenance".into() };
+    w.deregister(bye.clone()).await.unwrap();
+    let now = j.get(get).await.unwrap().into_inner().job.unwrap();
+    assert_eq!(now.state(), v1::JobState::Pending, "{now:?}");
+    assert!(now.reason.contains("left (maintenance)"), "{}", now.reason);
+    let hb = v1::HeartbeatRequest { worker_id: ids[1].clone(), ..Default::default() };
+    assert_eq!(w.heartbeat(hb).await.unwrap().into_inner().command(), v1::WorkerCommand::Reregister);
+    w.deregister(bye).await.expect("deregistering twice is harmless");
+    c.shutdown().await.unwrap();
+}
