@@ -16,7 +16,7 @@
 #   4. bench/pytorch_gpu.py --mode eager                    transformers EncoderDecoderModel, bf16 autocast
 #   5. bench/pytorch_gpu.py --mode compile                  the same under torch.compile
 # then a table: tokens/s ours vs eager vs compile, the ratios, MFU (vs 989 TFLOP/s bf16 dense) and peak memory.
-# --quick: the selftest and a small bench of ours only (minilm, batch 8, 64+64 tokens, 3 steps).
+# --quick: the selftest, a small bench of ours (minilm, batch 8, 64+64 tokens, 3 steps) and the worker smoke run.
 #
 # Environment: OUT (a folder: selftest.txt, every JSON and log, summary.json are saved there), BERT2BERT (the binary,
 # default target/release/bert2bert), PYTHON (default python3), GPU_CHECK_BUDGET_S (default 450: the whole run's
