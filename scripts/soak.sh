@@ -10,14 +10,14 @@
 # It prints each kill's recovery time (kill -9 -> the first progress report of the re-formed
 # gang, i.e. the first step past its resume point) and their min/median/max.
 #
-# Knobs: SOAK_KILLS (20), SOAK_STEPS (job length, 8000), SOAK_BUDGET_S (600: the whole run is
+# Knobs: SOAK_KILLS (20), SOAK_STEPS (job length, 20000), SOAK_BUDGET_S (600: the whole run is
 # cut off, and fails, after this), SOAK_KEEP=1 keeps the work directory (logs, checkpoints).
 # Timeouts as in cli/tests/recovery.rs: heartbeat 2 s, collective 3 s, elastic wait 2 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 KILLS=${SOAK_KILLS:-20}
-STEPS=${SOAK_STEPS:-8000}
+STEPS=${SOAK_STEPS:-20000}
 BUDGET=${SOAK_BUDGET_S:-600}
 start=$(date +%s)
 deadline=$((start + BUDGET))
