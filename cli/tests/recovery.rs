@@ -393,22 +393,8 @@ fn assert_same_parameters(root: &Path, a: &str, b: &str) {
     let (one, two) = (load(a), load(b));
     let init = model::checkpoint::load_model_dir(&root.join("b2b")).unwrap();
     assert_eq!(two.params.len(), one.params.len());
-    // Key biases have an exactly zero true gradient; AdamW turns their rounding noise into
-    // lr-sized steps of random sign, so they are compared on their own, loosely.
-    let (mut worst, mut worst_name, mut worst_key_bias) = (0.0f32, String::new(), 0.0f32);
-    for e in one.table.owned() {
-        let r = e.range();
-        let d = one.params[r.clone()]
-            .iter()
-            .zip(&two.params[r])
-            .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
-            .fold(0.0f32, f32::max);
-        if e.name.contains(".self.key.bias") {
-            worst_key_bias = worst_key_bias.max(d);
-        } else if d > worst {
-            (worst, worst_name) = (d, e.name.clone());
-        }
-    }
+    let model::testing::ParamDiff { worst, worst_name, worst_key_bias } =
+        model::testing::param_diff(&one.table, &one.params, &two.params);
     eprintln!("max relative difference {a} vs {b}: {worst:e} ({worst_name}); key biases {worst_key_bias:e}");
     assert!(worst < 1e-5, "{a} and {b} differ by {worst:e} in {worst_name}");
     assert!(worst_key_bias < 1e-2, "key biases differ by {worst_key_bias:e}");

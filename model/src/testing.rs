@@ -89,3 +89,28 @@ pub fn write_pairs(path: &Path, times: usize) {
     }
     std::fs::write(path, text).expect("write pairs");
 }
+
+/// How far two parameter vectors of one table are apart, per tensor: the worst
+/// `|a - b| / max(|a|, 1)` outside the attention key biases, the tensor it is in, and the worst
+/// inside them. Key biases have an exactly zero true gradient, so AdamW turns their rounding
+/// noise into lr-sized steps of random sign: equivalence tests compare them on their own, loosely.
+pub struct ParamDiff {
+    pub worst: f32,
+    pub worst_name: String,
+    pub worst_key_bias: f32,
+}
+
+pub fn param_diff(table: &crate::params::ParamTable, a: &[f32], b: &[f32]) -> ParamDiff {
+    assert_eq!(a.len(), b.len(), "parameter vectors of different lengths");
+    let mut diff = ParamDiff { worst: 0.0, worst_name: String::new(), worst_key_bias: 0.0 };
+    for e in table.owned() {
+        let r = e.range();
+        let d = a[r.clone()].iter().zip(&b[r]).map(|(x, y)| (x - y).abs() / x.abs().max(1.0)).fold(0.0f32, f32::max);
+        if e.name.contains(".self.key.bias") {
+            diff.worst_key_bias = diff.worst_key_bias.max(d);
+        } else if d > diff.worst {
+            (diff.worst, diff.worst_name) = (d, e.name.clone());
+        }
+    }
+    diff
+}

@@ -74,22 +74,8 @@ fn two_ranks_equal_one_rank_with_twice_the_micro_batch() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(results[0], results[1], "both ranks hold identical parameters");
-    // Key biases have an exactly zero true gradient; AdamW turns their rounding noise into
-    // lr-sized steps of random sign, so they are compared on their own, loosely.
-    let (mut worst, mut worst_name, mut worst_key_bias) = (0.0f32, String::new(), 0.0f32);
-    for e in single.net.table.owned() {
-        let r = e.range();
-        let d = want[r.clone()]
-            .iter()
-            .zip(&results[0][r])
-            .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
-            .fold(0.0f32, f32::max);
-        if e.name.contains(".self.key.bias") {
-            worst_key_bias = worst_key_bias.max(d);
-        } else if d > worst {
-            (worst, worst_name) = (d, e.name.clone());
-        }
-    }
+    let model::testing::ParamDiff { worst, worst_name, worst_key_bias } =
+        model::testing::param_diff(&single.net.table, &want, &results[0]);
     eprintln!("max relative difference 1 rank vs 2 ranks: {worst:e} ({worst_name}); key biases {worst_key_bias:e}");
     assert!(worst < 1e-5, "1 rank and 2 ranks differ by {worst:e} in {worst_name}");
     assert!(worst_key_bias < 1e-2, "key biases differ by {worst_key_bias:e}");
