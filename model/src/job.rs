@@ -84,6 +84,9 @@ pub struct CheckpointSpec {
     pub dir: PathBuf,
     pub every_steps: u64,
     pub keep: usize,
+    /// `checkpoint.resume_from`: start from another job's checkpoint explicitly. Without it, a
+    /// `dir` that holds another job's checkpoints is refused rather than silently resumed.
+    pub resume_from: Option<PathBuf>,
 }
 
 /// Where rank 0 writes TensorBoard event files (`bert2bert plot` reads them back).
@@ -224,6 +227,8 @@ struct RawCheckpoint {
     dir: Option<PathBuf>,
     every_steps: Option<u64>,
     keep: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resume_from: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -313,6 +318,7 @@ impl JobSpec {
                 dir: Some(self.checkpoint.dir.clone()),
                 every_steps: Some(self.checkpoint.every_steps),
                 keep: Some(self.checkpoint.keep),
+                resume_from: self.checkpoint.resume_from.clone(),
             }),
             eval: self.eval.as_ref().map(|e| RawEval {
                 every_steps: Some(e.every_steps),
@@ -598,6 +604,7 @@ fn build(raw: RawJob, base: &Path, origin: &Path) -> Result<JobSpec> {
         },
         every_steps: c.every_steps.unwrap_or(training.steps.min(500)),
         keep: c.keep.unwrap_or(3),
+        resume_from: c.resume_from.map(|p| path("checkpoint.resume_from", p)).transpose()?,
     };
 
     let eval = match (raw.eval, &data.validation) {

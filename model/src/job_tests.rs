@@ -136,7 +136,7 @@ fn defaults_fill_what_is_left_out() {
     assert_eq!(job.micro_batch(), 8);
     assert_eq!((t.weight_decay, t.max_grad_norm, t.label_smoothing, t.seed), (0.01, 1.0, 0.0, 42));
     assert_eq!((job.data.max_source_len, job.data.source_field.as_str()), (128, "source"));
-    assert_eq!(job.checkpoint, CheckpointSpec { dir: "/jobs/ckpt/t".into(), every_steps: 10, keep: 3 });
+    assert_eq!(job.checkpoint, CheckpointSpec { dir: "/jobs/ckpt/t".into(), every_steps: 10, keep: 3, resume_from: None });
     assert_eq!(job.eval, None, "no validation set, no eval");
     assert_eq!(job.logging, LoggingSpec { dir: "/jobs/ckpt/t/logs".into() }, "logs beside the checkpoints");
     let elsewhere = parse(&format!("{MINIMAL}checkpoint: {{ dir: /runs/c }}\n")).unwrap();
