@@ -17,9 +17,14 @@ pub struct Args {
     /// bert2bert | bertshare | bert2rnd | rnd2bert | rnd2rnd
     #[arg(long, default_value = "bert2bert")]
     variant: String,
-    /// Output directory (written atomically).
+    /// Output directory: new, empty, or a model directory (config.json + model.safetensors) whose
+    /// model files are replaced. Each file is written atomically; other files are left alone.
     #[arg(long)]
     out: PathBuf,
+    /// Write the model files into `--out` even when it is a directory of other things (they are
+    /// left in place; nothing is deleted). A plain file is never replaced.
+    #[arg(long)]
+    force: bool,
     /// Seed of the randomly initialised weights (cross-attention and random stacks).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -42,7 +47,7 @@ pub fn run(a: Args) -> CliResult {
     };
     let tok = Tokenizer::from_file(&a.encoder.join("tokenizer.json"))?;
     let ck = init::warm_start(&a.encoder, decoder_dir.as_deref(), variant, tok.special(), a.seed)?;
-    checkpoint::save_model_dir(&a.out, &ck, Some(&tok))?;
+    checkpoint::save_model_dir_opts(&a.out, &ck, Some(&tok), a.force)?;
     tracing::info!(
         "wrote {} ({}, {} tensors, {:.1}M parameters)",
         a.out.display(),

@@ -345,7 +345,7 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
         let root = &self.job.checkpoint.dir;
         std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
         let dir = state::checkpoint_dir(root, self.step);
-        checkpoint::save_model_dir_with(&dir, &ck, Some(&self.tok), |tmp| {
+        checkpoint::save_model_dir_with(&dir, &ck, Some(&self.tok), &self.job.name, |tmp| {
             state::write_state(tmp, &st)?;
             state::write_manifest(tmp)
         })?;
