@@ -6,6 +6,23 @@ use serde_json::{Map, Value, json};
 
 use crate::error::{Error, Result};
 
+/// The largest value each size key of a BertConfig may have: a few times the largest BERTs
+/// (bert-large: 24 layers, hidden 1024; multilingual vocabularies: 250k), so a config.json
+/// claiming a million layers fails before anything is allocated from it.
+pub const SIZE_LIMITS: [(&str, usize); 7] = [
+    ("vocab_size", 1 << 20),
+    ("hidden_size", 16384),
+    ("num_hidden_layers", 128),
+    ("num_attention_heads", 256),
+    ("intermediate_size", 65536),
+    ("max_position_embeddings", 65536),
+    ("type_vocab_size", 1024),
+];
+
+/// The most parameters an encoder-decoder may have (16 GiB in fp32): the per-key limits alone
+/// would allow hundreds of billions.
+pub const MAX_PARAMETERS: u64 = 1 << 32;
+
 /// The BertConfig fields the model uses. `raw` keeps every other key so a saved config
 /// round-trips what the user gave us.
 #[derive(Clone, Debug)]
@@ -30,23 +47,30 @@ impl BertConfig {
         self.hidden_size / self.num_attention_heads
     }
 
-    /// Parse an HF BertConfig object; `file` only names the source in errors.
+    /// Parse an HF BertConfig object; `file` only names the source in errors. Sizes are checked
+    /// against [`SIZE_LIMITS`] here, before anything is allocated from them. Messages name the
+    /// key and the expected type, never a value from the file.
     pub fn from_value(v: &Value, file: &Path) -> Result<Self> {
         let obj = v.as_object().ok_or_else(|| Error::input(file, "config is not a JSON object"))?;
         let usize_key = |key: &str| -> Result<usize> {
             let val = obj.get(key).ok_or_else(|| Error::input(file, format!("missing config key `{key}`")))?;
-            val.as_u64()
-                .filter(|&n| n > 0)
-                .map(|n| n as usize)
-                .ok_or_else(|| Error::input(file, format!("config key `{key}` must be a positive integer, got {val}")))
+            let n = val.as_u64().filter(|&n| n > 0).ok_or_else(|| {
+                let kind = crate::data::json_kind(val);
+                Error::input(file, format!("config key `{key}` must be a positive integer, found {kind}"))
+            })?;
+            let limit = SIZE_LIMITS.iter().find(|(k, _)| *k == key).map_or(u64::MAX, |&(_, l)| l as u64);
+            if n > limit {
+                return Err(Error::input(file, format!("config key `{key}` is above the limit of {limit}")));
+            }
+            Ok(n as usize)
         };
         let f32_key = |key: &str, default: Option<f32>| -> Result<f32> {
             match obj.get(key) {
                 None => default.ok_or_else(|| Error::input(file, format!("missing config key `{key}`"))),
-                Some(val) => val
-                    .as_f64()
-                    .map(|x| x as f32)
-                    .ok_or_else(|| Error::input(file, format!("config key `{key}` must be a number, got {val}"))),
+                Some(val) => val.as_f64().filter(|x| x.is_finite()).map(|x| x as f32).ok_or_else(|| {
+                    let kind = crate::data::json_kind(val);
+                    Error::input(file, format!("config key `{key}` must be a finite number, found {kind}"))
+                }),
             }
         };
         if let Some(act) = obj.get("hidden_act")
@@ -54,7 +78,7 @@ impl BertConfig {
         {
             return Err(Error::input(
                 file,
-                format!("config key `hidden_act` is {act}; only \"gelu\" (exact erf GELU) is supported"),
+                "config key `hidden_act`: only \"gelu\" (exact erf GELU) is supported".to_string(),
             ));
         }
         if let Some(pos) = obj.get("position_embedding_type")
@@ -62,7 +86,7 @@ impl BertConfig {
         {
             return Err(Error::input(
                 file,
-                format!("config key `position_embedding_type` is {pos}; only \"absolute\" is supported"),
+                "config key `position_embedding_type`: only \"absolute\" is supported".to_string(),
             ));
         }
         let cfg = BertConfig {
@@ -239,6 +263,25 @@ impl ModelConfig {
                 ));
             }
         }
+        let params = cfg.parameter_estimate();
+        if params > MAX_PARAMETERS {
+            return Err(Error::input(
+                file,
+                format!(
+                    "the encoder and decoder sizes (`num_hidden_layers`, `hidden_size`, `intermediate_size`, \
+                     `vocab_size`) make about {params} parameters, above the limit of {MAX_PARAMETERS}"
+                ),
+            ));
+        }
+        for (key, id) in [
+            ("decoder_start_token_id", cfg.decoder_start_token_id),
+            ("pad_token_id", cfg.pad_token_id),
+            ("eos_token_id", cfg.eos_token_id),
+        ] {
+            if usize::try_from(id).is_ok_and(|i| i >= cfg.decoder.vocab_size) || id < 0 {
+                return Err(Error::input(file, format!("config key `{key}` is not an id below decoder `vocab_size`")));
+            }
+        }
         if cfg.encoder.hidden_size != cfg.decoder.hidden_size {
             return Err(Error::input(
                 file,
@@ -251,9 +294,48 @@ impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         Self::from_value(&read_json(path)?, path)
     }
+
+    /// Parameters of both stacks, counted from the config without allocating (an upper bound:
+    /// shared weights counted twice, cross-attention counted for the encoder too).
+    pub fn parameter_estimate(&self) -> u64 {
+        // u128: a BertConfig built in code need not respect SIZE_LIMITS, and this must not overflow.
+        let one = |c: &BertConfig| -> u128 {
+            let (h, i, l) = (c.hidden_size as u128, c.intermediate_size as u128, c.num_hidden_layers as u128);
+            let rows = c.vocab_size as u128 + c.max_position_embeddings as u128 + c.type_vocab_size as u128;
+            // Self- and cross-attention (8 h^2), the FFN (2 h i), biases and LayerNorms.
+            let layer = 8 * h * h + 2 * h * i + 16 * h + i;
+            // The pooler or the LM head's transform, embedding and head LayerNorms, the head bias.
+            rows * h + l * layer + h * h + 8 * h + c.vocab_size as u128
+        };
+        u64::try_from(one(&self.encoder) + one(&self.decoder)).unwrap_or(u64::MAX)
+    }
+
+    /// The longest source and target the model can embed: `max_position_embeddings` of the
+    /// encoder and of the decoder (BERT's absolute positions start at 0, no offset).
+    pub fn max_lengths(&self) -> (usize, usize) {
+        (self.encoder.max_position_embeddings, self.decoder.max_position_embeddings)
+    }
 }
 
+/// Before a model's parameter buffer is allocated: the weights file must be large enough for
+/// the `params` values its config describes (2 bytes each at the least: F16 or BF16), so a
+/// config.json that claims a bigger model than its weights fails without the allocation.
+pub fn check_weights_size(config_file: &Path, weights: &Path, params: usize) -> Result<()> {
+    let len = std::fs::metadata(weights).map_err(|e| Error::io(weights, e))?.len();
+    if len / 2 < params as u64 {
+        return Err(Error::input(
+            weights,
+            format!("{len} bytes cannot hold the {params} parameters that {} describes", config_file.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// The largest config.json read; real ones are a few KB.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// A JSON file of at most [`MAX_CONFIG_BYTES`], from a regular file.
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::input(path, format!("invalid JSON: {e}")))
+    let bytes = crate::data::read_bounded(path, MAX_CONFIG_BYTES)?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::input(path, format!("invalid JSON: {e}")))
 }

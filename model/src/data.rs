@@ -2,7 +2,7 @@
 //! EncoderDecoderModel trains on.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
 use serde_json::Value;
@@ -24,21 +24,57 @@ pub struct Special {
     pub pad: i32,
 }
 
-/// Calls `each(line_number, text)` for every non-blank line; line numbers are 1-based and count
-/// blank lines, so they match what an editor shows.
-fn for_each_line(path: &Path, mut each: impl FnMut(usize, &str) -> Result<()>) -> Result<()> {
+/// The longest line a data file may have, in bytes (a long document is a few tens of KiB).
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+/// The most examples one data file may hold.
+pub const MAX_EXAMPLES: usize = 100_000_000;
+
+/// Opens `path` for reading if it is a regular file (after following links). Devices such as
+/// /dev/zero never end, a FIFO blocks the open, a directory fails late: all are refused, naming
+/// the file, before anything is read. The check runs before the open so that a FIFO is never
+/// opened; the opened file is checked again.
+pub fn open_regular(path: &Path) -> Result<File> {
+    let not_regular = || Error::input(path, "not a regular file (a device, FIFO, socket or directory)");
+    if !std::fs::metadata(path).map_err(|e| Error::io(path, e))?.is_file() {
+        return Err(not_regular());
+    }
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut reader = BufReader::new(file);
+    if !file.metadata().map_err(|e| Error::io(path, e))?.is_file() {
+        return Err(not_regular());
+    }
+    Ok(file)
+}
+
+/// The whole of a regular file of at most `max` bytes; a longer file is an input error naming
+/// the limit (nothing past `max` is read).
+pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
+    let file = open_regular(path)?;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > max {
+        return Err(Error::input(path, format!("larger than the limit of {max} bytes")));
+    }
+    Ok(bytes)
+}
+
+/// Calls `each(line_number, text)` for every non-blank line; line numbers are 1-based and count
+/// blank lines, so they match what an editor shows. Lines over [`MAX_LINE_BYTES`] are errors.
+fn for_each_line(path: &Path, mut each: impl FnMut(usize, &str) -> Result<()>) -> Result<()> {
+    let mut reader = BufReader::new(open_regular(path)?);
     let mut buf = Vec::new();
     let mut n = 0;
     loop {
         buf.clear();
         // Bytes, not `lines()`: a bad byte must become an error naming its line, which
-        // `lines()` would report as a bare InvalidData.
-        if reader.read_until(b'\n', &mut buf).map_err(|e| Error::io(path, e))? == 0 {
+        // `lines()` would report as a bare InvalidData. `take` bounds the buffer.
+        let limit = MAX_LINE_BYTES as u64 + 1;
+        if reader.by_ref().take(limit).read_until(b'\n', &mut buf).map_err(|e| Error::io(path, e))? == 0 {
             return Ok(());
         }
         n += 1;
+        if buf.len() > MAX_LINE_BYTES {
+            return Err(Error::input(path, format!("line {n}: longer than the limit of {MAX_LINE_BYTES} bytes")));
+        }
         let text =
             std::str::from_utf8(&buf).map_err(|e| Error::input(path, format!("line {n}: not valid UTF-8 ({e})")))?;
         // Files saved by Windows editors start with a BOM that JSON parsers reject.
@@ -66,18 +102,39 @@ pub fn read_jsonl(path: &Path, source_field: &str, target_field: &str) -> Result
         let obj = v.as_object().ok_or_else(|| Error::input(path, format!("line {n}: expected a JSON object")))?;
         let field = |name: &str| -> Result<String> {
             let val = obj.get(name).ok_or_else(|| Error::input(path, format!("line {n}: missing field `{name}`")))?;
-            let s = val
-                .as_str()
-                .ok_or_else(|| Error::input(path, format!("line {n}: field `{name}` is not a string (got {val})")))?;
+            // The value's type, never the value: the file may hold what the job may not read.
+            let s = val.as_str().ok_or_else(|| {
+                Error::input(path, format!("line {n}: field `{name}`: expected a string, found {}", json_kind(val)))
+            })?;
             if s.trim().is_empty() {
                 return Err(Error::input(path, format!("line {n}: field `{name}` is empty")));
             }
             Ok(s.to_owned())
         };
+        too_many(path, n, pairs.len())?;
         pairs.push(Pair { source: field(source_field)?, target: field(target_field)? });
         Ok(())
     })?;
     nonempty(path, pairs)
+}
+
+fn too_many(path: &Path, line: usize, examples: usize) -> Result<()> {
+    if examples >= MAX_EXAMPLES {
+        return Err(Error::input(path, format!("line {line}: more than the limit of {MAX_EXAMPLES} examples")));
+    }
+    Ok(())
+}
+
+/// The JSON type of `v`, with its article, for messages that must not echo the value.
+pub fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 /// `source<TAB>target` per line, no header.
@@ -96,6 +153,7 @@ pub fn read_tsv(path: &Path) -> Result<Vec<Pair>> {
                 return Err(Error::input(path, format!("line {n}: column `{name}` is empty")));
             }
         }
+        too_many(path, n, pairs.len())?;
         pairs.push(Pair { source: cols[0].to_owned(), target: cols[1].to_owned() });
         Ok(())
     })?;
@@ -284,7 +342,10 @@ mod tests {
             (format!("{ok}\n{{\"source\": \"a\", \"target\"\n"), "line 3: invalid JSON"),
             (format!("{ok}{{\"source\": \"a\"}}\n"), "line 2: missing field `target`"),
             (format!("{ok}{ok}{{\"source\": \"a\", \"target\": \"  \"}}\n"), "line 3: field `target` is empty"),
-            ("{\"source\": 7, \"target\": \"b\"}\n".to_string(), "line 1: field `source` is not a string (got 7)"),
+            (
+                "{\"source\": 7, \"target\": \"b\"}\n".to_string(),
+                "line 1: field `source`: expected a string, found a number",
+            ),
             (format!("{ok}[1, 2]\n"), "line 2: expected a JSON object"),
             ("\n \n".to_string(), "no examples"),
         ];
@@ -296,6 +357,64 @@ mod tests {
         let p = d.path().join("utf8.jsonl");
         std::fs::write(&p, b"{\"source\": \"a\", \"target\": \"b\"}\n{\"source\": \"\xff\"}\n").unwrap();
         assert!(err_msg(read_jsonl(&p, "source", "target")).contains("line 2: not valid UTF-8"));
+    }
+
+    #[test]
+    fn non_regular_files_are_refused_before_reading() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("fifo.jsonl");
+        // A FIFO with no writer would block the open forever: it must be refused unopened.
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        for p in [Path::new("/dev/zero"), fifo.as_path(), d.path()] {
+            let start = std::time::Instant::now();
+            for r in [read_pairs(p, "s", "t"), read_tsv(p)] {
+                let msg = err_msg(r);
+                assert!(msg.contains("not a regular file") && msg.contains(&*p.to_string_lossy()), "{msg}");
+            }
+            let e = read_bounded(p, 10).unwrap_err();
+            assert!(e.is_bad_input(), "{e}");
+            assert!(start.elapsed().as_secs() < 5);
+        }
+        let p = write(&d, "small", "0123456789");
+        assert_eq!(read_bounded(&p, 10).unwrap(), b"0123456789");
+        assert!(read_bounded(&p, 9).unwrap_err().to_string().contains("larger than the limit of 9 bytes"));
+    }
+
+    #[test]
+    fn errors_name_the_type_never_the_value() {
+        let d = tempfile::tempdir().unwrap();
+        let ok = "{\"creds\": \"a\", \"target\": \"b\"}\n";
+        let cases = [
+            (
+                "{\"creds\": {\"k\": \"SECRET\"}, \"target\": \"b\"}",
+                "line 3: field `creds`: expected a string, found an object",
+            ),
+            ("{\"creds\": [\"SECRET\"], \"target\": \"b\"}", "found an array"),
+            ("{\"creds\": true, \"target\": \"SECRET\"}", "found a boolean"),
+            ("{\"creds\": \"a\", \"target\": \"SECRET\" \"x\"}", "line 3: invalid JSON"),
+            ("[\"SECRET\"]", "line 3: expected a JSON object"),
+        ];
+        for (line, want) in cases {
+            let p = write(&d, "s.jsonl", &format!("{ok}\n{line}\n"));
+            let msg = err_msg(read_jsonl(&p, "creds", "target"));
+            assert!(msg.contains(want) && !msg.contains("SECRET"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn over_long_lines_are_refused_naming_the_line() {
+        let d = tempfile::tempdir().unwrap();
+        let long = format!("{{\"source\": \"{}\", \"target\": \"b\"}}", "x".repeat(MAX_LINE_BYTES));
+        let p = write(&d, "long.jsonl", &format!("{{\"source\": \"a\", \"target\": \"b\"}}\n{long}\n"));
+        let msg = err_msg(read_jsonl(&p, "source", "target"));
+        assert!(msg.contains("long.jsonl: line 2: longer than the limit of 1048576 bytes"), "{msg}");
+        // No newline at all: still one bounded line.
+        let p = write(&d, "long.tsv", &"a\t".repeat(MAX_LINE_BYTES));
+        assert!(err_msg(read_tsv(&p)).contains("line 1: longer than the limit"));
+        // Exactly at the limit (newline included) is fine.
+        let body = "y".repeat(MAX_LINE_BYTES - "a\t\n".len());
+        let p = write(&d, "edge.tsv", &format!("a\t{body}\n"));
+        assert_eq!(read_tsv(&p).unwrap()[0].target.len(), body.len());
     }
 
     #[test]

@@ -6,8 +6,10 @@ pub enum Error {
     /// Bad input: names the file and the key, tensor or line at fault.
     #[error("{}: {msg}", file.display())]
     Input { file: PathBuf, msg: String },
-    #[error("{}: {source}", file.display())]
-    Io { file: PathBuf, source: std::io::Error },
+    /// Not named `source` on purpose: the message already carries the OS error, and as a
+    /// `source` it would be printed a second time by error-chain printers (`{:#}`).
+    #[error("{}: {err}", file.display())]
+    Io { file: PathBuf, err: std::io::Error },
     #[error(transparent)]
     Kernel(#[from] kernels::KernelError),
     #[error("{0}")]
@@ -19,12 +21,45 @@ impl Error {
         Error::Input { file: file.into(), msg: msg.into() }
     }
     pub fn io(file: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { file: file.into(), source }
+        Error::Io { file: file.into(), err: source }
     }
-    /// True when the user can fix it by changing their input (exit code 2).
+    /// True when the user can fix it by changing their input (exit code 2): bad contents, or a
+    /// path that names no file.
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, Error::Input { .. })
+        use std::io::ErrorKind::{NotADirectory, NotFound};
+        match self {
+            Error::Input { .. } => true,
+            Error::Io { err, .. } => matches!(err.kind(), NotFound | NotADirectory),
+            _ => false,
+        }
     }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_file_is_bad_input_and_says_the_os_error_once() {
+        let e = Error::io("/no/such", std::io::Error::from(std::io::ErrorKind::NotFound));
+        assert!(e.is_bad_input());
+        assert!(std::error::Error::source(&e).is_none(), "the OS error would print twice");
+        let chain = format!("{:#}", anyhow_like(&e));
+        assert_eq!(chain.matches("not found").count(), 1, "{chain}");
+        let e = Error::io("/dev/full", std::io::Error::from(std::io::ErrorKind::StorageFull));
+        assert!(!e.is_bad_input());
+    }
+
+    /// What `anyhow`'s `{:#}` prints: the message and every source after `: `.
+    fn anyhow_like(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut next = e.source();
+        while let Some(s) = next {
+            out.push_str(&format!(": {s}"));
+            next = s.source();
+        }
+        out
+    }
+}

@@ -14,6 +14,9 @@ use crate::config::Variant;
 use crate::error::{Error, Result};
 use crate::optim::{AdamWConfig, Schedule, ScheduleKind};
 
+pub mod limits;
+pub use limits::{MAX_BYTES as MAX_JOB_BYTES, MAX_DEPTH as MAX_JOB_DEPTH};
+
 /// A parsed and checked job file. Paths are absolute (resolved against the job file's directory).
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobSpec {
@@ -74,6 +77,13 @@ pub struct TrainingSpec {
     /// CUDA jobs ignore it (NCCL already runs on the GPU stream, not on the host).
     pub grad_bucket_mb: f32,
 }
+
+/// The longest `data.max_source_len`, `data.max_target_len` and `eval.max_len` accepted even
+/// before the model is known (BERT's own limit is 512).
+pub const MAX_SEQ_LEN: usize = 8192;
+/// The most beams `eval.beams` (and `bert2bert generate --beams`) may ask for: each beam is a
+/// full decoder state.
+pub const MAX_BEAMS: usize = 64;
 
 /// `training.grad_bucket_mb` when the job does not say: PyTorch DDP's default, big enough for
 /// the ring to reach its bandwidth, small enough that the first buckets finish early in backward.
@@ -257,19 +267,28 @@ struct RawResources {
 }
 
 impl JobSpec {
-    /// Read, parse and check a job file.
+    /// Read, parse and check a job file. Reads at most [`MAX_JOB_BYTES`] (+1, to tell a file
+    /// over the limit), so a huge file or a device such as /dev/zero costs nothing.
     pub fn from_file(path: &Path) -> Result<JobSpec> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::data::read_bounded(path, MAX_JOB_BYTES as u64 + 1)?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+            Error::input(path, format!("line {line}: not valid UTF-8"))
+        })?;
         JobSpec::from_str(&text, path)
     }
 
     /// Parse and check job-file text; `origin` is the file it came from: relative paths resolve
-    /// against its directory, and errors name it.
+    /// against its directory, and errors name it. The limits of [`limits`] (size, nesting depth,
+    /// no aliases) are checked first, in linear time, before the YAML parser runs.
     pub fn from_str(text: &str, origin: &Path) -> Result<JobSpec> {
+        // Windows editors start files with a BOM; left in, the first key would not match.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        limits::check(text).map_err(|msg| Error::input(origin, msg))?;
         if text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
             return Err(Error::input(origin, "the job file is empty"));
         }
-        let raw: RawJob = serde_yaml_ng::from_str(text).map_err(|e| Error::input(origin, yaml_message(&e)))?;
+        let raw: RawJob = serde_yaml_ng::from_str(text).map_err(|e| Error::input(origin, yaml_message(&e, text)))?;
         let dir = origin.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let base = std::path::absolute(dir).map_err(|e| Error::io(dir, e))?;
         let spec = build(raw, &base, origin)?;
@@ -403,6 +422,11 @@ impl JobSpec {
                 return bad(key, format!("must be at least 3 (room for [CLS], [SEP] and a token), got {v}"));
             }
         }
+        for (key, v) in [("data.max_source_len", d.max_source_len), ("data.max_target_len", d.max_target_len)] {
+            if v > MAX_SEQ_LEN {
+                return bad(key, format!("must be at most {MAX_SEQ_LEN}, got {v}"));
+            }
+        }
         for (key, v) in [("data.source_field", &d.source_field), ("data.target_field", &d.target_field)] {
             if v.trim().is_empty() {
                 return bad(key, "must not be empty".into());
@@ -474,6 +498,12 @@ impl JobSpec {
             if e.max_len < 2 {
                 return bad("eval.max_len", format!("must be at least 2, got {}", e.max_len));
             }
+            if e.max_len > MAX_SEQ_LEN {
+                return bad("eval.max_len", format!("must be at most {MAX_SEQ_LEN}, got {}", e.max_len));
+            }
+            if e.beams > MAX_BEAMS {
+                return bad("eval.beams", format!("must be at most {MAX_BEAMS}, got {}", e.beams));
+            }
             if !e.length_penalty.is_finite() {
                 return bad("eval.length_penalty", format!("must be a finite number, got {}", e.length_penalty));
             }
@@ -485,14 +515,75 @@ impl JobSpec {
     }
 }
 
+impl JobSpec {
+    /// The lengths of `data` and `eval` against the model's position tables
+    /// (`max_position_embeddings` of its config.json files; BERT positions have no offset), so
+    /// a job that would die at its first long example fails when it is checked instead. Reads
+    /// only the config files (bounded); errors name the job key and the config file.
+    pub fn check_against_model(&self) -> Result<()> {
+        let (enc_file, dec_file, enc_max, dec_max) = match &self.model {
+            ModelSpec::Init(dir) => {
+                let file = dir.join("config.json");
+                let cfg = crate::config::ModelConfig::from_file(&file)?;
+                (file.clone(), file, cfg.encoder.max_position_embeddings, cfg.decoder.max_position_embeddings)
+            }
+            ModelSpec::Inline { encoder, decoder, .. } => {
+                let enc_file = encoder.join("config.json");
+                let enc = crate::config::BertConfig::from_file(&enc_file)?;
+                // A random decoder takes the encoder's config (`init::warm_start`).
+                match decoder {
+                    None => (enc_file.clone(), enc_file, enc.max_position_embeddings, enc.max_position_embeddings),
+                    Some(dir) => {
+                        let dec_file = dir.join("config.json");
+                        let dec = crate::config::BertConfig::from_file(&dec_file)?;
+                        (enc_file, dec_file, enc.max_position_embeddings, dec.max_position_embeddings)
+                    }
+                }
+            }
+        };
+        // Sources are framed as [CLS] .. [SEP] within max_source_len, decoder inputs as [CLS] ..
+        // within max_target_len; generation feeds max_len + 1 positions (`net::generate`).
+        let mut checks = vec![
+            ("data.max_source_len", self.data.max_source_len, enc_max, &enc_file),
+            ("data.max_target_len", self.data.max_target_len, dec_max, &dec_file),
+        ];
+        if let Some(e) = &self.eval {
+            checks.push(("eval.max_len", e.max_len + 1, dec_max, &dec_file));
+        }
+        for (key, need, have, file) in checks {
+            if need > have {
+                let what = if key == "eval.max_len" { format!("{} + 1", need - 1) } else { need.to_string() };
+                return Err(Error::input(
+                    &self.origin,
+                    format!("{key}: {what} exceeds the model's max_position_embeddings ({have}, {})", file.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// serde_yaml_ng's message already carries the key path and `at line L column C`; add the
 /// location where the message lacks it.
-fn yaml_message(e: &serde_yaml_ng::Error) -> String {
+fn yaml_message(e: &serde_yaml_ng::Error, text: &str) -> String {
     let msg = e.to_string();
+    // A duplicate key is reported at the start of its mapping; point at the duplicate instead.
+    if let (Some(loc), Some(key)) = (e.location(), duplicate_key(&msg))
+        && let Some(line) = limits::duplicate_key_line(text, key, loc.line(), loc.column())
+    {
+        let head = msg.rfind(" at line ").map_or(msg.as_str(), |i| &msg[..i]);
+        return format!("{head} at line {line} (in the mapping at line {})", loc.line());
+    }
     match e.location() {
         Some(loc) if !msg.contains(" at line ") => format!("{msg} at line {} column {}", loc.line(), loc.column()),
         _ => msg,
     }
+}
+
+/// The key of serde's "duplicate field `K`" message.
+fn duplicate_key(msg: &str) -> Option<&str> {
+    let rest = &msg[msg.find("duplicate field `")? + "duplicate field `".len()..];
+    Some(&rest[..rest.find('`')?])
 }
 
 /// Defaults (those of design.md's example where it implies them), paths and enumerations.

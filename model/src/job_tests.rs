@@ -136,7 +136,10 @@ fn defaults_fill_what_is_left_out() {
     assert_eq!(job.micro_batch(), 8);
     assert_eq!((t.weight_decay, t.max_grad_norm, t.label_smoothing, t.seed), (0.01, 1.0, 0.0, 42));
     assert_eq!((job.data.max_source_len, job.data.source_field.as_str()), (128, "source"));
-    assert_eq!(job.checkpoint, CheckpointSpec { dir: "/jobs/ckpt/t".into(), every_steps: 10, keep: 3, resume_from: None });
+    assert_eq!(
+        job.checkpoint,
+        CheckpointSpec { dir: "/jobs/ckpt/t".into(), every_steps: 10, keep: 3, resume_from: None }
+    );
     assert_eq!(job.eval, None, "no validation set, no eval");
     assert_eq!(job.logging, LoggingSpec { dir: "/jobs/ckpt/t/logs".into() }, "logs beside the checkpoints");
     let elsewhere = parse(&format!("{MINIMAL}checkpoint: {{ dir: /runs/c }}\n")).unwrap();
@@ -313,4 +316,98 @@ fn yaml_syntax_errors_name_the_line() {
     assert!(err("- a\n- b\n").starts_with("invalid type: sequence, expected struct"));
     let e = JobSpec::from_file(Path::new("/nonexistent/job.yaml")).unwrap_err();
     assert!(matches!(e, Error::Io { .. }));
+}
+
+#[test]
+fn nesting_floods_are_refused_naming_the_limit_quickly() {
+    // The coordinator-freezing submission of issue 11: linear pre-scan, no YAML parse.
+    let start = std::time::Instant::now();
+    for flood in [
+        format!("name: {}{}", "[".repeat(100_000), "]".repeat(100_000)),
+        format!("name: {}{}", "[".repeat(30_000), "]".repeat(30_000)),
+        format!("{MINIMAL}x: {}\n", "{a: ".repeat(10_000)),
+    ] {
+        let msg = err(&flood);
+        assert!(
+            msg.contains("nesting deeper than 32 levels") || msg.contains("over the limit of 65536 bytes"),
+            "{msg}"
+        );
+    }
+    let msg = err(&format!("name: {}{}", "[".repeat(20_000), "]".repeat(20_000)));
+    assert!(msg.starts_with("line 1: nesting deeper than 32 levels"), "{msg}");
+    let msg = err(&format!("{MINIMAL}x: {}{}\n", "[".repeat(40), "]".repeat(40)));
+    assert!(msg.starts_with("line 5: nesting deeper than 32 levels"), "{msg}");
+    assert!(start.elapsed().as_secs_f64() < 5.0, "{:?}", start.elapsed());
+}
+
+#[test]
+fn size_and_alias_limits_come_before_parsing() {
+    let msg = err(&format!("{MINIMAL}# {}\n", "x".repeat(MAX_JOB_BYTES)));
+    assert!(msg.contains("over the limit of 65536 bytes"), "{msg}");
+    let aliased = "name: t\nmodel: &m { init: m }\ndata: { train: *m }\ntraining: { steps: 10, global_batch: 8 }\n";
+    assert!(err(aliased).starts_with("line 2: YAML anchors and aliases"), "{}", err(aliased));
+    // Quoted and commented brackets, ampersands and asterisks are text, and a path may hold them.
+    let ok = "name: t # [[[[ &x\nmodel: { init: 'm&[*' }\ndata: { train: \"d/*[1].jsonl\" }\n\
+              training: { steps: 10, global_batch: 8 }\n";
+    assert_eq!(parse(ok).unwrap().data.train, Path::new("/jobs/d/*[1].jsonl"));
+    // from_file reads no more than the limit: /dev/zero is refused, not read forever.
+    let e = JobSpec::from_file(Path::new("/dev/zero")).unwrap_err();
+    assert!(e.is_bad_input() && e.to_string().contains("not a regular file"), "{e}");
+}
+
+#[test]
+fn a_bom_is_not_part_of_the_first_key() {
+    let job = parse(&format!("\u{feff}{MINIMAL}")).unwrap();
+    assert_eq!(job, parse(MINIMAL).unwrap());
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("bom.yaml");
+    std::fs::write(&p, format!("\u{feff}{MINIMAL}")).unwrap();
+    assert_eq!(JobSpec::from_file(&p).unwrap().name, "t");
+}
+
+#[test]
+fn duplicate_keys_are_reported_at_the_duplicate() {
+    let block = "name: t\nmodel: { init: m }\ndata:\n  train: a.jsonl\n  max_source_len: 8\n  train: b.jsonl\n\
+                 training: { steps: 10, global_batch: 8 }\n";
+    let msg = err(block);
+    // serde_yaml_ng alone says `at line 4 column 3`: the mapping, not the duplicate.
+    assert_eq!(msg, "data: duplicate field `train` at line 6 (in the mapping at line 4)");
+    let top = format!("{MINIMAL}name: u\n");
+    let msg = err(&top);
+    assert!(msg.contains("duplicate") && msg.contains("line 5"), "{msg}");
+    let flow =
+        "name: t\nmodel: { init: m }\ndata: { train: a,\n  train: b }\ntraining: { steps: 10, global_batch: 8 }\n";
+    let msg = err(flow);
+    assert!(msg.contains("duplicate") && msg.contains("line 4"), "{msg}");
+}
+
+#[test]
+fn lengths_have_an_absolute_cap_and_a_model_cap() {
+    let msg = err(&full_with("data", "max_source_len", "100000"));
+    assert!(msg.starts_with("data.max_source_len: must be at most 8192, got 100000"), "{msg}");
+    assert!(err(&full_with("eval", "beams", "100000")).starts_with("eval.beams: must be at most 64"));
+    // The tiny BERT of model::testing has 64 positions; a random decoder takes its config.
+    let d = tempfile::tempdir().unwrap();
+    crate::testing::write_bert_dir(&d.path().join("bert"), 1, None);
+    let job = |src: usize, tgt: usize, eval_len: usize| {
+        let text = format!(
+            "name: t\nmodel: {{ encoder: bert, decoder: random }}\n\
+             data: {{ train: d.jsonl, validation: v.jsonl, max_source_len: {src}, max_target_len: {tgt} }}\n\
+             training: {{ steps: 10, global_batch: 8 }}\neval: {{ max_len: {eval_len} }}\n"
+        );
+        JobSpec::from_str(&text, &d.path().join("j.yaml")).unwrap().check_against_model()
+    };
+    job(64, 64, 63).unwrap();
+    for (src, tgt, eval_len, key) in
+        [(65, 8, 8, "data.max_source_len: 65"), (8, 100, 8, "data.max_target_len: 100"), (8, 8, 64, "eval.max_len")]
+    {
+        let e = job(src, tgt, eval_len).unwrap_err();
+        let msg = e.to_string();
+        assert!(e.is_bad_input() && msg.contains(key) && msg.contains("max_position_embeddings (64"), "{msg}");
+        assert!(msg.starts_with(&*d.path().join("j.yaml").to_string_lossy()), "{msg}");
+    }
+    // A model directory that is not there is a bad input naming its config.json.
+    let text = MINIMAL.replace("init: m", &format!("init: {}", d.path().join("none").display()));
+    let e = JobSpec::from_str(&text, &d.path().join("j.yaml")).unwrap().check_against_model().unwrap_err();
+    assert!(e.is_bad_input() && e.to_string().contains("none/config.json"), "{e}");
 }

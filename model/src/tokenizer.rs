@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use crate::data::Special;
 use crate::error::{Error, Result};
 
+/// The largest tokenizer.json read: multilingual vocabularies are tens of MB.
+pub const MAX_TOKENIZER_BYTES: u64 = 256 << 20;
+
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -18,9 +21,10 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    /// Load an HF `tokenizer.json`.
+    /// Load an HF `tokenizer.json` (a regular file of at most [`MAX_TOKENIZER_BYTES`]).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::data::read_bounded(path, MAX_TOKENIZER_BYTES)?;
+        let text = String::from_utf8(bytes).map_err(|_| Error::input(path, "not valid UTF-8"))?;
         Self::from_json_str(&text, path)
     }
 

@@ -1,0 +1,244 @@
+//! Property tests over the readers of untrusted bytes: the job YAML parser, the JSONL/TSV data
+//! readers and config.json. Each must return Ok or an input error, never panic, and stay fast
+//! (the limits bound their work). Case counts are fixed so CI time is bounded.
+
+use std::path::Path;
+
+use model::config::{BertConfig, ModelConfig};
+use model::data::{MAX_LINE_BYTES, read_jsonl, read_tsv};
+use model::job::JobSpec;
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+const JOB: &str = "\
+name: fuzz
+model: { init: m }
+data:
+  train: d/train.jsonl
+  validation: d/val.jsonl
+  max_source_len: 64
+  max_target_len: 32
+training:
+  steps: 10
+  global_batch: 8
+  micro_batch: 4
+  lr: 1e-4
+  schedule: cosine
+checkpoint: { dir: ck, every_steps: 5, keep: 2 }
+eval: { beams: 2, max_len: 16, metrics: [bleu, rouge] }
+resources: { workers: 2, device: cpu }
+";
+
+fn parse(text: &str) -> Result<JobSpec, model::Error> {
+    JobSpec::from_str(text, Path::new("/jobs/fuzz.yaml"))
+}
+
+/// Ok, or an input error naming the job file: anything else (a panic, an I/O error) fails.
+fn check_job(text: &str) -> Result<(), TestCaseError> {
+    match parse(text) {
+        Ok(spec) => {
+            // What parses must also round-trip through its own YAML.
+            let again = parse(&spec.to_yaml()).map_err(|e| TestCaseError::fail(format!("round trip: {e}")))?;
+            prop_assert_eq!(again, spec);
+        }
+        Err(e) => {
+            prop_assert!(e.is_bad_input(), "not an input error: {e}");
+            prop_assert!(e.to_string().starts_with("/jobs/fuzz.yaml: "), "{e}");
+        }
+    }
+    Ok(())
+}
+
+/// One edit of the valid job: insert, delete or replace a span with YAML-ish noise.
+fn mutation() -> impl Strategy<Value = (usize, usize, String)> {
+    let noise = prop_oneof![
+        Just("[".repeat(40)),
+        Just("{".repeat(40)),
+        Just("&a ".to_string()),
+        Just("*a".to_string()),
+        Just("\u{feff}".to_string()),
+        Just("\n  - ".to_string()),
+        Just(": ".to_string()),
+        Just("'".to_string()),
+        Just("\"".to_string()),
+        Just("|\n".to_string()),
+        Just("99999999999999999999999".to_string()),
+        Just("-1".to_string()),
+        Just("nan".to_string()),
+        Just("~".to_string()),
+        "[ -~\n\t]{0,12}",
+        "\\PC{0,6}",
+    ];
+    (0..JOB.len(), 0usize..24, noise)
+}
+
+fn apply(text: &str, (at, del, with): &(usize, usize, String)) -> String {
+    let mut at = (*at).min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let mut end = (at + del).min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{}{}", &text[..at], with, &text[end..])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// 512 cases of arbitrary text.
+    #[test]
+    fn job_parser_on_arbitrary_text(text in "\\PC{0,400}") {
+        check_job(&text)?;
+    }
+
+    /// 512 cases of one to three mutations of a valid job file.
+    #[test]
+    fn job_parser_on_mutated_jobs(edits in prop::collection::vec(mutation(), 1..4)) {
+        let text = edits.iter().fold(JOB.to_string(), |t, e| apply(&t, e));
+        check_job(&text)?;
+    }
+}
+
+/// Arbitrary bytes, biased towards the readers' syntax.
+fn data_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        Just(b"{\"source\": \"a b\", \"target\": \"c\"}\n".to_vec()),
+        Just(b"{\"source\": {\"x\": [1]}, \"target\": null}\n".to_vec()),
+        Just(b"a\tb\n".to_vec()),
+        Just(b"\t\t\n".to_vec()),
+        Just(b"\xef\xbb\xbf".to_vec()),
+        Just(b"\r\n".to_vec()),
+        Just(b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\n".to_vec()),
+        prop::collection::vec(any::<u8>(), 0..64),
+    ];
+    prop::collection::vec(piece, 0..12).prop_map(|v| v.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// 256 cases: arbitrary bytes through both readers; a value is never echoed in an error.
+    #[test]
+    fn data_readers_on_arbitrary_bytes(bytes in data_bytes()) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fuzz.jsonl");
+        std::fs::write(&path, &bytes).unwrap();
+        for r in [read_jsonl(&path, "source", "target"), read_tsv(&path)] {
+            match r {
+                Ok(pairs) => prop_assert!(!pairs.is_empty()),
+                Err(e) => {
+                    prop_assert!(e.is_bad_input(), "{e}");
+                    let msg = e.to_string();
+                    prop_assert!(msg.starts_with(&*path.to_string_lossy()), "{msg}");
+                    prop_assert!(!msg.contains("a b") && msg.len() < 400, "{msg}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn data_readers_bound_a_line_without_newline() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("one.jsonl");
+    std::fs::write(&path, vec![b'x'; 3 * MAX_LINE_BYTES]).unwrap();
+    let e = read_jsonl(&path, "source", "target").unwrap_err();
+    assert!(e.to_string().contains("line 1: longer than the limit"), "{e}");
+}
+
+/// A JSON value of any type, with numbers at the edges.
+fn any_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_map(|x| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)),
+        Just(json!(u64::MAX)),
+        Just(json!(1_000_000)),
+        Just(json!(0)),
+        Just(json!(4)),
+        Just(json!(1e300)),
+        Just(json!("gelu")),
+        "\\PC{0,8}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(2, 8, 3, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..3).prop_map(Value::from),
+            prop::collection::btree_map("[a-z_]{1,6}", inner, 0..3)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+const KEYS: [&str; 13] = [
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "hidden_dropout_prob",
+    "hidden_act",
+    "position_embedding_type",
+    "pad_token_id",
+    "initializer_range",
+];
+
+fn small_bert() -> Value {
+    json!({
+        "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 24, "max_position_embeddings": 64, "type_vocab_size": 2
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// 1024 cases: a valid encoder-decoder config with up to four keys (of either side or the
+    /// top level) set to arbitrary JSON. Accepted configs stay within the size limits, so
+    /// nothing is ever allocated from an absurd size.
+    #[test]
+    fn config_json_with_arbitrary_values(
+        edits in prop::collection::vec((0usize..3, 0..KEYS.len() + 3, any_json()), 1..5)
+    ) {
+        let mut v = json!({
+            "encoder": small_bert(), "decoder": small_bert(), "tie_encoder_decoder": false,
+            "decoder_start_token_id": 1, "pad_token_id": 0, "eos_token_id": 2
+        });
+        for (side, key, value) in edits {
+            let top = ["decoder_start_token_id", "pad_token_id", "eos_token_id"];
+            match (side, KEYS.get(key)) {
+                (0, Some(k)) => v["encoder"][*k] = value,
+                (1, Some(k)) => v["decoder"][*k] = value,
+                (_, None) => v[top[key - KEYS.len()]] = value,
+                (_, Some(_)) => v["tie_encoder_decoder"] = value,
+            }
+        }
+        let file = Path::new("/m/config.json");
+        match ModelConfig::from_value(&v, file) {
+            Ok(cfg) => {
+                prop_assert!(cfg.parameter_estimate() <= model::config::MAX_PARAMETERS);
+                for c in [&cfg.encoder, &cfg.decoder] {
+                    prop_assert!(c.num_hidden_layers <= 128 && c.hidden_size <= 16384);
+                    prop_assert!(c.hidden_size % c.num_attention_heads == 0);
+                }
+                // A sane config builds its parameter table without trouble.
+                let table = model::ParamTable::new(&cfg);
+                prop_assert!(table.storage_len as u64 <= cfg.parameter_estimate());
+            }
+            Err(e) => {
+                prop_assert!(e.is_bad_input(), "{e}");
+                prop_assert!(e.to_string().starts_with("/m/config.json: "), "{e}");
+            }
+        }
+        // The same values as a BertConfig on their own.
+        if let Err(e) = BertConfig::from_value(&v["encoder"], file) {
+            prop_assert!(e.is_bad_input(), "{e}");
+        }
+    }
+}
