@@ -122,6 +122,8 @@ pub fn load_model_dir(dir: &Path) -> Result<Checkpoint> {
     let config = ModelConfig::from_file(&cfg_path)?;
     check_tie(&config, &cfg_path)?;
     let table = ParamTable::new(&config);
+    // A config.json claiming more than its weights hold fails before the buffer is allocated.
+    crate::config::check_weights_size(&cfg_path, &dir.join("model.safetensors"), table.storage_len)?;
     let index: HashMap<&str, usize> = table.entries.iter().enumerate().map(|(i, e)| (e.name.as_str(), i)).collect();
     let mut params = vec![0.0f32; table.storage_len];
     let mut filled = vec![false; table.entries.len()];
