@@ -5,10 +5,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use model::job::JobSpec;
+use prost::Message;
 use proto::v1;
 
 use crate::domain::{
-    DeviceKind, EvalMetrics, Job, JobEvent, JobFilter, JobState, Progress, WorkerEvent, WorkerEventKind,
+    DeviceKind, EvalMetrics, Job, JobEvent, JobFilter, JobState, Progress, WorkerEvent, WorkerEventKind, job_number,
 };
 use crate::error::{Error, Result};
 use crate::scheduler::{Assignment, AttemptRef};
@@ -66,6 +67,13 @@ impl TryFrom<v1::WatchJobRequest> for JobId {
     }
 }
 
+impl TryFrom<v1::DeleteJobRequest> for JobId {
+    type Error = Error;
+    fn try_from(r: v1::DeleteJobRequest) -> Result<Self> {
+        id_field("job_id", &r.job_id).map(JobId)
+    }
+}
+
 pub struct Cancel {
     pub job_id: String,
     pub reason: String,
@@ -89,13 +97,71 @@ fn job_state(field: &str, v: i32) -> Result<JobState> {
     }
 }
 
-impl TryFrom<v1::ListJobsRequest> for JobFilter {
+/// The most jobs a List page holds, and the page size when the request gives none.
+pub const MAX_PAGE_SIZE: u32 = 100;
+/// A List page stops before its jobs reach this many bytes, far below gRPC's usual 4 MiB
+/// message limit, however large the jobs' names, reasons or specs are.
+pub const MAX_PAGE_BYTES: usize = 1 << 20;
+/// A job whose spec is longer is listed without it (`spec_yaml_omitted`); Get has it whole.
+pub const MAX_LISTED_SPEC: usize = 16 << 10;
+
+/// A List request: which jobs, how many, and below which job number (the page token).
+pub struct ListPage {
+    /// `limit` is the page size, 1 to [`MAX_PAGE_SIZE`].
+    pub filter: JobFilter,
+    pub before: Option<u64>,
+}
+
+impl TryFrom<v1::ListJobsRequest> for ListPage {
     type Error = Error;
     fn try_from(r: v1::ListJobsRequest) -> Result<Self> {
+        if r.states.len() > JobState::ALL.len() * 4 {
+            return Err(Error::invalid("states", format!("more than {} entries", JobState::ALL.len() * 4)));
+        }
         let states =
             r.states.iter().enumerate().map(|(i, &s)| job_state(&format!("states[{i}]"), s)).collect::<Result<_>>()?;
-        Ok(JobFilter { states, limit: r.limit })
+        // `limit` is the old name of page_size; 0 used to mean all, now it means one full page.
+        let asked = if r.page_size > 0 { r.page_size } else { r.limit };
+        let limit = if asked == 0 { MAX_PAGE_SIZE } else { asked.min(MAX_PAGE_SIZE) };
+        let before = if r.page_token.is_empty() { None } else { Some(page_token(&r.page_token)?) };
+        Ok(ListPage { filter: JobFilter { states, limit }, before })
     }
+}
+
+/// The token is the number of the previous page's last job; clients treat it as opaque.
+fn page_token(t: &str) -> Result<u64> {
+    let n = if t.len() <= 20 && t.bytes().all(|b| b.is_ascii_digit()) { job_number(&format!("job-{t}")) } else { None };
+    n.ok_or_else(|| Error::invalid("page_token", "not a next_page_token from a List answer"))
+}
+
+/// A List answer from one page of jobs (newest first) and whether more follow: specs over
+/// [`MAX_LISTED_SPEC`] are left out, and the page ends early rather than pass
+/// [`MAX_PAGE_BYTES`] (it always holds one job, when there is one).
+pub fn list_response(jobs: Vec<Job>, mut more: bool) -> Result<v1::ListJobsResponse> {
+    let mut out: Vec<v1::Job> = Vec::with_capacity(jobs.len());
+    let mut bytes = 0;
+    for job in jobs {
+        let mut j = v1::Job::from(job);
+        if j.spec_yaml.len() > MAX_LISTED_SPEC {
+            j.spec_yaml = String::new();
+            j.spec_yaml_omitted = true;
+        }
+        // The repeated field's tag and length prefix take at most 6 bytes more.
+        let len = j.encoded_len() + 6;
+        if !out.is_empty() && bytes + len > MAX_PAGE_BYTES {
+            more = true;
+            break;
+        }
+        bytes += len;
+        out.push(j);
+    }
+    let next_page_token = match out.last() {
+        Some(last) if more => job_number(&last.id)
+            .ok_or_else(|| Error::Internal(format!("job id `{}` is not job-N", last.id)))?
+            .to_string(),
+        _ => String::new(),
+    };
+    Ok(v1::ListJobsResponse { jobs: out, next_page_token })
 }
 
 impl From<JobState> for v1::JobState {
@@ -126,6 +192,7 @@ impl From<Job> for v1::Job {
             workers: j.workers,
             min_workers: j.min_workers,
             checkpoint_step: j.checkpoint_step,
+            spec_yaml_omitted: false,
         }
     }
 }
@@ -382,7 +449,7 @@ mod tests {
         assert!(matches!(&e, Error::InvalidArgument(m) if m.starts_with("job_yaml: ") && m.contains("bogus")), "{e}");
         let e = JobId::try_from(v1::GetJobRequest { job_id: " ".into() }).err().unwrap();
         assert_eq!(e.to_string(), "job_id: must not be empty");
-        let e = JobFilter::try_from(v1::ListJobsRequest { states: vec![1, 42], limit: 0 }).err().unwrap();
+        let e = ListPage::try_from(v1::ListJobsRequest { states: vec![1, 42], ..Default::default() }).err().unwrap();
         assert!(e.to_string().starts_with("states[1]: "), "{e}");
         let caps = v1::Capabilities { device: "tpu".into(), ..Default::default() };
         let e = Registration::try_from(v1::RegisterWorkerRequest { capabilities: Some(caps), ..Default::default() });

@@ -78,6 +78,18 @@ pub struct JobFilter {
     pub limit: u32,
 }
 
+/// The number N of a job id `job-N`. Stores assign N in submission order and never reuse it,
+/// so it is the key that List pages by (newest first: a page continues below the last N seen).
+pub fn job_number(id: &str) -> Option<u64> {
+    let digits = id.strip_prefix("job-")?;
+    // Only canonical decimals (no sign, no leading zero), so that each number has one id.
+    if digits.is_empty() || digits.len() > 19 || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 /// One attempt of a job: a gang of workers with ranks 0..world_size.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Attempt {

@@ -73,6 +73,42 @@ impl Jobs {
         self.store.list_jobs(filter)
     }
 
+    /// One page of at most `filter.limit` (at least 1) jobs, newest first, below job number
+    /// `before` when given; true when more jobs follow.
+    pub fn page(&self, filter: &JobFilter, before: Option<u64>) -> Result<(Vec<Job>, bool)> {
+        let size = filter.limit.max(1);
+        // One more than asked for tells whether another page follows.
+        let ask = JobFilter { states: filter.states.clone(), limit: size.saturating_add(1) };
+        let mut jobs = self.store.list_jobs_before(&ask, before)?;
+        let more = jobs.len() > size as usize;
+        jobs.truncate(size as usize);
+        Ok((jobs, more))
+    }
+
+    /// Deletes a SUCCEEDED, FAILED or CANCELLED job with its attempt and checkpoint records;
+    /// the checkpoint files stay where they are. Returns the job as it was.
+    pub fn delete(&self, id: &str) -> Result<Job> {
+        let job = {
+            // Under the write lock, no transition can make the job live again meanwhile.
+            let _w = Self::lock(&self.write)?;
+            let job = self.get(id)?;
+            if !job.state.is_terminal() {
+                return Err(Error::FailedPrecondition(format!(
+                    "job_id: job `{id}` is {}; cancel it first (only ended jobs can be deleted)",
+                    job.state.as_str()
+                )));
+            }
+            if !self.store.delete_job(id)? {
+                return Err(Error::NotFound(format!("job_id: no job `{id}`")));
+            }
+            job
+        };
+        Self::lock(&self.channels).map(|mut c| c.remove(id)).ok();
+        Self::lock(&self.members).map(|mut m| m.remove(id)).ok();
+        tracing::info!(job = %id, "job deleted");
+        Ok(job)
+    }
+
     /// Cancels a PENDING or RUNNING job.
     pub fn cancel(&self, id: &str, reason: &str) -> Result<Job> {
         let reason = if reason.trim().is_empty() { "cancelled by user" } else { reason.trim() };

@@ -221,8 +221,11 @@ impl Store for MeteredStore {
     fn get_job(&self, id: &str) -> Result<Option<Job>> {
         self.inner.get_job(id)
     }
-    fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
-        self.inner.list_jobs(filter)
+    fn list_jobs_before(&self, filter: &JobFilter, before: Option<u64>) -> Result<Vec<Job>> {
+        self.inner.list_jobs_before(filter, before)
+    }
+    fn delete_job(&self, id: &str) -> Result<bool> {
+        self.inner.delete_job(id)
     }
     fn update_job(&self, job: &Job) -> Result<()> {
         // Progress rewrites RUNNING jobs every step; restarts only change on the way out of RUNNING.

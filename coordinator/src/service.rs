@@ -12,9 +12,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::convert::{
-    self, AssignmentPoll, Cancel, Commit, Deregister, Done, Failed, Heartbeat, JobId, ReportProgress, Submit,
+    self, AssignmentPoll, Cancel, Commit, Deregister, Done, Failed, Heartbeat, JobId, ListPage, ReportProgress, Submit,
 };
-use crate::domain::{Clock, JobEvent, JobFilter};
+use crate::domain::{Clock, JobEvent};
 use crate::jobs::Jobs;
 use crate::scheduler::{AttemptRef, Scheduler};
 use crate::workers::{Command, Registration, Workers};
@@ -46,9 +46,15 @@ impl JobService for JobApi {
     }
 
     async fn list(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
-        let filter: JobFilter = req.into_inner().try_into()?;
-        let jobs = self.jobs.list(&filter)?.into_iter().map(Into::into).collect();
-        Ok(Response::new(v1::ListJobsResponse { jobs }))
+        let ListPage { filter, before } = req.into_inner().try_into()?;
+        let (jobs, more) = self.jobs.page(&filter, before)?;
+        Ok(Response::new(convert::list_response(jobs, more)?))
+    }
+
+    async fn delete_job(&self, req: Request<v1::DeleteJobRequest>) -> Result<Response<v1::DeleteJobResponse>, Status> {
+        let JobId(id) = req.into_inner().try_into()?;
+        self.jobs.delete(&id)?;
+        Ok(Response::new(v1::DeleteJobResponse {}))
     }
 
     async fn cancel(&self, req: Request<v1::CancelJobRequest>) -> Result<Response<v1::CancelJobResponse>, Status> {

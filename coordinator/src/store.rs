@@ -3,12 +3,14 @@
 //! [`MemStore`] (a fake for tests of the domain logic).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, params};
 
-use crate::domain::{Attempt, Checkpoint, DeviceKind, Job, JobFilter, JobState, NewJob, Worker, WorkerState};
+use crate::domain::{
+    Attempt, Checkpoint, DeviceKind, Job, JobFilter, JobState, NewJob, Worker, WorkerState, job_number,
+};
 use crate::error::{Error, Result};
 
 /// Persistent state. Every call is one transaction; callers serialise read-modify-write
@@ -18,7 +20,15 @@ pub trait Store: Send + Sync {
     fn insert_job(&self, job: NewJob) -> Result<Job>;
     fn get_job(&self, id: &str) -> Result<Option<Job>>;
     /// Newest first.
-    fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>>;
+    fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
+        self.list_jobs_before(filter, None)
+    }
+    /// Newest first, only jobs whose number ([`job_number`]) is below `before` when given: the
+    /// page after one that ended with job `before`.
+    fn list_jobs_before(&self, filter: &JobFilter, before: Option<u64>) -> Result<Vec<Job>>;
+    /// Removes a job with its attempts and checkpoint records (not the checkpoint files); false
+    /// when there is no such job. Its number is not reused.
+    fn delete_job(&self, id: &str) -> Result<bool>;
     /// Writes the job's mutable fields (state, step, restarts, reason, updated_ms).
     fn update_job(&self, job: &Job) -> Result<()>;
     /// Inserts or replaces (job_id, attempt).
@@ -82,27 +92,103 @@ CREATE TABLE IF NOT EXISTS workers (
 const JOB_COLUMNS: &str = "id, name, spec_yaml, state, step, total_steps, restarts, reason, workers, min_workers, \
      created_ms, updated_ms, (SELECT COALESCE(MAX(c.step), 0) FROM checkpoints c WHERE c.job_id = jobs.id)";
 
+/// The tables a job store has; a database without all of them is not one.
+const TABLES: [&str; 4] = ["jobs", "attempts", "checkpoints", "workers"];
+
+/// The database file's name in the state directory.
+pub const DB_FILE: &str = "coordinator.sqlite";
+
 /// The job store on SQLite (rusqlite, bundled), in `STATE_DIR/coordinator.sqlite`.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database in `state_dir`.
+    /// Opens the database in `state_dir`, creating it (with its schema, atomically) when the
+    /// file does not exist. An existing file must be a job store: a zero-length file, another
+    /// database or garbage is refused, naming the file, rather than started from empty, which
+    /// would reuse job ids.
     pub fn open(state_dir: &Path) -> Result<SqliteStore> {
         std::fs::create_dir_all(state_dir).map_err(|e| Error::io(state_dir.display().to_string(), e))?;
-        let conn = Connection::open(state_dir.join("coordinator.sqlite"))?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)?;
+        let path = state_dir.join(DB_FILE);
+        match std::fs::metadata(&path) {
+            Ok(m) if !m.is_file() => return Err(not_a_store(&path, "not a regular file")),
+            Ok(m) if m.len() == 0 => return Err(not_a_store(&path, "the file is empty (0 bytes)")),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_store(&path)?,
+            Err(e) => return Err(Error::io(path.display().to_string(), e)),
+        }
+        // No CREATE: the file exists now, and must not be replaced by an empty one behind our back.
+        let flags = OpenFlags::default().difference(OpenFlags::SQLITE_OPEN_CREATE);
+        let conn = Connection::open_with_flags(&path, flags).map_err(|e| open_error(&path, e))?;
+        check_schema(&conn, &path)?;
+        let setup = || -> rusqlite::Result<()> {
+            conn.busy_timeout(std::time::Duration::from_secs(5))?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")
+        };
+        setup().map_err(|e| open_error(&path, e))?;
         Ok(SqliteStore { conn: Mutex::new(conn) })
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
         let mut conn = self.conn.lock().map_err(|_| Error::Internal("job store lock poisoned".into()))?;
         Ok(f(&mut conn)?)
+    }
+}
+
+fn not_a_store(path: &Path, why: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "{}: not a bert2bert job store ({why}); move it away to start with no jobs, or use another --state directory",
+        path.display()
+    ))
+}
+
+fn open_error(path: &Path, e: rusqlite::Error) -> Error {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) =>
+        {
+            not_a_store(path, &e.to_string())
+        }
+        _ => Error::Internal(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Creates an empty job store at `path`: the schema is written to a temporary file that is
+/// synced and renamed into place, so a crash leaves either no file or a whole store (never the
+/// zero-length file that `open` refuses).
+fn create_store(path: &Path) -> Result<()> {
+    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+    for leftover in [tmp.clone(), PathBuf::from(format!("{}-journal", tmp.display()))] {
+        match std::fs::remove_file(&leftover) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(leftover.display().to_string(), e)),
+        }
+    }
+    let conn = Connection::open(&tmp).map_err(|e| open_error(&tmp, e))?;
+    conn.execute_batch(SCHEMA).map_err(|e| open_error(&tmp, e))?;
+    conn.close().map_err(|(_, e)| open_error(&tmp, e))?;
+    let sync = |p: &Path| std::fs::File::open(p).and_then(|f| f.sync_all());
+    sync(&tmp).map_err(|e| Error::io(tmp.display().to_string(), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path.display().to_string(), e))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    sync(dir).map_err(|e| Error::io(dir.display().to_string(), e))
+}
+
+/// Every table of [`SCHEMA`] must be there; garbage fails here too (not a database).
+fn check_schema(conn: &Connection, path: &Path) -> Result<()> {
+    let mut stmt =
+        conn.prepare("SELECT name FROM sqlite_master WHERE type = 'table'").map_err(|e| open_error(path, e))?;
+    let names = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(|e| open_error(path, e))?;
+    match TABLES.iter().find(|t| !names.iter().any(|n| n == *t)) {
+        Some(missing) => Err(not_a_store(path, &format!("no `{missing}` table"))),
+        None => Ok(()),
     }
 }
 
@@ -195,12 +281,33 @@ impl Store for SqliteStore {
         })
     }
 
-    fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
-        let jobs = self.with(|c| {
-            let mut stmt = c.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY seq DESC"))?;
-            stmt.query_map([], job_from_row)?.collect::<rusqlite::Result<Vec<_>>>()
-        })?;
-        Ok(filter_jobs(jobs.into_iter(), filter))
+    fn list_jobs_before(&self, filter: &JobFilter, before: Option<u64>) -> Result<Vec<Job>> {
+        // The filter and the page run in SQL, so a page reads only its own rows. State names
+        // come from the enum, not the caller, so they are safe to write into the statement.
+        let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE seq < ?1");
+        if !filter.states.is_empty() {
+            let names: Vec<String> = filter.states.iter().map(|s| format!("'{}'", s.as_str())).collect();
+            sql.push_str(&format!(" AND state IN ({})", names.join(",")));
+        }
+        sql.push_str(" ORDER BY seq DESC LIMIT ?2");
+        let below = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+        let limit = if filter.limit == 0 { -1 } else { i64::from(filter.limit) };
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&sql)?;
+            stmt.query_map(params![below, limit], job_from_row)?.collect()
+        })
+    }
+
+    fn delete_job(&self, id: &str) -> Result<bool> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM checkpoints WHERE job_id = ?1", [id])?;
+            tx.execute("DELETE FROM attempts WHERE job_id = ?1", [id])?;
+            // AUTOINCREMENT keeps the sequence past a deleted row: the number is not reused.
+            let n = tx.execute("DELETE FROM jobs WHERE id = ?1", [id])?;
+            tx.commit()?;
+            Ok(n > 0)
+        })
     }
 
     fn update_job(&self, j: &Job) -> Result<()> {
@@ -301,9 +408,10 @@ impl Store for SqliteStore {
     }
 }
 
-fn filter_jobs(jobs: impl Iterator<Item = Job>, f: &JobFilter) -> Vec<Job> {
+fn filter_jobs(jobs: impl Iterator<Item = Job>, f: &JobFilter, before: Option<u64>) -> Vec<Job> {
     let limit = if f.limit == 0 { usize::MAX } else { f.limit as usize };
-    jobs.filter(|j| f.states.is_empty() || f.states.contains(&j.state)).take(limit).collect()
+    let below = |j: &Job| before.is_none_or(|b| job_number(&j.id).is_some_and(|n| n < b));
+    jobs.filter(|j| (f.states.is_empty() || f.states.contains(&j.state)) && below(j)).take(limit).collect()
 }
 
 /// An in-memory [`Store`] for tests: same contract, nothing on disk.
@@ -314,6 +422,8 @@ pub struct MemStore {
 
 #[derive(Default)]
 struct Mem {
+    /// The last job number given out; deletes do not lower it.
+    last_job: u64,
     jobs: Vec<Job>,
     attempts: Vec<Attempt>,
     checkpoints: Vec<Checkpoint>,
@@ -330,8 +440,9 @@ impl MemStore {
 impl Store for MemStore {
     fn insert_job(&self, j: NewJob) -> Result<Job> {
         self.with(|m| {
+            m.last_job += 1;
             let job = Job {
-                id: format!("job-{}", m.jobs.len() + 1),
+                id: format!("job-{}", m.last_job),
                 name: j.name,
                 spec_yaml: j.spec_yaml,
                 state: JobState::Pending,
@@ -357,10 +468,20 @@ impl Store for MemStore {
         })
     }
 
-    fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
+    fn list_jobs_before(&self, filter: &JobFilter, before: Option<u64>) -> Result<Vec<Job>> {
         let ids: Vec<String> = self.with(|m| m.jobs.iter().rev().map(|j| j.id.clone()).collect())?;
         let jobs = ids.iter().filter_map(|id| self.get_job(id).transpose()).collect::<Result<Vec<_>>>()?;
-        Ok(filter_jobs(jobs.into_iter(), filter))
+        Ok(filter_jobs(jobs.into_iter(), filter, before))
+    }
+
+    fn delete_job(&self, id: &str) -> Result<bool> {
+        self.with(|m| {
+            let had = m.jobs.iter().any(|j| j.id == id);
+            m.jobs.retain(|j| j.id != id);
+            m.attempts.retain(|a| a.job_id != id);
+            m.checkpoints.retain(|c| c.job_id != id);
+            had
+        })
     }
 
     fn update_job(&self, j: &Job) -> Result<()> {

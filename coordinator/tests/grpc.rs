@@ -75,7 +75,7 @@ async fn submitted_job_is_pending_listed_and_gettable() {
     assert_eq!(got, job);
     let missing = j.get(v1::GetJobRequest { job_id: "job-404".into() }).await.unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
-    let bad_filter = j.list(v1::ListJobsRequest { states: vec![77], limit: 0 }).await.unwrap_err();
+    let bad_filter = j.list(v1::ListJobsRequest { states: vec![77], ..Default::default() }).await.unwrap_err();
     assert_eq!(bad_filter.code(), Code::InvalidArgument);
     assert!(bad_filter.message().starts_with("states[0]: "), "{}", bad_filter.message());
     c.shutdown().await.unwrap();
