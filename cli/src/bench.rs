@@ -155,17 +155,89 @@ fn synthetic_batch(c: &ModelConfig, bs: usize, s: usize, t: usize) -> SynthBatch
     SynthBatch { src, mask: vec![1.0f32; bs * s], dec, labels }
 }
 
-pub fn run(a: Args) -> CliResult {
-    if a.batch == 0 || a.src_len < 2 || a.tgt_len < 2 || a.steps == 0 {
-        return Err(CliError::usage("--batch and --steps must be > 0, lengths >= 2"));
+/// The most `--steps` and `--warmup` steps: a benchmark, not a training run.
+const MAX_STEPS: usize = 10_000;
+/// The largest `--batch`.
+const MAX_BATCH: usize = 4096;
+
+/// Flags that need no model; errors name the flag.
+fn check_flags(a: &Args) -> CliResult {
+    for (flag, v, least, most) in
+        [("--batch", a.batch, 1, MAX_BATCH), ("--steps", a.steps, 1, MAX_STEPS), ("--warmup", a.warmup, 0, MAX_STEPS)]
+    {
+        if !(least..=most).contains(&v) {
+            return Err(CliError::usage(format!("{flag} must be in {least}..={most}, got {v}")));
+        }
     }
+    Ok(())
+}
+
+/// The lengths against the model's position tables, and on the CPU the step's memory against
+/// what the machine has: an allocation that fails aborts the process, so refuse it first.
+fn check_shape(a: &Args, cfg: &ModelConfig, params: usize) -> CliResult {
+    let (enc, dec) = cfg.max_lengths();
+    for (flag, v, most) in [("--src-len", a.src_len, enc), ("--tgt-len", a.tgt_len, dec)] {
+        if !(2..=most).contains(&v) {
+            return Err(CliError::usage(format!(
+                "{flag} must be in 2..={most} (the model's max_position_embeddings), got {v}"
+            )));
+        }
+    }
+    let need = step_bytes(cfg, params, a.batch, a.src_len, a.tgt_len);
+    if a.device == Device::Cpu
+        && let Some(have) = available_bytes()
+        && need > have as f64
+    {
+        return Err(CliError::usage(format!(
+            "--batch {} --src-len {} --tgt-len {} needs about {:.1} GB, more than the {:.1} GB available",
+            a.batch,
+            a.src_len,
+            a.tgt_len,
+            need / 1e9,
+            have as f64 / 1e9
+        )));
+    }
+    Ok(())
+}
+
+/// A rough upper estimate of a training step's memory in bytes: parameters, gradients and the
+/// two AdamW moments, plus the activations backward keeps (per token a few dozen hidden-size
+/// vectors and the FFN, attention probabilities per head, the LM head's logits).
+fn step_bytes(c: &ModelConfig, params: usize, batch: usize, s: usize, t: usize) -> f64 {
+    let (e, d) = (&c.encoder, &c.decoder);
+    let (b, s, t) = (batch as f64, s as f64, t as f64);
+    let enc = e.num_hidden_layers as f64
+        * (b * s * (10.0 * e.hidden_size as f64 + 3.0 * e.intermediate_size as f64)
+            + 3.0 * b * e.num_attention_heads as f64 * s * s);
+    let dec = d.num_hidden_layers as f64
+        * (b * t * (16.0 * d.hidden_size as f64 + 3.0 * d.intermediate_size as f64)
+            + 3.0 * b * d.num_attention_heads as f64 * (t * t + t * s));
+    let head = 2.0 * b * t * d.vocab_size as f64;
+    4.0 * (4.0 * params as f64 + enc + dec + head)
+}
+
+/// MemAvailable of /proc/meminfo, where there is one.
+fn available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn run(a: Args) -> CliResult {
+    check_flags(&a)?;
     let ck = match (&a.model, &a.config) {
         (Some(dir), _) => checkpoint::load_model_dir(dir)?,
-        (None, Some(name)) => random_checkpoint(builtin(name)?),
+        (None, Some(name)) => {
+            let config = builtin(name)?;
+            check_shape(&a, &config, ParamTable::new(&config).storage_len)?;
+            random_checkpoint(config)
+        }
         (None, None) => {
             return Err(CliError::usage("give --model DIR or --config minilm|bert-base"));
         }
     };
+    check_shape(&a, &ck.config, ck.table.storage_len)?;
     match a.device {
         Device::Cpu => bench_on(&Cpu, &a, &ck),
         // bf16 tensor-core GEMMs with fp32 accumulation, fp32 everything else.

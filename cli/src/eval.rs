@@ -36,10 +36,12 @@ pub struct Args {
     max_examples: Option<usize>,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
-    #[arg(long, default_value_t = 128)]
-    max_source_len: usize,
-    #[arg(long, default_value_t = 128)]
-    max_target_len: usize,
+    /// Default 128, or the model's max_position_embeddings if smaller.
+    #[arg(long)]
+    max_source_len: Option<usize>,
+    /// Default 128, or the model's max_position_embeddings if smaller.
+    #[arg(long)]
+    max_target_len: Option<usize>,
     #[arg(long, default_value = "cpu")]
     device: Device,
 }
@@ -61,15 +63,22 @@ fn eval_on<B: Backend>(b: &B, a: &Args) -> CliResult {
         }
     }
     let gen_opts = crate::generate::options(a.beams, a.max_len, 0, a.length_penalty, &a.penalty, 0)?;
+    crate::generate::check_batch_size(a.batch_size)?;
     let ck = checkpoint::load_model_dir(&a.model)?;
+    let (enc_positions, dec_positions) = ck.config.max_lengths();
+    let max_source_len = crate::generate::length_flag("--max-source-len", a.max_source_len, 3, enc_positions)?;
+    let max_target_len = crate::generate::length_flag("--max-target-len", a.max_target_len, 2, dec_positions)?;
+    if bleu || rouge {
+        crate::generate::check_generate_len(&ck.config, gen_opts.max_len)?;
+    }
     let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
     let pairs = read_pairs(&a.data, "source", "target")?;
     let (src, tgt) = tokenize_pairs(&tok, &pairs)?;
     let mut net = Bert2Bert::new(b, ck.config, ck.table, &ck.params)?;
     let opts = EvalOptions {
         batch_size: a.batch_size,
-        max_source_len: a.max_source_len,
-        max_target_len: a.max_target_len,
+        max_source_len,
+        max_target_len,
         generate: (bleu || rouge).then_some(gen_opts),
         max_generate: a.max_examples.unwrap_or(pairs.len()),
         bleu,

@@ -4,7 +4,9 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use kernels::Backend;
+use model::ModelConfig;
 use model::checkpoint;
+use model::job::{MAX_BEAMS, MAX_SEQ_LEN};
 use model::net::{Bert2Bert, GenerateOptions, LengthPenaltyKind};
 use model::tokenizer::Tokenizer;
 use worker::evaluate::{detokenize, source_row};
@@ -35,12 +37,18 @@ pub struct Args {
     no_repeat_ngram: usize,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
-    #[arg(long, default_value_t = 128)]
-    max_source_len: usize,
+    /// Default 128, or the model's max_position_embeddings if smaller.
+    #[arg(long)]
+    max_source_len: Option<usize>,
     #[arg(long, default_value = "cpu")]
     device: Device,
 }
 
+/// The largest `--batch-size` of generate, eval and score: far past where batching stops
+/// paying, and small enough that a typo cannot ask for gigabytes.
+pub const MAX_BATCH_SIZE: usize = 4096;
+
+/// Checked generation flags (shared by `generate` and `eval`); errors name the flag.
 pub fn options(
     beams: usize,
     max_len: usize,
@@ -54,14 +62,64 @@ pub fn options(
         "hf" => LengthPenaltyKind::Hf,
         other => return Err(CliError::usage(format!("--penalty `{other}`: use gnmt or hf"))),
     };
-    if beams == 0 || max_len == 0 {
-        return Err(CliError::usage("--beams and --max-len must be at least 1"));
+    if !(1..=MAX_BEAMS).contains(&beams) {
+        return Err(CliError::usage(format!("--beams must be in 1..={MAX_BEAMS}, got {beams}")));
+    }
+    if !(1..=MAX_SEQ_LEN).contains(&max_len) {
+        return Err(CliError::usage(format!("--max-len must be in 1..={MAX_SEQ_LEN}, got {max_len}")));
+    }
+    if min_len > max_len {
+        return Err(CliError::usage(format!("--min-len {min_len} exceeds --max-len {max_len}")));
+    }
+    if !length_penalty.is_finite() {
+        return Err(CliError::usage(format!("--length-penalty must be a finite number, got {length_penalty}")));
     }
     Ok(GenerateOptions { beams, max_len, min_len, length_penalty, penalty_kind, no_repeat_ngram: no_repeat })
 }
 
+/// `--batch-size` in 1..=[`MAX_BATCH_SIZE`].
+pub fn check_batch_size(batch_size: usize) -> CliResult {
+    if !(1..=MAX_BATCH_SIZE).contains(&batch_size) {
+        return Err(CliError::usage(format!("--batch-size must be in 1..={MAX_BATCH_SIZE}, got {batch_size}")));
+    }
+    Ok(())
+}
+
+/// The default `--max-source-len` / `--max-target-len` (a smaller model's position table
+/// lowers it).
+pub const DEFAULT_MAX_LEN: usize = 128;
+
+/// A length flag checked against the model's position table before any batch is built: at
+/// least `least`, at most `positions` (the encoder's or decoder's `max_position_embeddings`).
+/// Unset, it is [`DEFAULT_MAX_LEN`] or the table's size if smaller.
+pub fn length_flag(flag: &str, given: Option<usize>, least: usize, positions: usize) -> CliResult<usize> {
+    let Some(v) = given else {
+        return Ok(DEFAULT_MAX_LEN.min(positions));
+    };
+    if v < least {
+        return Err(CliError::usage(format!("{flag} must be at least {least}, got {v}")));
+    }
+    if v > positions {
+        return Err(CliError::usage(format!("{flag} {v} exceeds the model's max_position_embeddings ({positions})")));
+    }
+    Ok(v)
+}
+
+/// `--max-len` against the decoder's positions: `max_len` generated tokens take `max_len + 1`.
+pub fn check_generate_len(cfg: &ModelConfig, max_len: usize) -> CliResult {
+    let positions = cfg.max_lengths().1;
+    if max_len >= positions {
+        return Err(CliError::usage(format!(
+            "--max-len {max_len} needs {} decoder positions; the model's max_position_embeddings is {positions}",
+            max_len + 1
+        )));
+    }
+    Ok(())
+}
+
 pub fn run(a: Args) -> CliResult {
     let opts = options(a.beams, a.max_len, a.min_len, a.length_penalty, &a.penalty, a.no_repeat_ngram)?;
+    check_batch_size(a.batch_size)?;
     match a.device {
         Device::Cpu => generate_on(&kernels::Cpu, &a, &opts),
         Device::Cuda(i) => generate_on(&device::open_cuda(i, GemmPrecision::Fp32)?, &a, &opts),
@@ -70,16 +128,18 @@ pub fn run(a: Args) -> CliResult {
 
 fn generate_on<B: Backend>(b: &B, a: &Args, opts: &GenerateOptions) -> CliResult {
     let ck = checkpoint::load_model_dir(&a.model)?;
+    let max_source_len = length_flag("--max-source-len", a.max_source_len, 3, ck.config.max_lengths().0)?;
+    check_generate_len(&ck.config, opts.max_len)?;
     let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
     let mut net = Bert2Bert::new(b, ck.config, ck.table, &ck.params)?;
     let special = tok.special();
     let stdin = std::io::stdin();
     let mut out = std::io::stdout().lock();
     let lines: Vec<String> = stdin.lock().lines().collect::<Result<_, _>>()?;
-    for chunk in lines.chunks(a.batch_size.max(1)) {
+    for chunk in lines.chunks(a.batch_size) {
         let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
         let rows: Vec<Vec<i32>> =
-            tok.encode_batch(&texts)?.iter().map(|ids| source_row(ids, special, a.max_source_len)).collect();
+            tok.encode_batch(&texts)?.iter().map(|ids| source_row(ids, special, max_source_len)).collect();
         for g in net.generate(b, &rows, opts)? {
             writeln!(out, "{}", detokenize(&tok, &g.tokens)?)?;
         }

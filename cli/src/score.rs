@@ -10,8 +10,8 @@ use model::data::{Batch, read_pairs, tokenize_pairs};
 use model::net::{Bert2Bert, Inputs, PassOptions};
 use model::tokenizer::Tokenizer;
 
+use crate::CliResult;
 use crate::device::{self, Device, GemmPrecision};
-use crate::{CliError, CliResult};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -29,10 +29,12 @@ pub struct Args {
     json: bool,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
-    #[arg(long, default_value_t = 128)]
-    max_source_len: usize,
-    #[arg(long, default_value_t = 128)]
-    max_target_len: usize,
+    /// Default 128, or the model's max_position_embeddings if smaller.
+    #[arg(long)]
+    max_source_len: Option<usize>,
+    /// Default 128, or the model's max_position_embeddings if smaller.
+    #[arg(long)]
+    max_target_len: Option<usize>,
     #[arg(long, default_value = "source")]
     source_field: String,
     #[arg(long, default_value = "target")]
@@ -42,10 +44,11 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> CliResult {
-    if a.batch_size == 0 || a.max_source_len < 3 || a.max_target_len < 2 {
-        return Err(CliError::usage("--batch-size must be > 0, --max-source-len >= 3 and --max-target-len >= 2"));
-    }
+    crate::generate::check_batch_size(a.batch_size)?;
     let ck = checkpoint::load_model_dir(&a.model)?;
+    let (enc_positions, dec_positions) = ck.config.max_lengths();
+    let max_source_len = crate::generate::length_flag("--max-source-len", a.max_source_len, 3, enc_positions)?;
+    let max_target_len = crate::generate::length_flag("--max-target-len", a.max_target_len, 2, dec_positions)?;
     let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
     let pairs = read_pairs(&a.data, &a.source_field, &a.target_field)?;
     if pairs.is_empty() {
@@ -55,7 +58,7 @@ pub fn run(a: Args) -> CliResult {
     let batches: Vec<Batch> = src
         .chunks(a.batch_size)
         .zip(tgt.chunks(a.batch_size))
-        .map(|(s, t)| Batch::new(s, t, tok.special(), a.max_source_len, a.max_target_len))
+        .map(|(s, t)| Batch::new(s, t, tok.special(), max_source_len, max_target_len))
         .collect();
     match a.device {
         Device::Cpu => score_on(&Cpu, &a, &ck, &batches, pairs.len()),

@@ -31,6 +31,8 @@ pub struct Args {
 
 pub fn run(a: Args) -> CliResult {
     let spec = JobSpec::from_file(&a.job)?;
+    // Lengths beyond the model's position table fail here (exit 2), not at the first long example.
+    spec.check_against_model()?;
     if a.workers == 0 {
         return Err(CliError::usage("--workers must be at least 1"));
     }

@@ -174,6 +174,17 @@ fn bad_inputs_exit_2_and_name_the_culprit() {
     assert_eq!(o.status.code(), Some(2));
 }
 
+/// `base` with `extra` (`--flag value`) set: replaced where `base` has the flag, else appended
+/// (clap refuses a flag given twice).
+fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = base.to_vec();
+    match args.iter().position(|a| *a == extra[0]) {
+        Some(i) => args[i + 1] = extra[1],
+        None => args.extend_from_slice(extra),
+    }
+    args
+}
+
 /// `code` and every piece of `want` in stderr, and no panic.
 fn assert_refused(o: &std::process::Output, code: i32, want: &[&str]) {
     let e = stderr(o);
@@ -199,7 +210,7 @@ fn out_of_range_flags_exit_2_naming_the_flag() {
         ),
         (&["--batch-size", "0"][..], "--batch-size"),
     ] {
-        assert_refused(&run(&[&eval[..], extra].concat()), 2, &[flag]);
+        assert_refused(&run(&with(&eval, extra)), 2, &[flag]);
     }
     let bench = ["bench", "--model", m, "--batch", "2", "--src-len", "8", "--tgt-len", "8", "--steps", "1"];
     for (extra, flag) in [
@@ -209,7 +220,7 @@ fn out_of_range_flags_exit_2_naming_the_flag() {
         (&["--steps", "18446744073709551615"][..], "--steps must be in 1..=10000"),
         (&["--batch", "100000"][..], "--batch must be in 1..=4096"),
     ] {
-        assert_refused(&run(&[&bench[..], extra].concat()), 2, &[flag]);
+        assert_refused(&run(&with(&bench, extra)), 2, &[flag]);
     }
     // bert-base at the largest batch and length needs far more memory than a test machine has.
     let big = ["bench", "--config", "bert-base", "--batch", "4096", "--src-len", "512", "--tgt-len", "512"];
@@ -224,7 +235,7 @@ fn out_of_range_flags_exit_2_naming_the_flag() {
         (&["--max-len", "64"][..], "--max-len 64 needs 65 decoder positions"),
         (&["--max-source-len", "65"][..], "--max-source-len 65 exceeds"),
     ] {
-        assert_refused(&run(&[&generate[..], extra].concat()), 2, &[flag]);
+        assert_refused(&run(&with(&generate, extra)), 2, &[flag]);
     }
 }
 
@@ -241,11 +252,13 @@ fn a_config_claiming_a_million_layers_exits_2_before_allocating() {
     let o = run(&["score", "--model", m.to_str().unwrap(), "--data", d.to_str().unwrap()]);
     assert_refused(&o, 2, &["config.json", "`num_hidden_layers` is above the limit of 128"]);
     assert!(start.elapsed().as_secs() < 30);
-    // Within the per-key limits but beyond what the weights file holds.
-    cfg["encoder"]["num_hidden_layers"] = 3.into();
+    // Within the per-key limits (a 1 GB model) but far beyond what the weights file holds:
+    // refused before the parameter buffer is allocated.
+    cfg["encoder"]["num_hidden_layers"] = 128.into();
+    cfg["encoder"]["intermediate_size"] = 65536.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let o = run(&["score", "--model", m.to_str().unwrap(), "--data", d.to_str().unwrap()]);
-    assert_refused(&o, 2, &["model.safetensors"]);
+    assert_refused(&o, 2, &["model.safetensors", "cannot hold the", "config.json"]);
 }
 
 #[test]
