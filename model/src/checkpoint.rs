@@ -317,7 +317,27 @@ fn map_file(path: &Path) -> Result<memmap2::Mmap> {
 }
 
 fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
-    SafeTensors::deserialize(bytes).map_err(|e| Error::input(path, format!("not a valid safetensors file: {e}")))
+    SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::input(path, format!("not a valid safetensors file: {}", safetensors_error(&e))))
+}
+
+/// What went wrong reading a safetensors file, without quoting its header: the crate's JSON
+/// errors can contain the file's strings, and messages must not echo what a file holds.
+pub fn safetensors_error(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::InvalidHeaderDeserialization(j) | E::JsonError(j) => {
+            format!("header is not valid JSON of the expected shape (line {}, column {})", j.line(), j.column())
+        }
+        E::InvalidHeader(_) => "header is not UTF-8".to_owned(),
+        E::HeaderTooLarge => "header length is too large".to_owned(),
+        E::HeaderTooSmall | E::InvalidHeaderLength => "header length does not fit the file".to_owned(),
+        E::InvalidOffset(_) | E::TensorInvalidInfo | E::MisalignedSlice | E::ValidationOverflow => {
+            "a tensor's offsets do not match its shape and dtype".to_owned()
+        }
+        E::MetadataIncompleteBuffer => "the data is shorter than the header says".to_owned(),
+        other => format!("{:?}", std::mem::discriminant(other)),
+    }
 }
 
 fn sorted<'a>(st: &SafeTensors<'a>) -> Vec<(String, TensorView<'a>)> {

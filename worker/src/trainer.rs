@@ -28,7 +28,7 @@ use model::{Error, Result};
 
 use crate::evaluate::{EvalOptions, EvalResult, evaluate};
 use crate::ring::BLOCK_FLOATS;
-use crate::state::{self, TrainingState};
+use crate::state::{self, JobOwner, TrainingState};
 
 #[derive(Clone, Debug)]
 pub struct StepStats {
@@ -83,6 +83,8 @@ pub struct Trainer<'a, B: Backend, C: Collective<B>> {
     /// Wall time of the last step from the end of backward until the gradients were reduced:
     /// the communication that backward did not hide.
     pub comm_wait_ms: f64,
+    /// The job the checkpoints belong to.
+    pub owner: JobOwner,
 }
 
 fn load_model(job: &JobSpec) -> Result<(Checkpoint, Tokenizer)> {
@@ -100,8 +102,17 @@ fn load_model(job: &JobSpec) -> Result<(Checkpoint, Tokenizer)> {
 }
 
 impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
-    /// Load the model and data of `job`, and resume from its newest valid checkpoint if any.
+    /// Load the model and data of `job`, and resume from its newest valid checkpoint if any: a
+    /// local run, owning the checkpoints of the job's name (`JobOwner::local`).
     pub fn new(b: &'a B, coll: &'a C, job: JobSpec) -> Result<(Self, Option<Event>)> {
+        let owner = JobOwner::local(&job.name);
+        Self::new_owned(b, coll, job, owner)
+    }
+
+    /// `new` for the job `owner` (under a coordinator: with its job id). The checkpoints it
+    /// writes name `owner`; it resumes from and prunes only checkpoints of the same job, and
+    /// refuses to start over another job's unless `checkpoint.resume_from` names one.
+    pub fn new_owned(b: &'a B, coll: &'a C, job: JobSpec, owner: JobOwner) -> Result<(Self, Option<Event>)> {
         let (ck, tok) = load_model(&job)?;
         let d = &job.data;
         let train = Dataset::load(&d.train, &tok, &d.source_field, &d.target_field)?;
@@ -140,18 +151,57 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
             grad_stage: Vec::new(),
             comm_wait_ms: 0.0,
             job,
+            owner,
         };
+        // Rank 0 alone writes checkpoints; no save of this attempt can run yet (a step needs
+        // every rank), so what a killed or failed save of this job left is stale.
+        if trainer.coll.rank() == 0 {
+            state::remove_stale_partials(&trainer.job.checkpoint.dir, &trainer.owner)?;
+        }
         let resumed = trainer.resume()?;
         Ok((trainer, resumed))
     }
 
+    /// Where to resume from: this job's newest valid checkpoint; else `checkpoint.resume_from`;
+    /// else nothing, unless `checkpoint.dir` holds another job's checkpoints (refused).
+    fn resume_dir(&self) -> Result<Option<PathBuf>> {
+        let spec = &self.job.checkpoint;
+        if let Some(dir) = state::latest_owned(&spec.dir, &self.owner) {
+            return Ok(Some(dir));
+        }
+        if let Some(from) = &spec.resume_from {
+            state::verify_manifest(from)?;
+            return Ok(Some(from.clone()));
+        }
+        match state::foreign_checkpoints(&spec.dir, &self.owner).pop() {
+            Some((dir, who)) => Err(Error::input(
+                &spec.dir,
+                format!(
+                    "checkpoint.dir holds checkpoints of {who} (newest {}); refusing to start {} over them: set \
+                     checkpoint.resume_from to the checkpoint to start from, or use another checkpoint.dir",
+                    dir.file_name().unwrap_or_default().to_string_lossy(),
+                    self.owner.describe()
+                ),
+            )),
+            None => Ok(None),
+        }
+    }
+
     fn resume(&mut self) -> Result<Option<Event>> {
-        let Some(dir) = state::latest_valid(&self.job.checkpoint.dir) else {
+        let Some(dir) = self.resume_dir()? else {
             return Ok(None);
         };
-        let ck = checkpoint::load_model_dir(&dir)?;
-        let st = state::read_state(&dir)?;
         let n = self.net.table.storage_len;
+        // Two f32 moments per parameter and a header of a few hundred bytes.
+        let st = state::read_state(&dir, 8 * n as u64 + (1 << 16))?;
+        let total = self.job.training.steps;
+        if st.step > total {
+            return Err(Error::input(
+                &dir,
+                format!("checkpoint step {} is past training.steps {total}: nothing to do", st.step),
+            ));
+        }
+        let ck = checkpoint::load_model_dir(&dir)?;
         if ck.params.len() != n || st.adam_m.len() != n || st.adam_v.len() != n {
             return Err(Error::input(&dir, "checkpoint does not match the job's model shape"));
         }
@@ -345,11 +395,20 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
         let root = &self.job.checkpoint.dir;
         std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
         let dir = state::checkpoint_dir(root, self.step);
-        checkpoint::save_model_dir_with(&dir, &ck, Some(&self.tok), &self.job.name, |tmp| {
+        // Never over another job's checkpoint (one started from with `resume_from`).
+        if let Ok(m) = state::read_manifest(&dir)
+            && !m.is_owned_by(&self.owner)
+        {
+            return Err(Error::input(
+                &dir,
+                format!("belongs to {}; not replacing it with {}'s", m.owner_description(), self.owner.describe()),
+            ));
+        }
+        checkpoint::save_model_dir_with(&dir, &ck, Some(&self.tok), &self.owner.writer_tag(), |tmp| {
             state::write_state(tmp, &st)?;
-            state::write_manifest(tmp)
+            state::write_manifest(tmp, &self.owner)
         })?;
-        state::prune(root, self.job.checkpoint.keep)?;
+        state::prune(root, self.job.checkpoint.keep, &self.owner)?;
         Ok(Some(dir))
     }
 
