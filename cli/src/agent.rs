@@ -25,6 +25,7 @@ use crate::remote::{Bearer, bearer, channel, status_error};
 use crate::{CliError, CliResult};
 
 mod nccl;
+mod retry;
 
 #[derive(clap::Args)]
 #[command(after_help = "\
@@ -34,7 +35,16 @@ BERT2BERT_TOKEN. The worker runs until it is stopped; a failed job is reported a
 SIGTERM or SIGINT: the worker finishes its current training step (rank 0 then writes and
 commits a checkpoint), reports the attempt failed with \"worker shutting down (SIGTERM)\" so that
 the coordinator re-forms the gang without it, deregisters, and exits 0. A second signal exits at
-once (1).")]
+once (1).
+
+Reaching the coordinator: a worker started before its coordinator retries with exponential backoff
+(0.2 s doubling to 10 s, with jitter), logging each retry, until --connect-timeout (default: for
+ever); it then exits 1 naming the address. A worker that loses its coordinator later retries the
+same way. Register returns a secret that the worker sends with each later call.
+
+Path policy: with --allow-data/--allow-models/--allow-checkpoints/--allow-logs (or --allow-root),
+an assignment naming a path outside its roots (symlinks resolved) is refused before anything is
+opened, and the job fails with a reason naming the key.")]
 pub struct Args {
     /// The coordinator, e.g. http://10.0.0.5:7070 (a bare HOST:PORT means http).
     #[arg(long, env = "BERT2BERT_COORDINATOR", value_name = "URL")]
@@ -61,6 +71,19 @@ pub struct Args {
     /// not outlive it, even when it is killed).
     #[arg(long, hide = true)]
     exit_on_stdin_close: bool,
+    /// Give up (exit 1) if the coordinator cannot be reached and registered with within S
+    /// seconds of starting. Default: keep trying.
+    #[arg(long, value_name = "S")]
+    connect_timeout: Option<f64>,
+    #[command(flatten)]
+    policy: crate::serve::PolicyArgs,
+}
+
+/// Who this worker is to the coordinator: its id and the secret Register gave with it.
+#[derive(Clone, Default)]
+pub(crate) struct Me {
+    id: String,
+    secret: String,
 }
 
 type Client = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
@@ -68,7 +91,9 @@ type Client = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
 /// What the heartbeat task reports and can abort.
 #[derive(Default)]
 struct Current {
-    worker_id: String,
+    me: Me,
+    /// Where assignments may point (`--allow-*`).
+    policy: Arc<model::policy::PathPolicy>,
     job: Option<(String, u32)>,
     step: u64,
     ring: Option<Arc<RingCollective>>,
@@ -88,6 +113,12 @@ pub fn run(a: Args) -> CliResult {
     if !(a.collective_timeout > 0.0 && a.collective_timeout.is_finite()) {
         return Err(CliError::usage("--collective-timeout must be a positive number of seconds"));
     }
+    let connect_timeout = match a.connect_timeout {
+        Some(s) if s.is_finite() && s >= 0.0 && s < 1e9 => Some(Duration::from_secs_f64(s)),
+        Some(_) => return Err(CliError::usage("--connect-timeout must be a number of seconds, 0 or more")),
+        None => None,
+    };
+    let policy = Arc::new(a.policy.policy()?);
     let token = match crate::serve::read_token(a.token_file.as_ref(), "BERT2BERT_WORKER_TOKEN")? {
         Some(t) => Some(t),
         None if a.token_file.is_none() => crate::serve::read_token(None, "BERT2BERT_TOKEN")?,
@@ -109,40 +140,81 @@ pub fn run(a: Args) -> CliResult {
     let listener = TcpListener::bind(listen)?;
     let ring_address = advertised_ring_address(listener.local_addr()?, a.ring_advertise.as_deref())?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let client: Client = rt.block_on(async {
-        Ok::<_, CliError>(WorkerServiceClient::with_interceptor(channel(&a.coordinator, &a.tls).await?, bearer(token)?))
-    })?;
-    let current = Arc::new(Mutex::new(Current { cuda, ..Current::default() }));
+    let current = Arc::new(Mutex::new(Current { cuda, policy, ..Current::default() }));
     let shutdown = take(&current, |c| c.shutdown.clone());
     rt.spawn(watch_signals(rt.block_on(async { ShutdownSignals::new() })?, shutdown.clone()));
-    let interval = register(&rt, &client, ring_address, &current)?;
+    let deadline = connect_timeout.map(|t| Instant::now() + t);
+    let client: Client = WorkerServiceClient::with_interceptor(connect(&rt, &a, deadline)?, bearer(token)?);
+    let interval = register(&rt, &client, ring_address, &current, deadline)?;
     rt.spawn(heartbeats(client.clone(), current.clone(), interval));
     let timeout = Duration::from_secs_f64(a.collective_timeout);
+    let mut backoff = retry::Backoff::default();
     loop {
         if shutdown.load(Ordering::SeqCst) {
             tracing::info!("shutting down on a signal");
-            deregister(&rt, &client, &take(&current, |c| c.worker_id.clone()));
+            deregister(&rt, &client, &take(&current, |c| c.me.clone()));
             return Ok(());
         }
         if take(&current, |c| std::mem::take(&mut c.reregister)) {
-            register(&rt, &client, ring_address, &current)?;
+            register(&rt, &client, ring_address, &current, None)?;
         }
-        let worker_id = take(&current, |c| c.worker_id.clone());
-        let req = v1::GetAssignmentRequest { worker_id, wait_ms: 2_000, nccl_unique_id: Vec::new() };
+        let me = take(&current, |c| c.me.clone());
+        let req = v1::GetAssignmentRequest {
+            worker_id: me.id,
+            wait_ms: 2_000,
+            worker_secret: me.secret,
+            ..Default::default()
+        };
         let got = rt.block_on(client.clone().get_assignment(req));
         let assignment = match got {
-            Ok(r) => r.into_inner().assignment,
+            Ok(r) => {
+                backoff.reset();
+                r.into_inner().assignment
+            }
+            // The coordinator no longer knows our secret (its state directory was replaced).
+            Err(s) if s.code() == Code::Unauthenticated && s.message().starts_with("worker_secret") => {
+                tracing::warn!("GetAssignment: {}; registering again", s.message());
+                take(&current, |c| c.reregister = true);
+                continue;
+            }
             Err(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) => {
                 return Err(status_error(s));
             }
             Err(s) => {
-                tracing::warn!("GetAssignment: {}", s.message());
-                std::thread::sleep(Duration::from_secs(1));
+                let wait = backoff.next_delay();
+                tracing::warn!("GetAssignment: {}; retry {} in {wait:.1?}", s.message(), backoff.retries);
+                std::thread::sleep(wait);
                 continue;
             }
         };
         let Some(asg) = assignment else { continue };
         attempt(&rt, &client, &listener, &current, asg, timeout);
+    }
+}
+
+/// A channel to the coordinator, retried with backoff until `deadline` (`None`: for ever).
+/// A bad URL or TLS setting is a usage error at once.
+fn connect(rt: &tokio::runtime::Runtime, a: &Args, deadline: Option<Instant>) -> CliResult<Channel> {
+    let mut backoff = retry::Backoff::default();
+    loop {
+        match rt.block_on(channel(&a.coordinator, &a.tls)) {
+            Ok(ch) => return Ok(ch),
+            Err(e) if e.code == 2 => return Err(e),
+            Err(e) => {
+                let Some(wait) = retry::wait_within(&mut backoff, deadline) else {
+                    return Err(gave_up(&a.coordinator, e));
+                };
+                tracing::warn!("{:#}; retry {} in {wait:.1?}", e.error, backoff.retries);
+                std::thread::sleep(wait);
+            }
+        }
+    }
+}
+
+fn gave_up(url: &str, e: CliError) -> CliError {
+    CliError {
+        code: 1,
+        error: e.error.context(format!("gave up reaching the coordinator at {url} (--connect-timeout)")),
     }
 }
 
@@ -207,10 +279,11 @@ async fn watch_signals(mut s: ShutdownSignals, shutdown: Arc<AtomicBool>) {
 
 /// Tells the coordinator this worker is gone, so that it need not wait for the heartbeat
 /// timeout. Best effort: the worker leaves anyway.
-fn deregister(rt: &tokio::runtime::Runtime, client: &Client, worker_id: &str) {
+fn deregister(rt: &tokio::runtime::Runtime, client: &Client, me: &Me) {
     let req = v1::DeregisterRequest {
-        worker_id: worker_id.to_owned(),
+        worker_id: me.id.clone(),
         reason: coordinator::scheduler::SHUTDOWN_REASON.to_owned(),
+        worker_secret: me.secret.clone(),
     };
     let mut client = client.clone();
     // The timer must be made inside the runtime.
@@ -230,12 +303,14 @@ fn take<T>(current: &Mutex<Current>, f: impl FnOnce(&mut Current) -> T) -> T {
     f(&mut c)
 }
 
-/// Registers and returns the heartbeat interval.
+/// Registers and returns the heartbeat interval. An unreachable coordinator is retried with
+/// backoff until `deadline` (`None`: for ever); a refusal (wrong token, bad field) is final.
 fn register(
     rt: &tokio::runtime::Runtime,
     client: &Client,
     ring_address: SocketAddr,
     current: &Mutex<Current>,
+    deadline: Option<Instant>,
 ) -> CliResult<Duration> {
     let caps = v1::Capabilities {
         device: "cpu".into(),
@@ -249,10 +324,40 @@ fn register(
         ring_address: ring_address.to_string(),
         version: env!("CARGO_PKG_VERSION").into(),
     };
-    let r = rt.block_on(client.clone().register(req)).map_err(status_error)?.into_inner();
+    let mut backoff = retry::Backoff::default();
+    let r = loop {
+        match rt.block_on(client.clone().register(req.clone())) {
+            Ok(r) => break r.into_inner(),
+            Err(s) if !retryable(s.code()) => return Err(status_error(s)),
+            Err(s) => {
+                let Some(wait) = retry::wait_within(&mut backoff, deadline) else {
+                    return Err(CliError {
+                        code: 1,
+                        error: anyhow::anyhow!("Register: {}: gave up (--connect-timeout)", s.message()),
+                    });
+                };
+                tracing::warn!("Register: {}; retry {} in {wait:.1?}", s.message(), backoff.retries);
+                std::thread::sleep(wait);
+            }
+        }
+    };
     tracing::info!(worker = %r.worker_id, ring = %ring_address, "registered");
-    take(current, |c| c.worker_id = r.worker_id);
+    take(current, |c| c.me = Me { id: r.worker_id, secret: r.worker_secret });
     Ok(Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 60_000)))
+}
+
+/// Whether a failed call may succeed when tried again (the coordinator is down or restarting),
+/// rather than being a refusal that will not change.
+fn retryable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::ResourceExhausted
+    )
 }
 
 async fn heartbeats(mut client: Client, current: Arc<Mutex<Current>>, interval: Duration) {
@@ -261,7 +366,8 @@ async fn heartbeats(mut client: Client, current: Arc<Mutex<Current>>, interval: 
         tick.tick().await;
         let req = take(&current, |c| {
             let (job_id, attempt) = c.job.clone().unwrap_or_default();
-            v1::HeartbeatRequest { worker_id: c.worker_id.clone(), job_id, attempt, step: c.step }
+            let (worker_id, worker_secret) = (c.me.id.clone(), c.me.secret.clone());
+            v1::HeartbeatRequest { worker_id, job_id, attempt, step: c.step, worker_secret }
         });
         let busy = !req.job_id.is_empty();
         match client.heartbeat(req).await.map(|r| r.into_inner().command()) {
@@ -287,14 +393,14 @@ fn attempt(
     asg: v1::Assignment,
     timeout: Duration,
 ) {
-    let worker_id = take(current, |c| {
+    let me = take(current, |c| {
         c.job = Some((asg.job_id.clone(), asg.attempt));
         c.step = asg.resume_step;
         c.stop = false;
-        c.worker_id.clone()
+        c.me.clone()
     });
     tracing::info!(job = %asg.job_id, attempt = asg.attempt, rank = asg.rank, world = asg.world_size, "assigned");
-    let result = train(rt, client, listener, current, &asg, &worker_id, timeout);
+    let result = train(rt, client, listener, current, &asg, &me, timeout);
     let (stopped, step, shutdown) = take(current, |c| {
         c.job = None;
         c.ring = None;
@@ -306,17 +412,22 @@ fn attempt(
     let report = match result {
         Ok(()) => {
             tracing::info!(job = %job_id, step, "attempt done");
-            let req = v1::ReportDoneRequest { worker_id, job_id, attempt, step, final_checkpoint: String::new() };
+            let (worker_id, worker_secret) = (me.id, me.secret);
+            let req = v1::ReportDoneRequest { worker_id, job_id, attempt, step, worker_secret, ..Default::default() };
             rt.block_on(client.clone().report_done(req)).map(|_| ())
         }
         Err(e) => {
             let reason = format!("{:#}", e.error);
+            // Exit-code-2 errors are the job's fault (a bad key, path or data file, a path outside
+            // the allowed roots): another attempt would fail alike.
+            let input_error = e.code == 2 && !(stopped || shutdown);
             if stopped || shutdown {
                 tracing::info!(job = %job_id, step, "attempt stopped: {reason}");
             } else {
                 tracing::error!(job = %job_id, "attempt failed: {reason}");
             }
-            let req = v1::ReportFailedRequest { worker_id, job_id, attempt, step, reason };
+            let (worker_id, worker_secret) = (me.id, me.secret);
+            let req = v1::ReportFailedRequest { worker_id, job_id, attempt, step, reason, worker_secret, input_error };
             rt.block_on(client.clone().report_failed(req)).map(|_| ())
         }
     };
@@ -329,12 +440,13 @@ fn commit_checkpoint(
     rt: &tokio::runtime::Runtime,
     client: &Client,
     asg: &v1::Assignment,
-    worker_id: &str,
+    me: &Me,
     step: u64,
     dir: &Path,
 ) {
     let req = v1::CommitCheckpointRequest {
-        worker_id: worker_id.to_owned(),
+        worker_id: me.id.clone(),
+        worker_secret: me.secret.clone(),
         job_id: asg.job_id.clone(),
         attempt: asg.attempt,
         step,
@@ -352,7 +464,7 @@ fn train(
     listener: &TcpListener,
     current: &Arc<Mutex<Current>>,
     asg: &v1::Assignment,
-    worker_id: &str,
+    me: &Me,
     timeout: Duration,
 ) -> CliResult {
     let shutdown = take(current, |c| c.shutdown.clone());
@@ -360,8 +472,9 @@ fn train(
         return Err(shutdown_error());
     }
     let spec = JobSpec::from_str(&asg.job_yaml, Path::new("assignment.job_yaml"))?;
+    check_paths(&take(current, |c| c.policy.clone()), &spec, asg)?;
     if spec.resources.device == model::job::Device::Cuda {
-        return nccl::train(rt, client, current, asg, worker_id, spec, timeout);
+        return nccl::train(rt, client, current, asg, me, spec, timeout);
     }
     let peers = asg
         .ring_peers
@@ -379,7 +492,20 @@ fn train(
     )?;
     let ring = Arc::new(ring);
     take(current, |c| c.ring = Some(ring.clone()));
-    run_trainer(rt, client, current, asg, worker_id, (&kernels::Cpu, &*ring, spec), (&shutdown, &|| ring.abort()))
+    run_trainer(rt, client, current, asg, me, (&kernels::Cpu, &*ring, spec), (&shutdown, &|| ring.abort()))
+}
+
+/// The worker's own check of where the job points (`--allow-*`), with symlinks resolved,
+/// before anything is opened: a coordinator's lexical check cannot see this filesystem. The
+/// error (exit code 2: the job fails without retries) names the key, never a file's contents.
+fn check_paths(policy: &model::policy::PathPolicy, spec: &JobSpec, asg: &v1::Assignment) -> CliResult {
+    use model::policy::{PathKind, resolve};
+    policy.check_resolved(spec)?;
+    if !asg.resume_checkpoint.is_empty() {
+        let (origin, key) = (Path::new("assignment"), "resume_checkpoint");
+        policy.check_path(origin, key, PathKind::Checkpoints, Path::new(&asg.resume_checkpoint), resolve)?;
+    }
+    Ok(())
 }
 
 /// Trains the rank on `backend` with `collective` until the job ends or is stopped. `halt` is
@@ -390,7 +516,7 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
     client: &Client,
     current: &Arc<Mutex<Current>>,
     asg: &v1::Assignment,
-    worker_id: &str,
+    me: &Me,
     (backend, collective, spec): (&B, &C, JobSpec),
     (halt, abort): (&Arc<AtomicBool>, &dyn Fn()),
 ) -> CliResult {
@@ -407,7 +533,7 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
         && asg.rank == 0
         && *step > asg.resume_step
     {
-        commit_checkpoint(rt, client, asg, worker_id, *step, from);
+        commit_checkpoint(rt, client, asg, me, *step, from);
     }
     let at = |c: &Mutex<Current>| take(c, |c| c.stop);
     if at(current) {
@@ -416,7 +542,8 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
     let t0 = Instant::now();
     let mut tokens = 0usize;
     let base = v1::ReportProgressRequest {
-        worker_id: worker_id.to_owned(),
+        worker_id: me.id.clone(),
+        worker_secret: me.secret.clone(),
         job_id: asg.job_id.clone(),
         attempt: asg.attempt,
         ..Default::default()
@@ -457,7 +584,7 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
                 Err(s) => tracing::warn!("ReportProgress: {}", s.message()),
             }
         }
-        Event::Checkpoint { step, dir } => commit_checkpoint(rt, client, asg, worker_id, *step, dir),
+        Event::Checkpoint { step, dir } => commit_checkpoint(rt, client, asg, me, *step, dir),
         Event::Eval { step, result } => {
             tracing::info!(step, loss = result.loss, "evaluation");
             if asg.rank == 0 {

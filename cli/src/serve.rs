@@ -16,7 +16,13 @@ the same token as clients. grpc.health.v1 and server reflection need no token.
 Once listening, the coordinator prints `listening on IP:PORT` on stdout (useful with port 0), then
 `metrics on http://IP:PORT/metrics` with --metrics-listen. With --tls-cert/--tls-key clients use
 https:// URLs and --tls-ca; with --tls-client-ca they also need --tls-cert/--tls-key.
-Jobs live in DIR/coordinator.sqlite; a coordinator restarted on the same --state resumes them.")]
+Jobs live in DIR/coordinator.sqlite; a coordinator restarted on the same --state resumes them.
+DIR/worker-secret.key is the key that per-worker secrets derive from: keep it private.
+
+Path policy: with --allow-data/--allow-models/--allow-checkpoints/--allow-logs (or --allow-root
+for all four), a job naming a path outside the roots of its kind is refused at submit
+(INVALID_ARGUMENT, naming the key). Give workers the same flags: they check again, with symlinks
+resolved, before they open anything.")]
 pub struct Args {
     /// HOST:PORT to listen on; port 0 picks a free port.
     #[arg(long, value_name = "HOST:PORT")]
@@ -52,6 +58,52 @@ pub struct Args {
     /// Also serve plain-HTTP GET /metrics (Prometheus text format) on HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     metrics_listen: Option<String>,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+/// Allowed roots for the paths a job names (`bert2bert coordinator` and `bert2bert worker`).
+/// None given: any path. Each flag may be repeated.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct PolicyArgs {
+    /// Jobs may read data (data.train, data.validation) only under DIR.
+    #[arg(long = "allow-data", value_name = "DIR")]
+    data: Vec<PathBuf>,
+    /// Jobs may read models (model.init, model.encoder, model.decoder) only under DIR.
+    #[arg(long = "allow-models", value_name = "DIR")]
+    models: Vec<PathBuf>,
+    /// Jobs may keep checkpoints (checkpoint.dir, checkpoint.resume_from) only under DIR.
+    #[arg(long = "allow-checkpoints", value_name = "DIR")]
+    checkpoints: Vec<PathBuf>,
+    /// Jobs may write logs (logging.dir) only under DIR.
+    #[arg(long = "allow-logs", value_name = "DIR")]
+    logs: Vec<PathBuf>,
+    /// DIR is allowed for all four kinds of path.
+    #[arg(long = "allow-root", value_name = "DIR")]
+    root: Vec<PathBuf>,
+}
+
+impl PolicyArgs {
+    /// The policy; a relative DIR is made absolute against the current directory, and a DIR
+    /// that a `..` climbs out of `/` is a usage error.
+    pub fn policy(&self) -> CliResult<model::policy::PathPolicy> {
+        let cwd = std::env::current_dir()?;
+        let dirs = |flag: &str, v: &[PathBuf]| -> CliResult<Vec<PathBuf>> {
+            v.iter()
+                .chain(&self.root)
+                .map(|d| {
+                    model::policy::normalize(&cwd.join(d))
+                        .ok_or_else(|| CliError::usage(format!("--{flag} {}: not a directory path", d.display())))
+                })
+                .collect()
+        };
+        Ok(model::policy::PathPolicy {
+            data: dirs("allow-data", &self.data)?,
+            models: dirs("allow-models", &self.models)?,
+            checkpoints: dirs("allow-checkpoints", &self.checkpoints)?,
+            logs: dirs("allow-logs", &self.logs)?,
+        })
+    }
 }
 
 /// A token from a file (its first line) or else an environment variable.
@@ -98,6 +150,7 @@ pub fn run(a: Args) -> CliResult {
     config.heartbeat_timeout = Duration::from_secs_f64(a.heartbeat_timeout);
     config.heartbeat_interval = (config.heartbeat_timeout / 5).min(config.heartbeat_interval);
     config.max_request_bytes = a.max_request_bytes;
+    config.path_policy = a.policy.policy()?;
     config.metrics_listen = a.metrics_listen.as_deref().map(|m| resolve("--metrics-listen", m)).transpose()?;
     if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
         let tls = coordinator::tls::Tls::from_files(cert, key, a.tls_client_ca.as_deref());

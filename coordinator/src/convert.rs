@@ -50,6 +50,12 @@ impl TryFrom<v1::SubmitJobRequest> for Submit {
     }
 }
 
+/// INVALID_ARGUMENT, naming the key (`job_yaml: data.train: ...`), for a job that names a
+/// path outside the allowed roots.
+pub fn check_policy(policy: &model::policy::PathPolicy, spec: &JobSpec) -> Result<()> {
+    policy.check(spec).map_err(|e| Error::InvalidArgument(e.to_string()))
+}
+
 /// A request that names one job.
 pub struct JobId(pub String);
 
@@ -274,13 +280,15 @@ pub struct Heartbeat {
     pub worker_id: String,
     pub job: Option<(String, u32)>,
     pub step: u64,
+    pub secret: String,
 }
 
 impl TryFrom<v1::HeartbeatRequest> for Heartbeat {
     type Error = Error;
     fn try_from(r: v1::HeartbeatRequest) -> Result<Self> {
         let job = if r.job_id.is_empty() { None } else { Some((id_field("job_id", &r.job_id)?, r.attempt)) };
-        Ok(Heartbeat { worker_id: id_field("worker_id", &r.worker_id)?, job, step: r.step })
+        let secret = text_field("worker_secret", r.worker_secret)?;
+        Ok(Heartbeat { worker_id: id_field("worker_id", &r.worker_id)?, job, step: r.step, secret })
     }
 }
 
@@ -304,6 +312,7 @@ pub struct AssignmentPoll {
     pub wait_ms: u32,
     /// Rank 0 of an NCCL job posting its unique id.
     pub nccl_unique_id: Option<Vec<u8>>,
+    pub secret: String,
 }
 
 /// The longest GetAssignment long-poll.
@@ -324,6 +333,7 @@ impl TryFrom<v1::GetAssignmentRequest> for AssignmentPoll {
             worker_id: id_field("worker_id", &r.worker_id)?,
             wait_ms: r.wait_ms.min(MAX_WAIT_MS),
             nccl_unique_id,
+            secret: text_field("worker_secret", r.worker_secret)?,
         })
     }
 }
@@ -365,13 +375,23 @@ impl From<v1::EvalMetrics> for EvalMetrics {
 }
 
 /// Progress, and the evaluation when the step ran one.
-pub struct ReportProgress(pub AttemptRef, pub Progress, pub Option<EvalMetrics>);
+pub struct ReportProgress {
+    pub at: AttemptRef,
+    pub progress: Progress,
+    pub eval: Option<EvalMetrics>,
+    pub secret: String,
+}
 
 impl TryFrom<v1::ReportProgressRequest> for ReportProgress {
     type Error = Error;
     fn try_from(r: v1::ReportProgressRequest) -> Result<Self> {
         let p = r.progress.ok_or_else(|| Error::invalid("progress", "must be set"))?;
-        Ok(ReportProgress(attempt_ref(&r.worker_id, &r.job_id, r.attempt)?, p.into(), r.eval.map(Into::into)))
+        Ok(ReportProgress {
+            at: attempt_ref(&r.worker_id, &r.job_id, r.attempt)?,
+            progress: p.into(),
+            eval: r.eval.map(Into::into),
+            secret: text_field("worker_secret", r.worker_secret)?,
+        })
     }
 }
 
@@ -380,6 +400,7 @@ pub struct Commit {
     pub step: u64,
     pub path: String,
     pub manifest_sha256: String,
+    pub secret: String,
 }
 
 impl TryFrom<v1::CommitCheckpointRequest> for Commit {
@@ -396,46 +417,75 @@ impl TryFrom<v1::CommitCheckpointRequest> for Commit {
             step: r.step,
             path: r.path,
             manifest_sha256: text_field("manifest_sha256", r.manifest_sha256)?,
+            secret: text_field("worker_secret", r.worker_secret)?,
         })
     }
 }
 
-pub struct Done(pub AttemptRef, pub u64);
+pub struct Done {
+    pub at: AttemptRef,
+    pub step: u64,
+    pub secret: String,
+}
 
 impl TryFrom<v1::ReportDoneRequest> for Done {
     type Error = Error;
     fn try_from(r: v1::ReportDoneRequest) -> Result<Self> {
-        Ok(Done(attempt_ref(&r.worker_id, &r.job_id, r.attempt)?, r.step))
+        let secret = text_field("worker_secret", r.worker_secret)?;
+        Ok(Done { at: attempt_ref(&r.worker_id, &r.job_id, r.attempt)?, step: r.step, secret })
     }
 }
 
-pub struct Failed(pub AttemptRef, pub String);
+/// The longest job reason kept and sent to clients; worker reasons can be long error chains.
+pub const MAX_REASON: usize = 2048;
+
+/// The first [`MAX_REASON`] bytes of `reason` (on a character boundary).
+pub fn cap_reason(mut reason: String) -> String {
+    if reason.len() > MAX_REASON {
+        let mut cut = MAX_REASON;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    reason
+}
+
+pub struct Failed {
+    pub at: AttemptRef,
+    /// At most [`MAX_REASON`] bytes.
+    pub reason: String,
+    /// The job is at fault: fail it without retrying.
+    pub input_error: bool,
+    pub secret: String,
+}
 
 pub struct Deregister {
     pub worker_id: String,
     pub reason: String,
+    pub secret: String,
 }
 
 impl TryFrom<v1::DeregisterRequest> for Deregister {
     type Error = Error;
     fn try_from(r: v1::DeregisterRequest) -> Result<Self> {
-        Ok(Deregister { worker_id: id_field("worker_id", &r.worker_id)?, reason: text_field("reason", r.reason)? })
+        Ok(Deregister {
+            worker_id: id_field("worker_id", &r.worker_id)?,
+            reason: text_field("reason", r.reason)?,
+            secret: text_field("worker_secret", r.worker_secret)?,
+        })
     }
 }
 
 impl TryFrom<v1::ReportFailedRequest> for Failed {
     type Error = Error;
     fn try_from(r: v1::ReportFailedRequest) -> Result<Self> {
-        // Reasons can be long error chains: keep the first 2 KiB.
-        let mut reason = r.reason;
-        if reason.len() > 2048 {
-            let mut cut = 2048;
-            while !reason.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            reason.truncate(cut);
-        }
-        Ok(Failed(attempt_ref(&r.worker_id, &r.job_id, r.attempt)?, reason))
+        Ok(Failed {
+            at: attempt_ref(&r.worker_id, &r.job_id, r.attempt)?,
+            reason: cap_reason(r.reason),
+            input_error: r.input_error,
+            secret: text_field("worker_secret", r.worker_secret)?,
+        })
     }
 }
 

@@ -12,6 +12,12 @@ pub enum Error {
     /// The operation does not fit the current state (e.g. cancelling a finished job).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A worker call without its worker's secret (or with another one).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A worker call about an attempt the worker is not a member of.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The embedded database failed.
     #[error("job store: {0}")]
     Store(#[from] rusqlite::Error),
@@ -40,6 +46,8 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             Error::NotFound(m) => tonic::Status::not_found(m),
             Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
+            Error::Unauthenticated(m) => tonic::Status::unauthenticated(m),
+            Error::PermissionDenied(m) => tonic::Status::permission_denied(m),
             other => {
                 tracing::error!("internal error: {other}");
                 tonic::Status::internal(other.to_string())

@@ -68,6 +68,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// How long a PENDING job waits for `workers` before starting with at least `min_workers`.
     pub elastic_wait: Duration,
+    /// Where jobs may point (allowed roots); a job outside them is INVALID_ARGUMENT at submit.
+    pub path_policy: model::policy::PathPolicy,
 }
 
 impl Config {
@@ -85,6 +87,7 @@ impl Config {
             tls: None,
             metrics_listen: None,
             elastic_wait: scheduler::DEFAULT_ELASTIC_WAIT,
+            path_policy: model::policy::PathPolicy::default(),
         }
     }
 
@@ -146,6 +149,8 @@ struct Listeners {
 struct State {
     _lock: std::fs::File,
     store: Arc<dyn Store>,
+    /// The key that per-worker secrets derive from, kept in the state directory.
+    secrets: auth::WorkerSecrets,
 }
 
 impl State {
@@ -169,7 +174,8 @@ impl State {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(path.display().to_string(), e)),
         }
-        Ok(State { _lock: lock, store: Arc::new(SqliteStore::open(dir)?) })
+        let secrets = auth::WorkerSecrets::load_or_create(dir)?;
+        Ok(State { _lock: lock, store: Arc::new(SqliteStore::open(dir)?), secrets })
     }
 }
 
@@ -183,8 +189,8 @@ async fn run(
     let metrics = Arc::new(Metrics::new());
     let store: Arc<dyn Store> = Arc::new(MeteredStore::new(state.store.clone(), metrics.clone()));
     let jobs = Arc::new(Jobs::new(store.clone(), clock.clone()));
-    let workers =
-        Arc::new(Workers::load(store.clone(), clock.clone(), config.heartbeat_interval, config.heartbeat_timeout)?);
+    let workers = Workers::load(store.clone(), clock.clone(), config.heartbeat_interval, config.heartbeat_timeout)?;
+    let workers = Arc::new(workers.with_secrets(state.secrets.clone()));
     let scheduler = Arc::new(
         Scheduler::new(jobs.clone(), workers.clone(), store, clock.clone())?.with_elastic_wait(config.elastic_wait),
     );
@@ -207,7 +213,8 @@ async fn run(
         tasks.push(tokio::spawn(serve));
         tasks.push(tokio::spawn(metrics::follow_progress(metrics.clone(), jobs.clone(), stop_rx.clone())));
     }
-    let job_api = JobApi { jobs, clock, shutdown: stop_rx.clone() };
+    let policy = Arc::new(config.path_policy.clone());
+    let job_api = JobApi { jobs, clock, shutdown: stop_rx.clone(), policy };
     let job_service = JobServiceServer::new(job_api).max_decoding_message_size(config.max_request_bytes);
     let worker_service = WorkerServiceServer::new(WorkerApi { workers: workers.clone(), scheduler: scheduler.clone() })
         .max_decoding_message_size(config.max_request_bytes);

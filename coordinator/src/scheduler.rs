@@ -18,12 +18,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
-use std::path::Path;
+use std::path::{Component, Path};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use model::job::JobSpec;
 
+use crate::convert::cap_reason;
 use crate::domain::{
     Attempt, Checkpoint, Clock, EvalMetrics, Job, JobEvent, JobFilter, JobState, Progress, Worker, WorkerEvent,
     WorkerEventKind,
@@ -203,7 +204,7 @@ impl Scheduler {
                 Err(e) => {
                     self.jobs.transition(&job.id, |j| {
                         j.state = JobState::Failed;
-                        j.reason = format!("stored job does not parse: {e}");
+                        j.reason = cap_reason(format!("stored job does not parse: {e}"));
                         Ok(())
                     })?;
                     continue;
@@ -345,6 +346,24 @@ impl Scheduler {
         g.attempt.workers.iter().position(|w| *w == r.worker_id)
     }
 
+    /// The caller's rank if `r` names the current attempt of the job; `None` if it names an
+    /// attempt the caller was in that has ended (a late report, which changes nothing).
+    /// PERMISSION_DENIED if the caller never was a member of that attempt: one worker may not
+    /// report for another's job.
+    fn member(&self, t: &Table, r: &AttemptRef) -> Result<Option<usize>> {
+        if let Some(rank) = Self::rank(t, r) {
+            return Ok(Some(rank));
+        }
+        let attempts = self.store.attempts(&r.job_id)?;
+        if attempts.iter().any(|a| a.attempt == r.attempt && a.workers.contains(&r.worker_id)) {
+            return Ok(None);
+        }
+        Err(Error::PermissionDenied(format!(
+            "worker `{}` is not a member of attempt {} of job `{}`",
+            r.worker_id, r.attempt, r.job_id
+        )))
+    }
+
     /// What a worker in attempt `r` should do: go on while the attempt is current.
     pub fn command(&self, r: &AttemptRef) -> Result<Command> {
         let mut t = self.table()?;
@@ -358,8 +377,9 @@ impl Scheduler {
         let rank = {
             let mut t = self.table()?;
             self.sweep(&mut t)?;
+            let rank = self.member(&t, r)?;
             self.heard(&mut t, &r.worker_id);
-            Self::rank(&t, r)
+            rank
         };
         match rank {
             None => Ok(Command::Stop),
@@ -374,19 +394,25 @@ impl Scheduler {
 
     /// Rank 0's evaluation results go to the job's watchers; other ranks' are ignored.
     pub fn eval(&self, r: &AttemptRef, e: EvalMetrics) -> Result<()> {
-        if Self::rank(&*self.table()?, r) == Some(0) {
+        if self.member(&*self.table()?, r)? == Some(0) {
             self.jobs.publish(&r.job_id, JobEvent::Eval(e));
         }
         Ok(())
     }
 
+    /// Rank 0 commits `path`, which must be `<checkpoint.dir>/step-<step>` of the job (compared
+    /// lexically: the coordinator need not see the workers' filesystem), so that a restart
+    /// never resumes from anywhere else.
     pub fn commit_checkpoint(&self, r: &AttemptRef, step: u64, path: String, sha: String) -> Result<Command> {
         let mut t = self.table()?;
-        if Self::rank(&t, r) != Some(0) {
+        if self.member(&t, r)? != Some(0) {
             return Err(Error::FailedPrecondition(format!(
                 "job_id: worker `{}` is not rank 0 of attempt {} of `{}`",
                 r.worker_id, r.attempt, r.job_id
             )));
+        }
+        if let Some(g) = t.gangs.get(&r.job_id) {
+            checkpoint_path(&g.job_yaml, step, &path)?;
         }
         let c = Checkpoint {
             job_id: r.job_id.clone(),
@@ -404,12 +430,13 @@ impl Scheduler {
     /// Rank 0 done with every step: the job SUCCEEDED. Other ranks just leave the gang.
     pub fn done(&self, r: &AttemptRef, step: u64) -> Result<()> {
         let mut t = self.table()?;
-        match Self::rank(&t, r) {
+        match self.member(&t, r)? {
             Some(0) => {
                 let job = self.jobs.get(&r.job_id)?;
                 if step < job.total_steps {
                     drop(t);
-                    return self.failed(r, &format!("rank 0 stopped at step {step} of {}", job.total_steps));
+                    let why = format!("rank 0 stopped at step {step} of {}", job.total_steps);
+                    return self.failed(r, &why, false);
                 }
                 self.end(&mut t, &r.job_id, "succeeded")?;
                 self.worker_event(&r.job_id, &r.worker_id, 0, WorkerEventKind::Left, format!("done at step {step}"));
@@ -432,12 +459,15 @@ impl Scheduler {
     }
 
     /// A member failed: end the attempt; queue the job again, or fail it after max_restarts.
-    pub fn failed(&self, r: &AttemptRef, reason: &str) -> Result<()> {
+    /// `input_error`: the job itself is at fault (a bad path or data file, a path outside the
+    /// worker's roots), so another attempt would fail the same way: fail the job at once.
+    pub fn failed(&self, r: &AttemptRef, reason: &str, input_error: bool) -> Result<()> {
         let mut t = self.table()?;
+        let member = self.member(&t, r)?;
         if reason == SHUTDOWN_REASON {
             t.departed.insert(r.worker_id.clone());
         }
-        let Some(rank) = Self::rank(&t, r) else {
+        let Some(rank) = member else {
             self.heard(&mut t, &r.worker_id);
             return Ok(());
         };
@@ -446,6 +476,14 @@ impl Scheduler {
         self.end(&mut t, &r.job_id, &why)?;
         // The reporter is alive, unlike (perhaps) the rest of its gang.
         self.heard(&mut t, &r.worker_id);
+        if input_error {
+            self.jobs.transition(&r.job_id, |j| {
+                j.state = JobState::Failed;
+                j.reason = cap_reason(why.clone());
+                Ok(())
+            })?;
+            return Ok(());
+        }
         self.requeue(&r.job_id, &why)
     }
 
@@ -494,11 +532,27 @@ impl Scheduler {
             } else {
                 j.state = JobState::Failed;
             }
-            j.reason = why.to_owned();
+            j.reason = cap_reason(why.to_owned());
             Ok(())
         })?;
         Ok(())
     }
+}
+
+/// INVALID_ARGUMENT unless `path` is `<checkpoint.dir>/step-<n>` of the job, with n == `step`:
+/// absolute, no `..` or `.` (a lexical check could not tell where they lead through symlinks).
+fn checkpoint_path(job_yaml: &str, step: u64, path: &str) -> Result<()> {
+    let spec = JobSpec::from_str(job_yaml, Path::new("spec_yaml")).map_err(|e| Error::Internal(e.to_string()))?;
+    let p = Path::new(path);
+    let plain = p.is_absolute() && p.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    let dir = model::policy::normalize(&spec.checkpoint.dir);
+    let number = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-"));
+    let number = number.filter(|n| n.bytes().all(|b| b.is_ascii_digit())).and_then(|n| n.parse::<u64>().ok());
+    if plain && dir.as_deref() == p.parent() && number == Some(step) {
+        return Ok(());
+    }
+    let want = format!("step-{step:08} directory of the job's checkpoint.dir ({})", spec.checkpoint.dir.display());
+    Err(Error::invalid("path", format!("`{path}` is not the {want}")))
 }
 
 /// The size of an NCCL unique id (`ncclUniqueId`).

@@ -8,7 +8,8 @@ use crate::store::MemStore;
 use crate::workers::Registration;
 
 const JOB: &str = "name: t\nmodel: { init: /m }\ndata: { train: /d.jsonl }\n\
-    training: { steps: 10, global_batch: 4 }\nresources: { workers: 2, device: cpu, max_restarts: 1 }\n";
+    training: { steps: 10, global_batch: 4 }\nresources: { workers: 2, device: cpu, max_restarts: 1 }\n\
+    checkpoint: { dir: /c }\n";
 
 fn setup() -> (Scheduler, Arc<Jobs>, Arc<Workers>) {
     let clock: Arc<dyn Clock> = Arc::new(FakeClock::new(1000));
@@ -22,7 +23,7 @@ fn setup() -> (Scheduler, Arc<Jobs>, Arc<Workers>) {
 
 const ELASTIC: &str = "name: e\nmodel: { init: /m }\ndata: { train: /d.jsonl }\n\
     training: { steps: 10, global_batch: 12 }\n\
-    resources: { workers: 3, min_workers: 2, device: cpu, max_restarts: 5 }\n";
+    resources: { workers: 3, min_workers: 2, device: cpu, max_restarts: 5 }\ncheckpoint: { dir: /c }\n";
 
 fn setup_with_clock() -> (Scheduler, Arc<Jobs>, Arc<Workers>, Arc<FakeClock>) {
     let fake = Arc::new(FakeClock::new(1000));
@@ -68,16 +69,16 @@ fn gang_forms_runs_fails_requeues_and_succeeds() {
     let p = Progress { step: 3, ..Progress::default() };
     assert_eq!(s.progress(&ra, p).unwrap(), Command::Continue);
     assert_eq!(jobs.get(&job.id).unwrap().step, 3);
-    s.commit_checkpoint(&ra, 3, "/c/3".into(), String::new()).unwrap();
+    s.commit_checkpoint(&ra, 3, "/c/step-00000003".into(), String::new()).unwrap();
 
-    s.failed(&rb, "boom").unwrap();
+    s.failed(&rb, "boom", false).unwrap();
     let j = jobs.get(&job.id).unwrap();
     assert_eq!((j.state, j.restarts), (JobState::Pending, 1));
     assert!(j.reason.contains("boom"), "{}", j.reason);
     assert_eq!(s.command(&ra).unwrap(), Command::Stop);
 
     let aa = s.assignment(&a).unwrap().unwrap();
-    assert_eq!((aa.attempt, aa.resume_step, aa.resume_checkpoint.as_str()), (2, 3, "/c/3"));
+    assert_eq!((aa.attempt, aa.resume_step, aa.resume_checkpoint.as_str()), (2, 3, "/c/step-00000003"));
     let ra = AttemptRef { attempt: 2, ..ra };
     let rb = AttemptRef { attempt: 2, ..rb };
     s.done(&rb, 10).unwrap();
@@ -96,7 +97,7 @@ fn cancel_stops_the_gang_and_frees_its_workers() {
     assert_eq!(s.command(&ra).unwrap(), Command::Continue);
     jobs.cancel(&job.id, "").unwrap();
     assert_eq!(s.progress(&ra, Progress::default()).unwrap(), Command::Stop);
-    s.failed(&AttemptRef { worker_id: b.clone(), ..ra }, "aborted").unwrap();
+    s.failed(&AttemptRef { worker_id: b.clone(), ..ra }, "aborted", false).unwrap();
     assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Cancelled);
     // Both are idle again: a new job gets them.
     let next = jobs.submit(&JobSpec::from_str(JOB, Path::new("job_yaml")).unwrap()).unwrap();
@@ -110,7 +111,7 @@ fn failures_past_max_restarts_fail_the_job() {
     let (a, b) = (reg(&workers, 1), reg(&workers, 2));
     for attempt in 1..=2 {
         assert!(s.assignment(&a).unwrap().is_some());
-        s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt }, "x").unwrap();
+        s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt }, "x", false).unwrap();
     }
     let j = jobs.get(&job.id).unwrap();
     assert_eq!(j.state, JobState::Failed);
@@ -142,7 +143,7 @@ fn full_gang_starts_at_once_and_a_lost_worker_re_forms_the_job_on_the_survivors(
     let first = s.assignment(&c).unwrap().unwrap();
     assert_eq!((first.world_size, first.rank), (3, 2), "a full gang needs no wait");
     let ra = AttemptRef { worker_id: a.clone(), job_id: job.id.clone(), attempt: 1 };
-    s.commit_checkpoint(&ra, 4, "/c/4".into(), String::new()).unwrap();
+    s.commit_checkpoint(&ra, 4, "/c/step-00000004".into(), String::new()).unwrap();
 
     // c goes silent: the reaper declares it dead and the attempt ends.
     for _ in 0..3 {
@@ -163,7 +164,7 @@ fn full_gang_starts_at_once_and_a_lost_worker_re_forms_the_job_on_the_survivors(
     clock.advance(1);
     let again = s.assignment(&a).unwrap().unwrap();
     assert_eq!((again.attempt, again.world_size, again.rank), (2, 2, 0));
-    assert_eq!((again.resume_step, again.resume_checkpoint.as_str()), (4, "/c/4"));
+    assert_eq!((again.resume_step, again.resume_checkpoint.as_str()), (4, "/c/step-00000004"));
     assert_eq!(s.assignment(&b).unwrap().unwrap().rank, 1);
 }
 
@@ -174,7 +175,7 @@ fn a_worker_leaving_on_sigterm_is_not_scheduled_again() {
     let (a, b, c) = (reg(&workers, 1), reg(&workers, 2), reg(&workers, 3));
     assert_eq!(s.assignment(&a).unwrap().unwrap().world_size, 3);
     let rb = AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 };
-    s.failed(&rb, SHUTDOWN_REASON).unwrap();
+    s.failed(&rb, SHUTDOWN_REASON, false).unwrap();
     assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Pending);
     clock.advance(3_000);
     // b still heartbeats (it is alive until it exits) but must not join the new gang.
@@ -223,7 +224,7 @@ fn nccl_unique_id_goes_from_rank_0_to_the_other_ranks_of_its_attempt_only() {
     assert_eq!(s.assignment(&a).unwrap().unwrap().nccl_unique_id, id);
 
     // A new attempt needs a new communicator: it starts without an id.
-    s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 }, "x").unwrap();
+    s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 }, "x", false).unwrap();
     refused(s.post_nccl_id(&a, &id), "no assignment");
     let again = s.assignment(&a).unwrap().unwrap();
     assert_eq!(again.attempt, 2);
@@ -261,7 +262,7 @@ fn members_of_an_ended_attempt_must_ask_again_before_joining_a_gang() {
     assert_eq!(s.assignment(&a).unwrap().unwrap().world_size, 3);
     assert_eq!(s.assignment(&c).unwrap().unwrap().rank, 2);
     // b fails at once (c was just killed, say): no time passes, yet c is not taken again.
-    s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 }, "x").unwrap();
+    s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 }, "x", false).unwrap();
     assert_eq!(s.assignment(&a).unwrap(), None);
     assert_eq!(s.assignment(&b).unwrap(), None, "2 of 3 wait for the elastic grace");
     clock.advance(3_000);
@@ -286,8 +287,8 @@ fn watchers_see_members_join_checkpoint_fail_and_rank_0_evaluations() {
     let e = EvalMetrics { step: 4, loss: 2.5, bleu: Some(12.0), ..EvalMetrics::default() };
     s.eval(&rb, e.clone()).unwrap();
     s.eval(&ra, e.clone()).unwrap();
-    s.commit_checkpoint(&ra, 4, "/c/4".into(), String::new()).unwrap();
-    s.failed(&rb, "peer gone").unwrap();
+    s.commit_checkpoint(&ra, 4, "/c/step-00000004".into(), String::new()).unwrap();
+    s.failed(&rb, "peer gone", false).unwrap();
 
     let mut seen = Vec::new();
     while let Ok(ev) = rx.try_recv() {
@@ -321,11 +322,11 @@ fn a_short_gang_grows_at_its_next_checkpoint_when_workers_are_idle() {
     assert_eq!(s.assignment(&b).unwrap().unwrap().world_size, 2);
     let ra = AttemptRef { worker_id: a.clone(), job_id: job.id.clone(), attempt: 1 };
     // Nobody idle: the short gang goes on.
-    assert_eq!(s.commit_checkpoint(&ra, 2, "/c/2".into(), String::new()).unwrap(), Command::Continue);
+    assert_eq!(s.commit_checkpoint(&ra, 2, "/c/step-00000002".into(), String::new()).unwrap(), Command::Continue);
 
     let c = reg(&workers, 3);
     assert_eq!(s.assignment(&c).unwrap(), None, "no pending job for the newcomer");
-    assert_eq!(s.commit_checkpoint(&ra, 4, "/c/4".into(), String::new()).unwrap(), Command::Stop);
+    assert_eq!(s.commit_checkpoint(&ra, 4, "/c/step-00000004".into(), String::new()).unwrap(), Command::Stop);
     let j = jobs.get(&job.id).unwrap();
     assert_eq!((j.state, j.restarts), (JobState::Pending, 0), "growing is not a restart");
     assert!(j.reason.contains("scaling up from 2 to 3"), "{}", j.reason);
@@ -336,5 +337,69 @@ fn a_short_gang_grows_at_its_next_checkpoint_when_workers_are_idle() {
     let got: Vec<Assignment> = [&b, &a, &c].iter().map(|w| s.assignment(w).unwrap().unwrap()).collect();
     assert!(got.iter().all(|g| (g.world_size, g.attempt, g.resume_step) == (3, 2, 4)), "{got:?}");
     let ra = AttemptRef { attempt: 2, ..ra };
-    assert_eq!(s.commit_checkpoint(&ra, 6, "/c/6".into(), String::new()).unwrap(), Command::Continue, "full size");
+    assert_eq!(
+        s.commit_checkpoint(&ra, 6, "/c/step-00000006".into(), String::new()).unwrap(),
+        Command::Continue,
+        "full size"
+    );
+}
+
+/// A job running on a gang of two, and a third idle worker that is not part of it.
+fn running_with_outsider() -> (Scheduler, Arc<Jobs>, Job, AttemptRef, String) {
+    let (s, jobs, workers) = setup();
+    let job = jobs.submit(&JobSpec::from_str(JOB, Path::new("job_yaml")).unwrap()).unwrap();
+    let (a, b) = (reg(&workers, 1), reg(&workers, 2));
+    s.assignment(&b).unwrap().unwrap();
+    assert_eq!(s.assignment(&a).unwrap().unwrap().rank, 0);
+    let outsider = reg(&workers, 3);
+    assert_eq!(s.assignment(&outsider).unwrap(), None);
+    let ra = AttemptRef { worker_id: a, job_id: job.id.clone(), attempt: 1 };
+    s.progress(&ra, Progress { step: 2, ..Progress::default() }).unwrap();
+    (s, jobs, job, ra, outsider)
+}
+
+#[test]
+fn reports_about_an_attempt_the_worker_is_not_in_are_permission_denied() {
+    let (s, jobs, job, ra, outsider) = running_with_outsider();
+    let before = jobs.get(&job.id).unwrap();
+    let forged = AttemptRef { worker_id: outsider, ..ra.clone() };
+    let denied = |r: Result<()>| assert!(matches!(r, Err(Error::PermissionDenied(_))), "{r:?}");
+    denied(s.done(&forged, 10));
+    denied(s.failed(&forged, "x", true));
+    denied(s.commit_checkpoint(&forged, 10, "/c/step-00000010".into(), String::new()).map(|_| ()));
+    denied(s.progress(&forged, Progress { step: 9, ..Progress::default() }).map(|_| ()));
+    denied(s.eval(&forged, EvalMetrics::default()));
+    // Nor may it name another attempt number of the job.
+    denied(s.done(&AttemptRef { attempt: 7, ..ra.clone() }, 10));
+    let after = jobs.get(&job.id).unwrap();
+    assert_eq!((after.state, after.step, after.reason.as_str()), (before.state, 2, ""));
+    assert_eq!(s.store.latest_checkpoint(&job.id).unwrap(), None);
+    // A member's late report about its ended attempt is still accepted, and changes nothing.
+    s.failed(&ra, "peer gone", false).unwrap();
+    assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Pending);
+    s.done(&ra, 10).unwrap();
+    assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Pending);
+}
+
+#[test]
+fn a_commit_outside_the_jobs_checkpoint_dir_is_refused() {
+    let (s, _jobs, job, ra, _) = running_with_outsider();
+    for bad in
+        ["/etc", "/c/step-00000004/../../etc", "/c/step-00000005", "c/step-00000004", "/c/step-4x", "/cc/step-00000004"]
+    {
+        let e = s.commit_checkpoint(&ra, 4, bad.into(), String::new()).unwrap_err();
+        assert!(matches!(&e, Error::InvalidArgument(m) if m.starts_with("path: ")), "{bad}: {e}");
+    }
+    assert_eq!(s.store.latest_checkpoint(&job.id).unwrap(), None);
+    s.commit_checkpoint(&ra, 4, "/c/step-00000004".into(), String::new()).unwrap();
+    assert_eq!(s.store.latest_checkpoint(&job.id).unwrap().unwrap().step, 4);
+}
+
+#[test]
+fn an_input_error_fails_the_job_at_once_and_reasons_are_capped() {
+    let (s, jobs, job, ra, _) = running_with_outsider();
+    s.failed(&ra, &"data.train: outside the allowed roots ".repeat(200), true).unwrap();
+    let j = jobs.get(&job.id).unwrap();
+    assert_eq!((j.state, j.restarts), (JobState::Failed, 0), "max_restarts is 1, yet no retry");
+    assert!(j.reason.contains("data.train: ") && j.reason.len() <= crate::convert::MAX_REASON, "{}", j.reason.len());
 }

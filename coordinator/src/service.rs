@@ -28,6 +28,8 @@ pub struct JobApi {
     pub clock: Arc<dyn Clock>,
     /// Becomes true when the server shuts down; open Watch streams then end.
     pub shutdown: watch::Receiver<bool>,
+    /// Where a submitted job may point.
+    pub policy: Arc<model::policy::PathPolicy>,
 }
 
 type WatchStream = ReceiverStream<Result<v1::WatchJobResponse, Status>>;
@@ -36,6 +38,7 @@ type WatchStream = ReceiverStream<Result<v1::WatchJobResponse, Status>>;
 impl JobService for JobApi {
     async fn submit(&self, req: Request<v1::SubmitJobRequest>) -> Result<Response<v1::SubmitJobResponse>, Status> {
         let Submit(spec) = req.into_inner().try_into()?;
+        convert::check_policy(&self.policy, &spec)?;
         let job = self.jobs.submit(&spec)?;
         Ok(Response::new(v1::SubmitJobResponse { job: Some(job.into()) }))
     }
@@ -140,6 +143,7 @@ impl WorkerService for WorkerApi {
         let reg: Registration = req.into_inner().try_into()?;
         let w = self.workers.register(reg)?;
         Ok(Response::new(v1::RegisterWorkerResponse {
+            worker_secret: self.workers.secret(&w.id),
             worker_id: w.id,
             heartbeat_interval_ms: self.workers.heartbeat_interval.as_millis() as u64,
             heartbeat_timeout_ms: self.workers.heartbeat_timeout.as_millis() as u64,
@@ -148,6 +152,7 @@ impl WorkerService for WorkerApi {
 
     async fn heartbeat(&self, req: Request<v1::HeartbeatRequest>) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let hb: Heartbeat = req.into_inner().try_into()?;
+        self.workers.authenticate(&hb.worker_id, &hb.secret)?;
         let mut c = self.workers.heartbeat(&hb.worker_id)?;
         if let (Command::Continue, Some((job_id, attempt))) = (c, hb.job) {
             c = self.scheduler.command(&AttemptRef { worker_id: hb.worker_id, job_id, attempt })?;
@@ -160,6 +165,7 @@ impl WorkerService for WorkerApi {
         req: Request<v1::GetAssignmentRequest>,
     ) -> Result<Response<v1::GetAssignmentResponse>, Status> {
         let poll: AssignmentPoll = req.into_inner().try_into()?;
+        self.workers.authenticate(&poll.worker_id, &poll.secret)?;
         if let Some(id) = &poll.nccl_unique_id {
             self.scheduler.post_nccl_id(&poll.worker_id, id)?;
         }
@@ -184,7 +190,8 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<v1::ReportProgressRequest>,
     ) -> Result<Response<v1::ReportProgressResponse>, Status> {
-        let ReportProgress(at, progress, eval) = req.into_inner().try_into()?;
+        let ReportProgress { at, progress, eval, secret } = req.into_inner().try_into()?;
+        self.workers.authenticate(&at.worker_id, &secret)?;
         let c = self.scheduler.progress(&at, progress)?;
         if let Some(e) = eval {
             self.scheduler.eval(&at, e)?;
@@ -196,7 +203,8 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<v1::CommitCheckpointRequest>,
     ) -> Result<Response<v1::CommitCheckpointResponse>, Status> {
-        let Commit { at, step, path, manifest_sha256 } = req.into_inner().try_into()?;
+        let Commit { at, step, path, manifest_sha256, secret } = req.into_inner().try_into()?;
+        self.workers.authenticate(&at.worker_id, &secret)?;
         let c = self.scheduler.commit_checkpoint(&at, step, path, manifest_sha256)?;
         Ok(Response::new(v1::CommitCheckpointResponse { command: command(c) }))
     }
@@ -205,7 +213,8 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<v1::ReportDoneRequest>,
     ) -> Result<Response<v1::ReportDoneResponse>, Status> {
-        let Done(at, step) = req.into_inner().try_into()?;
+        let Done { at, step, secret } = req.into_inner().try_into()?;
+        self.workers.authenticate(&at.worker_id, &secret)?;
         self.scheduler.done(&at, step)?;
         Ok(Response::new(v1::ReportDoneResponse {}))
     }
@@ -214,8 +223,9 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<v1::ReportFailedRequest>,
     ) -> Result<Response<v1::ReportFailedResponse>, Status> {
-        let Failed(at, reason) = req.into_inner().try_into()?;
-        self.scheduler.failed(&at, &reason)?;
+        let Failed { at, reason, input_error, secret } = req.into_inner().try_into()?;
+        self.workers.authenticate(&at.worker_id, &secret)?;
+        self.scheduler.failed(&at, &reason, input_error)?;
         Ok(Response::new(v1::ReportFailedResponse {}))
     }
 
@@ -223,7 +233,8 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<v1::DeregisterRequest>,
     ) -> Result<Response<v1::DeregisterResponse>, Status> {
-        let Deregister { worker_id, reason } = req.into_inner().try_into()?;
+        let Deregister { worker_id, reason, secret } = req.into_inner().try_into()?;
+        self.workers.authenticate(&worker_id, &secret)?;
         if let Some(w) = self.workers.deregister(&worker_id)? {
             self.scheduler.left(&w, &reason)?;
         }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::auth::WorkerSecrets;
 use crate::domain::{Clock, DeviceKind, Worker, WorkerState};
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -39,6 +40,8 @@ pub struct Workers {
     /// Worker ids are `w-<start ms, hex>-<n>`: unique across coordinator restarts.
     epoch: i64,
     next: AtomicU64,
+    /// Each worker's secret (see [`WorkerSecrets`]).
+    secrets: WorkerSecrets,
 }
 
 impl Workers {
@@ -65,7 +68,26 @@ impl Workers {
             live: Mutex::new(live),
             epoch: now,
             next: AtomicU64::new(1),
+            secrets: WorkerSecrets::random()?,
         })
+    }
+
+    /// Uses `secrets` (the state directory's key) instead of a key that dies with the process.
+    pub fn with_secrets(mut self, secrets: WorkerSecrets) -> Self {
+        self.secrets = secrets;
+        self
+    }
+
+    /// The secret Register hands the worker.
+    pub fn secret(&self, worker_id: &str) -> String {
+        self.secrets.secret(worker_id)
+    }
+
+    /// UNAUTHENTICATED unless `secret` is the one Register gave `worker_id`. A worker that is not
+    /// live (dead, or never registered) but holds its secret passes: heartbeats then tell it to
+    /// register again.
+    pub fn authenticate(&self, worker_id: &str, secret: &str) -> Result<()> {
+        self.secrets.check(worker_id, secret)
     }
 
     fn live(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Worker>>> {

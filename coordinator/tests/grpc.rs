@@ -232,11 +232,19 @@ async fn workers_register_and_heartbeat() {
     };
     let r = w.register(reg.clone()).await.unwrap().into_inner();
     assert!(!r.worker_id.is_empty() && r.heartbeat_timeout_ms > r.heartbeat_interval_ms);
-    let hb = |id: &str| v1::HeartbeatRequest { worker_id: id.into(), ..Default::default() };
-    let cmd = w.heartbeat(hb(&r.worker_id)).await.unwrap().into_inner().command();
+    assert_eq!(r.worker_secret.len(), 64);
+    let hb = |id: &str, secret: &str| v1::HeartbeatRequest {
+        worker_id: id.into(),
+        worker_secret: secret.into(),
+        ..Default::default()
+    };
+    let cmd = w.heartbeat(hb(&r.worker_id, &r.worker_secret)).await.unwrap().into_inner().command();
     assert_eq!(cmd, v1::WorkerCommand::Continue);
-    let cmd = w.heartbeat(hb("w-unknown")).await.unwrap().into_inner().command();
-    assert_eq!(cmd, v1::WorkerCommand::Reregister);
+    // The shared worker token is not enough to speak for a worker: its secret is needed too.
+    for secret in ["", r.worker_secret.as_str()] {
+        let e = w.heartbeat(hb(if secret.is_empty() { &r.worker_id } else { "w-other" }, secret)).await;
+        assert_eq!(e.unwrap_err().code(), Code::Unauthenticated);
+    }
     let bad = v1::RegisterWorkerRequest { ring_address: "nowhere".into(), ..reg };
     let e = w.register(bad).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -245,7 +253,12 @@ async fn workers_register_and_heartbeat() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().starts_with("worker_id: "), "{}", e.message());
     // No job: nothing to do yet.
-    let req = v1::GetAssignmentRequest { worker_id: r.worker_id.clone(), wait_ms: 0, ..Default::default() };
+    let req = v1::GetAssignmentRequest {
+        worker_id: r.worker_id.clone(),
+        wait_ms: 0,
+        worker_secret: r.worker_secret.clone(),
+        ..Default::default()
+    };
     assert!(w.get_assignment(req).await.unwrap().into_inner().assignment.is_none());
     c.shutdown().await.unwrap();
 }
@@ -264,7 +277,8 @@ async fn a_silent_worker_is_declared_dead_and_told_to_reregister() {
     let mut w = workers(&c, Some(WORKER_TOKEN)).await;
     let caps = v1::Capabilities { device: "cpu".into(), ..Default::default() };
     let reg = v1::RegisterWorkerRequest { capabilities: Some(caps), ..Default::default() };
-    let id = w.register(reg).await.unwrap().into_inner().worker_id;
+    let r = w.register(reg).await.unwrap().into_inner();
+    let id = r.worker_id;
 
     // Watch the database (not the worker API: a heartbeat would keep the worker alive).
     let db = SqliteStore::open(dir.path()).unwrap();
@@ -277,7 +291,7 @@ async fn a_silent_worker_is_declared_dead_and_told_to_reregister() {
         assert!(tokio::time::Instant::now() < deadline, "worker never declared dead");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let hb = v1::HeartbeatRequest { worker_id: id, ..Default::default() };
+    let hb = v1::HeartbeatRequest { worker_id: id, worker_secret: r.worker_secret, ..Default::default() };
     assert_eq!(w.heartbeat(hb).await.unwrap().into_inner().command(), v1::WorkerCommand::Reregister);
     c.shutdown().await.unwrap();
 }
@@ -305,6 +319,7 @@ async fn nccl_unique_id_is_relayed_from_rank_0_and_checked() {
     let mut w = workers(&c, Some(WORKER_TOKEN)).await;
     submit(&mut j, &JOB.replace("device: cpu", "device: cuda")).await.unwrap();
     let mut ids = Vec::new();
+    let mut secrets = std::collections::HashMap::new();
     for port in [7001, 7002] {
         let caps = v1::Capabilities { device: "cuda".into(), ..Default::default() };
         let reg = v1::RegisterWorkerRequest {
@@ -312,12 +327,15 @@ async fn nccl_unique_id_is_relayed_from_rank_0_and_checked() {
             ring_address: format!("127.0.0.1:{port}"),
             ..Default::default()
         };
-        ids.push(w.register(reg).await.unwrap().into_inner().worker_id);
+        let r = w.register(reg).await.unwrap().into_inner();
+        ids.push(r.worker_id.clone());
+        secrets.insert(r.worker_id, r.worker_secret);
     }
     let poll = |id: &str, wait_ms: u32, nccl: Vec<u8>| v1::GetAssignmentRequest {
         worker_id: id.into(),
         wait_ms,
         nccl_unique_id: nccl,
+        worker_secret: secrets[id].clone(),
     };
     let assignment = |r: tonic::Response<v1::GetAssignmentResponse>| r.into_inner().assignment.expect("an assignment");
     let first = assignment(w.get_assignment(poll(&ids[0], 2_000, vec![])).await.unwrap());
@@ -362,19 +380,31 @@ async fn a_deregistered_worker_leaves_its_gang_at_once() {
     let mut j = jobs(&c, Some(CLIENT_TOKEN)).await;
     let job = submit(&mut j, JOB).await.unwrap();
     let mut w = workers(&c, Some(WORKER_TOKEN)).await;
-    let mut ids = Vec::new();
+    let (mut ids, mut secrets) = (Vec::new(), Vec::new());
     for port in [7001, 7002] {
         let reg = v1::RegisterWorkerRequest {
             capabilities: Some(v1::Capabilities { device: "cpu".into(), ..Default::default() }),
             ring_address: format!("127.0.0.1:{port}"),
             ..Default::default()
         };
-        let id = w.register(reg).await.unwrap().into_inner().worker_id;
-        let ask = v1::GetAssignmentRequest { worker_id: id.clone(), wait_ms: 0, ..Default::default() };
+        let r = w.register(reg).await.unwrap().into_inner();
+        let (id, worker_secret) = (r.worker_id, r.worker_secret);
+        let ask = v1::GetAssignmentRequest {
+            worker_id: id.clone(),
+            wait_ms: 0,
+            worker_secret: worker_secret.clone(),
+            ..Default::default()
+        };
         w.get_assignment(ask).await.unwrap();
         ids.push(id);
+        secrets.push(worker_secret);
     }
-    let ask = v1::GetAssignmentRequest { worker_id: ids[0].clone(), wait_ms: 0, ..Default::default() };
+    let ask = v1::GetAssignmentRequest {
+        worker_id: ids[0].clone(),
+        wait_ms: 0,
+        worker_secret: secrets[0].clone(),
+        ..Default::default()
+    };
     assert!(w.get_assignment(ask).await.unwrap().into_inner().assignment.is_some(), "a gang of two");
     let get = v1::GetJobRequest { job_id: job.id.clone() };
     assert_eq!(j.get(get.clone()).await.unwrap().into_inner().job.unwrap().state(), v1::JobState::Running);
@@ -382,12 +412,17 @@ async fn a_deregistered_worker_leaves_its_gang_at_once() {
     let e = w.deregister(v1::DeregisterRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().starts_with("worker_id: "), "{}", e.message());
-    let bye = v1::DeregisterRequest { worker_id: ids[1].clone(), reason: "maintenance".into() };
+    let bye = v1::DeregisterRequest {
+        worker_id: ids[1].clone(),
+        reason: "maintenance".into(),
+        worker_secret: secrets[1].clone(),
+    };
     w.deregister(bye.clone()).await.unwrap();
     let now = j.get(get).await.unwrap().into_inner().job.unwrap();
     assert_eq!(now.state(), v1::JobState::Pending, "{now:?}");
     assert!(now.reason.contains("left (maintenance)"), "{}", now.reason);
-    let hb = v1::HeartbeatRequest { worker_id: ids[1].clone(), ..Default::default() };
+    let hb =
+        v1::HeartbeatRequest { worker_id: ids[1].clone(), worker_secret: secrets[1].clone(), ..Default::default() };
     assert_eq!(w.heartbeat(hb).await.unwrap().into_inner().command(), v1::WorkerCommand::Reregister);
     w.deregister(bye).await.expect("deregistering twice is harmless");
     c.shutdown().await.unwrap();

@@ -19,7 +19,8 @@ use tonic::{Request, Status};
 const TOKEN: &str = "secret";
 
 const JOB: &str = "name: tiny\nmodel: { init: /models/m }\ndata: { train: /data/train.jsonl }\n\
-    training: { steps: 10, global_batch: 4 }\nresources: { workers: 2, device: cpu, max_restarts: 3 }\n";
+    training: { steps: 10, global_batch: 4 }\nresources: { workers: 2, device: cpu, max_restarts: 3 }\n\
+    checkpoint: { dir: /ckpt }\n";
 
 #[derive(Clone)]
 struct Bearer(String);
@@ -258,6 +259,7 @@ async fn metrics_follow_jobs_workers_attempts_and_calls() {
     let job = jobs.submit(v1::SubmitJobRequest { job_yaml: JOB.into() }).await.unwrap().into_inner().job.unwrap();
     assert!(stranger.list(v1::ListJobsRequest::default()).await.is_err());
     let mut ids = Vec::new();
+    let mut secrets = HashMap::new();
     for port in [7001, 7002] {
         let reg = v1::RegisterWorkerRequest {
             hostname: "h".into(),
@@ -265,16 +267,20 @@ async fn metrics_follow_jobs_workers_attempts_and_calls() {
             ring_address: format!("127.0.0.1:{port}"),
             version: "0".into(),
         };
-        ids.push(workers.register(reg).await.unwrap().into_inner().worker_id);
+        let r = workers.register(reg).await.unwrap().into_inner();
+        ids.push(r.worker_id.clone());
+        secrets.insert(r.worker_id, r.worker_secret);
     }
     // Both workers heartbeat until the end, when they fall silent and are lost.
     let (beat_stop, beat_rx) = tokio::sync::watch::channel(false);
     let beats = {
-        let (mut w, ids, mut stop) = (workers.clone(), ids.clone(), beat_rx);
+        let (mut w, ids, secrets, mut stop) = (workers.clone(), ids.clone(), secrets.clone(), beat_rx);
         tokio::spawn(async move {
             while !*stop.borrow() {
                 for id in &ids {
-                    let _ = w.heartbeat(v1::HeartbeatRequest { worker_id: id.clone(), ..Default::default() }).await;
+                    let worker_secret = secrets[id].clone();
+                    let hb = v1::HeartbeatRequest { worker_id: id.clone(), worker_secret, ..Default::default() };
+                    let _ = w.heartbeat(hb).await;
                 }
                 let _ = tokio::time::timeout(Duration::from_millis(100), stop.changed()).await;
             }
@@ -282,7 +288,9 @@ async fn metrics_follow_jobs_workers_attempts_and_calls() {
     };
     let mut ranks = HashMap::new();
     for id in &ids {
-        let req = v1::GetAssignmentRequest { worker_id: id.clone(), wait_ms: 2_000, ..Default::default() };
+        let worker_secret = secrets[id].clone();
+        let req =
+            v1::GetAssignmentRequest { worker_id: id.clone(), wait_ms: 2_000, worker_secret, ..Default::default() };
         let a = workers.get_assignment(req).await.unwrap().into_inner().assignment.expect("a gang of two");
         ranks.insert(a.rank, (id.clone(), a.attempt));
     }
@@ -309,6 +317,7 @@ async fn metrics_follow_jobs_workers_attempts_and_calls() {
             attempt,
             progress: Some(p),
             eval: None,
+            worker_secret: secrets[&rank0].clone(),
         };
         workers.report_progress(req).await.unwrap();
         let m = tokio::task::spawn_blocking(move || scrape(addr)).await.unwrap();
@@ -325,13 +334,21 @@ async fn metrics_follow_jobs_workers_attempts_and_calls() {
         job_id: job.id.clone(),
         attempt,
         step,
-        path: "/ckpt/1".into(),
+        path: format!("/ckpt/step-{step:08}"),
         manifest_sha256: String::new(),
+        worker_secret: secrets[&rank0].clone(),
     };
     workers.commit_checkpoint(commit).await.unwrap();
     let (rank1, _) = ranks[&1].clone();
-    let failed =
-        v1::ReportFailedRequest { worker_id: rank1, job_id: job.id.clone(), attempt, step, reason: "boom".into() };
+    let failed = v1::ReportFailedRequest {
+        worker_secret: secrets[&rank1].clone(),
+        worker_id: rank1,
+        job_id: job.id.clone(),
+        attempt,
+        step,
+        reason: "boom".into(),
+        input_error: false,
+    };
     workers.report_failed(failed).await.unwrap();
     let bad = workers.get_assignment(v1::GetAssignmentRequest::default()).await.unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);

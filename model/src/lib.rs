@@ -12,6 +12,7 @@ pub mod net;
 pub mod optim;
 pub mod params;
 pub mod pipeline;
+pub mod policy;
 pub mod testing;
 pub mod tokenizer;
 

@@ -11,7 +11,7 @@ use kernels::cuda::nccl::{Nccl, NcclId};
 use model::job::JobSpec;
 use proto::v1;
 
-use super::{Client, Current, take};
+use super::{Client, Current, Me, take};
 use crate::device::{Cuda, Device, GemmPrecision};
 use crate::remote::status_error;
 use crate::{CliError, CliResult};
@@ -51,7 +51,7 @@ fn failure(msg: String) -> CliError {
 pub(super) fn unique_id(
     rt: &tokio::runtime::Runtime,
     client: &Client,
-    worker_id: &str,
+    me: &Me,
     asg: &v1::Assignment,
     timeout: Duration,
     make: impl FnOnce() -> CliResult<[u8; 128]>,
@@ -59,7 +59,12 @@ pub(super) fn unique_id(
     let this_attempt = |a: &v1::Assignment| a.job_id == asg.job_id && a.attempt == asg.attempt && a.rank == asg.rank;
     let ended = || failure(format!("attempt {} of {} ended before NCCL was set up", asg.attempt, asg.job_id));
     let ask = |nccl_unique_id: Vec<u8>, wait_ms: u32| {
-        let req = v1::GetAssignmentRequest { worker_id: worker_id.to_owned(), wait_ms, nccl_unique_id };
+        let req = v1::GetAssignmentRequest {
+            worker_id: me.id.clone(),
+            wait_ms,
+            nccl_unique_id,
+            worker_secret: me.secret.clone(),
+        };
         rt.block_on(client.clone().get_assignment(req)).map(|r| r.into_inner().assignment).map_err(status_error)
     };
     if asg.rank == 0 {
@@ -95,19 +100,19 @@ pub(super) fn train(
     client: &Client,
     current: &Arc<std::sync::Mutex<Current>>,
     asg: &v1::Assignment,
-    worker_id: &str,
+    me: &Me,
     spec: JobSpec,
     timeout: Duration,
 ) -> CliResult {
     let Some((_, cuda)) = take(current, |c| c.cuda.clone()) else {
         return Err(failure("a device: cuda job was assigned to a cpu worker".into()));
     };
-    let id = unique_id(rt, client, worker_id, asg, timeout, || Ok(NcclId::new()?.0))?;
+    let id = unique_id(rt, client, me, asg, timeout, || Ok(NcclId::new()?.0))?;
     let nccl = Nccl::new(&cuda, NcclId(id), asg.rank as usize, asg.world_size as usize)?;
     // NCCL has no ring to abort: a STOP from the coordinator stops the trainer after its step.
     let halt = Arc::new(AtomicBool::new(false));
     let stop = || halt.store(true, Ordering::SeqCst);
-    super::run_trainer(rt, client, current, asg, worker_id, (&*cuda, &nccl, spec), (&halt, &stop))
+    super::run_trainer(rt, client, current, asg, me, (&*cuda, &nccl, spec), (&halt, &stop))
 }
 
 #[cfg(test)]
@@ -151,13 +156,18 @@ mod tests {
                 ring_address: format!("127.0.0.1:{port}"),
                 ..Default::default()
             };
-            let id = rt.block_on(client.clone().register(reg)).unwrap().into_inner().worker_id;
-            gang.push(id);
+            let r = rt.block_on(client.clone().register(reg)).unwrap().into_inner();
+            gang.push(Me { id: r.worker_id, secret: r.worker_secret });
         }
         let asgs: Vec<v1::Assignment> = gang
             .iter()
             .map(|w| {
-                let req = v1::GetAssignmentRequest { worker_id: w.clone(), wait_ms: 2_000, ..Default::default() };
+                let req = v1::GetAssignmentRequest {
+                    worker_id: w.id.clone(),
+                    wait_ms: 2_000,
+                    worker_secret: w.secret.clone(),
+                    ..Default::default()
+                };
                 rt.block_on(client.clone().get_assignment(req)).unwrap().into_inner().assignment.unwrap()
             })
             .collect();
