@@ -95,3 +95,84 @@ fn bad_job_files_exit_2_naming_the_key() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("train.jsonl") && e.contains("line 33") && e.contains("target"), "{e}");
 }
+
+fn ckpt_names(root: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(root).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+/// Issue 11 items 2 and 8: an empty `step-00000099/`, a user file beside the checkpoints and a
+/// user directory named like a partial survive a run with keep: 1, which keeps its own newest
+/// checkpoint; a partial directory left by a killed save of this job is removed at start.
+#[test]
+fn train_prunes_and_cleans_only_its_own_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    common::tiny_model_with_validation(root);
+    std::fs::write(root.join("job.yaml"), JOB).unwrap();
+    let ckpt = root.join("ckpt");
+    std::fs::create_dir_all(ckpt.join("step-00000099")).unwrap();
+    std::fs::write(ckpt.join("notes.txt"), "mine").unwrap();
+    let killed = ckpt.join("step-00000003.tmp.4242.0.1");
+    std::fs::create_dir_all(&killed).unwrap();
+    std::fs::write(killed.join(".bert2bert-writer"), r#"{"name":"tiny"}"#).unwrap();
+    std::fs::write(killed.join("config.json"), "{").unwrap();
+    std::fs::write(killed.join(".tmpAbC123"), "half a model").unwrap();
+    let user = ckpt.join("step-00000003.tmp.mine");
+    std::fs::create_dir_all(&user).unwrap();
+    std::fs::write(user.join("config.json"), "mine").unwrap();
+
+    let o = run_in(&["train", "job.yaml", "--eval-examples", "0"], root);
+    assert!(o.status.success());
+    assert_eq!(
+        ckpt_names(&ckpt),
+        ["logs", "notes.txt", "step-00000003.tmp.mine", "step-00000006", "step-00000099"],
+        "the killed save's partial dir is gone, the rest is as the user left it"
+    );
+    worker::state::verify_manifest(&ckpt.join("step-00000006")).unwrap();
+    assert_eq!(std::fs::read_to_string(user.join("config.json")).unwrap(), "mine");
+}
+
+/// Issue 11 items 13d and 13e: a job whose checkpoint.dir holds another job's checkpoints is
+/// refused (exit 2, naming the dir and the other job) unless checkpoint.resume_from names one,
+/// and then the other job's checkpoints are never pruned; a checkpoint past training.steps is
+/// refused rather than reported as done.
+#[test]
+fn train_refuses_other_jobs_checkpoints_and_finished_past_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    common::tiny_model_with_validation(root);
+    std::fs::write(root.join("job.yaml"), JOB).unwrap();
+    assert!(run_in(&["train", "job.yaml", "--eval-examples", "0"], root).status.success());
+
+    let fewer = JOB.replace("steps: 6,", "steps: 4,");
+    std::fs::write(root.join("fewer.yaml"), fewer).unwrap();
+    let o = run_in(&["train", "fewer.yaml"], root);
+    assert_eq!(o.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("step-00000006: checkpoint step 6 is past training.steps 4: nothing to do"), "{e}");
+
+    let other = JOB.replace("name: tiny", "name: other").replace("steps: 6,", "steps: 8,");
+    std::fs::write(root.join("other.yaml"), &other).unwrap();
+    let o = run_in(&["train", "other.yaml"], root);
+    assert_eq!(o.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&o.stderr);
+    let dir = root.join("ckpt").canonicalize().unwrap();
+    assert!(
+        e.contains(&format!("{}: checkpoint.dir holds checkpoints of job `tiny`", dir.display()))
+            && e.contains("checkpoint.resume_from"),
+        "{e}"
+    );
+
+    let from = other.replace("keep: 1 }", "keep: 1, resume_from: ckpt/step-00000006 }");
+    std::fs::write(root.join("other.yaml"), from).unwrap();
+    let o = run_in(&["train", "other.yaml", "--eval-examples", "0"], root);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("resumed from"));
+    assert_eq!(ckpt_names(&root.join("ckpt")), ["logs", "step-00000006", "step-00000008"]);
+    let theirs = worker::state::verify_manifest(&root.join("ckpt/step-00000006")).unwrap();
+    let ours = worker::state::verify_manifest(&root.join("ckpt/step-00000008")).unwrap();
+    assert_eq!((theirs.job.unwrap().name, ours.job.unwrap().name), ("tiny".into(), "other".into()));
+}
