@@ -75,7 +75,7 @@ fn score_on<B: Backend>(b: &B, a: &Args, ck: &Checkpoint, batches: &[Batch], exa
     let bar = crate::progress(examples as u64, "score");
     let (mut per_example, mut loss_sum) = (Vec::with_capacity(examples), 0.0f64);
     for batch in batches {
-        let x = Inputs::from_batch(b, &batch)?;
+        let x = Inputs::from_batch(b, batch)?;
         let loss = net.pass(b, &x, PassOptions { train: false, seed: 0, label_smoothing: 0.0, grad_scale })?;
         loss_sum += loss.sum();
         per_example.extend(loss.per_example_mean());

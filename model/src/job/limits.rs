@@ -182,10 +182,13 @@ pub fn duplicate_key_line(text: &str, key: &str, line: usize, column: usize) -> 
         let mut depth = 0usize;
         for (n, l) in lines.iter().enumerate().skip(line - 1) {
             let from = if n == line - 1 { start } else { 0 };
-            if from == 0 && depth == 1 && !l.trim_start().starts_with([',', '{', '}']) && is_key(l) {
-                if let Some(found) = count(n) {
-                    return Some(found);
-                }
+            if from == 0
+                && depth == 1
+                && !l.trim_start().starts_with([',', '{', '}'])
+                && is_key(l)
+                && let Some(found) = count(n)
+            {
+                return Some(found);
             }
             for (i, c) in l[from..].char_indices() {
                 match c {
@@ -196,10 +199,12 @@ pub fn duplicate_key_line(text: &str, key: &str, line: usize, column: usize) -> 
                 if depth == 0 {
                     return None;
                 }
-                if depth == 1 && matches!(c, '{' | ',') && is_key(&l[from + i + 1..]) {
-                    if let Some(found) = count(n) {
-                        return Some(found);
-                    }
+                if depth == 1
+                    && matches!(c, '{' | ',')
+                    && is_key(&l[from + i + 1..])
+                    && let Some(found) = count(n)
+                {
+                    return Some(found);
                 }
             }
         }
@@ -216,10 +221,11 @@ pub fn duplicate_key_line(text: &str, key: &str, line: usize, column: usize) -> 
         if at < start {
             return None;
         }
-        if at == start && is_key(&l[at..]) {
-            if let Some(found) = count(n) {
-                return Some(found);
-            }
+        if at == start
+            && is_key(&l[at..])
+            && let Some(found) = count(n)
+        {
+            return Some(found);
         }
     }
     None
