@@ -39,9 +39,20 @@ fn text_field(field: &str, v: String) -> Result<String> {
 /// A submitted job, parsed and validated.
 pub struct Submit(pub JobSpec);
 
+/// The job file size limit, checked before anything reads the text; cheap enough to run on
+/// the executor, before the request waits for a parse slot (`admission`).
+pub fn check_job_size(r: &v1::SubmitJobRequest) -> Result<()> {
+    let (n, max) = (r.job_yaml.len(), model::job::MAX_JOB_BYTES);
+    if n > max {
+        return Err(Error::invalid("job_yaml", format!("{n} bytes, over the limit of {max} bytes")));
+    }
+    Ok(())
+}
+
 impl TryFrom<v1::SubmitJobRequest> for Submit {
     type Error = Error;
     fn try_from(r: v1::SubmitJobRequest) -> Result<Self> {
+        check_job_size(&r)?;
         // The origin names the field in every message: "job_yaml: training.steps: ...".
         JobSpec::from_str(&r.job_yaml, Path::new("job_yaml")).map(Submit).map_err(|e| match e {
             model::Error::Input { .. } => Error::InvalidArgument(e.to_string()),
@@ -54,6 +65,33 @@ impl TryFrom<v1::SubmitJobRequest> for Submit {
 /// path outside the allowed roots.
 pub fn check_policy(policy: &model::policy::PathPolicy, spec: &JobSpec) -> Result<()> {
     policy.check(spec).map_err(|e| Error::InvalidArgument(e.to_string()))
+}
+
+/// The job's lengths against its model's config.json, when the coordinator can read it (the
+/// model may exist only on the workers' machines: then the workers check it at start).
+pub fn check_model(spec: &JobSpec) -> Result<()> {
+    match spec.check_against_model() {
+        Ok(()) => Ok(()),
+        Err(e @ model::Error::Input { .. }) => {
+            // Length errors name the job (`job_yaml: data...`); config.json errors name that file.
+            let msg = e.to_string();
+            let msg = if msg.starts_with("job_yaml") { msg } else { format!("job_yaml: model: {msg}") };
+            Err(Error::InvalidArgument(msg))
+        }
+        Err(e) => {
+            tracing::debug!("job not checked against its model here: {e}");
+            Ok(())
+        }
+    }
+}
+
+/// Everything a submitted job goes through before it is stored: parse (size first), the path
+/// policy, then the model's position tables. Blocking work: `admission::SpecGate` runs it.
+pub fn checked_submit(r: v1::SubmitJobRequest, policy: &model::policy::PathPolicy) -> Result<Submit> {
+    let submit = Submit::try_from(r)?;
+    check_policy(policy, &submit.0)?;
+    check_model(&submit.0)?;
+    Ok(submit)
 }
 
 /// A request that names one job.

@@ -18,6 +18,9 @@ pub enum Error {
     /// A worker call about an attempt the worker is not a member of.
     #[error("{0}")]
     PermissionDenied(String),
+    /// Too many requests of a kind at once (e.g. job files being checked); retry later.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The embedded database failed.
     #[error("job store: {0}")]
     Store(#[from] rusqlite::Error),
@@ -46,6 +49,7 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             Error::NotFound(m) => tonic::Status::not_found(m),
             Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
+            Error::ResourceExhausted(m) => tonic::Status::resource_exhausted(m),
             Error::Unauthenticated(m) => tonic::Status::unauthenticated(m),
             Error::PermissionDenied(m) => tonic::Status::permission_denied(m),
             other => {

@@ -8,6 +8,7 @@
 //! authentication ([`auth`]), request size limits, `grpc.health.v1` and server reflection,
 //! optional TLS ([`tls`]) and an optional Prometheus endpoint ([`metrics`]).
 
+pub mod admission;
 pub mod auth;
 pub mod convert;
 pub mod domain;
@@ -214,7 +215,7 @@ async fn run(
         tasks.push(tokio::spawn(metrics::follow_progress(metrics.clone(), jobs.clone(), stop_rx.clone())));
     }
     let policy = Arc::new(config.path_policy.clone());
-    let job_api = JobApi { jobs, clock, shutdown: stop_rx.clone(), policy };
+    let job_api = JobApi { jobs, clock, shutdown: stop_rx.clone(), policy, gate: Default::default() };
     let job_service = JobServiceServer::new(job_api).max_decoding_message_size(config.max_request_bytes);
     let worker_service = WorkerServiceServer::new(WorkerApi { workers: workers.clone(), scheduler: scheduler.clone() })
         .max_decoding_message_size(config.max_request_bytes);

@@ -11,6 +11,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::admission::SpecGate;
 use crate::convert::{
     self, AssignmentPoll, Cancel, Commit, Deregister, Done, Failed, Heartbeat, JobId, ListPage, ReportProgress, Submit,
 };
@@ -30,6 +31,8 @@ pub struct JobApi {
     pub shutdown: watch::Receiver<bool>,
     /// Where a submitted job may point.
     pub policy: Arc<model::policy::PathPolicy>,
+    /// Runs job file checks on blocking threads, a few at a time, within a time budget.
+    pub gate: Arc<SpecGate>,
 }
 
 type WatchStream = ReceiverStream<Result<v1::WatchJobResponse, Status>>;
@@ -37,8 +40,11 @@ type WatchStream = ReceiverStream<Result<v1::WatchJobResponse, Status>>;
 #[tonic::async_trait]
 impl JobService for JobApi {
     async fn submit(&self, req: Request<v1::SubmitJobRequest>) -> Result<Response<v1::SubmitJobResponse>, Status> {
-        let Submit(spec) = req.into_inner().try_into()?;
-        convert::check_policy(&self.policy, &spec)?;
+        let req = req.into_inner();
+        convert::check_job_size(&req)?;
+        let policy = self.policy.clone();
+        // Off the executor and time-boxed: a hostile file must not stall other calls.
+        let Submit(spec) = self.gate.run("job_yaml", move || convert::checked_submit(req, &policy)).await?;
         let job = self.jobs.submit(&spec)?;
         Ok(Response::new(v1::SubmitJobResponse { job: Some(job.into()) }))
     }

@@ -93,7 +93,8 @@ fn paging_and_delete(s: &dyn Store) {
     assert_eq!(page(3, Some(numbers[1])), [ids[0].as_str()]);
     assert!(page(3, Some(numbers[0])).is_empty());
     // The state filter and the page bound combine.
-    let cancelled = |id: &str| coordinator::domain::Job { state: JobState::Cancelled, ..s.get_job(id).unwrap().unwrap() };
+    let cancelled =
+        |id: &str| coordinator::domain::Job { state: JobState::Cancelled, ..s.get_job(id).unwrap().unwrap() };
     for i in [1, 3, 5] {
         s.update_job(&cancelled(&ids[i])).unwrap();
     }
@@ -101,7 +102,13 @@ fn paging_and_delete(s: &dyn Store) {
     let got: Vec<String> = s.list_jobs_before(&f, Some(numbers[5])).unwrap().into_iter().map(|j| j.id).collect();
     assert_eq!(got, [ids[3].as_str(), &ids[1]]);
 
-    let c = Checkpoint { job_id: ids[6].clone(), step: 4, path: "/c".into(), manifest_sha256: "ab".into(), committed_ms: 1 };
+    let c = Checkpoint {
+        job_id: ids[6].clone(),
+        step: 4,
+        path: "/c".into(),
+        manifest_sha256: "ab".into(),
+        committed_ms: 1,
+    };
     s.insert_checkpoint(&c).unwrap();
     assert!(s.delete_job(&ids[6]).unwrap());
     assert!(!s.delete_job(&ids[6]).unwrap(), "already gone");
