@@ -58,6 +58,8 @@ enum Command {
     List(remote::ListArgs),
     /// Cancel a job; its workers stop.
     Cancel(remote::CancelArgs),
+    /// Forget an ended job (it leaves `list`; its id is never reused).
+    Delete(remote::DeleteArgs),
     /// Run a worker agent: register with a coordinator and train the jobs it assigns.
     Worker(agent::Args),
     /// Print a shell completion script, e.g. `bert2bert completions bash > /etc/bash_completion.d/bert2bert`.
@@ -118,6 +120,7 @@ fn main() -> ExitCode {
         Command::Status(a) => remote::status(a),
         Command::List(a) => remote::list(a),
         Command::Cancel(a) => remote::cancel(a),
+        Command::Delete(a) => remote::delete(a),
         Command::Worker(a) => agent::run(a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "bert2bert", &mut std::io::stdout());

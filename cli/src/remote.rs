@@ -1,4 +1,5 @@
-//! `bert2bert submit | watch | status | list | cancel`: JobService clients of a running coordinator.
+//! `bert2bert submit | watch | status | list | cancel | delete`: JobService clients of a running
+//! coordinator.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -72,6 +73,15 @@ pub struct ListArgs {
 
 #[derive(clap::Args)]
 pub struct CancelArgs {
+    job_id: String,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "Only SUCCEEDED, FAILED or CANCELLED jobs can be deleted (cancel a running one first). \
+    Checkpoint files are left where they are.")]
+pub struct DeleteArgs {
     job_id: String,
     #[command(flatten)]
     conn: Conn,
@@ -259,7 +269,7 @@ pub fn status(a: StatusArgs) -> CliResult {
 pub fn list(a: ListArgs) -> CliResult {
     runtime()?.block_on(async move {
         let mut c = connect(&a.conn).await?;
-        let jobs = c.list(v1::ListJobsRequest::default()).await.map_err(status_error)?.into_inner().jobs;
+        let jobs = all_jobs(&mut c).await?;
         if a.json {
             println!("{}", json!({ "jobs": jobs.iter().map(job_json).collect::<Vec<_>>() }));
         } else {
@@ -269,6 +279,21 @@ pub fn list(a: ListArgs) -> CliResult {
         }
         Ok(())
     })
+}
+
+/// Every job, newest first, page after page.
+async fn all_jobs(c: &mut Client) -> CliResult<Vec<v1::Job>> {
+    let (mut jobs, mut token) = (Vec::new(), String::new());
+    loop {
+        let req = v1::ListJobsRequest { page_token: token.clone(), ..Default::default() };
+        let page = c.list(req).await.map_err(status_error)?.into_inner();
+        jobs.extend(page.jobs);
+        // Tokens move down the job numbers; one that does not move would loop forever.
+        if page.next_page_token.is_empty() || page.next_page_token == token {
+            return Ok(jobs);
+        }
+        token = page.next_page_token;
+    }
 }
 
 /// Jobs as a table with aligned columns; UPDATED is the age of the last change at `now_ms`.
@@ -304,6 +329,15 @@ pub fn cancel(a: CancelArgs) -> CliResult {
         let req = v1::CancelJobRequest { job_id: a.job_id.clone(), reason: String::new() };
         let j = c.cancel(req).await.map_err(status_error)?.into_inner().job.unwrap_or_default();
         println!("{} {}", j.id, state_name(&j));
+        Ok(())
+    })
+}
+
+pub fn delete(a: DeleteArgs) -> CliResult {
+    runtime()?.block_on(async move {
+        let mut c = connect(&a.conn).await?;
+        c.delete_job(v1::DeleteJobRequest { job_id: a.job_id.clone() }).await.map_err(status_error)?;
+        println!("{} deleted", a.job_id);
         Ok(())
     })
 }

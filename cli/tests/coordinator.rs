@@ -134,3 +134,77 @@ fn coordinator_without_a_token_is_a_usage_error() {
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("BERT2BERT_TOKEN"), "{o:?}");
 }
+
+#[test]
+fn list_follows_every_page_and_delete_forgets_ended_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let (mut coord, addr) = spawn_coordinator(&dir.path().join("state"), &token_file);
+    let job = write_job(dir.path(), "paged", 10);
+    // More jobs than one List page holds (100), submitted from a few threads at once.
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..26)
+                        .map(|_| {
+                            let o = client(&addr, &["submit", &job]);
+                            assert!(o.status.success(), "{o:?}");
+                            stdout(&o).trim().to_owned()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let listed = |addr: &str| -> Vec<String> {
+        let o = client(addr, &["list", "--json"]);
+        assert!(o.status.success(), "{o:?}");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_owned()).collect()
+    };
+    let all = listed(&addr);
+    assert_eq!(all.len(), 104, "every page is followed");
+    let mut sorted = ids.clone();
+    sorted.sort_by_key(|id| std::cmp::Reverse(id.trim_start_matches("job-").parse::<u64>().unwrap()));
+    assert_eq!(all, sorted, "newest first, each job once");
+
+    // delete: a PENDING job is refused (exit 1, FAILED_PRECONDITION), an ended one is gone.
+    let victim = &ids[0];
+    let o = client(&addr, &["delete", victim]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("FAILED_PRECONDITION"), "{o:?}");
+    assert!(client(&addr, &["cancel", victim]).status.success());
+    let o = client(&addr, &["delete", victim]);
+    assert!(o.status.success() && stdout(&o).contains("deleted"), "{o:?}");
+    assert_eq!(client(&addr, &["status", victim]).status.code(), Some(2), "NOT_FOUND");
+    assert_eq!(client(&addr, &["delete", victim]).status.code(), Some(2), "NOT_FOUND");
+    let after = listed(&addr);
+    assert_eq!(after.len(), 103);
+    assert!(!after.contains(victim));
+    coord.signal("TERM");
+    coord.0.wait().unwrap();
+}
+
+#[test]
+fn coordinator_refuses_a_zero_length_job_store_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("coordinator.sqlite"), b"").unwrap();
+    let o = bin()
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--state"])
+        .arg(&state)
+        .arg("--token-file")
+        .arg(&token_file)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&state.join("coordinator.sqlite").display().to_string()) && err.contains("empty"), "{err}");
+    assert_eq!(std::fs::metadata(state.join("coordinator.sqlite")).unwrap().len(), 0, "left alone");
+}
