@@ -37,6 +37,34 @@ impl Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// `msg` with whatever a parser quoted from its input (between `"` or backticks) replaced by
+/// `…`: serde's typed errors quote the offending value (`invalid type: string "…"`), and a file
+/// a job points at must not come back to the client through an error.
+pub fn redact_quoted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut open: Option<char> = None;
+    for c in msg.chars() {
+        match open {
+            Some(q) if c == q => {
+                out.push('…');
+                out.push(c);
+                open = None;
+            }
+            Some(_) => {}
+            None => {
+                out.push(c);
+                if c == '"' || c == '`' {
+                    open = Some(c);
+                }
+            }
+        }
+    }
+    if open.is_some() {
+        out.push('…');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,6 +78,14 @@ mod tests {
         assert_eq!(chain.matches("not found").count(), 1, "{chain}");
         let e = Error::io("/dev/full", std::io::Error::from(std::io::ErrorKind::StorageFull));
         assert!(!e.is_bad_input());
+    }
+
+    #[test]
+    fn quoted_input_is_redacted() {
+        let msg = r#"invalid type: string "SECRET", expected u32 at line 1 column 9; unknown variant `KEY`"#;
+        let out = redact_quoted(msg);
+        assert_eq!(out, r#"invalid type: string "…", expected u32 at line 1 column 9; unknown variant `…`"#);
+        assert_eq!(redact_quoted("open \"SECRET"), "open \"…");
     }
 
     /// What `anyhow`'s `{:#}` prints: the message and every source after `: `.

@@ -30,8 +30,11 @@ impl Tokenizer {
 
     /// Parse the contents of a `tokenizer.json`; `origin` only names the source in errors.
     pub fn from_json_str(json: &str, origin: &Path) -> Result<Self> {
-        let mut inner: tokenizers::Tokenizer =
-            json.parse().map_err(|e| Error::input(origin, format!("not a valid tokenizer.json: {e}")))?;
+        let mut inner: tokenizers::Tokenizer = json.parse::<tokenizers::Tokenizer>().map_err(|e| {
+            // Redacted: the file may be anything a job's model path points at.
+            let msg = crate::error::redact_quoted(&e.to_string());
+            Error::input(origin, format!("not a valid tokenizer.json: {msg}"))
+        })?;
         // Files such as all-MiniLM-L6-v2's carry fixed padding and truncation at 128 for
         // sentence embedding. Left on, every row would silently become 128 [PAD]-filled tokens
         // and long targets would be cut before our own truncation could count them.
@@ -201,6 +204,19 @@ pub(crate) mod tests {
         // The saved JSON loads back to the same tokenizer.
         let again = Tokenizer::from_json_str(&tok.to_json_string().unwrap(), Path::new("saved")).unwrap();
         assert_eq!(again.encode("hello, world").unwrap(), tok.encode("hello, world").unwrap());
+    }
+
+    #[test]
+    fn parse_errors_do_not_echo_the_file() {
+        let mut json: serde_json::Value = serde_json::from_str(&tiny_tokenizer_json()).unwrap();
+        json["model"]["vocab"]["[PAD]"] = serde_json::json!("SECRET");
+        let json = json.to_string();
+        // The oracle: the tokenizers crate's own message quotes the file.
+        let raw = json.parse::<tokenizers::Tokenizer>().err().unwrap().to_string();
+        assert!(raw.contains("SECRET"), "{raw}");
+        let err = Tokenizer::from_json_str(&json, Path::new("tok.json")).err().unwrap();
+        let msg = err.to_string();
+        assert!(err.is_bad_input() && msg.starts_with("tok.json: not a valid") && !msg.contains("SECRET"), "{msg}");
     }
 
     #[test]
