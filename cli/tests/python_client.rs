@@ -137,6 +137,22 @@ fn python_client_submits_watches_and_reads_the_final_status() {
     assert_eq!(from_python, from_cli);
     assert_eq!((from_cli["state"].as_str(), from_cli["step"].as_u64()), (Some("SUCCEEDED"), Some(6)));
 
+    // The ended job can be deleted from Python; list (which follows pages) no longer has it.
+    let py_client = |args: &[&str]| {
+        Command::new(&py)
+            .arg(client_script())
+            .args(["--coordinator", &addr])
+            .args(args)
+            .env("BERT2BERT_TOKEN", TOKEN)
+            .output()
+            .unwrap()
+    };
+    let o = py_client(&["delete", &id]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = py_client(&["list"]);
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(listed["jobs"].as_array().unwrap().iter().all(|j| j["id"] != id.as_str()), "{listed}");
+
     // The generated stubs are where we asked, and errors keep the CLI's codes and words.
     assert!(stubs.join("bert2bert/v1/jobs_pb2_grpc.py").is_file());
     let o = Command::new(&py)

@@ -76,7 +76,19 @@ class Client:
         return self.stub.Get(self.pb.GetJobRequest(job_id=job_id), metadata=self.metadata, timeout=UNARY_TIMEOUT_S).job
 
     def list(self):
-        return self.stub.List(self.pb.ListJobsRequest(), metadata=self.metadata, timeout=UNARY_TIMEOUT_S).jobs
+        """Every job, newest first: List answers a page (at most 100 jobs) at a time."""
+        jobs, token = [], ""
+        while True:
+            req = self.pb.ListJobsRequest(page_token=token)
+            page = self.stub.List(req, metadata=self.metadata, timeout=UNARY_TIMEOUT_S)
+            jobs.extend(page.jobs)
+            if not page.next_page_token or page.next_page_token == token:
+                return jobs
+            token = page.next_page_token
+
+    def delete(self, job_id):
+        """Forgets an ended job (FAILED_PRECONDITION while it is PENDING or RUNNING)."""
+        self.stub.DeleteJob(self.pb.DeleteJobRequest(job_id=job_id), metadata=self.metadata, timeout=UNARY_TIMEOUT_S)
 
     def cancel(self, job_id, reason=""):
         req = self.pb.CancelJobRequest(job_id=job_id, reason=reason)
@@ -187,6 +199,9 @@ def run(args, stubs):
         print(json.dumps({"jobs": [job_json(pb, j) for j in client.list()]}))
     elif args.command == "cancel":
         print(json.dumps(job_json(pb, client.cancel(args.job_id, args.reason))))
+    elif args.command == "delete":
+        client.delete(args.job_id)
+        print(json.dumps({"deleted": args.job_id}))
     return 0
 
 
@@ -207,7 +222,7 @@ def parse_args(argv):
     s = sub.add_parser("submit", help="submit a job file (send absolute paths: the coordinator resolves relative ones)")
     s.add_argument("job")
     s.add_argument("--watch", action="store_true", help="print events until the job ends, then its status as JSON")
-    for name in ("watch", "get"):
+    for name in ("watch", "get", "delete"):
         sub.add_parser(name).add_argument("job_id")
     c = sub.add_parser("cancel")
     c.add_argument("job_id")
