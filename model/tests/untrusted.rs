@@ -242,3 +242,22 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// 512 cases: the duplicate-key locator on any text and any reported position never panics
+    /// and, when it answers, names a line of the text at or after the reported one.
+    #[test]
+    fn duplicate_key_locator_on_arbitrary_positions(
+        text in "([ a-z:{},\\-#'\"\n]|é){0,200}",
+        key in "[a-z]{1,3}",
+        line in 0usize..12,
+        column in 0usize..30,
+    ) {
+        if let Some(found) = model::job::limits::duplicate_key_line(&text, &key, line, column) {
+            prop_assert!(found >= line && found <= text.lines().count());
+        }
+        let _ = model::job::limits::check(&text);
+    }
+}
