@@ -114,7 +114,7 @@ pub fn run(a: Args) -> CliResult {
         return Err(CliError::usage("--collective-timeout must be a positive number of seconds"));
     }
     let connect_timeout = match a.connect_timeout {
-        Some(s) if s.is_finite() && s >= 0.0 && s < 1e9 => Some(Duration::from_secs_f64(s)),
+        Some(s) if (0.0..1e9).contains(&s) => Some(Duration::from_secs_f64(s)),
         Some(_) => return Err(CliError::usage("--connect-timeout must be a number of seconds, 0 or more")),
         None => None,
     };
@@ -378,6 +378,11 @@ async fn heartbeats(mut client: Client, current: Arc<Mutex<Current>>, interval: 
                 }
             }),
             Ok(v1::WorkerCommand::Reregister) => take(&current, |c| c.reregister = true),
+            // A coordinator on a new state directory no longer knows our secret.
+            Err(s) if s.code() == Code::Unauthenticated && s.message().starts_with("worker_secret") => {
+                tracing::warn!("heartbeat: {}; registering again", s.message());
+                take(&current, |c| c.reregister = true);
+            }
             Ok(_) => {}
             Err(s) => tracing::warn!("heartbeat: {}", s.message()),
         }

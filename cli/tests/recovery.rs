@@ -85,6 +85,13 @@ impl Cluster {
         c
     }
 
+    /// A cluster whose coordinator is not started yet (its port is chosen already).
+    fn without_coordinator(root: &Path) -> Cluster {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (coordinator, workers, worker_logs) = (None, Vec::new(), Vec::new());
+        Cluster { root: root.to_owned(), port, coordinator, workers, worker_logs, started: 0 }
+    }
+
     fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
@@ -131,10 +138,16 @@ impl Cluster {
 
     /// Starts a worker process; returns its index in `workers`.
     fn add_worker(&mut self) -> usize {
+        self.add_worker_with(&[])
+    }
+
+    /// Starts a worker process with `extra` arguments; returns its index in `workers`.
+    fn add_worker_with(&mut self, extra: &[&str]) -> usize {
         let (log, path) = self.log("worker");
         self.worker_logs.push(path);
         let child = bin(&self.root)
             .args(["worker", "--coordinator", &self.url(), "--collective-timeout", "3"])
+            .args(extra)
             .env("BERT2BERT_WORKER_TOKEN", TOKEN)
             .stdin(Stdio::null())
             .stderr(log)
@@ -453,4 +466,68 @@ fn short_gang_grows_when_a_worker_joins() {
     let v = c.wait_succeeded(&job);
     assert_eq!(v["restarts"], 0, "growing is not a restart: {v}");
     assert_final_checkpoint(root, 300);
+}
+
+/// Pods start in any order: a worker started before its coordinator retries with backoff
+/// (logging each retry) and registers once the coordinator listens.
+#[test]
+fn a_worker_started_before_its_coordinator_waits_and_registers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Cluster::without_coordinator(tmp.path());
+    let w = c.add_worker();
+    let first = c.wait_log(w, "retry 1 in");
+    assert!(first.contains(&format!("127.0.0.1:{}", c.port)), "the retry names the address: {first}");
+    c.wait_log(w, "retry 2 in");
+    c.start_coordinator();
+    c.wait_log(w, "registered");
+    assert!(c.workers[w].0.try_wait().unwrap().is_none(), "the worker is still running\n{}", c.logs());
+}
+
+#[test]
+fn connect_timeout_gives_up_promptly_naming_the_address() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Cluster::without_coordinator(tmp.path());
+    let t0 = Instant::now();
+    let w = c.add_worker_with(&["--connect-timeout", "1"]);
+    let status = c.workers[w].wait_exit(Duration::from_secs(20)).expect("the worker gave up");
+    assert_eq!(status.code(), Some(1), "{}", c.logs());
+    assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
+    let log = std::fs::read_to_string(&c.worker_logs[w]).unwrap();
+    assert!(log.contains(&format!("127.0.0.1:{}", c.port)) && log.contains("--connect-timeout"), "{log}");
+    let e = bin(tmp.path()).args(["worker", "--coordinator", &c.url(), "--connect-timeout", "-1"]).output().unwrap();
+    assert_eq!(e.status.code(), Some(2), "{}", String::from_utf8_lossy(&e.stderr));
+}
+
+/// A worker's own roots (`--allow-data`) are checked, symlinks resolved, before it opens
+/// anything: a job reading outside them fails at once (no retries), naming the key and not the
+/// file's contents. The coordinator's roots refuse such a job at submit already.
+#[test]
+fn paths_outside_the_allowed_roots_are_refused_by_coordinator_and_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    setup(root, &long_job(4));
+    std::fs::create_dir(root.join("allowed")).unwrap();
+    std::fs::write(root.join("secret.json"), "{\"source\": \"hunter2-secret\", \"target\": \"x\"}\n").unwrap();
+    std::os::unix::fs::symlink(root.join("secret.json"), root.join("allowed/train.jsonl")).unwrap();
+    let job = long_job(4).replace("train: train.jsonl", "train: allowed/train.jsonl");
+    std::fs::write(root.join("job.yaml"), job).unwrap();
+
+    let allowed = root.join("allowed");
+    let allowed = allowed.to_str().unwrap();
+    let (coord, url) = common::coordinator(root, TOKEN, &["--allow-data".as_ref(), root.join("nowhere").as_os_str()]);
+    let o = common::client(bin(root), &url, TOKEN, &["submit", "job.yaml"]);
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("data.train: "), "{}", String::from_utf8_lossy(&o.stderr));
+
+    drop(coord);
+    // The coordinator lets it through (lexically inside); the worker resolves the symlink.
+    let mut c = Cluster::new(root);
+    let job = c.submit();
+    c.add_worker_with(&["--allow-data", allowed]);
+    c.add_worker_with(&["--allow-data", allowed]);
+    let v = c.wait_for(&job, "FAILED", |v| v["state"] == "FAILED");
+    let reason = v["reason"].as_str().unwrap();
+    assert!(reason.contains("data.train: ") && reason.contains("outside the allowed data roots"), "{reason}");
+    assert!(!reason.contains("hunter2"), "{reason}");
+    assert_eq!(v["restarts"], 0, "an input error is not retried: {v}");
 }

@@ -427,3 +427,96 @@ async fn a_deregistered_worker_leaves_its_gang_at_once() {
     w.deregister(bye).await.expect("deregistering twice is harmless");
     c.shutdown().await.unwrap();
 }
+
+/// Worker ids are visible in Watch, and the worker token is shared: neither is enough to
+/// report for a worker. A forged ReportDone or CommitCheckpoint without that worker's secret
+/// (or with another worker's) is UNAUTHENTICATED and changes nothing; a member's commit of a
+/// path outside the job's checkpoint.dir is INVALID_ARGUMENT.
+#[tokio::test]
+async fn forged_worker_reports_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path()).await;
+    let mut j = jobs(&c, Some(CLIENT_TOKEN)).await;
+    let job = submit(&mut j, &format!("{JOB}checkpoint: {{ dir: /ckpt/tiny }}\n")).await.unwrap();
+    let mut w = workers(&c, Some(WORKER_TOKEN)).await;
+    let mut gang = Vec::new();
+    for port in [7001, 7002, 7003] {
+        let reg = v1::RegisterWorkerRequest {
+            capabilities: Some(v1::Capabilities { device: "cpu".into(), ..Default::default() }),
+            ring_address: format!("127.0.0.1:{port}"),
+            ..Default::default()
+        };
+        let r = w.register(reg).await.unwrap().into_inner();
+        gang.push((r.worker_id, r.worker_secret));
+    }
+    let mut rank0 = None;
+    for (id, secret) in &gang[..2] {
+        let ask = v1::GetAssignmentRequest {
+            worker_id: id.clone(),
+            wait_ms: 2_000,
+            worker_secret: secret.clone(),
+            ..Default::default()
+        };
+        let a = w.get_assignment(ask).await.unwrap().into_inner().assignment.expect("a gang of two");
+        if a.rank == 0 {
+            rank0 = Some((id.clone(), secret.clone(), a.attempt));
+        }
+    }
+    let (id0, secret0, attempt) = rank0.unwrap();
+    let get = v1::GetJobRequest { job_id: job.id.clone() };
+    let before = j.get(get.clone()).await.unwrap().into_inner().job.unwrap();
+    assert_eq!(before.state(), v1::JobState::Running);
+
+    let outsider_secret = gang[2].1.clone();
+    for secret in [String::new(), outsider_secret.clone(), "0".repeat(64)] {
+        let done = v1::ReportDoneRequest {
+            worker_id: id0.clone(),
+            job_id: job.id.clone(),
+            attempt,
+            step: 10,
+            worker_secret: secret.clone(),
+            ..Default::default()
+        };
+        assert_eq!(w.report_done(done).await.unwrap_err().code(), Code::Unauthenticated);
+        let commit = v1::CommitCheckpointRequest {
+            worker_id: id0.clone(),
+            job_id: job.id.clone(),
+            attempt,
+            step: 9,
+            path: "/etc".into(),
+            worker_secret: secret,
+            ..Default::default()
+        };
+        assert_eq!(w.commit_checkpoint(commit).await.unwrap_err().code(), Code::Unauthenticated);
+    }
+    // The third worker, with its own secret, is not a member of the attempt.
+    let done = v1::ReportDoneRequest {
+        worker_id: gang[2].0.clone(),
+        job_id: job.id.clone(),
+        attempt,
+        step: 10,
+        worker_secret: outsider_secret,
+        ..Default::default()
+    };
+    assert_eq!(w.report_done(done).await.unwrap_err().code(), Code::PermissionDenied);
+    // Rank 0 itself may only commit its job's own step directory.
+    let commit = |path: &str| v1::CommitCheckpointRequest {
+        worker_id: id0.clone(),
+        job_id: job.id.clone(),
+        attempt,
+        step: 9,
+        path: path.into(),
+        worker_secret: secret0.clone(),
+        ..Default::default()
+    };
+    for bad in ["/etc", "/ckpt/tiny/../../etc/step-00000009", "/ckpt/other/step-00000009"] {
+        let e = w.commit_checkpoint(commit(bad)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad}: {e:?}");
+        assert!(e.message().starts_with("path: "), "{}", e.message());
+    }
+    let after = j.get(get.clone()).await.unwrap().into_inner().job.unwrap();
+    assert_eq!((after.state(), after.step, after.checkpoint_step), (v1::JobState::Running, 0, 0), "{after:?}");
+    w.commit_checkpoint(commit("/ckpt/tiny/step-00000009")).await.unwrap();
+    assert_eq!(j.get(get).await.unwrap().into_inner().job.unwrap().checkpoint_step, 9);
+    c.shutdown().await.unwrap();
+}
