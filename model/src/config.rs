@@ -339,3 +339,60 @@ pub fn read_json(path: &Path) -> Result<Value> {
     let bytes = crate::data::read_bounded(path, MAX_CONFIG_BYTES)?;
     serde_json::from_slice(&bytes).map_err(|e| Error::input(path, format!("invalid JSON: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(edit: impl FnOnce(&mut Value)) -> Result<ModelConfig> {
+        let bert = crate::testing::bert_config();
+        let mut v = json!({
+            "encoder": bert.clone(), "decoder": bert, "decoder_start_token_id": 1, "pad_token_id": 0,
+            "eos_token_id": 2
+        });
+        edit(&mut v);
+        ModelConfig::from_value(&v, Path::new("m/config.json"))
+    }
+
+    fn msg(r: Result<ModelConfig>) -> String {
+        match r {
+            Err(e @ Error::Input { .. }) => e.to_string(),
+            other => panic!("expected an input error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sizes_are_bounded_before_anything_is_allocated() {
+        model(|_| {}).unwrap();
+        let m = msg(model(|v| v["encoder"]["num_hidden_layers"] = json!(1_000_000)));
+        assert_eq!(m, "m/config.json: in `encoder`: config key `num_hidden_layers` is above the limit of 128");
+        for (key, limit) in SIZE_LIMITS {
+            let m = msg(model(|v| v["decoder"][key] = json!(limit + 1)));
+            assert!(m.contains(&format!("`{key}` is above the limit of {limit}")), "{m}");
+        }
+        // Every key at its limit: the parameter cap catches the product.
+        let m = msg(model(|v| {
+            for side in ["encoder", "decoder"] {
+                v[side]["num_hidden_layers"] = json!(128);
+                v[side]["hidden_size"] = json!(16384);
+                v[side]["intermediate_size"] = json!(65536);
+            }
+        }));
+        assert!(m.contains("above the limit of 4294967296"), "{m}");
+        let m = msg(model(|v| v["eos_token_id"] = json!(1 << 20)));
+        assert!(m.contains("`eos_token_id` is not an id below decoder `vocab_size`"), "{m}");
+    }
+
+    #[test]
+    fn errors_name_the_key_and_type_never_the_value() {
+        for (key, value, want) in [
+            ("vocab_size", json!("SECRET"), "`vocab_size` must be a positive integer, found a string"),
+            ("hidden_act", json!("SECRET"), "`hidden_act`: only \"gelu\""),
+            ("position_embedding_type", json!({"k": "SECRET"}), "`position_embedding_type`: only \"absolute\""),
+            ("layer_norm_eps", json!(["SECRET"]), "`layer_norm_eps` must be a finite number, found an array"),
+        ] {
+            let m = msg(model(|v| v["encoder"][key] = value));
+            assert!(m.contains(want) && !m.contains("SECRET"), "{m}");
+        }
+    }
+}
