@@ -176,3 +176,21 @@ fn train_refuses_other_jobs_checkpoints_and_finished_past_steps() {
     let ours = worker::state::verify_manifest(&root.join("ckpt/step-00000008")).unwrap();
     assert_eq!((theirs.job.unwrap().name, ours.job.unwrap().name), ("tiny".into(), "other".into()));
 }
+
+/// Issue 11 item 13d under a coordinator (`train --workers 2`): the job fails with the reason
+/// naming checkpoint.dir and the other job, and the other job's checkpoint stays.
+#[test]
+fn coordinator_job_fails_over_another_jobs_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    common::tiny_model_with_validation(root);
+    std::fs::write(root.join("job.yaml"), JOB).unwrap();
+    assert!(run_in(&["train", "job.yaml", "--eval-examples", "0"], root).status.success());
+    let other = JOB.replace("name: tiny", "name: other").replace("max_restarts: 0, ", "");
+    std::fs::write(root.join("other.yaml"), other).unwrap();
+    let o = common::bin(root).args(["train", "other.yaml", "--workers", "2"]).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{e}");
+    assert!(e.contains("FAILED") && e.contains("checkpoint.dir holds checkpoints of job `tiny`"), "{e}");
+    assert_eq!(ckpt_names(&root.join("ckpt")), ["logs", "step-00000006"]);
+}
