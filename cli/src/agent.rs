@@ -526,7 +526,9 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
     (halt, abort): (&Arc<AtomicBool>, &dyn Fn()),
 ) -> CliResult {
     let shutdown = take(current, |c| c.shutdown.clone());
-    let (mut trainer, resumed) = Trainer::new(backend, collective, spec)?;
+    // Checkpoints name the coordinator's job id: another job sharing checkpoint.dir is refused.
+    let owner = worker::state::JobOwner { name: spec.name.clone(), id: Some(asg.job_id.clone()) };
+    let (mut trainer, resumed) = Trainer::new_owned(backend, collective, spec, owner)?;
     trainer.stop = Some(halt.clone());
     // The trainer resumes from the newest valid checkpoint on disk, which may be past the
     // coordinator's last committed one (a commit lost with a crash): report from there, or a
@@ -534,9 +536,11 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
     take(current, |c| c.step = trainer.step);
     // A checkpoint newer than the coordinator knows (its commit was lost in a crash of rank 0 or
     // of the coordinator): commit it, so that the job's committed step is the one resumed from.
+    // (Not a `checkpoint.resume_from` outside checkpoint.dir: that one is another job's.)
     if let Some(Event::Resumed { step, from }) = &resumed
         && asg.rank == 0
         && *step > asg.resume_step
+        && from.starts_with(&trainer.job.checkpoint.dir)
     {
         commit_checkpoint(rt, client, asg, me, *step, from);
     }
