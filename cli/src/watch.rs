@@ -49,10 +49,10 @@ impl View {
                 }
                 self.job = Some(j.clone());
             }
-            Event::Progress(p) => self.progress = Some(p.clone()),
+            Event::Progress(p) => self.progress = Some(*p),
             Event::Eval(e) => {
                 lines.push(eval_line(e));
-                self.eval = Some(e.clone());
+                self.eval = Some(*e);
             }
             Event::Worker(w) => {
                 lines.push(worker_line(w));
@@ -204,7 +204,8 @@ fn worker_line(w: &v1::WorkerEvent) -> String {
 }
 
 fn bar(step: u64, total: u64) -> String {
-    let filled = if total == 0 { 0 } else { (step.min(total) as usize * BAR_WIDTH) / total as usize };
+    let wide = (u128::from(step.min(total)) * BAR_WIDTH as u128).checked_div(u128::from(total));
+    let filled = wide.map_or(0, |f| f as usize);
     let mut s = "=".repeat(filled);
     if filled < BAR_WIDTH {
         s.push(if filled > 0 { '>' } else { ' ' });
@@ -214,7 +215,8 @@ fn bar(step: u64, total: u64) -> String {
 }
 
 fn percent(step: u64, total: u64) -> u64 {
-    if total == 0 { 0 } else { step.min(total) * 100 / total }
+    // u128: no overflow whatever total a coordinator reports.
+    (u128::from(step.min(total)) * 100).checked_div(u128::from(total)).map_or(0, |p| p as u64)
 }
 
 /// Seconds as "42s", "3m05s" or "2h07m".
@@ -346,6 +348,9 @@ mod tests {
             assert_eq!(percent(step, total), step * 100 / total);
         }
         assert_eq!(bar(5, 0), " ".repeat(BAR_WIDTH));
+        // Any total a coordinator may report: no overflow, no division by zero.
+        assert_eq!((percent(5, 0), percent(u64::MAX, u64::MAX), percent(u64::MAX / 2, u64::MAX)), (0, 100, 49));
+        assert_eq!(bar(u64::MAX, u64::MAX), "=".repeat(BAR_WIDTH));
     }
 
     #[test]

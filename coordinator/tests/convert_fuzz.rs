@@ -150,7 +150,7 @@ fn job_service_requests() {
         let token = m.page_token.clone();
         either(ListPage::try_from(m), |p| {
             (1..=MAX_PAGE_SIZE).contains(&p.filter.limit)
-                && p.before.is_some() == !token.is_empty()
+                && p.before.is_some() != token.is_empty()
                 && p.before.is_none_or(|b| b > 0 && b.to_string() == token)
         })
     });
