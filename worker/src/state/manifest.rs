@@ -102,7 +102,11 @@ fn is_plain_name(name: &str) -> bool {
 
 /// Hash `path`, which must be a regular file of exactly `want` bytes (checked before reading).
 fn sha256_file(path: &Path, want: Option<u64>) -> Result<(u64, String)> {
-    let meta = std::fs::symlink_metadata(path).map_err(io(path))?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| match e.kind() {
+        // Listed but gone: a damaged checkpoint, like a wrong size.
+        std::io::ErrorKind::NotFound => Error::input(path, "listed in manifest.json but missing"),
+        _ => Error::io(path, e),
+    })?;
     if !meta.is_file() {
         return Err(Error::input(path, "is not a regular file"));
     }
