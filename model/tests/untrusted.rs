@@ -261,3 +261,82 @@ proptest! {
         let _ = model::job::limits::check(&text);
     }
 }
+
+/// Nesting depth of a parsed YAML value: the real parser's view, the oracle for the scan.
+fn yaml_depth(v: &serde_yaml_ng::Value) -> usize {
+    use serde_yaml_ng::Value as Y;
+    match v {
+        Y::Sequence(s) => 1 + s.iter().map(yaml_depth).max().unwrap_or(0),
+        Y::Mapping(m) => 1 + m.iter().map(|(k, v)| yaml_depth(k).max(yaml_depth(v))).max().unwrap_or(0),
+        Y::Tagged(t) => yaml_depth(&t.value),
+        _ => 0,
+    }
+}
+
+/// A scalar that is valid in a flow collection and tempts a scan to misread it: quotes and
+/// brackets inside quoted scalars, quotes and colons inside plain ones.
+fn tricky_leaf() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(vec![
+        "a",
+        "a b",
+        "\"q [[ {{ ]\"",
+        "'s [[ '' {{'",
+        "\"e \\\" [[\"",
+        "a:b",
+        "a:\"b",
+        "-a",
+        "a#b",
+        "a \"b",
+        "a 'b",
+        "a &b",
+        "1",
+        "~",
+    ])
+}
+
+/// Valid YAML of known depth: `x:` holding `levels` nested flow sequences and mappings, each
+/// with tricky scalars before and after its child, separated by commas and line breaks.
+fn nested_yaml() -> impl Strategy<Value = String> {
+    let sep = prop::sample::select(vec![", ", ",", ",\n  ", " ,\n "]);
+    let level = (any::<bool>(), prop::option::of(tricky_leaf()), prop::option::of(tricky_leaf()), sep);
+    prop::collection::vec(level, 0..48).prop_map(|levels| {
+        let mut text = String::from("x: ");
+        for (i, (map, before, _, sep)) in levels.iter().enumerate() {
+            text.push(if *map { '{' } else { '[' });
+            match (map, before) {
+                (false, Some(leaf)) => text.push_str(&format!("{leaf}{sep}")),
+                (true, Some(leaf)) => text.push_str(&format!("k{i}: {leaf}{sep}")),
+                _ => {}
+            }
+            if *map {
+                text.push_str(&format!("v{i}: "));
+            }
+        }
+        text.push('a');
+        for (i, (map, _, after, sep)) in levels.iter().enumerate().rev() {
+            match (map, after) {
+                (false, Some(leaf)) => text.push_str(&format!("{sep}{leaf}")),
+                (true, Some(leaf)) => text.push_str(&format!("{sep}z{i}: {leaf}")),
+                _ => {}
+            }
+            text.push(if *map { '}' } else { ']' });
+        }
+        text.push('\n');
+        text
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2048, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// 2048 cases: whatever the scan lets through, the YAML parser never nests deeper than the
+    /// limit (serde_yaml_ng itself stops at 128, so disagreements between 33 and 128 show).
+    #[test]
+    fn the_depth_scan_never_undercounts_the_parser(text in nested_yaml()) {
+        if model::job::limits::check(&text).is_ok()
+            && let Ok(v) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text)
+        {
+            prop_assert!(yaml_depth(&v) <= model::job::limits::MAX_DEPTH, "depth {} for {text:?}", yaml_depth(&v));
+        }
+    }
+}

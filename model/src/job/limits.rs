@@ -16,13 +16,6 @@ pub const MAX_BYTES: usize = 64 * 1024;
 /// The deepest nesting accepted: flow collections and block indentation levels together.
 pub const MAX_DEPTH: usize = 32;
 
-/// An open quoted scalar.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Quote {
-    Single,
-    Double,
-}
-
 /// Checks the size, depth and alias limits; the error is the message (the caller names the file).
 pub fn check(text: &str) -> Result<(), String> {
     if text.len() > MAX_BYTES {
@@ -41,8 +34,10 @@ struct Scanner {
     flow: usize,
     /// Indentation columns of the enclosing block collections.
     indents: Vec<usize>,
-    /// A quoted scalar that continues on the next line.
-    quote: Option<Quote>,
+    /// Inside a flow collection: the line ended inside a plain scalar (it may go on), or where
+    /// a node may start.
+    plain: bool,
+    node_start: bool,
     /// Inside a block scalar (`|`, `>`) whose parent line is indented this much: lines indented
     /// deeper (or blank) are its text, not structure.
     block_scalar: Option<usize>,
@@ -63,12 +58,14 @@ impl Scanner {
             }
             self.block_scalar = None;
         }
-        if blank || (self.quote.is_none() && bytes[indent] == b'#') {
+        if blank || bytes[indent] == b'#' {
             return Ok(());
         }
         let mut col = indent;
-        if self.flow == 0 && self.quote.is_none() {
+        if self.flow == 0 {
             col = self.block_levels(bytes, indent)?;
+            // A block line starts a node; a flow line goes on where the last one ended.
+            (self.plain, self.node_start) = (false, true);
         }
         self.tokens(bytes, col, indent)
     }
@@ -103,50 +100,86 @@ impl Scanner {
     }
 
     /// Flow brackets, quotes, comments, anchors and aliases from `col` to the end of the line.
+    ///
+    /// Indicators count only where YAML reads them as such: quotes, `&`, `*`, block scalars and
+    /// (outside flow collections) `[`/`{` where a node starts (line start, after `- `, `? `,
+    /// `: `, or a flow `[`, `{`, `,`); inside a plain scalar they are text. Where unsure the scan
+    /// assumes plain text, so it may count a bracket YAML does not, never the other way round.
+    /// Quoted scalars must end on their line: a quote carried over lines could hide structure
+    /// if the scan and YAML disagreed on where it began.
     fn tokens(&mut self, bytes: &[u8], mut col: usize, indent: usize) -> Result<(), String> {
-        // A token starts at the beginning of the content, after whitespace, or after a flow
-        // indicator; only there do `[`, `{`, `'`, `"`, `&`, `*` and `|`/`>` mean structure
-        // (`it's` and `a*b` are plain text).
-        let (mut token_start, mut after_space) = (true, true);
+        let mut after_space = true;
         while col < bytes.len() {
             let b = bytes[col];
             col += 1;
-            if let Some(q) = self.quote {
-                match (q, b) {
-                    // `''` is an escaped quote inside a single-quoted scalar.
-                    (Quote::Single, b'\'') if bytes.get(col) == Some(&b'\'') => col += 1,
-                    (Quote::Single, b'\'') | (Quote::Double, b'"') => self.quote = None,
-                    (Quote::Double, b'\\') => col += 1,
-                    _ => {}
-                }
-                token_start = false;
-                after_space = false;
+            let next_blank = matches!(bytes.get(col), None | Some(b' ' | b'\t'));
+            let next_flow = matches!(bytes.get(col), Some(b',' | b'[' | b']' | b'{' | b'}'));
+            let was_space = std::mem::replace(&mut after_space, matches!(b, b' ' | b'\t'));
+            if after_space {
                 continue;
             }
+            if b == b'#' && was_space {
+                self.plain = false;
+                return Ok(());
+            }
+            let flow = self.flow > 0;
+            if self.plain {
+                // A plain scalar ends at `: ` and, in a flow collection, at a flow indicator.
+                // (`a:b` and `a:"x` are plain text, as in YAML.)
+                let ends = (b == b':' && (next_blank || (flow && next_flow)))
+                    || (flow && matches!(b, b',' | b'[' | b']' | b'{' | b'}'));
+                if !ends {
+                    continue;
+                }
+                self.plain = false;
+            }
+            let node_start = std::mem::replace(&mut self.node_start, false);
             match b {
-                b'#' if after_space => return Ok(()),
-                b'\'' if token_start => self.quote = Some(Quote::Single),
-                b'"' if token_start => self.quote = Some(Quote::Double),
-                b'&' | b'*' if token_start => {
+                b'\'' | b'"' if node_start => col = self.skip_quoted(bytes, col, b)?,
+                b'&' | b'*' if node_start => {
                     return Err("YAML anchors and aliases (`&name`, `*name`) are not allowed in job files".into());
                 }
-                b'[' | b'{' if token_start || self.flow > 0 => {
+                b'[' | b'{' if node_start || flow => {
                     self.flow += 1;
+                    self.node_start = true;
                     if self.flow + self.indents.len() > MAX_DEPTH {
                         return Err(too_deep());
                     }
                 }
-                b']' | b'}' if self.flow > 0 => self.flow -= 1,
-                b'|' | b'>' if token_start && self.flow == 0 && is_block_header(&bytes[col..]) => {
+                b']' | b'}' if flow => self.flow -= 1,
+                b',' if flow => self.node_start = true,
+                // Not in a plain scalar, a flow `:` may be adjacent (after a quoted key or `]`).
+                b':' if next_blank || flow => self.node_start = true,
+                b'?' | b'-' if node_start && next_blank => self.node_start = true,
+                b'|' | b'>' if node_start && !flow && is_block_header(&bytes[col..]) => {
                     self.block_scalar = Some(indent);
                     return Ok(());
                 }
-                _ => {}
+                // Where a tag ends depends on the context; a job file needs none.
+                b'!' if node_start => return Err("YAML tags (`!name`) are not allowed in job files".into()),
+                _ => self.plain = true,
             }
-            after_space = matches!(b, b' ' | b'\t');
-            token_start = after_space || (self.flow > 0 && matches!(b, b',' | b'[' | b'{' | b']' | b'}' | b':'));
         }
         Ok(())
+    }
+
+    /// The column after the quoted scalar whose opening `quote` is just before `col`.
+    fn skip_quoted(&self, bytes: &[u8], mut col: usize, quote: u8) -> Result<usize, String> {
+        while col < bytes.len() {
+            let b = bytes[col];
+            col += 1;
+            if quote == b'"' && b == b'\\' {
+                col += 1;
+            } else if b == quote {
+                // `''` is an escaped quote inside a single-quoted scalar.
+                if quote == b'\'' && bytes.get(col) == Some(&b'\'') {
+                    col += 1;
+                } else {
+                    return Ok(col);
+                }
+            }
+        }
+        Err("a quoted string must end on its line (a job file limit)".into())
     }
 }
 
@@ -240,7 +273,7 @@ mod tests {
         let ok = [
             "name: t\nmodel: { init: m }\ndata: { train: d/train[1].jsonl }\n",
             "a:\n  b:\n    - x\n    - - y\n      - z\n  c: 'it''s [ { & *'\n",
-            "a: \"multi\n  line [[[[ \\\" &x\"\nb: c # [[[[ &x *y\n",
+            "a: \"one line [[[[ \\\" &x\"\nb: c # [[[[ &x *y\nc: x \"[[[[ &x\nd: [a b, 'c [[', \"d\"]\n",
             "a: |\n  [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\n    &x *y\nb: x*y&z\n",
             "metrics: [bleu, rouge]\nx: {a: [1, {b: 2}]}\n",
         ];
@@ -266,6 +299,20 @@ mod tests {
         let e = check("name: t\nbase: &b { x: 1 }\nother: *b\n").unwrap_err();
         assert!(e.starts_with("line 2: YAML anchors and aliases"), "{e}");
         assert!(check("a: [*b]\n").unwrap_err().contains("anchors and aliases"));
+        // Where YAML reads a quote as plain text, the brackets after it still count.
+        let deep = "[".repeat(40);
+        for text in [
+            format!("x: [a:\"{deep}\"]\n"),
+            format!("x: [a \"{deep}\n"),
+            format!("x: [a,\n  b \"{deep}\"]\n"),
+            format!("x: [?\"{deep}\"]\n"),
+        ] {
+            assert!(check(&text).unwrap_err().contains("nesting deeper"), "{text}");
+        }
+        // A quote left open at the end of its line could hide the rest of the file.
+        let e = check(&format!("a: x\n  \"\nb: {deep}\n")).unwrap_err();
+        assert!(e.starts_with("line 2: a quoted string must end on its line"), "{e}");
+        assert!(check("a: !!str x\n").unwrap_err().contains("tags"));
         let big = format!("name: t\n#{}\n", "x".repeat(MAX_BYTES));
         assert!(check(&big).unwrap_err().contains("over the limit of 65536 bytes"));
     }
