@@ -340,3 +340,62 @@ proptest! {
         }
     }
 }
+
+/// Where a block node starts: on a new line at a column, or after `- ` on the current line.
+#[derive(Clone, Copy)]
+enum At {
+    Line(usize),
+    Inline(usize),
+}
+
+/// Block YAML for a chain of levels (mapping or sequence; a sequence under a key at the key's
+/// own column or indented; a sibling entry after the child), ending in a scalar.
+fn block_chain(levels: &[(bool, bool, bool)], at: At, out: &mut String) {
+    let Some((&(map, same_col, sibling), rest)) = levels.split_first() else {
+        match at {
+            At::Line(c) => out.push_str(&format!("{}v\n", " ".repeat(c))),
+            At::Inline(_) => out.push_str("v\n"),
+        }
+        return;
+    };
+    let (col, prefix) = match at {
+        At::Line(c) => (c, " ".repeat(c)),
+        At::Inline(c) => (c, String::new()),
+    };
+    let n = levels.len();
+    if map {
+        out.push_str(&format!("{prefix}k{n}:\n"));
+        let child_seq = rest.first().is_some_and(|l| !l.0);
+        let child = if child_seq && same_col { col } else { col + 2 };
+        block_chain(rest, At::Line(child), out);
+        if sibling {
+            out.push_str(&format!("{}z{n}: v\n", " ".repeat(col)));
+        }
+    } else {
+        out.push_str(&format!("{prefix}- "));
+        block_chain(rest, At::Inline(col + 2), out);
+        if sibling {
+            out.push_str(&format!("{}- v\n", " ".repeat(col)));
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2048, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// 2048 cases: block nesting (indentation, compact `- - x`, sequences at their key's
+    /// column, dedents to siblings) against serde_yaml_ng: what the scan lets through is never
+    /// deeper than the limit.
+    #[test]
+    fn the_block_scan_never_undercounts_the_parser(
+        levels in prop::collection::vec((any::<bool>(), any::<bool>(), any::<bool>()), 0..48)
+    ) {
+        let mut text = String::new();
+        block_chain(&levels, At::Line(0), &mut text);
+        if model::job::limits::check(&text).is_ok()
+            && let Ok(v) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text)
+        {
+            prop_assert!(yaml_depth(&v) <= model::job::limits::MAX_DEPTH, "depth {} for\n{text}", yaml_depth(&v));
+        }
+    }
+}

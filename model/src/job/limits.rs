@@ -32,8 +32,8 @@ pub fn check(text: &str) -> Result<(), String> {
 struct Scanner {
     /// Open flow collections (`[`, `{`), across lines.
     flow: usize,
-    /// Indentation columns of the enclosing block collections.
-    indents: Vec<usize>,
+    /// The enclosing block levels: indentation column, and whether it is a sequence.
+    indents: Vec<(usize, bool)>,
     /// Inside a flow collection: the line ended inside a plain scalar (it may go on), or where
     /// a node may start.
     plain: bool,
@@ -71,22 +71,28 @@ impl Scanner {
     }
 
     /// Block nesting: pops the levels this line closes, pushes its indentation and one level per
-    /// compact sequence entry (`- - x`). Returns the column after the entries.
+    /// compact sequence entry (`- - x`). Returns the column after the entries. A sequence may sit
+    /// at its parent key's column (`a:` then `- b`) and still be a level of its own, so a level
+    /// is a column and whether it is a sequence.
     fn block_levels(&mut self, bytes: &[u8], indent: usize) -> Result<usize, String> {
-        while self.indents.last().is_some_and(|&top| top > indent) {
+        while self.indents.last().is_some_and(|&(top, _)| top > indent) {
             self.indents.pop();
         }
         let mut col = indent;
         loop {
-            if self.indents.last().is_none_or(|&top| top < col) {
-                self.indents.push(col);
+            let dash = bytes.get(col) == Some(&b'-') && matches!(bytes.get(col + 1), None | Some(b' ' | b'\t'));
+            if !dash && self.indents.last() == Some(&(col, true)) {
+                // A key at the column of a sequence: the sequence has ended.
+                self.indents.pop();
+            }
+            // Same level: another entry, or another key; a sequence at its key's column is new.
+            if self.indents.last() != Some(&(col, dash)) {
+                self.indents.push((col, dash));
             }
             if self.indents.len() > MAX_DEPTH {
                 return Err(too_deep());
             }
-            let dash = bytes.get(col) == Some(&b'-');
-            let then_space = matches!(bytes.get(col + 1), None | Some(b' ' | b'\t'));
-            if !(dash && then_space) {
+            if !dash {
                 return Ok(col);
             }
             col += 1;
@@ -294,6 +300,12 @@ mod tests {
             block.push_str(&format!("{}k{i}:\n", " ".repeat(i)));
         }
         assert!(check(&block).unwrap_err().starts_with("line 33: nesting deeper"));
+        // A sequence at its key's column is a level of its own: 20 lines nest 40 deep.
+        let mut same_column = String::from("a:\n");
+        for i in 0..20 {
+            same_column.push_str(&format!("{}- k{i}:\n", "  ".repeat(i)));
+        }
+        assert!(check(&same_column).unwrap_err().starts_with("line 17: nesting deeper"), "{same_column}");
         let dashes = format!("a:\n  {}x\n", "- ".repeat(40));
         assert!(check(&dashes).unwrap_err().starts_with("line 2: nesting deeper"));
         let e = check("name: t\nbase: &b { x: 1 }\nother: *b\n").unwrap_err();
