@@ -412,3 +412,13 @@ fn lengths_have_an_absolute_cap_and_a_model_cap() {
     let e = JobSpec::from_str(&text, &d.path().join("j.yaml")).unwrap().check_against_model().unwrap_err();
     assert!(e.is_bad_input() && e.to_string().contains("none/config.json"), "{e}");
 }
+
+#[test]
+fn the_committed_cluster_job_passes_the_limits() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s/jobs/kjv-cuda.yaml");
+    let job = JobSpec::from_file(&path).unwrap();
+    assert_eq!(
+        (job.name.as_str(), job.training.global_batch, job.resources.device),
+        ("kjv-modernize", 32, Device::Cuda)
+    );
+}
