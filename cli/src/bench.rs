@@ -39,7 +39,7 @@ pub struct Args {
     json: bool,
 }
 
-fn builtin(name: &str) -> CliResult<ModelConfig> {
+pub fn builtin(name: &str) -> CliResult<ModelConfig> {
     let (hidden, layers, heads, inter) = match name {
         "minilm" => (384, 6, 12, 1536),
         "bert-base" => (768, 12, 12, 3072),
@@ -217,7 +217,7 @@ fn step_bytes(c: &ModelConfig, params: usize, batch: usize, s: usize, t: usize) 
 }
 
 /// MemAvailable of /proc/meminfo, where there is one.
-fn available_bytes() -> Option<u64> {
+pub fn available_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

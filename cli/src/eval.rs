@@ -73,6 +73,10 @@ fn eval_on<B: Backend>(b: &B, a: &Args) -> CliResult {
     }
     let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
     let pairs = read_pairs(&a.data, "source", "target")?;
+    if bleu || rouge {
+        let rows = a.batch_size.min(pairs.len()).max(1);
+        crate::generate::check_generate_memory(&ck.config, rows, a.beams, a.max_len, max_source_len)?;
+    }
     let (src, tgt) = tokenize_pairs(&tok, &pairs)?;
     let mut net = Bert2Bert::new(b, ck.config, ck.table, &ck.params)?;
     let opts = EvalOptions {

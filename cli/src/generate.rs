@@ -105,6 +105,38 @@ pub fn length_flag(flag: &str, given: Option<usize>, least: usize, positions: us
     Ok(v)
 }
 
+/// Beam search's buffers for `batch` sources of `src_len` tokens with `beams` beams each
+/// (`net::generate`): per decoder layer the self-attention K/V cache of `max_len + 1`
+/// positions and the cross-attention K/V, the encoder output per beam, and the logits. On the
+/// CPU an allocation that fails aborts the process, so a request beyond the machine's
+/// available memory is refused first, naming the flags.
+pub fn check_generate_memory(
+    cfg: &ModelConfig,
+    batch: usize,
+    beams: usize,
+    max_len: usize,
+    src_len: usize,
+) -> CliResult {
+    let d = &cfg.decoder;
+    let rows = batch as f64 * beams as f64;
+    let (c, layers) = (d.hidden_size as f64, d.num_hidden_layers as f64);
+    let t = max_len as f64 + 1.0;
+    let floats = rows * (layers * (2.0 * t + 2.0 * src_len as f64) * c + (t + 1.0) * c + src_len as f64 * c)
+        + rows * d.vocab_size as f64;
+    let need = 4.0 * floats;
+    if let Some(have) = crate::bench::available_bytes()
+        && need > have as f64
+    {
+        return Err(CliError::usage(format!(
+            "--batch-size {batch} x --beams {beams} with --max-len {max_len} needs about {:.1} GB for beam search, \
+             more than the {:.1} GB available",
+            need / 1e9,
+            have as f64 / 1e9
+        )));
+    }
+    Ok(())
+}
+
 /// `--max-len` against the decoder's positions: `max_len` generated tokens take `max_len + 1`.
 pub fn check_generate_len(cfg: &ModelConfig, max_len: usize) -> CliResult {
     let positions = cfg.max_lengths().1;
@@ -131,11 +163,14 @@ fn generate_on<B: Backend>(b: &B, a: &Args, opts: &GenerateOptions) -> CliResult
     let max_source_len = length_flag("--max-source-len", a.max_source_len, 3, ck.config.max_lengths().0)?;
     check_generate_len(&ck.config, opts.max_len)?;
     let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
+    let ck_config = ck.config.clone();
     let mut net = Bert2Bert::new(b, ck.config, ck.table, &ck.params)?;
     let special = tok.special();
     let stdin = std::io::stdin();
     let mut out = std::io::stdout().lock();
     let lines: Vec<String> = stdin.lock().lines().collect::<Result<_, _>>()?;
+    let rows = a.batch_size.min(lines.len()).max(1);
+    check_generate_memory(&ck_config, rows, opts.beams, opts.max_len, max_source_len)?;
     for chunk in lines.chunks(a.batch_size) {
         let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
         let rows: Vec<Vec<i32>> =
@@ -146,4 +181,22 @@ fn generate_on<B: Backend>(b: &B, a: &Args, opts: &GenerateOptions) -> CliResult
         out.flush()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn beam_search_memory_is_checked_against_the_machine() {
+        let cfg = crate::bench::builtin("bert-base").ok().unwrap();
+        // 16 sources x 4 beams x 64 tokens: tens of MB.
+        assert!(check_generate_memory(&cfg, 16, 4, 64, 128).is_ok());
+        if crate::bench::available_bytes().is_some() {
+            // 4096 x 64 rows with 512-position caches: hundreds of TB.
+            let e = check_generate_memory(&cfg, 4096, 64, 511, 512).err().unwrap();
+            assert_eq!(e.code, 2);
+            assert!(e.error.to_string().contains("--batch-size 4096 x --beams 64"), "{}", e.error);
+        }
+    }
 }
