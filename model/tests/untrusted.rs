@@ -384,14 +384,16 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 2048, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// 2048 cases: block nesting (indentation, compact `- - x`, sequences at their key's
-    /// column, dedents to siblings) against serde_yaml_ng: what the scan lets through is never
+    /// column, dedents to siblings; LF, CRLF, CR or LS line breaks) against serde_yaml_ng: what the scan lets through is never
     /// deeper than the limit.
     #[test]
     fn the_block_scan_never_undercounts_the_parser(
-        levels in prop::collection::vec((any::<bool>(), any::<bool>(), any::<bool>()), 0..48)
+        levels in prop::collection::vec((any::<bool>(), any::<bool>(), any::<bool>()), 0..48),
+        newline in prop::sample::select(vec!["\n", "\r\n", "\r", "\u{2028}"]),
     ) {
         let mut text = String::new();
         block_chain(&levels, At::Line(0), &mut text);
+        let text = text.replace('\n', newline);
         if model::job::limits::check(&text).is_ok()
             && let Ok(v) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text)
         {

@@ -23,7 +23,11 @@ pub fn check(text: &str) -> Result<(), String> {
     }
     let mut scan = Scanner::default();
     for (i, line) in text.lines().enumerate() {
-        scan.line(line).map_err(|msg| format!("line {}: {msg}", i + 1))?;
+        // The YAML parser (libyaml) also breaks lines at a lone CR, NEL, LS and PS; a scan
+        // that did not would miss the indentation after them.
+        for part in line.split(['\r', '\u{85}', '\u{2028}', '\u{2029}']) {
+            scan.line(part).map_err(|msg| format!("line {}: {msg}", i + 1))?;
+        }
     }
     Ok(())
 }
@@ -306,6 +310,11 @@ mod tests {
             same_column.push_str(&format!("{}- k{i}:\n", "  ".repeat(i)));
         }
         assert!(check(&same_column).unwrap_err().starts_with("line 17: nesting deeper"), "{same_column}");
+        // Lone CRs and Unicode line separators break lines for YAML too.
+        for sep in ["\r", "\u{85}", "\u{2028}", "\u{2029}"] {
+            let text: String = (0..40).map(|i| format!("{}k{i}:{sep}", " ".repeat(i))).collect();
+            assert!(check(&text).unwrap_err().starts_with("line 1: nesting deeper"), "{sep:?}");
+        }
         let dashes = format!("a:\n  {}x\n", "- ".repeat(40));
         assert!(check(&dashes).unwrap_err().starts_with("line 2: nesting deeper"));
         let e = check("name: t\nbase: &b { x: 1 }\nother: *b\n").unwrap_err();
