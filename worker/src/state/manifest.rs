@@ -6,9 +6,11 @@
 //! (no separators, no `..`, no symlinks), and its size is checked before a byte is hashed, so
 //! an entry naming `/dev/zero` or a huge file is refused at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
 
 use model::checkpoint::{self, WRITER_FILE};
 use model::{Error, Result};
@@ -191,6 +193,49 @@ pub fn verify_manifest(dir: &Path) -> Result<Manifest> {
     Ok(m)
 }
 
+/// What a verified checkpoint looked like on disk: size and mtime of its manifest and of every
+/// file the manifest lists.
+type Fingerprint = Vec<(String, u64, Option<SystemTime>)>;
+
+/// Checkpoints this process has verified, by directory. Pruning runs after every save and must
+/// only count checkpoints that verify; without this it would re-hash `keep` checkpoints (a few
+/// GB for a real model) at every save. A checkpoint whose files changed size or mtime since is
+/// hashed again. Resuming (`latest_owned`) never uses the cache.
+static VERIFIED: Mutex<Option<HashMap<PathBuf, Fingerprint>>> = Mutex::new(None);
+
+fn fingerprint(dir: &Path, m: &Manifest) -> Option<Fingerprint> {
+    let names = m.files.keys().map(String::as_str).chain([MANIFEST_FILE]);
+    names
+        .map(|name| {
+            let meta = std::fs::symlink_metadata(dir.join(name)).ok().filter(|m| m.is_file())?;
+            Some((name.to_owned(), meta.len(), meta.modified().ok()))
+        })
+        .collect()
+}
+
+/// The cache of verified checkpoints (a poisoned lock only means another thread panicked
+/// mid-insert; the map is still usable).
+fn verified() -> std::sync::MutexGuard<'static, Option<HashMap<PathBuf, Fingerprint>>> {
+    VERIFIED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `verify_manifest`, skipping the hashing when this process already verified the directory
+/// and none of its files changed size or mtime since.
+fn verify_manifest_cached(dir: &Path, m: &Manifest) -> bool {
+    let now = fingerprint(dir, m);
+    if now.is_some() && verified().get_or_insert_with(HashMap::new).get(dir) == now.as_ref() {
+        return true;
+    }
+    let ok = verify_manifest(dir).is_ok();
+    let mut cache = verified();
+    let cache = cache.get_or_insert_with(HashMap::new);
+    match now {
+        Some(f) if ok => cache.insert(dir.to_path_buf(), f),
+        _ => cache.remove(dir),
+    };
+    ok
+}
+
 /// Checkpoint directories `step-NNNNNNNN` under `root` (real directories, not symlinks),
 /// oldest first.
 pub fn list_checkpoints(root: &Path) -> Vec<(u64, PathBuf)> {
@@ -261,7 +306,7 @@ pub fn prune(root: &Path, keep: usize, me: &JobOwner) -> Result<Vec<PathBuf>> {
             Ok(m) if m.is_owned_by(me) => m,
             _ => continue,
         };
-        if verify_manifest(&dir).is_err() {
+        if !verify_manifest_cached(&dir, &m) {
             continue;
         }
         if kept < keep.max(1) {
@@ -276,6 +321,7 @@ pub fn prune(root: &Path, keep: usize, me: &JobOwner) -> Result<Vec<PathBuf>> {
                 _ => {}
             }
         }
+        verified().get_or_insert_with(HashMap::new).remove(&dir);
         match std::fs::remove_dir(&dir) {
             Ok(()) => deleted.push(dir),
             Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {

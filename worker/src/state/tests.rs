@@ -107,6 +107,27 @@ fn prune_never_deletes_what_is_not_a_verified_checkpoint_of_this_job() {
     assert_eq!(steps(r), vec![1, 2, 6, 99]);
 }
 
+/// Pruning remembers what it verified (no re-hashing of every kept checkpoint at each save), but
+/// a checkpoint whose files changed since is verified again, never counted from memory.
+#[test]
+fn prune_reverifies_a_checkpoint_that_changed_since_it_was_verified() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    for step in [1u64, 2, 3] {
+        fake_checkpoint(r, step, &me());
+    }
+    assert!(prune(r, 3, &me()).unwrap().is_empty(), "all three verify and are kept");
+    // Same size, other bytes, a later mtime: what a rewrite in place looks like.
+    let model = checkpoint_dir(r, 3).join("model.safetensors");
+    let len = std::fs::metadata(&model).unwrap().len() as usize;
+    std::fs::write(&model, vec![0xA5u8; len]).unwrap();
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(10);
+    std::fs::File::options().write(true).open(&model).unwrap().set_modified(later).unwrap();
+    // keep 1: the damaged 3 must not count, so 2 is the one kept and only 1 goes.
+    assert_eq!(prune(r, 1, &me()).unwrap(), vec![checkpoint_dir(r, 1)]);
+    assert_eq!(steps(r), vec![2, 3]);
+}
+
 /// Issue 11 item 9: manifest entries outside the directory, non-regular files and unknown
 /// formats are refused before anything is read.
 #[test]
