@@ -21,15 +21,23 @@
 #                      never retried, no worker dies.
 #   empty job store    a zero-length coordinator.sqlite: the coordinator refuses to start.
 #
-# Knobs: CHAOS_KILLS (5), CHAOS_SOAK_STEPS (6000), CHAOS_KEEP=1 keeps the work directory.
+# Knobs: CHAOS_KILLS (5), CHAOS_SOAK_STEPS (6000), CHAOS_KEEP=1 keeps the work directory,
+# CHAOS_BIN_DIR=DIR tests the bert2bert and soak_fixture binaries in DIR instead of building
+# them (e.g. an older release, to see which cases it breaks).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
-cargo build --locked --profile test -p bert2bert --bin bert2bert --example soak_fixture >&2 || exit 1
+bins=${CHAOS_BIN_DIR:-}
+if [[ -z "$bins" ]]; then
+  cargo build --locked --profile test -p bert2bert --bin bert2bert --example soak_fixture >&2 || exit 1
+  bins=target/debug
+fi
 B2B_PYTHON=${B2B_PYTHON:-$(scripts/setup_python.sh)}
 work=$(mktemp -d "${TMPDIR:-/tmp}/b2b-chaos.XXXXXX")
-cp target/debug/bert2bert target/debug/examples/soak_fixture "$work/"
+cp "$bins/bert2bert" "$work/"
+if [[ -x "$bins/soak_fixture" ]]; then cp "$bins/soak_fixture" "$work/"; else cp "$bins/examples/soak_fixture" "$work/"; fi
+bins=$(cd "$work" && pwd)
 cd "$work" || exit 1
 
 pids=()

@@ -165,7 +165,7 @@ case_disk_full() {
 }
 
 case_soak() {
-  SOAK_KILLS=${CHAOS_KILLS:-5} SOAK_STEPS=${CHAOS_SOAK_STEPS:-6000} "$repo/scripts/soak.sh" >soak.out 2>soak.err
+  SOAK_BIN_DIR=$bins SOAK_KILLS=${CHAOS_KILLS:-5} SOAK_STEPS=${CHAOS_SOAK_STEPS:-6000} "$repo/scripts/soak.sh" >soak.out 2>soak.err
   local rc=$?
   if ((rc == 0)); then
     report "kill-9 soak" held "$(grep -h '^SOAK OK\|^recovery' soak.out | tr '\n' ' ' | head -c 400)"

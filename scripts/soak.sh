@@ -11,7 +11,8 @@
 # gang, i.e. the first step past its resume point) and their min/median/max.
 #
 # Knobs: SOAK_KILLS (20), SOAK_STEPS (job length, 20000), SOAK_BUDGET_S (600: the whole run is
-# cut off, and fails, after this), SOAK_KEEP=1 keeps the work directory (logs, checkpoints).
+# cut off, and fails, after this), SOAK_KEEP=1 keeps the work directory (logs, checkpoints),
+# SOAK_BIN_DIR=DIR uses the bert2bert and soak_fixture binaries in DIR instead of building them.
 # Timeouts as in cli/tests/recovery.rs: heartbeat 2 s, collective 3 s, elastic wait 2 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,10 +23,14 @@ BUDGET=${SOAK_BUDGET_S:-600}
 start=$(date +%s)
 deadline=$((start + BUDGET))
 
-cargo build --locked --profile test -p bert2bert --bin bert2bert --example soak_fixture >&2
 work=$(mktemp -d "${TMPDIR:-/tmp}/b2b-soak.XXXXXX")
 # Copies, so that another build in target/ cannot swap the binary mid-run.
-cp target/debug/bert2bert target/debug/examples/soak_fixture "$work/"
+if [[ -n "${SOAK_BIN_DIR:-}" ]]; then
+  cp "$SOAK_BIN_DIR/bert2bert" "$SOAK_BIN_DIR/soak_fixture" "$work/"
+else
+  cargo build --locked --profile test -p bert2bert --bin bert2bert --example soak_fixture >&2
+  cp target/debug/bert2bert target/debug/examples/soak_fixture "$work/"
+fi
 cd "$work"
 
 pids=()
