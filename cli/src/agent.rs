@@ -478,6 +478,9 @@ fn train(
     }
     let spec = JobSpec::from_str(&asg.job_yaml, Path::new("assignment.job_yaml"))?;
     check_paths(&take(current, |c| c.policy.clone()), &spec, asg)?;
+    // Submit checks lengths against the model only when the coordinator can read it; without
+    // this, a length past the model's positions dies at the first long example, every attempt.
+    spec.check_against_model()?;
     if spec.resources.device == model::job::Device::Cuda {
         return nccl::train(rt, client, current, asg, me, spec, timeout);
     }

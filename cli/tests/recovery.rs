@@ -531,3 +531,23 @@ fn paths_outside_the_allowed_roots_are_refused_by_coordinator_and_worker() {
     assert!(!reason.contains("hunter2"), "{reason}");
     assert_eq!(v["restarts"], 0, "an input error is not retried: {v}");
 }
+
+/// Issue 11 item 10 on a worker: a coordinator that cannot see the model accepts the job, and
+/// the worker, which can, refuses it before training: FAILED at once naming the key, no retry.
+#[test]
+fn lengths_past_the_models_positions_fail_the_job_on_the_worker_without_retries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    setup(root, &long_job(4).replace("max_source_len: 16", "max_source_len: 100"));
+    // The tiny test model has 64 positions; hide it from the coordinator while the job is submitted.
+    std::fs::rename(root.join("b2b"), root.join("b2b.hidden")).unwrap();
+    let mut c = Cluster::new(root);
+    let job = c.submit();
+    std::fs::rename(root.join("b2b.hidden"), root.join("b2b")).unwrap();
+    c.add_worker();
+    c.add_worker();
+    let v = c.wait_for(&job, "FAILED", |v| v["state"] == "FAILED");
+    let reason = v["reason"].as_str().unwrap();
+    assert!(reason.contains("data.max_source_len") && reason.contains("64"), "{reason}");
+    assert_eq!(v["restarts"], 0, "an input error is not retried: {v}");
+}
