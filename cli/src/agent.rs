@@ -171,13 +171,14 @@ pub fn run(a: Args) -> CliResult {
                 backoff.reset();
                 r.into_inner().assignment
             }
-            // The coordinator no longer knows our secret (its state directory was replaced).
-            Err(s) if s.code() == Code::Unauthenticated && s.message().starts_with("worker_secret") => {
+            // The coordinator no longer knows our secret (its state directory was replaced), or
+            // no longer takes our token: registering again either recovers or fails for good.
+            Err(s) if s.code() == Code::Unauthenticated => {
                 tracing::warn!("GetAssignment: {}; registering again", s.message());
                 take(&current, |c| c.reregister = true);
                 continue;
             }
-            Err(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) => {
+            Err(s) if s.code() == Code::PermissionDenied => {
                 return Err(status_error(s));
             }
             Err(s) => {

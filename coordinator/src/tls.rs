@@ -98,19 +98,8 @@ impl Tls {
                 "{} with {}: {}",
                 self.cert_file.display(),
                 self.key_file.display(),
-                chain(&e)
+                model::error::chain(&e)
             ))),
         }
     }
-}
-
-/// An error and its sources, `a: b: c`.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        out.push_str(&format!(": {s}"));
-        next = s.source();
-    }
-    out
 }

@@ -37,6 +37,17 @@ impl Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// An error and its sources, `a: b: c` (what `anyhow`'s `{:#}` prints).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(&format!(": {s}"));
+        next = s.source();
+    }
+    out
+}
+
 /// `msg` with whatever a parser quoted from its input (between `"` or backticks) replaced by
 /// `…`: serde's typed errors quote the offending value (`invalid type: string "…"`), and a file
 /// a job points at must not come back to the client through an error.
@@ -74,8 +85,8 @@ mod tests {
         let e = Error::io("/no/such", std::io::Error::from(std::io::ErrorKind::NotFound));
         assert!(e.is_bad_input());
         assert!(std::error::Error::source(&e).is_none(), "the OS error would print twice");
-        let chain = format!("{:#}", anyhow_like(&e));
-        assert_eq!(chain.matches("not found").count(), 1, "{chain}");
+        let printed = chain(&e);
+        assert_eq!(printed.matches("not found").count(), 1, "{printed}");
         let e = Error::io("/dev/full", std::io::Error::from(std::io::ErrorKind::StorageFull));
         assert!(!e.is_bad_input());
     }
@@ -86,16 +97,5 @@ mod tests {
         let out = redact_quoted(msg);
         assert_eq!(out, r#"invalid type: string "…", expected u32 at line 1 column 9; unknown variant `…`"#);
         assert_eq!(redact_quoted("open \"SECRET"), "open \"…");
-    }
-
-    /// What `anyhow`'s `{:#}` prints: the message and every source after `: `.
-    fn anyhow_like(e: &dyn std::error::Error) -> String {
-        let mut out = e.to_string();
-        let mut next = e.source();
-        while let Some(s) = next {
-            out.push_str(&format!(": {s}"));
-            next = s.source();
-        }
-        out
     }
 }

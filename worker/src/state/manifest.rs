@@ -183,6 +183,12 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 /// `read_manifest`, then check the size and SHA-256 of every file it lists.
 pub fn verify_manifest(dir: &Path) -> Result<Manifest> {
     let m = read_manifest(dir)?;
+    verify_files(dir, &m)?;
+    Ok(m)
+}
+
+/// Checks the size and SHA-256 of every file `m` (read from `dir`) lists.
+fn verify_files(dir: &Path, m: &Manifest) -> Result<()> {
     for (name, want) in &m.files {
         let file = dir.join(name);
         let (bytes, sha) = sha256_file(&file, Some(want.bytes))?;
@@ -190,7 +196,7 @@ pub fn verify_manifest(dir: &Path) -> Result<Manifest> {
             return Err(Error::input(&file, "size or SHA-256 differs from manifest.json: the checkpoint is damaged"));
         }
     }
-    Ok(m)
+    Ok(())
 }
 
 /// What a verified checkpoint looked like on disk: size and mtime of its manifest and of every
@@ -226,7 +232,7 @@ fn verify_manifest_cached(dir: &Path, m: &Manifest) -> bool {
     if now.is_some() && verified().get_or_insert_with(HashMap::new).get(dir) == now.as_ref() {
         return true;
     }
-    let ok = verify_manifest(dir).is_ok();
+    let ok = verify_files(dir, m).is_ok();
     let mut cache = verified();
     let cache = cache.get_or_insert_with(HashMap::new);
     match now {
@@ -266,16 +272,11 @@ pub fn checkpoint_dir(root: &Path, step: u64) -> PathBuf {
 /// skipped, other jobs' ignored.
 pub fn latest_owned(root: &Path, me: &JobOwner) -> Option<PathBuf> {
     for (_, dir) in list_checkpoints(root).into_iter().rev() {
-        match read_manifest(&dir) {
-            Ok(m) if !m.is_owned_by(me) => continue,
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!("skipping checkpoint: {e}");
-                continue;
-            }
-        }
-        match verify_manifest(&dir) {
-            Ok(_) => return Some(dir),
+        let checked = read_manifest(&dir)
+            .and_then(|m| if m.is_owned_by(me) { verify_files(&dir, &m).map(|()| true) } else { Ok(false) });
+        match checked {
+            Ok(true) => return Some(dir),
+            Ok(false) => {}
             Err(e) => tracing::warn!("skipping checkpoint: {e}"),
         }
     }
