@@ -2,6 +2,15 @@
 // Keep in step with kernels/src/rng.rs: dropout masks must match the CPU bit for bit.
 #pragma once
 
+// Dynamic shared memory, sized by the launch. On a GPU it is `extern __shared__`; the CUDA
+// emulator (cuda-emu, which defines B2B_EMU) hands each block its own buffer instead, and
+// rejects a bare `extern __shared__` at build time.
+#ifdef B2B_EMU
+#define B2B_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::emu::tl_block->dyn_smem)
+#else
+#define B2B_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 typedef unsigned long long u64;
 
 __device__ __forceinline__ u64 b2b_mix(u64 seed, u64 index) {

@@ -27,7 +27,7 @@ extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rst
 extern "C" __global__ void layernorm_backward(float* dx, float* dgamma, float* dbeta, const float* dout, const float* x,
                                               const float* gamma, const float* mean, const float* rstd, int rows, int c,
                                               int accumulate) {
-    extern __shared__ float part[];  // [2 * c]: dgamma then dbeta partials of this block
+    B2B_DYNAMIC_SHARED(float, part);  // [2 * c]: dgamma then dbeta partials of this block
     for (int i = threadIdx.x; i < 2 * c; i += blockDim.x) part[i] = 0.0f;
     __syncthreads();
     const int warps = blockDim.x >> 5, lane = threadIdx.x & 31;

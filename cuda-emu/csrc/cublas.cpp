@@ -1,0 +1,185 @@
+// Emulated cuBLAS: the GEMMs bert2bert calls, with cuBLAS's exact column-major, transpose,
+// leading-dimension and batch-stride semantics, queued on the handle's stream.
+//
+// Precision follows the compute type: CUBLAS_COMPUTE_32F multiplies fp32 exactly (fp32
+// accumulation), *_FAST_16BF rounds both inputs to bf16 first and *_FAST_TF32 to tf32, then
+// accumulates in fp32, as tensor cores do. With beta == 0, C is never read (so NaN there does
+// not propagate), as cuBLAS documents.
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <sstream>
+
+#include "runtime.h"
+
+#define API extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+using emu::enqueue;
+using emu::fail_now;
+using emu::mem_explain;
+using emu::mem_find;
+using emu::stream_get;
+using emu::sticky;
+
+enum Status { SUCCESS = 0, NOT_INITIALIZED = 1, INVALID_VALUE = 7, EXECUTION_FAILED = 13, NOT_SUPPORTED = 15 };
+enum DataType { R_32F = 0, R_16F = 2, R_16BF = 14 };
+enum Compute { C_32F = 68, C_32F_PEDANTIC = 69, C_32F_FAST_16F = 74, C_32F_FAST_16BF = 75, C_32F_FAST_TF32 = 77 };
+
+struct Handle {
+    void* stream = nullptr;
+    int math_mode = 0;
+};
+
+float round_mantissa(float x, int drop_bits) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return x;  // NaN stays NaN
+    const uint32_t half = 1u << (drop_bits - 1);
+    u += half - 1 + ((u >> drop_bits) & 1u);  // round to nearest even
+    u &= ~((1u << drop_bits) - 1);
+    float y;
+    std::memcpy(&y, &u, 4);
+    return y;
+}
+
+struct Gemm {
+    bool ta, tb;
+    int m, n, k;
+    float alpha, beta;
+    const float* a;
+    int lda;
+    long long sa;
+    const float* b;
+    int ldb;
+    long long sb;
+    float* c;
+    int ldc;
+    long long sc;
+    int batch;
+    int round_bits;  // mantissa bits dropped from inputs: 16 for bf16, 13 for tf32, 0 for fp32
+};
+
+void run(const Gemm& g) {
+    std::vector<float> at((size_t)g.m * g.k), bt((size_t)g.n * g.k);
+    auto in = [&](float x) { return g.round_bits ? round_mantissa(x, g.round_bits) : x; };
+    for (int q = 0; q < g.batch; q++) {
+        const float* A = g.a + q * g.sa;
+        const float* B = g.b + q * g.sb;
+        float* C = g.c + q * g.sc;
+        // op(A) row i and op(B) column j, each made contiguous over k.
+        for (int i = 0; i < g.m; i++)
+            for (int p = 0; p < g.k; p++) at[(size_t)i * g.k + p] = in(g.ta ? A[p + (size_t)i * g.lda] : A[i + (size_t)p * g.lda]);
+        for (int j = 0; j < g.n; j++)
+            for (int p = 0; p < g.k; p++) bt[(size_t)j * g.k + p] = in(g.tb ? B[j + (size_t)p * g.ldb] : B[p + (size_t)j * g.ldb]);
+        for (int j = 0; j < g.n; j++) {
+            const float* bj = &bt[(size_t)j * g.k];
+            for (int i = 0; i < g.m; i++) {
+                const float* ai = &at[(size_t)i * g.k];
+                float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+                int p = 0;
+                for (; p + 4 <= g.k; p += 4) {
+                    s0 += ai[p] * bj[p];
+                    s1 += ai[p + 1] * bj[p + 1];
+                    s2 += ai[p + 2] * bj[p + 2];
+                    s3 += ai[p + 3] * bj[p + 3];
+                }
+                for (; p < g.k; p++) s0 += ai[p] * bj[p];
+                const float dot = (s0 + s1) + (s2 + s3);
+                float& out = C[i + (size_t)j * g.ldc];
+                out = g.beta == 0.0f ? g.alpha * dot : g.alpha * dot + g.beta * out;
+            }
+        }
+    }
+}
+
+// Bytes an operand spans: `rows x cols` column-major with leading dimension `ld`.
+size_t span(int rows, int cols, int ld, long long stride, int batch) {
+    if (rows == 0 || cols == 0 || batch == 0) return 0;
+    return ((size_t)(cols - 1) * ld + rows + (size_t)(batch - 1) * stride) * 4;
+}
+
+Status check_operand(const char* name, const void* p, int rows, int cols, int ld, long long stride, int batch,
+                     std::string* why) {
+    std::ostringstream o;
+    if (ld < std::max(1, rows)) o << name << ": leading dimension " << ld << " < " << rows << " rows";
+    else if (!mem_find((uintptr_t)p, span(rows, cols, ld, stride, batch), nullptr))
+        o << name << ": " << span(rows, cols, ld, stride, batch) << " bytes at " << mem_explain((uintptr_t)p)
+          << " do not fit in one allocation";
+    *why = o.str();
+    return why->empty() ? SUCCESS : INVALID_VALUE;
+}
+
+}  // namespace
+
+API int cublasCreate_v2(Handle** h) {
+    *h = new Handle();
+    return SUCCESS;
+}
+API int cublasDestroy_v2(Handle* h) {
+    delete h;
+    return SUCCESS;
+}
+API int cublasSetStream_v2(Handle* h, void* s) {
+    h->stream = s;
+    return SUCCESS;
+}
+API int cublasGetStream_v2(Handle* h, void** s) {
+    *s = h->stream;
+    return SUCCESS;
+}
+API int cublasSetMathMode(Handle* h, int mode) {
+    h->math_mode = mode;
+    return SUCCESS;
+}
+API int cublasGetMathMode(Handle* h, int* mode) {
+    *mode = h->math_mode;
+    return SUCCESS;
+}
+API int cublasSetWorkspace_v2(Handle*, void*, size_t) { return SUCCESS; }
+
+API int cublasGemmStridedBatchedEx(Handle* h, int transa, int transb, int m, int n, int k, const void* alpha,
+                                   const void* A, int atype, int lda, long long sa, const void* B, int btype, int ldb,
+                                   long long sb, const void* beta, void* C, int ctype, int ldc, long long sc, int batch,
+                                   int compute, int /*algo*/) {
+    std::string why;
+    if (sticky() != emu::OK) return EXECUTION_FAILED;
+    if (atype != R_32F || btype != R_32F || ctype != R_32F) {
+        fail_now(emu::NOT_SUPPORTED, "cublasGemmStridedBatchedEx: only fp32 storage (CUDA_R_32F) is emulated");
+        return NOT_SUPPORTED;
+    }
+    int bits = 0;
+    if (compute == C_32F_FAST_16BF) bits = 16;
+    else if (compute == C_32F_FAST_TF32) bits = 13;
+    else if (compute != C_32F && compute != C_32F_PEDANTIC) {
+        fail_now(emu::NOT_SUPPORTED, "cublasGemmStridedBatchedEx: compute type " + std::to_string(compute) + " not emulated");
+        return NOT_SUPPORTED;
+    }
+    if (m < 0 || n < 0 || k < 0 || batch < 0 || transa > 2 || transb > 2) return INVALID_VALUE;
+    if (m == 0 || n == 0 || batch == 0) return SUCCESS;
+    const bool ta = transa != 0, tb = transb != 0;
+    const bool bad_inputs = k > 0 && (check_operand("A", A, ta ? k : m, ta ? m : k, lda, sa, batch, &why) ||
+                                      check_operand("B", B, tb ? n : k, tb ? k : n, ldb, sb, batch, &why));
+    if (bad_inputs || check_operand("C", C, m, n, ldc, sc, batch, &why)) {
+        fail_now(emu::INVALID_VALUE, "cublasGemmStridedBatchedEx (m " + std::to_string(m) + ", n " + std::to_string(n) +
+                                         ", k " + std::to_string(k) + ", batch " + std::to_string(batch) + "): " + why);
+        return INVALID_VALUE;
+    }
+    Gemm g{ta, tb, m, n, k, *(const float*)alpha, *(const float*)beta, (const float*)A, lda, sa,
+           (const float*)B, ldb, sb, (float*)C, ldc, sc, batch, bits};
+    enqueue(stream_get(h->stream), [g] { run(g); });
+    return SUCCESS;
+}
+
+API int cublasGemmEx(Handle* h, int transa, int transb, int m, int n, int k, const void* alpha, const void* A, int atype,
+                     int lda, const void* B, int btype, int ldb, const void* beta, void* C, int ctype, int ldc,
+                     int compute, int algo) {
+    return cublasGemmStridedBatchedEx(h, transa, transb, m, n, k, alpha, A, atype, lda, 0, B, btype, ldb, 0, beta, C,
+                                      ctype, ldc, 0, 1, compute, algo);
+}
+API int cublasSgemm_v2(Handle* h, int transa, int transb, int m, int n, int k, const float* alpha, const float* A,
+                       int lda, const float* B, int ldb, const float* beta, float* C, int ldc) {
+    return cublasGemmStridedBatchedEx(h, transa, transb, m, n, k, alpha, A, R_32F, lda, 0, B, R_32F, ldb, 0, beta, C,
+                                      R_32F, ldc, 0, 1, C_32F, -1);
+}
