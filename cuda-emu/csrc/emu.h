@@ -10,7 +10,9 @@
 // What this header does not provide is a compile error, never a silent difference.
 #pragma once
 
+#include <chrono>
 #include <cmath>
+#include <thread>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -68,6 +70,8 @@ inline void __syncthreads() { emu::sync_block(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::sync_warp(mask); }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+// Sleeps the host thread: blocks are not preempted, so this delays the whole launch.
+inline void __nanosleep(unsigned ns) { std::this_thread::sleep_for(std::chrono::nanoseconds(ns)); }
 [[noreturn]] inline void __trap() { emu::device_fault(emu::LAUNCH_FAILED, "__trap() called"); }
 
 // ---- warp exchange -------------------------------------------------------------------------

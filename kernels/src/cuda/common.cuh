@@ -11,6 +11,21 @@
 #define B2B_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
 #endif
 
+// 16-byte vector loads and stores. A misaligned address faults on a GPU; the emulator checks
+// alignment here and fails the launch naming the kernel, so vector access goes through these.
+__device__ __forceinline__ float4 b2b_load4(const float* p) {
+#ifdef B2B_EMU
+    emu_check_aligned<float4>(p);
+#endif
+    return *reinterpret_cast<const float4*>(p);
+}
+__device__ __forceinline__ void b2b_store4(float* p, float4 v) {
+#ifdef B2B_EMU
+    emu_check_aligned<float4>(p);
+#endif
+    *reinterpret_cast<float4*>(p) = v;
+}
+
 typedef unsigned long long u64;
 
 __device__ __forceinline__ u64 b2b_mix(u64 seed, u64 index) {
