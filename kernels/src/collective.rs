@@ -7,7 +7,9 @@
 //! - `all_gather`: `send` holds `n`, `recv` `world * n` with rank r's data at chunk r;
 //! - operations are queued in order after the work already queued on the backend, and
 //!   `wait` makes later backend work wait for them, without blocking the host where the
-//!   device can order it itself;
+//!   device can order it itself; so a collective's result may be read by later backend work
+//!   only after `wait`, and by the host only after `wait_timeout` (NCCL writes it on its own
+//!   stream);
 //! - `wait_timeout` blocks the host until queued collectives finish, and aborts the communicator
 //!   with an error if they don't within the limit (a dead peer must not hang a worker).
 

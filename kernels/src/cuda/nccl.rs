@@ -5,9 +5,15 @@
 //! compute stream wait for the NCCL stream. A later change can therefore launch bucket all-reduces
 //! while backward still runs. `wait_timeout` polls for completion and NCCL's async error, and
 //! aborts the communicator when a peer is gone, so a worker reports the failure instead of hanging.
+//!
+//! Teardown: a communicator whose collectives all completed (the last `wait_timeout` succeeded and
+//! nothing was queued after it) is finalized and destroyed, which flushes NCCL's work and frees
+//! it in order. One that was aborted is already freed; one with work still queued or an async
+//! error is aborted instead, since `ncclCommFinalize` would block on a dead peer.
 
 use std::ffi::c_void;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use cudarc::driver::CudaStream;
@@ -33,8 +39,12 @@ pub struct Nccl {
     stream: Arc<CudaStream>,
     rank: usize,
     world: usize,
-    /// Set once the communicator has been aborted (after a timeout), so it is never freed twice.
-    aborted: std::sync::atomic::AtomicBool,
+    /// Set once the communicator is freed (aborted after a timeout or an async error, or
+    /// finalized and destroyed in `drop`), so it is never used or freed again.
+    aborted: AtomicBool,
+    /// A collective was queued after the last successful `wait_timeout`: its completion is not
+    /// known, so `drop` must abort rather than finalize (finalize waits for it, maybe for ever).
+    in_flight: AtomicBool,
 }
 
 // SAFETY: the communicator is used from the owning worker thread only; NCCL calls are
@@ -59,7 +69,7 @@ impl Nccl {
         unsafe { nres::comm_init_rank(comm.as_mut_ptr(), world as i32, uid, rank as i32) }.map_err(nccl_err)?;
         // SAFETY: initialised by the successful call above.
         let comm = unsafe { comm.assume_init() };
-        Ok(Self { comm, stream, rank, world, aborted: false.into() })
+        Ok(Self { comm, stream, rank, world, aborted: false.into(), in_flight: false.into() })
     }
 
     /// The NCCL stream waits for everything queued so far on the compute stream.
@@ -71,6 +81,7 @@ impl Nccl {
     /// Every collective's preamble: refuse an aborted communicator, then order after compute.
     fn begin(&self, cuda: &Cuda) -> Result<()> {
         self.usable()?;
+        self.in_flight.store(true, Ordering::SeqCst);
         self.after_compute(cuda)
     }
 
@@ -79,7 +90,7 @@ impl Nccl {
     }
 
     fn usable(&self) -> Result<()> {
-        if self.aborted.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.aborted.load(Ordering::SeqCst) {
             return Err(KernelError::Device(format!("NCCL communicator of rank {} was aborted", self.rank)));
         }
         Ok(())
@@ -95,13 +106,62 @@ impl Nccl {
             Err(KernelError::Device(format!("NCCL async error {err:?} on rank {}", self.rank)))
         }
     }
+
+    /// Abort the communicator unless that was done already: frees it without waiting for peers
+    /// and makes NCCL kernels stuck on a dead peer return. Exactly once, whoever calls first.
+    fn abort(&self) {
+        if !self.aborted.swap(true, Ordering::SeqCst) {
+            // SAFETY: the communicator is live, and the flag makes this its only free.
+            let _ = unsafe { nres::comm_abort(self.comm) };
+        }
+    }
+
+    /// Block until everything queued on the NCCL stream so far is done. An async error or the
+    /// limit passing aborts the communicator (NCCL's rule after an async error; after a timeout
+    /// it unblocks the stuck kernels) and is an error, so the worker fails instead of hanging.
+    fn poll(&self, limit: Duration) -> Result<()> {
+        let ev = self.stream.record_event(None).map_err(dev_err)?;
+        let start = Instant::now();
+        loop {
+            // Checked before completion too: a failed collective may still complete its event.
+            if let Err(e) = self.async_error() {
+                self.abort();
+                return Err(e);
+            }
+            if ev.try_is_complete().map_err(dev_err)? {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                self.abort();
+                return Err(KernelError::Device(format!(
+                    "NCCL collective on rank {} timed out after {limit:?}; communicator aborted",
+                    self.rank
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
 }
 
 impl Drop for Nccl {
     fn drop(&mut self) {
-        if !self.aborted.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            // SAFETY: the communicator is live and freed exactly once; abort never blocks on peers.
-            let _ = unsafe { nres::comm_abort(self.comm) };
+        if self.aborted.load(Ordering::SeqCst) {
+            return; // the abort freed it
+        }
+        // Finalize only a communicator known to be idle and healthy: finalize waits for queued
+        // work, for ever if a peer is dead, so anything else is aborted. Never both: each frees.
+        if self.in_flight.load(Ordering::SeqCst) || self.async_error().is_err() {
+            return self.abort();
+        }
+        // SAFETY: live, idle communicator, not freed yet (`aborted` is false).
+        match unsafe { nres::comm_finalize(self.comm) } {
+            Ok(_) => {
+                self.aborted.store(true, Ordering::SeqCst);
+                // SAFETY: finalized just now; destroy frees it, once.
+                let _ = unsafe { nres::comm_destroy(self.comm) };
+            }
+            // A communicator in error must be aborted (NCCL's rule), which frees it.
+            Err(_) => self.abort(),
         }
     }
 }
@@ -184,24 +244,14 @@ impl Collective<Cuda> for Nccl {
         cuda.stream().wait(&ev).map_err(dev_err)
     }
     fn wait_timeout(&self, _cuda: &Cuda, limit: Duration) -> Result<()> {
-        let ev = self.stream.record_event(None).map_err(dev_err)?;
-        let start = Instant::now();
-        loop {
-            if ev.try_is_complete().map_err(dev_err)? {
-                return Ok(());
-            }
-            self.async_error()?;
-            if start.elapsed() > limit {
-                if !self.aborted.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                    // SAFETY: live communicator, freed exactly once; abort unblocks stuck kernels.
-                    let _ = unsafe { nres::comm_abort(self.comm) };
-                }
-                return Err(KernelError::Device(format!(
-                    "NCCL collective on rank {} timed out after {limit:?}; communicator aborted",
-                    self.rank
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(2));
+        self.usable()?;
+        // Cleared before the event is recorded, so a collective queued meanwhile (another
+        // thread) sets it again and `drop` does not finalize over it.
+        self.in_flight.store(false, Ordering::SeqCst);
+        let done = self.poll(limit);
+        if done.is_err() {
+            self.in_flight.store(true, Ordering::SeqCst);
         }
+        done
     }
 }
