@@ -64,7 +64,8 @@ pub struct Args {
     /// required when --ring-listen is a wildcard such as 0.0.0.0 (e.g. a pod IP in Kubernetes).
     #[arg(long, env = "BERT2BERT_RING_ADVERTISE", value_name = "HOST")]
     ring_advertise: Option<String>,
-    /// Seconds a collective (or forming the ring) may take before a peer counts as dead.
+    /// Seconds a collective (or forming the ring) may take before a peer counts as dead; on
+    /// cuda, also how long a step waits for its NCCL collectives before aborting them.
     #[arg(long, default_value_t = 60.0, value_name = "S")]
     collective_timeout: f64,
     /// Exit when stdin reaches end of file (`train --workers N` uses it so that its workers do
@@ -501,7 +502,7 @@ fn train(
     )?;
     let ring = Arc::new(ring);
     take(current, |c| c.ring = Some(ring.clone()));
-    run_trainer(rt, client, current, asg, me, (&kernels::Cpu, &*ring, spec), (&shutdown, &|| ring.abort()))
+    run_trainer(rt, client, current, asg, me, (&kernels::Cpu, &*ring, spec, timeout), (&shutdown, &|| ring.abort()))
 }
 
 /// The worker's own check of where the job points (`--allow-*`), with symlinks resolved,
@@ -517,16 +518,17 @@ fn check_paths(policy: &model::policy::PathPolicy, spec: &JobSpec, asg: &v1::Ass
     Ok(())
 }
 
-/// Trains the rank on `backend` with `collective` until the job ends or is stopped. `halt` is
-/// the trainer's stop flag (checked between steps; a SIGTERM sets it too); `abort` makes a STOP
-/// from the coordinator take effect.
+/// Trains the rank on `backend` with `collective` until the job ends or is stopped; `timeout`
+/// (--collective-timeout) bounds each step's wait for its collectives. `halt` is the trainer's
+/// stop flag (checked between steps; a SIGTERM sets it too); `abort` makes a STOP from the
+/// coordinator take effect.
 fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B> + Sync>(
     rt: &tokio::runtime::Runtime,
     client: &Client,
     current: &Arc<Mutex<Current>>,
     asg: &v1::Assignment,
     me: &Me,
-    (backend, collective, spec): (&B, &C, JobSpec),
+    (backend, collective, spec, timeout): (&B, &C, JobSpec, Duration),
     (halt, abort): (&Arc<AtomicBool>, &dyn Fn()),
 ) -> CliResult {
     let shutdown = take(current, |c| c.shutdown.clone());
@@ -534,6 +536,8 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
     let owner = worker::state::JobOwner { name: spec.name.clone(), id: Some(asg.job_id.clone()) };
     let (mut trainer, resumed) = Trainer::new_owned(backend, collective, spec, owner)?;
     trainer.stop = Some(halt.clone());
+    // A step fails (and the attempt with it) instead of hanging when a peer dies mid-collective.
+    trainer.collective_timeout = timeout;
     // The trainer resumes from the newest valid checkpoint on disk, which may be past the
     // coordinator's last committed one (a commit lost with a crash): report from there, or a
     // finished job would be reported done at the older step.

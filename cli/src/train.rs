@@ -44,14 +44,21 @@ pub fn run(a: Args) -> CliResult {
     }
     let device = a.device.unwrap_or(match spec.resources.device {
         job::Device::Cpu => Device::Cpu,
-        job::Device::Cuda => Device::Cuda(0),
+        job::Device::Cuda => Device::Cuda(device::Gpu::real(0)),
     });
     match device {
         Device::Cpu => train_on(&kernels::Cpu, spec, a.eval_examples),
-        Device::Cuda(i) => {
-            let precision = if spec.precision() == Precision::Bf16 { GemmPrecision::Bf16 } else { GemmPrecision::Fp32 };
-            train_on(&device::open_cuda(i, precision)?, spec, a.eval_examples)
-        }
+        Device::Cuda(i) => train_on(&device::open_cuda(i, gemm_precision(&spec))?, spec, a.eval_examples),
+    }
+}
+
+/// The CUDA GEMM precision a job trains at: its `training.precision` (bf16 by default on cuda).
+/// `train --device cuda` and `worker --device cuda` both use this, so a job multiplies alike
+/// whichever way it runs.
+pub(crate) fn gemm_precision(spec: &JobSpec) -> GemmPrecision {
+    match spec.precision() {
+        Precision::Bf16 => GemmPrecision::Bf16,
+        Precision::Fp32 => GemmPrecision::Fp32,
     }
 }
 

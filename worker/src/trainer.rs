@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kernels::collective::Collective;
 use kernels::{Backend, clip_grad_norm, rng};
@@ -29,6 +29,10 @@ use model::{Error, Result};
 use crate::evaluate::{EvalOptions, EvalResult, evaluate};
 use crate::ring::BLOCK_FLOATS;
 use crate::state::{self, JobOwner, TrainingState};
+
+/// How long a step's collectives may take, by default, before the host gives up on them: well
+/// past any compute imbalance between ranks, short enough that a dead peer fails the job.
+pub const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Clone, Debug)]
 pub struct StepStats {
@@ -85,6 +89,9 @@ pub struct Trainer<'a, B: Backend, C: Collective<B>> {
     pub comm_wait_ms: f64,
     /// The job the checkpoints belong to.
     pub owner: JobOwner,
+    /// How long the host waits for a step's collectives (`Collective::wait_timeout`) before the
+    /// step fails (NCCL: the communicator is aborted). A worker sets its --collective-timeout.
+    pub collective_timeout: Duration,
 }
 
 fn load_model(job: &JobSpec) -> Result<(Checkpoint, Tokenizer)> {
@@ -152,6 +159,7 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
             comm_wait_ms: 0.0,
             job,
             owner,
+            collective_timeout: DEFAULT_COLLECTIVE_TIMEOUT,
         };
         // Rank 0 alone writes checkpoints; no save of this attempt can run yet (a step needs
         // every rank), so what a killed or failed save of this job left is stale.
@@ -312,14 +320,7 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
             Ok((reduced?, backward_done))
         })?;
         if overlap {
-            let covered: usize = reduced.iter().map(|(r, _)| r.len()).sum();
-            if covered != n {
-                return Err(Error::Other(format!("gradient buckets covered {covered} of {n} values")));
-            }
-            for (range, buf) in reduced {
-                b.copy(b.view(&buf, 0..range.len()), b.view_mut(&mut self.net.grads, range))?;
-                self.grad_stage.push(buf);
-            }
+            unstage(b, self.coll, reduced, (&mut self.net.grads, n), &mut self.grad_stage)?;
         } else {
             self.coll.all_reduce_avg(b, b.view_mut(&mut self.net.grads, 0..n))?;
         }
@@ -327,6 +328,10 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
         let mut loss_buf = b.upload(&[loss_sum as f32 * world as f32 / label_tokens as f32])?;
         self.coll.all_reduce_avg(b, b.view_mut(&mut loss_buf, 0..1))?;
         self.coll.wait(b)?;
+        // Clipping reads the norm back to the host and the loss is downloaded below: both would
+        // block for ever on a collective stuck on a dead peer (`wait` orders the device only).
+        // Wait here with a limit instead, so a dead peer fails the step with an error.
+        self.coll.wait_timeout(b, self.collective_timeout)?;
         let grad_norm = clip_grad_norm(b, &mut self.net.grads, t.max_grad_norm)?;
         let lr = self.schedule.lr(self.step);
         self.opt.update(b, &self.net.table, &mut self.net.params, &self.net.grads, lr)?;
@@ -446,6 +451,29 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
 
 /// Gradient buckets after their all-reduce: each range of the gradient buffer and its values.
 type Reduced<B> = Vec<(Range<usize>, <B as kernels::Memory>::Buf)>;
+
+/// Copy the all-reduced buckets back into the first `n` values of `grads`, and keep their
+/// buffers in `stage` for the next step.
+fn unstage<B: Backend, C: Collective<B>>(
+    b: &B,
+    coll: &C,
+    reduced: Reduced<B>,
+    (grads, n): (&mut B::Buf, usize),
+    stage: &mut Vec<B::Buf>,
+) -> Result<()> {
+    let covered: usize = reduced.iter().map(|(r, _)| r.len()).sum();
+    if covered != n {
+        return Err(Error::Other(format!("gradient buckets covered {covered} of {n} values")));
+    }
+    // The bucket all-reduces may still be running on the collective's own stream (NCCL), and
+    // the copies run on the compute stream: without this wait they could read unreduced values.
+    coll.wait(b)?;
+    for (range, buf) in reduced {
+        b.copy(b.view(&buf, 0..range.len()), b.view_mut(grads, range))?;
+        stage.push(buf);
+    }
+    Ok(())
+}
 
 /// Cuts the final part of the gradient buffer, which grows from the top down during backward,
 /// into buckets of at least `len` values. Every bucket but the last (which ends at 0) starts at

@@ -24,8 +24,8 @@ const ID_POLL_MS: u32 = 2_000;
 pub(super) fn open(device: Device) -> CliResult<Option<(usize, Arc<Cuda>)>> {
     match device {
         Device::Cpu => Ok(None),
-        // Training runs its GEMMs in bf16, as `bench` does.
-        Device::Cuda(i) => Ok(Some((i, Arc::new(crate::device::open_cuda(i, GemmPrecision::Bf16)?)))),
+        // bf16 is only the initial setting: each job sets its own `training.precision` (`train`).
+        Device::Cuda(gpu) => Ok(Some((gpu.ordinal, Arc::new(crate::device::open_cuda(gpu, GemmPrecision::Bf16)?)))),
     }
 }
 
@@ -107,12 +107,17 @@ pub(super) fn train(
     let Some((_, cuda)) = take(current, |c| c.cuda.clone()) else {
         return Err(failure("a device: cuda job was assigned to a cpu worker".into()));
     };
+    // The device is shared by the jobs this worker runs one at a time: set this job's GEMM
+    // precision before any of its work is queued (cuBLAS reads it as each GEMM is queued).
+    let precision = crate::train::gemm_precision(&spec);
+    cuda.set_precision(precision);
+    tracing::info!(job = %asg.job_id, "{precision:?} GEMMs (training.precision)");
     let id = unique_id(rt, client, me, asg, timeout, || Ok(NcclId::new()?.0))?;
     let nccl = Nccl::new(&cuda, NcclId(id), asg.rank as usize, asg.world_size as usize)?;
     // NCCL has no ring to abort: a STOP from the coordinator stops the trainer after its step.
     let halt = Arc::new(AtomicBool::new(false));
     let stop = || halt.store(true, Ordering::SeqCst);
-    super::run_trainer(rt, client, current, asg, me, (&*cuda, &nccl, spec), (&halt, &stop))
+    super::run_trainer(rt, client, current, asg, me, (&*cuda, &nccl, spec, timeout), (&halt, &stop))
 }
 
 #[cfg(test)]

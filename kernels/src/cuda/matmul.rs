@@ -66,7 +66,7 @@ impl Cuda {
         }
         let flag =
             |t: bool| if t { bsys::cublasOperation_t::CUBLAS_OP_T } else { bsys::cublasOperation_t::CUBLAS_OP_N };
-        let compute = match self.precision {
+        let compute = match self.precision() {
             GemmPrecision::Fp32 => bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             GemmPrecision::Bf16 => bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
         };

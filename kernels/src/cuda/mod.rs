@@ -26,6 +26,7 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 
@@ -70,7 +71,12 @@ pub struct Cuda {
     blas: matmul::Blas,
     functions: HashMap<&'static str, CudaFunction>,
     sm_count: u32,
-    pub precision: GemmPrecision,
+    /// The GEMM precision, bf16 when set. An atomic rather than a plain field because a worker
+    /// opens the device once (NVRTC compiles every kernel) and shares it in an `Arc` across the
+    /// jobs it runs one after another, each with its own `training.precision`: `set_precision`
+    /// switches it per job through a shared reference. cuBLAS takes the compute type with each
+    /// call, so a switch affects only GEMMs queued after it.
+    bf16: AtomicBool,
 }
 
 /// A shared view of device memory: pointer and length, borrowed from a buffer.
@@ -131,7 +137,18 @@ impl Cuda {
             }
         }
         let blas = matmul::Blas::new(&stream)?;
-        Ok(Self { ctx, stream, blas, functions, sm_count, precision })
+        let bf16 = AtomicBool::new(precision == GemmPrecision::Bf16);
+        Ok(Self { ctx, stream, blas, functions, sm_count, bf16 })
+    }
+
+    /// How GEMMs queued from now on multiply.
+    pub fn precision(&self) -> GemmPrecision {
+        if self.bf16.load(Ordering::Relaxed) { GemmPrecision::Bf16 } else { GemmPrecision::Fp32 }
+    }
+
+    /// Set the precision of the GEMMs queued from now on (e.g. per job: see the field `bf16`).
+    pub fn set_precision(&self, precision: GemmPrecision) {
+        self.bf16.store(precision == GemmPrecision::Bf16, Ordering::Relaxed);
     }
 
     pub fn device_name(&self) -> String {
