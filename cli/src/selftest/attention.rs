@@ -4,11 +4,13 @@
 
 use kernels::{AttentionShape, Backend, IGNORE_INDEX};
 
-use super::{Case, Draw, Outputs, all, all_mut, get};
+use super::{Case, Draw, Outputs, Tolerances, all, all_mut, get};
 
 pub(super) struct AttentionCase {
     label: &'static str,
     backward: bool,
+    /// From the device's GEMM precision (`Tolerances::attention*`): attention runs on GEMMs.
+    tol: f64,
     s: AttentionShape,
     q: Vec<f32>,
     k: Vec<f32>,
@@ -23,7 +25,14 @@ pub(super) struct AttentionCase {
 
 impl AttentionCase {
     /// `masked[b]` keys at the end of batch item b are padding (all of them: a fully masked row).
-    pub(super) fn new(r: &mut Draw, label: &'static str, s: AttentionShape, masked: &[usize], backward: bool) -> Self {
+    pub(super) fn new(
+        r: &mut Draw,
+        label: &'static str,
+        s: AttentionShape,
+        masked: &[usize],
+        backward: bool,
+        tols: Tolerances,
+    ) -> Self {
         let c = s.heads * s.head_dim;
         let (nq, nk) = (s.batch * s.tq * c, s.batch * s.tk * c);
         let mask = (0..s.batch * s.tk)
@@ -35,6 +44,7 @@ impl AttentionCase {
         AttentionCase {
             label,
             backward,
+            tol: if backward { tols.attention_grad } else { tols.attention },
             s,
             q: r.normal(nq, 1.0),
             k: r.normal(nk, 1.0),
@@ -71,7 +81,7 @@ impl Case for AttentionCase {
         )
     }
     fn tol(&self) -> f64 {
-        if self.backward { 1e-4 } else { 1e-5 }
+        self.tol
     }
     fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
         let q = d.upload(&self.q)?;

@@ -1,5 +1,6 @@
 //! Elementwise ops (DropoutOps, ResidualOps, OptimizerOps) and Memory, on views in the middle
-//! of larger buffers, so that a write outside the view shows up as an error. Also `run_ops`:
+//! of larger buffers, so that a write outside the view shows up as an error; gradient clipping
+//! on a whole buffer, with the norm above and below the maximum. Also `run_ops`:
 //! every op case of every family, in the fixed order in which their inputs are drawn from the
 //! seed.
 
@@ -136,6 +137,47 @@ impl Case for ElemCase {
     }
 }
 
+/// Gradient clipping as training does it (`kernels::clip_grad_norm`: the global norm from
+/// `sum_squares`, read back to the host, then `scale` when it is above the maximum): the norm
+/// it returns and the gradients it leaves. The buffer is the whole gradient, as in training.
+struct ClipCase {
+    /// `max_norm` below the inputs' norm (the gradients are scaled) or above it (left alone).
+    above: bool,
+    max_norm: f32,
+    grads: Vec<f32>,
+}
+
+impl ClipCase {
+    fn new(r: &mut Draw, n: usize, above: bool) -> Self {
+        let grads = r.normal(n, 1.0);
+        let norm = grads.iter().map(|&g| g as f64 * g as f64).sum::<f64>().sqrt() as f32;
+        // Far enough from the norm that rounding cannot flip the case.
+        let max_norm = if above { 0.5 * norm } else { 2.0 * norm };
+        ClipCase { above, max_norm, grads }
+    }
+}
+
+impl Case for ClipCase {
+    fn family(&self) -> &'static str {
+        "OptimizerOps"
+    }
+    fn op(&self) -> &'static str {
+        if self.above { "clip_grad_norm_above" } else { "clip_grad_norm_below" }
+    }
+    fn shape(&self) -> String {
+        format!("{} max {:.1}", self.grads.len(), self.max_norm)
+    }
+    fn tol(&self) -> f64 {
+        // A sum of squares in fp32 on every backend (like `sum_squares`); no GEMM involved.
+        1e-5
+    }
+    fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
+        let mut g = d.upload(&self.grads)?;
+        let norm = kernels::clip_grad_norm(d, &mut g, self.max_norm)?;
+        Ok(vec![("norm", vec![norm]), ("grads", get(d, &g)?)])
+    }
+}
+
 /// Every op case, with fresh inputs from `seed`.
 pub(super) fn run_ops<B: Backend>(dev: &B, seed: u64, tol: Tolerances) -> Vec<Check> {
     let mut r = Draw { seed, stream: 0 };
@@ -268,8 +310,8 @@ pub(super) fn run_ops<B: Backend>(dev: &B, seed: u64, tol: Tolerances) -> Vec<Ch
         ("attention_d64", shape(2, 2, 64, 131, 131, true, 0.1, drop_seed ^ 1), &[0, 5]),
     ];
     for (label, s, masked) in cases {
-        check_case(&mut out, dev, &AttentionCase::new(&mut r, label, s, masked, false));
-        check_case(&mut out, dev, &AttentionCase::new(&mut r, label, s, masked, true));
+        check_case(&mut out, dev, &AttentionCase::new(&mut r, label, s, masked, false, tol));
+        check_case(&mut out, dev, &AttentionCase::new(&mut r, label, s, masked, true, tol));
     }
 
     // Cross-entropy: ignored rows, label smoothing, with and without the gradient, and a
@@ -299,6 +341,10 @@ pub(super) fn run_ops<B: Backend>(dev: &B, seed: u64, tol: Tolerances) -> Vec<Ch
         Elem::ViewMut2,
     ] {
         check_case(&mut out, dev, &ElemCase::new(&mut r, what, n));
+    }
+    // Gradient clipping, both ways (drawn last, so the earlier cases keep their inputs per seed).
+    for above in [true, false] {
+        check_case(&mut out, dev, &ClipCase::new(&mut r, n, above));
     }
     out
 }

@@ -98,16 +98,21 @@ pub struct Tolerances {
     pub gemm: f64,
     pub loss: f64,
     pub grad: f64,
+    /// Attention forward and backward: their scores, context and gradients are cuBLAS GEMMs.
+    pub attention: f64,
+    pub attention_grad: f64,
 }
 
 impl Tolerances {
     pub fn new(bf16: bool) -> Self {
         if bf16 {
-            // bf16 keeps 8 significant bits (relative rounding 2^-9 per input).
-            Tolerances { gemm: 2e-2, loss: 2e-2, grad: 1e-1 }
+            // bf16 keeps 8 significant bits (relative rounding 2^-9 per input). Attention with
+            // bf16-rounded GEMM inputs, emulated on the CPU for these shapes, is off by at most
+            // 7e-3 forward and 9e-3 backward (which also carries the forward's error).
+            Tolerances { gemm: 2e-2, loss: 2e-2, grad: 1e-1, attention: 2e-2, attention_grad: 5e-2 }
         } else {
             // fp32 everywhere; gradients go through 2+2 layers of fp32 ops.
-            Tolerances { gemm: 1e-5, loss: 1e-5, grad: 1e-3 }
+            Tolerances { gemm: 1e-5, loss: 1e-5, grad: 1e-3, attention: 1e-5, attention_grad: 1e-4 }
         }
     }
 }
