@@ -101,6 +101,10 @@ pub struct Tolerances {
     /// Attention forward and backward: their scores, context and gradients are cuBLAS GEMMs.
     pub attention: f64,
     pub attention_grad: f64,
+    /// Floor of the model-step gradient comparison's denominator, as a fraction of the largest
+    /// gradient anywhere: a gradient much smaller than the others (attention key biases, whose
+    /// true gradient is zero) is mostly rounding noise of the larger ones it is computed from.
+    pub grad_floor: f64,
 }
 
 impl Tolerances {
@@ -109,10 +113,14 @@ impl Tolerances {
             // bf16 keeps 8 significant bits (relative rounding 2^-9 per input). Attention with
             // bf16-rounded GEMM inputs, emulated on the CPU for these shapes, is off by at most
             // 7e-3 forward and 9e-3 backward (which also carries the forward's error).
-            Tolerances { gemm: 2e-2, loss: 2e-2, grad: 1e-1, attention: 2e-2, attention_grad: 5e-2 }
+            // In bf16 that noise is the inputs' 2^-9 rounding, carried through 2+2 layers. Against
+            // the fp32 oracle the model step's worst gradient was 0.19 relative over 40 seeds on
+            // the virtual GPU (cuda-emu rounds GEMM inputs exactly as the compute type says), so
+            // 0.3 here; a CPU oracle with bf16-rounded GEMMs would allow a tight bound.
+            Tolerances { gemm: 2e-2, loss: 2e-2, grad: 3e-1, attention: 2e-2, attention_grad: 5e-2, grad_floor: 5e-2 }
         } else {
             // fp32 everywhere; gradients go through 2+2 layers of fp32 ops.
-            Tolerances { gemm: 1e-5, loss: 1e-5, grad: 1e-3, attention: 1e-5, attention_grad: 1e-4 }
+            Tolerances { gemm: 1e-5, loss: 1e-5, grad: 1e-3, attention: 1e-5, attention_grad: 1e-4, grad_floor: 1e-3 }
         }
     }
 }

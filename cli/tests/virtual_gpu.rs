@@ -1,0 +1,94 @@
+//! The CUDA backend end to end on the virtual GPU (`--device cuda-emu`, the `cuda-emu` crate):
+//! the self-test against the CPU oracle in both GEMM precisions, and a tiny training job whose
+//! losses match the CPU run's. Needs NVRTC (the kernels are still compiled to PTX); without it
+//! the tests skip, unless `B2B_REQUIRE_NVRTC=1` (scripts/test.sh), where they fail.
+
+mod common;
+
+use std::path::Path;
+
+use common::run_in;
+use worker::tensorboard::read_scalars;
+
+fn nvrtc_or_skip() -> bool {
+    if kernels::cuda::compile::nvrtc_present() {
+        return true;
+    }
+    assert!(
+        std::env::var("B2B_REQUIRE_NVRTC").as_deref() != Ok("1"),
+        "B2B_REQUIRE_NVRTC=1 but NVRTC cannot be loaded (scripts/setup_nvrtc.sh, . .deps/cuda13/env.sh)"
+    );
+    eprintln!("SKIPPED: NVRTC not found");
+    false
+}
+
+#[test]
+fn selftest_passes_on_the_virtual_gpu_in_fp32_and_bf16() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for precision in ["fp32", "bf16"] {
+        let seed = common::clock_seed().to_string();
+        let o = run_in(
+            &["selftest", "--device", "cuda-emu", "--precision", precision, "--seed", &seed, "--json"],
+            tmp.path(),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("selftest --json ({precision}): {e}\n{}", common::stderr(&o)));
+        let checks = v["checks"].as_array().expect("checks");
+        let failed: Vec<_> = checks.iter().filter(|c| c["pass"] != true).collect();
+        assert!(o.status.success() && failed.is_empty(), "{precision}, seed {seed}: failed {failed:#?}");
+        // Every op family, forward and backward, and the model step were compared.
+        for family in ["GemmOps", "LayerNormOps", "GeluOps", "AttentionOps", "EmbeddingOps", "model"] {
+            assert!(checks.iter().any(|c| c["family"] == family), "{precision}: no {family} check");
+        }
+    }
+}
+
+const JOB: &str = r#"
+name: tiny
+model: { init: b2b }
+data: { train: train.jsonl, max_source_len: 16, max_target_len: 12 }
+training: { steps: 5, global_batch: 4, micro_batch: 2, lr: 1.0e-3, warmup_steps: 1, seed: 3, precision: PRECISION }
+checkpoint: { dir: DIR, every_steps: 5, keep: 1 }
+resources: { workers: 1, device: cpu }
+"#;
+
+fn losses(root: &Path, dir: &str) -> Vec<(i64, f32)> {
+    let (scalars, _) = read_scalars(&root.join(dir).join("logs")).expect("TensorBoard logs");
+    let mut v: Vec<_> = scalars.into_iter().filter(|s| s.tag == "train/loss").map(|s| (s.step, s.value)).collect();
+    v.sort_by_key(|s| s.0);
+    v
+}
+
+/// Train the same 5 steps on the CPU (fp32) and on the virtual GPU with `precision` GEMMs;
+/// the losses agree within `tol` (relative).
+fn train_matches_cpu(precision: &str, tol: f32) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    common::tiny_model(root, 8);
+    for (device, dir, p) in [("cpu", "ckpt-cpu", "fp32"), ("cuda", "ckpt-emu", precision)] {
+        let job = JOB.replace("PRECISION", p).replace("DIR", dir).replace("device: cpu", &format!("device: {device}"));
+        let device = if device == "cuda" { "cuda-emu" } else { device };
+        std::fs::write(root.join(format!("{dir}.yaml")), job).unwrap();
+        let o = run_in(&["train", &format!("{dir}.yaml"), "--device", device], root);
+        assert!(o.status.success(), "train on {device}: {}", common::stderr(&o));
+    }
+    let (cpu, emu) = (losses(root, "ckpt-cpu"), losses(root, "ckpt-emu"));
+    assert_eq!(cpu.iter().map(|l| l.0).collect::<Vec<_>>(), (1..=5).collect::<Vec<i64>>());
+    assert_eq!(cpu.len(), emu.len());
+    for ((step, c), (_, e)) in cpu.iter().zip(&emu) {
+        assert!((c - e).abs() <= tol * c.abs(), "{precision} step {step}: cpu loss {c}, virtual GPU {e}");
+    }
+}
+
+#[test]
+fn training_on_the_virtual_gpu_matches_the_cpu_losses() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    // fp32 GEMMs: the same sums in another order; bf16 GEMMs round their inputs.
+    train_matches_cpu("fp32", 1e-4);
+    train_matches_cpu("bf16", 2e-2);
+}
