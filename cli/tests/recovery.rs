@@ -162,7 +162,11 @@ impl Cluster {
     }
 
     fn submit(&self) -> String {
-        let o = self.client(&["submit", "job.yaml"]);
+        self.submit_file("job.yaml")
+    }
+
+    fn submit_file(&self, file: &str) -> String {
+        let o = self.client(&["submit", file]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8_lossy(&o.stdout).trim().to_owned()
     }
@@ -550,4 +554,68 @@ fn lengths_past_the_models_positions_fail_the_job_on_the_worker_without_retries(
     let reason = v["reason"].as_str().unwrap();
     assert!(reason.contains("data.max_source_len") && reason.contains("64"), "{reason}");
     assert_eq!(v["restarts"], 0, "an input error is not retried: {v}");
+}
+
+/// Whether the CUDA tests can run here: the virtual GPU still compiles kernels with NVRTC.
+fn nvrtc_or_skip() -> bool {
+    if kernels::cuda::compile::nvrtc_present() {
+        return true;
+    }
+    assert!(std::env::var("B2B_REQUIRE_NVRTC").as_deref() != Ok("1"), "B2B_REQUIRE_NVRTC=1 but NVRTC cannot be loaded");
+    eprintln!("SKIPPED: NVRTC not found");
+    false
+}
+
+/// Two `worker --device cuda-emu` processes (the virtual GPU, emulated NCCL between them) run a
+/// `device: cuda` job to the same parameters as one of them with twice the micro-batch.
+#[test]
+fn two_virtual_gpu_workers_equal_one() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let cuda = |job: String| job.replace("device: cpu", "device: cuda");
+    setup(root, &cuda(equivalence_job(2, 2, 2, "2")));
+    std::fs::write(root.join("job1.yaml"), cuda(equivalence_job(1, 1, 4, "1"))).unwrap();
+    let mut c = Cluster::new(root);
+    c.add_worker_with(&["--device", "cuda-emu"]);
+    c.add_worker_with(&["--device", "cuda-emu"]);
+    let two = c.submit_file("job.yaml");
+    c.wait_succeeded(&two);
+    let one = c.submit_file("job1.yaml");
+    c.wait_succeeded(&one);
+    assert!(c.logs().contains("cuda-emu"), "the workers did not run on the virtual GPU:\n{}", c.logs());
+    assert_same_parameters(root, "1", "2");
+}
+
+/// `kill -9` of one of two virtual-GPU workers while they train (each step ends in an NCCL
+/// all-reduce): the survivor's collective fails within `--collective-timeout` instead of hanging,
+/// it reports the failure, and the job re-forms and finishes from its checkpoint.
+#[test]
+fn killed_virtual_gpu_worker_mid_collective_job_recovers() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let total = 40;
+    setup(root, &long_job(total).replace("device: cpu", "device: cuda"));
+    let mut c = Cluster::new(root);
+    let (a, b) = (c.add_worker_with(&["--device", "cuda-emu"]), c.add_worker_with(&["--device", "cuda-emu"]));
+    let job = c.submit();
+    let before = c.wait_for(&job, "a committed checkpoint", committed(10));
+    c.workers[a].0.kill().unwrap();
+    c.workers[a].0.wait().unwrap();
+    let killed_at = Instant::now();
+    // The survivor gives up on its collective and says so, well within the collective timeout
+    // (3 s) plus the heartbeat that tells the coordinator.
+    let line = c.wait_file(&c.worker_logs[b].clone(), &["attempt failed: device error: NCCL"]);
+    eprintln!("survivor: {line}");
+    assert!(killed_at.elapsed() < Duration::from_secs(30), "the survivor took {:?}", killed_at.elapsed());
+    c.add_worker_with(&["--device", "cuda-emu"]);
+    let v = c.wait_succeeded(&job);
+    assert!(before["step"].as_u64().unwrap() < total, "the kill came after the end: {before}");
+    assert!(v["restarts"].as_u64().unwrap() >= 1, "{v}");
+    assert_final_checkpoint(root, total);
 }
