@@ -25,6 +25,8 @@ const WAIT: Duration = Duration::from_secs(90);
 fn bin(dir: &Path) -> Command {
     let mut c = common::bin_logging(dir, "info");
     c.env("NO_COLOR", "1");
+    // The virtual GPU's NCCL meets in this test's directory, where a test can look.
+    c.env("B2B_EMU_NCCL_DIR", dir.join("nccl"));
     c
 }
 
@@ -208,6 +210,11 @@ impl Cluster {
         assert_eq!(v["state"], "SUCCEEDED", "{v}\n{}", self.logs());
         assert_eq!(v["step"], v["total_steps"], "{v}");
         v
+    }
+
+    /// Every worker's whole log.
+    fn worker_log_text(&self) -> String {
+        self.worker_logs.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect()
     }
 
     /// The last lines of every process's log, for failure messages.
@@ -567,7 +574,10 @@ fn nvrtc_or_skip() -> bool {
 }
 
 /// Two `worker --device cuda-emu` processes (the virtual GPU, emulated NCCL between them) run a
-/// `device: cuda` job to the same parameters as one of them with twice the micro-batch.
+/// `device: cuda` job to the same parameters as one of them with twice the micro-batch, with
+/// gradients all-reduced in one piece and in 4 KB buckets that overlap backward; the single
+/// worker, whose job says `precision: fp32`, matches the CPU too (it would not with bf16 GEMMs).
+/// A clean finish finalizes the communicators: no rendezvous files are left.
 #[test]
 fn two_virtual_gpu_workers_equal_one() {
     if !nvrtc_or_skip() {
@@ -577,16 +587,26 @@ fn two_virtual_gpu_workers_equal_one() {
     let root = tmp.path();
     let cuda = |job: String| job.replace("device: cpu", "device: cuda");
     setup(root, &cuda(equivalence_job(2, 2, 2, "2")));
+    let bucketed = cuda(equivalence_job(2, 2, 2, "2b")).replace("seed: 11", "seed: 11, grad_bucket_mb: 0.004");
+    std::fs::write(root.join("job2b.yaml"), bucketed).unwrap();
     std::fs::write(root.join("job1.yaml"), cuda(equivalence_job(1, 1, 4, "1"))).unwrap();
+    std::fs::write(root.join("jobcpu.yaml"), equivalence_job(1, 1, 4, "cpu")).unwrap();
     let mut c = Cluster::new(root);
     c.add_worker_with(&["--device", "cuda-emu"]);
     c.add_worker_with(&["--device", "cuda-emu"]);
-    let two = c.submit_file("job.yaml");
-    c.wait_succeeded(&two);
-    let one = c.submit_file("job1.yaml");
-    c.wait_succeeded(&one);
-    assert!(c.logs().contains("cuda-emu"), "the workers did not run on the virtual GPU:\n{}", c.logs());
+    for file in ["job.yaml", "job2b.yaml", "job1.yaml"] {
+        let job = c.submit_file(file);
+        c.wait_succeeded(&job);
+    }
+    train(root, "jobcpu.yaml", "1");
+    assert!(c.worker_log_text().contains("cuda-emu"), "the workers did not run on the virtual GPU:\n{}", c.logs());
     assert_same_parameters(root, "1", "2");
+    assert_same_parameters(root, "1", "2b");
+    assert_same_parameters(root, "1", "cpu");
+    let left: Vec<_> = std::fs::read_dir(root.join("nccl")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "NCCL rendezvous files left after clean finishes: {left:?}");
+    // Finished communicators are finalized and destroyed, never aborted (NCCL's clean path).
+    assert!(!c.worker_log_text().contains("ncclCommAbort"), "a communicator was aborted after a clean run:\n{}", c.logs());
 }
 
 /// `kill -9` of one of two virtual-GPU workers while they train (each step ends in an NCCL
@@ -613,6 +633,7 @@ fn killed_virtual_gpu_worker_mid_collective_job_recovers() {
     let line = c.wait_file(&c.worker_logs[b].clone(), &["attempt failed: device error: NCCL"]);
     eprintln!("survivor: {line}");
     assert!(killed_at.elapsed() < Duration::from_secs(30), "the survivor took {:?}", killed_at.elapsed());
+    assert!(c.worker_log_text().contains("ncclCommAbort"), "the survivor did not abort its communicator:\n{}", c.logs());
     c.add_worker_with(&["--device", "cuda-emu"]);
     let v = c.wait_succeeded(&job);
     assert!(before["step"].as_u64().unwrap() < total, "the kill came after the end: {before}");

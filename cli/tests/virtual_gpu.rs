@@ -43,6 +43,10 @@ fn selftest_passes_on_the_virtual_gpu_in_fp32_and_bf16() {
         for family in ["GemmOps", "LayerNormOps", "GeluOps", "AttentionOps", "EmbeddingOps", "model"] {
             assert!(checks.iter().any(|c| c["family"] == family), "{precision}: no {family} check");
         }
+        // Gradient clipping (the norm read back from the device, then the scaling) is compared.
+        for op in ["clip_grad_norm_above", "clip_grad_norm_below"] {
+            assert!(checks.iter().any(|c| c["op"].as_str().is_some_and(|o| o.starts_with(op))), "{precision}: no {op}");
+        }
     }
 }
 

@@ -750,6 +750,8 @@ NCCL_API ncclResult_t ncclCommAbort(ncclComm_t comm) {
     if (!comm) return ncclSuccess;
     std::shared_ptr<EmuComm> c = lookup(comm, true);
     if (!c) return fail(ncclInvalidArgument, "ncclCommAbort: communicator %p is not live", (void*)comm);
+    // Said on stderr so that tests can tell an abort from a clean finalize + destroy.
+    fprintf(stderr, "[cuda-emu] nccl: rank %d: ncclCommAbort\n", c->rank);
     abort_comm(*c);
     return ncclSuccess;
 }

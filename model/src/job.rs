@@ -72,9 +72,9 @@ pub struct TrainingSpec {
     /// `None`: the device's default (see [`JobSpec::precision`]).
     pub precision: Option<Precision>,
     pub seed: u64,
-    /// With several CPU workers, gradients are all-reduced in buckets of about this many MB
+    /// With several workers, gradients are all-reduced in buckets of about this many MB
     /// while backward runs (0: one all-reduce after backward). Does not change the result.
-    /// CUDA jobs ignore it (NCCL already runs on the GPU stream, not on the host).
+    /// On CUDA the buckets' NCCL all-reduces overlap backward on their own stream.
     pub grad_bucket_mb: f32,
 }
 

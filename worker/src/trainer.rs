@@ -19,7 +19,7 @@ use kernels::collective::Collective;
 use kernels::{Backend, clip_grad_norm, rng};
 use model::checkpoint::{self, Checkpoint};
 use model::data::{Pair, read_pairs, tokenize_pairs};
-use model::job::{Device, JobSpec, Metric, ModelSpec};
+use model::job::{JobSpec, Metric, ModelSpec};
 use model::net::{Bert2Bert, GenerateOptions, Inputs, LengthPenaltyKind, PassOptions};
 use model::optim::{Optimizer, Schedule};
 use model::pipeline::{Cursor, Dataset, Sampler, shard};
@@ -149,12 +149,10 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
             step: 0,
             cursor: Cursor::default(),
             stop: None,
-            // Only the CPU ring blocks the host; NCCL queues collectives on the GPU stream, where
-            // a host thread would hide nothing (and that path is untested with threads).
-            grad_bucket_mb: match job.resources.device {
-                Device::Cpu => job.training.grad_bucket_mb as f64,
-                Device::Cuda => 0.0,
-            },
+            // On CUDA the buckets' NCCL all-reduces run on their own stream while backward goes
+            // on (ordered by events; `unstage` waits before the copy back). The virtual GPU's
+            // two-worker test checks that this equals one worker.
+            grad_bucket_mb: job.training.grad_bucket_mb as f64,
             grad_stage: Vec::new(),
             comm_wait_ms: 0.0,
             job,
