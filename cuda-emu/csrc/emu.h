@@ -58,6 +58,8 @@ __attribute__((noinline)) void sync_warp(unsigned mask);
 __attribute__((noinline)) uint64_t warp_exchange(unsigned mask, uint64_t mine, int src_lane, int width);
 __attribute__((noinline)) unsigned warp_ballot(unsigned mask, int pred);
 [[noreturn]] __attribute__((noinline)) void device_fault(Result code, const char* what);
+// Every lane of the warp gives `bytes` (at most 64) and receives all 32 lanes' in lane order.
+__attribute__((noinline)) void warp_share(const void* mine, unsigned bytes, void* all);
 }  // namespace emu
 
 #define threadIdx (::emu::tl_fiber->tid)
@@ -253,3 +255,40 @@ struct Registrar {
 };
 }  // namespace emu
 #define B2B_EMU_REGISTER(name) static ::emu::Registrar b2b_emu_registrar_##name(::emu::make_entry(#name, &name));
+
+// ---- tensor cores: twins of common.cuh's helpers, with the PTX ISA's fragment layouts ------
+inline float emu_bf16_lo(unsigned r) { return emu_from_bits<float>((uint32_t)(r & 0xffffu) << 16); }
+inline float emu_bf16_hi(unsigned r) { return emu_from_bits<float>((uint32_t)(r & 0xffff0000u)); }
+inline void emu_mma_bf16_16x8x16(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+    struct Fragments {
+        unsigned a[4], b[2];
+        float c[4];
+    } mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}}, all[32];
+    emu::warp_share(&mine, sizeof mine, all);
+    float A[16][16], B[16][8], C[16][8];
+    for (int l = 0; l < 32; l++) {
+        const int g = l / 4, t = l % 4;
+        const Fragments& f = all[l];
+        for (int h = 0; h < 2; h++) {  // h: the register's low or high element
+            auto pick = [&](unsigned r) { return h ? emu_bf16_hi(r) : emu_bf16_lo(r); };
+            A[g][2 * t + h] = pick(f.a[0]);
+            A[g + 8][2 * t + h] = pick(f.a[1]);
+            A[g][2 * t + 8 + h] = pick(f.a[2]);
+            A[g + 8][2 * t + 8 + h] = pick(f.a[3]);
+            B[2 * t + h][g] = pick(f.b[0]);
+            B[2 * t + 8 + h][g] = pick(f.b[1]);
+            C[g][2 * t + h] = f.c[h];
+            C[g + 8][2 * t + h] = f.c[2 + h];
+        }
+    }
+    const int g = (int)emu_lane() / 4, t = (int)emu_lane() % 4;
+    auto dot = [&](int row, int col) {
+        float s = C[row][col];
+        for (int k = 0; k < 16; k++) s += A[row][k] * B[k][col];
+        return s;
+    };
+    d[0] = dot(g, 2 * t);
+    d[1] = dot(g, 2 * t + 1);
+    d[2] = dot(g + 8, 2 * t);
+    d[3] = dot(g + 8, 2 * t + 1);
+}

@@ -99,6 +99,7 @@ struct Runner {
     BlockCtx block{};
     std::vector<unsigned char> smem;
     uint64_t exchange[MAX_THREADS];
+    std::vector<unsigned char> share = std::vector<unsigned char>(MAX_THREADS * 64);
     Result fault = OK;
     std::string fault_what;
 
@@ -323,6 +324,19 @@ unsigned warp_ballot(unsigned mask, int pred) {
         if (r.threads[base + i].state != State::Done && r.exchange[base + i]) bits |= 1u << i;
     sync_warp(mask);
     return bits;
+}
+void warp_share(const void* mine, unsigned bytes, void* all) {
+    if (bytes > 64) device_fault(LAUNCH_FAILED, "warp_share of more than 64 bytes per lane");
+    Thread* t = static_cast<Thread*>(tl_fiber);
+    Runner& r = *tl_runner;
+    std::memcpy(&r.share[t->linear * 64], mine, bytes);
+    sync_warp(0xffffffffu);
+    const unsigned base = t->warp * 32;
+    const unsigned n = r.launch->block.x * r.launch->block.y * r.launch->block.z;
+    if (base + 32 > n) device_fault(LAUNCH_FAILED, "a warp-wide tensor-core operation in a partial warp");
+    for (unsigned i = 0; i < 32; i++)
+        std::memcpy(static_cast<unsigned char*>(all) + i * bytes, &r.share[(base + i) * 64], bytes);
+    sync_warp(0xffffffffu);
 }
 void device_fault(Result code, const char* what) {
     Runner& r = *tl_runner;

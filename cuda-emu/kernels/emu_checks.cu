@@ -50,3 +50,22 @@ extern "C" __global__ void emu_check_dynamic_shared(float* out, int floats) {
         out[0] = s;
     }
 }
+
+// One warp: d (16x8, row-major) = a (16x16, row-major) b (16x8, row-major) through the
+// tensor-core helper, each lane loading its fragments as common.cuh documents them.
+extern "C" __global__ void emu_check_mma(float* d, const float* a, const float* b) {
+    const int lane = threadIdx.x & 31, g = lane / 4, t = lane % 4;
+    const unsigned fa[4] = {b2b_pack_bf16x2(a[g * 16 + 2 * t], a[g * 16 + 2 * t + 1]),
+                            b2b_pack_bf16x2(a[(g + 8) * 16 + 2 * t], a[(g + 8) * 16 + 2 * t + 1]),
+                            b2b_pack_bf16x2(a[g * 16 + 2 * t + 8], a[g * 16 + 2 * t + 9]),
+                            b2b_pack_bf16x2(a[(g + 8) * 16 + 2 * t + 8], a[(g + 8) * 16 + 2 * t + 9])};
+    const unsigned fb[2] = {b2b_pack_bf16x2(b[(2 * t) * 8 + g], b[(2 * t + 1) * 8 + g]),
+                            b2b_pack_bf16x2(b[(2 * t + 8) * 8 + g], b[(2 * t + 9) * 8 + g])};
+    const float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float out[4];
+    b2b_mma_bf16_16x8x16(out, fa, fb, c);
+    d[g * 8 + 2 * t] = out[0];
+    d[g * 8 + 2 * t + 1] = out[1];
+    d[(g + 8) * 8 + 2 * t] = out[2];
+    d[(g + 8) * 8 + 2 * t + 1] = out[3];
+}

@@ -26,6 +26,7 @@ const CHECKS: KernelSource = KernelSource {
         "emu_check_slow_fill",
         "emu_check_copy",
         "emu_check_dynamic_shared",
+        "emu_check_mma",
     ],
 };
 
@@ -117,6 +118,29 @@ fn hardware_limits_are_errors_naming_the_kernel() {
     let out = in_child("misaligned_vector_load");
     assert!(out.contains("kernel `emu_check_vector_copy`") && out.contains("misaligned"), "{out}");
     in_child("launch_limits");
+}
+
+#[test]
+fn the_tensor_core_helper_follows_the_documented_fragment_layout() {
+    in_child("tensor_core_mma");
+}
+
+/// Inline PTX has no emulated twin unless it sits in a common.cuh helper: none anywhere else.
+#[test]
+fn no_inline_ptx_outside_the_common_helpers() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut seen = 0;
+    for dir in [root.join("../kernels/src/cuda"), root.join("kernels")] {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|x| x == "cu") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                assert!(!text.contains("asm(") && !text.contains("asm volatile"), "inline PTX in {}", path.display());
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen >= 10, "found only {seen} .cu files");
 }
 
 #[test]
@@ -314,5 +338,39 @@ mod cases {
         assert!(e.stream.clone_dtoh(&fresh).unwrap().iter().all(|v| v.is_nan()));
         let zeros = e.stream.alloc_zeros::<f32>(333).unwrap();
         assert!(e.stream.clone_dtoh(&zeros).unwrap().iter().all(|&v| v == 0.0));
+    }
+
+    /// bf16 rounding to nearest even, as common.cuh's b2b_bf16_bits.
+    fn bf16(x: f32) -> f32 {
+        let u = x.to_bits();
+        f32::from_bits((u.wrapping_add(0x7fff + ((u >> 16) & 1))) & 0xffff_0000)
+    }
+
+    #[test]
+    #[ignore = "run by its parent test in a child process"]
+    fn tensor_core_mma() {
+        let e = Emu::open();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ std::process::id() as u64;
+        let mut rand = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let a: Vec<f32> = (0..16 * 16).map(|_| rand()).collect();
+        let b: Vec<f32> = (0..16 * 8).map(|_| rand()).collect();
+        let (ad, bd) = (upload(&e, &a), upload(&e, &b));
+        let mut d = upload(&e, &[0.0; 16 * 8]);
+        let f = e.f("emu_check_mma");
+        let mut l = e.stream.launch_builder(&f);
+        l.arg(&mut d).arg(&ad).arg(&bd);
+        // SAFETY: one warp; the buffers hold 16x8, 16x16 and 16x8 floats.
+        unsafe { l.launch(cfg(1, 32, 0)) }.unwrap();
+        let got = e.stream.clone_dtoh(&d).unwrap();
+        for i in 0..16 {
+            for j in 0..8 {
+                let want: f32 = (0..16).map(|k| bf16(a[i * 16 + k]) * bf16(b[k * 8 + j])).sum();
+                let g = got[i * 8 + j];
+                assert!((g - want).abs() <= 1e-5 * (1.0 + want.abs()), "d[{i}][{j}] = {g}, want {want}");
+            }
+        }
     }
 }

@@ -71,3 +71,40 @@ __device__ __forceinline__ float block_max(float v, float* shared32) {
     float t = lane < warps ? shared32[lane] : -3.402823466e38f;
     return warp_max(t);
 }
+
+// ---- tensor cores -------------------------------------------------------------------------
+// Every tensor-core operation goes through helpers here: their inline PTX is the only PTX in
+// the kernels, and each has an emulated twin (cuda-emu/csrc/emu.h) that implements the
+// fragment layout the PTX ISA documents, so kernels using them run on the virtual GPU too.
+
+// bf16 bits of x, rounded to nearest even (NaN stays NaN).
+__device__ __forceinline__ unsigned b2b_bf16_bits(float x) {
+    unsigned u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+// Two bf16 in one register, `lo` in the low half (the element with the lower index).
+__device__ __forceinline__ unsigned b2b_pack_bf16x2(float lo, float hi) {
+    return b2b_bf16_bits(lo) | (b2b_bf16_bits(hi) << 16);
+}
+
+// D = A B + C for one warp: A 16x16 (row-major), B 16x8 (column-major), bf16 inputs, fp32
+// accumulators (mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32). With g = lane / 4 and
+// t = lane % 4, each lane holds
+//   a[0] = A[g][2t, 2t+1]    a[1] = A[g+8][2t, 2t+1]    a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//   b[0] = B[2t, 2t+1][g]    b[1] = B[2t+8, 2t+9][g]
+//   c[0..1] = C[g][2t, 2t+1] c[2..3] = C[g+8][2t, 2t+1]   (d likewise)
+// All 32 lanes must call it together (it is a warp-wide operation).
+__device__ __forceinline__ void b2b_mma_bf16_16x8x16(float d[4], const unsigned a[4], const unsigned b[2],
+                                                     const float c[4]) {
+#ifdef B2B_EMU
+    emu_mma_bf16_16x8x16(d, a, b, c);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+#endif
+}
