@@ -620,7 +620,8 @@ fn killed_virtual_gpu_worker_mid_collective_job_recovers() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let total = 40;
-    setup(root, &long_job(total).replace("device: cpu", "device: cuda"));
+    // Both workers from the start (an elastic start of one would leave nobody to lose a peer).
+    setup(root, &long_job(total).replace("device: cpu", "device: cuda").replace("min_workers: 1", "min_workers: 2"));
     let mut c = Cluster::new(root);
     let (a, b) = (c.add_worker_with(&["--device", "cuda-emu"]), c.add_worker_with(&["--device", "cuda-emu"]));
     let job = c.submit();

@@ -85,6 +85,48 @@ fn train_matches_cpu(precision: &str, tol: f32) {
     for ((step, c), (_, e)) in cpu.iter().zip(&emu) {
         assert!((c - e).abs() <= tol * c.abs(), "{precision} step {step}: cpu loss {c}, virtual GPU {e}");
     }
+    if precision == "fp32" {
+        the_other_commands_run_on_the_virtual_gpu(root);
+    }
+}
+
+/// `eval`, `score`, `generate` and `bench` accept `--device cuda-emu` too; eval and score agree
+/// with the CPU on the trained checkpoint.
+fn the_other_commands_run_on_the_virtual_gpu(root: &Path) {
+    let ckpt = "ckpt-emu/step-00000005";
+    let json = |args: &[&str]| -> serde_json::Value {
+        let o = run_in(args, root);
+        assert!(o.status.success(), "{args:?}: {}", common::stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    };
+    for cmd in ["eval", "score"] {
+        let mut args = vec![cmd, "--model", ckpt, "--data", "train.jsonl", "--json", "--device"];
+        if cmd == "eval" {
+            args.splice(1..1, ["--metrics", "bleu", "--beams", "1", "--max-len", "6"]);
+        }
+        let cpu = json(&[args.as_slice(), &["cpu"]].concat());
+        let emu = json(&[args.as_slice(), &["cuda-emu"]].concat());
+        let key = if cmd == "eval" { "loss" } else { "mean_loss" };
+        let (c, e) = (cpu[key].as_f64().unwrap(), emu[key].as_f64().unwrap());
+        assert!((c - e).abs() <= 1e-4 * c.abs(), "{cmd}: cpu loss {c}, virtual GPU {e}");
+    }
+    let mut child = common::exe()
+        .args(["generate", "--model", ckpt, "--beams", "2", "--max-len", "5", "--device", "cuda-emu"])
+        .current_dir(root)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"In the beginning\nAnd God said\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "generate: {}", common::stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 2);
+    let b = json(&[
+        "bench", "--model", ckpt, "--batch", "2", "--src-len", "9", "--tgt-len", "7", "--steps", "2", "--warmup", "1",
+        "--device", "cuda-emu", "--json",
+    ]);
+    assert!(b["tokens_per_s"].as_f64().is_some_and(|t| t > 0.0), "{b}");
 }
 
 #[test]

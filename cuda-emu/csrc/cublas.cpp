@@ -1,5 +1,6 @@
 // Emulated cuBLAS: the GEMMs bert2bert calls, with cuBLAS's exact column-major, transpose,
-// leading-dimension and batch-stride semantics, queued on the handle's stream.
+// leading-dimension and batch-stride semantics, queued on the handle's stream. Storage is fp32
+// or bf16 (CUDA_R_16BF, for the bf16 fast path; a bf16 C is rounded once, at the end).
 //
 // Precision follows the compute type: CUBLAS_COMPUTE_32F multiplies fp32 exactly (fp32
 // accumulation), *_FAST_16BF rounds both inputs to bf16 first and *_FAST_TF32 to tf32, then
@@ -48,31 +49,55 @@ struct Gemm {
     bool ta, tb;
     int m, n, k;
     float alpha, beta;
-    const float* a;
-    int lda;
+    const void* a;
+    int atype, lda;
     long long sa;
-    const float* b;
-    int ldb;
+    const void* b;
+    int btype, ldb;
     long long sb;
-    float* c;
-    int ldc;
+    void* c;
+    int ctype, ldc;
     long long sc;
     int batch;
     int round_bits;  // mantissa bits dropped from inputs: 16 for bf16, 13 for tf32, 0 for fp32
 };
 
+size_t type_bytes(int t) { return t == R_32F ? 4 : 2; }
+
+// Element `i` of a matrix stored as `type` (fp32 or bf16), widened to fp32.
+float load(const void* base, int type, size_t i) {
+    if (type == R_32F) return static_cast<const float*>(base)[i];
+    const uint32_t bits = (uint32_t) static_cast<const uint16_t*>(base)[i] << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+void store(void* base, int type, size_t i, float v) {
+    if (type == R_32F) {
+        static_cast<float*>(base)[i] = v;
+        return;
+    }
+    const float r = round_mantissa(v, 16);
+    uint32_t bits;
+    std::memcpy(&bits, &r, 4);
+    static_cast<uint16_t*>(base)[i] = (uint16_t)(bits >> 16);
+}
+
 void run(const Gemm& g) {
     std::vector<float> at((size_t)g.m * g.k), bt((size_t)g.n * g.k);
     auto in = [&](float x) { return g.round_bits ? round_mantissa(x, g.round_bits) : x; };
     for (int q = 0; q < g.batch; q++) {
-        const float* A = g.a + q * g.sa;
-        const float* B = g.b + q * g.sb;
-        float* C = g.c + q * g.sc;
+        const size_t oa = q * g.sa, ob = q * g.sb, oc = q * g.sc;
         // op(A) row i and op(B) column j, each made contiguous over k.
         for (int i = 0; i < g.m; i++)
-            for (int p = 0; p < g.k; p++) at[(size_t)i * g.k + p] = in(g.ta ? A[p + (size_t)i * g.lda] : A[i + (size_t)p * g.lda]);
+            for (int p = 0; p < g.k; p++)
+                at[(size_t)i * g.k + p] =
+                    in(load(g.a, g.atype, oa + (g.ta ? p + (size_t)i * g.lda : i + (size_t)p * g.lda)));
         for (int j = 0; j < g.n; j++)
-            for (int p = 0; p < g.k; p++) bt[(size_t)j * g.k + p] = in(g.tb ? B[j + (size_t)p * g.ldb] : B[p + (size_t)j * g.ldb]);
+            for (int p = 0; p < g.k; p++)
+                bt[(size_t)j * g.k + p] =
+                    in(load(g.b, g.btype, ob + (g.tb ? j + (size_t)p * g.ldb : p + (size_t)j * g.ldb)));
         for (int j = 0; j < g.n; j++) {
             const float* bj = &bt[(size_t)j * g.k];
             for (int i = 0; i < g.m; i++) {
@@ -87,26 +112,28 @@ void run(const Gemm& g) {
                 }
                 for (; p < g.k; p++) s0 += ai[p] * bj[p];
                 const float dot = (s0 + s1) + (s2 + s3);
-                float& out = C[i + (size_t)j * g.ldc];
-                out = g.beta == 0.0f ? g.alpha * dot : g.alpha * dot + g.beta * out;
+                const size_t at_c = oc + i + (size_t)j * g.ldc;
+                const float v = g.beta == 0.0f ? g.alpha * dot : g.alpha * dot + g.beta * load(g.c, g.ctype, at_c);
+                store(g.c, g.ctype, at_c, v);
             }
         }
     }
 }
 
 // Bytes an operand spans: `rows x cols` column-major with leading dimension `ld`.
-size_t span(int rows, int cols, int ld, long long stride, int batch) {
+size_t span(int rows, int cols, int ld, long long stride, int batch, int type) {
     if (rows == 0 || cols == 0 || batch == 0) return 0;
-    return ((size_t)(cols - 1) * ld + rows + (size_t)(batch - 1) * stride) * 4;
+    return ((size_t)(cols - 1) * ld + rows + (size_t)(batch - 1) * stride) * type_bytes(type);
 }
 
-Status check_operand(const char* name, const void* p, int rows, int cols, int ld, long long stride, int batch,
-                     std::string* why) {
+Status check_operand(const char* name, const void* p, int type, int rows, int cols, int ld, long long stride,
+                     int batch, std::string* why) {
     std::ostringstream o;
+    const size_t bytes = span(rows, cols, ld, stride, batch, type);
     if (ld < std::max(1, rows)) o << name << ": leading dimension " << ld << " < " << rows << " rows";
-    else if (!mem_find((uintptr_t)p, span(rows, cols, ld, stride, batch), nullptr))
-        o << name << ": " << span(rows, cols, ld, stride, batch) << " bytes at " << mem_explain((uintptr_t)p)
-          << " do not fit in one allocation";
+    else if ((uintptr_t)p % type_bytes(type) != 0) o << name << ": misaligned for its type";
+    else if (!mem_find((uintptr_t)p, bytes, nullptr))
+        o << name << ": " << bytes << " bytes at " << mem_explain((uintptr_t)p) << " do not fit in one allocation";
     *why = o.str();
     return why->empty() ? SUCCESS : INVALID_VALUE;
 }
@@ -145,12 +172,14 @@ API int cublasGemmStridedBatchedEx(Handle* h, int transa, int transb, int m, int
                                    int compute, int /*algo*/) {
     std::string why;
     if (sticky() != emu::OK) return EXECUTION_FAILED;
-    if (atype != R_32F || btype != R_32F || ctype != R_32F) {
-        fail_now(emu::NOT_SUPPORTED, "cublasGemmStridedBatchedEx: only fp32 storage (CUDA_R_32F) is emulated");
+    auto storage = [](int t) { return t == R_32F || t == R_16BF; };
+    if (!storage(atype) || !storage(btype) || !storage(ctype) || atype != btype) {
+        fail_now(emu::NOT_SUPPORTED, "cublasGemmStridedBatchedEx: emulated storage is CUDA_R_32F or CUDA_R_16BF, "
+                                     "with A and B of one type");
         return NOT_SUPPORTED;
     }
     int bits = 0;
-    if (compute == C_32F_FAST_16BF) bits = 16;
+    if (compute == C_32F_FAST_16BF || atype == R_16BF) bits = 16;
     else if (compute == C_32F_FAST_TF32) bits = 13;
     else if (compute != C_32F && compute != C_32F_PEDANTIC) {
         fail_now(emu::NOT_SUPPORTED, "cublasGemmStridedBatchedEx: compute type " + std::to_string(compute) + " not emulated");
@@ -159,15 +188,15 @@ API int cublasGemmStridedBatchedEx(Handle* h, int transa, int transb, int m, int
     if (m < 0 || n < 0 || k < 0 || batch < 0 || transa > 2 || transb > 2) return INVALID_VALUE;
     if (m == 0 || n == 0 || batch == 0) return SUCCESS;
     const bool ta = transa != 0, tb = transb != 0;
-    const bool bad_inputs = k > 0 && (check_operand("A", A, ta ? k : m, ta ? m : k, lda, sa, batch, &why) ||
-                                      check_operand("B", B, tb ? n : k, tb ? k : n, ldb, sb, batch, &why));
-    if (bad_inputs || check_operand("C", C, m, n, ldc, sc, batch, &why)) {
+    const bool bad_inputs = k > 0 && (check_operand("A", A, atype, ta ? k : m, ta ? m : k, lda, sa, batch, &why) ||
+                                      check_operand("B", B, btype, tb ? n : k, tb ? k : n, ldb, sb, batch, &why));
+    if (bad_inputs || check_operand("C", C, ctype, m, n, ldc, sc, batch, &why)) {
         fail_now(emu::INVALID_VALUE, "cublasGemmStridedBatchedEx (m " + std::to_string(m) + ", n " + std::to_string(n) +
                                          ", k " + std::to_string(k) + ", batch " + std::to_string(batch) + "): " + why);
         return INVALID_VALUE;
     }
-    Gemm g{ta, tb, m, n, k, *(const float*)alpha, *(const float*)beta, (const float*)A, lda, sa,
-           (const float*)B, ldb, sb, (float*)C, ldc, sc, batch, bits};
+    Gemm g{ta, tb, m, n, k, *(const float*)alpha, *(const float*)beta, A, atype, lda, sa, B, btype, ldb, sb,
+           C, ctype, ldc, sc, batch, bits};
     enqueue(stream_get(h->stream), [g] { run(g); });
     return SUCCESS;
 }

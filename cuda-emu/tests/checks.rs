@@ -144,6 +144,11 @@ fn no_inline_ptx_outside_the_common_helpers() {
 }
 
 #[test]
+fn cublas_gemm_with_bf16_storage_matches_the_cpu() {
+    in_child("bf16_storage_gemm");
+}
+
+#[test]
 fn fresh_memory_is_poisoned_with_nan() {
     in_child("poisoned_allocation");
 }
@@ -372,5 +377,58 @@ mod cases {
                 assert!((g - want).abs() <= 1e-5 * (1.0 + want.abs()), "d[{i}][{j}] = {g}, want {want}");
             }
         }
+    }
+
+    #[test]
+    #[ignore = "run by its parent test in a child process"]
+    fn bf16_storage_gemm() {
+        use cudarc::cublas::{result as blas, sys as bsys};
+        use cudarc::driver::DevicePtr;
+        let e = Emu::open();
+        let (m, n, k) = (13usize, 7usize, 19usize);
+        let mut seed = 0x2545_f491_4f6c_dd1du64 ^ std::process::id() as u64;
+        let mut rand = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let bits = |x: f32| (bf16(x).to_bits() >> 16) as u16;
+        let a: Vec<f32> = (0..m * k).map(|_| bf16(rand())).collect(); // column-major m x k
+        let b: Vec<f32> = (0..k * n).map(|_| bf16(rand())).collect(); // column-major k x n
+        let ad = e.stream.clone_htod(&a.iter().map(|&x| bits(x)).collect::<Vec<u16>>()).unwrap();
+        let bd = e.stream.clone_htod(&b.iter().map(|&x| bits(x)).collect::<Vec<u16>>()).unwrap();
+        let c32 = e.stream.alloc_zeros::<f32>(m * n).unwrap();
+        let c16 = e.stream.alloc_zeros::<u16>(m * n).unwrap();
+        let handle = blas::create_handle().unwrap();
+        // SAFETY: fresh handle on the live default stream.
+        unsafe { blas::set_stream(handle, e.stream.cu_stream() as _) }.unwrap();
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let ptr = |p: u64| p as *const std::ffi::c_void;
+        let (pa, pb) = (ad.device_ptr(&e.stream).0, bd.device_ptr(&e.stream).0);
+        for (c, ctype) in [(c32.device_ptr(&e.stream).0, bsys::cudaDataType::CUDA_R_32F), (c16.device_ptr(&e.stream).0, bsys::cudaDataType::CUDA_R_16BF)] {
+            // SAFETY: A, B and C hold m*k, k*n and m*n elements of their types.
+            unsafe {
+                blas::gemm_strided_batched_ex(
+                    handle, bsys::cublasOperation_t::CUBLAS_OP_N, bsys::cublasOperation_t::CUBLAS_OP_N,
+                    m as i32, n as i32, k as i32, ptr(&alpha as *const f32 as u64), ptr(pa), bsys::cudaDataType::CUDA_R_16BF, m as i32, 0,
+                    ptr(pb), bsys::cudaDataType::CUDA_R_16BF, k as i32, 0, ptr(&beta as *const f32 as u64), c as *mut std::ffi::c_void, ctype, m as i32, 0, 1,
+                    bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .unwrap();
+        }
+        let got32 = e.stream.clone_dtoh(&c32).unwrap();
+        let got16 = e.stream.clone_dtoh(&c16).unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|p| a[i + p * m] * b[p + j * k]).sum();
+                let (g32, g16) = (got32[i + j * m], f32::from_bits((got16[i + j * m] as u32) << 16));
+                assert!((g32 - want).abs() <= 1e-5 * (1.0 + want.abs()), "C[{i}][{j}] fp32 {g32}, want {want}");
+                assert!((g16 - want).abs() <= 8e-3 * (1.0 + want.abs()), "C[{i}][{j}] bf16 {g16}, want {want}");
+            }
+        }
+        // SAFETY: created above, destroyed once.
+        unsafe { blas::destroy_handle(handle) }.unwrap();
     }
 }
