@@ -11,7 +11,8 @@
 # .deps/cuda13. --wheel instead downloads the wheel itself into .whl/ (gpu-check.sh accepts either).
 # The binary's debug line tables are stripped in place (34 MiB -> 9 MiB, so binary + tarball stay under 64 MiB;
 # backtraces keep function names but lose line numbers; the next cargo build that relinks restores them);
-# --no-strip leaves it. Prints what to copy and its size.
+# --no-strip leaves it. Prints what to copy (the binary and all of .whl/) and its total size, and exits 1 when that is
+# over 64 MiB, the most that can be copied to a GPU machine. BERT2BERT names another binary to strip and count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +22,7 @@ for a in "$@"; do
   case "$a" in
     --no-strip) STRIP=0 ;;
     --wheel) WHEEL=1 ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-pack: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -49,7 +50,7 @@ else
   fi
 fi
 
-bin=target/release/bert2bert
+bin=${BERT2BERT:-target/release/bert2bert}
 if [[ ! -x "$bin" ]]; then
   echo "gpu-pack: $bin not found: run cargo build --release first" >&2
   exit 1
@@ -57,5 +58,20 @@ fi
 if [[ "$STRIP" == 1 ]]; then
   strip --strip-debug "$bin"
 fi
+# What is copied: the binary and everything in .whl/ (gpu-check.sh installs or unpacks all of it).
+LIMIT=$((64 * 1024 * 1024))
+total=0
 echo "copy to the GPU machine, at the same paths under the repository root (with scripts/ and bench/):"
-du -ch "$bin" .whl/* | sed 's/^/  /'
+for f in "$bin" .whl/*; do
+  [[ -f "$f" ]] || continue
+  size=$(stat -L -c %s "$f")
+  total=$((total + size))
+  awk -v s="$size" -v f="$f" 'BEGIN { printf "  %8.1f MiB  %s\n", s / 1048576, f }'
+done
+awk -v s="$total" -v l="$LIMIT" 'BEGIN { printf "  %8.1f MiB  total (limit %.0f MiB)\n", s / 1048576, l / 1048576 }'
+if ((total > LIMIT)); then
+  echo "gpu-pack: $((total / 1048576)) MiB is more than the 64 MiB that can be copied to a GPU machine." >&2
+  echo "gpu-pack: keep only the slim tarball in .whl/ (no --wheel, no other files) and the stripped binary" \
+    "(no --no-strip)." >&2
+  exit 1
+fi
