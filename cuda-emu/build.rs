@@ -100,12 +100,21 @@ fn compile_all(units: &[PathBuf], include: &Path, out: &Path) -> Vec<PathBuf> {
             let obj = out.join(format!("{}.o", unit.file_stem().unwrap().to_string_lossy()));
             let mut c = Command::new(cxx());
             // No -ffast-math: kernels must keep IEEE semantics to compare with the CPU oracle.
-            c.args(["-std=c++20", "-O2", "-g0", "-fPIC", "-fvisibility=hidden", "-pthread", "-Wall", "-Wno-unused-function"])
-                .arg(format!("-I{}", include.display()))
-                .arg("-c")
-                .arg(unit)
-                .arg("-o")
-                .arg(&obj);
+            c.args([
+                "-std=c++20",
+                "-O2",
+                "-g0",
+                "-fPIC",
+                "-fvisibility=hidden",
+                "-pthread",
+                "-Wall",
+                "-Wno-unused-function",
+            ])
+            .arg(format!("-I{}", include.display()))
+            .arg("-c")
+            .arg(unit)
+            .arg("-o")
+            .arg(&obj);
             children.push((c.spawn().unwrap_or_else(|e| panic!("cannot run {}: {e}", cxx())), unit.clone()));
             objects.push(obj);
         }

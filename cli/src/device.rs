@@ -93,9 +93,12 @@ impl DeviceInfo for Cuda {
 /// loaded into the process first when `gpu` is emulated, and only then.
 pub fn open_cuda(gpu: Gpu, precision: GemmPrecision) -> CliResult<Cuda> {
     if gpu.emulated {
-        cuda_emu::install().map_err(|e| CliError { code: 1, error: anyhow::anyhow!("starting the virtual GPU: {e}") })?;
+        cuda_emu::install()
+            .map_err(|e| CliError { code: 1, error: anyhow::anyhow!("starting the virtual GPU: {e}") })?;
     } else if cuda_emu::installed() {
-        return Err(CliError::usage("this process runs on the virtual GPU (cuda-emu); a real cuda device cannot join it"));
+        return Err(CliError::usage(
+            "this process runs on the virtual GPU (cuda-emu); a real cuda device cannot join it",
+        ));
     }
     let ordinal = gpu.ordinal;
     match Cuda::new(ordinal, precision) {

@@ -603,10 +603,15 @@ fn two_virtual_gpu_workers_equal_one() {
     assert_same_parameters(root, "1", "2");
     assert_same_parameters(root, "1", "2b");
     assert_same_parameters(root, "1", "cpu");
-    let left: Vec<_> = std::fs::read_dir(root.join("nccl")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    let left: Vec<_> =
+        std::fs::read_dir(root.join("nccl")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "NCCL rendezvous files left after clean finishes: {left:?}");
     // Finished communicators are finalized and destroyed, never aborted (NCCL's clean path).
-    assert!(!c.worker_log_text().contains("ncclCommAbort"), "a communicator was aborted after a clean run:\n{}", c.logs());
+    assert!(
+        !c.worker_log_text().contains("ncclCommAbort"),
+        "a communicator was aborted after a clean run:\n{}",
+        c.logs()
+    );
 }
 
 /// `kill -9` of one of two virtual-GPU workers while they train (each step ends in an NCCL
@@ -634,7 +639,11 @@ fn killed_virtual_gpu_worker_mid_collective_job_recovers() {
     let line = c.wait_file(&c.worker_logs[b].clone(), &["attempt failed: device error: NCCL"]);
     eprintln!("survivor: {line}");
     assert!(killed_at.elapsed() < Duration::from_secs(30), "the survivor took {:?}", killed_at.elapsed());
-    assert!(c.worker_log_text().contains("ncclCommAbort"), "the survivor did not abort its communicator:\n{}", c.logs());
+    assert!(
+        c.worker_log_text().contains("ncclCommAbort"),
+        "the survivor did not abort its communicator:\n{}",
+        c.logs()
+    );
     c.add_worker_with(&["--device", "cuda-emu"]);
     let v = c.wait_succeeded(&job);
     assert!(before["step"].as_u64().unwrap() < total, "the kill came after the end: {before}");

@@ -123,8 +123,22 @@ fn the_other_commands_run_on_the_virtual_gpu(root: &Path) {
     assert!(o.status.success(), "generate: {}", common::stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 2);
     let b = json(&[
-        "bench", "--model", ckpt, "--batch", "2", "--src-len", "9", "--tgt-len", "7", "--steps", "2", "--warmup", "1",
-        "--device", "cuda-emu", "--json",
+        "bench",
+        "--model",
+        ckpt,
+        "--batch",
+        "2",
+        "--src-len",
+        "9",
+        "--tgt-len",
+        "7",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--device",
+        "cuda-emu",
+        "--json",
     ]);
     assert!(b["tokens_per_s"].as_f64().is_some_and(|t| t > 0.0), "{b}");
 }

@@ -305,10 +305,19 @@ mod cases {
         let n = 64i32;
         let f = e.f("emu_check_axpy");
         let bad = [
-            (LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1025, 1, 1), shared_mem_bytes: 0 }, "1025 threads per block"),
-            (LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 32, 2), shared_mem_bytes: 0 }, "2048 threads per block"),
+            (
+                LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1025, 1, 1), shared_mem_bytes: 0 },
+                "1025 threads per block",
+            ),
+            (
+                LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 32, 2), shared_mem_bytes: 0 },
+                "2048 threads per block",
+            ),
             (LaunchConfig { grid_dim: (1, 65536, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }, "over the limits"),
-            (LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 48 * 1024 + 4 }, "cuFuncSetAttribute"),
+            (
+                LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 48 * 1024 + 4 },
+                "cuFuncSetAttribute",
+            ),
         ];
         for (c, words) in bad {
             let mut l = e.stream.launch_builder(&f);
@@ -328,8 +337,11 @@ mod cases {
             unsafe { l.launch(cfg(1, 96, 4 * floats as u32)) }
         };
         assert!(run(&g, &mut y).is_err());
-        g.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 4 * floats)
-            .unwrap();
+        g.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            4 * floats,
+        )
+        .unwrap();
         run(&g, &mut y).unwrap();
         assert_eq!(e.stream.clone_dtoh(&y).unwrap()[0], floats as f32);
     }
@@ -406,14 +418,36 @@ mod cases {
         let (alpha, beta) = (1.0f32, 0.0f32);
         let ptr = |p: u64| p as *const std::ffi::c_void;
         let (pa, pb) = (ad.device_ptr(&e.stream).0, bd.device_ptr(&e.stream).0);
-        for (c, ctype) in [(c32.device_ptr(&e.stream).0, bsys::cudaDataType::CUDA_R_32F), (c16.device_ptr(&e.stream).0, bsys::cudaDataType::CUDA_R_16BF)] {
+        for (c, ctype) in [
+            (c32.device_ptr(&e.stream).0, bsys::cudaDataType::CUDA_R_32F),
+            (c16.device_ptr(&e.stream).0, bsys::cudaDataType::CUDA_R_16BF),
+        ] {
             // SAFETY: A, B and C hold m*k, k*n and m*n elements of their types.
             unsafe {
                 blas::gemm_strided_batched_ex(
-                    handle, bsys::cublasOperation_t::CUBLAS_OP_N, bsys::cublasOperation_t::CUBLAS_OP_N,
-                    m as i32, n as i32, k as i32, ptr(&alpha as *const f32 as u64), ptr(pa), bsys::cudaDataType::CUDA_R_16BF, m as i32, 0,
-                    ptr(pb), bsys::cudaDataType::CUDA_R_16BF, k as i32, 0, ptr(&beta as *const f32 as u64), c as *mut std::ffi::c_void, ctype, m as i32, 0, 1,
-                    bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    handle,
+                    bsys::cublasOperation_t::CUBLAS_OP_N,
+                    bsys::cublasOperation_t::CUBLAS_OP_N,
+                    m as i32,
+                    n as i32,
+                    k as i32,
+                    ptr(&alpha as *const f32 as u64),
+                    ptr(pa),
+                    bsys::cudaDataType::CUDA_R_16BF,
+                    m as i32,
+                    0,
+                    ptr(pb),
+                    bsys::cudaDataType::CUDA_R_16BF,
+                    k as i32,
+                    0,
+                    ptr(&beta as *const f32 as u64),
+                    c as *mut std::ffi::c_void,
+                    ctype,
+                    m as i32,
+                    0,
+                    1,
+                    bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )
             }
             .unwrap();
