@@ -26,6 +26,14 @@ pub trait Collective<B: Memory> {
     fn all_gather(&self, b: &B, send: B::Ref<'_>, recv: B::Mut<'_>) -> Result<()>;
     fn wait(&self, b: &B) -> Result<()>;
     fn wait_timeout(&self, b: &B, limit: Duration) -> Result<()>;
+
+    /// The granularity at which a bucketed all-reduce gives the same reduction order as one
+    /// whole all-reduce: an all-reduce of a piece starting at a multiple of this reduces each
+    /// value exactly as an all-reduce of the whole buffer would. Gradient buckets start at such
+    /// multiples, so training is bitwise the same with and without them. 1: no constraint known.
+    fn bucket_align(&self) -> usize {
+        1
+    }
 }
 
 /// World size 1: every collective is the identity (a copy where send and recv differ).

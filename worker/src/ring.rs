@@ -302,6 +302,12 @@ impl Collective<Cpu> for RingCollective {
     fn wait_timeout(&self, _b: &Cpu, _limit: Duration) -> Result<()> {
         Ok(())
     }
+
+    /// Blocks are dealt round robin (see `BLOCK_FLOATS`), so pieces starting at a multiple of a
+    /// full round keep every value's place along the ring.
+    fn bucket_align(&self) -> usize {
+        BLOCK_FLOATS * self.world
+    }
 }
 
 impl Links {

@@ -27,7 +27,6 @@ use model::tokenizer::Tokenizer;
 use model::{Error, Result};
 
 use crate::evaluate::{EvalOptions, EvalResult, evaluate};
-use crate::ring::BLOCK_FLOATS;
 use crate::state::{self, JobOwner, TrainingState};
 
 /// How long a step's collectives may take, by default, before the host gives up on them: well
@@ -257,7 +256,7 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
         // so they agree when one would have no micro-batch and all fall back to one all-reduce.
         let every_rank_busy = global.len().div_ceil(job.micro_batch().max(1)) >= world;
         let overlap = world > 1 && bucket_len > 0 && every_rank_busy;
-        let mut buckets = Buckets::new(n, bucket_len, BLOCK_FLOATS * world);
+        let mut buckets = Buckets::new(n, bucket_len, self.coll.bucket_align());
         let mut spare = std::mem::take(&mut self.grad_stage).into_iter();
         let (coll, net, train, step) = (self.coll, &mut self.net, &self.train, self.step);
         let (reduced, backward_done) = thread::scope(|sc| -> Result<(Reduced<B>, Instant)> {
@@ -476,7 +475,7 @@ fn unstage<B: Backend, C: Collective<B>>(
 /// Cuts the final part of the gradient buffer, which grows from the top down during backward,
 /// into buckets of at least `len` values. Every bucket but the last (which ends at 0) starts at
 /// a multiple of `align`, so the ring reduces each value in the same order as one all-reduce of
-/// the whole buffer would (see `ring::BLOCK_FLOATS`).
+/// the whole buffer would (see `Collective::bucket_align`).
 struct Buckets {
     top: usize,
     len: usize,
