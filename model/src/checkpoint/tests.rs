@@ -1,5 +1,9 @@
 //! Round trips and error messages of model directories and safetensors files.
 
+use std::collections::HashSet;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
 use super::*;
 use serde_json::json;
 
