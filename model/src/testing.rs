@@ -45,13 +45,47 @@ pub fn tokenizer_json() -> Value {
     })
 }
 
+/// The sizes of a tiny BERT config for tests. Tests pick their own (odd sizes catch layout
+/// bugs that round ones hide), so only the JSON around them is shared.
+#[derive(Clone, Copy, Debug)]
+pub struct TinyBert {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub intermediate: usize,
+    pub positions: usize,
+}
+
+impl TinyBert {
+    /// The config.json keys every BERT config needs; a test adds any others it sets.
+    pub fn json(&self) -> Value {
+        json!({
+            "vocab_size": self.vocab, "hidden_size": self.hidden, "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads, "intermediate_size": self.intermediate,
+            "max_position_embeddings": self.positions, "type_vocab_size": 2
+        })
+    }
+}
+
+/// `json`'s object with `extra`'s keys added (or replaced).
+pub fn with_keys(mut json: Value, extra: Value) -> Value {
+    if let (Some(obj), Value::Object(extra)) = (json.as_object_mut(), extra) {
+        obj.extend(extra);
+    }
+    json
+}
+
 pub fn bert_config() -> Value {
-    json!({
-        "architectures": ["BertModel"], "model_type": "bert", "vocab_size": WORDS.len(), "hidden_size": 16,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 24, "max_position_embeddings": 64,
-        "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "pad_token_id": 0,
-        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02
-    })
+    let sizes = TinyBert { vocab: WORDS.len(), hidden: 16, layers: 2, heads: 4, intermediate: 24, positions: 64 };
+    with_keys(
+        sizes.json(),
+        json!({
+            "architectures": ["BertModel"], "model_type": "bert", "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+            "pad_token_id": 0, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+            "initializer_range": 0.02
+        }),
+    )
 }
 
 /// Write a tiny random BERT directory; `break_tensor` is written with a wrong shape.

@@ -8,16 +8,17 @@ use std::path::Path;
 
 use kernels::{Cpu, IGNORE_INDEX, Memory, rng};
 use model::net::{Bert2Bert, Inputs, PassOptions};
+use model::testing::{TinyBert, with_keys};
 use model::{BertConfig, ModelConfig, ParamTable};
 
 const LAYERS: usize = 3;
 
 fn config(tie: bool) -> ModelConfig {
-    let v = serde_json::json!({
-        "vocab_size": 29, "hidden_size": 12, "num_hidden_layers": LAYERS, "num_attention_heads": 3,
-        "intermediate_size": 17, "max_position_embeddings": 16, "type_vocab_size": 2,
-        "layer_norm_eps": 1e-5, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1
-    });
+    let sizes = TinyBert { vocab: 29, hidden: 12, layers: LAYERS, heads: 3, intermediate: 17, positions: 16 };
+    let v = with_keys(
+        sizes.json(),
+        serde_json::json!({"layer_norm_eps": 1e-5, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}),
+    );
     let c = BertConfig::from_value(&v, Path::new("tiny")).unwrap();
     ModelConfig {
         encoder: c.clone(),

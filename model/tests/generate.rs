@@ -6,6 +6,7 @@ use std::path::Path;
 
 use kernels::{Cpu, IGNORE_INDEX, rng};
 use model::net::{Bert2Bert, GenerateOptions, Inputs, LengthPenaltyKind, PassOptions};
+use model::testing::TinyBert;
 use model::{BertConfig, ModelConfig, ParamTable};
 
 const VOCAB: usize = 29;
@@ -13,10 +14,7 @@ const EOS: i32 = 3;
 const START: i32 = 2;
 
 fn tiny(seed: u64, scale: f32) -> Bert2Bert<Cpu> {
-    let v = serde_json::json!({
-        "vocab_size": VOCAB, "hidden_size": 20, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 37, "max_position_embeddings": 24, "type_vocab_size": 2
-    });
+    let v = TinyBert { vocab: VOCAB, hidden: 20, layers: 2, heads: 4, intermediate: 37, positions: 24 }.json();
     let c = BertConfig::from_value(&v, Path::new("tiny")).unwrap();
     let cfg = ModelConfig {
         encoder: c.clone(),

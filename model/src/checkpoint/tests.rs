@@ -5,12 +5,12 @@ use std::collections::HashSet;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use super::*;
+use crate::testing::{TinyBert, with_keys};
 use serde_json::json;
 
 pub(crate) fn tiny_bert_json(init_range: f64) -> serde_json::Value {
-    json!({"vocab_size": 50, "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
-           "intermediate_size": 12, "max_position_embeddings": 16, "type_vocab_size": 2,
-           "initializer_range": init_range, "pad_token_id": 1, "hidden_act": "gelu"})
+    let sizes = TinyBert { vocab: 50, hidden: 8, layers: 2, heads: 2, intermediate: 12, positions: 16 };
+    with_keys(sizes.json(), json!({"initializer_range": init_range, "pad_token_id": 1, "hidden_act": "gelu"}))
 }
 
 pub(crate) fn tiny_bert() -> BertConfig {
