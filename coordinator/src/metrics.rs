@@ -1,5 +1,6 @@
 //! Prometheus metrics: what the coordinator counts, how it learns it, and a plain-HTTP
-//! `GET /metrics` endpoint in the Prometheus text format (version 0.0.4).
+//! `GET /metrics` endpoint (axum over hyper's HTTP/1, on its own port) in the Prometheus text
+//! format (version 0.0.4).
 //!
 //! The counts come from outside the domain code, so that the scheduler and the job manager stay
 //! free of instrumentation: [`MeteredStore`] sees attempts, restarts and checkpoints as they are
@@ -14,14 +15,20 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::Router;
+use axum::extract::State;
+use axum::http::{Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 
 use crate::domain::{Attempt, Checkpoint, Job, JobEvent, JobFilter, JobState, NewJob, Worker};
@@ -319,7 +326,8 @@ async fn follow_job(metrics: &Metrics, jobs: &Jobs, id: &str, mut stop: watch::R
     }
 }
 
-/// The largest HTTP request head read; a scrape's is a few hundred bytes.
+/// The largest HTTP request head read (hyper's smallest allowed buffer); a scrape's is a few
+/// hundred bytes. A longer head is answered 431.
 const MAX_HTTP_HEAD: usize = 8 << 10;
 /// A client gets this long to send its request and read the answer.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -327,6 +335,14 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Binds the metrics endpoint.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| crate::Error::io(format!("cannot listen for metrics on {addr}"), e))
+}
+
+/// What a scrape reads.
+#[derive(Clone)]
+struct Scrape {
+    metrics: Arc<Metrics>,
+    jobs: Arc<Jobs>,
+    workers: Arc<Workers>,
 }
 
 /// Serves `GET /metrics` (HTTP/1.x, one request per connection) until `stop` turns true.
@@ -337,6 +353,14 @@ pub async fn serve_http(
     workers: Arc<Workers>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let app = Router::new().route("/metrics", any(metrics_endpoint)).fallback(elsewhere).with_state(Scrape {
+        metrics,
+        jobs,
+        workers,
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // One request per connection, as scrapers and the tests that read to EOF expect.
+    http.keep_alive(false).max_buf_size(MAX_HTTP_HEAD).title_case_headers(true);
     loop {
         let conn = tokio::select! {
             _ = crate::service::stopped(&mut stop) => return,
@@ -350,55 +374,44 @@ pub async fn serve_http(
                 continue;
             }
         };
-        let (m, j, w) = (metrics.clone(), jobs.clone(), workers.clone());
+        let serve = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         tokio::spawn(async move {
-            if let Ok(Err(e)) = tokio::time::timeout(HTTP_TIMEOUT, answer(stream, &m, &j, &w)).await {
+            if let Ok(Err(e)) = tokio::time::timeout(HTTP_TIMEOUT, serve).await {
                 tracing::debug!("metrics endpoint: {e}");
             }
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, metrics: &Metrics, jobs: &Jobs, workers: &Workers) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > MAX_HTTP_HEAD {
-            return reply(&mut stream, "431 Request Header Fields Too Large", "text/plain", "request too large\n")
-                .await;
-        }
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
+/// `/metrics`: the exposition to `GET`, 405 to any other method (`HEAD` included, as ever).
+async fn metrics_endpoint(State(s): State<Scrape>, method: Method) -> Response {
+    if method != Method::GET {
+        return not_get();
     }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET", "/metrics") => match metrics.render(jobs, workers) {
-            Ok(text) => {
-                let ct = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
-                reply(&mut stream, "200 OK", ct, &text).await
-            }
-            Err(e) => reply(&mut stream, "500 Internal Server Error", "text/plain", &format!("{e}\n")).await,
-        },
-        ("GET", _) => reply(&mut stream, "404 Not Found", "text/plain", "only /metrics is served\n").await,
-        _ => reply(&mut stream, "405 Method Not Allowed", "text/plain", "only GET is served\n").await,
+    match s.metrics.render(&s.jobs, &s.workers) {
+        Ok(text) => {
+            let ct = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+            ([(header::CONTENT_TYPE, ct)], text).into_response()
+        }
+        Err(e) => plain(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
     }
 }
 
-async fn reply(stream: &mut TcpStream, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+/// Every other path: 404 to `GET`, 405 to any other method.
+async fn elsewhere(method: Method) -> Response {
+    if method != Method::GET {
+        return not_get();
+    }
+    plain(StatusCode::NOT_FOUND, "only /metrics is served\n".into())
+}
+
+fn not_get() -> Response {
+    plain(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n".into())
+}
+
+fn plain(status: StatusCode, body: String) -> Response {
+    // `text/plain` exactly, not axum's `text/plain; charset=utf-8`, as the endpoint always said.
+    (status, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
 }
 
 /// A tower layer over the gRPC server that counts every call by method and final status.

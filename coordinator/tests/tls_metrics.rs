@@ -162,9 +162,15 @@ fn bad_tls_files_are_refused_naming_the_file() {
 
 /// One HTTP/1.1 GET; returns the status code, the Content-Type and the body.
 fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    http(addr, "GET", path, "")
+}
+
+/// One HTTP/1.1 request (`extra`: more header lines, each ending in CRLF), read to the end:
+/// the endpoint answers one request per connection.
+fn http(addr: SocketAddr, method: &str, path: &str, extra: &str) -> (u16, String, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: test\r\n{extra}\r\n").unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
@@ -248,6 +254,17 @@ async fn metrics_follow_jobs_workers_attempts_and_calls() {
     let addr = c.metrics_addr.expect("a metrics address");
     let (status, _, _) = tokio::task::spawn_blocking(move || http_get(addr, "/other")).await.unwrap();
     assert_eq!(status, 404);
+    let huge = format!("X-Pad: {}\r\n", "a".repeat(9 << 10));
+    let odd = tokio::task::spawn_blocking(move || {
+        [
+            http(addr, "POST", "/metrics", "Content-Length: 0\r\n"),
+            http(addr, "HEAD", "/metrics", ""),
+            http(addr, "DELETE", "/other", ""),
+            http(addr, "GET", "/metrics", &huge),
+        ]
+    });
+    let statuses: Vec<u16> = odd.await.unwrap().iter().map(|r| r.0).collect();
+    assert_eq!(statuses, [405, 405, 405, 431]);
     let m = tokio::task::spawn_blocking(move || scrape(addr)).await.unwrap();
     assert_eq!(get(&m, "bert2bert_jobs{state=\"PENDING\"}"), 0.0);
     assert_eq!(get(&m, "bert2bert_workers_alive"), 0.0);
