@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use model::job::JobSpec;
+use model::job::{JobModelExt, JobSpec};
 use proto::v1;
 use proto::v1::worker_service_client::WorkerServiceClient;
 use tonic::Code;

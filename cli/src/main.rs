@@ -84,6 +84,13 @@ impl From<model::Error> for CliError {
     }
 }
 
+/// Job-file errors (`jobspec`) exit as the model's do: 2 for bad input.
+impl From<jobspec::Error> for CliError {
+    fn from(e: jobspec::Error) -> Self {
+        model::Error::from(e).into()
+    }
+}
+
 impl From<kernels::KernelError> for CliError {
     fn from(e: kernels::KernelError) -> Self {
         let code = if matches!(e, kernels::KernelError::Unavailable(_)) { 2 } else { 1 };

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use kernels::Backend;
 use kernels::collective::Single;
-use model::job::{self, JobSpec, Precision};
+use model::job::{self, JobModelExt, JobSpec, Precision};
 use worker::tensorboard::{TrainLog, recording};
 use worker::{Event, Trainer};
 

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use model::job::JobSpec;
+use jobspec::JobSpec;
 use prost::Message;
 use proto::v1;
 
@@ -42,7 +42,7 @@ pub struct Submit(pub JobSpec);
 /// The job file size limit, checked before anything reads the text; cheap enough to run on
 /// the executor, before the request waits for a parse slot (`admission`).
 pub fn check_job_size(r: &v1::SubmitJobRequest) -> Result<()> {
-    let (n, max) = (r.job_yaml.len(), model::job::MAX_JOB_BYTES);
+    let (n, max) = (r.job_yaml.len(), jobspec::MAX_JOB_BYTES);
     if n > max {
         return Err(Error::invalid("job_yaml", format!("{n} bytes, over the limit of {max} bytes")));
     }
@@ -55,7 +55,7 @@ impl TryFrom<v1::SubmitJobRequest> for Submit {
         check_job_size(&r)?;
         // The origin names the field in every message: "job_yaml: training.steps: ...".
         JobSpec::from_str(&r.job_yaml, Path::new("job_yaml")).map(Submit).map_err(|e| match e {
-            model::Error::Input { .. } => Error::InvalidArgument(e.to_string()),
+            jobspec::Error::Input { .. } => Error::InvalidArgument(e.to_string()),
             other => Error::Internal(other.to_string()),
         })
     }
@@ -63,16 +63,16 @@ impl TryFrom<v1::SubmitJobRequest> for Submit {
 
 /// INVALID_ARGUMENT, naming the key (`job_yaml: data.train: ...`), for a job that names a
 /// path outside the allowed roots.
-pub fn check_policy(policy: &model::policy::PathPolicy, spec: &JobSpec) -> Result<()> {
+pub fn check_policy(policy: &jobspec::policy::PathPolicy, spec: &JobSpec) -> Result<()> {
     policy.check(spec).map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 
 /// The job's lengths against its model's config.json, when the coordinator can read it (the
 /// model may exist only on the workers' machines: then the workers check it at start).
 pub fn check_model(spec: &JobSpec) -> Result<()> {
-    match spec.check_against_model() {
+    match check_positions(spec) {
         Ok(()) => Ok(()),
-        Err(e @ model::Error::Input { .. }) => {
+        Err(e @ jobspec::Error::Input { .. }) => {
             // Length errors name the job (`job_yaml: data...`); config.json errors name that file.
             let msg = e.to_string();
             let msg = if msg.starts_with("job_yaml") { msg } else { format!("job_yaml: model: {msg}") };
@@ -85,9 +85,60 @@ pub fn check_model(spec: &JobSpec) -> Result<()> {
     }
 }
 
+/// The largest config.json read (as `model::config` allows).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// `JobSpec::check_positions` with the `max_position_embeddings` of the model's config files.
+/// The coordinator reads only that key, without the ML crates; the workers validate the whole
+/// config (`model::job::JobModelExt`) before they train.
+fn check_positions(spec: &JobSpec) -> jobspec::Result<()> {
+    let (enc_file, dec_file) = spec.model_config_files();
+    let (enc, dec) = match &spec.model {
+        jobspec::ModelSpec::Init(_) => {
+            let v = read_config(&enc_file)?;
+            (positions(&v, Some("encoder"), &enc_file)?, positions(&v, Some("decoder"), &dec_file)?)
+        }
+        jobspec::ModelSpec::Inline { decoder, .. } => {
+            let enc = positions(&read_config(&enc_file)?, None, &enc_file)?;
+            // A random decoder takes the encoder's config.
+            let dec = match decoder {
+                None => enc,
+                Some(_) => positions(&read_config(&dec_file)?, None, &dec_file)?,
+            };
+            (enc, dec)
+        }
+    };
+    spec.check_positions((&enc_file, enc), (&dec_file, dec))
+}
+
+fn read_config(file: &Path) -> jobspec::Result<serde_json::Value> {
+    let bytes = jobspec::error::read_bounded(file, MAX_CONFIG_BYTES)?;
+    serde_json::from_slice(&bytes).map_err(|e| jobspec::Error::input(file, format!("invalid JSON: {e}")))
+}
+
+/// `max_position_embeddings` of a BERT config, or of its `stack` (`encoder`, `decoder`) in an
+/// encoder-decoder config; errors are worded as `model::config`'s.
+fn positions(v: &serde_json::Value, stack: Option<&str>, file: &Path) -> jobspec::Result<usize> {
+    let (v, within) = match stack {
+        Some(key) => match v.get(key) {
+            Some(sub) => (sub, format!("in `{key}`: ")),
+            None => return Err(jobspec::Error::input(file, format!("missing config key `{key}`"))),
+        },
+        None => (v, String::new()),
+    };
+    const KEY: &str = "max_position_embeddings";
+    match v.get(KEY).map(|x| x.as_u64().filter(|&n| n > 0)) {
+        Some(Some(n)) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+        Some(None) => {
+            Err(jobspec::Error::input(file, format!("{within}config key `{KEY}` must be a positive integer")))
+        }
+        None => Err(jobspec::Error::input(file, format!("{within}missing config key `{KEY}`"))),
+    }
+}
+
 /// Everything a submitted job goes through before it is stored: parse (size first), the path
 /// policy, then the model's position tables. Blocking work: `admission::SpecGate` runs it.
-pub fn checked_submit(r: v1::SubmitJobRequest, policy: &model::policy::PathPolicy) -> Result<Submit> {
+pub fn checked_submit(r: v1::SubmitJobRequest, policy: &jobspec::policy::PathPolicy) -> Result<Submit> {
     let submit = Submit::try_from(r)?;
     check_policy(policy, &submit.0)?;
     check_model(&submit.0)?;

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use model::job::JobSpec;
+use jobspec::JobSpec;
 use tokio::sync::broadcast;
 
 use crate::domain::{Clock, Job, JobEvent, JobFilter, JobState, NewJob, WorkerEvent};

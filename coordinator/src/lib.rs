@@ -70,7 +70,7 @@ pub struct Config {
     /// How long a PENDING job waits for `workers` before starting with at least `min_workers`.
     pub elastic_wait: Duration,
     /// Where jobs may point (allowed roots); a job outside them is INVALID_ARGUMENT at submit.
-    pub path_policy: model::policy::PathPolicy,
+    pub path_policy: jobspec::policy::PathPolicy,
 }
 
 impl Config {
@@ -88,7 +88,7 @@ impl Config {
             tls: None,
             metrics_listen: None,
             elastic_wait: scheduler::DEFAULT_ELASTIC_WAIT,
-            path_policy: model::policy::PathPolicy::default(),
+            path_policy: jobspec::policy::PathPolicy::default(),
         }
     }
 

@@ -22,7 +22,7 @@ use std::path::{Component, Path};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use model::job::JobSpec;
+use jobspec::JobSpec;
 
 use crate::convert::cap_reason;
 use crate::domain::{
@@ -211,8 +211,8 @@ impl Scheduler {
                 }
             };
             let device = match spec.resources.device {
-                model::job::Device::Cpu => crate::domain::DeviceKind::Cpu,
-                model::job::Device::Cuda => crate::domain::DeviceKind::Cuda,
+                jobspec::Device::Cpu => crate::domain::DeviceKind::Cpu,
+                jobspec::Device::Cuda => crate::domain::DeviceKind::Cuda,
             };
             let need = job.workers.max(1) as usize;
             let least = (job.min_workers as usize).clamp(1, need);
@@ -545,7 +545,7 @@ fn checkpoint_path(job_yaml: &str, step: u64, path: &str) -> Result<()> {
     let spec = JobSpec::from_str(job_yaml, Path::new("spec_yaml")).map_err(|e| Error::Internal(e.to_string()))?;
     let p = Path::new(path);
     let plain = p.is_absolute() && p.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
-    let dir = model::policy::normalize(&spec.checkpoint.dir);
+    let dir = jobspec::policy::normalize(&spec.checkpoint.dir);
     let number = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-"));
     let number = number.filter(|n| n.bytes().all(|b| b.is_ascii_digit())).and_then(|n| n.parse::<u64>().ok());
     if plain && dir.as_deref() == p.parent() && number == Some(step) {
@@ -571,7 +571,7 @@ enum NcclRelay {
 impl NcclRelay {
     fn for_job(spec_yaml: &str) -> NcclRelay {
         match JobSpec::from_str(spec_yaml, Path::new("spec_yaml")).map(|s| s.resources.device) {
-            Ok(model::job::Device::Cuda) => NcclRelay::Waiting,
+            Ok(jobspec::Device::Cuda) => NcclRelay::Waiting,
             _ => NcclRelay::NotNeeded,
         }
     }

@@ -30,7 +30,7 @@ pub struct JobApi {
     /// Becomes true when the server shuts down; open Watch streams then end.
     pub shutdown: watch::Receiver<bool>,
     /// Where a submitted job may point.
-    pub policy: Arc<model::policy::PathPolicy>,
+    pub policy: Arc<jobspec::policy::PathPolicy>,
     /// Runs job file checks on blocking threads, a few at a time, within a time budget.
     pub gate: Arc<SpecGate>,
 }

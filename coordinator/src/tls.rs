@@ -98,7 +98,7 @@ impl Tls {
                 "{} with {}: {}",
                 self.cert_file.display(),
                 self.key_file.display(),
-                model::error::chain(&e)
+                jobspec::chain(&e)
             ))),
         }
     }

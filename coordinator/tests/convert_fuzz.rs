@@ -227,7 +227,7 @@ fn job_files() {
             match Submit::try_from(v1::SubmitJobRequest { job_yaml }) {
                 Ok(Submit(spec)) => {
                     accepted.set(accepted.get() + 1);
-                    let again = model::job::JobSpec::from_str(&spec.to_yaml(), std::path::Path::new("job_yaml"));
+                    let again = jobspec::JobSpec::from_str(&spec.to_yaml(), std::path::Path::new("job_yaml"));
                     let again = again.ok();
                     prop_assert_eq!(again.as_ref(), Some(&spec));
                 }

@@ -146,46 +146,8 @@ impl BertConfig {
     }
 }
 
-/// Which parts of the model start from BERT and whether encoder and decoder share weights.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Variant {
-    Bert2Bert,
-    BertShare,
-    Bert2Rnd,
-    Rnd2Bert,
-    Rnd2Rnd,
-}
-
-impl Variant {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s.to_ascii_lowercase().as_str() {
-            "bert2bert" => Variant::Bert2Bert,
-            "bertshare" => Variant::BertShare,
-            "bert2rnd" => Variant::Bert2Rnd,
-            "rnd2bert" => Variant::Rnd2Bert,
-            "rnd2rnd" => Variant::Rnd2Rnd,
-            _ => return None,
-        })
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Variant::Bert2Bert => "bert2bert",
-            Variant::BertShare => "bertshare",
-            Variant::Bert2Rnd => "bert2rnd",
-            Variant::Rnd2Bert => "rnd2bert",
-            Variant::Rnd2Rnd => "rnd2rnd",
-        }
-    }
-    pub fn shares_weights(self) -> bool {
-        self == Variant::BertShare
-    }
-    pub fn encoder_from_bert(self) -> bool {
-        matches!(self, Variant::Bert2Bert | Variant::BertShare | Variant::Bert2Rnd)
-    }
-    pub fn decoder_from_bert(self) -> bool {
-        matches!(self, Variant::Bert2Bert | Variant::BertShare | Variant::Rnd2Bert)
-    }
-}
+/// Which parts of the model start from BERT (a job-file value, so defined in `jobspec`).
+pub use jobspec::Variant;
 
 /// An EncoderDecoderConfig of two BERTs.
 #[derive(Clone, Debug)]

@@ -34,27 +34,13 @@ pub const MAX_EXAMPLES: usize = 100_000_000;
 /// the file, before anything is read. The check runs before the open so that a FIFO is never
 /// opened; the opened file is checked again.
 pub fn open_regular(path: &Path) -> Result<File> {
-    let not_regular = || Error::input(path, "not a regular file (a device, FIFO, socket or directory)");
-    if !std::fs::metadata(path).map_err(|e| Error::io(path, e))?.is_file() {
-        return Err(not_regular());
-    }
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    if !file.metadata().map_err(|e| Error::io(path, e))?.is_file() {
-        return Err(not_regular());
-    }
-    Ok(file)
+    Ok(jobspec::error::open_regular(path)?)
 }
 
 /// The whole of a regular file of at most `max` bytes; a longer file is an input error naming
 /// the limit (nothing past `max` is read).
 pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
-    let file = open_regular(path)?;
-    let mut bytes = Vec::new();
-    file.take(max + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
-    if bytes.len() as u64 > max {
-        return Err(Error::input(path, format!("larger than the limit of {max} bytes")));
-    }
-    Ok(bytes)
+    Ok(jobspec::error::read_bounded(path, max)?)
 }
 
 /// Calls `each(line_number, text)` for every non-blank line; line numbers are 1-based and count

@@ -37,43 +37,17 @@ impl Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// An error and its sources, `a: b: c` (what `anyhow`'s `{:#}` prints).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        out.push_str(&format!(": {s}"));
-        next = s.source();
-    }
-    out
-}
+// Generic error printing, shared with the coordinator through `jobspec`.
+pub use jobspec::error::{chain, redact_quoted};
 
-/// `msg` with whatever a parser quoted from its input (between `"` or backticks) replaced by
-/// `…`: serde's typed errors quote the offending value (`invalid type: string "…"`), and a file
-/// a job points at must not come back to the client through an error.
-pub fn redact_quoted(msg: &str) -> String {
-    let mut out = String::with_capacity(msg.len());
-    let mut open: Option<char> = None;
-    for c in msg.chars() {
-        match open {
-            Some(q) if c == q => {
-                out.push('…');
-                out.push(c);
-                open = None;
-            }
-            Some(_) => {}
-            None => {
-                out.push(c);
-                if c == '"' || c == '`' {
-                    open = Some(c);
-                }
-            }
+/// Job-file errors keep their kind: an input error stays one (exit code 2).
+impl From<jobspec::Error> for Error {
+    fn from(e: jobspec::Error) -> Self {
+        match e {
+            jobspec::Error::Input { file, msg } => Error::Input { file, msg },
+            jobspec::Error::Io { file, err } => Error::Io { file, err },
         }
     }
-    if open.is_some() {
-        out.push('…');
-    }
-    out
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@ pub mod net;
 pub mod optim;
 pub mod params;
 pub mod pipeline;
-pub mod policy;
+/// Where a job may read and write (`jobspec::policy`, re-exported for the ML side's paths).
+pub use jobspec::policy;
 pub mod testing;
 pub mod tokenizer;
 

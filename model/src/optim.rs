@@ -8,73 +8,9 @@ use kernels::{AdamW, Backend};
 use crate::error::Result;
 use crate::params::ParamTable;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ScheduleKind {
-    /// Linear warmup, then linear decay to 0 at `total_steps` (HF's default).
-    Linear,
-    /// Linear warmup, then half a cosine down to 0.
-    Cosine,
-    /// Linear warmup, then constant.
-    Constant,
-    /// Linear warmup, then `peak * sqrt(warmup / step)`: the inverse-square-root decay of
-    /// Rothe et al. (and T5).
-    Rsqrt,
-}
-
-impl ScheduleKind {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "linear" => ScheduleKind::Linear,
-            "cosine" => ScheduleKind::Cosine,
-            "constant" => ScheduleKind::Constant,
-            "rsqrt" => ScheduleKind::Rsqrt,
-            _ => return None,
-        })
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct Schedule {
-    pub kind: ScheduleKind,
-    pub peak_lr: f32,
-    pub warmup_steps: u64,
-    pub total_steps: u64,
-}
-
-impl Schedule {
-    /// Learning rate of the update made after `done` completed updates (0-based, as HF's
-    /// LambdaLR calls it).
-    pub fn lr(&self, done: u64) -> f32 {
-        let (s, w, t) = (done as f64, self.warmup_steps as f64, self.total_steps as f64);
-        if done < self.warmup_steps {
-            return (self.peak_lr as f64 * s / w.max(1.0)) as f32;
-        }
-        let factor = match self.kind {
-            ScheduleKind::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
-            ScheduleKind::Cosine => {
-                let progress = ((s - w) / (t - w).max(1.0)).min(1.0);
-                0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
-            }
-            ScheduleKind::Constant => 1.0,
-            ScheduleKind::Rsqrt => (w.max(1.0) / s.max(1.0)).sqrt(),
-        };
-        (self.peak_lr as f64 * factor) as f32
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct AdamWConfig {
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-}
-
-impl Default for AdamWConfig {
-    fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
-    }
-}
+// The schedule and AdamW's constants are job settings (the `jobspec` crate): plain numbers the
+// coordinator shares without this crate.
+pub use jobspec::schedule::{AdamWConfig, Schedule, ScheduleKind};
 
 /// AdamW moments (same layout as the parameters) and the number of updates made.
 pub struct Optimizer<B: Backend> {

@@ -30,7 +30,7 @@ resources: { workers: 2, device: cpu }
 ";
 
 fn parse(text: &str) -> Result<JobSpec, model::Error> {
-    JobSpec::from_str(text, Path::new("/jobs/fuzz.yaml"))
+    Ok(JobSpec::from_str(text, Path::new("/jobs/fuzz.yaml"))?)
 }
 
 /// Ok, or an input error naming the job file: anything else (a panic, an I/O error) fails.

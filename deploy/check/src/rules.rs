@@ -667,7 +667,7 @@ fn check_jobs(k: &Kustomization, input: &Input, workloads: &[Workload], r: &mut 
         let Some(text) = input.files.get(path) else { continue };
         // Parsed as if it lived in a directory that exists nowhere: a relative path shows up there.
         let origin = Path::new("/relative-path-in-job").join(key.as_str());
-        let spec = match model::job::JobSpec::from_str(text, &origin) {
+        let spec = match jobspec::JobSpec::from_str(text, &origin) {
             Ok(s) => s,
             Err(e) => {
                 r.at(path, format!("not a valid job file: {e}"));
@@ -678,8 +678,8 @@ fn check_jobs(k: &Kustomization, input: &Input, workloads: &[Workload], r: &mut 
         paths.extend(spec.data.validation.clone().map(|p| ("data.validation", p)));
         paths.push(("logging.dir", spec.logging.dir.clone()));
         match &spec.model {
-            model::job::ModelSpec::Init(d) => paths.push(("model.init", d.clone())),
-            model::job::ModelSpec::Inline { encoder, decoder, .. } => {
+            jobspec::ModelSpec::Init(d) => paths.push(("model.init", d.clone())),
+            jobspec::ModelSpec::Inline { encoder, decoder, .. } => {
                 paths.push(("model.encoder", encoder.clone()));
                 paths.extend(decoder.clone().map(|d| ("model.decoder", d)));
             }

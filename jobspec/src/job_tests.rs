@@ -387,30 +387,19 @@ fn lengths_have_an_absolute_cap_and_a_model_cap() {
     let msg = err(&full_with("data", "max_source_len", "100000"));
     assert!(msg.starts_with("data.max_source_len: must be at most 8192, got 100000"), "{msg}");
     assert!(err(&full_with("eval", "beams", "100000")).starts_with("eval.beams: must be at most 64"));
-    // The tiny BERT of model::testing has 64 positions; a random decoder takes its config.
-    let d = tempfile::tempdir().unwrap();
-    crate::testing::write_bert_dir(&d.path().join("bert"), 1, None);
-    let job = |src: usize, tgt: usize, eval_len: usize| {
-        let text = format!(
-            "name: t\nmodel: {{ encoder: bert, decoder: random }}\n\
-             data: {{ train: d.jsonl, validation: v.jsonl, max_source_len: {src}, max_target_len: {tgt} }}\n\
-             training: {{ steps: 10, global_batch: 8 }}\neval: {{ max_len: {eval_len} }}\n"
-        );
-        JobSpec::from_str(&text, &d.path().join("j.yaml")).unwrap().check_against_model()
-    };
-    job(64, 64, 63).unwrap();
-    for (src, tgt, eval_len, key) in
-        [(65, 8, 8, "data.max_source_len: 65"), (8, 100, 8, "data.max_target_len: 100"), (8, 8, 64, "eval.max_len")]
-    {
-        let e = job(src, tgt, eval_len).unwrap_err();
-        let msg = e.to_string();
-        assert!(e.is_bad_input() && msg.contains(key) && msg.contains("max_position_embeddings (64"), "{msg}");
-        assert!(msg.starts_with(&*d.path().join("j.yaml").to_string_lossy()), "{msg}");
+    // The model's limits (model::job::JobModelExt reads its config files).
+    let text = MINIMAL.replace("train.jsonl }", "train.jsonl, validation: v.jsonl, max_source_len: 64 }");
+    let job = parse(&text).unwrap();
+    let (enc, dec) = job.model_config_files();
+    assert_eq!((enc.as_path(), dec.as_path()), (Path::new("/jobs/m/config.json"), Path::new("/jobs/m/config.json")));
+    job.check_positions((&enc, 64), (&dec, 129)).unwrap();
+    for (src, tgt, key) in [(63, 512, "data.max_source_len: 64"), (512, 128, "eval.max_len: 128 + 1")] {
+        let msg = job.check_positions((&enc, src), (&dec, tgt)).unwrap_err().to_string();
+        assert!(msg.starts_with(&format!("/jobs/j.yaml: {key} exceeds the model's max_position_embeddings")), "{msg}");
     }
-    // A model directory that is not there is a bad input naming its config.json.
-    let text = MINIMAL.replace("init: m", &format!("init: {}", d.path().join("none").display()));
-    let e = JobSpec::from_str(&text, &d.path().join("j.yaml")).unwrap().check_against_model().unwrap_err();
-    assert!(e.is_bad_input() && e.to_string().contains("none/config.json"), "{e}");
+    let inline = parse(&MINIMAL.replace("{ init: m }", "{ encoder: e, decoder: random }")).unwrap();
+    let (enc, dec) = inline.model_config_files();
+    assert_eq!((enc.as_path(), dec.as_path()), (Path::new("/jobs/e/config.json"), Path::new("/jobs/e/config.json")));
 }
 
 #[test]
