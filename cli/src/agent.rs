@@ -25,6 +25,7 @@ use crate::remote::{Bearer, bearer, channel, status_error};
 use crate::{CliError, CliResult};
 
 mod nccl;
+mod report;
 mod retry;
 
 #[derive(clap::Args)]
@@ -566,6 +567,9 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
         ..Default::default()
     };
     let stop_flag = AtomicBool::new(false);
+    // Per-step progress goes through a background sender: the step never waits on the RPC.
+    let interval = if asg.rank == 0 { report::RANK0_INTERVAL } else { report::OTHER_INTERVAL };
+    let reporter = report::Reporter::start(rt, client.clone(), base.clone(), interval);
     // An evaluation is reported with the progress of the step that ran it.
     let mut last_progress = v1::Progress::default();
     // Rank 0 alone writes the job's loss curves; a log dir it cannot write costs the curves only.
@@ -590,15 +594,11 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
                 eta_s: secs / done * s.total_steps.saturating_sub(s.step) as f64,
             };
             last_progress = progress;
-            let req = v1::ReportProgressRequest { progress: Some(progress), ..base.clone() };
-            match rt.block_on(client.clone().report_progress(req)) {
-                Ok(r) if r.get_ref().command() == v1::WorkerCommand::Stop => {
-                    stop_flag.store(true, Ordering::SeqCst);
-                    take(current, |c| c.stop = true);
-                    abort();
-                }
-                Ok(_) => {}
-                Err(s) => tracing::warn!("ReportProgress: {}", s.message()),
+            reporter.publish(progress);
+            // A STOP that came back with an earlier report takes effect here, between steps.
+            if reporter.stop_requested() && !stop_flag.swap(true, Ordering::SeqCst) {
+                take(current, |c| c.stop = true);
+                abort();
             }
         }
         Event::Checkpoint { step, dir } => commit_checkpoint(rt, client, asg, me, *step, dir),
@@ -621,7 +621,12 @@ fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Collective<B>
         }
         Event::Resumed { .. } => {}
     });
-    trainer.run(None, 0, &mut on_event)?;
+    let ran = trainer.run(None, 0, &mut on_event);
+    drop(on_event);
+    // The last progress is delivered; a STOP that comes back now changes nothing: training
+    // has already ended, and how it ended is reported next.
+    reporter.finish(rt);
+    ran?;
     if stop_flag.load(Ordering::SeqCst) {
         return Err(CliError { code: 1, error: anyhow::anyhow!("stopped by the coordinator") });
     }

@@ -28,17 +28,21 @@ fn selftest_passes_on_the_virtual_gpu_in_fp32_and_bf16() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    for precision in ["fp32", "bf16"] {
+    // Index-order thread schedule in both precisions, then the reversed one (a kernel that needs
+    // a barrier it lacks would differ between the two).
+    for (precision, schedule) in [("fp32", "forward"), ("bf16", "forward"), ("fp32", "reverse")] {
         let seed = common::clock_seed().to_string();
-        let o = run_in(
-            &["selftest", "--device", "cuda-emu", "--precision", precision, "--seed", &seed, "--json"],
-            tmp.path(),
-        );
+        let o = common::exe()
+            .args(["selftest", "--device", "cuda-emu", "--precision", precision, "--seed", &seed, "--json"])
+            .env("B2B_EMU_SCHEDULE", schedule)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&o.stdout)
             .unwrap_or_else(|e| panic!("selftest --json ({precision}): {e}\n{}", common::stderr(&o)));
         let checks = v["checks"].as_array().expect("checks");
         let failed: Vec<_> = checks.iter().filter(|c| c["pass"] != true).collect();
-        assert!(o.status.success() && failed.is_empty(), "{precision}, seed {seed}: failed {failed:#?}");
+        assert!(o.status.success() && failed.is_empty(), "{precision} {schedule}, seed {seed}: failed {failed:#?}");
         // Every op family, forward and backward, and the model step were compared.
         for family in ["GemmOps", "LayerNormOps", "GeluOps", "AttentionOps", "EmbeddingOps", "model"] {
             assert!(checks.iter().any(|c| c["family"] == family), "{precision}: no {family} check");

@@ -25,6 +25,12 @@ pub struct Jobs {
     members: Mutex<HashMap<String, BTreeMap<u32, WorkerEvent>>>,
     /// Serialises read-modify-write sequences on jobs.
     write: Mutex<()>,
+    /// The step (and when it was reported) of each running job: soft state. Progress arrives
+    /// many times a second per job; writing each to SQLite would fsync per step and put the
+    /// coordinator's disk on every worker's step time. Reads overlay it on the stored job, and
+    /// every stored transition folds it in, so it is durable at the next state change or
+    /// commit; a restart shows the last stored step until rank 0 reports again.
+    live: Mutex<HashMap<String, (u64, i64)>>,
 }
 
 /// A watch: the job as it was when the subscription started, then its events.
@@ -44,7 +50,20 @@ impl Jobs {
             channels: Mutex::new(HashMap::new()),
             members: Mutex::new(HashMap::new()),
             write: Mutex::new(()),
+            live: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The stored job with the step rank 0 last reported, while it runs.
+    fn overlay(&self, mut job: Job) -> Job {
+        if !job.state.is_terminal()
+            && let Ok(live) = Self::lock(&self.live)
+            && let Some(&(step, at_ms)) = live.get(&job.id)
+        {
+            job.step = step;
+            job.updated_ms = job.updated_ms.max(at_ms);
+        }
+        job
     }
 
     fn lock<'a, T>(m: &'a Mutex<T>) -> Result<std::sync::MutexGuard<'a, T>> {
@@ -66,11 +85,12 @@ impl Jobs {
     }
 
     pub fn get(&self, id: &str) -> Result<Job> {
-        self.store.get_job(id)?.ok_or_else(|| Error::NotFound(format!("job_id: no job `{id}`")))
+        let job = self.store.get_job(id)?.ok_or_else(|| Error::NotFound(format!("job_id: no job `{id}`")))?;
+        Ok(self.overlay(job))
     }
 
     pub fn list(&self, filter: &JobFilter) -> Result<Vec<Job>> {
-        self.store.list_jobs(filter)
+        Ok(self.store.list_jobs(filter)?.into_iter().map(|j| self.overlay(j)).collect())
     }
 
     /// One page of at most `filter.limit` (at least 1) jobs, newest first, below job number
@@ -82,7 +102,7 @@ impl Jobs {
         let mut jobs = self.store.list_jobs_before(&ask, before)?;
         let more = jobs.len() > size as usize;
         jobs.truncate(size as usize);
-        Ok((jobs, more))
+        Ok((jobs.into_iter().map(|j| self.overlay(j)).collect(), more))
     }
 
     /// Deletes a SUCCEEDED, FAILED or CANCELLED job with its attempt and checkpoint records;
@@ -105,6 +125,7 @@ impl Jobs {
         };
         Self::lock(&self.channels).map(|mut c| c.remove(id)).ok();
         Self::lock(&self.members).map(|mut m| m.remove(id)).ok();
+        Self::lock(&self.live).map(|mut l| l.remove(id)).ok();
         tracing::info!(job = %id, "job deleted");
         Ok(job)
     }
@@ -135,6 +156,9 @@ impl Jobs {
             change(&mut job)?;
             job.updated_ms = self.clock.now_ms();
             self.store.update_job(&job)?;
+            // The stored job now holds the live step (read above) or the one `change` set (a
+            // restart from a checkpoint): the live value is spent.
+            Self::lock(&self.live)?.remove(id);
             job
         };
         tracing::info!(job = %job.id, state = job.state.as_str(), reason = %job.reason, "job state");
@@ -142,20 +166,17 @@ impl Jobs {
         if job.state.is_terminal() {
             Self::lock(&self.channels).map(|mut c| c.remove(&job.id)).ok();
             Self::lock(&self.members).map(|mut m| m.remove(&job.id)).ok();
+            Self::lock(&self.live).map(|mut l| l.remove(&job.id)).ok();
         }
         Ok(job)
     }
 
-    /// Records the step rank 0 reached (no Job event: the caller publishes the progress).
+    /// Records the step rank 0 reached, in memory only (see `live`); no Job event: the caller
+    /// publishes the progress.
     pub fn set_step(&self, id: &str, step: u64) -> Result<()> {
-        let _w = Self::lock(&self.write)?;
-        let mut job = self.get(id)?;
-        if job.state.is_terminal() {
-            return Ok(());
-        }
-        job.step = step;
-        job.updated_ms = self.clock.now_ms();
-        self.store.update_job(&job)
+        let now = self.clock.now_ms();
+        Self::lock(&self.live)?.insert(id.to_owned(), (step, now));
+        Ok(())
     }
 
     /// Sends an event to the job's watchers, if any.
@@ -223,6 +244,32 @@ mod tests {
 
     fn spec() -> JobSpec {
         JobSpec::from_str(JOB, Path::new("job_yaml")).unwrap()
+    }
+
+    /// Progress is soft state: readers see every reported step, the store sees none of them
+    /// until the job's next transition, which keeps the latest.
+    #[test]
+    fn steps_are_soft_state_folded_in_at_the_next_transition() {
+        let store = Arc::new(MemStore::default());
+        let j = Jobs::new(store.clone(), Arc::new(FakeClock::new(1000)));
+        let job = j.submit(&spec()).unwrap();
+        j.transition(&job.id, |job| {
+            job.state = JobState::Running;
+            Ok(())
+        })
+        .unwrap();
+        for step in 1..=50 {
+            j.set_step(&job.id, step).unwrap();
+        }
+        assert_eq!(j.get(&job.id).unwrap().step, 50);
+        assert_eq!(j.list(&JobFilter::default()).unwrap()[0].step, 50);
+        assert_eq!(store.get_job(&job.id).unwrap().unwrap().step, 0, "a step report reached the store");
+        let ended = j.cancel(&job.id, "").unwrap();
+        assert_eq!(ended.step, 50);
+        assert_eq!(store.get_job(&job.id).unwrap().unwrap().step, 50);
+        // A finished job shows its stored step, whatever arrives late.
+        j.set_step(&job.id, 7).unwrap();
+        assert_eq!(j.get(&job.id).unwrap().step, 50);
     }
 
     #[test]
