@@ -31,6 +31,9 @@ pub struct Jobs {
     /// every stored transition folds it in, so it is durable at the next state change or
     /// commit; a restart shows the last stored step until rank 0 reports again.
     live: Mutex<HashMap<String, (u64, i64)>>,
+    /// Counts transitions into a terminal state (and deletions), so that the scheduler sweeps
+    /// its gangs only when one may have ended.
+    ended: std::sync::atomic::AtomicU64,
 }
 
 /// A watch: the job as it was when the subscription started, then its events.
@@ -51,7 +54,13 @@ impl Jobs {
             members: Mutex::new(HashMap::new()),
             write: Mutex::new(()),
             live: Mutex::new(HashMap::new()),
+            ended: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Changes whenever a job may have ended (see `ended`).
+    pub fn ended_generation(&self) -> u64 {
+        self.ended.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The stored job with the step rank 0 last reported, while it runs.
@@ -126,6 +135,7 @@ impl Jobs {
         Self::lock(&self.channels).map(|mut c| c.remove(id)).ok();
         Self::lock(&self.members).map(|mut m| m.remove(id)).ok();
         Self::lock(&self.live).map(|mut l| l.remove(id)).ok();
+        self.ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(job = %id, "job deleted");
         Ok(job)
     }
@@ -156,6 +166,9 @@ impl Jobs {
             change(&mut job)?;
             job.updated_ms = self.clock.now_ms();
             self.store.update_job(&job)?;
+            if job.state.is_terminal() {
+                self.ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             // The stored job now holds the live step (read above) or the one `change` set (a
             // restart from a checkpoint): the live value is spent.
             Self::lock(&self.live)?.remove(id);

@@ -80,6 +80,10 @@ struct Table {
     /// Job id -> the gang size it stopped to grow to: it starts as soon as that many are idle,
     /// without the elastic wait.
     grow_to: HashMap<String, usize>,
+    /// `Jobs::ended_generation` at the last sweep, plus one (0: never swept). Every worker RPC
+    /// sweeps; checking each gang's job in the store each time cost O(gangs) store reads per
+    /// RPC, which saturated the coordinator at 1000 workers (cli/examples/coordinator_load).
+    swept: u64,
 }
 
 /// How recently an idle worker must have called (or registered) to join a gang. Idle agents
@@ -168,6 +172,11 @@ impl Scheduler {
 
     /// Drops gangs whose job ended (e.g. was cancelled).
     fn sweep(&self, t: &mut Table) -> Result<()> {
+        // Read before scanning: a job that ends during the scan bumps it again.
+        let generation = self.jobs.ended_generation() + 1;
+        if t.swept == generation {
+            return Ok(()); // no job has ended since the last sweep
+        }
         let mut ended = Vec::new();
         for id in t.gangs.keys() {
             if self.jobs.get(id)?.state.is_terminal() {
@@ -186,6 +195,7 @@ impl Scheduler {
         for id in stale {
             t.grow_to.remove(&id);
         }
+        t.swept = generation;
         Ok(())
     }
 
