@@ -563,16 +563,6 @@ fn lengths_past_the_models_positions_fail_the_job_on_the_worker_without_retries(
     assert_eq!(v["restarts"], 0, "an input error is not retried: {v}");
 }
 
-/// Whether the CUDA tests can run here: the virtual GPU still compiles kernels with NVRTC.
-fn nvrtc_or_skip() -> bool {
-    if kernels::cuda::compile::nvrtc_present() {
-        return true;
-    }
-    assert!(std::env::var("B2B_REQUIRE_NVRTC").as_deref() != Ok("1"), "B2B_REQUIRE_NVRTC=1 but NVRTC cannot be loaded");
-    eprintln!("SKIPPED: NVRTC not found");
-    false
-}
-
 /// Two `worker --device cuda-emu` processes (the virtual GPU, emulated NCCL between them) run a
 /// `device: cuda` job to the same parameters as one of them with twice the micro-batch, with
 /// gradients all-reduced in one piece and in 4 KB buckets that overlap backward; the single
@@ -580,7 +570,7 @@ fn nvrtc_or_skip() -> bool {
 /// A clean finish finalizes the communicators: no rendezvous files are left.
 #[test]
 fn two_virtual_gpu_workers_equal_one() {
-    if !nvrtc_or_skip() {
+    if !kernels::cuda::compile::nvrtc_or_skip() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -619,7 +609,7 @@ fn two_virtual_gpu_workers_equal_one() {
 /// it reports the failure, and the job re-forms and finishes from its checkpoint.
 #[test]
 fn killed_virtual_gpu_worker_mid_collective_job_recovers() {
-    if !nvrtc_or_skip() {
+    if !kernels::cuda::compile::nvrtc_or_skip() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

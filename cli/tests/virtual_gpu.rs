@@ -10,21 +10,9 @@ use std::path::Path;
 use common::run_in;
 use worker::tensorboard::read_scalars;
 
-fn nvrtc_or_skip() -> bool {
-    if kernels::cuda::compile::nvrtc_present() {
-        return true;
-    }
-    assert!(
-        std::env::var("B2B_REQUIRE_NVRTC").as_deref() != Ok("1"),
-        "B2B_REQUIRE_NVRTC=1 but NVRTC cannot be loaded (scripts/setup_nvrtc.sh, . .deps/cuda13/env.sh)"
-    );
-    eprintln!("SKIPPED: NVRTC not found");
-    false
-}
-
 #[test]
 fn selftest_passes_on_the_virtual_gpu_in_fp32_and_bf16() {
-    if !nvrtc_or_skip() {
+    if !kernels::cuda::compile::nvrtc_or_skip() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -149,7 +137,7 @@ fn the_other_commands_run_on_the_virtual_gpu(root: &Path) {
 
 #[test]
 fn training_on_the_virtual_gpu_matches_the_cpu_losses() {
-    if !nvrtc_or_skip() {
+    if !kernels::cuda::compile::nvrtc_or_skip() {
         return;
     }
     // fp32 GEMMs: the same sums in another order; bf16 GEMMs round their inputs.

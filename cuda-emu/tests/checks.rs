@@ -30,21 +30,9 @@ const CHECKS: KernelSource = KernelSource {
     ],
 };
 
-fn nvrtc_or_skip() -> bool {
-    if kernels::cuda::compile::nvrtc_present() {
-        return true;
-    }
-    assert!(
-        std::env::var("B2B_REQUIRE_NVRTC").as_deref() != Ok("1"),
-        "B2B_REQUIRE_NVRTC=1 but NVRTC cannot be loaded (scripts/setup_nvrtc.sh, . .deps/cuda13/env.sh)"
-    );
-    eprintln!("SKIPPED: NVRTC not found");
-    false
-}
-
 /// Run `cases::NAME` in a child process; returns its combined output, asserting it passed.
 fn in_child(name: &str) -> String {
-    if !nvrtc_or_skip() {
+    if !kernels::cuda::compile::nvrtc_or_skip() {
         return String::new();
     }
     let exe = std::env::current_exe().expect("test binary path");

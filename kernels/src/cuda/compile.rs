@@ -31,6 +31,20 @@ pub fn nvrtc_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// For tests that need NVRTC: true when it loads; otherwise a skip note (false), or a panic when
+/// `B2B_REQUIRE_NVRTC=1` (scripts/test.sh), where a missing NVRTC must fail CI rather than skip.
+pub fn nvrtc_or_skip() -> bool {
+    if nvrtc_present() {
+        return true;
+    }
+    assert!(
+        std::env::var("B2B_REQUIRE_NVRTC").as_deref() != Ok("1"),
+        "B2B_REQUIRE_NVRTC=1 but NVRTC cannot be loaded (scripts/setup_nvrtc.sh, . .deps/cuda13/env.sh)"
+    );
+    eprintln!("SKIPPED: NVRTC not found");
+    false
+}
+
 /// Compile `src` for `arch` (`compute_90` for PTX, `sm_90` for a cubin and a ptxas report).
 pub fn compile(src: &KernelSource, arch: &str, verbose_ptxas: bool, include_paths: &[String]) -> Result<Compiled> {
     if !nvrtc_present() {
