@@ -48,9 +48,9 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(io(path))
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
+// The moments are stored as their in-memory bytes, which safetensors defines as little-endian.
+#[cfg(target_endian = "big")]
+compile_error!("worker::state writes f32 memory as little-endian safetensors data");
 
 fn f32_view<'a>(name: &str, bytes: &'a [u8], n: usize) -> Result<(String, TensorView<'a>)> {
     let view = TensorView::new(safetensors::Dtype::F32, vec![n], bytes).map_err(|e| Error::Other(format!("{e}")))?;
@@ -59,8 +59,8 @@ fn f32_view<'a>(name: &str, bytes: &'a [u8], n: usize) -> Result<(String, Tensor
 
 pub fn write_state(dir: &Path, st: &TrainingState) -> Result<()> {
     let path = dir.join(STATE_FILE);
-    let (m, v) = (f32_bytes(&st.adam_m), f32_bytes(&st.adam_v));
-    let tensors = vec![f32_view("adam.m", &m, st.adam_m.len())?, f32_view("adam.v", &v, st.adam_v.len())?];
+    let (m, v): (&[u8], &[u8]) = (bytemuck::cast_slice(&st.adam_m), bytemuck::cast_slice(&st.adam_v));
+    let tensors = vec![f32_view("adam.m", m, st.adam_m.len())?, f32_view("adam.v", v, st.adam_v.len())?];
     let meta: HashMap<String, String> = [
         ("step", st.step.to_string()),
         ("seed", st.seed.to_string()),
@@ -113,7 +113,11 @@ pub fn parse_state(path: &Path, bytes: &[u8]) -> Result<TrainingState> {
         if t.dtype() != safetensors::Dtype::F32 {
             return Err(bad(format!("tensor `{name}` is {:?}, expected F32", t.dtype())));
         }
-        Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        // Copied into an f32 buffer viewed as bytes: the file's data need not be 4-aligned.
+        let mut out = vec![0f32; t.data().len() / 4];
+        let bytes = bytemuck::cast_slice_mut::<f32, u8>(&mut out);
+        bytes.copy_from_slice(&t.data()[..bytes.len()]);
+        Ok(out)
     };
     Ok(TrainingState {
         step: num("step")?,

@@ -11,6 +11,11 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView, View};
 use super::save::sync_dir;
 use crate::error::{Error, Result};
 
+// Tensors are written as their in-memory bytes and read by copying bytes into typed buffers;
+// safetensors data is little-endian, so this holds on little-endian hosts only.
+#[cfg(target_endian = "big")]
+compile_error!("model::checkpoint reads and writes tensor memory as little-endian bytes");
+
 /// Write F32 tensors to a safetensors file atomically (temp file, fsync, rename).
 pub fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, &[f32])]) -> Result<()> {
     let name = path.file_name().ok_or_else(|| Error::input(path, "not a file name"))?;
@@ -50,14 +55,14 @@ pub fn read_i32_tensor(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<i32>)
     let data = match view.dtype() {
         Dtype::I32 => {
             let mut v = vec![0; view.data().len() / 4];
-            decode(view.data(), &mut v, i32::from_le_bytes);
+            copy_unaligned(view.data(), &mut v);
             v
         }
         Dtype::I64 => view
             .data()
             .chunks_exact(8)
             .map(|b| {
-                let x = i64::from_le_bytes(b.try_into().unwrap());
+                let x: i64 = bytemuck::pod_read_unaligned(b);
                 i32::try_from(x)
                     .map_err(|_| Error::input(path, format!("tensor `{name}` holds {x}, beyond the i32 range")))
             })
@@ -82,8 +87,8 @@ impl View for F32View<'_> {
         &self.0
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        // Copied one tensor at a time while writing, so the peak is one tensor, not the model.
-        Cow::Owned(self.1.iter().flat_map(|x| x.to_le_bytes()).collect())
+        // The values' own memory: no copy while writing.
+        Cow::Borrowed(bytemuck::cast_slice(self.1))
     }
     fn data_len(&self) -> usize {
         self.1.len() * 4
@@ -164,7 +169,7 @@ pub(super) fn check_shape(path: &Path, name: &str, got: &[usize], want: &[usize]
 pub(super) fn widen(path: &Path, name: &str, view: &TensorView, out: &mut [f32]) -> Result<()> {
     let b = view.data();
     match view.dtype() {
-        Dtype::F32 => decode(b, out, f32::from_le_bytes),
+        Dtype::F32 => copy_unaligned(b, out),
         Dtype::F16 => decode(b, out, |c| half::f16::from_le_bytes(c).to_f32()),
         Dtype::BF16 => decode(b, out, |c| half::bf16::from_le_bytes(c).to_f32()),
         d => {
@@ -173,6 +178,13 @@ pub(super) fn widen(path: &Path, name: &str, view: &TensorView, out: &mut [f32])
         }
     }
     Ok(())
+}
+
+/// Fill `out` with the elements whose bytes are `bytes`. A file's tensor data may sit at any
+/// offset of the map, so the bytes are copied into `out`'s (aligned) memory rather than cast.
+fn copy_unaligned<T: bytemuck::Pod>(bytes: &[u8], out: &mut [T]) {
+    let dst = bytemuck::cast_slice_mut::<T, u8>(out);
+    dst.copy_from_slice(&bytes[..dst.len()]);
 }
 
 /// Little-endian elements of `N` bytes, converted one by one (the data may be unaligned).

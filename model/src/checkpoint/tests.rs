@@ -342,3 +342,47 @@ fn reads_half_floats_and_integer_ids() {
     std::fs::write(&p, b"garbage").unwrap();
     assert!(input_err(read_tensors(&p)).contains("not a valid safetensors file"));
 }
+
+/// A safetensors file laid out by hand: a one-byte tensor first, so every later tensor's data
+/// starts at an odd address of the map (the crate's own writer would align them).
+fn write_unaligned(path: &Path, items: &[(&str, &str, usize, Vec<u8>)]) {
+    let mut header = serde_json::Map::new();
+    header.insert("pad".into(), json!({"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}));
+    let mut data = vec![0xAB];
+    for (name, dtype, n, bytes) in items {
+        let at = data.len();
+        data.extend_from_slice(bytes);
+        header.insert((*name).into(), json!({"dtype": dtype, "shape": [n], "data_offsets": [at, data.len()]}));
+    }
+    let mut text = serde_json::to_vec(&header).unwrap();
+    text.resize(text.len().div_ceil(8) * 8, b' ');
+    let mut file = (text.len() as u64).to_le_bytes().to_vec();
+    file.extend(text);
+    file.extend(data);
+    std::fs::write(path, file).unwrap();
+}
+
+#[test]
+fn reads_tensors_whose_data_is_not_aligned() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("odd.safetensors");
+    let xs = randn(11, 7);
+    let ids32: Vec<i32> = (0..5).map(|i| (kernels::rng::uniform(12, i) * 2e9) as i32 - 1_000_000_000).collect();
+    let ids64: Vec<i64> = (0..3).map(|i| (kernels::rng::uniform(13, i) * 2e9) as i64 - 1_000_000_000).collect();
+    write_unaligned(
+        &p,
+        &[
+            ("f", "F32", xs.len(), xs.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            ("i32", "I32", ids32.len(), ids32.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            ("i64", "I64", ids64.len(), ids64.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        ],
+    );
+    let t = read_tensors(&p).unwrap();
+    assert_eq!(t.len(), 1);
+    assert_eq!(
+        (t[0].1.clone(), t[0].2.iter().map(|x| x.to_bits()).collect::<Vec<_>>()),
+        (vec![7], xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+    );
+    assert_eq!(read_i32_tensor(&p, "i32").unwrap(), (vec![5], ids32));
+    assert_eq!(read_i32_tensor(&p, "i64").unwrap(), (vec![3], ids64.iter().map(|&x| x as i32).collect()));
+}

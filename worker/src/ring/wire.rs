@@ -51,15 +51,11 @@ pub(super) fn write_all_vectored(s: &TcpStream, slices: &mut [IoSlice]) -> io::R
 }
 
 pub(super) fn bytes_of(x: &[f32]) -> &[u8] {
-    // SAFETY: the view covers exactly the slice's memory for the slice's lifetime; f32 has no
-    // padding and u8 no alignment requirement.
-    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+    bytemuck::cast_slice(x)
 }
 
 pub(super) fn bytes_of_mut(x: &mut [f32]) -> &mut [u8] {
-    // SAFETY: as in `bytes_of`, and every bit pattern is a valid f32, so whatever is written
-    // through the view leaves valid floats.
-    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+    bytemuck::cast_slice_mut(x)
 }
 
 pub(super) fn encode_header(op: Op, aux: usize, len: usize, seq: u64) -> [u8; HEADER] {
