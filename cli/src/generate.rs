@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use kernels::Backend;
 use model::ModelConfig;
 use model::checkpoint;
+use model::data::encode_source;
 use model::job::{MAX_BEAMS, MAX_SEQ_LEN};
 use model::net::{Bert2Bert, GenerateOptions, LengthPenaltyKind};
 use model::tokenizer::Tokenizer;
-use worker::evaluate::{detokenize, source_row};
+use worker::evaluate::detokenize;
 
 use crate::device::{self, Device, GemmPrecision};
 use crate::{CliError, CliResult};
@@ -174,7 +175,7 @@ fn generate_on<B: Backend>(b: &B, a: &Args, opts: &GenerateOptions) -> CliResult
     for chunk in lines.chunks(a.batch_size) {
         let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
         let rows: Vec<Vec<i32>> =
-            tok.encode_batch(&texts)?.iter().map(|ids| source_row(ids, special, max_source_len)).collect();
+            tok.encode_batch(&texts)?.iter().map(|ids| encode_source(ids, special, max_source_len)).collect();
         for g in net.generate(b, &rows, opts)? {
             writeln!(out, "{}", detokenize(&tok, &g.tokens)?)?;
         }

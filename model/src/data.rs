@@ -162,6 +162,53 @@ pub fn tokenize_pairs(tok: &Tokenizer, pairs: &[Pair]) -> Result<(IdRows, IdRows
     Ok((tok.encode_batch(&src)?, tok.encode_batch(&tgt)?))
 }
 
+/// How a text's token ids (without special tokens) become model rows, transformers'
+/// EncoderDecoderModel's way. Training, evaluation, scoring and generation all frame through
+/// these functions, so a text is cut at the same token everywhere.
+///
+/// The encoder reads `[CLS] source [SEP]`, at most `max_len` ids: the source keeps its first
+/// `max_len - 2` tokens.
+pub fn encode_source(tokens: &[i32], special: Special, max_len: usize) -> Vec<i32> {
+    let kept = &tokens[..source_len(tokens.len(), max_len) - 2];
+    let mut row = Vec::with_capacity(kept.len() + 2);
+    row.push(special.cls);
+    row.extend_from_slice(kept);
+    row.push(special.sep);
+    row
+}
+
+/// The decoder's side of a target, each row at most `max_len` ids: the input `[CLS] target`
+/// (the decoder_start_token_id is [CLS]) and the labels `target [SEP]`, the input shifted left
+/// by one. The target keeps its first `max_len - 1` tokens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedTarget {
+    pub decoder_input: Vec<i32>,
+    pub labels: Vec<i32>,
+}
+
+/// See [`EncodedTarget`].
+pub fn encode_target(tokens: &[i32], special: Special, max_len: usize) -> EncodedTarget {
+    let kept = &tokens[..target_len(tokens.len(), max_len) - 1];
+    let mut decoder_input = Vec::with_capacity(kept.len() + 1);
+    decoder_input.push(special.cls);
+    decoder_input.extend_from_slice(kept);
+    let mut labels = Vec::with_capacity(kept.len() + 1);
+    labels.extend_from_slice(kept);
+    labels.push(special.sep);
+    EncodedTarget { decoder_input, labels }
+}
+
+/// The length of [`encode_source`]'s row for a source of `tokens` ids.
+pub fn source_len(tokens: usize, max_len: usize) -> usize {
+    tokens.min(max_len.saturating_sub(2)) + 2
+}
+
+/// The length of [`encode_target`]'s rows (and the label tokens the loss counts) for a target
+/// of `tokens` ids.
+pub fn target_len(tokens: usize, max_len: usize) -> usize {
+    tokens.min(max_len.saturating_sub(1)) + 1
+}
+
 /// One padded batch, row-major: `[batch, src_len]` for the source, `[batch, tgt_len]` for the
 /// decoder side.
 #[derive(Clone, Debug, PartialEq)]
@@ -178,11 +225,9 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Frames and pads `src[i]`/`tgt[i]` (ids without special tokens) the way transformers'
-    /// EncoderDecoderModel does: the encoder reads `[CLS] source [SEP]`; the decoder reads
-    /// `[CLS] target` (its decoder_start_token_id is [CLS]) and must predict `target [SEP]`, so
-    /// labels are the decoder input shifted left by one. Rows are truncated to `max_src` /
-    /// `max_tgt` and padded to the longest row in this batch, not to the maximum.
+    /// Frames `src[i]`/`tgt[i]` (ids without special tokens) with [`encode_source`] and
+    /// [`encode_target`] under `max_src` / `max_tgt`, and pads the rows to the longest row in
+    /// this batch, not to the maximum.
     ///
     /// # Panics
     /// If `src` and `tgt` differ in length, `max_src < 2` or `max_tgt < 1` (callers validate
@@ -192,10 +237,10 @@ impl Batch {
         assert!(max_src >= 2, "Batch::new: max_src {max_src} leaves no room for [CLS] and [SEP]");
         assert!(max_tgt >= 1, "Batch::new: max_tgt must be at least 1");
         let batch = src.len();
-        let src_toks: Vec<&[i32]> = src.iter().map(|s| &s[..s.len().min(max_src - 2)]).collect();
-        let tgt_toks: Vec<&[i32]> = tgt.iter().map(|t| &t[..t.len().min(max_tgt - 1)]).collect();
-        let src_len = src_toks.iter().map(|s| s.len() + 2).max().unwrap_or(0);
-        let tgt_len = tgt_toks.iter().map(|t| t.len() + 1).max().unwrap_or(0);
+        let sources: Vec<Vec<i32>> = src.iter().map(|s| encode_source(s, special, max_src)).collect();
+        let targets: Vec<EncodedTarget> = tgt.iter().map(|t| encode_target(t, special, max_tgt)).collect();
+        let src_len = sources.iter().map(Vec::len).max().unwrap_or(0);
+        let tgt_len = targets.iter().map(|t| t.labels.len()).max().unwrap_or(0);
 
         let mut b = Batch {
             batch,
@@ -206,19 +251,11 @@ impl Batch {
             dec_ids: vec![special.pad; batch * tgt_len],
             labels: vec![kernels::IGNORE_INDEX; batch * tgt_len],
         };
-        for (r, (s, t)) in src_toks.iter().zip(&tgt_toks).enumerate() {
-            let row = &mut b.src_ids[r * src_len..][..s.len() + 2];
-            row[0] = special.cls;
-            row[1..=s.len()].copy_from_slice(s);
-            row[s.len() + 1] = special.sep;
-            b.src_mask[r * src_len..][..s.len() + 2].fill(1.0);
-
-            let dec = &mut b.dec_ids[r * tgt_len..][..t.len() + 1];
-            dec[0] = special.cls;
-            dec[1..].copy_from_slice(t);
-            let lab = &mut b.labels[r * tgt_len..][..t.len() + 1];
-            lab[..t.len()].copy_from_slice(t);
-            lab[t.len()] = special.sep;
+        for (r, (s, t)) in sources.iter().zip(&targets).enumerate() {
+            b.src_ids[r * src_len..][..s.len()].copy_from_slice(s);
+            b.src_mask[r * src_len..][..s.len()].fill(1.0);
+            b.dec_ids[r * tgt_len..][..t.decoder_input.len()].copy_from_slice(&t.decoder_input);
+            b.labels[r * tgt_len..][..t.labels.len()].copy_from_slice(&t.labels);
         }
         b
     }
@@ -290,6 +327,34 @@ mod tests {
         assert_eq!((b.src_ids.clone(), b.dec_ids.clone(), b.labels.clone()), (vec![101, 102], vec![101], vec![102]));
         let empty = Batch::new(&[], &[], SP, 8, 8);
         assert_eq!((empty.batch, empty.label_tokens(), empty.example_tokens()), (0, 0, vec![]));
+    }
+
+    /// Training and evaluation batches (`Batch::new`) and generation's encoder rows
+    /// (`encode_source`) cut a text at the same token: around each limit, the rows equal the
+    /// rule written out by hand, and `source_len`/`target_len` (length bucketing, the loss
+    /// normaliser) equal the rows' lengths.
+    #[test]
+    fn every_path_frames_a_text_the_same_at_the_limits() {
+        for (seed, max) in [(20, 3), (21, 8), (22, 17)] {
+            for n in max - 3..=max + 1 {
+                let toks = rand_ids(seed + n as u64, n);
+                let (keep_src, keep_tgt) = (n.min(max - 2), n.min(max - 1));
+                let want_src = [&[SP.cls][..], &toks[..keep_src], &[SP.sep]].concat();
+                let want_dec = [&[SP.cls][..], &toks[..keep_tgt]].concat();
+                let want_lab = [&toks[..keep_tgt], &[SP.sep][..]].concat();
+
+                let b = Batch::new(&[toks.clone()], &[toks.clone()], SP, max, max);
+                let generated = encode_source(&toks, SP, max);
+                let target = encode_target(&toks, SP, max);
+                let at = format!("max {max}, {n} tokens");
+                assert_eq!((&b.src_ids, &generated), (&want_src, &want_src), "{at}");
+                assert_eq!((&b.dec_ids, &target.decoder_input), (&want_dec, &want_dec), "{at}");
+                assert_eq!((&b.labels, &target.labels), (&want_lab, &want_lab), "{at}");
+                assert!(want_src.len() <= max && want_dec.len() <= max, "{at}");
+                assert_eq!((source_len(n, max), target_len(n, max)), (want_src.len(), want_lab.len()), "{at}");
+                assert_eq!(b.label_tokens(), target_len(n, max), "{at}");
+            }
+        }
     }
 
     fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Batch, IdRows, Pair, Special, read_pairs, tokenize_pairs};
+use crate::data::{self, Batch, IdRows, Pair, Special, read_pairs, tokenize_pairs};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -101,7 +101,7 @@ impl Dataset {
             .iter()
             .zip(&self.tgt)
             .map(|(s, t)| {
-                let n = s.len().min(max_src.saturating_sub(2)) + 2 + t.len().min(max_tgt.saturating_sub(1)) + 1;
+                let n = data::source_len(s.len(), max_src) + data::target_len(t.len(), max_tgt);
                 u32::try_from(n).unwrap_or(u32::MAX)
             })
             .collect()

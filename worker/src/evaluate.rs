@@ -6,7 +6,7 @@
 
 use kernels::Backend;
 use model::Result;
-use model::data::{Batch, Pair, Special};
+use model::data::{Batch, Pair, encode_source};
 use model::metrics::{Rouge, corpus_bleu, rouge};
 use model::net::{Bert2Bert, GenerateOptions, Inputs, PassOptions};
 use model::tokenizer::Tokenizer;
@@ -47,15 +47,6 @@ pub struct EvalResult {
     pub bleu: Option<f64>,
     pub rouge: Option<Rouge>,
     pub samples: Vec<Sample>,
-}
-
-/// `[CLS] toks [SEP]` with the tokens cut to fit `max_len`.
-pub fn source_row(toks: &[i32], special: Special, max_len: usize) -> Vec<i32> {
-    let mut row = Vec::with_capacity(toks.len().min(max_len) + 2);
-    row.push(special.cls);
-    row.extend(&toks[..toks.len().min(max_len.saturating_sub(2))]);
-    row.push(special.sep);
-    row
 }
 
 /// Generated ids to text: tokenizer decode (specials skipped), then transformers'
@@ -110,7 +101,8 @@ pub fn evaluate<B: Backend>(
     let (mut hyps, mut refs) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for start in (0..n).step_by(opts.batch_size.max(1)) {
         let end = (start + opts.batch_size.max(1)).min(n);
-        let rows: Vec<Vec<i32>> = src[start..end].iter().map(|s| source_row(s, special, opts.max_source_len)).collect();
+        let rows: Vec<Vec<i32>> =
+            src[start..end].iter().map(|s| encode_source(s, special, opts.max_source_len)).collect();
         for (i, g) in net.generate(b, &rows, &gen_opts)?.into_iter().enumerate() {
             hyps.push(detokenize(tok, &g.tokens)?.to_lowercase());
             refs.push(pairs[start + i].target.to_lowercase());

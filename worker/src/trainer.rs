@@ -244,7 +244,8 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
         let (rank, world) = (self.coll.rank(), self.coll.world_size());
         let global = self.sampler.batch_at(self.cursor);
         // Every rank knows the whole global batch, so the loss normaliser needs no communication.
-        let label_tokens: usize = global.iter().map(|&i| self.train.tgt()[i].len().min(d.max_target_len - 1) + 1).sum();
+        let label_tokens: usize =
+            global.iter().map(|&i| model::data::target_len(self.train.tgt()[i].len(), d.max_target_len)).sum();
         let grad_scale = world as f32 / label_tokens as f32;
         self.net.zero_grads(b)?;
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
