@@ -50,7 +50,12 @@ impl<'h, Buf> GradReady<'h, Buf> {
     }
 }
 
-/// The ranges each backward stage accumulates into, in backward order. Must mirror `pass_in`.
+/// Stage done, when a hook is listening.
+pub(super) fn stage_done<Buf>(ready: &mut Option<GradReady<'_, Buf>>, grads: &Buf) -> Result<()> {
+    ready.as_mut().map_or(Ok(()), |r| r.stage_done(grads))
+}
+
+/// The ranges each backward stage accumulates into, in backward order. Must mirror `Bert2Bert::backward`.
 pub(super) fn stage_writes(v: &ModelView) -> Vec<Vec<Range<usize>>> {
     let h = &v.lm_head;
     let mut head = vec![h.bias.clone(), v.decoder.embeddings.word.clone()];

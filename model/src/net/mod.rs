@@ -7,9 +7,11 @@
 //! The LM head runs only on rows whose label is not ignored: padding rows cost nothing in the
 //! largest GEMMs (the projection to the vocabulary) and the loss.
 
+mod encoder;
 mod generate;
 mod grad_ready;
 mod layers;
+mod stack;
 
 pub use generate::{GenerateOptions, Generated, LengthPenaltyKind};
 
@@ -18,8 +20,10 @@ use kernels::{AttentionShape, Backend, GemmShape, IGNORE_INDEX, Operand};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::params::{ModelView, ParamTable};
-use grad_ready::GradReady;
+use encoder::{Encoder, EncoderLayer};
+use grad_ready::{GradReady, stage_done};
 use layers::{AttnActs, Dropout, EmbActs, EmbIds, FfnActs, NormActs, Scratch, matmul_wt, r, w};
+use stack::{StackPass, site};
 
 /// One batch on the device, in transformers' EncoderDecoderModel convention.
 pub struct Inputs<B: Backend> {
@@ -140,11 +144,6 @@ impl BatchLoss {
     }
 }
 
-struct EncoderLayer<B: Backend> {
-    attn: AttnActs<B>,
-    ffn: FfnActs<B>,
-}
-
 struct DecoderLayer<B: Backend> {
     attn: AttnActs<B>,
     cross: AttnActs<B>,
@@ -165,35 +164,15 @@ struct HeadActs<B: Backend> {
 /// Everything a pass of one batch shape allocates, kept for the next batch of that shape.
 struct Workspace<B: Backend> {
     shape: (usize, usize, usize),
-    enc_emb: EmbActs<B>,
-    enc: Vec<EncoderLayer<B>>,
+    encoder: Encoder<B>,
     dec_emb: EmbActs<B>,
     dec: Vec<DecoderLayer<B>>,
     head: HeadActs<B>,
-    enc_scratch: Scratch<B>,
     dec_scratch: Scratch<B>,
-    /// Gradient buffers: two per stack to ping-pong through the layers, plus the encoder
-    /// output's gradient that all cross-attention blocks accumulate into.
-    d_enc: [B::Buf; 2],
+    /// Gradient buffers: two to ping-pong through the layers, plus the encoder output's
+    /// gradient that all cross-attention blocks accumulate into.
     d_dec: [B::Buf; 2],
     d_enc_out: B::Buf,
-}
-
-/// Stable ids of the dropout sites, so a seed reproduces the same masks on any backend.
-mod site {
-    pub const ENC_EMB: u64 = 1;
-    pub const DEC_EMB: u64 = 2;
-    pub const fn enc(layer: usize, k: u64) -> u64 {
-        100 + 10 * layer as u64 + k
-    }
-    pub const fn dec(layer: usize, k: u64) -> u64 {
-        10_000 + 10 * layer as u64 + k
-    }
-    pub const ATTN_PROBS: u64 = 0;
-    pub const ATTN_OUT: u64 = 1;
-    pub const CROSS_PROBS: u64 = 2;
-    pub const CROSS_OUT: u64 = 3;
-    pub const FFN_OUT: u64 = 4;
 }
 
 pub struct Bert2Bert<B: Backend> {
@@ -262,17 +241,9 @@ impl<B: Backend> Bert2Bert<B> {
         let (ec, dc) = (&self.config.encoder, &self.config.decoder);
         let c = ec.hidden_size;
         let (ns, nt) = (batch * s, batch * t);
-        let enc_shape = self.attn_shape(batch, s, s, false, Dropout::off(), 0);
         let dec_shape = self.attn_shape(batch, t, t, true, Dropout::off(), 0);
         let cross_shape = self.attn_shape(batch, t, s, false, Dropout::off(), 0);
-        let enc = (0..ec.num_hidden_layers)
-            .map(|_| {
-                Ok(EncoderLayer {
-                    attn: AttnActs::new(b, &enc_shape)?,
-                    ffn: FfnActs::new(b, ns, c, ec.intermediate_size)?,
-                })
-            })
-            .collect::<kernels::Result<Vec<_>>>()?;
+        let encoder = Encoder::new(b, ec, &StackPass::eval(ec, ec, batch), s)?;
         let dec = (0..dc.num_hidden_layers)
             .map(|_| {
                 Ok(DecoderLayer {
@@ -285,8 +256,7 @@ impl<B: Backend> Bert2Bert<B> {
         let v = dc.vocab_size;
         Ok(Workspace {
             shape: (batch, s, t),
-            enc_emb: EmbActs { norm: NormActs::new(b, ns, c)? },
-            enc,
+            encoder,
             dec_emb: EmbActs { norm: NormActs::new(b, nt, c)? },
             dec,
             head: HeadActs {
@@ -298,9 +268,7 @@ impl<B: Backend> Bert2Bert<B> {
                 dlogits: b.zeros(nt * v)?,
                 losses: b.zeros(nt)?,
             },
-            enc_scratch: Scratch::new(b, ns, ns, c, ec.intermediate_size)?,
             dec_scratch: Scratch::new(b, nt, ns.max(nt), c, dc.intermediate_size)?,
-            d_enc: [b.zeros(ns * c)?, b.zeros(ns * c)?],
             d_dec: [b.zeros(nt * c)?, b.zeros(nt * c)?],
             d_enc_out: b.zeros(ns * c)?,
         })
@@ -367,7 +335,7 @@ impl<B: Backend> Bert2Bert<B> {
         let (ec, dc) = (self.config.encoder.clone(), self.config.decoder.clone());
         let c = ec.hidden_size;
         let (bs, s, t) = (x.batch, x.src_len, x.tgt_len);
-        let (ns, nt) = (bs * s, bs * t);
+        let nt = bs * t;
         let m = x.label_tokens();
         let v = dc.vocab_size;
         for (name, len, max) in [("source", s, ec.max_position_embeddings), ("target", t, dc.max_position_embeddings)] {
@@ -375,18 +343,7 @@ impl<B: Backend> Bert2Bert<B> {
                 return Err(Error::Other(format!("{name} length {len} exceeds max_position_embeddings {max}")));
             }
         }
-        let drop = |cfg: &crate::config::BertConfig| {
-            if opts.train {
-                Dropout {
-                    hidden: cfg.hidden_dropout_prob,
-                    attention: cfg.attention_probs_dropout_prob,
-                    seed: opts.seed,
-                }
-            } else {
-                Dropout::off()
-            }
-        };
-        let (de, dd) = (drop(&ec), drop(&dc));
+        let dd = StackPass::new(&dc, &ec, bs, &opts).drop;
         let (heads, head_dim) = (ec.num_attention_heads, ec.head_dim());
         let shape = |tq: usize, tk: usize, causal: bool, d: Dropout, site: u64| AttentionShape {
             batch: bs,
@@ -402,43 +359,9 @@ impl<B: Backend> Bert2Bert<B> {
         let view = &self.view;
 
         // ---- encoder ----
-        ws.enc_emb.forward(
-            b,
-            p,
-            &view.encoder.embeddings,
-            &x.src,
-            c,
-            (de.hidden, de.site(site::ENC_EMB)),
-            ec.layer_norm_eps,
-        )?;
-        for l in 0..ws.enc.len() {
-            let (done, rest) = ws.enc.split_at_mut(l);
-            let input = done.last().map(|e| &e.ffn.norm.out).unwrap_or(&ws.enc_emb.norm.out);
-            let lv = &view.encoder.layers[l];
-            let layer = &mut rest[0];
-            let sh = shape(s, s, false, de, site::enc(l, site::ATTN_PROBS));
-            layer.attn.forward(
-                b,
-                p,
-                &lv.self_attn,
-                sh,
-                r(b, input),
-                r(b, input),
-                r(b, &x.src_mask),
-                (de.hidden, de.site(site::enc(l, site::ATTN_OUT))),
-                ec.layer_norm_eps,
-            )?;
-            layer.ffn.forward(
-                b,
-                p,
-                lv,
-                r(b, &layer.attn.norm.out),
-                ns,
-                (de.hidden, de.site(site::enc(l, site::FFN_OUT))),
-                ec.layer_norm_eps,
-            )?;
-        }
-        let enc_out = ws.enc.last().map(|e| &e.ffn.norm.out).unwrap_or(&ws.enc_emb.norm.out);
+        let esp = StackPass::new(&ec, &ec, bs, &opts);
+        ws.encoder.forward(b, p, &view.encoder, &x.src, &x.src_mask, &esp)?;
+        let enc_out = ws.encoder.output();
         clock.mark("encoder_fwd");
 
         // ---- decoder ----
@@ -683,59 +606,8 @@ impl<B: Backend> Bert2Bert<B> {
         stage_done(&mut ready, g)?;
         clock.mark("decoder_bwd");
         // ---- backward: encoder ----
-        let [e_a, e_b] = &mut ws.d_enc;
-        b.copy(r(b, &ws.d_enc_out), w(b, e_a))?;
-        for l in (0..ws.enc.len()).rev() {
-            let input = if l == 0 { &ws.enc_emb.norm.out } else { &ws.enc[l - 1].ffn.norm.out };
-            let lv = &view.encoder.layers[l];
-            let layer = &ws.enc[l];
-            let sc = &mut ws.enc_scratch;
-            layer.ffn.backward(
-                b,
-                p,
-                g,
-                lv,
-                r(b, &layer.attn.norm.out),
-                ns,
-                (de.hidden, de.site(site::enc(l, site::FFN_OUT))),
-                r(b, e_a),
-                e_b,
-                sc,
-            )?;
-            let sh = shape(s, s, false, de, site::enc(l, site::ATTN_PROBS));
-            layer.attn.backward(
-                b,
-                p,
-                g,
-                &lv.self_attn,
-                sh,
-                r(b, input),
-                r(b, input),
-                (de.hidden, de.site(site::enc(l, site::ATTN_OUT))),
-                r(b, e_b),
-                e_a,
-                None,
-                sc,
-            )?;
-            stage_done(&mut ready, g)?;
-        }
-        ws.enc_emb.backward(
-            b,
-            p,
-            g,
-            &view.encoder.embeddings,
-            &x.src,
-            c,
-            (de.hidden, de.site(site::ENC_EMB)),
-            e_a,
-            e_b,
-        )?;
-        stage_done(&mut ready, g)?;
+        ws.encoder.backward(b, p, g, &view.encoder, &x.src, &esp, &ws.d_enc_out, &mut ready)?;
         clock.mark("encoder_bwd");
         Ok(loss)
     }
-}
-
-fn stage_done<Buf>(ready: &mut Option<GradReady<'_, Buf>>, grads: &Buf) -> Result<()> {
-    ready.as_mut().map_or(Ok(()), |r| r.stage_done(grads))
 }
