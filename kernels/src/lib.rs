@@ -13,7 +13,6 @@
 pub mod collective;
 pub mod cpu;
 pub mod cuda;
-pub mod reference;
 pub mod rng;
 
 pub use cpu::Cpu;
