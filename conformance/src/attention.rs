@@ -2,11 +2,11 @@
 //! masked row, causal masks, dropout on the probabilities, a BERT-sized head dimension), and the
 //! cross-entropy loss with ignored rows and label smoothing, with and without its gradient.
 
-use kernels::{AttentionShape, Backend, IGNORE_INDEX};
+use kernels::{AttentionShape, Backend, IGNORE_INDEX, reference};
 
 use super::{Case, Draw, Outputs, Tolerances, all, all_mut, get};
 
-pub(super) struct AttentionCase {
+pub(crate) struct AttentionCase {
     label: &'static str,
     backward: bool,
     /// From the device's GEMM precision (`Tolerances::attention*`): attention runs on GEMMs.
@@ -25,7 +25,7 @@ pub(super) struct AttentionCase {
 
 impl AttentionCase {
     /// `masked[b]` keys at the end of batch item b are padding (all of them: a fully masked row).
-    pub(super) fn new(
+    pub(crate) fn new(
         r: &mut Draw,
         label: &'static str,
         s: AttentionShape,
@@ -119,10 +119,20 @@ impl Case for AttentionCase {
         )?;
         Ok(vec![("dq", get(d, &dq)?), ("dk", get(d, &dk)?), ("dv", get(d, &dv)?)])
     }
+    fn reference(&self) -> Outputs {
+        let (mut probs, mut out) = (self.garbage_p.clone(), self.garbage_q.clone());
+        reference::attention_forward(self.s, &self.q, &self.k, &self.v, &self.mask, &mut probs, &mut out);
+        if !self.backward {
+            return vec![("out", out), ("probs", probs)];
+        }
+        let (mut dq, mut dk, mut dv) = (self.garbage_q.clone(), self.dk0.clone(), self.dv0.clone());
+        reference::attention_backward(self.s, &self.dout, &self.q, &self.k, &self.v, &probs, &mut dq, &mut dk, &mut dv);
+        vec![("dq", dq), ("dk", dk), ("dv", dv)]
+    }
 }
 // CrossEntropyOps
 
-pub(super) struct CrossEntropyCase {
+pub(crate) struct CrossEntropyCase {
     with_grad: bool,
     rows: usize,
     vocab: usize,
@@ -134,7 +144,7 @@ pub(super) struct CrossEntropyCase {
 }
 
 impl CrossEntropyCase {
-    pub(super) fn new(r: &mut Draw, rows: usize, vocab: usize, ls: f32, with_grad: bool) -> Self {
+    pub(crate) fn new(r: &mut Draw, rows: usize, vocab: usize, ls: f32, with_grad: bool) -> Self {
         let mut labels = r.ids(rows, vocab);
         // Every 5th row (and the last) is ignored.
         for (i, y) in labels.iter_mut().enumerate() {
@@ -190,5 +200,17 @@ impl Case for CrossEntropyCase {
             outs.push(("dlogits", get(d, &dl)?));
         }
         Ok(outs)
+    }
+    fn reference(&self) -> Outputs {
+        let n = self.rows * self.vocab;
+        let (mut losses, mut dl) = (self.garbage[n..].to_vec(), self.garbage[..n].to_vec());
+        let dlogits = self.with_grad.then_some(dl.as_mut_slice());
+        let (vocab, ls) = (self.vocab, self.label_smoothing);
+        reference::cross_entropy(&self.logits, &self.labels, vocab, ls, self.grad_scale, &mut losses, dlogits);
+        let mut outs = vec![("losses", losses)];
+        if self.with_grad {
+            outs.push(("dlogits", dl));
+        }
+        outs
     }
 }

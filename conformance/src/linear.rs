@@ -2,7 +2,7 @@
 //! reading A from a view, batched strided products laid out as attention uses them, and the
 //! bias add and bias gradient.
 
-use kernels::{Backend, GemmShape, Operand};
+use kernels::{Backend, GemmShape, Operand, reference};
 
 use super::{Case, Draw, Outputs, all, all_mut, get};
 
@@ -12,7 +12,7 @@ fn operand_span(op: Operand, rows: usize, cols: usize, batch: usize) -> usize {
     (batch - 1) * op.batch_stride + (sr - 1) * op.ld + sc
 }
 
-pub(super) struct GemmCase {
+pub(crate) struct GemmCase {
     label: &'static str,
     tol: f64,
     s: GemmShape,
@@ -29,7 +29,7 @@ pub(super) struct GemmCase {
 
 impl GemmCase {
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn new(
+    pub(crate) fn new(
         r: &mut Draw,
         label: &'static str,
         tol: f64,
@@ -83,13 +83,19 @@ impl Case for GemmCase {
         d.gemm(self.s, self.alpha, av, self.op_a, all(d, &b), self.op_b, self.beta, all_mut(d, &mut c))?;
         Ok(vec![("c", get(d, &c)?)])
     }
+    fn reference(&self) -> Outputs {
+        let mut c = self.c0.clone();
+        let a = &self.a[self.a_off..];
+        reference::gemm(self.s, self.alpha, a, self.op_a, &self.b, self.op_b, self.beta, &mut c);
+        vec![("c", c)]
+    }
 }
 
-pub(super) struct AddBiasCase {
-    pub(super) rows: usize,
-    pub(super) cols: usize,
-    pub(super) y: Vec<f32>,
-    pub(super) bias: Vec<f32>,
+pub(crate) struct AddBiasCase {
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) y: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
 }
 
 impl Case for AddBiasCase {
@@ -111,13 +117,18 @@ impl Case for AddBiasCase {
         d.add_bias(all_mut(d, &mut y), all(d, &bias), self.cols)?;
         Ok(vec![("y", get(d, &y)?)])
     }
+    fn reference(&self) -> Outputs {
+        let mut y = self.y.clone();
+        reference::add_bias(&mut y, &self.bias, self.cols);
+        vec![("y", y)]
+    }
 }
 
-pub(super) struct BiasGradCase {
-    pub(super) rows: usize,
-    pub(super) cols: usize,
-    pub(super) dy: Vec<f32>,
-    pub(super) dbias0: Vec<f32>,
+pub(crate) struct BiasGradCase {
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) dy: Vec<f32>,
+    pub(crate) dbias0: Vec<f32>,
 }
 
 impl Case for BiasGradCase {
@@ -138,6 +149,11 @@ impl Case for BiasGradCase {
         let mut db = d.upload(&self.dbias0)?;
         d.bias_grad(all(d, &dy), all_mut(d, &mut db), self.cols)?;
         Ok(vec![("dbias", get(d, &db)?)])
+    }
+    fn reference(&self) -> Outputs {
+        let mut db = self.dbias0.clone();
+        reference::bias_grad(&self.dy, &mut db, self.cols);
+        vec![("dbias", db)]
     }
 }
 

@@ -3,19 +3,19 @@
 //! statistics, dx assigned or accumulated, dgamma and dbeta as two views of one buffer), and
 //! the fused bias + GELU forward and backward.
 
-use kernels::{Backend, Cpu};
+use kernels::{Backend, reference};
 
 use super::{Case, Draw, Outputs, all, all_mut, get};
 
-pub(super) struct EmbeddingCase {
-    pub(super) backward: bool,
-    pub(super) accumulate: bool,
-    pub(super) rows: usize,
-    pub(super) dim: usize,
-    pub(super) ids: Vec<i32>,
-    pub(super) table: Vec<f32>,
+pub(crate) struct EmbeddingCase {
+    pub(crate) backward: bool,
+    pub(crate) accumulate: bool,
+    pub(crate) rows: usize,
+    pub(crate) dim: usize,
+    pub(crate) ids: Vec<i32>,
+    pub(crate) table: Vec<f32>,
     /// forward: the initial `out`; backward: `dout`.
-    pub(super) x: Vec<f32>,
+    pub(crate) x: Vec<f32>,
 }
 
 impl Case for EmbeddingCase {
@@ -44,10 +44,21 @@ impl Case for EmbeddingCase {
             Ok(vec![("out", get(d, &x)?)])
         }
     }
+    fn reference(&self) -> Outputs {
+        if self.backward {
+            let mut dtable = self.table.clone();
+            reference::embedding_backward(&self.ids, &self.x, self.dim, &mut dtable);
+            vec![("dtable", dtable)]
+        } else {
+            let mut out = self.x.clone();
+            reference::embedding_forward(&self.ids, &self.table, self.dim, &mut out, self.accumulate);
+            vec![("out", out)]
+        }
+    }
 }
 // LayerNormOps
 
-pub(super) struct LayerNormCase {
+pub(crate) struct LayerNormCase {
     backward: bool,
     accumulate_dx: bool,
     rows: usize,
@@ -57,7 +68,8 @@ pub(super) struct LayerNormCase {
     gamma: Vec<f32>,
     beta: Vec<f32>,
     dout: Vec<f32>,
-    /// Saved statistics for backward, from the oracle's forward (backward is tested alone).
+    /// Saved statistics for backward, from the f64 reference's forward (backward is tested
+    /// alone, from the same statistics on every side).
     mean: Vec<f32>,
     rstd: Vec<f32>,
     garbage: Vec<f32>,
@@ -67,14 +79,13 @@ pub(super) struct LayerNormCase {
 }
 
 impl LayerNormCase {
-    pub(super) fn new(r: &mut Draw, rows: usize, c: usize, backward: bool, accumulate_dx: bool) -> Self {
+    pub(crate) fn new(r: &mut Draw, rows: usize, c: usize, backward: bool, accumulate_dx: bool) -> Self {
         let x = r.shifted(rows * c, 3.0, 2.0);
         let gamma = r.shifted(c, 1.0, 0.3);
         let beta = r.normal(c, 0.3);
         let (mut mean, mut rstd, mut out) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows * c]);
         let eps = 1e-12;
-        kernels::LayerNormOps::layernorm_forward(&Cpu, &x, &gamma, &beta, eps, &mut out, &mut mean, &mut rstd)
-            .expect("oracle layernorm");
+        reference::layernorm_forward(&x, &gamma, &beta, eps, &mut out, &mut mean, &mut rstd);
         LayerNormCase {
             backward,
             accumulate_dx,
@@ -162,18 +173,33 @@ impl Case for LayerNormCase {
         let dgb = get(d, &dgb)?;
         Ok(vec![("dx", get(d, &dx)?), ("dgamma", dgb[..c].to_vec()), ("dbeta", dgb[c..].to_vec())])
     }
+    fn reference(&self) -> Outputs {
+        let rows = self.rows;
+        if !self.backward {
+            let mut out = self.garbage.clone();
+            let (mut mean, mut rstd) = (self.garbage[..rows].to_vec(), self.garbage[rows..2 * rows].to_vec());
+            reference::layernorm_forward(&self.x, &self.gamma, &self.beta, self.eps, &mut out, &mut mean, &mut rstd);
+            return vec![("out", out), ("mean", mean), ("rstd", rstd)];
+        }
+        let mut dx = if self.accumulate_dx { self.dx0.clone() } else { self.garbage.clone() };
+        let (mut dgamma, mut dbeta) = (self.dgamma0.clone(), self.dbeta0.clone());
+        let (x, gamma, dout) = (&self.x, &self.gamma, &self.dout);
+        let acc = self.accumulate_dx;
+        reference::layernorm_backward(dout, x, gamma, &self.mean, &self.rstd, &mut dx, acc, &mut dgamma, &mut dbeta);
+        vec![("dx", dx), ("dgamma", dgamma), ("dbeta", dbeta)]
+    }
 }
 // GeluOps
 
-pub(super) struct GeluCase {
-    pub(super) backward: bool,
-    pub(super) rows: usize,
-    pub(super) c: usize,
-    pub(super) pre: Vec<f32>,
-    pub(super) bias: Vec<f32>,
-    pub(super) dout: Vec<f32>,
-    pub(super) garbage: Vec<f32>,
-    pub(super) dbias0: Vec<f32>,
+pub(crate) struct GeluCase {
+    pub(crate) backward: bool,
+    pub(crate) rows: usize,
+    pub(crate) c: usize,
+    pub(crate) pre: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
+    pub(crate) dout: Vec<f32>,
+    pub(crate) garbage: Vec<f32>,
+    pub(crate) dbias0: Vec<f32>,
 }
 
 impl Case for GeluCase {
@@ -202,5 +228,16 @@ impl Case for GeluCase {
         let mut dbias = d.upload(&self.dbias0)?;
         d.bias_gelu_backward(all(d, &pre), all(d, &dout), all_mut(d, &mut dpre), all_mut(d, &mut dbias))?;
         Ok(vec![("dpre", get(d, &dpre)?), ("dbias", get(d, &dbias)?)])
+    }
+    fn reference(&self) -> Outputs {
+        let mut pre = self.pre.clone();
+        if !self.backward {
+            let mut out = self.garbage.clone();
+            reference::bias_gelu_forward(&mut pre, &self.bias, &mut out);
+            return vec![("pre", pre), ("out", out)];
+        }
+        let (mut dpre, mut dbias) = (self.garbage.clone(), self.dbias0.clone());
+        reference::bias_gelu_backward(&pre, &self.dout, &mut dpre, &mut dbias);
+        vec![("dpre", dpre), ("dbias", dbias)]
     }
 }

@@ -1,7 +1,8 @@
-//! The model step: a whole tiny bert2bert (hidden 20, 4 heads, 2+2 layers) trained one step on
-//! both backends from the same weights and inputs: the per-token loss, every gradient by name,
-//! the global gradient norm with clipping, the AdamW update of the parameters and both moments
-//! (and the frozen pooler left alone), then the loss of a second step from the updated weights.
+//! The model step: a whole tiny bert2bert (hidden 20, 4 heads, 2+2 layers) trained one step
+//! from fixed weights and inputs. Against the CPU oracle both backends run the step: the
+//! per-token loss, every gradient by name, the global gradient norm with clipping, the AdamW
+//! update of the parameters and both moments (and the frozen pooler left alone), then the loss
+//! of a second step from the updated weights. Against the f64 reference see `step_f64`.
 
 use std::path::Path;
 
@@ -10,10 +11,15 @@ use model::net::{Bert2Bert, Inputs, PassOptions};
 use model::optim::{AdamWConfig, Optimizer};
 use model::{BertConfig, ModelConfig, ParamTable};
 
-use super::{Check, Draw, Tolerances, errors};
+use crate::{Check, Draw, Reference, Tolerances, errors};
 
 /// AdamW runs in fp32 on every backend, from the same gradients.
-const TOL_UPDATE: f64 = 1e-5;
+pub(crate) const TOL_UPDATE: f64 = 1e-5;
+pub(crate) const FAMILY: &str = "model";
+
+pub(crate) fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
 
 fn tiny_config() -> ModelConfig {
     let v = serde_json::json!({
@@ -32,119 +38,191 @@ fn tiny_config() -> ModelConfig {
     }
 }
 
-pub(super) fn model_step<B: Backend>(dev: &B, seed: u64, tols: Tolerances, out: &mut Vec<Check>) -> Result<(), String> {
-    let e = |e: &dyn std::fmt::Display| e.to_string();
-    let fam = "model";
-    let cfg = tiny_config();
-    let table = ParamTable::new(&cfg);
-    let mut r = Draw { seed: rng::derive(seed, 0x5e1f), stream: 0 };
-    let mut params = r.normal(table.storage_len, 0.3);
-    for en in table.owned().filter(|en| en.name.ends_with("LayerNorm.weight")) {
-        params[en.range()].iter_mut().for_each(|p| *p += 1.0);
-    }
-    // Three examples: full, source and target padding, more padding.
-    let (bs, s, t) = (3, 11, 9);
-    let (src_pad, tgt_pad) = ([0, 4, 7], [0, 3, 5]);
-    let words = r.ids(bs * (s + 2 * t), 93);
-    let word = |i: usize| 4 + words[i];
-    let src: Vec<i32> = (0..bs * s).map(|i| if i % s + src_pad[i / s] >= s { 0 } else { word(i) }).collect();
-    let mask: Vec<f32> = src.iter().map(|&x| if x == 0 { 0.0 } else { 1.0 }).collect();
-    let real_t = |i: usize| i % t + tgt_pad[i / t] < t;
-    let labels: Vec<i32> = (0..bs * t).map(|i| if real_t(i) { word(bs * s + i) } else { IGNORE_INDEX }).collect();
-    let dec: Vec<i32> = (0..bs * t)
-        .map(|i| {
-            if i % t == 0 {
-                2
-            } else if real_t(i) {
-                labels[i - 1]
-            } else {
-                0
-            }
-        })
-        .collect();
-    let shape = format!("batch {bs} src {s} tgt {t}");
+/// The tiny model's weights and one batch, as host data.
+pub(crate) struct Fixture {
+    pub cfg: ModelConfig,
+    pub table: ParamTable,
+    pub params: Vec<f32>,
+    pub draw: Draw,
+    pub seed: u64,
+    /// (batch, source length, target length).
+    pub dims: (usize, usize, usize),
+    pub src: Vec<i32>,
+    pub mask: Vec<f32>,
+    pub dec: Vec<i32>,
+    pub labels: Vec<i32>,
+}
 
-    let cpu = Cpu;
-    let mut ref_net = Bert2Bert::new(&cpu, cfg.clone(), table.clone(), &params).map_err(|x| e(&x))?;
-    let mut dev_net = Bert2Bert::new(dev, cfg.clone(), table.clone(), &params).map_err(|x| e(&x))?;
-    let x_ref = Inputs::new(&cpu, bs, s, t, &src, &mask, &dec, &labels).map_err(|x| e(&x))?;
-    let x_dev = Inputs::new(dev, bs, s, t, &src, &mask, &dec, &labels).map_err(|x| e(&x))?;
-    let tokens = x_ref.label_tokens();
-    let opts = PassOptions {
-        train: true,
-        seed: rng::derive(seed, 7),
-        label_smoothing: 0.1,
-        grad_scale: Some(1.0 / tokens as f32),
-    };
-    ref_net.zero_grads(&cpu).map_err(|x| e(&x))?;
-    dev_net.zero_grads(dev).map_err(|x| e(&x))?;
-    let l_ref = ref_net.pass(&cpu, &x_ref, opts).map_err(|x| e(&x))?;
-    let l_dev = dev_net.pass(dev, &x_dev, opts).map_err(|x| e(&x))?;
-    out.push(Check::compare(
-        fam,
-        "loss (per token)".into(),
-        format!("{shape}, {tokens} tokens, ls 0.1"),
-        tols.loss,
-        &l_ref.token_loss,
-        &l_dev.token_loss,
-        0.0,
-    ));
-
-    // Every gradient by name. Attention key biases have a zero true gradient (rounding noise on
-    // both sides): the denominator has a floor of `grad_floor` times the largest gradient
-    // anywhere (1e-3 in fp32, 5e-2 with bf16 GEMMs).
-    let g_ref = ref_net.grads.clone();
-    let g_dev = dev.download(dev.view(&dev_net.grads, 0..table.storage_len)).map_err(|x| e(&x))?;
-    let global = g_ref.iter().fold(0.0f64, |m, &g| m.max((g as f64).abs()));
-    for en in table.owned() {
-        let rg = en.range();
-        let shape = format!("{:?}", en.shape);
-        let tol = if en.frozen { 0.0 } else { tols.grad };
-        out.push(Check::compare(
-            fam,
-            format!("grad {}", en.name),
-            shape,
-            tol,
-            &g_ref[rg.clone()],
-            &g_dev[rg],
-            tols.grad_floor * global,
-        ));
+impl Fixture {
+    pub fn new(seed: u64) -> Self {
+        let cfg = tiny_config();
+        let table = ParamTable::new(&cfg);
+        let mut r = Draw { seed: rng::derive(seed, 0x5e1f), stream: 0 };
+        let mut params = r.normal(table.storage_len, 0.3);
+        for en in table.owned().filter(|en| en.name.ends_with("LayerNorm.weight")) {
+            params[en.range()].iter_mut().for_each(|p| *p += 1.0);
+        }
+        // Three examples: full, source and target padding, more padding.
+        let (bs, s, t) = (3, 11, 9);
+        let (src_pad, tgt_pad) = ([0, 4, 7], [0, 3, 5]);
+        let words = r.ids(bs * (s + 2 * t), 93);
+        let word = |i: usize| 4 + words[i];
+        let src: Vec<i32> = (0..bs * s).map(|i| if i % s + src_pad[i / s] >= s { 0 } else { word(i) }).collect();
+        let mask: Vec<f32> = src.iter().map(|&x| if x == 0 { 0.0 } else { 1.0 }).collect();
+        let real_t = |i: usize| i % t + tgt_pad[i / t] < t;
+        let labels: Vec<i32> = (0..bs * t).map(|i| if real_t(i) { word(bs * s + i) } else { IGNORE_INDEX }).collect();
+        let dec: Vec<i32> = (0..bs * t)
+            .map(|i| {
+                if i % t == 0 {
+                    2
+                } else if real_t(i) {
+                    labels[i - 1]
+                } else {
+                    0
+                }
+            })
+            .collect();
+        Fixture { cfg, table, params, draw: r, seed, dims: (bs, s, t), src, mask, dec, labels }
     }
+
+    pub fn shape(&self) -> String {
+        let (bs, s, t) = self.dims;
+        format!("batch {bs} src {s} tgt {t}")
+    }
+
+    /// The model on `b` from the fixture's weights, and the batch uploaded to `b`.
+    pub fn open<B: Backend>(&self, b: &B) -> Result<(Bert2Bert<B>, Inputs<B>), String> {
+        let net = Bert2Bert::new(b, self.cfg.clone(), self.table.clone(), &self.params).map_err(err)?;
+        let (bs, s, t) = self.dims;
+        let x = Inputs::new(b, bs, s, t, &self.src, &self.mask, &self.dec, &self.labels).map_err(err)?;
+        Ok((net, x))
+    }
+
+    /// The first step's pass options: training (dropout on), label smoothing 0.1, backward
+    /// scaled to the mean over the label tokens.
+    pub fn pass_options(&self, tokens: usize) -> PassOptions {
+        PassOptions {
+            train: true,
+            seed: rng::derive(self.seed, 7),
+            label_smoothing: 0.1,
+            grad_scale: Some(1.0 / tokens as f32),
+        }
+    }
+}
+
+/// One backend's side of the step.
+struct Side<'a, B: Backend> {
+    b: &'a B,
+    net: Bert2Bert<B>,
+    x: Inputs<B>,
+}
+
+impl<'a, B: Backend> Side<'a, B> {
+    fn open(b: &'a B, fx: &Fixture) -> Result<Self, String> {
+        let (net, x) = fx.open(b)?;
+        Ok(Side { b, net, x })
+    }
+    fn pass(&mut self, opts: PassOptions) -> Result<Vec<f32>, String> {
+        self.net.zero_grads(self.b).map_err(err)?;
+        Ok(self.net.pass(self.b, &self.x, opts).map_err(err)?.token_loss)
+    }
+    fn whole(&self, buf: &B::Buf) -> Result<Vec<f32>, String> {
+        self.b.download(self.b.view(buf, 0..self.net.table.storage_len)).map_err(err)
+    }
+}
+
+pub(crate) fn model_step<B: Backend>(
+    dev: &B,
+    oracle: Reference,
+    seed: u64,
+    tols: Tolerances,
+    out: &mut Vec<Check>,
+) -> Result<(), String> {
+    let fx = Fixture::new(seed);
+    match oracle {
+        Reference::F64 => crate::step_f64::model_step(dev, fx, tols, out),
+        Reference::CpuFp32 => against_cpu(dev, &fx, tols, out),
+    }
+}
+
+fn against_cpu<B: Backend>(dev: &B, fx: &Fixture, tols: Tolerances, out: &mut Vec<Check>) -> Result<(), String> {
+    let mut cpu = Side::open(&Cpu, fx)?;
+    let mut gpu = Side::open(dev, fx)?;
+    let tokens = cpu.x.label_tokens();
+    let opts = fx.pass_options(tokens);
+    let (l_ref, l_dev) = (cpu.pass(opts)?, gpu.pass(opts)?);
+    let shape = format!("{}, {tokens} tokens, ls 0.1", fx.shape());
+    out.push(Check::compare(FAMILY, "loss (per token)".into(), shape, tols.loss, &l_ref, &l_dev, 0.0));
+    compare_grads(&cpu, &gpu, fx, tols, out)?;
 
     // Global norm and clipping (to 1.0) on each side's own gradients.
-    let n_ref = clip_grad_norm(&cpu, &mut ref_net.grads, 1.0).map_err(|x| e(&x))?;
-    let n_dev = clip_grad_norm(dev, &mut dev_net.grads, 1.0).map_err(|x| e(&x))?;
-    out.push(Check::compare(fam, "grad norm (clip 1.0)".into(), String::new(), tols.loss, &[n_ref], &[n_dev], 0.0));
+    let n_ref = clip_grad_norm(&Cpu, &mut cpu.net.grads, 1.0).map_err(err)?;
+    let n_dev = clip_grad_norm(dev, &mut gpu.net.grads, 1.0).map_err(err)?;
+    out.push(Check::compare(FAMILY, "grad norm (clip 1.0)".into(), String::new(), tols.loss, &[n_ref], &[n_dev], 0.0));
 
     // AdamW over the whole table (no decay on biases and LayerNorm, the pooler skipped). Adam
     // turns gradient rounding noise into a full `lr`-sized step where a gradient is near zero,
     // so the oracle updates from the device's (clipped) gradients: the same inputs on both.
-    ref_net.grads = dev.download(dev.view(&dev_net.grads, 0..table.storage_len)).map_err(|x| e(&x))?;
-    let mut o_ref = Optimizer::new(&cpu, &table, AdamWConfig::default()).map_err(|x| e(&x))?;
-    let mut o_dev = Optimizer::new(dev, &table, AdamWConfig::default()).map_err(|x| e(&x))?;
-    o_ref.update(&cpu, &table, &mut ref_net.params, &ref_net.grads, 1e-3).map_err(|x| e(&x))?;
-    o_dev.update(dev, &table, &mut dev_net.params, &dev_net.grads, 1e-3).map_err(|x| e(&x))?;
-    let whole = |buf: &B::Buf| dev.download(dev.view(buf, 0..table.storage_len));
-    for (what, r_buf, d_buf) in
-        [("params", &ref_net.params, &dev_net.params), ("adam m", &o_ref.m, &o_dev.m), ("adam v", &o_ref.v, &o_dev.v)]
-    {
-        let d_host = whole(d_buf).map_err(|x| e(&x))?;
-        // Name the worst tensor.
+    cpu.net.grads = gpu.whole(&gpu.net.grads)?;
+    let mut o_ref = Optimizer::new(&Cpu, &fx.table, AdamWConfig::default()).map_err(err)?;
+    let mut o_dev = Optimizer::new(dev, &fx.table, AdamWConfig::default()).map_err(err)?;
+    o_ref.update(&Cpu, &fx.table, &mut cpu.net.params, &cpu.net.grads, 1e-3).map_err(err)?;
+    o_dev.update(dev, &fx.table, &mut gpu.net.params, &gpu.net.grads, 1e-3).map_err(err)?;
+    let reference = [&cpu.net.params, &o_ref.m, &o_ref.v].map(|b| b.as_slice());
+    let got = [gpu.whole(&gpu.net.params)?, gpu.whole(&o_dev.m)?, gpu.whole(&o_dev.v)?];
+    update_checks(fx, reference, &got, out);
+
+    // A second step from the updated weights (the workspace is reused): the loss again.
+    let opts2 = PassOptions { seed: opts.seed ^ 1, ..opts };
+    let (l_ref, l_dev) = (cpu.pass(opts2)?, gpu.pass(opts2)?);
+    let op = "loss step 2 (per token)".into();
+    out.push(Check::compare(FAMILY, op, "after the update".into(), tols.loss, &l_ref, &l_dev, 0.0));
+    Ok(())
+}
+
+/// Every gradient by name. Attention key biases have a zero true gradient (rounding noise on
+/// both sides): the denominator has a floor of `grad_floor` times the largest gradient
+/// anywhere (1e-3 in fp32, 5e-2 with bf16 GEMMs).
+fn compare_grads<B: Backend>(
+    cpu: &Side<'_, Cpu>,
+    gpu: &Side<'_, B>,
+    fx: &Fixture,
+    tols: Tolerances,
+    out: &mut Vec<Check>,
+) -> Result<(), String> {
+    let g_ref = &cpu.net.grads;
+    let g_dev = gpu.whole(&gpu.net.grads)?;
+    let global = g_ref.iter().fold(0.0f64, |m, &g| m.max((g as f64).abs()));
+    for en in fx.table.owned() {
+        let rg = en.range();
+        let tol = if en.frozen { 0.0 } else { tols.grad };
+        let (r, x) = (&g_ref[rg.clone()], &g_dev[rg]);
+        let op = format!("grad {}", en.name);
+        out.push(Check::compare(FAMILY, op, format!("{:?}", en.shape), tol, r, x, tols.grad_floor * global));
+    }
+    Ok(())
+}
+
+/// The AdamW update (parameters, first and second moments over the whole table) against the
+/// reference's, naming the worst tensor, and the frozen pooler left at its initial values.
+pub(crate) fn update_checks(fx: &Fixture, reference: [&[f32]; 3], got: &[Vec<f32>; 3], out: &mut Vec<Check>) {
+    let table = &fx.table;
+    for ((what, r), d) in ["params", "adam m", "adam v"].into_iter().zip(reference).zip(got) {
         let worst = table
             .owned()
-            .map(|en| (errors(&r_buf[en.range()], &d_host[en.range()], 0.0).0, en.name.as_str()))
+            .map(|en| (errors(&r[en.range()], &d[en.range()], 0.0).0, en.name.as_str()))
             .fold((0.0, ""), |a, b| if b.0 > a.0 { b } else { a });
-        let mut c = Check::compare(fam, format!("adamw {what}"), String::new(), TOL_UPDATE, r_buf, &d_host, 0.0);
+        let mut c = Check::compare(FAMILY, format!("adamw {what}"), String::new(), TOL_UPDATE, r, d, 0.0);
         c.shape = if worst.0 > 0.0 { format!("worst {}", worst.1) } else { format!("{} values", table.storage_len) };
         out.push(c);
     }
-    // Untouched by AdamW: the frozen pooler.
+    let params = &got[0];
     let frozen_ok = table.owned().filter(|en| en.frozen).all(|en| {
-        let (rg, d_host) = (en.range(), whole(&dev_net.params).unwrap_or_default());
-        d_host.get(rg.clone()).is_some_and(|p| p == &params[rg])
+        let rg = en.range();
+        params.get(rg.clone()).is_some_and(|p| p == &fx.params[rg])
     });
     out.push(Check {
-        family: fam,
+        family: FAMILY,
         op: "adamw skips frozen".into(),
         shape: "encoder.pooler.*".into(),
         max_abs: 0.0,
@@ -153,21 +231,4 @@ pub(super) fn model_step<B: Backend>(dev: &B, seed: u64, tols: Tolerances, out: 
         pass: frozen_ok,
         error: None,
     });
-
-    // A second step from the updated weights (the workspace is reused): the loss again.
-    let opts2 = PassOptions { seed: opts.seed ^ 1, ..opts };
-    ref_net.zero_grads(&cpu).map_err(|x| e(&x))?;
-    dev_net.zero_grads(dev).map_err(|x| e(&x))?;
-    let l_ref = ref_net.pass(&cpu, &x_ref, opts2).map_err(|x| e(&x))?;
-    let l_dev = dev_net.pass(dev, &x_dev, opts2).map_err(|x| e(&x))?;
-    out.push(Check::compare(
-        fam,
-        "loss step 2 (per token)".into(),
-        "after the update".into(),
-        tols.loss,
-        &l_ref.token_loss,
-        &l_dev.token_loss,
-        0.0,
-    ));
-    Ok(())
 }

@@ -13,6 +13,7 @@
 pub mod collective;
 pub mod cpu;
 pub mod cuda;
+pub mod reference;
 pub mod rng;
 
 pub use cpu::Cpu;

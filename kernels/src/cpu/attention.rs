@@ -233,38 +233,9 @@ mod tests {
             let k = randn(s.batch * s.tk * c, 1.0, 83);
             let v = randn(s.batch * s.tk * c, 1.0, 84);
             let out = forward(&s, &q, &k, &v);
-            let mask = mask_for(&s);
             let mut want = vec![0.0f32; out.len()];
-            for b in 0..s.batch {
-                for h in 0..s.heads {
-                    for i in 0..s.tq {
-                        let allowed: Vec<usize> =
-                            (0..s.tk).filter(|&j| mask[b * s.tk + j] != 0.0 && !(causal && j > i)).collect();
-                        let scores: Vec<f64> = allowed
-                            .iter()
-                            .map(|&j| {
-                                (0..s.head_dim)
-                                    .map(|t| {
-                                        q[(b * s.tq + i) * c + h * s.head_dim + t] as f64
-                                            * k[(b * s.tk + j) * c + h * s.head_dim + t] as f64
-                                    })
-                                    .sum::<f64>()
-                                    / (s.head_dim as f64).sqrt()
-                            })
-                            .collect();
-                        let m = scores.iter().copied().fold(f64::MIN, f64::max);
-                        let z: f64 = scores.iter().map(|x| (x - m).exp()).sum();
-                        for t in 0..s.head_dim {
-                            let acc: f64 = allowed
-                                .iter()
-                                .zip(&scores)
-                                .map(|(&j, x)| (x - m).exp() / z * v[(b * s.tk + j) * c + h * s.head_dim + t] as f64)
-                                .sum();
-                            want[(b * s.tq + i) * c + h * s.head_dim + t] = acc as f32;
-                        }
-                    }
-                }
-            }
+            let mut probs = vec![0.0f32; s.probs_len()];
+            crate::reference::attention_forward(s, &q, &k, &v, &mask_for(&s), &mut probs, &mut want);
             assert_close(&format!("attention causal={causal}"), &out, &want, 1e-5);
         }
     }

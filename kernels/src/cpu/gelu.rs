@@ -70,8 +70,10 @@ mod tests {
         // Phi from the f64 erf of libm: an independent path from the f32 kernel.
         let xs = randn(257, 3.0, 31);
         let got: Vec<f32> = xs.iter().map(|&x| gelu(x)).collect();
-        let want: Vec<f32> =
-            xs.iter().map(|&x| (0.5 * x as f64 * (1.0 + libm::erf(x as f64 / 2f64.sqrt()))) as f32).collect();
+        let want: Vec<f32> = xs.iter().map(|&x| crate::reference::gelu(x as f64) as f32).collect();
+        let got_grad: Vec<f32> = xs.iter().map(|&x| gelu_grad(x)).collect();
+        let want_grad: Vec<f32> = xs.iter().map(|&x| crate::reference::gelu_grad(x as f64) as f32).collect();
+        assert_close("gelu'", &got_grad, &want_grad, 1e-5);
         assert_close("gelu", &got, &want, 1e-6);
     }
 

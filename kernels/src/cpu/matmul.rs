@@ -200,6 +200,8 @@ mod tests {
     use super::*;
     use crate::cpu::testutil::*;
 
+    /// The f64 reference of `kernels::reference`, on a copy of C.
+    #[allow(clippy::too_many_arguments)]
     fn naive(
         s: GemmShape,
         alpha: f32,
@@ -211,28 +213,7 @@ mod tests {
         c: &[f32],
     ) -> Vec<f32> {
         let mut out = c.to_vec();
-        for bi in 0..s.batch {
-            for i in 0..s.m {
-                for j in 0..s.n {
-                    let mut acc = 0.0f64;
-                    for p in 0..s.k {
-                        let av = if oa.trans {
-                            a[bi * oa.batch_stride + p * oa.ld + i]
-                        } else {
-                            a[bi * oa.batch_stride + i * oa.ld + p]
-                        };
-                        let bv = if ob.trans {
-                            b[bi * ob.batch_stride + j * ob.ld + p]
-                        } else {
-                            b[bi * ob.batch_stride + p * ob.ld + j]
-                        };
-                        acc += av as f64 * bv as f64;
-                    }
-                    let idx = bi * s.batch_stride_c + i * s.ldc + j;
-                    out[idx] = (alpha as f64 * acc + beta as f64 * c[idx] as f64) as f32;
-                }
-            }
-        }
+        crate::reference::gemm(s, alpha, a, oa, b, ob, beta, &mut out);
         out
     }
 

@@ -1,0 +1,29 @@
+//! The CUDA backend on the virtual GPU (the `cuda-emu` crate: the real kernels, an emulated
+//! driver and cuBLAS) against the CPU fp32 oracle, with exact fp32 GEMMs and with bf16 GEMMs.
+//! Needs NVRTC (the kernels are still compiled to PTX); without it the test skips, unless
+//! `B2B_REQUIRE_NVRTC=1` (scripts/test.sh), where it fails.
+
+use conformance::{Reference, Tolerances};
+use kernels::cuda::{Cuda, GemmPrecision};
+
+#[test]
+fn virtual_gpu_matches_the_cpu_oracle_in_fp32_and_bf16() {
+    if !kernels::cuda::compile::nvrtc_or_skip() {
+        return;
+    }
+    cuda_emu::install().expect("starting the virtual GPU");
+    for precision in [GemmPrecision::Fp32, GemmPrecision::Bf16] {
+        let seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap();
+        let dev = Cuda::new(0, precision).expect("the virtual GPU's CUDA backend");
+        let tol = Tolerances::new(precision == GemmPrecision::Bf16);
+        let checks = conformance::run(&dev, Reference::CpuFp32, seed, tol);
+        let failed: Vec<_> = checks.iter().filter(|c| !c.pass).collect();
+        assert!(failed.is_empty(), "{precision:?}, seed {seed}: {failed:#?}");
+        for family in ["GemmOps", "LayerNormOps", "GeluOps", "AttentionOps", "EmbeddingOps", "OptimizerOps", "model"] {
+            assert!(checks.iter().any(|c| c.family == family), "{precision:?}: no {family} check");
+        }
+        // The device differs from the oracle somewhere (it is not the oracle run twice).
+        assert!(checks.iter().any(|c| c.rel > 0.0), "{precision:?}: every error is exactly zero");
+    }
+}
