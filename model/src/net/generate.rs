@@ -10,6 +10,7 @@ use kernels::{AttentionShape, Backend, GemmShape, Operand};
 
 use super::layers::{EmbActs, EmbIds, FfnActs, NormActs, linear_forward, matmul_wt, r, w};
 use super::{Bert2Bert, EncoderLayer};
+use crate::config::BertConfig;
 use crate::error::{Error, Result};
 
 /// How a finished hypothesis's summed log-probability is normalised by its length.
@@ -85,6 +86,115 @@ struct Beams {
     done: Vec<bool>,
 }
 
+impl Beams {
+    /// `items` sources of `k` beams each; only the first beam of each starts live.
+    fn new(items: usize, k: usize) -> Beams {
+        Beams {
+            scores: (0..items * k).map(|r| if r % k == 0 { 0.0 } else { f64::NEG_INFINITY }).collect(),
+            tokens: vec![Vec::new(); items * k],
+            finished: vec![Vec::new(); items],
+            done: vec![false; items],
+        }
+    }
+
+    /// Every item's hypotheses, best first: those finished with [SEP] and, for an item still
+    /// running at `max_len`, its live beams.
+    fn into_nbest(mut self, k: usize, eos: i32, opts: &GenerateOptions) -> Vec<Vec<Generated>> {
+        for i in 0..self.done.len() {
+            if !self.done[i] {
+                for r in i * k..(i + 1) * k {
+                    if self.scores[r].is_finite() {
+                        let len = self.tokens[r].len();
+                        self.finished[i].push((self.scores[r] / opts.penalty(len), self.tokens[r].clone()));
+                    }
+                }
+            }
+        }
+        self.finished
+            .into_iter()
+            .map(|f| {
+                let mut hyps: Vec<Generated> = f
+                    .into_iter()
+                    .map(|(score, mut tokens)| {
+                        let ended = tokens.last() == Some(&eos);
+                        if ended {
+                            tokens.pop();
+                        }
+                        Generated { tokens, score, ended }
+                    })
+                    .collect();
+                hyps.sort_by(|a, b| b.score.total_cmp(&a.score));
+                hyps
+            })
+            .collect()
+    }
+}
+
+/// One step's working buffers, shared by the decoder layers in turn.
+struct StepScratch<B: Backend> {
+    q: B::Buf,
+    k_new: B::Buf,
+    v_new: B::Buf,
+    ctx: B::Buf,
+    probs_self: B::Buf,
+    probs_cross: B::Buf,
+}
+
+/// The LM head's buffers, and the logits it writes.
+struct HeadScratch<B: Backend> {
+    pre: B::Buf,
+    act: B::Buf,
+    norm: NormActs<B>,
+    logits: B::Buf,
+}
+
+/// The decoder's state across the steps of one `generate_nbest` call.
+struct DecodeState<B: Backend> {
+    layers: Vec<LayerState<B>>,
+    /// The source mask of every row `[rows, src_len]`.
+    enc_mask: B::Buf,
+    step: StepScratch<B>,
+    emb: EmbActs<B>,
+    head: HeadScratch<B>,
+    /// Where a cache is gathered to when beams are re-ranked.
+    spare: B::Buf,
+    rows: usize,
+    src_len: usize,
+    tmax: usize,
+}
+
+impl<B: Backend> DecodeState<B> {
+    /// After beams are re-ranked, each row's self-attention cache becomes its parent's
+    /// (`parents[row]`): a row gather through the embedding op.
+    fn follow_parents(&mut self, b: &B, parents: &[i32]) -> Result<()> {
+        let parent_ids = b.upload_ids(parents)?;
+        // `spare` is one cache: rows x positions x hidden.
+        let row_len = b.len(&self.spare) / self.rows;
+        for st in &mut self.layers {
+            for cache in [&mut st.k_self, &mut st.v_self] {
+                b.embedding_forward(&parent_ids, r(b, cache), row_len, w(b, &mut self.spare), false)?;
+                std::mem::swap(cache, &mut self.spare);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Attention of `batch` rows, `tq` queries over `tk` keys, with `cfg`'s heads; generation
+/// neither masks causally (the cache mask does that) nor drops out.
+fn attention_shape(cfg: &BertConfig, batch: usize, tq: usize, tk: usize) -> AttentionShape {
+    AttentionShape {
+        batch,
+        heads: cfg.num_attention_heads,
+        head_dim: cfg.head_dim(),
+        tq,
+        tk,
+        causal: false,
+        dropout: 0.0,
+        seed: 0,
+    }
+}
+
 fn log_softmax(x: &[f32]) -> Vec<f64> {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let lse = max + x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
@@ -119,10 +229,9 @@ impl<B: Backend> Bert2Bert<B> {
         sources: &[Vec<i32>],
         opts: &GenerateOptions,
     ) -> Result<Vec<Vec<Generated>>> {
-        let (ec, dc) = (self.config.encoder.clone(), self.config.decoder.clone());
-        let (c, v, k) = (ec.hidden_size, dc.vocab_size, opts.beams.max(1));
-        let bs = sources.len();
-        if bs == 0 {
+        let (ec, dc) = (&self.config.encoder, &self.config.decoder);
+        let k = opts.beams.max(1);
+        if sources.is_empty() {
             return Ok(Vec::new());
         }
         let s = sources.iter().map(Vec::len).max().unwrap_or(1).max(1);
@@ -133,16 +242,35 @@ impl<B: Backend> Bert2Bert<B> {
                 opts.max_len
             )));
         }
-        let (eos, start, pad) =
-            (self.config.eos_token_id, self.config.decoder_start_token_id, self.config.pad_token_id);
-        let n = bs * k;
-        let p = &self.params;
-        let view = &self.view;
-        let eps_e = ec.layer_norm_eps;
-        let eps_d = dc.layer_norm_eps;
+        let (eos, pad) = (self.config.eos_token_id, self.config.pad_token_id);
+        let n = sources.len() * k;
+        let (enc_out, enc_mask) = self.encode_for_beams(b, sources, s, k)?;
+        let mut dec = self.decode_state(b, &enc_out, enc_mask, n, s, tmax)?;
+        drop(enc_out);
 
-        // ---- encode each source once, then copy its output to its beams ----
-        let mut src_ids = vec![pad; bs * s];
+        let mut beams = Beams::new(sources.len(), k);
+        let mut current = vec![self.config.decoder_start_token_id; n];
+        for t in 0..opts.max_len {
+            let logits = self.decode_step(b, &mut dec, &current, t)?;
+            let parents = self.step_beams(&logits, dc.vocab_size, k, t, eos, opts, &mut beams);
+            if beams.done.iter().all(|&d| d) {
+                break;
+            }
+            current = (0..n).map(|r| *beams.tokens[r].last().unwrap_or(&pad)).collect();
+            if k > 1 {
+                dec.follow_parents(b, &parents)?;
+            }
+        }
+        Ok(beams.into_nbest(k, eos, opts))
+    }
+
+    /// The encoder over the `sources` padded to `s` tokens, run once per source, then its
+    /// output `[rows, s, hidden]` and mask `[rows, s]` copied to each of the source's `k` beam
+    /// rows (row `r` holds source `r / k`).
+    fn encode_for_beams(&self, b: &B, sources: &[Vec<i32>], s: usize, k: usize) -> Result<(B::Buf, B::Buf)> {
+        let ec = &self.config.encoder;
+        let (p, view, c, bs) = (&self.params, &self.view, ec.hidden_size, sources.len());
+        let mut src_ids = vec![self.config.pad_token_id; bs * s];
         let mut mask = vec![0.0f32; bs * s];
         for (i, row) in sources.iter().enumerate() {
             src_ids[i * s..i * s + row.len()].copy_from_slice(row);
@@ -151,46 +279,52 @@ impl<B: Backend> Bert2Bert<B> {
         let enc_ids = EmbIds::new(b, &src_ids, bs, s)?;
         let enc_mask = b.upload(&mask)?;
         let mut emb = EmbActs { norm: NormActs::new(b, bs * s, c)? };
-        emb.forward(b, p, &view.encoder.embeddings, &enc_ids, c, (0.0, 0), eps_e)?;
-        let shape = |batch: usize, tq: usize, tk: usize, causal: bool| AttentionShape {
-            batch,
-            heads: ec.num_attention_heads,
-            head_dim: ec.head_dim(),
-            tq,
-            tk,
-            causal,
-            dropout: 0.0,
-            seed: 0,
-        };
+        emb.forward(b, p, &view.encoder.embeddings, &enc_ids, c, (0.0, 0), ec.layer_norm_eps)?;
         let mut layers: Vec<EncoderLayer<B>> = Vec::with_capacity(ec.num_hidden_layers);
         for (l, lv) in view.encoder.layers.iter().enumerate() {
-            let sh = shape(bs, s, s, false);
+            let sh = attention_shape(ec, bs, s, s);
             let mut layer = EncoderLayer {
                 attn: super::layers::AttnActs::new(b, &sh)?,
                 ffn: FfnActs::new(b, bs * s, c, ec.intermediate_size)?,
             };
             let input = if l == 0 { &emb.norm.out } else { &layers[l - 1].ffn.norm.out };
-            layer.attn.forward(b, p, &lv.self_attn, sh, r(b, input), r(b, input), r(b, &enc_mask), (0.0, 0), eps_e)?;
-            layer.ffn.forward(b, p, lv, r(b, &layer.attn.norm.out), bs * s, (0.0, 0), eps_e)?;
+            let eps = ec.layer_norm_eps;
+            layer.attn.forward(b, p, &lv.self_attn, sh, r(b, input), r(b, input), r(b, &enc_mask), (0.0, 0), eps)?;
+            layer.ffn.forward(b, p, lv, r(b, &layer.attn.norm.out), bs * s, (0.0, 0), eps)?;
             layers.push(layer);
         }
         let enc_out = layers.last().map(|e| &e.ffn.norm.out).unwrap_or(&emb.norm.out);
+        let n = bs * k;
         let item_of_row: Vec<i32> = (0..n).map(|r| (r / k) as i32).collect();
         let item_ids = b.upload_ids(&item_of_row)?;
         let mut enc_n = b.zeros(n * s * c)?;
         b.embedding_forward(&item_ids, r(b, enc_out), s * c, w(b, &mut enc_n), false)?;
         let mut mask_n = b.zeros(n * s)?;
         b.embedding_forward(&item_ids, r(b, &enc_mask), s, w(b, &mut mask_n), false)?;
-        drop(layers);
+        Ok((enc_n, mask_n))
+    }
 
-        // ---- decoder state ----
-        let mut state = Vec::with_capacity(dc.num_hidden_layers);
-        for lv in &view.decoder.layers {
+    /// Every buffer the decoder steps use, for `n` rows, sources of `s` tokens and `tmax`
+    /// positions: each layer's cross-attention K/V (computed here, once, from `enc_out`), its
+    /// empty self-attention cache, and the scratch of one step.
+    fn decode_state(
+        &self,
+        b: &B,
+        enc_out: &B::Buf,
+        enc_mask: B::Buf,
+        n: usize,
+        s: usize,
+        tmax: usize,
+    ) -> Result<DecodeState<B>> {
+        let (ec, dc, p) = (&self.config.encoder, &self.config.decoder, &self.params);
+        let c = ec.hidden_size;
+        let mut layers = Vec::with_capacity(dc.num_hidden_layers);
+        for lv in &self.view.decoder.layers {
             let cv = lv.cross_attn.as_ref().expect("decoder layers have cross-attention");
             let (mut k_cross, mut v_cross) = (b.zeros(n * s * c)?, b.zeros(n * s * c)?);
-            linear_forward(b, p, &cv.k, r(b, &enc_n), n * s, &mut k_cross)?;
-            linear_forward(b, p, &cv.v, r(b, &enc_n), n * s, &mut v_cross)?;
-            state.push(LayerState {
+            linear_forward(b, p, &cv.k, r(b, enc_out), n * s, &mut k_cross)?;
+            linear_forward(b, p, &cv.v, r(b, enc_out), n * s, &mut v_cross)?;
+            layers.push(LayerState {
                 k_self: b.zeros(n * tmax * c)?,
                 v_self: b.zeros(n * tmax * c)?,
                 k_cross,
@@ -200,139 +334,138 @@ impl<B: Backend> Bert2Bert<B> {
                 ffn: FfnActs::new(b, n, c, dc.intermediate_size)?,
             });
         }
-        let (mut q, mut knew, mut vnew, mut ctx) = (b.zeros(n * c)?, b.zeros(n * c)?, b.zeros(n * c)?, b.zeros(n * c)?);
-        let mut probs_self = b.zeros(n * ec.num_attention_heads * tmax)?;
-        let mut probs_cross = b.zeros(n * ec.num_attention_heads * s)?;
-        let mut spare = b.zeros(n * tmax * c)?;
-        let mut demb = EmbActs { norm: NormActs::new(b, n, c)? };
-        let hv = &view.lm_head;
-        let (mut pre, mut act, mut head_norm) = (b.zeros(n * c)?, b.zeros(n * c)?, NormActs::new(b, n, c)?);
-        let mut logits = b.zeros(n * v)?;
+        let heads = ec.num_attention_heads;
+        Ok(DecodeState {
+            layers,
+            enc_mask,
+            step: StepScratch {
+                q: b.zeros(n * c)?,
+                k_new: b.zeros(n * c)?,
+                v_new: b.zeros(n * c)?,
+                ctx: b.zeros(n * c)?,
+                probs_self: b.zeros(n * heads * tmax)?,
+                probs_cross: b.zeros(n * heads * s)?,
+            },
+            emb: EmbActs { norm: NormActs::new(b, n, c)? },
+            head: HeadScratch {
+                pre: b.zeros(n * c)?,
+                act: b.zeros(n * c)?,
+                norm: NormActs::new(b, n, c)?,
+                logits: b.zeros(n * dc.vocab_size)?,
+            },
+            spare: b.zeros(n * tmax * c)?,
+            rows: n,
+            src_len: s,
+            tmax,
+        })
+    }
 
-        let mut beams = Beams {
-            scores: (0..n).map(|r| if r % k == 0 { 0.0 } else { f64::NEG_INFINITY }).collect(),
-            tokens: vec![Vec::new(); n],
-            finished: vec![Vec::new(); bs],
-            done: vec![false; bs],
+    /// One decoder step for every row: `current` (one token per row) at position `t` through
+    /// the decoder, its K/V appended to the caches; returns the logits `[rows, vocab]`.
+    fn decode_step(&self, b: &B, dec: &mut DecodeState<B>, current: &[i32], t: usize) -> Result<Vec<f32>> {
+        let (p, view, dc) = (&self.params, &self.view, &self.config.decoder);
+        let (n, tmax) = (dec.rows, dec.tmax);
+        let ids = EmbIds::<B> {
+            tokens: b.upload_ids(current)?,
+            positions: b.upload_ids(&vec![t as i32; n])?,
+            types: b.upload_ids(&vec![0; n])?,
         };
-        let mut current = vec![start; n];
-        for t in 0..opts.max_len {
-            // ---- one decoder step for every row ----
-            let ids = EmbIds::<B> {
-                tokens: b.upload_ids(&current)?,
-                positions: b.upload_ids(&vec![t as i32; n])?,
-                types: b.upload_ids(&vec![0; n])?,
-            };
-            demb.forward(b, p, &view.decoder.embeddings, &ids, c, (0.0, 0), eps_d)?;
-            let self_mask: Vec<f32> = (0..n * tmax).map(|i| if i % tmax <= t { 1.0 } else { 0.0 }).collect();
-            let self_mask = b.upload(&self_mask)?;
-            for l in 0..state.len() {
-                let lv = &view.decoder.layers[l];
-                let cv = lv.cross_attn.as_ref().expect("decoder layers have cross-attention");
-                let (done_layers, rest) = state.split_at_mut(l);
-                let x = done_layers.last().map(|st| &st.ffn.norm.out).unwrap_or(&demb.norm.out);
-                let st = &mut rest[0];
-                linear_forward(b, p, &lv.self_attn.q, r(b, x), n, &mut q)?;
-                linear_forward(b, p, &lv.self_attn.k, r(b, x), n, &mut knew)?;
-                linear_forward(b, p, &lv.self_attn.v, r(b, x), n, &mut vnew)?;
-                for row in 0..n {
-                    let at = (row * tmax + t) * c;
-                    b.copy(b.view(&knew, row * c..(row + 1) * c), b.view_mut(&mut st.k_self, at..at + c))?;
-                    b.copy(b.view(&vnew, row * c..(row + 1) * c), b.view_mut(&mut st.v_self, at..at + c))?;
-                }
-                let sh = shape(n, 1, tmax, false);
-                b.attention_forward(
-                    sh,
-                    r(b, &q),
-                    r(b, &st.k_self),
-                    r(b, &st.v_self),
-                    r(b, &self_mask),
-                    w(b, &mut probs_self),
-                    w(b, &mut ctx),
-                )?;
-                linear_forward(b, p, &lv.self_attn.out, r(b, &ctx), n, &mut st.self_norm.input)?;
-                b.add_assign(w(b, &mut st.self_norm.input), r(b, x))?;
-                st.self_norm.forward(b, p, &lv.self_attn.norm, eps_d)?;
-                linear_forward(b, p, &cv.q, r(b, &st.self_norm.out), n, &mut q)?;
-                let sh = shape(n, 1, s, false);
-                b.attention_forward(
-                    sh,
-                    r(b, &q),
-                    r(b, &st.k_cross),
-                    r(b, &st.v_cross),
-                    r(b, &mask_n),
-                    w(b, &mut probs_cross),
-                    w(b, &mut ctx),
-                )?;
-                linear_forward(b, p, &cv.out, r(b, &ctx), n, &mut st.cross_norm.input)?;
-                b.add_assign(w(b, &mut st.cross_norm.input), r(b, &st.self_norm.out))?;
-                st.cross_norm.forward(b, p, &cv.norm, eps_d)?;
-                st.ffn.forward(b, p, lv, r(b, &st.cross_norm.out), n, (0.0, 0), eps_d)?;
-            }
-            let hidden = state.last().map(|st| &st.ffn.norm.out).unwrap_or(&demb.norm.out);
-            matmul_wt(b, p, &hv.transform, r(b, hidden), n, w(b, &mut pre))?;
-            b.bias_gelu_forward(w(b, &mut pre), b.view(p, hv.transform.b.clone()), w(b, &mut act))?;
-            b.copy(r(b, &act), w(b, &mut head_norm.input))?;
-            head_norm.forward(b, p, &hv.norm, eps_d)?;
-            let word = view.decoder.embeddings.word.clone();
-            b.gemm(
-                GemmShape::plain(n, v, c),
-                1.0,
-                r(b, &head_norm.out),
-                Operand::n(c),
-                b.view(p, word),
-                Operand::t(c),
-                0.0,
-                w(b, &mut logits),
-            )?;
-            b.add_bias(w(b, &mut logits), b.view(p, hv.bias.clone()), v)?;
-            let host = b.download(r(b, &logits))?;
+        let c = self.config.encoder.hidden_size;
+        dec.emb.forward(b, p, &view.decoder.embeddings, &ids, c, (0.0, 0), dc.layer_norm_eps)?;
+        // Cache positions past `t` are not written yet.
+        let self_mask: Vec<f32> = (0..n * tmax).map(|i| if i % tmax <= t { 1.0 } else { 0.0 }).collect();
+        let self_mask = b.upload(&self_mask)?;
+        for l in 0..dec.layers.len() {
+            let (done_layers, rest) = dec.layers.split_at_mut(l);
+            let x = done_layers.last().map(|st| &st.ffn.norm.out).unwrap_or(&dec.emb.norm.out);
+            let masks = (&self_mask, &dec.enc_mask);
+            self.decoder_layer_step(b, l, x, &mut rest[0], &mut dec.step, masks, (n, dec.src_len, tmax), t)?;
+        }
+        let hidden = dec.layers.last().map(|st| &st.ffn.norm.out).unwrap_or(&dec.emb.norm.out);
+        self.lm_head_logits(b, hidden, n, &mut dec.head)?;
+        Ok(b.download(r(b, &dec.head.logits))?)
+    }
 
-            // ---- beam update on the host ----
-            let parents = self.step_beams(&host, v, k, t, eos, opts, &mut beams);
-            if beams.done.iter().all(|&d| d) {
-                break;
-            }
-            current = (0..n).map(|r| *beams.tokens[r].last().unwrap_or(&pad)).collect();
-            if k > 1 {
-                let parent_ids = b.upload_ids(&parents)?;
-                for st in &mut state {
-                    for cache in [&mut st.k_self, &mut st.v_self] {
-                        b.embedding_forward(&parent_ids, r(b, cache), tmax * c, w(b, &mut spare), false)?;
-                        std::mem::swap(cache, &mut spare);
-                    }
-                }
-            }
+    /// Decoder layer `l` on its input `x` `[rows, hidden]` at position `t`: self-attention over
+    /// the cache (after writing this position's K/V into it), cross-attention over the source,
+    /// the feed-forward block. `masks` are the cache's and the source's; `dims` are
+    /// (rows, source length, cache positions).
+    #[allow(clippy::too_many_arguments)]
+    fn decoder_layer_step(
+        &self,
+        b: &B,
+        l: usize,
+        x: &B::Buf,
+        st: &mut LayerState<B>,
+        sc: &mut StepScratch<B>,
+        (self_mask, enc_mask): (&B::Buf, &B::Buf),
+        (n, s, tmax): (usize, usize, usize),
+        t: usize,
+    ) -> Result<()> {
+        let (p, ec, eps) = (&self.params, &self.config.encoder, self.config.decoder.layer_norm_eps);
+        let c = ec.hidden_size;
+        let lv = &self.view.decoder.layers[l];
+        let cv = lv.cross_attn.as_ref().expect("decoder layers have cross-attention");
+        linear_forward(b, p, &lv.self_attn.q, r(b, x), n, &mut sc.q)?;
+        linear_forward(b, p, &lv.self_attn.k, r(b, x), n, &mut sc.k_new)?;
+        linear_forward(b, p, &lv.self_attn.v, r(b, x), n, &mut sc.v_new)?;
+        for row in 0..n {
+            let at = (row * tmax + t) * c;
+            b.copy(b.view(&sc.k_new, row * c..(row + 1) * c), b.view_mut(&mut st.k_self, at..at + c))?;
+            b.copy(b.view(&sc.v_new, row * c..(row + 1) * c), b.view_mut(&mut st.v_self, at..at + c))?;
         }
-        // Items still running at max_len end with their live beams.
-        for i in 0..bs {
-            if !beams.done[i] {
-                for r in i * k..(i + 1) * k {
-                    if beams.scores[r].is_finite() {
-                        let len = beams.tokens[r].len();
-                        beams.finished[i].push((beams.scores[r] / opts.penalty(len), beams.tokens[r].clone()));
-                    }
-                }
-            }
-        }
-        Ok(beams
-            .finished
-            .into_iter()
-            .map(|f| {
-                let mut hyps: Vec<Generated> = f
-                    .into_iter()
-                    .map(|(score, mut tokens)| {
-                        let ended = tokens.last() == Some(&eos);
-                        if ended {
-                            tokens.pop();
-                        }
-                        Generated { tokens, score, ended }
-                    })
-                    .collect();
-                hyps.sort_by(|a, b| b.score.total_cmp(&a.score));
-                hyps
-            })
-            .collect())
+        b.attention_forward(
+            attention_shape(ec, n, 1, tmax),
+            r(b, &sc.q),
+            r(b, &st.k_self),
+            r(b, &st.v_self),
+            r(b, self_mask),
+            w(b, &mut sc.probs_self),
+            w(b, &mut sc.ctx),
+        )?;
+        linear_forward(b, p, &lv.self_attn.out, r(b, &sc.ctx), n, &mut st.self_norm.input)?;
+        b.add_assign(w(b, &mut st.self_norm.input), r(b, x))?;
+        st.self_norm.forward(b, p, &lv.self_attn.norm, eps)?;
+        linear_forward(b, p, &cv.q, r(b, &st.self_norm.out), n, &mut sc.q)?;
+        b.attention_forward(
+            attention_shape(ec, n, 1, s),
+            r(b, &sc.q),
+            r(b, &st.k_cross),
+            r(b, &st.v_cross),
+            r(b, enc_mask),
+            w(b, &mut sc.probs_cross),
+            w(b, &mut sc.ctx),
+        )?;
+        linear_forward(b, p, &cv.out, r(b, &sc.ctx), n, &mut st.cross_norm.input)?;
+        b.add_assign(w(b, &mut st.cross_norm.input), r(b, &st.self_norm.out))?;
+        st.cross_norm.forward(b, p, &cv.norm, eps)?;
+        st.ffn.forward(b, p, lv, r(b, &st.cross_norm.out), n, (0.0, 0), eps)?;
+        Ok(())
+    }
+
+    /// The LM head on the decoder's last hidden states `[n, hidden]`: transform, GELU, norm,
+    /// projection onto the decoder's word embeddings plus the output bias, into `head.logits`.
+    fn lm_head_logits(&self, b: &B, hidden: &B::Buf, n: usize, head: &mut HeadScratch<B>) -> Result<()> {
+        let (p, view, dc) = (&self.params, &self.view, &self.config.decoder);
+        let (hv, c, v) = (&view.lm_head, self.config.encoder.hidden_size, dc.vocab_size);
+        let HeadScratch { pre, act, norm, logits } = head;
+        matmul_wt(b, p, &hv.transform, r(b, hidden), n, w(b, pre))?;
+        b.bias_gelu_forward(w(b, pre), b.view(p, hv.transform.b.clone()), w(b, act))?;
+        b.copy(r(b, act), w(b, &mut norm.input))?;
+        norm.forward(b, p, &hv.norm, dc.layer_norm_eps)?;
+        let word = view.decoder.embeddings.word.clone();
+        b.gemm(
+            GemmShape::plain(n, v, c),
+            1.0,
+            r(b, &norm.out),
+            Operand::n(c),
+            b.view(p, word),
+            Operand::t(c),
+            0.0,
+            w(b, logits),
+        )?;
+        b.add_bias(w(b, logits), b.view(p, hv.bias.clone()), v)?;
+        Ok(())
     }
 
     /// Advance every live item by one token; returns each new row's parent row.
