@@ -6,24 +6,35 @@
 //!
 //! The LM head runs only on rows whose label is not ignored: padding rows cost nothing in the
 //! largest GEMMs (the projection to the vocabulary) and the loss.
+//!
+//! A pass is `Bert2Bert::{forward, loss, backward}` over three blocks, each owning its forward,
+//! backward, dropout sites and workspace: `encoder::Encoder`, `decoder::Decoder` and
+//! `head::LmHead`, built from the layers in `layers`. A fused or lower-precision block swaps in
+//! at one place.
 
+mod decoder;
 mod encoder;
 mod generate;
 mod grad_ready;
+mod head;
 mod layers;
 mod stack;
 
 pub use generate::{GenerateOptions, Generated, LengthPenaltyKind};
 
-use kernels::{AttentionShape, Backend, GemmShape, IGNORE_INDEX, Operand};
+use kernels::{Backend, IGNORE_INDEX};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::params::{ModelView, ParamTable};
-use encoder::{Encoder, EncoderLayer};
+use decoder::{Decoder, Encoded};
+use encoder::Encoder;
+// `generate` builds encoder layers of its own shape.
+use encoder::EncoderLayer;
 use grad_ready::{GradReady, stage_done};
-use layers::{AttnActs, Dropout, EmbActs, EmbIds, FfnActs, NormActs, Scratch, matmul_wt, r, w};
-use stack::{StackPass, site};
+use head::LmHead;
+use layers::{EmbIds, w};
+use stack::StackPass;
 
 /// One batch on the device, in transformers' EncoderDecoderModel convention.
 pub struct Inputs<B: Backend> {
@@ -144,35 +155,12 @@ impl BatchLoss {
     }
 }
 
-struct DecoderLayer<B: Backend> {
-    attn: AttnActs<B>,
-    cross: AttnActs<B>,
-    ffn: FfnActs<B>,
-}
-
-/// LM head activations, sized for every decoder row; a pass uses the first `m` label rows.
-struct HeadActs<B: Backend> {
-    hidden: B::Buf,
-    pre: B::Buf,
-    act: B::Buf,
-    norm: NormActs<B>,
-    logits: B::Buf,
-    dlogits: B::Buf,
-    losses: B::Buf,
-}
-
 /// Everything a pass of one batch shape allocates, kept for the next batch of that shape.
 struct Workspace<B: Backend> {
     shape: (usize, usize, usize),
     encoder: Encoder<B>,
-    dec_emb: EmbActs<B>,
-    dec: Vec<DecoderLayer<B>>,
-    head: HeadActs<B>,
-    dec_scratch: Scratch<B>,
-    /// Gradient buffers: two to ping-pong through the layers, plus the encoder output's
-    /// gradient that all cross-attention blocks accumulate into.
-    d_dec: [B::Buf; 2],
-    d_enc_out: B::Buf,
+    decoder: Decoder<B>,
+    head: LmHead<B>,
 }
 
 pub struct Bert2Bert<B: Backend> {
@@ -225,7 +213,7 @@ impl<B: Backend> Bert2Bert<B> {
     /// Logits `[label tokens, vocab]` of the last pass (rows in label order), for tests and tools.
     pub fn last_logits(&self, b: &B, label_tokens: usize) -> Result<Vec<f32>> {
         let ws = self.ws.as_ref().ok_or_else(|| Error::Other("no pass has run yet".into()))?;
-        Ok(b.download(b.view(&ws.head.logits, 0..label_tokens * self.config.decoder.vocab_size))?)
+        Ok(b.download(b.view(ws.head.logits(), 0..label_tokens * self.config.decoder.vocab_size))?)
     }
 
     pub fn zero_grads(&mut self, b: &B) -> Result<()> {
@@ -239,53 +227,12 @@ impl<B: Backend> Bert2Bert<B> {
             return Ok(ws);
         }
         let (ec, dc) = (&self.config.encoder, &self.config.decoder);
-        let c = ec.hidden_size;
-        let (ns, nt) = (batch * s, batch * t);
-        let dec_shape = self.attn_shape(batch, t, t, true, Dropout::off(), 0);
-        let cross_shape = self.attn_shape(batch, t, s, false, Dropout::off(), 0);
-        let encoder = Encoder::new(b, ec, &StackPass::eval(ec, ec, batch), s)?;
-        let dec = (0..dc.num_hidden_layers)
-            .map(|_| {
-                Ok(DecoderLayer {
-                    attn: AttnActs::new(b, &dec_shape)?,
-                    cross: AttnActs::new(b, &cross_shape)?,
-                    ffn: FfnActs::new(b, nt, c, dc.intermediate_size)?,
-                })
-            })
-            .collect::<kernels::Result<Vec<_>>>()?;
-        let v = dc.vocab_size;
         Ok(Workspace {
             shape: (batch, s, t),
-            encoder,
-            dec_emb: EmbActs { norm: NormActs::new(b, nt, c)? },
-            dec,
-            head: HeadActs {
-                hidden: b.zeros(nt * c)?,
-                pre: b.zeros(nt * c)?,
-                act: b.zeros(nt * c)?,
-                norm: NormActs::new(b, nt, c)?,
-                logits: b.zeros(nt * v)?,
-                dlogits: b.zeros(nt * v)?,
-                losses: b.zeros(nt)?,
-            },
-            dec_scratch: Scratch::new(b, nt, ns.max(nt), c, dc.intermediate_size)?,
-            d_dec: [b.zeros(nt * c)?, b.zeros(nt * c)?],
-            d_enc_out: b.zeros(ns * c)?,
+            encoder: Encoder::new(b, ec, &StackPass::eval(ec, ec, batch), s)?,
+            decoder: Decoder::new(b, dc, &StackPass::eval(dc, ec, batch), t, s)?,
+            head: LmHead::new(b, batch * t, dc.hidden_size, dc.vocab_size)?,
         })
-    }
-
-    fn attn_shape(&self, batch: usize, tq: usize, tk: usize, causal: bool, d: Dropout, site: u64) -> AttentionShape {
-        let c = &self.config.encoder;
-        AttentionShape {
-            batch,
-            heads: c.num_attention_heads,
-            head_dim: c.head_dim(),
-            tq,
-            tk,
-            causal,
-            dropout: d.attention,
-            seed: d.site(site),
-        }
     }
 
     /// Forward, then backward when `opts.grad_scale` is set. Parameter gradients ACCUMULATE
@@ -317,13 +264,13 @@ impl<B: Backend> Bert2Bert<B> {
     ) -> Result<BatchLoss> {
         let mut ws = self.workspace(b, x.batch, x.src_len, x.tgt_len)?;
         let mut clock = Clock { last: std::time::Instant::now(), phases: Vec::new() };
-        let out = self.pass_in(b, x, opts, &mut ws, &mut clock, on_final);
+        let out = self.run(b, x, opts, &mut ws, &mut clock, on_final);
         self.ws = Some(ws);
         self.phases = clock.phases;
         out
     }
 
-    fn pass_in(
+    fn run(
         &mut self,
         b: &B,
         x: &Inputs<B>,
@@ -332,282 +279,82 @@ impl<B: Backend> Bert2Bert<B> {
         clock: &mut Clock,
         on_final: Option<&mut FinalGrads<'_, B::Buf>>,
     ) -> Result<BatchLoss> {
-        let (ec, dc) = (self.config.encoder.clone(), self.config.decoder.clone());
-        let c = ec.hidden_size;
-        let (bs, s, t) = (x.batch, x.src_len, x.tgt_len);
-        let nt = bs * t;
-        let m = x.label_tokens();
-        let v = dc.vocab_size;
-        for (name, len, max) in [("source", s, ec.max_position_embeddings), ("target", t, dc.max_position_embeddings)] {
+        self.forward(b, x, opts, ws, clock)?;
+        let loss = self.loss(b, x, opts, ws, clock)?;
+        if opts.grad_scale.is_some() {
+            self.backward(b, x, opts, ws, clock, on_final)?;
+        }
+        Ok(loss)
+    }
+
+    /// Each stack's settings for this pass: (encoder, decoder).
+    fn stack_passes(&self, batch: usize, opts: &PassOptions) -> (StackPass, StackPass) {
+        let (ec, dc) = (&self.config.encoder, &self.config.decoder);
+        (StackPass::new(ec, ec, batch, opts), StackPass::new(dc, ec, batch, opts))
+    }
+
+    /// Encoder, decoder, and the LM head's logits on the label rows.
+    fn forward(&self, b: &B, x: &Inputs<B>, opts: PassOptions, ws: &mut Workspace<B>, clock: &mut Clock) -> Result<()> {
+        let (ec, dc) = (&self.config.encoder, &self.config.decoder);
+        for (name, len, max) in
+            [("source", x.src_len, ec.max_position_embeddings), ("target", x.tgt_len, dc.max_position_embeddings)]
+        {
             if len > max {
                 return Err(Error::Other(format!("{name} length {len} exceeds max_position_embeddings {max}")));
             }
         }
-        let dd = StackPass::new(&dc, &ec, bs, &opts).drop;
-        let (heads, head_dim) = (ec.num_attention_heads, ec.head_dim());
-        let shape = |tq: usize, tk: usize, causal: bool, d: Dropout, site: u64| AttentionShape {
-            batch: bs,
-            heads,
-            head_dim,
-            tq,
-            tk,
-            causal,
-            dropout: d.attention,
-            seed: d.site(site),
-        };
-        let p = &self.params;
-        let view = &self.view;
-
-        // ---- encoder ----
-        let esp = StackPass::new(&ec, &ec, bs, &opts);
+        let (esp, dsp) = self.stack_passes(x.batch, &opts);
+        let (p, view) = (&self.params, &self.view);
         ws.encoder.forward(b, p, &view.encoder, &x.src, &x.src_mask, &esp)?;
-        let enc_out = ws.encoder.output();
         clock.mark("encoder_fwd");
-
-        // ---- decoder ----
-        ws.dec_emb.forward(
-            b,
-            p,
-            &view.decoder.embeddings,
-            &x.dec,
-            c,
-            (dd.hidden, dd.site(site::DEC_EMB)),
-            dc.layer_norm_eps,
-        )?;
-        for l in 0..ws.dec.len() {
-            let (done, rest) = ws.dec.split_at_mut(l);
-            let input = done.last().map(|e| &e.ffn.norm.out).unwrap_or(&ws.dec_emb.norm.out);
-            let lv = &view.decoder.layers[l];
-            let cv = lv.cross_attn.as_ref().expect("decoder layers have cross-attention");
-            let layer = &mut rest[0];
-            let sh = shape(t, t, true, dd, site::dec(l, site::ATTN_PROBS));
-            layer.attn.forward(
-                b,
-                p,
-                &lv.self_attn,
-                sh,
-                r(b, input),
-                r(b, input),
-                r(b, &x.dec_mask),
-                (dd.hidden, dd.site(site::dec(l, site::ATTN_OUT))),
-                dc.layer_norm_eps,
-            )?;
-            let sh = shape(t, s, false, dd, site::dec(l, site::CROSS_PROBS));
-            layer.cross.forward(
-                b,
-                p,
-                cv,
-                sh,
-                r(b, &layer.attn.norm.out),
-                r(b, enc_out),
-                r(b, &x.src_mask),
-                (dd.hidden, dd.site(site::dec(l, site::CROSS_OUT))),
-                dc.layer_norm_eps,
-            )?;
-            layer.ffn.forward(
-                b,
-                p,
-                lv,
-                r(b, &layer.cross.norm.out),
-                nt,
-                (dd.hidden, dd.site(site::dec(l, site::FFN_OUT))),
-                dc.layer_norm_eps,
-            )?;
-        }
-        let dec_out = ws.dec.last().map(|e| &e.ffn.norm.out).unwrap_or(&ws.dec_emb.norm.out);
+        let enc = Encoded { states: ws.encoder.output(), mask: &x.src_mask, len: x.src_len };
+        ws.decoder.forward(b, p, &view.decoder, &x.dec, &x.dec_mask, &enc, &dsp)?;
         clock.mark("decoder_fwd");
-
-        // ---- LM head on the label rows only ----
-        let hv = &view.lm_head;
         let word = view.decoder.embeddings.word.clone();
-        let head = &mut ws.head;
-        let mc = m * c;
-        b.embedding_forward(&x.label_rows, r(b, dec_out), c, b.view_mut(&mut head.hidden, 0..mc), false)?;
-        matmul_wt(b, p, &hv.transform, b.view(&head.hidden, 0..mc), m, b.view_mut(&mut head.pre, 0..mc))?;
-        b.bias_gelu_forward(
-            b.view_mut(&mut head.pre, 0..mc),
-            b.view(p, hv.transform.b.clone()),
-            b.view_mut(&mut head.act, 0..mc),
-        )?;
-        {
-            let n = &mut head.norm;
-            b.layernorm_forward(
-                b.view(&head.act, 0..mc),
-                b.view(p, hv.norm.gamma.clone()),
-                b.view(p, hv.norm.beta.clone()),
-                dc.layer_norm_eps,
-                b.view_mut(&mut n.out, 0..mc),
-                b.view_mut(&mut n.mean, 0..m),
-                b.view_mut(&mut n.rstd, 0..m),
-            )?;
-        }
-        let mv = m * v;
-        b.gemm(
-            GemmShape::plain(m, v, c),
-            1.0,
-            b.view(&head.norm.out, 0..mc),
-            Operand::n(c),
-            b.view(p, word.clone()),
-            Operand::t(c),
-            0.0,
-            b.view_mut(&mut head.logits, 0..mv),
-        )?;
-        b.add_bias(b.view_mut(&mut head.logits, 0..mv), b.view(p, hv.bias.clone()), v)?;
-        let dlogits = opts.grad_scale.map(|_| b.view_mut(&mut head.dlogits, 0..mv));
-        b.cross_entropy(
-            b.view(&head.logits, 0..mv),
-            &x.labels,
-            v,
-            opts.label_smoothing,
-            opts.grad_scale.unwrap_or(0.0),
-            b.view_mut(&mut head.losses, 0..m),
-            dlogits,
-        )?;
+        let m = x.label_tokens();
+        ws.head.forward(b, p, &view.lm_head, word, ws.decoder.output(), &x.label_rows, m, dc.layer_norm_eps)?;
+        Ok(())
+    }
+
+    /// Token losses of the label rows; with `opts.grad_scale`, also their gradient for `backward`.
+    fn loss(
+        &self,
+        b: &B,
+        x: &Inputs<B>,
+        opts: PassOptions,
+        ws: &mut Workspace<B>,
+        clock: &mut Clock,
+    ) -> Result<BatchLoss> {
+        let m = x.label_tokens();
+        ws.head.loss(b, &x.labels, m, opts.label_smoothing, opts.grad_scale)?;
         clock.mark("lm_head_fwd_loss");
-        let loss = BatchLoss {
-            token_loss: b.download(b.view(&head.losses, 0..m))?,
-            token_example: x.row_example.clone(),
-            batch: bs,
-        };
-        if opts.grad_scale.is_none() {
-            return Ok(loss);
-        }
+        Ok(BatchLoss { token_loss: ws.head.token_losses(b, m)?, token_example: x.row_example.clone(), batch: x.batch })
+    }
 
-        // ---- backward: LM head ----
+    /// Head, decoder, encoder, top down, accumulating into `self.grads`. Each block's stages
+    /// (see `grad_ready`) report their finished ranges to `on_final`.
+    fn backward(
+        &mut self,
+        b: &B,
+        x: &Inputs<B>,
+        opts: PassOptions,
+        ws: &mut Workspace<B>,
+        clock: &mut Clock,
+        on_final: Option<&mut FinalGrads<'_, B::Buf>>,
+    ) -> Result<()> {
+        let (esp, dsp) = self.stack_passes(x.batch, &opts);
+        let (p, g, view) = (&self.params, &mut self.grads, &self.view);
         let mut ready = on_final.map(|h| GradReady::new(view, self.table.storage_len, h));
-        let g = &mut self.grads;
-        let dl = b.view(&head.dlogits, 0..mv);
-        b.bias_grad(dl, b.view_mut(g, hv.bias.clone()), v)?;
-        b.gemm(
-            GemmShape::plain(v, c, m),
-            1.0,
-            dl,
-            Operand::t(v),
-            b.view(&head.norm.out, 0..mc),
-            Operand::n(c),
-            1.0,
-            b.view_mut(g, word.clone()),
-        )?;
-        // d(normed) into `hidden`'s spare twin `pre`? No: `pre` is still needed by GELU backward,
-        // so the LN output gradient goes to the decoder ping-pong buffer (free until the layers).
-        let [d_a, d_b] = &mut ws.d_dec;
-        b.gemm(
-            GemmShape::plain(m, c, v),
-            1.0,
-            dl,
-            Operand::n(v),
-            b.view(p, word),
-            Operand::n(c),
-            0.0,
-            b.view_mut(d_a, 0..mc),
-        )?;
-        {
-            let n = &head.norm;
-            let (dg, db) = b.view_mut2(g, hv.norm.gamma.clone(), hv.norm.beta.clone());
-            b.layernorm_backward(
-                b.view(d_a, 0..mc),
-                b.view(&head.act, 0..mc),
-                b.view(p, hv.norm.gamma.clone()),
-                b.view(&n.mean, 0..m),
-                b.view(&n.rstd, 0..m),
-                b.view_mut(d_b, 0..mc),
-                false,
-                dg,
-                db,
-            )?;
-        }
-        b.bias_gelu_backward(
-            b.view(&head.pre, 0..mc),
-            b.view(d_b, 0..mc),
-            b.view_mut(d_a, 0..mc),
-            b.view_mut(g, hv.transform.b.clone()),
-        )?;
-        layers::linear_backward(
-            b,
-            p,
-            g,
-            &hv.transform,
-            b.view(&head.hidden, 0..mc),
-            b.view(d_a, 0..mc),
-            m,
-            false,
-            Some((b.view_mut(d_b, 0..mc), false)),
-        )?;
-        // Scatter the label rows' gradient back to all decoder rows (padding rows get 0).
-        b.fill(b.view_mut(d_a, 0..nt * c), 0.0)?;
-        b.embedding_backward(&x.label_rows, b.view(d_b, 0..mc), c, b.view_mut(d_a, 0..nt * c))?;
-
+        let word = view.decoder.embeddings.word.clone();
+        let rows = (x.label_tokens(), x.batch * x.tgt_len);
+        ws.head.backward(b, p, g, &view.lm_head, word, &x.label_rows, rows, ws.decoder.grad_of_output())?;
         stage_done(&mut ready, g)?;
         clock.mark("lm_head_bwd");
-        // ---- backward: decoder ----
-        b.fill(w(b, &mut ws.d_enc_out), 0.0)?;
-        for l in (0..ws.dec.len()).rev() {
-            let input = if l == 0 { &ws.dec_emb.norm.out } else { &ws.dec[l - 1].ffn.norm.out };
-            let lv = &view.decoder.layers[l];
-            let cv = lv.cross_attn.as_ref().expect("decoder layers have cross-attention");
-            let layer = &ws.dec[l];
-            let sc = &mut ws.dec_scratch;
-            layer.ffn.backward(
-                b,
-                p,
-                g,
-                lv,
-                r(b, &layer.cross.norm.out),
-                nt,
-                (dd.hidden, dd.site(site::dec(l, site::FFN_OUT))),
-                r(b, d_a),
-                d_b,
-                sc,
-            )?;
-            let sh = shape(t, s, false, dd, site::dec(l, site::CROSS_PROBS));
-            layer.cross.backward(
-                b,
-                p,
-                g,
-                cv,
-                sh,
-                r(b, &layer.attn.norm.out),
-                r(b, enc_out),
-                (dd.hidden, dd.site(site::dec(l, site::CROSS_OUT))),
-                r(b, d_b),
-                d_a,
-                Some(&mut ws.d_enc_out),
-                sc,
-            )?;
-            let sh = shape(t, t, true, dd, site::dec(l, site::ATTN_PROBS));
-            layer.attn.backward(
-                b,
-                p,
-                g,
-                &lv.self_attn,
-                sh,
-                r(b, input),
-                r(b, input),
-                (dd.hidden, dd.site(site::dec(l, site::ATTN_OUT))),
-                r(b, d_a),
-                d_b,
-                None,
-                sc,
-            )?;
-            std::mem::swap(d_a, d_b);
-            stage_done(&mut ready, g)?;
-        }
-        ws.dec_emb.backward(
-            b,
-            p,
-            g,
-            &view.decoder.embeddings,
-            &x.dec,
-            c,
-            (dd.hidden, dd.site(site::DEC_EMB)),
-            d_a,
-            d_b,
-        )?;
-        stage_done(&mut ready, g)?;
+        let enc = Encoded { states: ws.encoder.output(), mask: &x.src_mask, len: x.src_len };
+        ws.decoder.backward(b, p, g, &view.decoder, &x.dec, &enc, &dsp, &mut ready)?;
         clock.mark("decoder_bwd");
-        // ---- backward: encoder ----
-        ws.encoder.backward(b, p, g, &view.encoder, &x.src, &esp, &ws.d_enc_out, &mut ready)?;
+        ws.encoder.backward(b, p, g, &view.encoder, &x.src, &esp, ws.decoder.grad_of_encoded(), &mut ready)?;
         clock.mark("encoder_bwd");
-        Ok(loss)
+        Ok(())
     }
 }
