@@ -4,7 +4,7 @@
 //! differences for the model step), so the CPU run can fail too.
 
 use conformance::{Check, Reference, Tolerances};
-use kernels::{Backend, Cpu, Memory};
+use kernels::{Backend, Cpu};
 
 use crate::device::{self, GemmPrecision, LocalDevice};
 use crate::{CliError, CliResult};
