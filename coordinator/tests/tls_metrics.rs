@@ -247,11 +247,17 @@ fn get(m: &HashMap<String, f64>, key: &str) -> f64 {
     m.get(key).copied().unwrap_or(f64::NAN)
 }
 
-#[tokio::test]
-async fn metrics_follow_jobs_workers_attempts_and_calls() {
-    let dir = tempfile::tempdir().unwrap();
-    let c = start(dir.path(), None, true).await;
-    let addr = c.metrics_addr.expect("a metrics address");
+type Workers = WorkerServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// A registered worker: its id and the secret its calls present.
+#[derive(Clone)]
+struct Worker {
+    id: String,
+    secret: String,
+}
+
+/// Requests the endpoint refuses: another path, another method, a header past its limit.
+async fn check_refused_requests(addr: SocketAddr) {
     let (status, _, _) = tokio::task::spawn_blocking(move || http_get(addr, "/other")).await.unwrap();
     assert_eq!(status, 404);
     let huge = format!("X-Pad: {}\r\n", "a".repeat(9 << 10));
@@ -265,6 +271,119 @@ async fn metrics_follow_jobs_workers_attempts_and_calls() {
     });
     let statuses: Vec<u16> = odd.await.unwrap().iter().map(|r| r.0).collect();
     assert_eq!(statuses, [405, 405, 405, 431]);
+}
+
+/// Registers one CPU worker per ring port.
+async fn register_workers(workers: &mut Workers, ports: &[u16]) -> Vec<Worker> {
+    let mut out = Vec::new();
+    for port in ports {
+        let reg = v1::RegisterWorkerRequest {
+            hostname: "h".into(),
+            capabilities: Some(v1::Capabilities { device: "cpu".into(), ..Default::default() }),
+            ring_address: format!("127.0.0.1:{port}"),
+            version: "0".into(),
+        };
+        let r = workers.register(reg).await.unwrap().into_inner();
+        out.push(Worker { id: r.worker_id, secret: r.worker_secret });
+    }
+    out
+}
+
+/// Heartbeats for every worker each 100 ms until the returned sender says stop.
+fn heartbeat_until_stopped(
+    workers: &Workers,
+    gang: &[Worker],
+) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+    let (mut w, gang) = (workers.clone(), gang.to_vec());
+    let beats = tokio::spawn(async move {
+        while !*stop.borrow() {
+            for wk in &gang {
+                let hb = v1::HeartbeatRequest {
+                    worker_id: wk.id.clone(),
+                    worker_secret: wk.secret.clone(),
+                    ..Default::default()
+                };
+                let _ = w.heartbeat(hb).await;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), stop.changed()).await;
+        }
+    });
+    (stop_tx, beats)
+}
+
+/// Each worker's assignment: rank -> (worker, attempt).
+async fn take_assignments(workers: &mut Workers, gang: &[Worker]) -> HashMap<u32, (Worker, u32)> {
+    let mut ranks = HashMap::new();
+    for wk in gang {
+        let req = v1::GetAssignmentRequest {
+            worker_id: wk.id.clone(),
+            wait_ms: 2_000,
+            worker_secret: wk.secret.clone(),
+            ..Default::default()
+        };
+        let a = workers.get_assignment(req).await.unwrap().into_inner().assignment.expect("a gang of two");
+        ranks.insert(a.rank, (wk.clone(), a.attempt));
+    }
+    ranks
+}
+
+/// `rank0` reports progress until the metrics show it (the endpoint follows running jobs by
+/// polling, so the first reports may come before it watches); returns the last step reported.
+async fn report_until_shown(
+    workers: &mut Workers,
+    addr: SocketAddr,
+    job_id: &str,
+    rank0: &Worker,
+    attempt: u32,
+) -> u64 {
+    let jl = format!("{{job=\"{job_id}\"}}");
+    let mut step = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        step += 1;
+        let p = v1::Progress { step, total_steps: 10, loss: 2.5, tokens_per_s: 1234.0, ..Default::default() };
+        let req = v1::ReportProgressRequest {
+            worker_id: rank0.id.clone(),
+            job_id: job_id.to_owned(),
+            attempt,
+            progress: Some(p),
+            eval: None,
+            worker_secret: rank0.secret.clone(),
+        };
+        workers.report_progress(req).await.unwrap();
+        let m = tokio::task::spawn_blocking(move || scrape(addr)).await.unwrap();
+        if get(&m, &format!("bert2bert_job_step{jl}")) == step as f64 {
+            assert_eq!(get(&m, &format!("bert2bert_job_loss{jl}")), 2.5);
+            assert_eq!(get(&m, &format!("bert2bert_job_tokens_per_second{jl}")), 1234.0);
+            return step;
+        }
+        assert!(tokio::time::Instant::now() < deadline && step < 9, "progress never shown: {m:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The per-call counters after the run: one of each refused or accepted call the test made.
+async fn check_rpc_counts(addr: SocketAddr, progress_reports: u64) {
+    let m = tokio::task::spawn_blocking(move || scrape(addr)).await.unwrap();
+    let rpc = |svc: &str, method: &str, code: &str| {
+        let labels = format!("service=\"bert2bert.v1.{svc}\",method=\"{method}\",code=\"{code}\"");
+        get(&m, &format!("bert2bert_rpc_requests_total{{{labels}}}"))
+    };
+    assert_eq!(rpc("JobService", "Submit", "OK"), 1.0);
+    assert_eq!(rpc("JobService", "List", "UNAUTHENTICATED"), 1.0);
+    assert_eq!(rpc("WorkerService", "Register", "OK"), 2.0);
+    assert_eq!(rpc("WorkerService", "GetAssignment", "INVALID_ARGUMENT"), 1.0);
+    assert_eq!(rpc("WorkerService", "ReportProgress", "OK"), progress_reports as f64);
+    assert_eq!(get(&m, "bert2bert_heartbeat_timeout_losses_total"), 0.0);
+}
+
+#[tokio::test]
+async fn metrics_follow_jobs_workers_attempts_and_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None, true).await;
+    let addr = c.metrics_addr.expect("a metrics address");
+    check_refused_requests(addr).await;
     let m = tokio::task::spawn_blocking(move || scrape(addr)).await.unwrap();
     assert_eq!(get(&m, "bert2bert_jobs{state=\"PENDING\"}"), 0.0);
     assert_eq!(get(&m, "bert2bert_workers_alive"), 0.0);
@@ -275,44 +394,11 @@ async fn metrics_follow_jobs_workers_attempts_and_calls() {
     let mut stranger = JobServiceClient::with_interceptor(channel, Bearer("wrong".into()));
     let job = jobs.submit(v1::SubmitJobRequest { job_yaml: JOB.into() }).await.unwrap().into_inner().job.unwrap();
     assert!(stranger.list(v1::ListJobsRequest::default()).await.is_err());
-    let mut ids = Vec::new();
-    let mut secrets = HashMap::new();
-    for port in [7001, 7002] {
-        let reg = v1::RegisterWorkerRequest {
-            hostname: "h".into(),
-            capabilities: Some(v1::Capabilities { device: "cpu".into(), ..Default::default() }),
-            ring_address: format!("127.0.0.1:{port}"),
-            version: "0".into(),
-        };
-        let r = workers.register(reg).await.unwrap().into_inner();
-        ids.push(r.worker_id.clone());
-        secrets.insert(r.worker_id, r.worker_secret);
-    }
+    let gang = register_workers(&mut workers, &[7001, 7002]).await;
     // Both workers heartbeat until the end, when they fall silent and are lost.
-    let (beat_stop, beat_rx) = tokio::sync::watch::channel(false);
-    let beats = {
-        let (mut w, ids, secrets, mut stop) = (workers.clone(), ids.clone(), secrets.clone(), beat_rx);
-        tokio::spawn(async move {
-            while !*stop.borrow() {
-                for id in &ids {
-                    let worker_secret = secrets[id].clone();
-                    let hb = v1::HeartbeatRequest { worker_id: id.clone(), worker_secret, ..Default::default() };
-                    let _ = w.heartbeat(hb).await;
-                }
-                let _ = tokio::time::timeout(Duration::from_millis(100), stop.changed()).await;
-            }
-        })
-    };
-    let mut ranks = HashMap::new();
-    for id in &ids {
-        let worker_secret = secrets[id].clone();
-        let req =
-            v1::GetAssignmentRequest { worker_id: id.clone(), wait_ms: 2_000, worker_secret, ..Default::default() };
-        let a = workers.get_assignment(req).await.unwrap().into_inner().assignment.expect("a gang of two");
-        ranks.insert(a.rank, (id.clone(), a.attempt));
-    }
+    let (beat_stop, beats) = heartbeat_until_stopped(&workers, &gang);
+    let ranks = take_assignments(&mut workers, &gang).await;
     let (rank0, attempt) = ranks[&0].clone();
-    let jl = format!("{{job=\"{}\"}}", job.id);
     scrape_until(addr, "the job runs", |m| {
         get(m, "bert2bert_jobs{state=\"RUNNING\"}") == 1.0
             && get(m, "bert2bert_jobs{state=\"PENDING\"}") == 0.0
@@ -321,54 +407,31 @@ async fn metrics_follow_jobs_workers_attempts_and_calls() {
     })
     .await;
 
-    // Rank 0 reports progress until the metrics show it (the endpoint follows running jobs by
-    // polling, so the first reports may come before it watches).
-    let mut step = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        step += 1;
-        let p = v1::Progress { step, total_steps: 10, loss: 2.5, tokens_per_s: 1234.0, ..Default::default() };
-        let req = v1::ReportProgressRequest {
-            worker_id: rank0.clone(),
-            job_id: job.id.clone(),
-            attempt,
-            progress: Some(p),
-            eval: None,
-            worker_secret: secrets[&rank0].clone(),
-        };
-        workers.report_progress(req).await.unwrap();
-        let m = tokio::task::spawn_blocking(move || scrape(addr)).await.unwrap();
-        if get(&m, &format!("bert2bert_job_step{jl}")) == step as f64 {
-            assert_eq!(get(&m, &format!("bert2bert_job_loss{jl}")), 2.5);
-            assert_eq!(get(&m, &format!("bert2bert_job_tokens_per_second{jl}")), 1234.0);
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline && step < 9, "progress never shown: {m:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let step = report_until_shown(&mut workers, addr, &job.id, &rank0, attempt).await;
     let commit = v1::CommitCheckpointRequest {
-        worker_id: rank0.clone(),
+        worker_id: rank0.id.clone(),
         job_id: job.id.clone(),
         attempt,
         step,
         path: format!("/ckpt/step-{step:08}"),
         manifest_sha256: String::new(),
-        worker_secret: secrets[&rank0].clone(),
+        worker_secret: rank0.secret.clone(),
     };
     workers.commit_checkpoint(commit).await.unwrap();
-    let (rank1, _) = ranks[&1].clone();
+    let rank1 = &ranks[&1].0;
     let failed = v1::ReportFailedRequest {
-        worker_secret: secrets[&rank1].clone(),
-        worker_id: rank1,
+        worker_secret: rank1.secret.clone(),
+        worker_id: rank1.id.clone(),
         job_id: job.id.clone(),
         attempt,
         step,
         reason: "boom".into(),
-        input_error: false,
+        ..Default::default()
     };
     workers.report_failed(failed).await.unwrap();
     let bad = workers.get_assignment(v1::GetAssignmentRequest::default()).await.unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    let jl = format!("{{job=\"{}\"}}", job.id);
     scrape_until(addr, "the failure is counted and the job's gauges dropped", |m| {
         get(m, "bert2bert_checkpoints_committed_total") == 1.0
             && get(m, "bert2bert_restarts_total") == 1.0
@@ -376,21 +439,7 @@ async fn metrics_follow_jobs_workers_attempts_and_calls() {
             && !m.contains_key(&format!("bert2bert_job_step{jl}"))
     })
     .await;
-    let m = tokio::task::spawn_blocking(move || scrape(addr)).await.unwrap();
-    let rpc = |svc: &str, method: &str, code: &str| {
-        get(
-            &m,
-            &format!(
-                "bert2bert_rpc_requests_total{{service=\"bert2bert.v1.{svc}\",method=\"{method}\",code=\"{code}\"}}"
-            ),
-        )
-    };
-    assert_eq!(rpc("JobService", "Submit", "OK"), 1.0);
-    assert_eq!(rpc("JobService", "List", "UNAUTHENTICATED"), 1.0);
-    assert_eq!(rpc("WorkerService", "Register", "OK"), 2.0);
-    assert_eq!(rpc("WorkerService", "GetAssignment", "INVALID_ARGUMENT"), 1.0);
-    assert_eq!(rpc("WorkerService", "ReportProgress", "OK"), step as f64);
-    assert_eq!(get(&m, "bert2bert_heartbeat_timeout_losses_total"), 0.0);
+    check_rpc_counts(addr, step).await;
 
     // Silence: both workers are lost to the heartbeat timeout.
     beat_stop.send(true).unwrap();
