@@ -1,4 +1,4 @@
-//! `bert2bert selftest` through the real binary: CPU against the CPU oracle passes and covers
+//! `bert2bert selftest` through the real binary: the CPU against the f64 reference passes and covers
 //! every op family, and `--device cuda` without a driver is a clean usage error.
 
 mod common;
