@@ -1,27 +1,38 @@
-//! `--device cpu|cuda[:i]|cuda-emu[:i]`: parsing, opening a backend, and what commands report about it.
+//! The device this process runs on (`--device cpu|cuda[:i]|cuda-emu[:i]`): parsing it and opening
+//! its backend. [`jobspec::Device`] is the device *kind* a job asks for and a worker registers;
+//! [`LocalDevice`] is one concrete device of this machine, with its ordinal and whether it is the
+//! virtual GPU.
 //!
-//! Commands are written once, generic over [`DeviceInfo`] (a `kernels::Backend` that can also
-//! say its name, memory use and peak throughput), and dispatch on the device like this:
+//! Commands dispatch on it like this:
 //! ```ignore
-//! match a.device {
-//!     Device::Cpu => run_on(&Cpu, a),
-//!     Device::Cuda(i) => run_on(&device::open_cuda(i, GemmPrecision::Bf16)?, a),
+//! match device {
+//!     LocalDevice::Cpu => run_on(&Cpu, a),
+//!     LocalDevice::Cuda(gpu) => run_on(&device::open_cuda(gpu, GemmPrecision::Bf16)?, a),
 //! }
 //! ```
 
-use kernels::{Backend, Cpu, KernelError, Memory};
+use jobspec::{JobSpec, Precision};
+use kernels::{KernelError, Memory};
 
 pub use kernels::cuda::{Cuda, GemmPrecision};
 
-use crate::{CliError, CliResult};
+use crate::error::{Error, Result};
 
-/// Peak dense bf16 tensor-core throughput of an H100/H200 SXM (FLOP/s): the MFU denominator.
-pub const H100_BF16_DENSE_FLOPS: f64 = 989e12;
-
+/// One device of this machine that a backend can be opened on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Device {
+pub enum LocalDevice {
     Cpu,
     Cuda(Gpu),
+}
+
+impl LocalDevice {
+    /// The kind of device this is, as jobs and the coordinator name it.
+    pub fn kind(self) -> jobspec::Device {
+        match self {
+            LocalDevice::Cpu => jobspec::Device::Cpu,
+            LocalDevice::Cuda(_) => jobspec::Device::Cuda,
+        }
+    }
 }
 
 /// A CUDA device: a real one, or the virtual GPU (`cuda-emu`, the emulator in the `cuda-emu`
@@ -44,7 +55,7 @@ impl std::fmt::Display for Gpu {
     }
 }
 
-impl std::str::FromStr for Device {
+impl std::str::FromStr for LocalDevice {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || format!("unknown device `{s}`: use cpu, cuda, cuda:N, cuda-emu or cuda-emu:N");
@@ -53,37 +64,11 @@ impl std::str::FromStr for Device {
             None => (s, 0),
         };
         match kind {
-            "cpu" if ordinal == 0 && !s.contains(':') => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda(Gpu { ordinal, emulated: false })),
-            "cuda-emu" => Ok(Device::Cuda(Gpu { ordinal, emulated: true })),
+            "cpu" if ordinal == 0 && !s.contains(':') => Ok(LocalDevice::Cpu),
+            "cuda" => Ok(LocalDevice::Cuda(Gpu { ordinal, emulated: false })),
+            "cuda-emu" => Ok(LocalDevice::Cuda(Gpu { ordinal, emulated: true })),
             _ => Err(bad()),
         }
-    }
-}
-
-/// What commands report about a backend beyond its op families.
-pub trait DeviceInfo: Backend {
-    /// Device memory in use now (bytes), where the backend has device memory.
-    fn used_bytes(&self) -> Option<u64>;
-    /// Peak dense bf16 throughput (FLOP/s) that MFU is measured against; `None` on the CPU.
-    fn peak_flops(&self) -> Option<f64>;
-}
-
-impl DeviceInfo for Cpu {
-    fn used_bytes(&self) -> Option<u64> {
-        None
-    }
-    fn peak_flops(&self) -> Option<f64> {
-        None
-    }
-}
-
-impl DeviceInfo for Cuda {
-    fn used_bytes(&self) -> Option<u64> {
-        Cuda::used_bytes(self)
-    }
-    fn peak_flops(&self) -> Option<f64> {
-        Some(H100_BF16_DENSE_FLOPS)
     }
 }
 
@@ -91,22 +76,49 @@ impl DeviceInfo for Cuda {
 /// error, exit 2, with the backend's words ("no CUDA driver found; use --device cpu"); any
 /// other failure to start (NVRTC, cuBLAS, out of memory) is exit 1. The virtual GPU is
 /// loaded into the process first when `gpu` is emulated, and only then.
-pub fn open_cuda(gpu: Gpu, precision: GemmPrecision) -> CliResult<Cuda> {
+pub fn open_cuda(gpu: Gpu, precision: GemmPrecision) -> Result<Cuda> {
     if gpu.emulated {
-        cuda_emu::install()
-            .map_err(|e| CliError { code: 1, error: anyhow::anyhow!("starting the virtual GPU: {e}") })?;
+        cuda_emu::install().map_err(|e| Error::failure(format!("starting the virtual GPU: {e}")))?;
     } else if cuda_emu::installed() {
-        return Err(CliError::usage(
-            "this process runs on the virtual GPU (cuda-emu); a real cuda device cannot join it",
-        ));
+        return Err(Error::usage("this process runs on the virtual GPU (cuda-emu); a real cuda device cannot join it"));
     }
-    let ordinal = gpu.ordinal;
-    match Cuda::new(ordinal, precision) {
+    match Cuda::new(gpu.ordinal, precision) {
         Ok(b) => {
             tracing::info!("opened {} ({precision:?} GEMMs)", b.name());
             Ok(b)
         }
-        Err(KernelError::Unavailable(msg)) => Err(CliError::usage(msg)),
-        Err(e) => Err(CliError { code: 1, error: anyhow::Error::new(e).context(format!("opening {gpu}")) }),
+        Err(KernelError::Unavailable(msg)) => Err(Error::Usage(msg)),
+        Err(e) => Err(Error::from(e).context(format!("opening {gpu}"))),
+    }
+}
+
+/// The CUDA GEMM precision a job trains at: its `training.precision` (bf16 by default on cuda).
+/// `train --device cuda` and `worker --device cuda` both use this, so a job multiplies alike
+/// wherever it runs.
+pub fn gemm_precision(spec: &JobSpec) -> GemmPrecision {
+    match spec.precision() {
+        Precision::Bf16 => GemmPrecision::Bf16,
+        Precision::Fp32 => GemmPrecision::Fp32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_with_their_ordinals_and_kinds() {
+        let gpu = |ordinal, emulated| LocalDevice::Cuda(Gpu { ordinal, emulated });
+        assert_eq!("cpu".parse(), Ok(LocalDevice::Cpu));
+        assert_eq!("cuda".parse(), Ok(gpu(0, false)));
+        assert_eq!("cuda:3".parse(), Ok(gpu(3, false)));
+        assert_eq!("cuda-emu:1".parse(), Ok(gpu(1, true)));
+        for bad in ["cpu:0", "cuda:x", "tpu", "", "cuda:-1"] {
+            let e = bad.parse::<LocalDevice>().unwrap_err();
+            assert!(e.contains(&format!("`{bad}`")), "{e}");
+        }
+        assert_eq!(gpu(2, true).kind(), jobspec::Device::Cuda);
+        assert_eq!(LocalDevice::Cpu.kind(), jobspec::Device::Cpu);
+        assert_eq!(Gpu { ordinal: 2, emulated: true }.to_string(), "cuda-emu:2");
     }
 }

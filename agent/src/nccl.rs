@@ -11,30 +11,34 @@ use kernels::cuda::nccl::{Nccl, NcclId};
 use model::job::JobSpec;
 use proto::v1;
 
-use super::{Client, Current, Me, take};
-use crate::device::{Cuda, Device, GemmPrecision};
-use crate::remote::status_error;
-use crate::{CliError, CliResult};
+use crate::client::status_error;
+use crate::device::{Cuda, GemmPrecision, LocalDevice};
+use crate::error::{Error, Result};
+use crate::{Client, Current, Me, take};
 
 /// How long one GetAssignment of a rank > 0 may wait for the id.
 const ID_POLL_MS: u32 = 2_000;
 
 /// Opens `device` when it is a CUDA device; a machine without a driver is a usage error
 /// ("no CUDA driver found; use --device cpu").
-pub(super) fn open(device: Device) -> CliResult<Option<(usize, Arc<Cuda>)>> {
+pub(crate) fn open(device: LocalDevice) -> Result<Option<(usize, Arc<Cuda>)>> {
     match device {
-        Device::Cpu => Ok(None),
+        LocalDevice::Cpu => Ok(None),
         // bf16 is only the initial setting: each job sets its own `training.precision` (`train`).
-        Device::Cuda(gpu) => Ok(Some((gpu.ordinal, Arc::new(crate::device::open_cuda(gpu, GemmPrecision::Bf16)?)))),
+        LocalDevice::Cuda(gpu) => {
+            Ok(Some((gpu.ordinal, Arc::new(crate::device::open_cuda(gpu, GemmPrecision::Bf16)?))))
+        }
     }
 }
 
 /// What a worker registers: a CUDA worker says so, so that it is given `device: cuda` jobs only.
-pub(super) fn capabilities(cuda: Option<&(usize, Arc<Cuda>)>, cpu: v1::Capabilities) -> v1::Capabilities {
+pub(crate) fn capabilities(cuda: Option<&(usize, Arc<Cuda>)>, cpu: v1::Capabilities) -> v1::Capabilities {
     match cuda {
         None => cpu,
         Some((index, backend)) => v1::Capabilities {
-            device: "cuda".into(),
+            // The deprecated text too, for coordinators that read only it.
+            device: jobspec::Device::Cuda.as_str().into(),
+            device_kind: v1::DeviceKind::Cuda as i32,
             device_index: *index as u32,
             device_name: kernels::Memory::name(&**backend),
             ..cpu
@@ -42,22 +46,18 @@ pub(super) fn capabilities(cuda: Option<&(usize, Arc<Cuda>)>, cpu: v1::Capabilit
     }
 }
 
-fn failure(msg: String) -> CliError {
-    CliError { code: 1, error: anyhow::anyhow!(msg) }
-}
-
 /// The attempt's NCCL unique id: rank 0 makes it with `make` and posts it; the other ranks wait
 /// for it (at most `timeout`). Fails when the attempt ends first.
-pub(super) fn unique_id(
+pub(crate) fn unique_id(
     rt: &tokio::runtime::Runtime,
     client: &Client,
     me: &Me,
     asg: &v1::Assignment,
     timeout: Duration,
-    make: impl FnOnce() -> CliResult<[u8; 128]>,
-) -> CliResult<[u8; 128]> {
+    make: impl FnOnce() -> Result<[u8; 128]>,
+) -> Result<[u8; 128]> {
     let this_attempt = |a: &v1::Assignment| a.job_id == asg.job_id && a.attempt == asg.attempt && a.rank == asg.rank;
-    let ended = || failure(format!("attempt {} of {} ended before NCCL was set up", asg.attempt, asg.job_id));
+    let ended = || Error::failure(format!("attempt {} of {} ended before NCCL was set up", asg.attempt, asg.job_id));
     let ask = |nccl_unique_id: Vec<u8>, wait_ms: u32| {
         let req = v1::GetAssignmentRequest {
             worker_id: me.id.clone(),
@@ -81,7 +81,7 @@ pub(super) fn unique_id(
             return Ok(id);
         }
         if Instant::now() >= deadline {
-            return Err(failure(format!(
+            return Err(Error::failure(format!(
                 "no NCCL unique id from rank 0 of {} attempt {} within {timeout:?}",
                 asg.job_id, asg.attempt
             )));
@@ -95,7 +95,7 @@ pub(super) fn unique_id(
 }
 
 /// Trains one rank of a `device: cuda` attempt over NCCL.
-pub(super) fn train(
+pub(crate) fn train(
     rt: &tokio::runtime::Runtime,
     client: &Client,
     current: &Arc<std::sync::Mutex<Current>>,
@@ -103,13 +103,13 @@ pub(super) fn train(
     me: &Me,
     spec: JobSpec,
     timeout: Duration,
-) -> CliResult {
+) -> Result {
     let Some((_, cuda)) = take(current, |c| c.cuda.clone()) else {
-        return Err(failure("a device: cuda job was assigned to a cpu worker".into()));
+        return Err(Error::failure("a device: cuda job was assigned to a cpu worker"));
     };
     // The device is shared by the jobs this worker runs one at a time: set this job's GEMM
     // precision before any of its work is queued (cuBLAS reads it as each GEMM is queued).
-    let precision = crate::train::gemm_precision(&spec);
+    let precision = crate::device::gemm_precision(&spec);
     cuda.set_precision(precision);
     tracing::info!(job = %asg.job_id, "{precision:?} GEMMs (training.precision)");
     let id = unique_id(rt, client, me, asg, timeout, || Ok(NcclId::new()?.0))?;
@@ -117,7 +117,7 @@ pub(super) fn train(
     // NCCL has no ring to abort: a STOP from the coordinator stops the trainer after its step.
     let halt = Arc::new(AtomicBool::new(false));
     let stop = || halt.store(true, Ordering::SeqCst);
-    super::run_trainer(rt, client, current, asg, me, (&*cuda, &nccl, spec, timeout), (&halt, &stop))
+    crate::attempt::run_trainer(rt, client, current, asg, me, (&*cuda, &nccl, spec, timeout), (&halt, &stop))
 }
 
 #[cfg(test)]
@@ -144,18 +144,17 @@ mod tests {
         let running = rt.block_on(coordinator::start(config)).unwrap();
         let url = running.url();
         let client: Client = rt.block_on(async {
-            let ch = crate::remote::channel(&url, &Default::default()).await.ok().unwrap();
-            WorkerServiceClient::with_interceptor(ch, crate::remote::bearer(Some(TOKEN.into())).ok().unwrap())
+            let ch = crate::client::channel(&url, &Default::default()).await.unwrap();
+            WorkerServiceClient::with_interceptor(ch, crate::client::bearer(Some(TOKEN.into())).unwrap())
         });
         rt.block_on(async {
-            let ch = crate::remote::channel(&url, &Default::default()).await.ok().unwrap();
-            let mut jobs =
-                JobServiceClient::with_interceptor(ch, crate::remote::bearer(Some(TOKEN.into())).ok().unwrap());
+            let ch = crate::client::channel(&url, &Default::default()).await.unwrap();
+            let mut jobs = JobServiceClient::with_interceptor(ch, crate::client::bearer(Some(TOKEN.into())).unwrap());
             jobs.submit(v1::SubmitJobRequest { job_yaml: JOB.into() }).await.unwrap();
         });
         let mut gang = Vec::new();
         for port in [1, 2] {
-            let caps = v1::Capabilities { device: "cuda".into(), ..Default::default() };
+            let caps = v1::Capabilities { device_kind: v1::DeviceKind::Cuda as i32, ..Default::default() };
             let reg = v1::RegisterWorkerRequest {
                 capabilities: Some(caps),
                 ring_address: format!("127.0.0.1:{port}"),
@@ -180,7 +179,7 @@ mod tests {
 
         // Rank 1 alone gives up after its timeout.
         let e = unique_id(&rt, &client, &gang[r1], &asgs[r1], Duration::from_millis(300), || unreachable!());
-        assert!(e.err().unwrap().error.to_string().contains("no NCCL unique id from rank 0"));
+        assert!(e.err().unwrap().to_string().contains("no NCCL unique id from rank 0"));
 
         let random = RandomState::new();
         let made: [u8; 128] = std::array::from_fn(|i| random.hash_one(i) as u8);

@@ -14,16 +14,16 @@ use std::time::Duration;
 use proto::v1;
 use tokio::sync::watch;
 
-use super::Client;
+use crate::Client;
 
 /// Rank 0's reports drive the job's step and ETA; at most this often.
-pub(super) const RANK0_INTERVAL: Duration = Duration::from_millis(250);
+pub(crate) const RANK0_INTERVAL: Duration = Duration::from_millis(250);
 /// Other ranks' reports only renew their membership and fetch STOP; at most this often.
-pub(super) const OTHER_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const OTHER_INTERVAL: Duration = Duration::from_secs(1);
 /// How long `finish` waits to deliver the last progress.
 const FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
-pub(super) struct Reporter {
+pub(crate) struct Reporter {
     tx: watch::Sender<Option<v1::Progress>>,
     stop_seen: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
@@ -31,7 +31,7 @@ pub(super) struct Reporter {
 
 impl Reporter {
     /// Starts the sending task on `rt`; `base` carries the worker's identity and attempt.
-    pub(super) fn start(
+    pub(crate) fn start(
         rt: &tokio::runtime::Runtime,
         client: Client,
         base: v1::ReportProgressRequest,
@@ -44,17 +44,17 @@ impl Reporter {
     }
 
     /// Hands over this step's progress; never blocks.
-    pub(super) fn publish(&self, p: v1::Progress) {
+    pub(crate) fn publish(&self, p: v1::Progress) {
         self.tx.send_replace(Some(p));
     }
 
     /// True once a response said STOP (the attempt is no longer current).
-    pub(super) fn stop_requested(&self) -> bool {
+    pub(crate) fn stop_requested(&self) -> bool {
         self.stop_seen.load(Ordering::SeqCst)
     }
 
     /// Delivers the last progress not yet sent (bounded wait), then ends the task.
-    pub(super) fn finish(self, rt: &tokio::runtime::Runtime) {
+    pub(crate) fn finish(self, rt: &tokio::runtime::Runtime) {
         let Reporter { tx, task, .. } = self;
         drop(tx);
         let _ = rt.block_on(async { tokio::time::timeout(FLUSH_LIMIT, task).await });

@@ -5,7 +5,7 @@
 //!   cargo build --release -p bert2bert --examples
 //!   target/release/examples/coordinator_load [--workers 10,100,1000] [--rate 10] [--secs 10] [--mode latest|every-step]
 //!
-//! Modes: `latest` is the agent's way (cli/src/agent/report.rs): the step hands its progress to
+//! Modes: `latest` is the agent's way (agent/src/report.rs): the step hands its progress to
 //! a watch channel and a background task sends the newest value at most every 250 ms;
 //! `every-step` is the old way: each step waits for its own ReportProgress RPC. Heartbeats run
 //! as the agent sends them. Printed per N: reports sent per second, RPC latency p50/p99, the

@@ -11,7 +11,7 @@ use model::optim::{AdamWConfig, Optimizer};
 use model::{BertConfig, ModelConfig, ParamTable};
 use rayon::prelude::*;
 
-use crate::device::{self, Device, DeviceInfo, GemmPrecision};
+use crate::device::{self, LocalDevice, DeviceInfo, GemmPrecision};
 use crate::{CliError, CliResult};
 
 #[derive(clap::Args)]
@@ -34,7 +34,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     warmup: usize,
     #[arg(long, default_value = "cpu")]
-    device: Device,
+    device: LocalDevice,
     #[arg(long)]
     json: bool,
 }
@@ -184,7 +184,7 @@ fn check_shape(a: &Args, cfg: &ModelConfig, params: usize) -> CliResult {
         }
     }
     let need = step_bytes(cfg, params, a.batch, a.src_len, a.tgt_len);
-    if a.device == Device::Cpu
+    if a.device == LocalDevice::Cpu
         && let Some(have) = available_bytes()
         && need > have as f64
     {
@@ -239,9 +239,9 @@ pub fn run(a: Args) -> CliResult {
     };
     check_shape(&a, &ck.config, ck.table.storage_len)?;
     match a.device {
-        Device::Cpu => bench_on(&Cpu, &a, &ck),
+        LocalDevice::Cpu => bench_on(&Cpu, &a, &ck),
         // bf16 tensor-core GEMMs with fp32 accumulation, fp32 everything else.
-        Device::Cuda(i) => bench_on(&device::open_cuda(i, GemmPrecision::Bf16)?, &a, &ck),
+        LocalDevice::Cuda(i) => bench_on(&device::open_cuda(i, GemmPrecision::Bf16)?, &a, &ck),
     }
 }
 

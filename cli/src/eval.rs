@@ -9,7 +9,7 @@ use model::net::Bert2Bert;
 use model::tokenizer::Tokenizer;
 use worker::evaluate::{EvalOptions, evaluate};
 
-use crate::device::{self, Device, GemmPrecision};
+use crate::device::{self, LocalDevice, GemmPrecision};
 use crate::{CliError, CliResult};
 
 #[derive(clap::Args)]
@@ -43,13 +43,13 @@ pub struct Args {
     #[arg(long)]
     max_target_len: Option<usize>,
     #[arg(long, default_value = "cpu")]
-    device: Device,
+    device: LocalDevice,
 }
 
 pub fn run(a: Args) -> CliResult {
     match a.device {
-        Device::Cpu => eval_on(&kernels::Cpu, &a),
-        Device::Cuda(i) => eval_on(&device::open_cuda(i, GemmPrecision::Fp32)?, &a),
+        LocalDevice::Cpu => eval_on(&kernels::Cpu, &a),
+        LocalDevice::Cuda(i) => eval_on(&device::open_cuda(i, GemmPrecision::Fp32)?, &a),
     }
 }
 

@@ -12,7 +12,7 @@ use model::net::{Bert2Bert, GenerateOptions, LengthPenaltyKind};
 use model::tokenizer::Tokenizer;
 use worker::evaluate::detokenize;
 
-use crate::device::{self, Device, GemmPrecision};
+use crate::device::{self, LocalDevice, GemmPrecision};
 use crate::{CliError, CliResult};
 
 #[derive(clap::Args)]
@@ -42,7 +42,7 @@ pub struct Args {
     #[arg(long)]
     max_source_len: Option<usize>,
     #[arg(long, default_value = "cpu")]
-    device: Device,
+    device: LocalDevice,
 }
 
 /// The largest `--batch-size` of generate, eval and score: far past where batching stops
@@ -154,8 +154,8 @@ pub fn run(a: Args) -> CliResult {
     let opts = options(a.beams, a.max_len, a.min_len, a.length_penalty, &a.penalty, a.no_repeat_ngram)?;
     check_batch_size(a.batch_size)?;
     match a.device {
-        Device::Cpu => generate_on(&kernels::Cpu, &a, &opts),
-        Device::Cuda(i) => generate_on(&device::open_cuda(i, GemmPrecision::Fp32)?, &a, &opts),
+        LocalDevice::Cpu => generate_on(&kernels::Cpu, &a, &opts),
+        LocalDevice::Cuda(i) => generate_on(&device::open_cuda(i, GemmPrecision::Fp32)?, &a, &opts),
     }
 }
 

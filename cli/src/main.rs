@@ -1,7 +1,6 @@
 //! The single `bert2bert` binary. This is the only place that sets up tracing, reads the
 //! environment and turns errors into exit codes: 0 ok, 1 failure, 2 bad usage or bad input.
 
-mod agent;
 mod bench;
 mod device;
 mod eval;
@@ -16,6 +15,7 @@ mod serve;
 mod tls;
 mod train;
 mod watch;
+mod worker_agent;
 
 use std::process::ExitCode;
 
@@ -61,7 +61,7 @@ enum Command {
     /// Forget an ended job (it leaves `list`; its id is never reused).
     Delete(remote::DeleteArgs),
     /// Run a worker agent: register with a coordinator and train the jobs it assigns.
-    Worker(agent::Args),
+    Worker(worker_agent::Args),
     /// Print a shell completion script, e.g. `bert2bert completions bash > /etc/bash_completion.d/bert2bert`.
     Completions { shell: clap_complete::Shell },
 }
@@ -98,6 +98,13 @@ impl From<kernels::KernelError> for CliError {
     }
 }
 
+/// The agent's (and its client helpers') errors say usage (2) or failure (1).
+impl From<agent::Error> for CliError {
+    fn from(e: agent::Error) -> Self {
+        CliError { code: e.exit_code(), error: e.into() }
+    }
+}
+
 impl From<std::io::Error> for CliError {
     fn from(e: std::io::Error) -> Self {
         CliError { code: 1, error: e.into() }
@@ -128,7 +135,7 @@ fn main() -> ExitCode {
         Command::List(a) => remote::list(a),
         Command::Cancel(a) => remote::cancel(a),
         Command::Delete(a) => remote::delete(a),
-        Command::Worker(a) => agent::run(a),
+        Command::Worker(a) => worker_agent::run(a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "bert2bert", &mut std::io::stdout());
             Ok(())

@@ -10,7 +10,10 @@ use proto::v1::job_service_client::JobServiceClient;
 use serde_json::json;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
+
+pub(crate) use agent::client::{bearer, channel, status_error};
+use agent::client::Bearer;
 
 use crate::watch::Display;
 pub(crate) use crate::watch::state_name;
@@ -87,38 +90,7 @@ pub struct DeleteArgs {
     conn: Conn,
 }
 
-#[derive(Clone)]
-pub(crate) struct Bearer(pub(crate) Option<tonic::metadata::AsciiMetadataValue>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
 pub(crate) type Client = JobServiceClient<InterceptedService<Channel, Bearer>>;
-
-/// gRPC failures: the caller's fault (bad input, unknown job, bad token) is exit code 2.
-pub(crate) fn status_error(s: Status) -> CliError {
-    let code = match s.code() {
-        Code::InvalidArgument | Code::NotFound | Code::OutOfRange | Code::Unauthenticated | Code::PermissionDenied => 2,
-        _ => 1,
-    };
-    CliError { code, error: anyhow::anyhow!("{}: {}", code_name(s.code()), s.message()) }
-}
-
-fn code_name(c: Code) -> String {
-    format!("{c:?}").chars().fold(String::new(), |mut out, ch| {
-        if ch.is_uppercase() && !out.is_empty() {
-            out.push('_');
-        }
-        out.push(ch.to_ascii_uppercase());
-        out
-    })
-}
 
 fn runtime() -> CliResult<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
@@ -126,30 +98,8 @@ fn runtime() -> CliResult<tokio::runtime::Runtime> {
 
 async fn connect(conn: &Conn) -> CliResult<Client> {
     let token = crate::serve::read_token(conn.token_file.as_ref(), "BERT2BERT_TOKEN")?;
-    let channel = channel(&conn.coordinator, &conn.tls).await?;
+    let channel = channel(&conn.coordinator, &conn.tls.files()).await?;
     Ok(JobServiceClient::with_interceptor(channel, bearer(token)?))
-}
-
-/// `Bearer <token>` metadata for an interceptor.
-pub(crate) fn bearer(token: Option<String>) -> CliResult<Bearer> {
-    token
-        .map(|t| format!("Bearer {t}").parse())
-        .transpose()
-        .map(Bearer)
-        .map_err(|_| CliError::usage("the token must be printable ASCII"))
-}
-
-/// A channel to the coordinator at `url` (a bare HOST:PORT means http).
-pub(crate) async fn channel(url: &str, tls: &crate::tls::TlsArgs) -> CliResult<Channel> {
-    let url = if url.contains("://") { url.to_owned() } else { format!("http://{url}") };
-    let endpoint = Channel::from_shared(url.clone())
-        .map_err(|e| CliError::usage(format!("--coordinator {url}: {e}")))?
-        .connect_timeout(Duration::from_secs(10));
-    let endpoint = crate::tls::configure(endpoint, &url, tls)?;
-    endpoint.connect().await.map_err(|e| CliError {
-        code: 1,
-        error: anyhow::Error::new(e).context(format!("cannot reach the coordinator at {url}")),
-    })
 }
 
 fn is_terminal(j: &v1::Job) -> bool {
@@ -213,7 +163,7 @@ pub(crate) async fn follow(c: &mut Client, id: &str, print: bool) -> CliResult<v
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
-            Err(s) => return Err(status_error(s)),
+            Err(s) => return Err(status_error(s).into()),
         };
         loop {
             match stream.message().await {
@@ -231,7 +181,7 @@ pub(crate) async fn follow(c: &mut Client, id: &str, print: bool) -> CliResult<v
                 // The stream ended without a terminal state or broke: ask again.
                 Ok(None) => break,
                 Err(s) if retryable(&s) => break,
-                Err(s) => return Err(status_error(s)),
+                Err(s) => return Err(status_error(s).into()),
             }
         }
         tokio::time::sleep(backoff).await;
@@ -378,6 +328,5 @@ mod tests {
         assert_eq!(at(lines[0], "WORKERS"), at(lines[2], " 16 ") + 1);
         assert_eq!(at(lines[0], "UPDATED"), at(lines[1], "12s ago"));
         assert_eq!(at(lines[0], "UPDATED"), at(lines[2], "5m ago"));
-        assert_eq!(code_name(Code::InvalidArgument), "INVALID_ARGUMENT");
     }
 }

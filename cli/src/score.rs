@@ -11,7 +11,7 @@ use model::net::{Bert2Bert, Inputs, PassOptions};
 use model::tokenizer::Tokenizer;
 
 use crate::CliResult;
-use crate::device::{self, Device, GemmPrecision};
+use crate::device::{self, LocalDevice, GemmPrecision};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,7 +40,7 @@ pub struct Args {
     #[arg(long, default_value = "target")]
     target_field: String,
     #[arg(long, default_value = "cpu")]
-    device: Device,
+    device: LocalDevice,
 }
 
 pub fn run(a: Args) -> CliResult {
@@ -61,9 +61,9 @@ pub fn run(a: Args) -> CliResult {
         .map(|(s, t)| Batch::new(s, t, tok.special(), max_source_len, max_target_len))
         .collect();
     match a.device {
-        Device::Cpu => score_on(&Cpu, &a, &ck, &batches, pairs.len()),
+        LocalDevice::Cpu => score_on(&Cpu, &a, &ck, &batches, pairs.len()),
         // Exact fp32 GEMMs: scores and gradients are compared against the CPU's.
-        Device::Cuda(i) => score_on(&device::open_cuda(i, GemmPrecision::Fp32)?, &a, &ck, &batches, pairs.len()),
+        LocalDevice::Cuda(i) => score_on(&device::open_cuda(i, GemmPrecision::Fp32)?, &a, &ck, &batches, pairs.len()),
     }
 }
 

@@ -4,10 +4,6 @@
 
 use std::path::PathBuf;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-
-use crate::{CliError, CliResult};
-
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct TlsArgs {
     /// The CA certificate (PEM) an https:// coordinator's certificate must chain to.
@@ -21,29 +17,9 @@ pub struct TlsArgs {
     pub tls_key: Option<PathBuf>,
 }
 
-fn usage(e: coordinator::Error) -> CliError {
-    CliError::usage(e.to_string())
-}
-
-/// Sets up TLS on `endpoint` when `url` is `https://`; plain `http://` is left alone (TLS
-/// settings are then ignored, with a warning, since they may come from the environment).
-pub(crate) fn configure(endpoint: Endpoint, url: &str, tls: &TlsArgs) -> CliResult<Endpoint> {
-    if !url.starts_with("https://") {
-        if tls.tls_ca.is_some() || tls.tls_cert.is_some() {
-            tracing::warn!("{url} is not https://: the TLS settings are not used");
-        }
-        return Ok(endpoint);
+impl TlsArgs {
+    /// The files, for [`agent::client::channel`] (which reads and checks them).
+    pub fn files(&self) -> agent::TlsFiles {
+        agent::TlsFiles { ca: self.tls_ca.clone(), cert: self.tls_cert.clone(), key: self.tls_key.clone() }
     }
-    let ca = tls
-        .tls_ca
-        .as_ref()
-        .ok_or_else(|| CliError::usage(format!("{url}: no CA to trust: pass --tls-ca FILE or set BERT2BERT_TLS_CA")))?;
-    let mut config = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(coordinator::tls::read_pem_certs(ca).map_err(usage)?));
-    if let (Some(cert), Some(key)) = (&tls.tls_cert, &tls.tls_key) {
-        let cert = coordinator::tls::read_pem_certs(cert).map_err(usage)?;
-        let key = coordinator::tls::read_pem_key(key).map_err(usage)?;
-        config = config.identity(Identity::from_pem(cert, key));
-    }
-    endpoint.tls_config(config).map_err(|e| CliError::usage(format!("{url}: TLS setup: {e}")))
 }

@@ -6,11 +6,11 @@ use std::time::Instant;
 
 use kernels::Backend;
 use kernels::collective::Single;
-use model::job::{self, JobModelExt, JobSpec, Precision};
+use model::job::{self, JobModelExt, JobSpec};
 use worker::tensorboard::{TrainLog, recording};
 use worker::{Event, Trainer};
 
-use crate::device::{self, Device, GemmPrecision};
+use crate::device::{self, LocalDevice, gemm_precision};
 use crate::{CliError, CliResult};
 
 #[derive(clap::Args)]
@@ -23,7 +23,7 @@ pub struct Args {
     workers: usize,
     /// Overrides `resources.device` of the job.
     #[arg(long)]
-    device: Option<Device>,
+    device: Option<LocalDevice>,
     /// Validation examples to generate for BLEU/ROUGE at each evaluation.
     #[arg(long, default_value_t = 100)]
     eval_examples: usize,
@@ -37,28 +37,18 @@ pub fn run(a: Args) -> CliResult {
         return Err(CliError::usage("--workers must be at least 1"));
     }
     if a.workers > 1 {
-        if a.device.is_some_and(|d| d != Device::Cpu) {
+        if a.device.is_some_and(|d| d != LocalDevice::Cpu) {
             return Err(CliError::usage("--workers above 1 runs CPU workers only in this build"));
         }
         return crate::local::run(spec, a.workers);
     }
     let device = a.device.unwrap_or(match spec.resources.device {
-        job::Device::Cpu => Device::Cpu,
-        job::Device::Cuda => Device::Cuda(device::Gpu::real(0)),
+        job::Device::Cpu => LocalDevice::Cpu,
+        job::Device::Cuda => LocalDevice::Cuda(device::Gpu::real(0)),
     });
     match device {
-        Device::Cpu => train_on(&kernels::Cpu, spec, a.eval_examples),
-        Device::Cuda(i) => train_on(&device::open_cuda(i, gemm_precision(&spec))?, spec, a.eval_examples),
-    }
-}
-
-/// The CUDA GEMM precision a job trains at: its `training.precision` (bf16 by default on cuda).
-/// `train --device cuda` and `worker --device cuda` both use this, so a job multiplies alike
-/// whichever way it runs.
-pub(crate) fn gemm_precision(spec: &JobSpec) -> GemmPrecision {
-    match spec.precision() {
-        Precision::Bf16 => GemmPrecision::Bf16,
-        Precision::Fp32 => GemmPrecision::Fp32,
+        LocalDevice::Cpu => train_on(&kernels::Cpu, spec, a.eval_examples),
+        LocalDevice::Cuda(i) => train_on(&device::open_cuda(i, gemm_precision(&spec))?, spec, a.eval_examples),
     }
 }
 

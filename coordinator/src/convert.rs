@@ -9,7 +9,7 @@ use prost::Message;
 use proto::v1;
 
 use crate::domain::{
-    DeviceKind, EvalMetrics, Job, JobEvent, JobFilter, JobState, Progress, WorkerEvent, WorkerEventKind, job_number,
+    EvalMetrics, FailureKind, Job, JobEvent, JobFilter, JobState, Progress, WorkerEvent, WorkerEventKind, job_number,
 };
 use crate::error::{Error, Result};
 use crate::scheduler::{Assignment, AttemptRef};
@@ -347,8 +347,7 @@ impl TryFrom<v1::RegisterWorkerRequest> for Registration {
     type Error = Error;
     fn try_from(r: v1::RegisterWorkerRequest) -> Result<Self> {
         let caps = r.capabilities.ok_or_else(|| Error::invalid("capabilities", "must be set"))?;
-        let device = DeviceKind::parse(&caps.device)
-            .ok_or_else(|| Error::invalid("capabilities.device", format!("`{}`: use cpu or cuda", caps.device)))?;
+        let device = device_kind(&caps)?;
         if !r.ring_address.is_empty() {
             r.ring_address.parse::<SocketAddr>().map_err(|e| {
                 Error::invalid("ring_address", format!("`{}` is not an IP:PORT address ({e})", r.ring_address))
@@ -540,13 +539,61 @@ pub fn cap_reason(mut reason: String) -> String {
     reason
 }
 
+/// The device kind a worker registers: `device_kind`, else (an older worker) the deprecated text
+/// `device`; both set must agree.
+fn device_kind(caps: &v1::Capabilities) -> Result<jobspec::Device> {
+    let text = || {
+        jobspec::Device::parse(&caps.device)
+            .ok_or_else(|| Error::invalid("capabilities.device", format!("`{}`: use cpu or cuda", caps.device)))
+    };
+    let kind = match v1::DeviceKind::try_from(caps.device_kind) {
+        Ok(v1::DeviceKind::Unspecified) => return text(),
+        Ok(v1::DeviceKind::Cpu) => jobspec::Device::Cpu,
+        Ok(v1::DeviceKind::Cuda) => jobspec::Device::Cuda,
+        Err(_) => {
+            return Err(Error::invalid("capabilities.device_kind", format!("not a device kind: {}", caps.device_kind)));
+        }
+    };
+    if !caps.device.is_empty() && text()? != kind {
+        return Err(Error::invalid(
+            "capabilities.device",
+            format!("`{}` contradicts device_kind {}", caps.device, kind.as_str()),
+        ));
+    }
+    Ok(kind)
+}
+
+/// The reason text that workers from before `ReportFailedRequest.kind` send when they leave on
+/// SIGTERM; recognised only for them (kind UNSPECIFIED).
+const LEGACY_SHUTDOWN_REASON: &str = "worker shutting down (SIGTERM)";
+
 pub struct Failed {
     pub at: AttemptRef,
     /// At most [`MAX_REASON`] bytes.
     pub reason: String,
-    /// The job is at fault: fail it without retrying.
-    pub input_error: bool,
+    /// What the scheduler does next: retry, fail the job, or drop the worker.
+    pub kind: FailureKind,
     pub secret: String,
+}
+
+/// `kind`, else (an older worker) `input_error` and the legacy shutdown reason. A set kind must
+/// agree with `input_error`, which new workers still send for older coordinators.
+fn failure_kind(r: &v1::ReportFailedRequest) -> Result<FailureKind> {
+    let kind = match v1::FailureKind::try_from(r.kind) {
+        Ok(v1::FailureKind::Unspecified) if r.input_error => return Ok(FailureKind::InputError),
+        Ok(v1::FailureKind::Unspecified) if r.reason == LEGACY_SHUTDOWN_REASON => {
+            return Ok(FailureKind::WorkerShutdown);
+        }
+        Ok(v1::FailureKind::Unspecified) => return Ok(FailureKind::Error),
+        Ok(v1::FailureKind::Error) => FailureKind::Error,
+        Ok(v1::FailureKind::InputError) => FailureKind::InputError,
+        Ok(v1::FailureKind::WorkerShutdown) => FailureKind::WorkerShutdown,
+        Err(_) => return Err(Error::invalid("kind", format!("not a failure kind: {}", r.kind))),
+    };
+    if r.input_error != (kind == FailureKind::InputError) {
+        return Err(Error::invalid("input_error", format!("{} contradicts kind {kind:?}", r.input_error)));
+    }
+    Ok(kind)
 }
 
 pub struct Deregister {
@@ -571,8 +618,8 @@ impl TryFrom<v1::ReportFailedRequest> for Failed {
     fn try_from(r: v1::ReportFailedRequest) -> Result<Self> {
         Ok(Failed {
             at: attempt_ref(&r.worker_id, &r.job_id, r.attempt)?,
+            kind: failure_kind(&r)?,
             reason: cap_reason(r.reason),
-            input_error: r.input_error,
             secret: text_field("worker_secret", r.worker_secret)?,
         })
     }
@@ -593,5 +640,64 @@ mod tests {
         let caps = v1::Capabilities { device: "tpu".into(), ..Default::default() };
         let e = Registration::try_from(v1::RegisterWorkerRequest { capabilities: Some(caps), ..Default::default() });
         assert!(e.err().unwrap().to_string().starts_with("capabilities.device: "));
+    }
+
+    fn registered(device: &str, device_kind: i32) -> Result<jobspec::Device> {
+        let caps = v1::Capabilities { device: device.into(), device_kind, ..Default::default() };
+        let r = v1::RegisterWorkerRequest { capabilities: Some(caps), hostname: "h".into(), ..Default::default() };
+        Registration::try_from(r).map(|r| r.device)
+    }
+
+    #[test]
+    fn device_kind_is_read_from_the_enum_else_the_old_text() {
+        use jobspec::Device::{Cpu, Cuda};
+        let (cpu, cuda) = (v1::DeviceKind::Cpu as i32, v1::DeviceKind::Cuda as i32);
+        assert_eq!(registered("", cuda).unwrap(), Cuda);
+        assert_eq!(registered("cuda", cuda).unwrap(), Cuda);
+        assert_eq!(registered("", cpu).unwrap(), Cpu);
+        // An older worker: the text alone.
+        assert_eq!(registered("cuda", 0).unwrap(), Cuda);
+        assert_eq!(registered("cpu", 0).unwrap(), Cpu);
+        let e = registered("", 0).unwrap_err().to_string();
+        assert!(e.starts_with("capabilities.device: "), "{e}");
+        let e = registered("cpu", cuda).unwrap_err().to_string();
+        assert!(e.starts_with("capabilities.device: ") && e.contains("contradicts"), "{e}");
+        let e = registered("", 7).unwrap_err().to_string();
+        assert_eq!(e, "capabilities.device_kind: not a device kind: 7");
+    }
+
+    fn failed(reason: &str, input_error: bool, kind: v1::FailureKind) -> Result<FailureKind> {
+        let r = v1::ReportFailedRequest {
+            worker_id: "w".into(),
+            job_id: "job-1".into(),
+            attempt: 1,
+            reason: reason.into(),
+            worker_secret: "s".into(),
+            input_error,
+            kind: kind as i32,
+            ..Default::default()
+        };
+        Failed::try_from(r).map(|f| f.kind)
+    }
+
+    #[test]
+    fn failure_kind_is_typed_and_old_workers_still_mean_the_same() {
+        use v1::FailureKind as P;
+        assert_eq!(failed("boom", false, P::Error).unwrap(), FailureKind::Error);
+        assert_eq!(failed("bad path", true, P::InputError).unwrap(), FailureKind::InputError);
+        // The reason text means nothing once the kind is set.
+        assert_eq!(failed(LEGACY_SHUTDOWN_REASON, false, P::Error).unwrap(), FailureKind::Error);
+        assert_eq!(failed("leaving", false, P::WorkerShutdown).unwrap(), FailureKind::WorkerShutdown);
+        // Older workers: input_error and the shutdown text.
+        assert_eq!(failed("boom", false, P::Unspecified).unwrap(), FailureKind::Error);
+        assert_eq!(failed("bad path", true, P::Unspecified).unwrap(), FailureKind::InputError);
+        assert_eq!(failed(LEGACY_SHUTDOWN_REASON, false, P::Unspecified).unwrap(), FailureKind::WorkerShutdown);
+        let e = failed("x", true, P::Error).unwrap_err().to_string();
+        assert!(e.starts_with("input_error: "), "{e}");
+        let e = failed("x", false, P::InputError).unwrap_err().to_string();
+        assert!(e.starts_with("input_error: "), "{e}");
+        let mut r = v1::ReportFailedRequest { worker_id: "w".into(), job_id: "job-1".into(), ..Default::default() };
+        (r.attempt, r.worker_secret, r.kind) = (1, "s".into(), 9);
+        assert_eq!(Failed::try_from(r).err().unwrap().to_string(), "kind: not a failure kind: 9");
     }
 }

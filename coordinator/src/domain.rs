@@ -182,22 +182,16 @@ impl WorkerState {
     }
 }
 
+/// Why an attempt failed on a worker (`ReportFailed`), which decides what happens next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeviceKind {
-    Cpu,
-    Cuda,
-}
-
-impl DeviceKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeviceKind::Cpu => "cpu",
-            DeviceKind::Cuda => "cuda",
-        }
-    }
-    pub fn parse(s: &str) -> Option<DeviceKind> {
-        [DeviceKind::Cpu, DeviceKind::Cuda].into_iter().find(|d| d.as_str() == s)
-    }
+pub enum FailureKind {
+    /// The attempt failed on this worker (a crash, a lost peer, a STOP): run the job again.
+    Error,
+    /// The job itself is at fault (a bad path or data file, a path outside the worker's roots):
+    /// another attempt would fail the same way, so the job fails at once.
+    InputError,
+    /// The worker is leaving for good (SIGTERM): re-form the gang without it.
+    WorkerShutdown,
 }
 
 /// A registered worker.
@@ -205,7 +199,8 @@ impl DeviceKind {
 pub struct Worker {
     pub id: String,
     pub hostname: String,
-    pub device: DeviceKind,
+    /// The device kind it trains on: a job's `resources.device` must match it.
+    pub device: jobspec::Device,
     pub device_index: u32,
     pub ring_address: String,
     pub version: String,

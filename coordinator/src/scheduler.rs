@@ -26,8 +26,8 @@ use jobspec::JobSpec;
 
 use crate::convert::cap_reason;
 use crate::domain::{
-    Attempt, Checkpoint, Clock, EvalMetrics, Job, JobEvent, JobFilter, JobState, Progress, Worker, WorkerEvent,
-    WorkerEventKind,
+    Attempt, Checkpoint, Clock, EvalMetrics, FailureKind, Job, JobEvent, JobFilter, JobState, Progress, Worker,
+    WorkerEvent, WorkerEventKind,
 };
 use crate::error::{Error, Result};
 use crate::jobs::Jobs;
@@ -90,9 +90,6 @@ struct Table {
 /// long-poll GetAssignment back to back and the service re-checks every 50 ms, so a live idle
 /// worker is never staler than this.
 const POLL_FRESH_MS: i64 = 1_000;
-
-/// The failure reason a worker agent reports when it leaves on SIGTERM.
-pub const SHUTDOWN_REASON: &str = "worker shutting down (SIGTERM)";
 
 /// How long a PENDING job waits for its full gang before starting with fewer workers.
 pub const DEFAULT_ELASTIC_WAIT: Duration = Duration::from_secs(10);
@@ -220,10 +217,7 @@ impl Scheduler {
                     continue;
                 }
             };
-            let device = match spec.resources.device {
-                jobspec::Device::Cpu => crate::domain::DeviceKind::Cpu,
-                jobspec::Device::Cuda => crate::domain::DeviceKind::Cuda,
-            };
+            let device = spec.resources.device;
             let need = job.workers.max(1) as usize;
             let least = (job.min_workers as usize).clamp(1, need);
             if me.device != device {
@@ -446,7 +440,7 @@ impl Scheduler {
                 if step < job.total_steps {
                     drop(t);
                     let why = format!("rank 0 stopped at step {step} of {}", job.total_steps);
-                    return self.failed(r, &why, false);
+                    return self.failed(r, &why, FailureKind::Error);
                 }
                 self.end(&mut t, &r.job_id, "succeeded")?;
                 self.worker_event(&r.job_id, &r.worker_id, 0, WorkerEventKind::Left, format!("done at step {step}"));
@@ -469,12 +463,13 @@ impl Scheduler {
     }
 
     /// A member failed: end the attempt; queue the job again, or fail it after max_restarts.
-    /// `input_error`: the job itself is at fault (a bad path or data file, a path outside the
+    /// `kind` InputError: the job itself is at fault (a bad path or data file, a path outside the
     /// worker's roots), so another attempt would fail the same way: fail the job at once.
-    pub fn failed(&self, r: &AttemptRef, reason: &str, input_error: bool) -> Result<()> {
+    /// WorkerShutdown: the worker is leaving, so it joins no new gang.
+    pub fn failed(&self, r: &AttemptRef, reason: &str, kind: FailureKind) -> Result<()> {
         let mut t = self.table()?;
         let member = self.member(&t, r)?;
-        if reason == SHUTDOWN_REASON {
+        if kind == FailureKind::WorkerShutdown {
             t.departed.insert(r.worker_id.clone());
         }
         let Some(rank) = member else {
@@ -486,7 +481,7 @@ impl Scheduler {
         self.end(&mut t, &r.job_id, &why)?;
         // The reporter is alive, unlike (perhaps) the rest of its gang.
         self.heard(&mut t, &r.worker_id);
-        if input_error {
+        if kind == FailureKind::InputError {
             self.jobs.transition(&r.job_id, |j| {
                 j.state = JobState::Failed;
                 j.reason = cap_reason(why.clone());

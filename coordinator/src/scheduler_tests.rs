@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::domain::{DeviceKind, FakeClock};
+use crate::domain::FakeClock;
 use crate::store::MemStore;
 use crate::workers::Registration;
 
@@ -41,7 +41,7 @@ fn setup_with_clock() -> (Scheduler, Arc<Jobs>, Arc<Workers>, Arc<FakeClock>) {
 fn reg(w: &Workers, port: u16) -> String {
     let r = Registration {
         hostname: "h".into(),
-        device: DeviceKind::Cpu,
+        device: jobspec::Device::Cpu,
         device_index: 0,
         ring_address: format!("127.0.0.1:{port}"),
         version: "0".into(),
@@ -71,7 +71,7 @@ fn gang_forms_runs_fails_requeues_and_succeeds() {
     assert_eq!(jobs.get(&job.id).unwrap().step, 3);
     s.commit_checkpoint(&ra, 3, "/c/step-00000003".into(), String::new()).unwrap();
 
-    s.failed(&rb, "boom", false).unwrap();
+    s.failed(&rb, "boom", FailureKind::Error).unwrap();
     let j = jobs.get(&job.id).unwrap();
     assert_eq!((j.state, j.restarts), (JobState::Pending, 1));
     assert!(j.reason.contains("boom"), "{}", j.reason);
@@ -97,7 +97,7 @@ fn cancel_stops_the_gang_and_frees_its_workers() {
     assert_eq!(s.command(&ra).unwrap(), Command::Continue);
     jobs.cancel(&job.id, "").unwrap();
     assert_eq!(s.progress(&ra, Progress::default()).unwrap(), Command::Stop);
-    s.failed(&AttemptRef { worker_id: b.clone(), ..ra }, "aborted", false).unwrap();
+    s.failed(&AttemptRef { worker_id: b.clone(), ..ra }, "aborted", FailureKind::Error).unwrap();
     assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Cancelled);
     // Both are idle again: a new job gets them.
     let next = jobs.submit(&JobSpec::from_str(JOB, Path::new("job_yaml")).unwrap()).unwrap();
@@ -111,7 +111,7 @@ fn failures_past_max_restarts_fail_the_job() {
     let (a, b) = (reg(&workers, 1), reg(&workers, 2));
     for attempt in 1..=2 {
         assert!(s.assignment(&a).unwrap().is_some());
-        s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt }, "x", false).unwrap();
+        s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt }, "x", FailureKind::Error).unwrap();
     }
     let j = jobs.get(&job.id).unwrap();
     assert_eq!(j.state, JobState::Failed);
@@ -175,7 +175,7 @@ fn a_worker_leaving_on_sigterm_is_not_scheduled_again() {
     let (a, b, c) = (reg(&workers, 1), reg(&workers, 2), reg(&workers, 3));
     assert_eq!(s.assignment(&a).unwrap().unwrap().world_size, 3);
     let rb = AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 };
-    s.failed(&rb, SHUTDOWN_REASON, false).unwrap();
+    s.failed(&rb, "worker shutting down (SIGTERM)", FailureKind::WorkerShutdown).unwrap();
     assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Pending);
     clock.advance(3_000);
     // b still heartbeats (it is alive until it exits) but must not join the new gang.
@@ -196,7 +196,7 @@ fn nccl_unique_id_goes_from_rank_0_to_the_other_ranks_of_its_attempt_only() {
     let gpu = |port: u16| {
         let r = Registration {
             hostname: "g".into(),
-            device: DeviceKind::Cuda,
+            device: jobspec::Device::Cuda,
             device_index: 0,
             ring_address: format!("127.0.0.1:{port}"),
             version: "0".into(),
@@ -224,7 +224,7 @@ fn nccl_unique_id_goes_from_rank_0_to_the_other_ranks_of_its_attempt_only() {
     assert_eq!(s.assignment(&a).unwrap().unwrap().nccl_unique_id, id);
 
     // A new attempt needs a new communicator: it starts without an id.
-    s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 }, "x", false).unwrap();
+    s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 }, "x", FailureKind::Error).unwrap();
     refused(s.post_nccl_id(&a, &id), "no assignment");
     let again = s.assignment(&a).unwrap().unwrap();
     assert_eq!(again.attempt, 2);
@@ -262,7 +262,7 @@ fn members_of_an_ended_attempt_must_ask_again_before_joining_a_gang() {
     assert_eq!(s.assignment(&a).unwrap().unwrap().world_size, 3);
     assert_eq!(s.assignment(&c).unwrap().unwrap().rank, 2);
     // b fails at once (c was just killed, say): no time passes, yet c is not taken again.
-    s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 }, "x", false).unwrap();
+    s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 }, "x", FailureKind::Error).unwrap();
     assert_eq!(s.assignment(&a).unwrap(), None);
     assert_eq!(s.assignment(&b).unwrap(), None, "2 of 3 wait for the elastic grace");
     clock.advance(3_000);
@@ -288,7 +288,7 @@ fn watchers_see_members_join_checkpoint_fail_and_rank_0_evaluations() {
     s.eval(&rb, e.clone()).unwrap();
     s.eval(&ra, e.clone()).unwrap();
     s.commit_checkpoint(&ra, 4, "/c/step-00000004".into(), String::new()).unwrap();
-    s.failed(&rb, "peer gone", false).unwrap();
+    s.failed(&rb, "peer gone", FailureKind::Error).unwrap();
 
     let mut seen = Vec::new();
     while let Ok(ev) = rx.try_recv() {
@@ -365,7 +365,7 @@ fn reports_about_an_attempt_the_worker_is_not_in_are_permission_denied() {
     let forged = AttemptRef { worker_id: outsider, ..ra.clone() };
     let denied = |r: Result<()>| assert!(matches!(r, Err(Error::PermissionDenied(_))), "{r:?}");
     denied(s.done(&forged, 10));
-    denied(s.failed(&forged, "x", true));
+    denied(s.failed(&forged, "x", FailureKind::InputError));
     denied(s.commit_checkpoint(&forged, 10, "/c/step-00000010".into(), String::new()).map(|_| ()));
     denied(s.progress(&forged, Progress { step: 9, ..Progress::default() }).map(|_| ()));
     denied(s.eval(&forged, EvalMetrics::default()));
@@ -375,7 +375,7 @@ fn reports_about_an_attempt_the_worker_is_not_in_are_permission_denied() {
     assert_eq!((after.state, after.step, after.reason.as_str()), (before.state, 2, ""));
     assert_eq!(s.store.latest_checkpoint(&job.id).unwrap(), None);
     // A member's late report about its ended attempt is still accepted, and changes nothing.
-    s.failed(&ra, "peer gone", false).unwrap();
+    s.failed(&ra, "peer gone", FailureKind::Error).unwrap();
     assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Pending);
     s.done(&ra, 10).unwrap();
     assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Pending);
@@ -398,7 +398,7 @@ fn a_commit_outside_the_jobs_checkpoint_dir_is_refused() {
 #[test]
 fn an_input_error_fails_the_job_at_once_and_reasons_are_capped() {
     let (s, jobs, job, ra, _) = running_with_outsider();
-    s.failed(&ra, &"data.train: outside the allowed roots ".repeat(200), true).unwrap();
+    s.failed(&ra, &"data.train: outside the allowed roots ".repeat(200), FailureKind::InputError).unwrap();
     let j = jobs.get(&job.id).unwrap();
     assert_eq!((j.state, j.restarts), (JobState::Failed, 0), "max_restarts is 1, yet no retry");
     assert!(j.reason.contains("data.train: ") && j.reason.len() <= crate::convert::MAX_REASON, "{}", j.reason.len());

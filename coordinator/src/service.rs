@@ -229,9 +229,9 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<v1::ReportFailedRequest>,
     ) -> Result<Response<v1::ReportFailedResponse>, Status> {
-        let Failed { at, reason, input_error, secret } = req.into_inner().try_into()?;
+        let Failed { at, reason, kind, secret } = req.into_inner().try_into()?;
         self.workers.authenticate(&at.worker_id, &secret)?;
-        self.scheduler.failed(&at, &reason, input_error)?;
+        self.scheduler.failed(&at, &reason, kind)?;
         Ok(Response::new(v1::ReportFailedResponse {}))
     }
 

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, params};
 
 use crate::domain::{
-    Attempt, Checkpoint, DeviceKind, Job, JobFilter, JobState, NewJob, Worker, WorkerState, job_number,
+    Attempt, Checkpoint, Job, JobFilter, JobState, NewJob, Worker, WorkerState, job_number,
 };
 use crate::error::{Error, Result};
 
@@ -244,7 +244,7 @@ fn worker_from_row(r: &Row) -> rusqlite::Result<Worker> {
     Ok(Worker {
         id: r.get(0)?,
         hostname: r.get(1)?,
-        device: DeviceKind::parse(&device).ok_or_else(|| bad_column(2, "device", &device))?,
+        device: jobspec::Device::parse(&device).ok_or_else(|| bad_column(2, "device", &device))?,
         device_index: r.get(3)?,
         ring_address: r.get(4)?,
         version: r.get(5)?,

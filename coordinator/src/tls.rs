@@ -4,8 +4,6 @@
 
 use std::path::{Path, PathBuf};
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::error::{Error, Result};
@@ -33,37 +31,12 @@ impl std::fmt::Debug for Tls {
 
 /// A PEM file of one or more certificates, checked; the error names the file.
 pub fn read_pem_certs(path: &Path) -> Result<Vec<u8>> {
-    let pem = read(path)?;
-    check_certs(path, &pem)?;
-    Ok(pem)
+    proto::pem::read_certs(path).map_err(Error::InvalidArgument)
 }
 
 /// A PEM private key file, checked; the error names the file.
 pub fn read_pem_key(path: &Path) -> Result<Vec<u8>> {
-    let pem = read(path)?;
-    PrivateKeyDer::from_pem_slice(&pem)
-        .map_err(|e| Error::InvalidArgument(format!("{}: not a PEM private key: {e}", path.display())))?;
-    Ok(pem)
-}
-
-fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))
-}
-
-/// At least one certificate, and every PEM certificate block well-formed.
-fn check_certs(path: &Path, pem: &[u8]) -> Result<()> {
-    let mut n = 0;
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        cert.map_err(|e| Error::InvalidArgument(format!("{}: not a PEM certificate: {e}", path.display())))?;
-        n += 1;
-    }
-    if n == 0 {
-        return Err(Error::InvalidArgument(format!(
-            "{}: no PEM certificate (expected a -----BEGIN CERTIFICATE----- block)",
-            path.display()
-        )));
-    }
-    Ok(())
+    proto::pem::read_key(path).map_err(Error::InvalidArgument)
 }
 
 impl Tls {

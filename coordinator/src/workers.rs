@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::auth::WorkerSecrets;
-use crate::domain::{Clock, DeviceKind, Worker, WorkerState};
+use crate::domain::{Clock, Worker, WorkerState};
 use crate::error::{Error, Result};
 use crate::store::Store;
 
@@ -15,7 +15,7 @@ use crate::store::Store;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Registration {
     pub hostname: String,
-    pub device: DeviceKind,
+    pub device: jobspec::Device,
     pub device_index: u32,
     pub ring_address: String,
     pub version: String,
@@ -170,7 +170,7 @@ mod tests {
     fn reg() -> Registration {
         Registration {
             hostname: "h".into(),
-            device: DeviceKind::Cpu,
+            device: jobspec::Device::Cpu,
             device_index: 0,
             ring_address: "127.0.0.1:1".into(),
             version: "0".into(),

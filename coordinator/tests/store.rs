@@ -1,7 +1,7 @@
 //! The [`Store`] contract, run against SQLite and the in-memory fake alike, and SQLite's
 //! persistence across reopening.
 
-use coordinator::domain::{Attempt, Checkpoint, DeviceKind, JobFilter, JobState, NewJob, Worker, WorkerState};
+use coordinator::domain::{Attempt, Checkpoint, JobFilter, JobState, NewJob, Worker, WorkerState};
 use coordinator::store::{MemStore, SqliteStore, Store};
 
 fn new_job(name: &str) -> NewJob {
@@ -65,7 +65,7 @@ fn contract(s: &dyn Store) {
     let w = Worker {
         id: "w-1".into(),
         hostname: "h".into(),
-        device: DeviceKind::Cuda,
+        device: jobspec::Device::Cuda,
         device_index: 3,
         ring_address: String::new(),
         version: "0.1.0".into(),
