@@ -2,8 +2,6 @@
 //! 127.0.0.1:0 with a random token, N `bert2bert worker` child processes, and the job submitted
 //! and followed to its end. The children are killed when this returns, however it returns.
 
-use std::hash::BuildHasher;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -26,19 +24,11 @@ impl Drop for Children {
     }
 }
 
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn random_hex() -> String {
-    let s = std::collections::hash_map::RandomState::new();
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    format!("{:016x}{:016x}", s.hash_one((t, std::process::id())), s.hash_one((std::process::id(), t, 1u8)))
+/// 128 bits from the operating system's generator, as hex: the token the children present.
+fn random_token() -> Result<String, CliError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| fail(format!("no randomness for the worker token: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn fail(msg: String) -> CliError {
@@ -51,12 +41,13 @@ pub fn run(mut spec: JobSpec, workers: usize) -> CliResult {
     }
     spec.resources.workers = workers;
     spec.resources.min_workers = spec.resources.min_workers.clamp(1, workers);
-    let token = random_hex();
-    let state = TempDir(std::env::temp_dir().join(format!("bert2bert-train-{}", random_hex())));
+    let token = random_token()?;
+    // The coordinator's state lives only as long as this run: removed on drop, however it ends.
+    let state = tempfile::Builder::new().prefix("bert2bert-train-").tempdir()?;
     let exe = std::env::current_exe()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let config = coordinator::Config::new(([127, 0, 0, 1], 0).into(), &state.0, token.clone());
+        let config = coordinator::Config::new(([127, 0, 0, 1], 0).into(), state.path(), token.clone());
         let running = coordinator::start(config).await.map_err(|e| fail(format!("coordinator: {e}")))?;
         let url = running.url();
         eprintln!("coordinator on {url}; starting {workers} workers");

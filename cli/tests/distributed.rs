@@ -27,6 +27,14 @@ checkpoint: { dir: ckpt, every_steps: 2, keep: 2 }
 resources: { workers: 2, device: cpu }
 "#;
 
+/// The entries of `dir` (a TMPDIR given to `train --workers`), sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
 fn checkpoints(root: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(root.join("ckpt"))
         .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
@@ -40,12 +48,16 @@ fn train_with_two_worker_processes() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     setup(root);
-    let o = bin(root).args(["train", "job.yaml", "--workers", "2"]).output().unwrap();
+    let scratch = root.join("tmp");
+    std::fs::create_dir(&scratch).unwrap();
+    let o = bin(root).args(["train", "job.yaml", "--workers", "2"]).env("TMPDIR", &scratch).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     eprintln!("{err}");
     assert!(o.status.success(), "{err}");
     assert!(err.contains("SUCCEEDED"), "{err}");
     assert!(checkpoints(root).contains(&"step-00000004".to_owned()), "{:?}\n{err}", checkpoints(root));
+    // The coordinator's state directory (see `workers_exit_when_train_is_killed`) is gone.
+    assert_eq!(entries(&scratch), Vec::<String>::new());
 }
 
 #[test]
@@ -103,8 +115,16 @@ fn workers_exit_when_train_is_killed() {
     let root = tmp.path();
     setup(root);
     std::fs::write(root.join("job.yaml"), JOB.replace("steps: 4,", "steps: 100000,")).unwrap();
-    let mut train =
-        Proc(bin(root).args(["train", "job.yaml", "--workers", "2"]).stderr(Stdio::piped()).spawn().unwrap());
+    let scratch = root.join("tmp");
+    std::fs::create_dir(&scratch).unwrap();
+    let mut train = Proc(
+        bin(root)
+            .args(["train", "job.yaml", "--workers", "2"])
+            .env("TMPDIR", &scratch)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut err = BufReader::new(train.0.stderr.take().unwrap());
     let mut url = None;
     let mut line = String::new();
@@ -121,6 +141,10 @@ fn workers_exit_when_train_is_killed() {
         assert!(err.read_line(&mut line).unwrap() > 0, "train ended early");
     }
     assert_eq!(processes_with(&url).len(), 2, "two workers run");
+    // While it runs, the coordinator keeps its state in one directory under TMPDIR.
+    let state = entries(&scratch);
+    assert!(state.len() == 1 && state[0].starts_with("bert2bert-train-"), "{state:?}");
+    assert!(scratch.join(&state[0]).join("coordinator.sqlite").is_file(), "{state:?}");
     train.0.kill().unwrap();
     train.0.wait().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
