@@ -267,13 +267,12 @@ async fn lengths_past_the_models_positions_are_refused_when_the_coordinator_sees
     let dir = tempfile::tempdir().unwrap();
     let c = start(&dir.path().join("state")).await;
     let mut j = client(&c).await;
-    // A tiny BERT's config with 64 positions (as model::testing writes it).
+    // The tiny BERT of model::testing, whose config has 64 positions.
     let bert = dir.path().join("bert");
     std::fs::create_dir_all(&bert).unwrap();
-    let config = r#"{"model_type": "bert", "vocab_size": 40, "hidden_size": 8, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 64,
-        "type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0, "hidden_act": "gelu"}"#;
-    std::fs::write(bert.join("config.json"), config).unwrap();
+    let config = model::testing::bert_config();
+    assert_eq!(config["max_position_embeddings"], 64);
+    std::fs::write(bert.join("config.json"), config.to_string()).unwrap();
     let with = |encoder: &Path, src: usize| {
         format!(
             "name: t\nmodel: {{ encoder: {}, decoder: random }}\n\

@@ -14,6 +14,7 @@ pub mod params;
 pub mod pipeline;
 /// Where a job may read and write (`jobspec::policy`, re-exported for the ML side's paths).
 pub use jobspec::policy;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tokenizer;
 

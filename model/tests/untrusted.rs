@@ -7,6 +7,7 @@ use std::path::Path;
 use model::config::{BertConfig, ModelConfig};
 use model::data::{MAX_LINE_BYTES, read_jsonl, read_tsv};
 use model::job::JobSpec;
+use model::testing::TinyBert;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -190,10 +191,7 @@ const KEYS: [&str; 13] = [
 ];
 
 fn small_bert() -> Value {
-    json!({
-        "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 24, "max_position_embeddings": 64, "type_vocab_size": 2
-    })
+    TinyBert { vocab: 50, hidden: 16, layers: 2, heads: 4, intermediate: 24, positions: 64 }.json()
 }
 
 proptest! {
