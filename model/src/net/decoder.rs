@@ -188,6 +188,7 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// Decodes `ids` (`[batch, len]`) over `enc`; `mask` is the self-attention key mask.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn forward(
         &mut self,
         b: &B,

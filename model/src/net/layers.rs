@@ -105,6 +105,7 @@ impl<B: Backend> NormActs<B> {
         )
     }
     /// `d_input (= or +=) LN'(d_out)`, gamma/beta gradients accumulate.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         b: &B,
@@ -340,6 +341,7 @@ impl<B: Backend> FfnActs<B> {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &mut self,
         b: &B,
@@ -430,6 +432,7 @@ impl<B: Backend> EmbIds<B> {
 }
 
 impl<B: Backend> EmbActs<B> {
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &mut self,
         b: &B,
