@@ -343,7 +343,8 @@ mod tests {
                 let want_dec = [&[SP.cls][..], &toks[..keep_tgt]].concat();
                 let want_lab = [&toks[..keep_tgt], &[SP.sep][..]].concat();
 
-                let b = Batch::new(&[toks.clone()], &[toks.clone()], SP, max, max);
+                let one = std::slice::from_ref(&toks);
+                let b = Batch::new(one, one, SP, max, max);
                 let generated = encode_source(&toks, SP, max);
                 let target = encode_target(&toks, SP, max);
                 let at = format!("max {max}, {n} tokens");

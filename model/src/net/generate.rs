@@ -535,9 +535,7 @@ impl<B: Backend> Bert2Bert<B> {
                     break;
                 }
             }
-            for dst in item * k + next..(item + 1) * k {
-                new_scores[dst] = f64::NEG_INFINITY;
-            }
+            new_scores[item * k + next..(item + 1) * k].fill(f64::NEG_INFINITY);
             let fin = &beams.finished[item];
             let best_running = (item * k..(item + 1) * k).map(|r| new_scores[r]).fold(f64::NEG_INFINITY, f64::max);
             beams.done[item] = if k == 1 {
