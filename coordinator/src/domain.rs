@@ -52,6 +52,9 @@ pub struct Job {
     pub reason: String,
     pub workers: u32,
     pub min_workers: u32,
+    /// What the scheduler needs of the spec besides the gang size, parsed once at submit and
+    /// stored as columns, so that scheduling never parses `spec_yaml`.
+    pub placement: Placement,
     /// The newest committed checkpoint's step, 0 when none (derived from the checkpoints table).
     pub checkpoint_step: u64,
     pub created_ms: i64,
@@ -66,7 +69,18 @@ pub struct NewJob {
     pub total_steps: u64,
     pub workers: u32,
     pub min_workers: u32,
+    pub placement: Placement,
     pub created_ms: i64,
+}
+
+/// The fields of a job's spec that scheduling reads (`resources.device`,
+/// `resources.max_restarts`, `checkpoint.dir`), typed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placement {
+    pub device: jobspec::Device,
+    pub max_restarts: u32,
+    /// `checkpoint.dir` as the spec has it (absolute after `JobSpec::to_yaml`).
+    pub checkpoint_dir: String,
 }
 
 /// Which jobs to list.

@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 use jobspec::JobSpec;
 use tokio::sync::broadcast;
 
-use crate::domain::{Clock, Job, JobEvent, JobFilter, JobState, NewJob, WorkerEvent};
+use crate::domain::{Clock, Job, JobEvent, JobFilter, JobState, NewJob, WorkerEvent, job_number};
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::{Store, placement_of};
 
 /// Events a slow watcher may fall behind by before it skips ahead (it is then sent the job's
 /// current state again).
@@ -34,6 +34,41 @@ pub struct Jobs {
     /// Counts transitions into a terminal state (and deletions), so that the scheduler sweeps
     /// its gangs only when one may have ended.
     ended: std::sync::atomic::AtomicU64,
+    /// The PENDING jobs, oldest first: what scheduling reads on every poll, kept here so that
+    /// a poll reads neither the store nor any job's YAML. `None` until first used (then loaded
+    /// from the store); submit and transition keep it after that.
+    queue: Mutex<Option<BTreeMap<(u64, String), Queued>>>,
+    /// Called after a job joins the queue (submitted, or queued again), without locks held.
+    queue_listeners: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
+}
+
+/// What scheduling needs of a PENDING job: the typed columns, no YAML.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Queued {
+    pub id: String,
+    pub workers: u32,
+    pub min_workers: u32,
+    pub device: jobspec::Device,
+    /// When it began to wait: its last transition (PENDING jobs change only on transitions).
+    pub since_ms: i64,
+}
+
+impl Queued {
+    fn key(&self) -> (u64, String) {
+        (job_number(&self.id).unwrap_or(u64::MAX), self.id.clone())
+    }
+}
+
+impl From<&Job> for Queued {
+    fn from(j: &Job) -> Queued {
+        Queued {
+            id: j.id.clone(),
+            workers: j.workers,
+            min_workers: j.min_workers,
+            device: j.placement.device,
+            since_ms: j.updated_ms,
+        }
+    }
 }
 
 /// A watch: the job as it was when the subscription started, then its events.
@@ -55,6 +90,55 @@ impl Jobs {
             write: Mutex::new(()),
             live: Mutex::new(HashMap::new()),
             ended: std::sync::atomic::AtomicU64::new(0),
+            queue: Mutex::new(None),
+            queue_listeners: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The PENDING jobs, oldest first, from memory (the store is read once, on first use).
+    pub fn pending(&self) -> Result<Vec<Queued>> {
+        self.with_queue(|q| q.values().cloned().collect())
+    }
+
+    /// Whether any job is PENDING.
+    pub fn has_pending(&self) -> Result<bool> {
+        self.with_queue(|q| !q.is_empty())
+    }
+
+    /// Runs `listener` whenever a job joins the queue (see `queue_listeners`).
+    pub fn on_queue_change(&self, listener: impl Fn() + Send + Sync + 'static) -> Result<()> {
+        Self::lock(&self.queue_listeners)?.push(Box::new(listener));
+        Ok(())
+    }
+
+    fn with_queue<T>(&self, f: impl FnOnce(&BTreeMap<(u64, String), Queued>) -> T) -> Result<T> {
+        let mut queue = Self::lock(&self.queue)?;
+        if queue.is_none() {
+            // Read with the queue locked: a transition that stored its job before this read is
+            // in it, one that stores after updates the loaded queue once it gets the lock.
+            let pending = self.store.list_jobs(&JobFilter { states: vec![JobState::Pending], limit: 0 })?;
+            *queue = Some(pending.iter().map(|j| (Queued::from(j).key(), Queued::from(j))).collect());
+        }
+        Ok(f(queue.as_ref().expect("loaded above")))
+    }
+
+    /// Keeps the queue (if loaded) in step with the job's new state; true when it joined.
+    fn requeue_if_pending(&self, job: &Job) -> Result<bool> {
+        let mut queue = Self::lock(&self.queue)?;
+        let Some(q) = queue.as_mut() else { return Ok(job.state == JobState::Pending) };
+        let entry = Queued::from(job);
+        if job.state == JobState::Pending {
+            q.insert(entry.key(), entry);
+            Ok(true)
+        } else {
+            q.remove(&entry.key());
+            Ok(false)
+        }
+    }
+
+    fn queue_changed(&self) {
+        if let Ok(listeners) = Self::lock(&self.queue_listeners) {
+            listeners.iter().for_each(|tell| tell());
         }
     }
 
@@ -80,16 +164,24 @@ impl Jobs {
     }
 
     /// Stores a checked job; it starts PENDING.
+    /// The spec is parsed here, once: the fields scheduling needs are stored as columns.
     pub fn submit(&self, spec: &JobSpec) -> Result<Job> {
-        let job = self.store.insert_job(NewJob {
-            name: spec.name.clone(),
-            spec_yaml: spec.to_yaml(),
-            total_steps: spec.training.steps,
-            workers: spec.resources.workers as u32,
-            min_workers: spec.resources.min_workers as u32,
-            created_ms: self.clock.now_ms(),
-        })?;
+        let job = {
+            let _w = Self::lock(&self.write)?;
+            let job = self.store.insert_job(NewJob {
+                name: spec.name.clone(),
+                spec_yaml: spec.to_yaml(),
+                total_steps: spec.training.steps,
+                workers: spec.resources.workers as u32,
+                min_workers: spec.resources.min_workers as u32,
+                placement: placement_of(spec),
+                created_ms: self.clock.now_ms(),
+            })?;
+            self.requeue_if_pending(&job)?;
+            job
+        };
         tracing::info!(job = %job.id, name = %job.name, "job submitted");
+        self.queue_changed();
         Ok(job)
     }
 
@@ -160,7 +252,7 @@ impl Jobs {
     /// Applies `change` to the stored job under the write lock, stores it with a new updated
     /// time and tells watchers. A change to a terminal state closes the job's broadcast.
     pub fn transition(&self, id: &str, change: impl FnOnce(&mut Job) -> Result<()>) -> Result<Job> {
-        let job = {
+        let (job, queued) = {
             let _w = Self::lock(&self.write)?;
             let mut job = self.get(id)?;
             change(&mut job)?;
@@ -172,8 +264,12 @@ impl Jobs {
             // The stored job now holds the live step (read above) or the one `change` set (a
             // restart from a checkpoint): the live value is spent.
             Self::lock(&self.live)?.remove(id);
-            job
+            let queued = self.requeue_if_pending(&job)?;
+            (job, queued)
         };
+        if queued {
+            self.queue_changed();
+        }
         tracing::info!(job = %job.id, state = job.state.as_str(), reason = %job.reason, "job state");
         self.publish(&job.id, JobEvent::Job(job.clone()));
         if job.state.is_terminal() {

@@ -17,20 +17,19 @@
 //! up", not counted as a restart) and the job re-forms at once, larger, from that checkpoint.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::BuildHasher;
 use std::path::{Component, Path};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use jobspec::JobSpec;
+use tokio::sync::Notify;
 
 use crate::convert::cap_reason;
 use crate::domain::{
-    Attempt, Checkpoint, Clock, EvalMetrics, FailureKind, Job, JobEvent, JobFilter, JobState, Progress, Worker,
+    Attempt, Checkpoint, Clock, EvalMetrics, FailureKind, JobEvent, JobFilter, JobState, Placement, Progress, Worker,
     WorkerEvent, WorkerEventKind,
 };
 use crate::error::{Error, Result};
-use crate::jobs::Jobs;
+use crate::jobs::{Jobs, Queued};
 use crate::store::Store;
 use crate::workers::{Command, Workers};
 
@@ -56,6 +55,7 @@ pub struct Assignment {
 struct Gang {
     attempt: Attempt,
     job_yaml: String,
+    placement: Placement,
     ring_peers: Vec<String>,
     ring_token: u64,
     resume: Option<Checkpoint>,
@@ -84,11 +84,14 @@ struct Table {
     /// sweeps; checking each gang's job in the store each time cost O(gangs) store reads per
     /// RPC, which saturated the coordinator at 1000 workers (cli/examples/coordinator_load).
     swept: u64,
+    /// Worker id -> how many of its GetAssignment calls are waiting now ([`Scheduler::wait_for_assignment`]):
+    /// a worker in such a call is alive and idle however long ago it was last heard from.
+    waiting: HashMap<String, usize>,
 }
 
-/// How recently an idle worker must have called (or registered) to join a gang. Idle agents
-/// long-poll GetAssignment back to back and the service re-checks every 50 ms, so a live idle
-/// worker is never staler than this.
+/// How recently an idle worker must have called (or registered) to join a gang, unless it is
+/// waiting in GetAssignment right now. Idle agents long-poll GetAssignment back to back, and a
+/// wait that ends marks the worker heard from, so a live idle worker is never staler than this.
 const POLL_FRESH_MS: i64 = 1_000;
 
 /// How long a PENDING job waits for its full gang before starting with fewer workers.
@@ -101,6 +104,9 @@ pub struct Scheduler {
     clock: Arc<dyn Clock>,
     table: Mutex<Table>,
     elastic_wait_ms: i64,
+    /// Wakes waiting GetAssignment calls: signalled when a gang starts or ends, when rank 0
+    /// posts an NCCL id and when a job joins the PENDING queue.
+    changed: Arc<Notify>,
 }
 
 /// Which attempt a worker call is about.
@@ -124,7 +130,11 @@ impl Scheduler {
             })?;
         }
         let elastic_wait_ms = DEFAULT_ELASTIC_WAIT.as_millis() as i64;
-        Ok(Scheduler { jobs, workers, store, clock, table: Mutex::new(Table::default()), elastic_wait_ms })
+        let changed = Arc::new(Notify::new());
+        let wake = changed.clone();
+        jobs.on_queue_change(move || wake.notify_waiters())?;
+        let table = Mutex::new(Table::default());
+        Ok(Scheduler { jobs, workers, store, clock, table, elastic_wait_ms, changed })
     }
 
     /// How long a PENDING job waits for `workers` idle workers before it starts with at least
@@ -140,19 +150,30 @@ impl Scheduler {
 
     /// The worker's assignment: the one it already has, or a new gang it is part of, or `None`.
     pub fn assignment(&self, worker_id: &str) -> Result<Option<Assignment>> {
+        Ok(self.look(worker_id)?.0)
+    }
+
+    /// [`Self::assignment`], and when there is none, the clock time at which the elastic wait
+    /// of a job the worker could start smaller runs out (see `schedule`).
+    fn look(&self, worker_id: &str) -> Result<(Option<Assignment>, Option<i64>)> {
         let mut t = self.table()?;
         self.sweep(&mut t)?;
         if t.departed.contains(worker_id) {
-            return Ok(None);
+            return Ok((None, None));
         }
         self.heard(&mut t, worker_id);
+        let mut due = None;
         if !t.busy.contains_key(worker_id) {
-            self.schedule(&mut t, worker_id)?;
+            due = self.schedule(&mut t, worker_id)?;
         }
-        let Some(job_id) = t.busy.get(worker_id) else { return Ok(None) };
-        let Some(g) = t.gangs.get(job_id) else { return Ok(None) };
-        let Some(rank) = g.attempt.workers.iter().position(|w| w == worker_id) else { return Ok(None) };
-        Ok(Some(Assignment {
+        Ok((Self::assigned(&t, worker_id), due))
+    }
+
+    fn assigned(t: &Table, worker_id: &str) -> Option<Assignment> {
+        let job_id = t.busy.get(worker_id)?;
+        let g = t.gangs.get(job_id)?;
+        let rank = g.attempt.workers.iter().position(|w| w == worker_id)?;
+        Some(Assignment {
             job_id: g.attempt.job_id.clone(),
             attempt: g.attempt.attempt,
             rank: rank as u32,
@@ -164,7 +185,7 @@ impl Scheduler {
             resume_step: g.resume.as_ref().map_or(0, |c| c.step),
             uses_nccl: !matches!(g.nccl, NcclRelay::NotNeeded),
             nccl_unique_id: g.nccl.id().to_vec(),
-        }))
+        })
     }
 
     /// Drops gangs whose job ended (e.g. was cancelled).
@@ -197,52 +218,49 @@ impl Scheduler {
     }
 
     /// Starts the oldest PENDING job that fits the idle workers, if the caller is idle and alive:
-    /// with `workers` of them, or after `elastic_wait` with at least `min_workers`.
-    fn schedule(&self, t: &mut Table, caller: &str) -> Result<()> {
+    /// with `workers` of them, or after `elastic_wait` with at least `min_workers`. Reads the
+    /// queue from memory: no store read, no YAML. When nothing starts, returns the earliest
+    /// clock time at which a job's elastic wait runs out with enough idle workers to start it
+    /// smaller: a change no event announces, which a waiting caller must wake for.
+    fn schedule(&self, t: &mut Table, caller: &str) -> Result<Option<i64>> {
+        let mut elastic_due: Option<i64> = None;
         let alive = self.workers.alive()?;
-        let Some(me) = alive.iter().find(|w| w.id == caller).cloned() else { return Ok(()) };
+        let Some(me) = alive.iter().find(|w| w.id == caller).cloned() else { return Ok(None) };
         let now = self.clock.now_ms();
         let idle: Vec<&Worker> = self.ready(t, &alive).into_iter().filter(|w| w.id != caller).collect();
-        let mut pending = self.jobs.list(&JobFilter { states: vec![JobState::Pending], limit: 0 })?;
-        pending.reverse();
-        for job in pending {
-            let spec = match JobSpec::from_str(&job.spec_yaml, Path::new("spec_yaml")) {
-                Ok(s) => s,
-                Err(e) => {
-                    self.jobs.transition(&job.id, |j| {
-                        j.state = JobState::Failed;
-                        j.reason = cap_reason(format!("stored job does not parse: {e}"));
-                        Ok(())
-                    })?;
-                    continue;
-                }
-            };
-            let device = spec.resources.device;
+        for job in self.jobs.pending()? {
             let need = job.workers.max(1) as usize;
             let least = (job.min_workers as usize).clamp(1, need);
-            if me.device != device {
+            if me.device != job.device {
                 continue;
             }
-            let others: Vec<&Worker> = idle.iter().copied().filter(|w| w.device == device).take(need - 1).collect();
-            // PENDING jobs change only on transitions, so updated_ms is when the job began to wait.
-            let waited = now - job.updated_ms >= self.elastic_wait_ms;
+            let others: Vec<&Worker> =
+                idle.iter().copied().filter(|w| w.device == job.device).take(need - 1).collect();
+            let due = job.since_ms.saturating_add(self.elastic_wait_ms);
+            let waited = now >= due;
             let grown = t.grow_to.get(&job.id).is_some_and(|&n| others.len() + 1 >= n.min(need));
             if others.len() + 1 < need && !grown && !(waited && others.len() + 1 >= least) {
+                if others.len() + 1 >= least {
+                    elastic_due = Some(elastic_due.map_or(due, |d| d.min(due)));
+                }
                 continue;
             }
             let mut gang: Vec<Worker> = others.into_iter().cloned().collect();
             gang.push(me);
             gang.sort_by(|a, b| (a.registered_ms, &a.id).cmp(&(b.registered_ms, &b.id)));
             self.start(t, &job, gang)?;
-            return Ok(());
+            return Ok(None);
         }
-        Ok(())
+        Ok(elastic_due)
     }
 
     /// Idle live workers that may join a gang: not departed, and heard from lately.
     fn ready<'a>(&self, t: &Table, alive: &'a [Worker]) -> Vec<&'a Worker> {
         let now = self.clock.now_ms();
-        let fresh = |w: &Worker| t.last_heard.get(&w.id).copied().unwrap_or(w.registered_ms) >= now - POLL_FRESH_MS;
+        let fresh = |w: &Worker| {
+            t.waiting.contains_key(&w.id)
+                || t.last_heard.get(&w.id).copied().unwrap_or(w.registered_ms) >= now - POLL_FRESH_MS
+        };
         alive.iter().filter(|w| !t.busy.contains_key(&w.id) && !t.departed.contains(&w.id) && fresh(w)).collect()
     }
 
@@ -254,7 +272,7 @@ impl Scheduler {
         let job = self.jobs.get(job_id)?;
         let world = g.attempt.world_size as usize;
         let want = job.workers.max(1) as usize;
-        if world >= want || !self.jobs.list(&JobFilter { states: vec![JobState::Pending], limit: 1 })?.is_empty() {
+        if world >= want || self.jobs.has_pending()? {
             return Ok(false);
         }
         let alive = self.workers.alive()?;
@@ -276,7 +294,12 @@ impl Scheduler {
         Ok(true)
     }
 
-    fn start(&self, t: &mut Table, job: &Job, gang: Vec<Worker>) -> Result<()> {
+    fn start(&self, t: &mut Table, queued: &Queued, gang: Vec<Worker>) -> Result<()> {
+        // One store read per attempt, for the YAML the workers get; nothing here parses it.
+        let job = self.jobs.get(&queued.id)?;
+        if job.state != JobState::Pending {
+            return Ok(()); // cancelled since the queue was read
+        }
         t.grow_to.remove(&job.id);
         let number = self.store.attempts(&job.id)?.iter().map(|a| a.attempt).max().unwrap_or(0) + 1;
         let resume = self.store.latest_checkpoint(&job.id)?;
@@ -302,16 +325,17 @@ impl Scheduler {
             let what = format!("attempt {number}: rank {rank} of {}", gang.len());
             self.worker_event(&job.id, &w.id, rank, WorkerEventKind::Joined, what);
         }
-        let ring_token = std::collections::hash_map::RandomState::new().hash_one((&job.id, number));
         let gang = Gang {
             attempt,
-            job_yaml: job.spec_yaml.clone(),
+            nccl: NcclRelay::for_device(job.placement.device),
+            job_yaml: job.spec_yaml,
+            placement: job.placement,
             ring_peers: gang.iter().map(|w| w.ring_address.clone()).collect(),
-            ring_token,
+            ring_token: ring_token()?,
             resume,
-            nccl: NcclRelay::for_job(&job.spec_yaml),
         };
-        t.gangs.insert(job.id.clone(), gang);
+        t.gangs.insert(job.id, gang);
+        self.changed.notify_waiters();
         Ok(())
     }
 
@@ -327,6 +351,7 @@ impl Scheduler {
             g.attempt.ended_ms = Some(self.clock.now_ms());
             g.attempt.outcome = outcome.to_owned();
             self.store.put_attempt(&g.attempt)?;
+            self.changed.notify_waiters();
         }
         Ok(())
     }
@@ -416,7 +441,7 @@ impl Scheduler {
             )));
         }
         if let Some(g) = t.gangs.get(&r.job_id) {
-            checkpoint_path(&g.job_yaml, step, &path)?;
+            checkpoint_path(&g.placement.checkpoint_dir, step, &path)?;
         }
         let c = Checkpoint {
             job_id: r.job_id.clone(),
@@ -529,7 +554,7 @@ impl Scheduler {
         if job.state.is_terminal() {
             return Ok(());
         }
-        let max = JobSpec::from_str(&job.spec_yaml, Path::new("spec_yaml")).map_or(0, |s| s.resources.max_restarts);
+        let max = job.placement.max_restarts;
         self.jobs.transition(job_id, |j| {
             if j.restarts < max {
                 j.restarts += 1;
@@ -544,19 +569,25 @@ impl Scheduler {
     }
 }
 
+/// A fresh token for an attempt's ring: 64 bits from the OS's random source (the ring's
+/// handshake and the wire format carry a u64), so that a connection from an older attempt, or
+/// from anyone who has not been handed the assignment, cannot guess it.
+fn ring_token() -> Result<u64> {
+    getrandom::u64().map_err(|e| Error::Internal(format!("no randomness for the ring token: {e}")))
+}
+
 /// INVALID_ARGUMENT unless `path` is `<checkpoint.dir>/step-<n>` of the job, with n == `step`:
 /// absolute, no `..` or `.` (a lexical check could not tell where they lead through symlinks).
-fn checkpoint_path(job_yaml: &str, step: u64, path: &str) -> Result<()> {
-    let spec = JobSpec::from_str(job_yaml, Path::new("spec_yaml")).map_err(|e| Error::Internal(e.to_string()))?;
+fn checkpoint_path(checkpoint_dir: &str, step: u64, path: &str) -> Result<()> {
     let p = Path::new(path);
     let plain = p.is_absolute() && p.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
-    let dir = jobspec::policy::normalize(&spec.checkpoint.dir);
+    let dir = jobspec::policy::normalize(Path::new(checkpoint_dir));
     let number = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-"));
     let number = number.filter(|n| n.bytes().all(|b| b.is_ascii_digit())).and_then(|n| n.parse::<u64>().ok());
     if plain && dir.as_deref() == p.parent() && number == Some(step) {
         return Ok(());
     }
-    let want = format!("step-{step:08} directory of the job's checkpoint.dir ({})", spec.checkpoint.dir.display());
+    let want = format!("step-{step:08} directory of the job's checkpoint.dir ({checkpoint_dir})");
     Err(Error::invalid("path", format!("`{path}` is not the {want}")))
 }
 
@@ -574,10 +605,10 @@ enum NcclRelay {
 }
 
 impl NcclRelay {
-    fn for_job(spec_yaml: &str) -> NcclRelay {
-        match JobSpec::from_str(spec_yaml, Path::new("spec_yaml")).map(|s| s.resources.device) {
-            Ok(jobspec::Device::Cuda) => NcclRelay::Waiting,
-            _ => NcclRelay::NotNeeded,
+    fn for_device(device: jobspec::Device) -> NcclRelay {
+        match device {
+            jobspec::Device::Cuda => NcclRelay::Waiting,
+            jobspec::Device::Cpu => NcclRelay::NotNeeded,
         }
     }
 
@@ -611,11 +642,14 @@ impl Scheduler {
             NcclRelay::Waiting => {
                 tracing::info!(job = %job_id, attempt = g.attempt.attempt, "NCCL unique id posted by rank 0");
                 g.nccl = NcclRelay::Known(id.to_vec());
+                self.changed.notify_waiters();
                 Ok(())
             }
         }
     }
 }
+
+mod wait;
 
 #[cfg(test)]
 #[path = "scheduler_tests.rs"]

@@ -1,9 +1,13 @@
 //! Scheduler unit tests (a FakeClock and the in-memory store).
 
+use std::hash::BuildHasher;
+use std::path::Path;
 use std::time::Duration;
 
+use jobspec::JobSpec;
+
 use super::*;
-use crate::domain::FakeClock;
+use crate::domain::{FakeClock, Job};
 use crate::store::MemStore;
 use crate::workers::Registration;
 
@@ -402,4 +406,80 @@ fn an_input_error_fails_the_job_at_once_and_reasons_are_capped() {
     let j = jobs.get(&job.id).unwrap();
     assert_eq!((j.state, j.restarts), (JobState::Failed, 0), "max_restarts is 1, yet no retry");
     assert!(j.reason.contains("data.train: ") && j.reason.len() <= crate::convert::MAX_REASON, "{}", j.reason.len());
+}
+
+/// A store whose every job comes back with YAML that does not parse, as if spoiled after
+/// submit: scheduling must run on the typed columns alone.
+struct SpoiledYaml(MemStore);
+
+impl SpoiledYaml {
+    fn spoil(mut j: Job) -> Job {
+        j.spec_yaml = "resources: [this is not a job".into();
+        j
+    }
+}
+
+impl Store for SpoiledYaml {
+    fn insert_job(&self, job: crate::domain::NewJob) -> Result<Job> {
+        self.0.insert_job(job).map(Self::spoil)
+    }
+    fn get_job(&self, id: &str) -> Result<Option<Job>> {
+        Ok(self.0.get_job(id)?.map(Self::spoil))
+    }
+    fn list_jobs_before(&self, filter: &JobFilter, before: Option<u64>) -> Result<Vec<Job>> {
+        Ok(self.0.list_jobs_before(filter, before)?.into_iter().map(Self::spoil).collect())
+    }
+    fn delete_job(&self, id: &str) -> Result<bool> {
+        self.0.delete_job(id)
+    }
+    fn update_job(&self, job: &Job) -> Result<()> {
+        self.0.update_job(job)
+    }
+    fn put_attempt(&self, attempt: &Attempt) -> Result<()> {
+        self.0.put_attempt(attempt)
+    }
+    fn attempts(&self, job_id: &str) -> Result<Vec<Attempt>> {
+        self.0.attempts(job_id)
+    }
+    fn insert_checkpoint(&self, c: &Checkpoint) -> Result<()> {
+        self.0.insert_checkpoint(c)
+    }
+    fn latest_checkpoint(&self, job_id: &str) -> Result<Option<Checkpoint>> {
+        self.0.latest_checkpoint(job_id)
+    }
+    fn put_worker(&self, w: &Worker) -> Result<()> {
+        self.0.put_worker(w)
+    }
+    fn workers(&self) -> Result<Vec<Worker>> {
+        self.0.workers()
+    }
+}
+
+/// The scheduler parses no YAML after submit: with every stored YAML unparseable, a job still
+/// forms its gang (device and size from the columns), commits under its checkpoint.dir, and is
+/// queued again up to its max_restarts (1), then failed.
+#[test]
+fn scheduling_reads_the_typed_columns_not_the_yaml() {
+    let clock: Arc<dyn Clock> = Arc::new(FakeClock::new(1000));
+    let store: Arc<dyn Store> = Arc::new(SpoiledYaml(MemStore::default()));
+    let jobs = Arc::new(Jobs::new(store.clone(), clock.clone()));
+    let workers =
+        Arc::new(Workers::load(store.clone(), clock.clone(), Duration::from_secs(1), Duration::from_secs(5)).unwrap());
+    let s = Scheduler::new(jobs.clone(), workers.clone(), store, clock).unwrap();
+    let job = jobs.submit(&JobSpec::from_str(JOB, Path::new("job_yaml")).unwrap()).unwrap();
+    assert!(JobSpec::from_str(&jobs.get(&job.id).unwrap().spec_yaml, Path::new("x")).is_err(), "spoiled");
+    let a = reg(&workers, 1);
+    assert_eq!(s.assignment(&a).unwrap(), None, "2 workers wanted, 1 there");
+    let b = reg(&workers, 2);
+    let ab = s.assignment(&b).unwrap().expect("the gang forms without parsing the job");
+    assert_eq!((ab.world_size, ab.rank, ab.uses_nccl), (2, 1, false));
+    let ra = AttemptRef { worker_id: a.clone(), job_id: job.id.clone(), attempt: 1 };
+    s.commit_checkpoint(&ra, 4, "/c/step-00000004".into(), String::new()).unwrap();
+    assert!(matches!(s.commit_checkpoint(&ra, 5, "/d/step-00000005".into(), String::new()), Err(Error::InvalidArgument(_))));
+    s.failed(&ra, "boom", FailureKind::Error).unwrap();
+    assert_eq!((jobs.get(&job.id).unwrap().state, jobs.get(&job.id).unwrap().restarts), (JobState::Pending, 1));
+    assert_eq!(s.assignment(&a).unwrap(), None);
+    assert_eq!(s.assignment(&b).unwrap().unwrap().attempt, 2);
+    s.failed(&AttemptRef { attempt: 2, ..ra }, "boom", FailureKind::Error).unwrap();
+    assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Failed, "max_restarts 1 from its column");
 }

@@ -20,9 +20,6 @@ use crate::jobs::Jobs;
 use crate::scheduler::{AttemptRef, Scheduler};
 use crate::workers::{Command, Registration, Workers};
 
-/// How often a waiting GetAssignment looks again.
-const ASSIGNMENT_POLL: Duration = Duration::from_millis(50);
-
 /// JobService over the job manager.
 pub struct JobApi {
     pub jobs: Arc<Jobs>,
@@ -175,21 +172,10 @@ impl WorkerService for WorkerApi {
         if let Some(id) = &poll.nccl_unique_id {
             self.scheduler.post_nccl_id(&poll.worker_id, id)?;
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(poll.wait_ms));
-        loop {
-            let past = tokio::time::Instant::now() >= deadline;
-            if let Some(a) = self.scheduler.assignment(&poll.worker_id)? {
-                // Ranks > 0 of an NCCL job wait (within wait_ms) for rank 0's unique id.
-                let waiting_for_id = a.uses_nccl && a.rank > 0 && a.nccl_unique_id.is_empty();
-                if !waiting_for_id || past {
-                    return Ok(Response::new(v1::GetAssignmentResponse { assignment: Some(a.into()) }));
-                }
-            }
-            if past {
-                return Ok(Response::new(v1::GetAssignmentResponse { assignment: None }));
-            }
-            tokio::time::sleep(ASSIGNMENT_POLL).await;
-        }
+        // Woken by the scheduler (see Scheduler::wait_for_assignment), not a polling loop.
+        let wait = Duration::from_millis(u64::from(poll.wait_ms));
+        let a = self.scheduler.wait_for_assignment(&poll.worker_id, wait).await?;
+        Ok(Response::new(v1::GetAssignmentResponse { assignment: a.map(Into::into) }))
     }
 
     async fn report_progress(

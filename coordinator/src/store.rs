@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use jobspec::JobSpec;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, params};
 
 use crate::domain::{
-    Attempt, Checkpoint, Job, JobFilter, JobState, NewJob, Worker, WorkerState, job_number,
+    Attempt, Checkpoint, Job, JobFilter, JobState, NewJob, Placement, Worker, WorkerState, job_number,
 };
 use crate::error::{Error, Result};
 
@@ -55,7 +56,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     workers      INTEGER NOT NULL,
     min_workers  INTEGER NOT NULL,
     created_ms   INTEGER NOT NULL,
-    updated_ms   INTEGER NOT NULL
+    updated_ms   INTEGER NOT NULL,
+    device         TEXT NOT NULL CHECK (device IN ('cpu','cuda')),
+    max_restarts   INTEGER NOT NULL,
+    checkpoint_dir TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS attempts (
     job_id       TEXT NOT NULL REFERENCES jobs(id),
@@ -87,10 +91,16 @@ CREATE TABLE IF NOT EXISTS workers (
     registered_ms  INTEGER NOT NULL,
     last_seen_ms   INTEGER NOT NULL
 );
+PRAGMA user_version = 1;
 ";
 
+/// `PRAGMA user_version` of [`SCHEMA`]. 0: a store from before the jobs table had the placement
+/// columns (device, max_restarts, checkpoint_dir); [`migrate`] brings it up to date at open.
+const SCHEMA_VERSION: i64 = 1;
+
 const JOB_COLUMNS: &str = "id, name, spec_yaml, state, step, total_steps, restarts, reason, workers, min_workers, \
-     created_ms, updated_ms, (SELECT COALESCE(MAX(c.step), 0) FROM checkpoints c WHERE c.job_id = jobs.id)";
+     created_ms, updated_ms, (SELECT COALESCE(MAX(c.step), 0) FROM checkpoints c WHERE c.job_id = jobs.id), \
+     device, max_restarts, checkpoint_dir";
 
 /// The tables a job store has; a database without all of them is not one.
 const TABLES: [&str; 4] = ["jobs", "attempts", "checkpoints", "workers"];
@@ -129,6 +139,7 @@ impl SqliteStore {
             conn.pragma_update(None, "foreign_keys", "ON")
         };
         setup().map_err(|e| open_error(&path, e))?;
+        migrate(&conn, &path)?;
         Ok(SqliteStore { conn: Mutex::new(conn) })
     }
 
@@ -192,12 +203,74 @@ fn check_schema(conn: &Connection, path: &Path) -> Result<()> {
     }
 }
 
+/// The placement columns of a job, from its spec.
+pub fn placement_of(spec: &JobSpec) -> Placement {
+    Placement {
+        device: spec.resources.device,
+        max_restarts: spec.resources.max_restarts,
+        checkpoint_dir: spec.checkpoint.dir.display().to_string(),
+    }
+}
+
+/// Brings a store written by an older coordinator up to [`SCHEMA_VERSION`], in one transaction
+/// (a crash leaves the old store, which the next open migrates again). Version 0 -> 1: the
+/// placement columns, filled from each job's YAML, parsed here once. A job whose stored YAML
+/// does not parse keeps defaults; if it had not ended, it fails with that reason (the scheduler
+/// used to fail it the same way when it first tried to place it).
+fn migrate(conn: &Connection, path: &Path) -> Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| open_error(path, e))?;
+    if version > SCHEMA_VERSION {
+        return Err(Error::FailedPrecondition(format!(
+            "{}: job store schema version {version} is newer than this coordinator's ({SCHEMA_VERSION}); \
+             run a newer bert2bert",
+            path.display()
+        )));
+    }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    let run = || -> rusqlite::Result<usize> {
+        let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute_batch(
+            "ALTER TABLE jobs ADD COLUMN device TEXT NOT NULL DEFAULT 'cpu' CHECK (device IN ('cpu','cuda'));
+             ALTER TABLE jobs ADD COLUMN max_restarts INTEGER NOT NULL DEFAULT 0;
+             ALTER TABLE jobs ADD COLUMN checkpoint_dir TEXT NOT NULL DEFAULT '';",
+        )?;
+        let rows: Vec<(String, String, String)> = {
+            let mut stmt = tx.prepare("SELECT id, spec_yaml, state FROM jobs")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<rusqlite::Result<_>>()?
+        };
+        for (id, yaml, state) in &rows {
+            match JobSpec::from_str(yaml, Path::new("spec_yaml")) {
+                Ok(spec) => {
+                    let p = placement_of(&spec);
+                    tx.execute(
+                        "UPDATE jobs SET device = ?2, max_restarts = ?3, checkpoint_dir = ?4 WHERE id = ?1",
+                        params![id, p.device.as_str(), p.max_restarts, p.checkpoint_dir],
+                    )?;
+                }
+                Err(e) if JobState::parse(state).is_some_and(|s| !s.is_terminal()) => {
+                    let why = crate::convert::cap_reason(format!("stored job does not parse: {e}"));
+                    tx.execute("UPDATE jobs SET state = 'FAILED', reason = ?2 WHERE id = ?1", params![id, why])?;
+                }
+                Err(_) => {}
+            }
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+        Ok(rows.len())
+    };
+    let jobs = run().map_err(|e| Error::Internal(format!("{}: upgrading the job store: {e}", path.display())))?;
+    tracing::info!(store = %path.display(), jobs, "job store upgraded to schema version {SCHEMA_VERSION}");
+    Ok(())
+}
+
 fn bad_column(i: usize, what: &str, v: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, format!("bad {what} `{v}`").into())
 }
 
 fn job_from_row(r: &Row) -> rusqlite::Result<Job> {
-    let state: String = r.get(3)?;
+    let (state, device): (String, String) = (r.get(3)?, r.get(13)?);
     Ok(Job {
         id: r.get(0)?,
         name: r.get(1)?,
@@ -212,6 +285,11 @@ fn job_from_row(r: &Row) -> rusqlite::Result<Job> {
         created_ms: r.get(10)?,
         updated_ms: r.get(11)?,
         checkpoint_step: r.get::<_, i64>(12)? as u64,
+        placement: Placement {
+            device: jobspec::Device::parse(&device).ok_or_else(|| bad_column(13, "device", &device))?,
+            max_restarts: r.get(14)?,
+            checkpoint_dir: r.get(15)?,
+        },
     })
 }
 
@@ -264,10 +342,24 @@ impl Store for SqliteStore {
                 |r| r.get(0),
             )?;
             let id = format!("job-{next}");
+            let p = &j.placement;
             tx.execute(
                 "INSERT INTO jobs (seq, id, name, spec_yaml, state, total_steps, workers, min_workers, created_ms, \
-                 updated_ms) VALUES (?1, ?2, ?3, ?4, 'PENDING', ?5, ?6, ?7, ?8, ?8)",
-                params![next, id, j.name, j.spec_yaml, j.total_steps as i64, j.workers, j.min_workers, j.created_ms],
+                 updated_ms, device, max_restarts, checkpoint_dir) \
+                 VALUES (?1, ?2, ?3, ?4, 'PENDING', ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11)",
+                params![
+                    next,
+                    id,
+                    j.name,
+                    j.spec_yaml,
+                    j.total_steps as i64,
+                    j.workers,
+                    j.min_workers,
+                    j.created_ms,
+                    p.device.as_str(),
+                    p.max_restarts,
+                    p.checkpoint_dir
+                ],
             )?;
             tx.commit()?;
             Ok(id)
@@ -452,6 +544,7 @@ impl Store for MemStore {
                 reason: String::new(),
                 workers: j.workers,
                 min_workers: j.min_workers,
+                placement: j.placement,
                 checkpoint_step: 0,
                 created_ms: j.created_ms,
                 updated_ms: j.created_ms,

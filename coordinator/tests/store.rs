@@ -1,7 +1,7 @@
 //! The [`Store`] contract, run against SQLite and the in-memory fake alike, and SQLite's
 //! persistence across reopening.
 
-use coordinator::domain::{Attempt, Checkpoint, JobFilter, JobState, NewJob, Worker, WorkerState};
+use coordinator::domain::{Attempt, Checkpoint, JobFilter, JobState, NewJob, Placement, Worker, WorkerState};
 use coordinator::store::{MemStore, SqliteStore, Store};
 
 fn new_job(name: &str) -> NewJob {
@@ -11,8 +11,13 @@ fn new_job(name: &str) -> NewJob {
         total_steps: 100,
         workers: 2,
         min_workers: 1,
+        placement: placement(),
         created_ms: 5,
     }
+}
+
+fn placement() -> Placement {
+    Placement { device: jobspec::Device::Cuda, max_restarts: 4, checkpoint_dir: "/ckpt/x".into() }
 }
 
 fn contract(s: &dyn Store) {
@@ -20,6 +25,7 @@ fn contract(s: &dyn Store) {
     let b = s.insert_job(new_job("b")).unwrap();
     assert_ne!(a.id, b.id);
     assert_eq!((a.state, a.step, a.total_steps, a.checkpoint_step), (JobState::Pending, 0, 100, 0));
+    assert_eq!(s.get_job(&a.id).unwrap().unwrap().placement, placement());
     let ids = |f: &JobFilter| s.list_jobs(f).unwrap().into_iter().map(|j| j.id).collect::<Vec<_>>();
     assert_eq!(ids(&JobFilter::default()), [b.id.clone(), a.id.clone()], "newest first");
     assert_eq!(ids(&JobFilter { states: vec![], limit: 1 }), [b.id.as_str()]);
@@ -189,4 +195,89 @@ fn sqlite_store_keeps_the_contract_and_survives_reopening() {
     assert_eq!(s.workers().unwrap().len(), 1);
     let c = s.insert_job(new_job("c")).unwrap();
     assert_eq!(c.id, "job-3", "ids continue after a reopen");
+}
+
+/// The jobs table as coordinators before the placement columns wrote it (schema version 0).
+const VERSION_0_SCHEMA: &str = "
+CREATE TABLE jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+    spec_yaml TEXT NOT NULL, state TEXT NOT NULL, step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL, restarts INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL DEFAULT '',
+    workers INTEGER NOT NULL, min_workers INTEGER NOT NULL, created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL);
+CREATE TABLE attempts (job_id TEXT NOT NULL REFERENCES jobs(id), attempt INTEGER NOT NULL,
+    world_size INTEGER NOT NULL, workers TEXT NOT NULL, resume_step INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL, ended_ms INTEGER, outcome TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (job_id, attempt));
+CREATE TABLE checkpoints (job_id TEXT NOT NULL REFERENCES jobs(id), step INTEGER NOT NULL,
+    path TEXT NOT NULL, manifest_sha256 TEXT NOT NULL, committed_ms INTEGER NOT NULL,
+    PRIMARY KEY (job_id, step));
+CREATE TABLE workers (id TEXT PRIMARY KEY, hostname TEXT NOT NULL, device TEXT NOT NULL,
+    device_index INTEGER NOT NULL, ring_address TEXT NOT NULL, version TEXT NOT NULL,
+    state TEXT NOT NULL, registered_ms INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL);
+";
+
+fn old_row(c: &rusqlite::Connection, id: &str, yaml: &str, state: &str) {
+    c.execute(
+        "INSERT INTO jobs (id, name, spec_yaml, state, total_steps, workers, min_workers, created_ms, updated_ms) \
+         VALUES (?1, 'old', ?2, ?3, 10, 1, 1, 1, 1)",
+        rusqlite::params![id, yaml, state],
+    )
+    .unwrap();
+}
+
+/// A state directory from before the placement columns opens: each job gets them from its
+/// YAML, once; a job whose YAML does not parse fails if it had not ended; a store from a
+/// newer coordinator is refused.
+#[test]
+fn an_old_store_gets_the_placement_columns_from_each_jobs_yaml_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("coordinator.sqlite");
+    let c = rusqlite::Connection::open(&file).unwrap();
+    c.execute_batch(VERSION_0_SCHEMA).unwrap();
+    let (device, restarts, ckpt) = if rand_bit() { ("cuda", 7, "/ck/a") } else { ("cpu", 2, "/elsewhere/b") };
+    let yaml = format!(
+        "name: t\nmodel: {{ init: /m }}\ndata: {{ train: /d.jsonl }}\ntraining: {{ steps: 10, global_batch: 4 }}\n\
+         resources: {{ workers: 1, device: {device}, max_restarts: {restarts} }}\ncheckpoint: {{ dir: {ckpt} }}\n"
+    );
+    old_row(&c, "job-1", &yaml, "RUNNING");
+    old_row(&c, "job-2", "resources: [not, a, job", "PENDING");
+    old_row(&c, "job-3", "resources: [not, a, job", "SUCCEEDED");
+    drop(c);
+
+    let s = SqliteStore::open(dir.path()).unwrap();
+    let good = s.get_job("job-1").unwrap().unwrap();
+    let want = Placement {
+        device: jobspec::Device::parse(device).unwrap(),
+        max_restarts: restarts,
+        checkpoint_dir: ckpt.into(),
+    };
+    assert_eq!((good.state, good.placement), (JobState::Running, want.clone()));
+    let bad = s.get_job("job-2").unwrap().unwrap();
+    assert_eq!(bad.state, JobState::Failed);
+    assert!(bad.reason.contains("stored job does not parse"), "{}", bad.reason);
+    assert_eq!(s.get_job("job-3").unwrap().unwrap().state, JobState::Succeeded);
+    assert_eq!(s.insert_job(new_job("new")).unwrap().id, "job-4");
+    drop(s);
+
+    // Once: a reopen does not parse again (a YAML spoiled now leaves the columns as they are).
+    let c = rusqlite::Connection::open(&file).unwrap();
+    c.execute("UPDATE jobs SET spec_yaml = 'garbage: [' WHERE id = 'job-1'", []).unwrap();
+    drop(c);
+    let s = SqliteStore::open(dir.path()).unwrap();
+    let again = s.get_job("job-1").unwrap().unwrap();
+    assert_eq!((again.state, again.placement), (JobState::Running, want));
+    drop(s);
+
+    let c = rusqlite::Connection::open(&file).unwrap();
+    c.pragma_update(None, "user_version", 99).unwrap();
+    drop(c);
+    let e = SqliteStore::open(dir.path()).err().expect("a newer store is refused");
+    assert!(e.to_string().contains("version 99"), "{e}");
+}
+
+/// A coin flip from the OS, so that the migrated values are not always the same.
+fn rand_bit() -> bool {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0u8) & 1 == 1
 }
