@@ -9,7 +9,7 @@ use model::net::Bert2Bert;
 use model::tokenizer::Tokenizer;
 use worker::evaluate::{EvalOptions, evaluate};
 
-use crate::device::{self, LocalDevice, GemmPrecision};
+use crate::device::{self, GemmPrecision, LocalDevice};
 use crate::{CliError, CliResult};
 
 #[derive(clap::Args)]

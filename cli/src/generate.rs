@@ -12,7 +12,7 @@ use model::net::{Bert2Bert, GenerateOptions, LengthPenaltyKind};
 use model::tokenizer::Tokenizer;
 use worker::evaluate::detokenize;
 
-use crate::device::{self, LocalDevice, GemmPrecision};
+use crate::device::{self, GemmPrecision, LocalDevice};
 use crate::{CliError, CliResult};
 
 #[derive(clap::Args)]

@@ -12,8 +12,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-pub(crate) use agent::client::{bearer, channel, status_error};
 use agent::client::Bearer;
+pub(crate) use agent::client::{bearer, channel, status_error};
 
 use crate::watch::Display;
 pub(crate) use crate::watch::state_name;

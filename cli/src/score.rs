@@ -11,7 +11,7 @@ use model::net::{Bert2Bert, Inputs, PassOptions};
 use model::tokenizer::Tokenizer;
 
 use crate::CliResult;
-use crate::device::{self, LocalDevice, GemmPrecision};
+use crate::device::{self, GemmPrecision, LocalDevice};
 
 #[derive(clap::Args)]
 pub struct Args {
