@@ -87,7 +87,9 @@ std::map<std::string, std::vector<size_t>> ptx_entries(const std::string& ptx) {
 }
 
 CUresult copy_async(uintptr_t dst, uintptr_t src, size_t bytes, void* stream) {
-    enqueue(stream_get(stream), [dst, src, bytes] { std::memmove((void*)dst, (const void*)src, bytes); });
+    enqueue(stream_get(stream), [dst, src, bytes] {
+        if (!skip_bodies()) std::memmove((void*)dst, (const void*)src, bytes);
+    });
     return OK;
 }
 
@@ -233,6 +235,7 @@ API CUresult cuMemFreeAsync(CUdeviceptr p, void* stream) {
 API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, void* stream) {
     if (CUresult r = guard()) return r;
     if (!range_ok(dst, bytes, "cuMemcpyHtoDAsync")) return INVALID_VALUE;
+    if (skip_bodies()) return copy_async(0, 0, 0, stream);  // checked and ordered, nothing copied
     auto data = std::make_shared<std::vector<unsigned char>>((const unsigned char*)src, (const unsigned char*)src + bytes);
     enqueue(stream_get(stream), [dst, data] { std::memcpy((void*)dst, data->data(), data->size()); });
     return OK;
@@ -270,7 +273,9 @@ API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes) {
 API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void* stream) {
     if (CUresult r = guard()) return r;
     if (!range_ok(dst, n, "cuMemsetD8Async")) return INVALID_VALUE;
-    enqueue(stream_get(stream), [dst, v, n] { std::memset((void*)dst, v, n); });
+    enqueue(stream_get(stream), [dst, v, n] {
+        if (!skip_bodies()) std::memset((void*)dst, v, n);
+    });
     return OK;
 }
 API CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, void* stream) {
@@ -278,6 +283,7 @@ API CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, void* strea
     if (dst % 4 != 0) return fail_now(MISALIGNED_ADDRESS, "cuMemsetD32Async: destination not 4-byte aligned");
     if (!range_ok(dst, n * 4, "cuMemsetD32Async")) return INVALID_VALUE;
     enqueue(stream_get(stream), [dst, v, n] {
+        if (skip_bodies()) return;
         unsigned* p = (unsigned*)dst;
         for (size_t i = 0; i < n; i++) p[i] = v;
     });

@@ -97,7 +97,7 @@ uintptr_t mem_alloc(size_t bytes) {
     const uintptr_t base = end - data;
     fill_guard(map + pg, base);
     fill_guard(base + bytes, end);
-    if (poison_enabled()) std::memset(reinterpret_cast<void*>(base), 0xff, bytes);
+    if (poison_enabled() && !skip_bodies()) std::memset(reinterpret_cast<void*>(base), 0xff, bytes);
     std::lock_guard<std::mutex> g(heap().mu);
     Alloc a{base, bytes, map, len, ++heap().serial};
     heap().live[base] = a;

@@ -138,4 +138,12 @@ void run_launch(const Launch& l);
 int schedule();
 void set_schedule(int s);
 
+// Cost-model mode (`bench --predict`): launches, GEMM calls, copies and memsets are checked
+// (arguments, limits, bounds) and ordered as usual, but their bodies do not run and fresh
+// memory is not poisoned, so a bert-base step takes seconds and touches almost no host
+// memory. Results are whatever the memory held (zeros for untouched pages): only the launch
+// list is meaningful. Set by b2bEmuSetSkipBodies or B2B_EMU_SKIP_BODIES=1.
+bool skip_bodies();
+void set_skip_bodies(bool on);
+
 }  // namespace emu

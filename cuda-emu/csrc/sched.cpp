@@ -279,6 +279,20 @@ int schedule() {
 }
 void set_schedule(int s) { g_schedule.store(s); }
 
+namespace {
+std::atomic<int> g_skip_bodies{-1};
+}
+bool skip_bodies() {
+    int s = g_skip_bodies.load();
+    if (s < 0) {
+        const char* e = getenv("B2B_EMU_SKIP_BODIES");
+        s = (e && std::string(e) == "1") ? 1 : 0;
+        g_skip_bodies.store(s);
+    }
+    return s == 1;
+}
+void set_skip_bodies(bool on) { g_skip_bodies.store(on ? 1 : 0); }
+
 void register_kernel(KernelEntry e) {
     std::lock_guard<std::mutex> g(registry().mu);
     registry().kernels[e.name] = std::move(e);
@@ -378,6 +392,7 @@ void run_launch(const Launch& l) {
         fail_sticky(ILLEGAL_ADDRESS, why);
         return;
     }
+    if (skip_bodies()) return;
     install_segv_handler();
     Runner& r = runner();
     r.launch = &l;
@@ -417,3 +432,8 @@ void run_launch(const Launch& l) {
 
 // Test hook: pick the thread schedule (0 = index order, 1 = reversed) for later launches.
 extern "C" __attribute__((visibility("default"))) void b2bEmuSetSchedule(int s) { emu::set_schedule(s); }
+// Cost-model hook: 1 = check and order work but skip its bodies (see runtime.h), 0 = run it.
+extern "C" __attribute__((visibility("default"))) void b2bEmuSetSkipBodies(int on) {
+    emu::all_sync();  // work queued before the switch runs (or is skipped) as it was queued
+    emu::set_skip_bodies(on != 0);
+}

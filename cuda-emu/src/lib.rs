@@ -123,20 +123,36 @@ pub enum Schedule {
 /// Choose the schedule of later launches (tests use it to expose missing barriers). Also
 /// settable with `B2B_EMU_SCHEDULE=reverse`.
 pub fn set_schedule(s: Schedule) -> Result<(), String> {
+    call_hook(
+        "b2bEmuSetSchedule",
+        match s {
+            Schedule::Forward => 0,
+            Schedule::Reversed => 1,
+        },
+    )
+}
+
+/// Cost-model mode (`bench --predict`): from now on kernel launches, GEMMs, copies and memsets
+/// are still checked (arguments, launch limits, bounds) and ordered, but their bodies are
+/// skipped and fresh memory is not poisoned, so only the launch list means anything. Waits for
+/// queued work first. Also settable with `B2B_EMU_SKIP_BODIES=1`.
+pub fn set_skip_bodies(on: bool) -> Result<(), String> {
+    call_hook("b2bEmuSetSkipBodies", on as i32)
+}
+
+/// Call one of the emulator's `void name(int)` test hooks.
+fn call_hook(name: &str, arg: i32) -> Result<(), String> {
     let Some(Ok(Installed(h))) = INSTALLED.get() else {
         return Err("the virtual GPU is not installed".into());
     };
-    let sym = CString::new("b2bEmuSetSchedule").expect("no NUL");
-    // SAFETY: `h` is our live handle; the symbol is `void(int)` in sched.cpp.
+    let sym = CString::new(name).expect("no NUL");
+    // SAFETY: `h` is our live handle.
     let f = unsafe { libc::dlsym(*h, sym.as_ptr()) };
     if f.is_null() {
         return Err(dlerror());
     }
-    // SAFETY: the symbol's C signature is `void b2bEmuSetSchedule(int)`.
+    // SAFETY: every hook this is called with is `extern "C" void name(int)` (sched.cpp).
     let f: extern "C" fn(i32) = unsafe { std::mem::transmute(f) };
-    f(match s {
-        Schedule::Forward => 0,
-        Schedule::Reversed => 1,
-    });
+    f(arg);
     Ok(())
 }

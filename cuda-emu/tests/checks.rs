@@ -141,6 +141,11 @@ fn fresh_memory_is_poisoned_with_nan() {
     in_child("poisoned_allocation");
 }
 
+#[test]
+fn skipped_bodies_still_check_launches_but_compute_and_copy_nothing() {
+    in_child("skipped_bodies");
+}
+
 mod cases {
     use super::*;
 
@@ -332,6 +337,58 @@ mod cases {
         .unwrap();
         run(&g, &mut y).unwrap();
         assert_eq!(e.stream.clone_dtoh(&y).unwrap()[0], floats as f32);
+    }
+
+    #[test]
+    #[ignore = "run by its parent test in a child process"]
+    fn skipped_bodies() {
+        let e = Emu::open();
+        let n = 1003i32;
+        cuda_emu::set_skip_bodies(true).unwrap();
+        // Neither poisoned, nor uploaded, nor computed: untouched pages read as zeros later.
+        // SAFETY: read back without being written, to see that it was not poisoned.
+        let fresh = unsafe { e.stream.alloc::<f32>(n as usize) }.unwrap();
+        let mut y = upload(&e, &vec![1.0; n as usize]);
+        let xd = upload(&e, &vec![3.0; n as usize]);
+        let f = e.f("emu_check_axpy");
+        let mut l = e.stream.launch_builder(&f);
+        l.arg(&mut y).arg(&xd).arg(&2.0f32).arg(&n);
+        // SAFETY: arguments match the kernel's signature.
+        unsafe { l.launch(cfg(3, 128, 0)) }.unwrap();
+        // A read-back copies nothing either: the host buffer keeps its contents.
+        let mut host = vec![7.0f32; n as usize];
+        e.stream.memcpy_dtoh(&y, &mut host).unwrap();
+        e.stream.synchronize().unwrap();
+        assert!(host.iter().all(|&v| v == 7.0), "a skipped DtoH copy wrote {:?}", &host[..3]);
+        // Launch limits are still enforced.
+        let mut l = e.stream.launch_builder(&f);
+        l.arg(&mut y).arg(&xd).arg(&2.0f32).arg(&n);
+        // SAFETY: deliberately over the block-size limit; refused before anything runs.
+        let err = unsafe { l.launch(cfg(1, 2048, 0)) }.expect_err("2048 threads per block must be refused");
+        eprintln!("reported: {err:?}");
+        cuda_emu::set_skip_bodies(false).unwrap();
+        assert!(e.stream.clone_dtoh(&y).unwrap().iter().all(|&v| v == 0.0), "y was written while skipping");
+        assert!(e.stream.clone_dtoh(&fresh).unwrap().iter().all(|&v| v == 0.0), "poisoned while skipping");
+        // Back to normal: the same launch computes.
+        let mut l = e.stream.launch_builder(&f);
+        l.arg(&mut y).arg(&xd).arg(&2.0f32).arg(&n);
+        // SAFETY: as above.
+        unsafe { l.launch(cfg(3, 128, 0)) }.unwrap();
+        assert!(e.stream.clone_dtoh(&y).unwrap().iter().all(|&v| v == 0.0), "xd was never uploaded: 0 + 2*0");
+        let xd = upload(&e, &vec![3.0; n as usize]);
+        let mut l = e.stream.launch_builder(&f);
+        l.arg(&mut y).arg(&xd).arg(&2.0f32).arg(&n);
+        // SAFETY: as above.
+        unsafe { l.launch(cfg(3, 128, 0)) }.unwrap();
+        assert!(e.stream.clone_dtoh(&y).unwrap().iter().all(|&v| v == 6.0));
+        // Pointer arguments are still checked while skipping: a swapped one fails the launch.
+        cuda_emu::set_skip_bodies(true).unwrap();
+        let mut l = e.stream.launch_builder(&f);
+        l.arg(&n).arg(&xd).arg(&2.0f32).arg(&mut y);
+        // SAFETY: deliberately wrong; the emulator must refuse to run it.
+        unsafe { l.launch(cfg(3, 128, 0)) }.unwrap();
+        let err = e.stream.synchronize().expect_err("a swapped argument must fail even when skipping");
+        eprintln!("reported: {err:?}");
     }
 
     #[test]

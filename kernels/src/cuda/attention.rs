@@ -3,6 +3,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
+use super::cost::{F32, LaunchCost};
 use super::{Cuda, DevMut, DevRef, KernelSource, check, dev_err, grid_for};
 use crate::{AttentionOps, AttentionShape, GemmShape, Operand, Result};
 
@@ -19,6 +20,28 @@ pub(crate) const SOURCE: KernelSource = KernelSource {
 
 const WARPS: u32 = 8;
 
+/// `attention_split_heads` / `attention_merge_heads` of `n` floats: a permuting copy (one read,
+/// one write), plus a read of the destination when merge accumulates; no arithmetic.
+fn permute_cost(kernel: &'static str, n: usize, accumulate: bool) -> LaunchCost {
+    let passes = if accumulate { 3 } else { 2 };
+    LaunchCost::kernel(kernel, F32 * passes * n as u64, if accumulate { n as u64 } else { 0 })
+}
+
+/// `attention_softmax_forward` over `n = B*H*Tq*Tk` scores with a `B*Tk` key mask: reads and
+/// writes the scores in place, writes the dropped-out copy when dropout is on; about 5 FLOPs a
+/// score (mask, max, exp, sum, scale).
+pub(crate) fn softmax_forward_cost(n: usize, mask: usize, dropout: bool) -> LaunchCost {
+    let (n, mask) = (n as u64, mask as u64);
+    let passes = if dropout { 3 } else { 2 };
+    LaunchCost::kernel(SOFTMAX_FWD, F32 * (passes * n + mask), 5 * n)
+}
+
+/// `attention_softmax_backward` over `n` scores: reads dP and P, writes dS over dP; about 4
+/// FLOPs a score (the dropout mask is recomputed from its hash, no memory).
+pub(crate) fn softmax_backward_cost(n: usize) -> LaunchCost {
+    LaunchCost::kernel(SOFTMAX_BWD, F32 * 3 * n as u64, 4 * n as u64)
+}
+
 fn ptr(buf: &CudaSlice<f32>, cuda: &Cuda) -> u64 {
     cuda.whole(buf).ptr
 }
@@ -26,6 +49,7 @@ fn ptr(buf: &CudaSlice<f32>, cuda: &Cuda) -> u64 {
 impl Cuda {
     fn split_heads(&self, dst: u64, src: u64, s: &AttentionShape, t: usize) -> Result<()> {
         let (b, t, h, d) = (s.batch as i32, t as i32, s.heads as i32, s.head_dim as i32);
+        self.note(permute_cost(SPLIT, s.batch * t as usize * s.heads * s.head_dim, false));
         let mut l = self.stream().launch_builder(self.func(SPLIT)?);
         l.arg(&dst).arg(&src).arg(&b).arg(&t).arg(&h).arg(&d);
         // SAFETY: both buffers hold B*T*H*D f32s (checked by the callers' shape checks).
@@ -34,6 +58,7 @@ impl Cuda {
 
     fn merge_heads(&self, dst: u64, src: u64, s: &AttentionShape, t: usize, accumulate: bool) -> Result<()> {
         let (b, t, h, d, acc) = (s.batch as i32, t as i32, s.heads as i32, s.head_dim as i32, accumulate as i32);
+        self.note(permute_cost(MERGE, s.batch * t as usize * s.heads * s.head_dim, accumulate));
         let mut l = self.stream().launch_builder(self.func(MERGE)?);
         l.arg(&dst).arg(&src).arg(&b).arg(&t).arg(&h).arg(&d).arg(&acc);
         // SAFETY: both buffers hold B*T*H*D f32s; `dst` is an exclusive view.
@@ -89,6 +114,7 @@ impl AttentionOps for Cuda {
         let pd = if s.dropout > 0.0 { Some(self.scratch(bh * tq * tk)?) } else { None };
         let pd_ptr = pd.as_ref().map(|b| ptr(b, self)).unwrap_or(0);
         let (bh_i, h_i, tq_i, tk_i, causal) = (bh as i32, s.heads as i32, tq as i32, tk as i32, s.causal as i32);
+        self.note(softmax_forward_cost(bh * tq * tk, s.batch * tk, pd.is_some()));
         let mut l = self.stream().launch_builder(self.func(SOFTMAX_FWD)?);
         l.arg(&probs.ptr)
             .arg(&pd_ptr)
@@ -177,6 +203,7 @@ impl AttentionOps for Cuda {
         )?;
         let rows = (bh * tq) as i64;
         let tk_i = tk as i32;
+        self.note(softmax_backward_cost(bh * tq * tk));
         let mut l = self.stream().launch_builder(self.func(SOFTMAX_BWD)?);
         let dp_ptr = ptr(&dp, self);
         l.arg(&dp_ptr).arg(&probs.ptr).arg(&rows).arg(&tk_i).arg(&s.dropout).arg(&s.seed);

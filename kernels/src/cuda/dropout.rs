@@ -2,6 +2,7 @@
 
 use cudarc::driver::PushKernelArg;
 
+use super::cost::{F32, LaunchCost};
 use super::{Cuda, DevMut, KernelSource, check, dev_err, grid_for};
 use crate::{DropoutOps, Result};
 
@@ -17,6 +18,9 @@ impl Cuda {
             return Ok(());
         }
         let n = x.len as i64;
+        // In place: one read, one write an element; the mask is a hash of (seed, index), so
+        // it costs arithmetic (about 8 FLOP-like integer ops) and no memory.
+        self.note(LaunchCost::kernel(APPLY, F32 * 2 * n as u64, 8 * n as u64));
         let mut l = self.stream().launch_builder(self.func(APPLY)?);
         l.arg(&x.ptr).arg(&n).arg(&p).arg(&seed);
         // SAFETY: a live exclusive view of n f32s.

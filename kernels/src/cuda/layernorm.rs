@@ -2,6 +2,7 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use super::cost::{F32, LaunchCost};
 use super::{Cuda, DevMut, DevRef, KernelSource, check, dev_err};
 use crate::{LayerNormOps, Result};
 
@@ -12,6 +13,22 @@ pub(crate) const SOURCE: KernelSource =
     KernelSource { file: "layernorm.cu", code: include_str!("layernorm.cu"), kernels: &[FORWARD, BACKWARD] };
 
 const WARPS: u32 = 8;
+
+/// `layernorm_forward` over `rows x c`: reads x and the two `c`-vectors, writes out and the
+/// per-row mean and rstd; about 8 FLOPs an element (mean, variance, normalise, scale, shift).
+pub(crate) fn forward_cost(rows: usize, c: usize) -> LaunchCost {
+    let (r, c) = (rows as u64, c as u64);
+    LaunchCost::kernel(FORWARD, F32 * (2 * r * c + 2 * c + 2 * r), 8 * r * c)
+}
+
+/// `layernorm_backward`: reads dout, x (`rows x c`), gamma, mean and rstd; writes dx (and reads
+/// it when accumulating); dgamma and dbeta are accumulated (read and written once each, the
+/// per-block partials stay in shared memory); about 10 FLOPs an element.
+pub(crate) fn backward_cost(rows: usize, c: usize, accumulate_dx: bool) -> LaunchCost {
+    let (r, c) = (rows as u64, c as u64);
+    let dx_passes = if accumulate_dx { 2 } else { 1 };
+    LaunchCost::kernel(BACKWARD, F32 * ((2 + dx_passes) * r * c + c + 2 * r + 4 * c), 10 * r * c)
+}
 
 impl LayerNormOps for Cuda {
     fn layernorm_forward(
@@ -36,6 +53,7 @@ impl LayerNormOps for Cuda {
             block_dim: (32 * WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
+        self.note(forward_cost(rows, c));
         let mut l = self.stream().launch_builder(self.func(FORWARD)?);
         l.arg(&out.ptr)
             .arg(&mean.ptr)
@@ -81,6 +99,7 @@ impl LayerNormOps for Cuda {
         let blocks = (rows as u32).div_ceil(WARPS).clamp(1, 2 * self.sm_count());
         let (r, ci, acc) = (rows as i32, c as i32, accumulate_dx as i32);
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (32 * WARPS, 1, 1), shared_mem_bytes: smem };
+        self.note(backward_cost(rows, c, accumulate_dx));
         let mut l = self.stream().launch_builder(self.func(BACKWARD)?);
         l.arg(&dx.ptr)
             .arg(&dgamma.ptr)

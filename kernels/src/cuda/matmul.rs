@@ -9,7 +9,7 @@ use std::ffi::c_void;
 use cudarc::cublas::{result as blas, sys as bsys};
 use cudarc::driver::CudaStream;
 
-use super::{Cuda, DevMut, DevRef, GemmPrecision, check, dev_err};
+use super::{Cuda, DevMut, DevRef, GemmPrecision, check, cost, dev_err};
 use crate::{GemmOps, GemmShape, Operand, Result};
 
 pub(crate) struct Blas {
@@ -71,6 +71,7 @@ impl Cuda {
             GemmPrecision::Bf16 => bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
         };
         let f32t = bsys::cudaDataType::CUDA_R_32F;
+        self.note(cost::gemm(s.m, s.n, s.k, s.batch, beta != 0.0, self.precision()));
         // SAFETY: pointers come from live views whose extents the callers checked against the
         // shape; alpha/beta are host scalars that outlive the (stream-ordered) call.
         unsafe {

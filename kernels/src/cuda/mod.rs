@@ -13,6 +13,7 @@ mod adamw;
 mod attention;
 mod bias;
 pub mod compile;
+pub mod cost;
 mod cross_entropy;
 mod dropout;
 mod embedding;
@@ -21,6 +22,7 @@ mod layernorm;
 mod matmul;
 pub mod nccl;
 mod residual;
+pub mod roofline;
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -77,6 +79,8 @@ pub struct Cuda {
     /// switches it per job through a shared reference. cuBLAS takes the compute type with each
     /// call, so a switch affects only GEMMs queued after it.
     bf16: AtomicBool,
+    /// Declared costs of the launches queued while recording is on (the cost model).
+    costs: cost::Recorder,
 }
 
 /// A shared view of device memory: pointer and length, borrowed from a buffer.
@@ -138,7 +142,22 @@ impl Cuda {
         }
         let blas = matmul::Blas::new(&stream)?;
         let bf16 = AtomicBool::new(precision == GemmPrecision::Bf16);
-        Ok(Self { ctx, stream, blas, functions, sm_count, bf16 })
+        Ok(Self { ctx, stream, blas, functions, sm_count, bf16, costs: cost::Recorder::default() })
+    }
+
+    /// Start (or stop) recording the declared cost of every launch, copy and sync this backend
+    /// queues from now on; see [`cost`]. Stopping drops what was recorded and not taken.
+    pub fn record_costs(&self, on: bool) {
+        self.costs.set(on);
+    }
+
+    /// The costs recorded since recording started or since the last take, in queue order.
+    pub fn take_costs(&self) -> Vec<cost::LaunchCost> {
+        self.costs.take()
+    }
+
+    pub(crate) fn note(&self, c: cost::LaunchCost) {
+        self.costs.note(c);
     }
 
     /// How GEMMs queued from now on multiply.
@@ -179,6 +198,7 @@ impl Cuda {
 
     /// A scratch buffer for one op (stream-ordered allocation, freed when dropped).
     pub(crate) fn scratch(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.note(cost::memset(n.max(1)));
         self.stream.alloc_zeros::<f32>(n.max(1)).map_err(dev_err)
     }
 
@@ -192,6 +212,7 @@ impl Cuda {
 
     /// `dst = src` for `dst.len` elements from a raw device pointer.
     pub(crate) fn copy_raw(&self, src: u64, dst: &mut DevMut<'_>) -> Result<()> {
+        self.note(cost::copy_dtod(dst.len));
         // SAFETY: callers pass a source of at least dst.len live f32s on this stream.
         unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr, src, 4 * dst.len, self.stream.cu_stream()) }
             .map_err(dev_err)
@@ -224,13 +245,17 @@ impl Memory for Cuda {
         format!("cuda ({})", self.device_name())
     }
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.note(cost::memset(n));
         self.stream.alloc_zeros::<f32>(n).map_err(dev_err)
     }
     fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
+        self.note(cost::host_copy("memcpy_htod", std::mem::size_of_val(host)));
         self.stream.clone_htod(host).map_err(dev_err)
     }
     fn download(&self, view: DevRef<'_>) -> Result<Vec<f32>> {
         let mut out = vec![0.0f32; view.len];
+        self.note(cost::host_copy("memcpy_dtoh", 4 * view.len));
+        self.note(cost::sync("sync (download)"));
         if view.len > 0 {
             // SAFETY: `view` points at `len` live f32s on this context; the stream is synchronised
             // before `out` is read.
@@ -242,8 +267,10 @@ impl Memory for Cuda {
     }
     fn upload_ids(&self, host: &[i32]) -> Result<CudaSlice<i32>> {
         if host.is_empty() {
+            self.note(cost::memset(1));
             return self.stream.alloc_zeros::<i32>(1).map_err(dev_err);
         }
+        self.note(cost::host_copy("memcpy_htod", std::mem::size_of_val(host)));
         self.stream.clone_htod(host).map_err(dev_err)
     }
     fn len(&self, buf: &CudaSlice<f32>) -> usize {
@@ -271,6 +298,7 @@ impl Memory for Cuda {
         if dst.len == 0 {
             return Ok(());
         }
+        self.note(cost::memset(dst.len));
         // SAFETY: `dst` is a live exclusive view of `len` f32s on this stream.
         unsafe { cudarc::driver::sys::cuMemsetD32Async(dst.ptr, value.to_bits(), dst.len, self.stream.cu_stream()) }
             .result()
@@ -281,11 +309,13 @@ impl Memory for Cuda {
         if src.len == 0 {
             return Ok(());
         }
+        self.note(cost::copy_dtod(src.len));
         // SAFETY: both views are live, of equal length, on this stream; `dst` is exclusive.
         unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr, src.ptr, 4 * src.len, self.stream.cu_stream()) }
             .map_err(dev_err)
     }
     fn synchronize(&self) -> Result<()> {
+        self.note(cost::sync("sync (synchronize)"));
         self.stream.synchronize().map_err(dev_err)
     }
 }

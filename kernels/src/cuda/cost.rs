@@ -1,0 +1,172 @@
+//! Declared costs of the CUDA backend's work, for the cost model (`bert2bert bench --predict`).
+//!
+//! Every launcher states, next to its kernel, what one launch must move through global memory
+//! and how many floating-point operations it does; cuBLAS calls, memsets, copies and host
+//! synchronisations are declared the same way. When recording is on ([`super::Cuda::record_costs`])
+//! each launch appends its [`LaunchCost`]; [`super::roofline`] turns the list into a predicted
+//! step time on a given GPU.
+//!
+//! Bytes are the *ideal* traffic at the storage dtype (fp32 today, 4 bytes an element): each
+//! input read once, each output written once (read too when the kernel accumulates into it),
+//! no cache effects, no re-reads. A kernel that re-reads its input (e.g. layernorm's two passes
+//! over a row) is still charged once: the row fits in L1/L2, and the model is a lower bound.
+//! FLOPs are exact for GEMMs (`2*m*n*k` per batch entry) and approximate for the elementwise
+//! kernels (a few per element, stated per kernel); those are memory bound at any plausible
+//! count, so the approximation does not move the roofline.
+
+use std::sync::Mutex;
+
+use super::GemmPrecision;
+
+/// fp32 storage: bytes per element.
+pub const F32: u64 = 4;
+/// i32 ids and labels: bytes per element.
+pub const I32: u64 = 4;
+
+/// What kind of work a recorded entry is; the roofline prices each differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Work {
+    /// One of our NVRTC kernels (fp32 CUDA cores).
+    Kernel,
+    /// A cuBLAS GEMM, with the compute type it ran at (bf16 or fp32 tensor-core-less).
+    Gemm(GemmPrecision),
+    /// A device memset or device-to-device copy: pure memory traffic.
+    Memory,
+    /// A host-to-device or device-to-host copy over PCIe (`bytes` crossed the bus).
+    HostCopy,
+    /// The host waits for the stream (synchronize, or reading a value back): a pipeline bubble.
+    Sync,
+}
+
+/// One recorded launch (or copy, or sync) and its declared cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchCost {
+    pub kernel: &'static str,
+    pub work: Work,
+    pub bytes: u64,
+    pub flops: u64,
+}
+
+impl LaunchCost {
+    pub fn kernel(kernel: &'static str, bytes: u64, flops: u64) -> Self {
+        Self { kernel, work: Work::Kernel, bytes, flops }
+    }
+}
+
+/// A row-major strided-batched GEMM `C = alpha op(A) op(B) + beta C`: reads A (`m x k`) and B
+/// (`k x n`) once, writes C (`m x n`) once and reads it too when `beta != 0`; `2*m*n*k` FLOPs,
+/// all per batch entry.
+pub fn gemm(m: usize, n: usize, k: usize, batch: usize, accumulate: bool, precision: GemmPrecision) -> LaunchCost {
+    let (m, n, k, b) = (m as u64, n as u64, k as u64, batch as u64);
+    let c_passes = if accumulate { 2 } else { 1 };
+    let kernel = match precision {
+        GemmPrecision::Bf16 => "cublas_gemm_bf16",
+        GemmPrecision::Fp32 => "cublas_gemm_fp32",
+    };
+    LaunchCost { kernel, work: Work::Gemm(precision), bytes: F32 * b * (m * k + k * n + c_passes * m * n), flops: 2 * m * n * k * b }
+}
+
+/// `cuMemsetD32Async` over `n` floats (`fill`, and the zeroing of every `alloc_zeros`).
+pub fn memset(n: usize) -> LaunchCost {
+    LaunchCost { kernel: "memset", work: Work::Memory, bytes: F32 * n as u64, flops: 0 }
+}
+
+/// A device-to-device copy of `n` floats: read once, written once.
+pub fn copy_dtod(n: usize) -> LaunchCost {
+    LaunchCost { kernel: "memcpy_dtod", work: Work::Memory, bytes: 2 * F32 * n as u64, flops: 0 }
+}
+
+/// A copy of `bytes` over PCIe.
+pub fn host_copy(kernel: &'static str, bytes: usize) -> LaunchCost {
+    LaunchCost { kernel, work: Work::HostCopy, bytes: bytes as u64, flops: 0 }
+}
+
+/// The host waiting for the stream.
+pub fn sync(kernel: &'static str) -> LaunchCost {
+    LaunchCost { kernel, work: Work::Sync, bytes: 0, flops: 0 }
+}
+
+/// The backend's recording switch and its list: `None` when not recording, so a launch pays one
+/// uncontended lock and nothing else.
+#[derive(Default)]
+pub(crate) struct Recorder(Mutex<Option<Vec<LaunchCost>>>);
+
+impl Recorder {
+    pub(crate) fn set(&self, on: bool) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *g = if on { Some(g.take().unwrap_or_default()) } else { None };
+    }
+
+    pub(crate) fn note(&self, cost: LaunchCost) {
+        if let Some(list) = self.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            list.push(cost);
+        }
+    }
+
+    pub(crate) fn take(&self) -> Vec<LaunchCost> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut().map(std::mem::take).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::{attention, bias, layernorm};
+
+    // Expected values are worked out by hand for odd shapes, element counts times 4 bytes.
+
+    #[test]
+    fn a_gemm_reads_a_and_b_writes_c_and_reads_c_when_accumulating() {
+        // m 37, n 129, k 65, 3 batch entries: A 37*65 = 2405, B 65*129 = 8385, C 37*129 = 4773.
+        let g = gemm(37, 129, 65, 3, false, GemmPrecision::Bf16);
+        assert_eq!(g.bytes, 4 * 3 * (2405 + 8385 + 4773));
+        assert_eq!(g.flops, 2 * 37 * 129 * 65 * 3);
+        assert_eq!(g.flops, 1_861_470);
+        assert_eq!((g.kernel, g.work), ("cublas_gemm_bf16", Work::Gemm(GemmPrecision::Bf16)));
+        let acc = gemm(37, 129, 65, 3, true, GemmPrecision::Fp32);
+        assert_eq!(acc.bytes, 4 * 3 * (2405 + 8385 + 2 * 4773));
+        assert_eq!(acc.work, Work::Gemm(GemmPrecision::Fp32));
+    }
+
+    #[test]
+    fn layernorm_moves_its_rows_twice_forward_and_four_times_backward() {
+        // 37 rows of 129: x 4773 read, out 4773 written, gamma and beta 129 each, mean and
+        // rstd 37 each.
+        let f = layernorm::forward_cost(37, 129);
+        assert_eq!(f.bytes, 4 * (4773 + 4773 + 129 + 129 + 37 + 37));
+        assert_eq!(f.bytes, 39_512);
+        assert_eq!(f.flops, 8 * 4773);
+        // Backward, accumulating dx: dout, x, dx read, dx written; gamma; mean, rstd; dgamma and
+        // dbeta read and written.
+        let b = layernorm::backward_cost(37, 129, true);
+        assert_eq!(b.bytes, 4 * (4 * 4773 + 129 + 2 * 37 + 4 * 129));
+        assert_eq!(layernorm::backward_cost(37, 129, false).bytes, b.bytes - 4 * 4773);
+    }
+
+    #[test]
+    fn bias_and_softmax_costs_count_each_operand_once() {
+        // 37 x 129 with a 129-bias: y read and written, bias read once.
+        assert_eq!(bias::add_cost(37, 129).bytes, 4 * (2 * 4773 + 129));
+        assert_eq!(bias::column_sum_cost(37, 129).bytes, 4 * (4773 + 2 * 129));
+        // 2 sequences, 3 heads, 5 queries, 7 keys: 210 scores, a 14-entry key mask.
+        assert_eq!(attention::softmax_forward_cost(210, 14, false).bytes, 4 * (2 * 210 + 14));
+        assert_eq!(attention::softmax_forward_cost(210, 14, true).bytes, 4 * (3 * 210 + 14));
+        assert_eq!(attention::softmax_backward_cost(210).bytes, 4 * 3 * 210);
+    }
+
+    #[test]
+    fn the_recorder_keeps_only_what_comes_while_it_is_on() {
+        let r = Recorder::default();
+        r.note(memset(5));
+        assert!(r.take().is_empty(), "off by default");
+        r.set(true);
+        r.note(memset(5));
+        r.note(sync("s"));
+        assert_eq!(r.take(), vec![memset(5), sync("s")]);
+        assert!(r.take().is_empty(), "take empties the list");
+        r.note(memset(1));
+        r.set(false);
+        r.set(true);
+        assert!(r.take().is_empty(), "stopping drops the rest");
+    }
+}
