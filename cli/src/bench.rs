@@ -1,6 +1,8 @@
 //! `bert2bert bench`: median time of a full training step (forward + backward + AdamW) on a
 //! synthetic full-length batch, the same work as bench/pytorch_cpu.py does in transformers.
 
+mod predict;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -37,6 +39,13 @@ pub struct Args {
     device: LocalDevice,
     #[arg(long)]
     json: bool,
+    /// Predict the step on a GPU (h100 or h200) instead of timing it: count each launch's
+    /// declared bytes and FLOPs (kernel bodies skipped on cuda-emu) and price them on a roofline.
+    #[arg(long, value_name = "GPU")]
+    predict: Option<String>,
+    /// GEMM precision on cuda devices: bf16 (tensor cores, fp32 accumulation) or fp32.
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "fp32"])]
+    precision: String,
 }
 
 pub fn builtin(name: &str) -> CliResult<ModelConfig> {
@@ -226,22 +235,25 @@ pub fn available_bytes() -> Option<u64> {
 
 pub fn run(a: Args) -> CliResult {
     check_flags(&a)?;
+    let predict_on = a.predict.as_deref().map(|name| predict::target(&a, name)).transpose()?;
     let ck = match (&a.model, &a.config) {
         (Some(dir), _) => checkpoint::load_model_dir(dir)?,
         (None, Some(name)) => {
             let config = builtin(name)?;
             check_shape(&a, &config, ParamTable::new(&config).storage_len)?;
-            random_checkpoint(config)
+            if predict_on.is_some() { predict::zero_checkpoint(config) } else { random_checkpoint(config) }
         }
         (None, None) => {
             return Err(CliError::usage("give --model DIR or --config minilm|bert-base"));
         }
     };
     check_shape(&a, &ck.config, ck.table.storage_len)?;
-    match a.device {
-        LocalDevice::Cpu => bench_on(&Cpu, &a, &ck),
-        // bf16 tensor-core GEMMs with fp32 accumulation, fp32 everything else.
-        LocalDevice::Cuda(i) => bench_on(&device::open_cuda(i, GemmPrecision::Bf16)?, &a, &ck),
+    // bf16 tensor-core GEMMs with fp32 accumulation by default, fp32 everything else.
+    let precision = if a.precision == "fp32" { GemmPrecision::Fp32 } else { GemmPrecision::Bf16 };
+    match (a.device, predict_on) {
+        (LocalDevice::Cuda(i), Some(gpu)) => predict::run(&device::open_cuda(i, precision)?, &a, &ck, gpu),
+        (LocalDevice::Cpu, _) => bench_on(&Cpu, &a, &ck),
+        (LocalDevice::Cuda(i), None) => bench_on(&device::open_cuda(i, precision)?, &a, &ck),
     }
 }
 

@@ -1,0 +1,176 @@
+//! `bench --predict GPU`: the cost model. One training step runs on the CUDA backend with cost
+//! recording on; every launch, cuBLAS call, memset, copy and host sync declares its bytes and
+//! FLOPs ([`kernels::cuda::cost`]), and [`kernels::cuda::roofline`] prices the list on the named
+//! GPU. On the virtual GPU the kernel bodies are skipped ([`cuda_emu::set_skip_bodies`]): the
+//! launches are still checked and queued, so a bert-base step is predicted in seconds. On a
+//! real GPU the step runs for real while it is recorded.
+//!
+//! `B2B_PREDICT_EXECUTE=1` runs the bodies on the virtual GPU too (tests compare the two
+//! launch lists: skipping must change nothing but the time).
+
+use kernels::cuda::cost::LaunchCost;
+use kernels::cuda::roofline::{self, Gpu, Prediction};
+use model::checkpoint::Checkpoint;
+use model::net::{Bert2Bert, Inputs, PassOptions};
+use model::optim::{AdamWConfig, Optimizer};
+use model::{ModelConfig, ParamTable};
+
+use super::{Args, step_flops, synthetic_batch};
+use crate::device::{Cuda, LocalDevice};
+use crate::{CliError, CliResult};
+
+/// The GPU `--predict` names; a usage error for an unknown name or a device that cannot record.
+pub fn target(a: &Args, name: &str) -> CliResult<Gpu> {
+    let gpu = roofline::gpu(name)
+        .ok_or_else(|| CliError::usage(format!("--predict `{name}`: use h100 or h200")))?;
+    if a.device == LocalDevice::Cpu {
+        return Err(CliError::usage("--predict needs --device cuda-emu (or a real cuda device)"));
+    }
+    Ok(gpu)
+}
+
+/// All-zero weights: a prediction depends on the shapes only, and drawing bert-base's random
+/// weights would take longer than the prediction.
+pub fn zero_checkpoint(config: ModelConfig) -> Checkpoint {
+    let table = ParamTable::new(&config);
+    let params = vec![0.0f32; table.storage_len];
+    Checkpoint { config, table, params }
+}
+
+/// Record one step (after one unrecorded warm-up step), predict it, print the table.
+pub fn run(b: &Cuda, a: &Args, ck: &Checkpoint, gpu: Gpu) -> CliResult {
+    let skip = cuda_emu::installed() && std::env::var("B2B_PREDICT_EXECUTE").as_deref() != Ok("1");
+    if skip {
+        cuda_emu::set_skip_bodies(true).map_err(|e| CliError::usage(format!("--predict: {e}")))?;
+    }
+    let costs = record_step(b, a, ck)?;
+    if skip {
+        cuda_emu::set_skip_bodies(false).map_err(|e| CliError::usage(format!("--predict: {e}")))?;
+    }
+    let label_tokens = a.batch * a.tgt_len;
+    let model_flops = step_flops(&ck.config, a.batch, a.src_len, a.tgt_len, label_tokens);
+    let p = roofline::predict(&costs, gpu);
+    let report = Report { a, p: &p, model_flops, device: b_name(b), precision: &a.precision, skipped: skip };
+    if a.json { println!("{}", report.json()) } else { report.print() }
+    Ok(())
+}
+
+fn b_name(b: &Cuda) -> String {
+    kernels::Memory::name(b)
+}
+
+/// The declared costs of one full training step (zero grads, forward + backward, AdamW, the
+/// closing synchronize), as `bench` times it; the batch is uploaded before, as in `bench`.
+fn record_step(b: &Cuda, a: &Args, ck: &Checkpoint) -> CliResult<Vec<LaunchCost>> {
+    let (bs, s, t) = (a.batch, a.src_len, a.tgt_len);
+    let batch = synthetic_batch(&ck.config, bs, s, t);
+    let mut net = Bert2Bert::new(b, ck.config.clone(), ck.table.clone(), &ck.params)?;
+    let mut opt = Optimizer::new(b, &ck.table, AdamWConfig::default())?;
+    let x = Inputs::new(b, bs, s, t, &batch.src, &batch.mask, &batch.dec, &batch.labels)?;
+    let scale = 1.0 / x.label_tokens() as f32;
+    for step in 0..2u64 {
+        b.record_costs(step == 1);
+        net.zero_grads(b)?;
+        let opts = PassOptions { train: true, seed: step, label_smoothing: 0.0, grad_scale: Some(scale) };
+        net.pass(b, &x, opts)?;
+        opt.update(b, &ck.table, &mut net.params, &net.grads, 5e-5)?;
+        kernels::Memory::synchronize(b)?;
+    }
+    let costs = b.take_costs();
+    b.record_costs(false);
+    Ok(costs)
+}
+
+struct Report<'a> {
+    a: &'a Args,
+    p: &'a Prediction,
+    model_flops: f64,
+    device: String,
+    precision: &'a str,
+    skipped: bool,
+}
+
+impl Report<'_> {
+    fn tokens_per_s(&self, seconds: f64) -> f64 {
+        (self.a.batch * (self.a.src_len + self.a.tgt_len)) as f64 / seconds
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let (p, a) = (self.p, self.a);
+        let kernels: Vec<serde_json::Value> = p
+            .rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "kernel": r.kernel, "launches": r.launches, "bytes": r.bytes, "flops": r.flops,
+                    "predicted_us": r.seconds * 1e6, "predicted_graph_us": r.graph_seconds * 1e6,
+                    "share": r.seconds / p.step_s,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "impl": "bert2bert", "device": self.device, "predict": p.gpu.name, "precision": self.precision,
+            "bodies_skipped": self.skipped,
+            "batch": a.batch, "src_len": a.src_len, "tgt_len": a.tgt_len,
+            "predicted_step_ms": p.step_s * 1e3, "predicted_graph_step_ms": p.graph_step_s * 1e3,
+            "predicted_mfu": p.mfu(self.model_flops, p.step_s),
+            "predicted_graph_mfu": p.mfu(self.model_flops, p.graph_step_s),
+            "predicted_tokens_per_s": self.tokens_per_s(p.step_s),
+            "flops_per_step": self.model_flops, "gemm_flops": p.gemm_flops,
+            "launches": p.launches, "syncs": p.syncs,
+            "assumptions": {
+                "memory_bandwidth": p.gpu.memory_bandwidth, "bf16_flops": p.gpu.bf16_flops,
+                "fp32_flops": p.gpu.fp32_flops, "pcie_bandwidth": p.gpu.pcie_bandwidth,
+                "launch_s": p.gpu.launch_s, "graph_launch_s": p.gpu.graph_launch_s, "sync_s": p.gpu.sync_s,
+            },
+            "kernels": kernels,
+        })
+    }
+
+    fn print(&self) {
+        let (p, a, g) = (self.p, self.a, &self.p.gpu);
+        println!(
+            "predicted step on {} ({:.2} TB/s, {:.0} TFLOP/s bf16 dense, {:.0} TFLOP/s fp32), recorded on {}",
+            g.name,
+            g.memory_bandwidth / 1e12,
+            g.bf16_flops / 1e12,
+            g.fp32_flops / 1e12,
+            self.device
+        );
+        println!("batch {} src {} tgt {}, {} GEMMs on fp32 storage", a.batch, a.src_len, a.tgt_len, self.precision);
+        println!("{:<32} {:>8} {:>10} {:>12} {:>10} {:>6}", "kernel", "launches", "GB", "GFLOP", "pred µs", "share");
+        for r in &p.rows {
+            println!(
+                "{:<32} {:>8} {:>10.3} {:>12.1} {:>10.1} {:>5.1}%",
+                r.kernel,
+                r.launches,
+                r.bytes as f64 / 1e9,
+                r.flops as f64 / 1e9,
+                r.seconds * 1e6,
+                100.0 * r.seconds / p.step_s
+            );
+        }
+        println!(
+            "step {:.2} ms ({:.2} ms in a CUDA graph): {} launches, {} host syncs",
+            p.step_s * 1e3,
+            p.graph_step_s * 1e3,
+            p.launches,
+            p.syncs
+        );
+        println!(
+            "MFU {:.1}% ({:.1}% in a graph), {:.0} tokens/s (source + target); model FLOPs {:.3e}, GEMM FLOPs launched {:.3e}",
+            100.0 * p.mfu(self.model_flops, p.step_s),
+            100.0 * p.mfu(self.model_flops, p.graph_step_s),
+            self.tokens_per_s(p.step_s),
+            self.model_flops,
+            p.gemm_flops as f64
+        );
+        println!(
+            "assumed: launch gap {:.2} µs ({:.2} µs in a graph), host sync {:.0} µs, pageable PCIe {:.0} GB/s",
+            g.launch_s * 1e6,
+            g.graph_launch_s * 1e6,
+            g.sync_s * 1e6,
+            g.pcie_bandwidth / 1e9
+        );
+    }
+}

@@ -1,0 +1,97 @@
+//! `bench --predict`: the cost model on the virtual GPU. Skipping kernel bodies must leave the
+//! recorded launch list exactly as a run that executes them, the GEMMs launched must be the
+//! model FLOPs bench's MFU counts, and bad flags are usage errors. Needs NVRTC; without it the
+//! tests skip, unless `B2B_REQUIRE_NVRTC=1` (scripts/test.sh), where they fail.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+/// (launches, bytes, flops) by kernel name.
+type Launches = BTreeMap<String, (u64, u64, u64)>;
+
+fn predict(root: &Path, precision: &str, execute: bool) -> Value {
+    let o = common::exe()
+        .args(["bench", "--model", "b2b", "--batch", "3", "--src-len", "9", "--tgt-len", "7"])
+        .args(["--device", "cuda-emu", "--predict", "h100", "--json", "--precision", precision])
+        .env("B2B_PREDICT_EXECUTE", if execute { "1" } else { "0" })
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "bench --predict: {}", common::stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", common::stdout(&o)))
+}
+
+fn launches(v: &Value) -> Launches {
+    let field = |k: &Value, f: &str| k[f].as_u64().unwrap_or_else(|| panic!("{f} of {k}"));
+    v["kernels"]
+        .as_array()
+        .expect("kernels")
+        .iter()
+        .map(|k| (k["kernel"].as_str().unwrap().to_string(), (field(k, "launches"), field(k, "bytes"), field(k, "flops"))))
+        .collect()
+}
+
+#[test]
+fn skipping_kernel_bodies_changes_nothing_but_the_time() {
+    if !kernels::cuda::compile::nvrtc_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    common::tiny_model(root, 2);
+    let skipped = predict(root, "bf16", false);
+    let executed = predict(root, "bf16", true);
+    assert_eq!((skipped["bodies_skipped"].as_bool(), executed["bodies_skipped"].as_bool()), (Some(true), Some(false)));
+    let list = launches(&skipped);
+    assert_eq!(list, launches(&executed), "skipping bodies changed the launch list");
+    assert_eq!(skipped["predicted_step_ms"], executed["predicted_step_ms"]);
+    for k in [
+        "cublas_gemm_bf16",
+        "embedding_forward",
+        "layernorm_forward",
+        "layernorm_backward",
+        "attention_softmax_forward",
+        "attention_softmax_backward",
+        "gelu_bias_forward",
+        "cross_entropy_forward_backward",
+        "adamw_step",
+        "sync (synchronize)",
+    ] {
+        assert!(list.contains_key(k), "no {k} in {list:?}");
+    }
+    // The GEMMs launched are exactly the model FLOPs of bench's analytic count (the batch has no
+    // padding), so the MFU numerator and the launches agree.
+    assert_eq!(skipped["gemm_flops"].as_f64(), skipped["flops_per_step"].as_f64());
+    let step_s = skipped["predicted_step_ms"].as_f64().unwrap() / 1e3;
+    let tokens = skipped["predicted_tokens_per_s"].as_f64().unwrap();
+    assert!((tokens * step_s - 3.0 * 16.0).abs() < 1e-6, "{tokens} tokens/s over {step_s} s");
+    let mfu = skipped["predicted_mfu"].as_f64().unwrap();
+    assert!(mfu > 0.0 && mfu < skipped["predicted_graph_mfu"].as_f64().unwrap(), "{skipped}");
+    let shares: f64 = skipped["kernels"].as_array().unwrap().iter().map(|k| k["share"].as_f64().unwrap()).sum();
+    assert!((shares - 1.0).abs() < 1e-9, "shares add up to {shares}");
+
+    // fp32 compute: the same launches, priced at the fp32 rate.
+    let fp32 = predict(root, "fp32", false);
+    let mut renamed = launches(&fp32);
+    let gemms = renamed.remove("cublas_gemm_fp32").expect("fp32 GEMMs");
+    assert_eq!(Some(&gemms), list.get("cublas_gemm_bf16"));
+    // At this size every GEMM is memory bound, so fp32 compute costs no more time (at
+    // bert-base it dominates: BENCHMARKS.md).
+    assert!(fp32["predicted_step_ms"].as_f64() >= skipped["predicted_step_ms"].as_f64());
+}
+
+#[test]
+fn bad_predict_flags_are_usage_errors() {
+    for (args, says) in [
+        (&["--device", "cuda-emu", "--predict", "a100"][..], "--predict `a100`"),
+        (&["--predict", "h100"][..], "--predict needs --device cuda-emu"),
+    ] {
+        let o = common::exe().args(["bench", "--config", "minilm"]).args(args).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", common::stderr(&o));
+        assert!(common::stderr(&o).contains(says), "{args:?}: {}", common::stderr(&o));
+    }
+}
