@@ -196,8 +196,8 @@ mod tests {
         if crate::bench::available_bytes().is_some() {
             // 4096 x 64 rows with 512-position caches: hundreds of TB.
             let e = check_generate_memory(&cfg, 4096, 64, 511, 512).err().unwrap();
-            assert_eq!(e.code, 2);
-            assert!(e.error.to_string().contains("--batch-size 4096 x --beams 64"), "{}", e.error);
+            assert_eq!(e.code(), 2);
+            assert!(e.message().contains("--batch-size 4096 x --beams 64"), "{}", e.message());
         }
     }
 }

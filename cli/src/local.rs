@@ -9,8 +9,8 @@ use model::job::JobSpec;
 use proto::v1;
 use proto::v1::job_service_client::JobServiceClient;
 
-use crate::remote::{bearer, channel, follow, state_name, status_error};
-use crate::{CliError, CliResult};
+use crate::remote::{bearer, channel, follow, status_error, succeeded};
+use crate::{CliError, CliResult, Context};
 
 /// Child processes, killed and reaped on drop.
 struct Children(Vec<Child>);
@@ -27,12 +27,8 @@ impl Drop for Children {
 /// 128 bits from the operating system's generator, as hex: the token the children present.
 fn random_token() -> Result<String, CliError> {
     let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).map_err(|e| fail(format!("no randomness for the worker token: {e}")))?;
+    getrandom::fill(&mut bytes).map_err(|e| CliError::failure(format!("no randomness for the worker token: {e}")))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-fn fail(msg: String) -> CliError {
-    CliError { code: 1, error: anyhow::anyhow!(msg) }
 }
 
 pub fn run(mut spec: JobSpec, workers: usize) -> CliResult {
@@ -48,7 +44,7 @@ pub fn run(mut spec: JobSpec, workers: usize) -> CliResult {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let config = coordinator::Config::new(([127, 0, 0, 1], 0).into(), state.path(), token.clone());
-        let running = coordinator::start(config).await.map_err(|e| fail(format!("coordinator: {e}")))?;
+        let running = coordinator::start(config).await.context("coordinator")?;
         let url = running.url();
         eprintln!("coordinator on {url}; starting {workers} workers");
         let mut children = Children(Vec::with_capacity(workers));
@@ -79,10 +75,7 @@ async fn submit_and_follow(url: &str, token: &str, spec: &JobSpec, children: &mu
         r = follow(&mut c, &job.id, true) => r?,
         e = watch_children(children) => return Err(e),
     };
-    if last.state() != v1::JobState::Succeeded {
-        let why = if last.reason.is_empty() { String::new() } else { format!(": {}", last.reason) };
-        return Err(fail(format!("job {} {}{why}", last.id, state_name(&last))));
-    }
+    succeeded(&last)?;
     eprintln!("job {} SUCCEEDED at step {}", last.id, last.step);
     Ok(())
 }
@@ -93,9 +86,9 @@ async fn watch_children(children: &mut Children) -> CliError {
     loop {
         for (i, c) in children.0.iter_mut().enumerate() {
             match c.try_wait() {
-                Ok(Some(status)) => return fail(format!("worker process {i} exited ({status})")),
+                Ok(Some(status)) => return CliError::failure(format!("worker process {i} exited ({status})")),
                 Ok(None) => {}
-                Err(e) => return fail(format!("worker process {i}: {e}")),
+                Err(e) => return CliError::failure(format!("worker process {i}: {e}")),
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -1,8 +1,10 @@
 //! The single `bert2bert` binary. This is the only place that sets up tracing, reads the
-//! environment and turns errors into exit codes: 0 ok, 1 failure, 2 bad usage or bad input.
+//! environment and prints errors; their exit codes (0 ok, 1 failure, 2 bad usage or bad input)
+//! are decided in `error`.
 
 mod bench;
 mod device;
+mod error;
 mod eval;
 mod generate;
 mod init;
@@ -16,6 +18,8 @@ mod tls;
 mod train;
 mod watch;
 mod worker_agent;
+
+pub use error::{CliError, CliResult, Context};
 
 use std::process::ExitCode;
 
@@ -66,53 +70,6 @@ enum Command {
     Completions { shell: clap_complete::Shell },
 }
 
-/// A failure with the exit code it deserves.
-pub struct CliError {
-    pub code: u8,
-    pub error: anyhow::Error,
-}
-
-impl CliError {
-    pub fn usage(msg: impl Into<String>) -> Self {
-        CliError { code: 2, error: anyhow::anyhow!(msg.into()) }
-    }
-}
-
-impl From<model::Error> for CliError {
-    fn from(e: model::Error) -> Self {
-        CliError { code: if e.is_bad_input() { 2 } else { 1 }, error: e.into() }
-    }
-}
-
-/// Job-file errors (`jobspec`) exit as the model's do: 2 for bad input.
-impl From<jobspec::Error> for CliError {
-    fn from(e: jobspec::Error) -> Self {
-        model::Error::from(e).into()
-    }
-}
-
-impl From<kernels::KernelError> for CliError {
-    fn from(e: kernels::KernelError) -> Self {
-        let code = if matches!(e, kernels::KernelError::Unavailable(_)) { 2 } else { 1 };
-        CliError { code, error: e.into() }
-    }
-}
-
-/// The agent's (and its client helpers') errors say usage (2) or failure (1).
-impl From<agent::Error> for CliError {
-    fn from(e: agent::Error) -> Self {
-        CliError { code: e.exit_code(), error: e.into() }
-    }
-}
-
-impl From<std::io::Error> for CliError {
-    fn from(e: std::io::Error) -> Self {
-        CliError { code: 1, error: e.into() }
-    }
-}
-
-pub type CliResult<T = ()> = Result<T, CliError>;
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BERT2BERT_LOG").unwrap_or_else(|_| "info".into()))
@@ -144,8 +101,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {:#}", e.error);
-            ExitCode::from(e.code)
+            eprintln!("error: {}", e.message());
+            ExitCode::from(e.code())
         }
     }
 }

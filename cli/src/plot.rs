@@ -61,33 +61,25 @@ const GROUPS: &[Group] = &[
 
 const TEXT_SCALE: i32 = 2;
 
-fn bad(msg: String) -> CliError {
-    CliError { code: 2, error: anyhow::anyhow!(msg) }
-}
-
-fn failed(what: &str, e: impl std::fmt::Display) -> CliError {
-    CliError { code: 1, error: anyhow::anyhow!("{what}: {e}") }
-}
-
 pub fn run(a: Args) -> CliResult {
     if !(200..=10_000).contains(&a.width) || !(150..=10_000).contains(&a.height) {
         return Err(CliError::usage("--width must be in 200..=10000 and --height in 150..=10000"));
     }
     let (dir, title) = log_dir(&a.job_or_logdir)?;
     if !dir.is_dir() {
-        return Err(bad(format!("{}: no such log directory (has the job trained yet?)", dir.display())));
+        return Err(CliError::usage(format!("{}: no such log directory (has the job trained yet?)", dir.display())));
     }
-    let files = event_files(&dir).map_err(|e| bad(format!("{}: {e}", dir.display())))?;
+    let files = event_files(&dir).map_err(|e| CliError::usage(format!("{}: {e}", dir.display())))?;
     if files.is_empty() {
-        return Err(bad(format!("{}: no TensorBoard event files (events.out.tfevents.*)", dir.display())));
+        return Err(CliError::usage(format!("{}: no TensorBoard event files (events.out.tfevents.*)", dir.display())));
     }
-    let (scalars, warnings) = read_scalars(&dir).map_err(bad)?;
+    let (scalars, warnings) = read_scalars(&dir).map_err(CliError::usage)?;
     for w in &warnings {
-        eprintln!("warning: {w}");
+        tracing::warn!("{w}");
     }
     let curves = curves(&scalars);
     if curves.iter().all(|g| g.iter().all(|(_, _, points)| points.is_empty())) {
-        return Err(bad(format!("{}: the event files hold none of the training scalars", dir.display())));
+        return Err(CliError::usage(format!("{}: the event files hold none of the training scalars", dir.display())));
     }
     draw(&a.out, (a.width, a.height), &title, &curves)?;
     eprintln!(
@@ -107,7 +99,7 @@ fn log_dir(arg: &Path) -> CliResult<(PathBuf, String)> {
         return Ok((arg.to_path_buf(), name.unwrap_or_else(|| arg.display().to_string())));
     }
     if !arg.exists() {
-        return Err(bad(format!("{}: no such job file or log directory", arg.display())));
+        return Err(CliError::usage(format!("{}: no such job file or log directory", arg.display())));
     }
     let job = JobSpec::from_file(arg)?;
     Ok((job.logging.dir, job.name))
@@ -168,7 +160,7 @@ pub fn nice_ticks(lo: f64, hi: f64, want: usize) -> (Vec<f64>, f64) {
 pub fn tick_labels(ticks: &[f64], step: f64) -> Vec<String> {
     let largest = ticks.iter().fold(0f64, |m, t| m.max(t.abs()));
     let step_exp = step.log10().floor();
-    if largest > 0.0 && (largest < 1e-3 || largest >= 1e6) {
+    if largest > 0.0 && !(1e-3..1e6).contains(&largest) {
         let exp = largest.log10().floor() as i32;
         let places = (exp as f64 - step_exp).clamp(0.0, 15.0) as usize;
         let label = |v: f64| if v == 0.0 { "0".into() } else { format!("{:.places$}E{exp}", v / 10f64.powi(exp)) };
@@ -203,7 +195,7 @@ fn text(root: &Area, s: &str, at: (i32, i32), scale: i32, colour: &RGBColor) {
 
 fn draw(out: &Path, size: (u32, u32), title: &str, groups: &[Curves]) -> CliResult {
     let root = BitMapBackend::new(out, size).into_drawing_area();
-    let err = |e| failed(&format!("drawing {}", out.display()), e);
+    let err = |e: DrawingAreaErrorKind<_>| CliError::failure(format!("drawing {}: {e}", out.display()));
     root.fill(&WHITE).map_err(err)?;
     let heading = format!("{title}: training curves");
     text(&root, &heading, ((size.0 as i32 - font::text_width(&heading, 3)) / 2, 14), 3, &INK);

@@ -139,12 +139,13 @@ pub fn watch(a: WatchArgs) -> CliResult {
     })
 }
 
-fn succeeded(last: &v1::Job) -> CliResult {
+/// Ok if the job SUCCEEDED, else a failure (exit 1) saying how it ended and why.
+pub(crate) fn succeeded(last: &v1::Job) -> CliResult {
     if last.state() == v1::JobState::Succeeded {
         return Ok(());
     }
     let why = if last.reason.is_empty() { String::new() } else { format!(": {}", last.reason) };
-    Err(CliError { code: 1, error: anyhow::anyhow!("job {} {}{why}", last.id, state_name(last)) })
+    Err(CliError::failure(format!("job {} {}{why}", last.id, state_name(last))))
 }
 
 /// Follows a job to its end through Watch, reconnecting while the coordinator is away (e.g.

@@ -71,10 +71,8 @@ fn run_on<B: Backend>(dev: &B, a: &Args, oracle: Reference) -> CliResult {
         println!("{} checks, {failed} failed, {secs:.1}s (seed {seed})", checks.len());
     }
     if failed > 0 {
-        return Err(CliError {
-            code: 1,
-            error: anyhow::anyhow!("selftest: {failed} of {} checks failed on {name} (seed {seed})", checks.len()),
-        });
+        let total = checks.len();
+        return Err(CliError::failure(format!("selftest: {failed} of {total} checks failed on {name} (seed {seed})")));
     }
     Ok(())
 }

@@ -154,12 +154,12 @@ pub fn run(a: Args) -> CliResult {
     config.metrics_listen = a.metrics_listen.as_deref().map(|m| resolve("--metrics-listen", m)).transpose()?;
     if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
         let tls = coordinator::tls::Tls::from_files(cert, key, a.tls_client_ca.as_deref());
-        config.tls = Some(tls.map_err(coordinator_error)?);
+        config.tls = Some(tls?);
     }
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
-        let running = coordinator::start(config).await.map_err(coordinator_error)?;
+        let running = coordinator::start(config).await?;
         {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
@@ -169,13 +169,8 @@ pub fn run(a: Args) -> CliResult {
             }
             out.flush()?;
         }
-        running.run_until(shutdown_signal()).await.map_err(coordinator_error)
+        Ok(running.run_until(shutdown_signal()).await?)
     })
-}
-
-pub fn coordinator_error(e: coordinator::Error) -> CliError {
-    let code = if matches!(e, coordinator::Error::InvalidArgument(_)) { 2 } else { 1 };
-    CliError { code, error: e.into() }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -11,7 +11,7 @@ use worker::tensorboard::{TrainLog, recording};
 use worker::{Event, Trainer};
 
 use crate::device::{self, LocalDevice, gemm_precision};
-use crate::{CliError, CliResult};
+use crate::{CliError, CliResult, Context};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -59,10 +59,8 @@ fn train_on<B: Backend>(b: &B, spec: JobSpec, eval_examples: usize) -> CliResult
         eprintln!("resumed from {} (step {step})", from.display());
     }
     let log_dir = trainer.job.logging.dir.clone();
-    let mut curves = TrainLog::create(&log_dir, trainer.step, 1).map_err(|e| CliError {
-        code: 1,
-        error: anyhow::anyhow!("logging.dir {}: cannot write TensorBoard events: {e}", log_dir.display()),
-    })?;
+    let mut curves = TrainLog::create(&log_dir, trainer.step, 1)
+        .context(format!("logging.dir {}: cannot write TensorBoard events", log_dir.display()))?;
     let total = trainer.job.training.steps;
     let bar = crate::progress(total, &name);
     bar.set_style(

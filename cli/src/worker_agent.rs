@@ -119,7 +119,7 @@ fn watch_signals(shutdown: Arc<AtomicBool>) -> CliResult {
                     _ = int.recv() => {}
                 }
                 if shutdown.swap(true, Ordering::SeqCst) {
-                    eprintln!("second signal: exiting now");
+                    tracing::warn!("second signal: exiting now");
                     std::process::exit(1);
                 }
                 tracing::warn!("signal received: finishing the current step, then leaving (signal again to exit now)");
