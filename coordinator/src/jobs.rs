@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use jobspec::JobSpec;
 use tokio::sync::broadcast;
 
-use crate::domain::{Clock, Job, JobEvent, JobFilter, JobState, NewJob, WorkerEvent, job_number};
+use crate::domain::{Attempt, Clock, Job, JobEvent, JobFilter, JobState, NewJob, WorkerEvent, job_number};
 use crate::error::{Error, Result};
 use crate::store::{Store, placement_of};
 
@@ -252,12 +252,35 @@ impl Jobs {
     /// Applies `change` to the stored job under the write lock, stores it with a new updated
     /// time and tells watchers. A change to a terminal state closes the job's broadcast.
     pub fn transition(&self, id: &str, change: impl FnOnce(&mut Job) -> Result<()>) -> Result<Job> {
+        self.store_transition(id, None, change)
+    }
+
+    /// A gang start: [`Self::transition`], with the new attempt stored in the same store
+    /// transaction (one commit, and never one of the two without the other).
+    pub fn start_attempt(
+        &self,
+        id: &str,
+        attempt: &Attempt,
+        change: impl FnOnce(&mut Job) -> Result<()>,
+    ) -> Result<Job> {
+        self.store_transition(id, Some(attempt), change)
+    }
+
+    fn store_transition(
+        &self,
+        id: &str,
+        attempt: Option<&Attempt>,
+        change: impl FnOnce(&mut Job) -> Result<()>,
+    ) -> Result<Job> {
         let (job, queued) = {
             let _w = Self::lock(&self.write)?;
             let mut job = self.get(id)?;
             change(&mut job)?;
             job.updated_ms = self.clock.now_ms();
-            self.store.update_job(&job)?;
+            match attempt {
+                Some(a) => self.store.start_attempt(&job, a)?,
+                None => self.store.update_job(&job)?,
+            }
             if job.state.is_terminal() {
                 self.ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }

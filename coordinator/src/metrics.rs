@@ -253,6 +253,11 @@ impl Store for MeteredStore {
         }
         Ok(())
     }
+    fn start_attempt(&self, job: &Job, attempt: &Attempt) -> Result<()> {
+        self.inner.start_attempt(job, attempt)?;
+        self.metrics.attempts_started.inc();
+        Ok(())
+    }
     fn attempts(&self, job_id: &str) -> Result<Vec<Attempt>> {
         self.inner.attempts(job_id)
     }

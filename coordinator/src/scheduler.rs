@@ -313,8 +313,9 @@ impl Scheduler {
             ended_ms: None,
             outcome: String::new(),
         };
-        self.store.put_attempt(&attempt)?;
-        self.jobs.transition(&job.id, |j| {
+        // One transaction (one fsync) for the attempt and the job's RUNNING state: this runs
+        // under the table lock, which every worker RPC takes (cli/examples/coordinator_load).
+        self.jobs.start_attempt(&job.id, &attempt, |j| {
             j.state = JobState::Running;
             j.reason = String::new();
             Ok(())

@@ -438,6 +438,9 @@ impl Store for SpoiledYaml {
     fn put_attempt(&self, attempt: &Attempt) -> Result<()> {
         self.0.put_attempt(attempt)
     }
+    fn start_attempt(&self, job: &Job, attempt: &Attempt) -> Result<()> {
+        self.0.start_attempt(job, attempt)
+    }
     fn attempts(&self, job_id: &str) -> Result<Vec<Attempt>> {
         self.0.attempts(job_id)
     }
