@@ -49,6 +49,12 @@ fn skipping_kernel_bodies_changes_nothing_but_the_time() {
     let list = launches(&skipped);
     assert_eq!(list, launches(&executed), "skipping bodies changed the launch list");
     assert_eq!(skipped["predicted_step_ms"], executed["predicted_step_ms"]);
+    // Executed runs are also timed with CUDA events, per kernel; skipped ones are not.
+    assert!(skipped["measured_step_ms"].is_null() && skipped["kernels"][0]["measured_us"].is_null());
+    let kernels = executed["kernels"].as_array().unwrap();
+    let per_kernel: f64 = kernels.iter().map(|k| k["measured_us"].as_f64().expect("measured_us")).sum();
+    let step_ms = executed["measured_step_ms"].as_f64().expect("measured_step_ms");
+    assert!(step_ms > 0.0 && (per_kernel / 1e3 - step_ms).abs() <= 1e-9 * step_ms, "{per_kernel} µs vs {step_ms} ms");
     for k in [
         "cublas_gemm_bf16",
         "embedding_forward",
@@ -73,6 +79,23 @@ fn skipping_kernel_bodies_changes_nothing_but_the_time() {
     assert!(mfu > 0.0 && mfu < skipped["predicted_graph_mfu"].as_f64().unwrap(), "{skipped}");
     let shares: f64 = skipped["kernels"].as_array().unwrap().iter().map(|k| k["share"].as_f64().unwrap()).sum();
     assert!((shares - 1.0).abs() < 1e-9, "shares add up to {shares}");
+
+    // The text table shows the measured column only when the bodies ran.
+    let text = |execute: &str| {
+        let o = common::exe()
+            .args(["bench", "--model", "b2b", "--batch", "2", "--src-len", "5", "--tgt-len", "4"])
+            .args(["--device", "cuda-emu", "--predict", "h200"])
+            .env("B2B_PREDICT_EXECUTE", execute)
+            .current_dir(root)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        common::stdout(&o)
+    };
+    let (ran, skipped_text) = (text("1"), text("0"));
+    assert!(ran.contains("meas µs") && ran.contains("measured with CUDA events"), "{ran}");
+    assert!(!skipped_text.contains("meas µs") && skipped_text.contains("predicted step on H200 SXM"), "{skipped_text}");
+    eprintln!("{ran}");
 
     // fp32 compute: the same launches, priced at the fp32 rate.
     let fp32 = predict(root, "fp32", false);

@@ -3,13 +3,16 @@
 //! FLOPs ([`kernels::cuda::cost`]), and [`kernels::cuda::roofline`] prices the list on the named
 //! GPU. On the virtual GPU the kernel bodies are skipped ([`cuda_emu::set_skip_bodies`]): the
 //! launches are still checked and queued, so a bert-base step is predicted in seconds. On a
-//! real GPU the step runs for real while it is recorded.
+//! real GPU the step runs for real while it is recorded, and every entry is also timed with
+//! CUDA events ([`Cuda::measure_launches`]): the table then shows measured next to predicted
+//! microseconds, which is how the model gets checked against the hardware.
 //!
-//! `B2B_PREDICT_EXECUTE=1` runs the bodies on the virtual GPU too (tests compare the two
-//! launch lists: skipping must change nothing but the time).
+//! `B2B_PREDICT_EXECUTE=1` runs (and times) the bodies on the virtual GPU too: tests compare
+//! the two launch lists (skipping must change nothing but the time); the emulator's times mean
+//! nothing about a GPU.
 
 use kernels::cuda::cost::LaunchCost;
-use kernels::cuda::roofline::{self, Gpu, Prediction};
+use kernels::cuda::roofline::{self, Gpu, Prediction, Row};
 use model::checkpoint::Checkpoint;
 use model::net::{Bert2Bert, Inputs, PassOptions};
 use model::optim::{AdamWConfig, Optimizer};
@@ -43,14 +46,16 @@ pub fn run(b: &Cuda, a: &Args, ck: &Checkpoint, gpu: Gpu) -> CliResult {
     if skip {
         cuda_emu::set_skip_bodies(true).map_err(|e| CliError::usage(format!("--predict: {e}")))?;
     }
-    let costs = record_step(b, a, ck)?;
+    let (costs, measured) = record_step(b, a, ck, !skip)?;
     if skip {
         cuda_emu::set_skip_bodies(false).map_err(|e| CliError::usage(format!("--predict: {e}")))?;
     }
     let label_tokens = a.batch * a.tgt_len;
     let model_flops = step_flops(&ck.config, a.batch, a.src_len, a.tgt_len, label_tokens);
     let p = roofline::predict(&costs, gpu);
-    let report = Report { a, p: &p, model_flops, device: b_name(b), precision: &a.precision, skipped: skip };
+    let measured = measured.map(|m| by_kernel(&p.rows, &m));
+    let report =
+        Report { a, p: &p, model_flops, device: b_name(b), precision: &a.precision, skipped: skip, measured };
     if a.json { println!("{}", report.json()) } else { report.print() }
     Ok(())
 }
@@ -59,9 +64,24 @@ fn b_name(b: &Cuda) -> String {
     kernels::Memory::name(b)
 }
 
+/// Measured seconds per kernel name, in the order of `rows`, and the measured step.
+struct Measured {
+    seconds: Vec<f64>,
+    step_s: f64,
+}
+
+fn by_kernel(rows: &[Row], timed: &[(LaunchCost, f64)]) -> Measured {
+    let seconds: Vec<f64> =
+        rows.iter().map(|r| timed.iter().filter(|(c, _)| c.kernel == r.kernel).map(|(_, s)| s).sum()).collect();
+    Measured { step_s: seconds.iter().sum(), seconds }
+}
+
+/// Declared costs, and with `measure` measured seconds too.
+type Recorded = (Vec<LaunchCost>, Option<Vec<(LaunchCost, f64)>>);
+
 /// The declared costs of one full training step (zero grads, forward + backward, AdamW, the
 /// closing synchronize), as `bench` times it; the batch is uploaded before, as in `bench`.
-fn record_step(b: &Cuda, a: &Args, ck: &Checkpoint) -> CliResult<Vec<LaunchCost>> {
+fn record_step(b: &Cuda, a: &Args, ck: &Checkpoint, measure: bool) -> CliResult<Recorded> {
     let (bs, s, t) = (a.batch, a.src_len, a.tgt_len);
     let batch = synthetic_batch(&ck.config, bs, s, t);
     let mut net = Bert2Bert::new(b, ck.config.clone(), ck.table.clone(), &ck.params)?;
@@ -70,15 +90,22 @@ fn record_step(b: &Cuda, a: &Args, ck: &Checkpoint) -> CliResult<Vec<LaunchCost>
     let scale = 1.0 / x.label_tokens() as f32;
     for step in 0..2u64 {
         b.record_costs(step == 1);
+        b.measure_launches(step == 1 && measure);
         net.zero_grads(b)?;
         let opts = PassOptions { train: true, seed: step, label_smoothing: 0.0, grad_scale: Some(scale) };
         net.pass(b, &x, opts)?;
         opt.update(b, &ck.table, &mut net.params, &net.grads, 5e-5)?;
         kernels::Memory::synchronize(b)?;
     }
-    let costs = b.take_costs();
+    let recorded = if measure {
+        let timed = b.take_measured()?;
+        (timed.iter().map(|(c, _)| *c).collect(), Some(timed))
+    } else {
+        (b.take_costs(), None)
+    };
+    b.measure_launches(false);
     b.record_costs(false);
-    Ok(costs)
+    Ok(recorded)
 }
 
 struct Report<'a> {
@@ -88,6 +115,7 @@ struct Report<'a> {
     device: String,
     precision: &'a str,
     skipped: bool,
+    measured: Option<Measured>,
 }
 
 impl Report<'_> {
@@ -100,11 +128,13 @@ impl Report<'_> {
         let kernels: Vec<serde_json::Value> = p
             .rows
             .iter()
-            .map(|r| {
+            .enumerate()
+            .map(|(i, r)| {
                 serde_json::json!({
                     "kernel": r.kernel, "launches": r.launches, "bytes": r.bytes, "flops": r.flops,
                     "predicted_us": r.seconds * 1e6, "predicted_graph_us": r.graph_seconds * 1e6,
                     "share": r.seconds / p.step_s,
+                    "measured_us": self.measured.as_ref().map(|m| m.seconds[i] * 1e6),
                 })
             })
             .collect();
@@ -118,6 +148,7 @@ impl Report<'_> {
             "predicted_tokens_per_s": self.tokens_per_s(p.step_s),
             "flops_per_step": self.model_flops, "gemm_flops": p.gemm_flops,
             "launches": p.launches, "syncs": p.syncs,
+            "measured_step_ms": self.measured.as_ref().map(|m| m.step_s * 1e3),
             "assumptions": {
                 "memory_bandwidth": p.gpu.memory_bandwidth, "bf16_flops": p.gpu.bf16_flops,
                 "fp32_flops": p.gpu.fp32_flops, "pcie_bandwidth": p.gpu.pcie_bandwidth,
@@ -138,10 +169,15 @@ impl Report<'_> {
             self.device
         );
         println!("batch {} src {} tgt {}, {} GEMMs on fp32 storage", a.batch, a.src_len, a.tgt_len, self.precision);
-        println!("{:<32} {:>8} {:>10} {:>12} {:>10} {:>6}", "kernel", "launches", "GB", "GFLOP", "pred µs", "share");
-        for r in &p.rows {
+        let measured_head = if self.measured.is_some() { format!(" {:>10}", "meas µs") } else { String::new() };
+        println!(
+            "{:<32} {:>8} {:>10} {:>12} {:>10} {:>6}{measured_head}",
+            "kernel", "launches", "GB", "GFLOP", "pred µs", "share"
+        );
+        for (i, r) in p.rows.iter().enumerate() {
+            let measured = self.measured.as_ref().map(|m| format!(" {:>10.1}", m.seconds[i] * 1e6)).unwrap_or_default();
             println!(
-                "{:<32} {:>8} {:>10.3} {:>12.1} {:>10.1} {:>5.1}%",
+                "{:<32} {:>8} {:>10.3} {:>12.1} {:>10.1} {:>5.1}%{measured}",
                 r.kernel,
                 r.launches,
                 r.bytes as f64 / 1e9,
@@ -165,6 +201,14 @@ impl Report<'_> {
             self.model_flops,
             p.gemm_flops as f64
         );
+        if let Some(m) = &self.measured {
+            println!(
+                "measured with CUDA events on {}: step {:.2} ms, MFU {:.1}%",
+                self.device,
+                m.step_s * 1e3,
+                100.0 * p.mfu(self.model_flops, m.step_s)
+            );
+        }
         println!(
             "assumed: launch gap {:.2} µs ({:.2} µs in a graph), host sync {:.0} µs, pageable PCIe {:.0} GB/s",
             g.launch_s * 1e6,

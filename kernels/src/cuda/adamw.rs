@@ -71,9 +71,9 @@ impl OptimizerOps for Cuda {
         }
         // Reading the result back is a host sync, once per call.
         self.note(cost::host_copy("memcpy_dtoh", 8));
-        self.note(cost::sync("sync (sum_squares)"));
         let mut host = [0.0f64];
         self.stream().memcpy_dtoh(&out, &mut host).map_err(dev_err)?;
+        self.note(cost::sync("sync (sum_squares)"));
         self.stream().synchronize().map_err(dev_err)?;
         Ok(host[0])
     }

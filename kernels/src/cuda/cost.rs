@@ -97,9 +97,14 @@ impl Recorder {
         *g = if on { Some(g.take().unwrap_or_default()) } else { None };
     }
 
-    pub(crate) fn note(&self, cost: LaunchCost) {
-        if let Some(list) = self.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            list.push(cost);
+    /// Appends `cost` when recording; says whether it did.
+    pub(crate) fn note(&self, cost: LaunchCost) -> bool {
+        match self.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(list) => {
+                list.push(cost);
+                true
+            }
+            None => false,
         }
     }
 

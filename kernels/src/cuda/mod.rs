@@ -27,10 +27,10 @@ pub mod roofline;
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 
 use crate::{KernelError, Memory, Result};
 
@@ -81,6 +81,9 @@ pub struct Cuda {
     bf16: AtomicBool,
     /// Declared costs of the launches queued while recording is on (the cost model).
     costs: cost::Recorder,
+    /// While measuring: a timing event recorded on the stream before each recorded entry, or
+    /// the error that stopped it (see `measure_launches`).
+    marks: Mutex<Option<std::result::Result<Vec<CudaEvent>, String>>>,
 }
 
 /// A shared view of device memory: pointer and length, borrowed from a buffer.
@@ -142,7 +145,7 @@ impl Cuda {
         }
         let blas = matmul::Blas::new(&stream)?;
         let bf16 = AtomicBool::new(precision == GemmPrecision::Bf16);
-        Ok(Self { ctx, stream, blas, functions, sm_count, bf16, costs: cost::Recorder::default() })
+        Ok(Self { ctx, stream, blas, functions, sm_count, bf16, costs: cost::Recorder::default(), marks: Mutex::new(None) })
     }
 
     /// Start (or stop) recording the declared cost of every launch, copy and sync this backend
@@ -156,8 +159,52 @@ impl Cuda {
         self.costs.take()
     }
 
+    /// With recording on, also time every recorded entry with CUDA events (`take_measured`):
+    /// an event is recorded on the stream before each entry, so an entry's time runs from its
+    /// event to the next one, launch gap and host bubbles included. Each event costs the host a
+    /// `cuEventRecord`, so measured gaps come out a little longer than in an unmeasured run.
+    pub fn measure_launches(&self, on: bool) {
+        *self.marks.lock().unwrap_or_else(|p| p.into_inner()) = on.then(|| Ok(Vec::new()));
+    }
+
+    /// The recorded costs, each with its measured seconds; waits for the stream. Measuring stays
+    /// on for the entries recorded next. An error when measuring was not on or an event failed.
+    pub fn take_measured(&self) -> Result<Vec<(cost::LaunchCost, f64)>> {
+        let mut guard = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        let marks = match guard.replace(Ok(Vec::new())) {
+            Some(Ok(marks)) => marks,
+            Some(Err(e)) => return Err(KernelError::Device(format!("timing launches: {e}"))),
+            None => return Err(KernelError::Device("take_measured without measure_launches".into())),
+        };
+        let costs = self.costs.take();
+        check("take_measured", marks.len() == costs.len(), || {
+            format!("{} events for {} recorded entries", marks.len(), costs.len())
+        })?;
+        let end = self.timing_event().map_err(dev_err)?;
+        self.stream.synchronize().map_err(dev_err)?;
+        let mut out = Vec::with_capacity(costs.len());
+        for (i, c) in costs.into_iter().enumerate() {
+            let next = marks.get(i + 1).unwrap_or(&end);
+            out.push((c, marks[i].elapsed_ms(next).map_err(dev_err)? as f64 / 1e3));
+        }
+        Ok(out)
+    }
+
+    fn timing_event(&self) -> std::result::Result<CudaEvent, cudarc::driver::DriverError> {
+        self.stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+    }
+
     pub(crate) fn note(&self, c: cost::LaunchCost) {
-        self.costs.note(c);
+        if !self.costs.note(c) {
+            return;
+        }
+        let mut guard = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Ok(marks)) = guard.as_mut() {
+            match self.timing_event() {
+                Ok(e) => marks.push(e),
+                Err(e) => *guard = Some(Err(format!("{e:?}"))),
+            }
+        }
     }
 
     /// How GEMMs queued from now on multiply.
@@ -255,13 +302,13 @@ impl Memory for Cuda {
     fn download(&self, view: DevRef<'_>) -> Result<Vec<f32>> {
         let mut out = vec![0.0f32; view.len];
         self.note(cost::host_copy("memcpy_dtoh", 4 * view.len));
-        self.note(cost::sync("sync (download)"));
         if view.len > 0 {
             // SAFETY: `view` points at `len` live f32s on this context; the stream is synchronised
             // before `out` is read.
             unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut out, view.ptr, self.stream.cu_stream()) }
                 .map_err(dev_err)?;
         }
+        self.note(cost::sync("sync (download)"));
         self.stream.synchronize().map_err(dev_err)?;
         Ok(out)
     }
