@@ -44,11 +44,11 @@ pub fn zero_checkpoint(config: ModelConfig) -> Checkpoint {
 pub fn run(b: &Cuda, a: &Args, ck: &Checkpoint, gpu: Gpu) -> CliResult {
     let skip = cuda_emu::installed() && std::env::var("B2B_PREDICT_EXECUTE").as_deref() != Ok("1");
     if skip {
-        cuda_emu::set_skip_bodies(true).map_err(|e| CliError::usage(format!("--predict: {e}")))?;
+        cuda_emu::set_skip_bodies(true).map_err(|e| CliError::failure(format!("--predict: {e}")))?;
     }
     let (costs, measured) = record_step(b, a, ck, !skip)?;
     if skip {
-        cuda_emu::set_skip_bodies(false).map_err(|e| CliError::usage(format!("--predict: {e}")))?;
+        cuda_emu::set_skip_bodies(false).map_err(|e| CliError::failure(format!("--predict: {e}")))?;
     }
     let label_tokens = a.batch * a.tgt_len;
     let model_flops = step_flops(&ck.config, a.batch, a.src_len, a.tgt_len, label_tokens);
