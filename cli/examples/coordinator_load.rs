@@ -11,10 +11,10 @@
 //! `every-step` is the old way: each step waits for its own ReportProgress RPC. Heartbeats run
 //! as the agent sends them. Printed per N: how long the gangs took to form (from the first
 //! GetAssignment until every worker has its assignment), reports sent per second in the steady
-//! state, ReportProgress + Heartbeat latency p50/p99 separately for calls sent during formation
-//! and after it (the steady state), the coordinator's CPU over the whole run (from /proc, user
-//! + system over wall time) and the time a step spends on reporting (p50/p99), which is what
-//! the training thread would lose. The steady state lasts --secs after formation. Loopback only;
+//! state, ReportProgress and Heartbeat latency p50/p99 separately for calls sent during
+//! formation and after it (the steady state), the coordinator's CPU over the whole run (from
+//! /proc, user and system time over wall time) and the time a step spends on reporting
+//! (p50/p99), which is what the training thread would lose. The steady state lasts --secs after formation. Loopback only;
 //! every loop is bounded: formation may take at most FORMATION_LIMIT, after which the workers
 //! still waiting give up and the run is reported as not formed.
 
@@ -56,7 +56,8 @@ fn parse_args() -> Result<Args, String> {
         let bad = |what: &str| format!("{flag}: `{v}` is not {what}");
         match flag {
             "--workers" => {
-                a.workers = v.split(',').map(|n| n.parse().map_err(|_| bad("a list of counts"))).collect::<Result<_, _>>()?
+                a.workers =
+                    v.split(',').map(|n| n.parse().map_err(|_| bad("a list of counts"))).collect::<Result<_, _>>()?
             }
             "--jobs" => a.jobs = Some(v.parse().map_err(|_| bad("a count"))?),
             "--rate" => a.rate = v.parse().map_err(|_| bad("a number"))?,
@@ -240,8 +241,8 @@ async fn worker(ch: Channel, args: Arc<Args>, phase: Arc<Phase>, out: Arc<Mutex<
     let every = Duration::from_millis(reg.heartbeat_interval_ms.max(100));
     let beat = tokio::spawn(heartbeats(c.clone(), hb, every, phase.clone(), out.clone()));
     let (tx, rx) = watch::channel(None::<v1::Progress>);
-    let sender = (!args.every_step)
-        .then(|| tokio::spawn(send_latest(c.clone(), base.clone(), rx, phase.clone(), out.clone())));
+    let sender =
+        (!args.every_step).then(|| tokio::spawn(send_latest(c.clone(), base.clone(), rx, phase.clone(), out.clone())));
     let period = Duration::from_secs_f64(1.0 / args.rate);
     let mut overhead = Vec::new();
     let mut step = 0u64;

@@ -52,13 +52,13 @@ fn contract(s: &dyn Store) {
     s.put_attempt(&attempt).unwrap();
     let ended = Attempt { ended_ms: Some(20), outcome: "worker w-2 lost".into(), ..attempt.clone() };
     s.put_attempt(&ended).unwrap();
-    assert_eq!(s.attempts(&a.id).unwrap(), [ended.clone()]);
+    assert_eq!(s.attempts(&a.id).unwrap(), std::slice::from_ref(&ended));
 
     // A gang start stores the attempt and the job's new state together, or neither: with the
     // job missing, the attempt (whose own insert would succeed) must not stay behind.
     let second = Attempt { attempt: 2, started_ms: 30, ..attempt.clone() };
     assert!(s.start_attempt(&ghost, &second).is_err());
-    assert_eq!(s.attempts(&a.id).unwrap(), [ended.clone()], "the attempt was stored without its job");
+    assert_eq!(s.attempts(&a.id).unwrap(), std::slice::from_ref(&ended), "the attempt was stored without its job");
     let restarted = coordinator::domain::Job { step: 8, updated_ms: 30, ..running.clone() };
     s.start_attempt(&restarted, &second).unwrap();
     assert_eq!(s.get_job(&a.id).unwrap().unwrap(), restarted);
