@@ -224,18 +224,24 @@ impl Scheduler {
     /// smaller: a change no event announces, which a waiting caller must wake for.
     fn schedule(&self, t: &mut Table, caller: &str) -> Result<Option<i64>> {
         let mut elastic_due: Option<i64> = None;
-        let alive = self.workers.alive()?;
-        let Some(me) = alive.iter().find(|w| w.id == caller).cloned() else { return Ok(None) };
+        let Some(me) = self.workers.live_worker(caller)? else { return Ok(None) };
         let now = self.clock.now_ms();
-        let idle: Vec<&Worker> = self.ready(t, &alive).into_iter().filter(|w| w.id != caller).collect();
+        // The other idle workers, listed only for a job that needs more than the caller: the
+        // list copies and sorts every live worker (about 1 ms at 1000), under the table lock,
+        // on every poll (BENCHMARKS.md, "Coordinator under load").
+        let mut idle: Option<Vec<Worker>> = None;
         for job in self.jobs.pending()? {
             let need = job.workers.max(1) as usize;
             let least = (job.min_workers as usize).clamp(1, need);
             if me.device != job.device {
                 continue;
             }
+            if need > 1 && idle.is_none() {
+                let alive = self.workers.alive()?;
+                idle = Some(self.ready(t, &alive).into_iter().filter(|w| w.id != caller).cloned().collect());
+            }
             let others: Vec<&Worker> =
-                idle.iter().copied().filter(|w| w.device == job.device).take(need - 1).collect();
+                idle.iter().flatten().filter(|w| w.device == job.device).take(need - 1).collect();
             let due = job.since_ms.saturating_add(self.elastic_wait_ms);
             let waited = now >= due;
             let grown = t.grow_to.get(&job.id).is_some_and(|&n| others.len() + 1 >= n.min(need));

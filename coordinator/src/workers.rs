@@ -153,6 +153,11 @@ impl Workers {
         Ok(dead)
     }
 
+    /// The worker, if it is live.
+    pub fn live_worker(&self, worker_id: &str) -> Result<Option<Worker>> {
+        Ok(self.live()?.get(worker_id).cloned())
+    }
+
     /// The live workers, oldest registration first.
     pub fn alive(&self) -> Result<Vec<Worker>> {
         let mut v: Vec<Worker> = self.live()?.values().cloned().collect();
