@@ -13,7 +13,7 @@ use model::optim::{AdamWConfig, Optimizer};
 use model::{BertConfig, ModelConfig, ParamTable};
 use rayon::prelude::*;
 
-use crate::device::{self, LocalDevice, DeviceInfo, GemmPrecision};
+use crate::device::{self, DeviceInfo, GemmPrecision, LocalDevice};
 use crate::{CliError, CliResult};
 
 #[derive(clap::Args)]

@@ -31,7 +31,9 @@ fn launches(v: &Value) -> Launches {
         .as_array()
         .expect("kernels")
         .iter()
-        .map(|k| (k["kernel"].as_str().unwrap().to_string(), (field(k, "launches"), field(k, "bytes"), field(k, "flops"))))
+        .map(|k| {
+            (k["kernel"].as_str().unwrap().to_string(), (field(k, "launches"), field(k, "bytes"), field(k, "flops")))
+        })
         .collect()
 }
 

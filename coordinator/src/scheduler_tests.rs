@@ -115,7 +115,8 @@ fn failures_past_max_restarts_fail_the_job() {
     let (a, b) = (reg(&workers, 1), reg(&workers, 2));
     for attempt in 1..=2 {
         assert!(s.assignment(&a).unwrap().is_some());
-        s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt }, "x", FailureKind::Error).unwrap();
+        s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt }, "x", FailureKind::Error)
+            .unwrap();
     }
     let j = jobs.get(&job.id).unwrap();
     assert_eq!(j.state, JobState::Failed);
@@ -228,7 +229,8 @@ fn nccl_unique_id_goes_from_rank_0_to_the_other_ranks_of_its_attempt_only() {
     assert_eq!(s.assignment(&a).unwrap().unwrap().nccl_unique_id, id);
 
     // A new attempt needs a new communicator: it starts without an id.
-    s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 }, "x", FailureKind::Error).unwrap();
+    s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 }, "x", FailureKind::Error)
+        .unwrap();
     refused(s.post_nccl_id(&a, &id), "no assignment");
     let again = s.assignment(&a).unwrap().unwrap();
     assert_eq!(again.attempt, 2);
@@ -266,7 +268,8 @@ fn members_of_an_ended_attempt_must_ask_again_before_joining_a_gang() {
     assert_eq!(s.assignment(&a).unwrap().unwrap().world_size, 3);
     assert_eq!(s.assignment(&c).unwrap().unwrap().rank, 2);
     // b fails at once (c was just killed, say): no time passes, yet c is not taken again.
-    s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 }, "x", FailureKind::Error).unwrap();
+    s.failed(&AttemptRef { worker_id: b.clone(), job_id: job.id.clone(), attempt: 1 }, "x", FailureKind::Error)
+        .unwrap();
     assert_eq!(s.assignment(&a).unwrap(), None);
     assert_eq!(s.assignment(&b).unwrap(), None, "2 of 3 wait for the elastic grace");
     clock.advance(3_000);
@@ -478,7 +481,10 @@ fn scheduling_reads_the_typed_columns_not_the_yaml() {
     assert_eq!((ab.world_size, ab.rank, ab.uses_nccl), (2, 1, false));
     let ra = AttemptRef { worker_id: a.clone(), job_id: job.id.clone(), attempt: 1 };
     s.commit_checkpoint(&ra, 4, "/c/step-00000004".into(), String::new()).unwrap();
-    assert!(matches!(s.commit_checkpoint(&ra, 5, "/d/step-00000005".into(), String::new()), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        s.commit_checkpoint(&ra, 5, "/d/step-00000005".into(), String::new()),
+        Err(Error::InvalidArgument(_))
+    ));
     s.failed(&ra, "boom", FailureKind::Error).unwrap();
     assert_eq!((jobs.get(&job.id).unwrap().state, jobs.get(&job.id).unwrap().restarts), (JobState::Pending, 1));
     assert_eq!(s.assignment(&a).unwrap(), None);

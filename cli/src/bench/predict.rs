@@ -24,8 +24,7 @@ use crate::{CliError, CliResult};
 
 /// The GPU `--predict` names; a usage error for an unknown name or a device that cannot record.
 pub fn target(a: &Args, name: &str) -> CliResult<Gpu> {
-    let gpu = roofline::gpu(name)
-        .ok_or_else(|| CliError::usage(format!("--predict `{name}`: use h100 or h200")))?;
+    let gpu = roofline::gpu(name).ok_or_else(|| CliError::usage(format!("--predict `{name}`: use h100 or h200")))?;
     if a.device == LocalDevice::Cpu {
         return Err(CliError::usage("--predict needs --device cuda-emu (or a real cuda device)"));
     }
@@ -54,9 +53,12 @@ pub fn run(b: &Cuda, a: &Args, ck: &Checkpoint, gpu: Gpu) -> CliResult {
     let model_flops = step_flops(&ck.config, a.batch, a.src_len, a.tgt_len, label_tokens);
     let p = roofline::predict(&costs, gpu);
     let measured = measured.map(|m| by_kernel(&p.rows, &m));
-    let report =
-        Report { a, p: &p, model_flops, device: b_name(b), precision: &a.precision, skipped: skip, measured };
-    if a.json { println!("{}", report.json()) } else { report.print() }
+    let report = Report { a, p: &p, model_flops, device: b_name(b), precision: &a.precision, skipped: skip, measured };
+    if a.json {
+        println!("{}", report.json())
+    } else {
+        report.print()
+    }
     Ok(())
 }
 

@@ -63,7 +63,12 @@ pub fn gemm(m: usize, n: usize, k: usize, batch: usize, accumulate: bool, precis
         GemmPrecision::Bf16 => "cublas_gemm_bf16",
         GemmPrecision::Fp32 => "cublas_gemm_fp32",
     };
-    LaunchCost { kernel, work: Work::Gemm(precision), bytes: F32 * b * (m * k + k * n + c_passes * m * n), flops: 2 * m * n * k * b }
+    LaunchCost {
+        kernel,
+        work: Work::Gemm(precision),
+        bytes: F32 * b * (m * k + k * n + c_passes * m * n),
+        flops: 2 * m * n * k * b,
+    }
 }
 
 /// `cuMemsetD32Async` over `n` floats (`fill`, and the zeroing of every `alloc_zeros`).

@@ -27,8 +27,8 @@ pub mod roofline;
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 
@@ -145,7 +145,16 @@ impl Cuda {
         }
         let blas = matmul::Blas::new(&stream)?;
         let bf16 = AtomicBool::new(precision == GemmPrecision::Bf16);
-        Ok(Self { ctx, stream, blas, functions, sm_count, bf16, costs: cost::Recorder::default(), marks: Mutex::new(None) })
+        Ok(Self {
+            ctx,
+            stream,
+            blas,
+            functions,
+            sm_count,
+            bf16,
+            costs: cost::Recorder::default(),
+            marks: Mutex::new(None),
+        })
     }
 
     /// Start (or stop) recording the declared cost of every launch, copy and sync this backend

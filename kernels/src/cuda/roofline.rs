@@ -169,7 +169,8 @@ mod tests {
     fn each_entry_takes_its_roof_plus_its_overhead() {
         let g = H100;
         // A bf16 GEMM of exactly 989 GFLOP: 1 ms of tensor-core time, tiny traffic.
-        let gemm = LaunchCost { kernel: "g", work: Work::Gemm(GemmPrecision::Bf16), bytes: 1000, flops: 989_000_000_000 };
+        let gemm =
+            LaunchCost { kernel: "g", work: Work::Gemm(GemmPrecision::Bf16), bytes: 1000, flops: 989_000_000_000 };
         assert!(close(g.seconds(&gemm, false), 1e-3 + 2.5e-6));
         assert!(close(g.seconds(&gemm, true), 1e-3 + 0.75e-6));
         // The same GEMM at fp32 compute runs at 67 TFLOP/s.
