@@ -409,6 +409,18 @@ static void test_dead_peer() {
     rmdir(dir_of(id).c_str());
 }
 
+// The mismatch case's ranks meet here after each has seen its error and before either aborts:
+// abort removes a rank's op files, so a peer still waiting for them (a slow fork on a busy
+// machine) would see the rank leave (ncclRemoteError) instead of the mismatch. Marker files are
+// named after the test process (the parent), which removes them after reaping both ranks.
+static std::string marker(int r) { return "/tmp/b2b-nccl-test-" + std::to_string(getppid()) + "-seen-" + std::to_string(r); }
+static void meet_peer(int r) {
+    if (FILE* f = fopen(marker(r).c_str(), "w")) fclose(f);
+    struct stat st;
+    double t0 = now_s();
+    while (now_s() - t0 < 10 && stat(marker(1 - r).c_str(), &st) != 0) usleep(1000);
+}
+
 // Rank 1 aborts instead of joining the collective: rank 0 sees it leave (ncclRemoteError).
 // Then two ranks that issue different collectives: both get ncclInvalidUsage.
 static int abort_or_mismatch_rank(int r, const ncclUniqueId& id, bool mismatch) {
@@ -430,6 +442,7 @@ static int abort_or_mismatch_rank(int r, const ncclUniqueId& id, bool mismatch) 
     CHECK(err == want, "%s: async error %d, want %d", mismatch ? "mismatch" : "peer abort", err, want);
     const char* msg = ncclGetLastError(comm);
     CHECK(strstr(msg, mismatch ? "differs between ranks" : "left the communicator"), "message: %s", msg);
+    if (mismatch) meet_peer(r);
     CHECK(ncclCommFinalize(comm) == want, "finalize must report the async error");
     CHECK(ncclCommAbort(comm) == ncclSuccess, "abort");
     CHECK(drain(nullptr, 2), "the stream op did not return after abort");
@@ -442,6 +455,7 @@ static void test_abort_and_mismatch() {
         ncclGetUniqueId(&id);
         for (pid_t p : spawn(2, [&](int r) { return abort_or_mismatch_rank(r, id, mismatch); }))
             reap(p, mismatch ? "mismatch rank" : "peer-abort rank");
+        for (int r = 0; r < 2; r++) unlink(("/tmp/b2b-nccl-test-" + std::to_string(getpid()) + "-seen-" + std::to_string(r)).c_str());
         struct stat st;
         CHECK(stat(dir_of(id).c_str(), &st) != 0, "dir %s left behind", dir_of(id).c_str());
     }
