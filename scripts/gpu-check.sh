@@ -16,7 +16,8 @@
 #   1. bert2bert selftest --device cuda, then again with --precision bf16   every op and a model step vs the CPU
 #   2. scripts/worker-smoke.sh        a coordinator and one `worker --device cuda` train a tiny job (NCCL unique id
 #                                     relay, world 1, checkpoint commit); its coordinator/worker logs stay in OUT
-#   3. bert2bert bench --device cuda --config bert-base --batch 32 --src-len 128 --tgt-len 128 --steps 10 --json
+#   3. bert2bert bench --device cuda --config bert-base --batch 32 --src-len 128 --tgt-len 128 --steps 10 --json,
+#      then the same shape with --predict h100: the cost model's per-kernel table, predicted beside measured
 #   4. bench/pytorch_gpu.py --mode eager     transformers EncoderDecoderModel, bf16 autocast
 #   5. bench/pytorch_gpu.py --mode compile   the same under torch.compile, only when >= 150 s are left (else listed
 #                                            as skipped for time, which is not a failure)
@@ -74,7 +75,7 @@ failed=()   # stages that failed, timed out or had no time left: exit status 1
 skipped=()  # stages not run by design (--quick, --emu, torch.compile short of time): listed, not failures
 # A rerun into the same OUT must not show the last run's results for a stage it skips.
 rm -rf "$work"/selftest{,_bf16}.{txt,log} "$work"/bench_{bert2bert,pytorch_eager,pytorch_compile}.{json,log} \
-  "$work/worker-smoke.txt" "$work/worker-smoke" "$work"/{summary.json,failed.txt,skipped.txt}
+  "$work"/bench_predict.{txt,log} "$work/worker-smoke.txt" "$work/worker-smoke" "$work"/{summary.json,failed.txt,skipped.txt}
 : >"$work/stages.tsv"
 
 say() { printf '\n== %s (%ss elapsed)\n' "$*" "$SECONDS"; }
@@ -134,6 +135,7 @@ stage_logs() {
     "worker smoke") printf '%s\n' "$work/worker-smoke.txt" "$work/worker-smoke/worker.log" \
       "$work/worker-smoke/coordinator.log" ;;
     "bench bert2bert") echo "$work/bench_bert2bert.log" ;;
+    "bench predict") echo "$work/bench_predict.log" ;;
     "pytorch eager") echo "$work/bench_pytorch_eager.log" ;;
     "pytorch compile") echo "$work/bench_pytorch_compile.log" ;;
   esac
@@ -294,6 +296,12 @@ if ((have_bin)); then
     "${ours[@]}" "$BIN" bench --device "$dev" "${bench_args[@]}" --json
   tail -n 3 "$work/bench_bert2bert.log" 2>/dev/null
   cat "$work/bench_bert2bert.json" 2>/dev/null
+  # 3b. The cost model against this device: the per-kernel table with the predicted H100 time
+  # beside the time CUDA events measured (on the virtual GPU the bodies are skipped: prediction only).
+  say "predict: bert2bert bench --device $dev ${bench_args[*]} --predict h100"
+  run_stage "bench predict" 60 "$work/bench_predict.txt" "$work/bench_predict.log" \
+    "${ours[@]}" "$BIN" bench --device "$dev" "${bench_args[@]}" --predict h100
+  cat "$work/bench_predict.txt" 2>/dev/null
 fi
 
 # ---- 4, 5. PyTorch (the caller's environment) ----
