@@ -4,11 +4,14 @@
 //! `p -= lr*wd*p; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2;`
 //! `p -= (lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps)`.
 //! `sum_squares` accumulates in f64 for the global gradient norm.
+//! `adamw_flat` is the oracle of the one-launch device update: the norm from `sum_squares`,
+//! then per chunk of the segment table the same per-element update on `g * coef` (the same
+//! bits as `clip_grad_norm`'s in-place `scale` followed by `adamw`, tensor by tensor).
 
 use rayon::prelude::*;
 
 use super::{Cpu, check};
-use crate::{AdamW, OptimizerOps, Result};
+use crate::{AdamW, FlatSegments, OptimizerOps, Result, clip_coef};
 
 const CHUNK: usize = 1 << 14;
 
@@ -35,6 +38,82 @@ impl OptimizerOps for Cpu {
                     p[i] -= step_size * m[i] / denom;
                 }
             });
+        Ok(())
+    }
+
+    fn adamw_flat(
+        &self,
+        h: AdamW,
+        max_norm: f32,
+        segs: &FlatSegments<Vec<i32>>,
+        params: &mut [f32],
+        grads: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        norm: &mut [f32],
+    ) -> Result<()> {
+        let n = segs.len;
+        check(
+            "adamw_flat",
+            params.len() == n
+                && grads.len() == n
+                && m.len() == n
+                && v.len() == n
+                && norm.len() == 1
+                && segs.table.len() == 3 * segs.chunks
+                && h.step >= 1,
+            || {
+                format!(
+                    "segments over {n}: params {} grads {} m {} v {} norm {} table {} step {}",
+                    params.len(),
+                    grads.len(),
+                    m.len(),
+                    v.len(),
+                    norm.len(),
+                    segs.table.len(),
+                    h.step
+                )
+            },
+        )?;
+        let nrm = self.sum_squares(grads)?.sqrt() as f32;
+        norm[0] = nrm;
+        let coef = clip_coef(max_norm, nrm).unwrap_or(1.0);
+        let bc1 = 1.0 - h.beta1.powi(h.step as i32);
+        let bc2_sqrt = (1.0 - h.beta2.powi(h.step as i32)).sqrt();
+        let step_size = h.lr / bc1;
+        let decay = 1.0 - h.lr * h.weight_decay;
+        // Split the buffers at the chunk boundaries (ascending and disjoint, as the table is built).
+        type Work<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32], &'a [f32], f32);
+        let mut work: Vec<Work<'_>> = Vec::with_capacity(segs.chunks);
+        let (mut p_rest, mut m_rest, mut v_rest, mut g_rest) = (params, m, v, grads);
+        let mut at = 0usize;
+        for c in segs.table.chunks_exact(3) {
+            let (start, len) = (c[0] as usize, c[1] as usize);
+            check("adamw_flat", c[0] >= 0 && c[1] >= 0 && start >= at && start + len <= n, || {
+                format!("chunk ({}, {}) after {at} in {n}", c[0], c[1])
+            })?;
+            let skip = start - at;
+            let (_, p) = std::mem::take(&mut p_rest).split_at_mut(skip);
+            let (p, pr) = p.split_at_mut(len);
+            let (_, mm) = std::mem::take(&mut m_rest).split_at_mut(skip);
+            let (mm, mr) = mm.split_at_mut(len);
+            let (_, vv) = std::mem::take(&mut v_rest).split_at_mut(skip);
+            let (vv, vr) = vv.split_at_mut(len);
+            let (g, gr) = g_rest[skip..].split_at(len);
+            (p_rest, m_rest, v_rest, g_rest) = (pr, mr, vr, gr);
+            work.push((p, mm, vv, g, if c[2] != 0 { decay } else { 1.0 }));
+            at = start + len;
+        }
+        work.into_par_iter().for_each(|(p, m, v, g, decay)| {
+            for i in 0..p.len() {
+                let gi = g[i] * coef;
+                p[i] *= decay;
+                m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * gi;
+                v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * gi * gi;
+                let denom = v[i].sqrt() / bc2_sqrt + h.eps;
+                p[i] -= step_size * m[i] / denom;
+            }
+        });
         Ok(())
     }
 
