@@ -129,7 +129,7 @@ impl OptimizerOps for Cpu {
 mod tests {
     use super::*;
     use crate::cpu::testutil::*;
-    use crate::{Memory, clip_grad_norm};
+    use crate::{FlatSegments, Memory, clip_grad_norm};
 
     #[test]
     fn adamw_matches_f64_reference_over_steps() {
@@ -145,6 +145,33 @@ mod tests {
             crate::reference::adamw(h, &mut want, &g, &mut m_ref, &mut v_ref);
         }
         assert_close("adamw", &p, &want, 1e-5);
+    }
+
+    /// The one-call update is bit-for-bit `clip_grad_norm` then `adamw` range by range, with
+    /// decay only on decaying ranges, and leaves the gaps (frozen tensors) alone.
+    #[test]
+    fn adamw_flat_is_clip_then_per_range_adamw_bitwise() {
+        let n = 100_003;
+        let segs = [(0..17, true), (17..16_401, false), (20_000..70_001, true), (70_001..100_000, false)];
+        for max_norm in [0.0f32, 1.0, 1e9] {
+            let (p0, g0) = (randn(n, 1.0, 71), randn(n, 0.1, 72));
+            let (m0, v0) = (randn(n, 0.01, 73), randn(n, 0.01, 74).iter().map(|x| x * x).collect::<Vec<_>>());
+            let h = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 2 };
+            let table = FlatSegments::new(&Cpu, n, &segs).unwrap();
+            assert_eq!(table.elems, 17 + 16_384 + 50_001 + 29_999);
+            let (mut p, mut m, mut v, mut norm) = (p0.clone(), m0.clone(), v0.clone(), vec![0.0f32]);
+            Cpu.adamw_flat(h, max_norm, &table, &mut p, &g0, &mut m, &mut v, &mut norm).unwrap();
+            let (mut pw, mut gw, mut mw, mut vw) = (p0.clone(), g0.clone(), m0.clone(), v0.clone());
+            let want_norm = clip_grad_norm(&Cpu, &mut gw, max_norm).unwrap();
+            for (r, decay) in &segs {
+                let h = AdamW { weight_decay: if *decay { h.weight_decay } else { 0.0 }, ..h };
+                let r = r.clone();
+                Cpu.adamw(h, &mut pw[r.clone()], &gw[r.clone()], &mut mw[r.clone()], &mut vw[r]).unwrap();
+            }
+            assert_eq!(norm[0].to_bits(), want_norm.to_bits(), "max_norm {max_norm}");
+            assert!(p == pw && m == mw && v == vw, "max_norm {max_norm}: not the same bits");
+            assert_eq!(p[16_500], p0[16_500], "a gap is left alone");
+        }
     }
 
     #[test]
