@@ -67,6 +67,8 @@ fn cpu_selftest_passes_and_lists_every_op_family() {
         "clip_grad_norm_above.grads",
         "clip_grad_norm_below.norm",
         "clip_grad_norm_below.grads",
+        "adamw_flat_clipped",
+        "adamw_flat_unclipped",
         "fill",
         "copy",
         "view_mut2",

@@ -1,8 +1,9 @@
 //! Elementwise ops (DropoutOps, ResidualOps, OptimizerOps) and Memory, on views in the middle
 //! of larger buffers, so that a write outside the view shows up as an error; gradient clipping
-//! on a whole buffer, with the norm above and below the maximum.
+//! on a whole buffer, with the norm above and below the maximum; the one-launch AdamW over a
+//! flat buffer (`adamw_flat`) with odd decaying, non-decaying and skipped ranges, clipped or not.
 
-use kernels::{AdamW, Backend, reference};
+use kernels::{AdamW, Backend, FlatSegments, reference};
 
 use super::{Case, Draw, Outputs, get};
 
@@ -204,5 +205,92 @@ impl Case for ClipCase {
         let mut grads = self.grads.clone();
         let norm = reference::clip_grad_norm(&mut grads, self.max_norm);
         vec![("norm", vec![norm as f32]), ("grads", grads)]
+    }
+}
+
+/// `adamw_flat` on a flat buffer of odd length split into odd ranges: decaying, non-decaying
+/// and skipped (frozen) ones, with a gradient norm above the maximum (clipped) or below it.
+/// The reference is `reference::clip_grad_norm` on the whole gradient, then
+/// `reference::adamw` range by range, with or without weight decay.
+pub(crate) struct AdamWFlatCase {
+    clipped: bool,
+    max_norm: f32,
+    h: AdamW,
+    /// `(range, decay)`; the gaps between ranges are left alone.
+    segments: Vec<(std::ops::Range<usize>, bool)>,
+    p: Vec<f32>,
+    g: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl AdamWFlatCase {
+    pub(crate) fn new(r: &mut Draw, n: usize, clipped: bool) -> Self {
+        let (p, g, m) = (r.normal(n, 1.0), r.normal(n, 0.1), r.normal(n, 0.01));
+        let v = r.uniform(n, 1e-4, 0.02);
+        let norm = g.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt() as f32;
+        let max_norm = if clipped { 0.5 * norm } else { 2.0 * norm };
+        // Odd range lengths (some longer than a chunk), cycling decay / no decay / skipped.
+        let lens = [1, 3, 16385, 777, 40_001, 5, 131_071, 9, 32_769, 11];
+        let (mut segments, mut at, mut k) = (Vec::new(), 0usize, 0usize);
+        while at < n {
+            let len = lens[k % lens.len()].min(n - at);
+            match k % 3 {
+                0 => segments.push((at..at + len, true)),
+                1 => segments.push((at..at + len, false)),
+                _ => {}
+            }
+            at += len;
+            k += 1;
+        }
+        let h = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 3 };
+        AdamWFlatCase { clipped, max_norm, h, segments, p, g, m, v }
+    }
+}
+
+impl Case for AdamWFlatCase {
+    fn family(&self) -> &'static str {
+        "OptimizerOps"
+    }
+    fn op(&self) -> &'static str {
+        if self.clipped { "adamw_flat_clipped" } else { "adamw_flat_unclipped" }
+    }
+    fn shape(&self) -> String {
+        format!("{} in {} ranges max {:.1}", self.p.len(), self.segments.len(), self.max_norm)
+    }
+    fn tol(&self) -> f64 {
+        1e-5
+    }
+    fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
+        let n = self.p.len();
+        let segs = FlatSegments::new(d, n, &self.segments)?;
+        let (mut p, g, mut m, mut v) = (d.upload(&self.p)?, d.upload(&self.g)?, d.upload(&self.m)?, d.upload(&self.v)?);
+        let mut norm = d.zeros(1)?;
+        d.adamw_flat(
+            self.h,
+            self.max_norm,
+            &segs,
+            d.view_mut(&mut p, 0..n),
+            d.view(&g, 0..n),
+            d.view_mut(&mut m, 0..n),
+            d.view_mut(&mut v, 0..n),
+            d.view_mut(&mut norm, 0..1),
+        )?;
+        Ok(vec![
+            ("norm", get(d, &norm)?),
+            ("params", get(d, &p)?),
+            ("m", get(d, &m)?),
+            ("v", get(d, &v)?),
+            ("grads", get(d, &g)?),
+        ])
+    }
+    fn reference(&self) -> Outputs {
+        let (mut p, mut g, mut m, mut v) = (self.p.clone(), self.g.clone(), self.m.clone(), self.v.clone());
+        let norm = reference::clip_grad_norm(&mut g, self.max_norm);
+        for (r, decay) in &self.segments {
+            let h = AdamW { weight_decay: if *decay { self.h.weight_decay } else { 0.0 }, ..self.h };
+            reference::adamw(h, &mut p[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r.clone()]);
+        }
+        vec![("norm", vec![norm as f32]), ("params", p), ("m", m), ("v", v), ("grads", self.g.clone())]
     }
 }

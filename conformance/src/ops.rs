@@ -5,7 +5,7 @@
 use kernels::{AdamW, AttentionShape, Backend, GemmShape, Operand};
 
 use crate::attention::{AttentionCase, CrossEntropyCase};
-use crate::elementwise::{ClipCase, Elem, ElemCase};
+use crate::elementwise::{AdamWFlatCase, ClipCase, Elem, ElemCase};
 use crate::linear::{AddBiasCase, BiasGradCase, GemmCase};
 use crate::norm_act::{EmbeddingCase, GeluCase, LayerNormCase};
 use crate::{Case, Check, Draw, Reference, Tolerances, check_case};
@@ -188,6 +188,10 @@ fn elementwise_cases<B: Backend>(run: &mut Runner<'_, B>) {
     }
     for above in [true, false] {
         let case = ClipCase::new(&mut run.r, n, above);
+        run.check(&case);
+    }
+    for clipped in [true, false] {
+        let case = AdamWFlatCase::new(&mut run.r, 1_000_003, clipped);
         run.check(&case);
     }
 }

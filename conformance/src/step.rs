@@ -166,8 +166,8 @@ fn against_cpu<B: Backend>(dev: &B, fx: &Fixture, tols: Tolerances, out: &mut Ve
     cpu.net.grads = gpu.whole(&gpu.net.grads)?;
     let mut o_ref = Optimizer::new(&Cpu, &fx.table, AdamWConfig::default()).map_err(err)?;
     let mut o_dev = Optimizer::new(dev, &fx.table, AdamWConfig::default()).map_err(err)?;
-    o_ref.update(&Cpu, &fx.table, &mut cpu.net.params, &cpu.net.grads, 1e-3).map_err(err)?;
-    o_dev.update(dev, &fx.table, &mut gpu.net.params, &gpu.net.grads, 1e-3).map_err(err)?;
+    o_ref.update(&Cpu, &mut cpu.net.params, &cpu.net.grads, 1e-3).map_err(err)?;
+    o_dev.update(dev, &mut gpu.net.params, &gpu.net.grads, 1e-3).map_err(err)?;
     let reference = [&cpu.net.params, &o_ref.m, &o_ref.v].map(|b| b.as_slice());
     let got = [gpu.whole(&gpu.net.params)?, gpu.whole(&o_dev.m)?, gpu.whole(&o_dev.v)?];
     update_checks(fx, reference, &got, out);

@@ -54,7 +54,7 @@ pub(crate) fn model_step<B: Backend>(
         reference::adamw(h, &mut p[r.clone()], &g_dev[r.clone()], &mut m[r.clone()], &mut v[r]);
     }
     let mut opt = Optimizer::new(dev, &fx.table, config).map_err(err)?;
-    opt.update(dev, &fx.table, &mut net.params, &net.grads, 1e-3).map_err(err)?;
+    opt.update(dev, &mut net.params, &net.grads, 1e-3).map_err(err)?;
     let got = [whole(&net.params)?, whole(&opt.m)?, whole(&opt.v)?];
     update_checks(&fx, [&p, &m, &v], &got, out);
 

@@ -329,6 +329,94 @@ pub trait OptimizerOps: Memory {
     ) -> Result<()>;
     /// `sum(x^2)`, accumulated in f64 on the CPU and f32 pairwise elsewhere.
     fn sum_squares(&self, x: Self::Ref<'_>) -> Result<f64>;
+    /// One AdamW update of the whole flat buffer, with the global gradient norm and clipping,
+    /// and no host read-back (on a device, the norm stays in device memory):
+    /// - `norm[0] = sqrt(sum(grads^2))` over all of `grads` (as [`clip_grad_norm`]);
+    /// - `coef = max_norm / (norm + 1e-6)` when `max_norm > 0`, the norm is finite and
+    ///   `coef < 1` ([`clip_coef`]), else 1: every gradient read is `g * coef`;
+    /// - then [`OptimizerOps::adamw`]'s update on each element of `segs`' chunks, with
+    ///   `h.weight_decay` on decaying chunks and none on the others (the no-decay mask);
+    ///   elements outside every chunk (frozen tensors) are left alone.
+    ///
+    /// `params`, `grads`, `m` and `v` have `segs.len` elements; `norm` has 1. `grads` is read only.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_flat(
+        &self,
+        h: AdamW,
+        max_norm: f32,
+        segs: &FlatSegments<Self::Ids>,
+        params: Self::Mut<'_>,
+        grads: Self::Ref<'_>,
+        m: Self::Mut<'_>,
+        v: Self::Mut<'_>,
+        norm: Self::Mut<'_>,
+    ) -> Result<()>;
+}
+
+/// Elements per chunk of a [`FlatSegments`] table: a CUDA block's work, a CPU task's.
+pub const FLAT_CHUNK: usize = 1 << 14;
+
+/// The ranges of a flat buffer that [`OptimizerOps::adamw_flat`] updates, with the no-decay
+/// mask, as a table of chunks uploaded once: `(start, len, decay)` i32 triples, in ascending,
+/// disjoint order, each chunk at most [`FLAT_CHUNK`] long and inside one range.
+pub struct FlatSegments<I> {
+    /// The `3 * chunks` i32s, on the backend.
+    pub table: I,
+    pub chunks: usize,
+    /// Elements covered (the sum of the chunk lengths).
+    pub elems: usize,
+    /// Length of the flat buffers the table indexes.
+    pub len: usize,
+}
+
+impl<I> FlatSegments<I> {
+    /// The host table of `segments` (`(range, decay)`, any order, disjoint, inside `0..len`).
+    pub fn host_table(len: usize, segments: &[(std::ops::Range<usize>, bool)]) -> Result<Vec<i32>> {
+        let bad = |what: String| KernelError::Shape { op: "adamw_flat segments", what };
+        if len > i32::MAX as usize {
+            return Err(bad(format!("flat length {len} does not fit an i32")));
+        }
+        let mut segs: Vec<_> = segments.iter().filter(|(r, _)| !r.is_empty()).cloned().collect();
+        segs.sort_by_key(|(r, _)| r.start);
+        let mut table = Vec::new();
+        let mut end = 0;
+        for (r, decay) in segs {
+            if r.start < end || r.end > len {
+                return Err(bad(format!("range {r:?} overlaps the previous one or is outside 0..{len}")));
+            }
+            end = r.end;
+            let mut s = r.start;
+            while s < r.end {
+                let l = (r.end - s).min(FLAT_CHUNK);
+                table.extend([s as i32, l as i32, decay as i32]);
+                s += l;
+            }
+        }
+        Ok(table)
+    }
+
+    /// Build and upload the table (once; each step then reuses it).
+    pub fn new<B: Memory<Ids = I>>(
+        b: &B,
+        len: usize,
+        segments: &[(std::ops::Range<usize>, bool)],
+    ) -> Result<FlatSegments<I>> {
+        let host = Self::host_table(len, segments)?;
+        let elems = host.chunks(3).map(|c| c[1] as usize).sum();
+        Ok(FlatSegments { table: b.upload_ids(&host)?, chunks: host.len() / 3, elems, len })
+    }
+}
+
+/// The clipping factor of [`clip_grad_norm`] for a global norm `norm`, or `None` when the
+/// gradients are left alone (`max_norm <= 0`, a non-finite norm, or a norm under the maximum).
+pub fn clip_coef(max_norm: f32, norm: f32) -> Option<f32> {
+    if max_norm > 0.0 && norm.is_finite() {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            return Some(coef);
+        }
+    }
+    None
 }
 
 /// Every op family. The model is written against this trait alone.
@@ -368,11 +456,8 @@ impl<T> Backend for T where
 pub fn clip_grad_norm<B: Backend>(b: &B, grads: &mut B::Buf, max_norm: f32) -> Result<f32> {
     let n = b.len(grads);
     let norm = b.sum_squares(b.view(grads, 0..n))?.sqrt() as f32;
-    if max_norm > 0.0 && norm.is_finite() {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            b.scale(b.view_mut(grads, 0..n), coef)?;
-        }
+    if let Some(coef) = clip_coef(max_norm, norm) {
+        b.scale(b.view_mut(grads, 0..n), coef)?;
     }
     Ok(norm)
 }

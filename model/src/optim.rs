@@ -2,8 +2,12 @@
 //!
 //! As HF's Trainer: no weight decay on biases and LayerNorm weights. Tensors that get no
 //! gradient (the encoder pooler) are skipped entirely, as torch.optim skips `grad is None`.
+//!
+//! One step is one `adamw_flat` over the flat buffer (the no-decay mask is a chunk table
+//! uploaded once, in `new`), with the global gradient norm and clipping computed on the
+//! device: nothing is read back to the host until [`Optimizer::grad_norm`] is asked.
 
-use kernels::{AdamW, Backend};
+use kernels::{AdamW, Backend, FlatSegments};
 
 use crate::error::Result;
 use crate::params::ParamTable;
@@ -18,35 +22,62 @@ pub struct Optimizer<B: Backend> {
     pub m: B::Buf,
     pub v: B::Buf,
     pub step: u64,
+    /// The trainable ranges with their decay flag, on the backend (built once).
+    segments: FlatSegments<B::Ids>,
+    /// The last update's global gradient norm (one float, on the backend).
+    norm: B::Buf,
 }
 
 impl<B: Backend> Optimizer<B> {
     pub fn new(b: &B, table: &ParamTable, config: AdamWConfig) -> Result<Self> {
-        Ok(Self { config, m: b.zeros(table.storage_len)?, v: b.zeros(table.storage_len)?, step: 0 })
+        let ranges: Vec<_> = table.owned().filter(|e| !e.frozen).map(|e| (e.range(), !e.no_decay)).collect();
+        let segments = FlatSegments::new(b, table.storage_len, &ranges)?;
+        Ok(Self {
+            config,
+            m: b.zeros(table.storage_len)?,
+            v: b.zeros(table.storage_len)?,
+            step: 0,
+            segments,
+            norm: b.zeros(1)?,
+        })
     }
 
-    /// One update of every trainable tensor at learning rate `lr`.
-    pub fn update(&mut self, b: &B, table: &ParamTable, params: &mut B::Buf, grads: &B::Buf, lr: f32) -> Result<()> {
+    /// One update of every trainable tensor at learning rate `lr`, without clipping.
+    pub fn update(&mut self, b: &B, params: &mut B::Buf, grads: &B::Buf, lr: f32) -> Result<()> {
+        self.update_clipped(b, params, grads, lr, 0.0)
+    }
+
+    /// One update of every trainable tensor at learning rate `lr`, the gradients first clipped
+    /// to a global norm of `max_norm` (0: no clipping), as `kernels::clip_grad_norm` and then
+    /// [`Optimizer::update`] would, in one launch with no host read-back. The norm (before
+    /// clipping) is kept on the backend for [`Optimizer::grad_norm`]; `grads` is not changed.
+    pub fn update_clipped(&mut self, b: &B, params: &mut B::Buf, grads: &B::Buf, lr: f32, max_norm: f32) -> Result<()> {
         self.step += 1;
-        for e in table.owned().filter(|e| !e.frozen) {
-            let h = AdamW {
-                lr,
-                beta1: self.config.beta1,
-                beta2: self.config.beta2,
-                eps: self.config.eps,
-                weight_decay: if e.no_decay { 0.0 } else { self.config.weight_decay },
-                step: self.step,
-            };
-            let r = e.range();
-            b.adamw(
-                h,
-                b.view_mut(params, r.clone()),
-                b.view(grads, r.clone()),
-                b.view_mut(&mut self.m, r.clone()),
-                b.view_mut(&mut self.v, r),
-            )?;
-        }
+        let h = AdamW {
+            lr,
+            beta1: self.config.beta1,
+            beta2: self.config.beta2,
+            eps: self.config.eps,
+            weight_decay: self.config.weight_decay,
+            step: self.step,
+        };
+        let n = self.segments.len;
+        b.adamw_flat(
+            h,
+            max_norm,
+            &self.segments,
+            b.view_mut(params, 0..n),
+            b.view(grads, 0..n),
+            b.view_mut(&mut self.m, 0..n),
+            b.view_mut(&mut self.v, 0..n),
+            b.view_mut(&mut self.norm, 0..1),
+        )?;
         Ok(())
+    }
+
+    /// The global gradient norm of the last update (before clipping); a host read-back.
+    pub fn grad_norm(&self, b: &B) -> Result<f32> {
+        Ok(b.download(b.view(&self.norm, 0..1))?[0])
     }
 }
 

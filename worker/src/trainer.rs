@@ -16,7 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kernels::collective::Collective;
-use kernels::{Backend, clip_grad_norm, rng};
+use kernels::{Backend, rng};
 use model::checkpoint::{self, Checkpoint};
 use model::data::{Pair, read_pairs, tokenize_pairs};
 use model::job::{JobSpec, Metric, ModelSpec};
@@ -326,14 +326,16 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
         let mut loss_buf = b.upload(&[loss_sum as f32 * world as f32 / label_tokens as f32])?;
         self.coll.all_reduce_avg(b, b.view_mut(&mut loss_buf, 0..1))?;
         self.coll.wait(b)?;
-        // Clipping reads the norm back to the host and the loss is downloaded below: both would
-        // block for ever on a collective stuck on a dead peer (`wait` orders the device only).
+        // The loss and the gradient norm are downloaded below: both would block for ever on a
+        // collective stuck on a dead peer (`wait` orders the device only).
         // Wait here with a limit instead, so a dead peer fails the step with an error.
         self.coll.wait_timeout(b, self.collective_timeout)?;
-        let grad_norm = clip_grad_norm(b, &mut self.net.grads, t.max_grad_norm)?;
+        // Clipping and AdamW: one launch over the flat buffer, the norm computed and applied on
+        // the device; it is read back with the loss, after the update is queued.
         let lr = self.schedule.lr(self.step);
-        self.opt.update(b, &self.net.table, &mut self.net.params, &self.net.grads, lr)?;
+        self.opt.update_clipped(b, &mut self.net.params, &self.net.grads, lr, t.max_grad_norm)?;
         let loss = b.download(b.view(&loss_buf, 0..1))?[0] as f64;
+        let grad_norm = self.opt.grad_norm(b)?;
         self.step += 1;
         self.cursor = self.cursor.next(self.sampler.steps_per_epoch());
         if !loss.is_finite() {

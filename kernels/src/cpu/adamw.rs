@@ -4,11 +4,14 @@
 //! `p -= lr*wd*p; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2;`
 //! `p -= (lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps)`.
 //! `sum_squares` accumulates in f64 for the global gradient norm.
+//! `adamw_flat` is the oracle of the one-launch device update: the norm from `sum_squares`,
+//! then per chunk of the segment table the same per-element update on `g * coef` (the same
+//! bits as `clip_grad_norm`'s in-place `scale` followed by `adamw`, tensor by tensor).
 
 use rayon::prelude::*;
 
 use super::{Cpu, check};
-use crate::{AdamW, OptimizerOps, Result};
+use crate::{AdamW, FlatSegments, OptimizerOps, Result, clip_coef};
 
 const CHUNK: usize = 1 << 14;
 
@@ -38,6 +41,82 @@ impl OptimizerOps for Cpu {
         Ok(())
     }
 
+    fn adamw_flat(
+        &self,
+        h: AdamW,
+        max_norm: f32,
+        segs: &FlatSegments<Vec<i32>>,
+        params: &mut [f32],
+        grads: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        norm: &mut [f32],
+    ) -> Result<()> {
+        let n = segs.len;
+        check(
+            "adamw_flat",
+            params.len() == n
+                && grads.len() == n
+                && m.len() == n
+                && v.len() == n
+                && norm.len() == 1
+                && segs.table.len() == 3 * segs.chunks
+                && h.step >= 1,
+            || {
+                format!(
+                    "segments over {n}: params {} grads {} m {} v {} norm {} table {} step {}",
+                    params.len(),
+                    grads.len(),
+                    m.len(),
+                    v.len(),
+                    norm.len(),
+                    segs.table.len(),
+                    h.step
+                )
+            },
+        )?;
+        let nrm = self.sum_squares(grads)?.sqrt() as f32;
+        norm[0] = nrm;
+        let coef = clip_coef(max_norm, nrm).unwrap_or(1.0);
+        let bc1 = 1.0 - h.beta1.powi(h.step as i32);
+        let bc2_sqrt = (1.0 - h.beta2.powi(h.step as i32)).sqrt();
+        let step_size = h.lr / bc1;
+        let decay = 1.0 - h.lr * h.weight_decay;
+        // Split the buffers at the chunk boundaries (ascending and disjoint, as the table is built).
+        type Work<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32], &'a [f32], f32);
+        let mut work: Vec<Work<'_>> = Vec::with_capacity(segs.chunks);
+        let (mut p_rest, mut m_rest, mut v_rest, mut g_rest) = (params, m, v, grads);
+        let mut at = 0usize;
+        for c in segs.table.chunks_exact(3) {
+            let (start, len) = (c[0] as usize, c[1] as usize);
+            check("adamw_flat", c[0] >= 0 && c[1] >= 0 && start >= at && start + len <= n, || {
+                format!("chunk ({}, {}) after {at} in {n}", c[0], c[1])
+            })?;
+            let skip = start - at;
+            let (_, p) = std::mem::take(&mut p_rest).split_at_mut(skip);
+            let (p, pr) = p.split_at_mut(len);
+            let (_, mm) = std::mem::take(&mut m_rest).split_at_mut(skip);
+            let (mm, mr) = mm.split_at_mut(len);
+            let (_, vv) = std::mem::take(&mut v_rest).split_at_mut(skip);
+            let (vv, vr) = vv.split_at_mut(len);
+            let (g, gr) = g_rest[skip..].split_at(len);
+            (p_rest, m_rest, v_rest, g_rest) = (pr, mr, vr, gr);
+            work.push((p, mm, vv, g, if c[2] != 0 { decay } else { 1.0 }));
+            at = start + len;
+        }
+        work.into_par_iter().for_each(|(p, m, v, g, decay)| {
+            for i in 0..p.len() {
+                let gi = g[i] * coef;
+                p[i] *= decay;
+                m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * gi;
+                v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * gi * gi;
+                let denom = v[i].sqrt() / bc2_sqrt + h.eps;
+                p[i] -= step_size * m[i] / denom;
+            }
+        });
+        Ok(())
+    }
+
     fn sum_squares(&self, x: &[f32]) -> Result<f64> {
         // Partials in chunk order, summed sequentially: the same bits whatever the thread schedule.
         let partials: Vec<f64> =
@@ -50,7 +129,7 @@ impl OptimizerOps for Cpu {
 mod tests {
     use super::*;
     use crate::cpu::testutil::*;
-    use crate::{Memory, clip_grad_norm};
+    use crate::{FlatSegments, Memory, clip_grad_norm};
 
     #[test]
     fn adamw_matches_f64_reference_over_steps() {
@@ -66,6 +145,33 @@ mod tests {
             crate::reference::adamw(h, &mut want, &g, &mut m_ref, &mut v_ref);
         }
         assert_close("adamw", &p, &want, 1e-5);
+    }
+
+    /// The one-call update is bit-for-bit `clip_grad_norm` then `adamw` range by range, with
+    /// decay only on decaying ranges, and leaves the gaps (frozen tensors) alone.
+    #[test]
+    fn adamw_flat_is_clip_then_per_range_adamw_bitwise() {
+        let n = 100_003;
+        let segs = [(0..17, true), (17..16_401, false), (20_000..70_001, true), (70_001..100_000, false)];
+        for max_norm in [0.0f32, 1.0, 1e9] {
+            let (p0, g0) = (randn(n, 1.0, 71), randn(n, 0.1, 72));
+            let (m0, v0) = (randn(n, 0.01, 73), randn(n, 0.01, 74).iter().map(|x| x * x).collect::<Vec<_>>());
+            let h = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 2 };
+            let table = FlatSegments::new(&Cpu, n, &segs).unwrap();
+            assert_eq!(table.elems, 17 + 16_384 + 50_001 + 29_999);
+            let (mut p, mut m, mut v, mut norm) = (p0.clone(), m0.clone(), v0.clone(), vec![0.0f32]);
+            Cpu.adamw_flat(h, max_norm, &table, &mut p, &g0, &mut m, &mut v, &mut norm).unwrap();
+            let (mut pw, mut gw, mut mw, mut vw) = (p0.clone(), g0.clone(), m0.clone(), v0.clone());
+            let want_norm = clip_grad_norm(&Cpu, &mut gw, max_norm).unwrap();
+            for (r, decay) in &segs {
+                let h = AdamW { weight_decay: if *decay { h.weight_decay } else { 0.0 }, ..h };
+                let r = r.clone();
+                Cpu.adamw(h, &mut pw[r.clone()], &gw[r.clone()], &mut mw[r.clone()], &mut vw[r]).unwrap();
+            }
+            assert_eq!(norm[0].to_bits(), want_norm.to_bits(), "max_norm {max_norm}");
+            assert!(p == pw && m == mw && v == vw, "max_norm {max_norm}: not the same bits");
+            assert_eq!(p[16_500], p0[16_500], "a gap is left alone");
+        }
     }
 
     #[test]

@@ -1,16 +1,27 @@
-//! AdamW and sum-of-squares launchers (see adamw.cu).
+//! AdamW and sum-of-squares launchers (see adamw.cu): per tensor (`adamw`), and over the whole
+//! flat buffer with the norm and clipping on the device (`adamw_flat`: memset + `sum_squares` +
+//! `adamw_flat`, three stream-ordered operations and no host sync).
 
 use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::cost::{self, F32, LaunchCost};
 use super::{Cuda, DevMut, DevRef, KernelSource, check, dev_err, grid_for};
-use crate::{AdamW, OptimizerOps, Result};
+use crate::{AdamW, FlatSegments, OptimizerOps, Result};
 
 const STEP: &str = "adamw_step";
 const SUM_SQUARES: &str = "sum_squares";
+const FLAT: &str = "adamw_flat";
 
 pub(crate) const SOURCE: KernelSource =
-    KernelSource { file: "adamw.cu", code: include_str!("adamw.cu"), kernels: &[STEP, SUM_SQUARES] };
+    KernelSource { file: "adamw.cu", code: include_str!("adamw.cu"), kernels: &[STEP, SUM_SQUARES, FLAT] };
+
+/// `adamw_flat` over `elems` updated elements in `chunks` chunks: the 7 passes of
+/// `adamw_step` on each, the chunk table (12 bytes a chunk), the f64 sum read by every block and
+/// the f32 norm written; 15 FLOPs an element (`adamw_step`'s and the clipping multiply).
+fn flat_cost(elems: usize, chunks: usize) -> LaunchCost {
+    let (n, c) = (elems as u64, chunks as u64);
+    LaunchCost::kernel(FLAT, F32 * 7 * n + 12 * c + 8 + F32, 15 * n)
+}
 
 /// `adamw_step` over `n` parameters: reads params, grads, m and v, writes params, m and v
 /// (7 passes); about 14 FLOPs an element (two moment updates, sqrt, divide, decay, step).
@@ -53,6 +64,83 @@ impl OptimizerOps for Cuda {
             .arg(&bc2_sqrt);
         // SAFETY: four live views of n f32s; params/m/v exclusive.
         unsafe { l.launch(grid_for(n, 256)) }.map(drop).map_err(dev_err)
+    }
+
+    fn adamw_flat(
+        &self,
+        h: AdamW,
+        max_norm: f32,
+        segs: &FlatSegments<cudarc::driver::CudaSlice<i32>>,
+        params: DevMut<'_>,
+        grads: DevRef<'_>,
+        m: DevMut<'_>,
+        v: DevMut<'_>,
+        norm: DevMut<'_>,
+    ) -> Result<()> {
+        let n = segs.len;
+        let ok = params.len == n
+            && grads.len == n
+            && m.len == n
+            && v.len == n
+            && norm.len == 1
+            && segs.table.len() >= 3 * segs.chunks
+            && segs.chunks <= i32::MAX as usize
+            && h.step >= 1;
+        check("adamw_flat", ok, || {
+            format!(
+                "segments over {n}: params {} grads {} m {} v {} norm {} table {} ({} chunks) step {}",
+                params.len,
+                grads.len,
+                m.len,
+                v.len,
+                norm.len,
+                segs.table.len(),
+                segs.chunks,
+                h.step
+            )
+        })?;
+        // The squared norm stays on the device: a fresh zeroed f64, summed into by
+        // `sum_squares`, read by `adamw_flat` (both on this stream, so ordered).
+        self.note(cost::memset(2));
+        let sum = self.stream().alloc_zeros::<f64>(1).map_err(dev_err)?;
+        let (sptr, _sync) = sum.device_ptr(self.stream());
+        if n > 0 {
+            let n64 = n as i64;
+            let blocks = (n.div_ceil(256) as u32).clamp(1, 4 * self.sm_count());
+            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            self.note(sum_squares_cost(n));
+            let mut l = self.stream().launch_builder(self.func(SUM_SQUARES)?);
+            l.arg(&sptr).arg(&grads.ptr).arg(&n64);
+            // SAFETY: `sum` holds one f64, `grads` n f32s.
+            unsafe { l.launch(cfg) }.map(drop).map_err(dev_err)?;
+        }
+        let bc1 = 1.0 - h.beta1.powi(h.step as i32);
+        let bc2_sqrt = (1.0 - h.beta2.powi(h.step as i32)).sqrt();
+        let (step_size, decay) = (h.lr / bc1, 1.0 - h.lr * h.weight_decay);
+        let n_chunks = segs.chunks as i32;
+        let (tptr, _tsync) = segs.table.device_ptr(self.stream());
+        let cfg = LaunchConfig { grid_dim: (segs.chunks.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        self.note(flat_cost(segs.elems, segs.chunks));
+        let mut l = self.stream().launch_builder(self.func(FLAT)?);
+        l.arg(&params.ptr)
+            .arg(&grads.ptr)
+            .arg(&m.ptr)
+            .arg(&v.ptr)
+            .arg(&tptr)
+            .arg(&n_chunks)
+            .arg(&sptr)
+            .arg(&norm.ptr)
+            .arg(&max_norm)
+            .arg(&h.beta1)
+            .arg(&h.beta2)
+            .arg(&h.eps)
+            .arg(&decay)
+            .arg(&step_size)
+            .arg(&bc2_sqrt);
+        // SAFETY: params/grads/m/v are live views of n f32s (params/m/v exclusive), the table
+        // holds 3*chunks i32s whose chunks lie inside 0..n (FlatSegments::host_table checks),
+        // `sum` one f64 and `norm` one exclusive f32.
+        unsafe { l.launch(cfg) }.map(drop).map_err(dev_err)
     }
 
     fn sum_squares(&self, x: DevRef<'_>) -> Result<f64> {
