@@ -7,8 +7,8 @@ use std::ops::Range;
 
 use conformance::{Check, Reference, Tolerances};
 use kernels::{
-    AdamW, AttentionOps, AttentionShape, Cpu, CrossEntropyOps, DropoutOps, EmbeddingOps, GeluOps, GemmOps, GemmShape,
-    LayerNormOps, Memory, Operand, OptimizerOps, ResidualOps, Result,
+    AdamW, AttentionOps, AttentionShape, Cpu, CrossEntropyOps, DropoutOps, EmbeddingOps, FlatSegments, GeluOps,
+    GemmOps, GemmShape, LayerNormOps, Memory, Operand, OptimizerOps, ResidualOps, Result,
 };
 
 fn clock_seed() -> u64 {
@@ -250,5 +250,18 @@ impl OptimizerOps for BiasGradOffByHalf {
     }
     fn sum_squares(&self, x: &[f32]) -> Result<f64> {
         Cpu.sum_squares(x)
+    }
+    fn adamw_flat(
+        &self,
+        h: AdamW,
+        max_norm: f32,
+        segs: &FlatSegments<Vec<i32>>,
+        params: &mut [f32],
+        grads: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        norm: &mut [f32],
+    ) -> Result<()> {
+        Cpu.adamw_flat(h, max_norm, segs, params, grads, m, v, norm)
     }
 }

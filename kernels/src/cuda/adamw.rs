@@ -119,7 +119,8 @@ impl OptimizerOps for Cuda {
         let (step_size, decay) = (h.lr / bc1, 1.0 - h.lr * h.weight_decay);
         let n_chunks = segs.chunks as i32;
         let (tptr, _tsync) = segs.table.device_ptr(self.stream());
-        let cfg = LaunchConfig { grid_dim: (segs.chunks.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg =
+            LaunchConfig { grid_dim: (segs.chunks.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         self.note(flat_cost(segs.elems, segs.chunks));
         let mut l = self.stream().launch_builder(self.func(FLAT)?);
         l.arg(&params.ptr)
