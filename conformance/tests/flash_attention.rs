@@ -140,12 +140,17 @@ fn cross_attention_37_by_53_with_padding_and_dropout() {
 
 #[test]
 fn causal_rows_whose_visible_keys_are_all_padding() {
-    // Item 0's first 5 keys are padding: its first 5 causal rows see nothing and are uniform.
+    // Item 0's first 5 keys are padding: its first 5 causal rows see nothing and are uniform
+    // over all 37 keys, future ones included, so the kernels must not skip the tiles after the
+    // diagonal for them. Item 1's first 21: rows 16..21 of the second query tile likewise.
     let s = shape(2, 2, 64, 37, 37).with_causal(true);
     let Some(dev) = device() else { return };
     let mut x = Inputs::draw(&s, &[0, 0], 400);
     for j in 0..5 {
         x.mask[j] = 0.0;
+    }
+    for j in 0..21 {
+        x.mask[37 + j] = 0.0;
     }
     let want = run(&Cpu, s, &x).expect("cpu");
     let got = run(dev, s, &x).expect("virtual GPU");

@@ -17,6 +17,7 @@
 //   dv_j += sum_i P_ij keep_ij dout_i; dk_j += scale sum_i dS_ij q_i   (one block per 32 keys,
 //   looping over query tiles: ACCUMULATE, as the trait's contract says)
 //   dq_i = scale sum_j dS_ij k_j   (one block per 16 query rows, looping over key tiles: ASSIGNED)
+// Causal masks skip the tiles where every key comes after every query row (see each kernel).
 // Every output element is written by exactly one thread, in a fixed order: deterministic, no
 // atomics.
 // Dropout: keep_ij = 1/(1-p) iff b2b_uniform(seed, ((b*H + h)*Tq + i)*Tk + j) >= p, else 0: the
@@ -68,6 +69,13 @@ __device__ __forceinline__ float flash_prob(float x, float lse, int Tk) {
     return lse == FA_MASKED ? 1.0f / (float)Tk : expf(x - lse);
 }
 
+// Whether one of the tile's rows (those before Tq) saw no key at all (see the header).
+__device__ __forceinline__ bool flash_any_unseen(const float* lse_s, int i0, int Tq) {
+    bool any = false;
+    for (int r = 0; r < FA_BQ; r++) any |= i0 + r < Tq && lse_s[r] == FA_MASKED;
+    return any;
+}
+
 // Dsum of FA_RPW query rows per warp into dsum_s (dout_i . out_i over the D dims of head h).
 __device__ __forceinline__ void flash_dsum(float* dsum_s, const float* dout_bh, const float* out_bh, long long c,
                                            int i0, int Tq, int D) {
@@ -103,7 +111,23 @@ extern "C" __global__ void attention_flash_forward(float* out, float* lse, const
         l[rr] = 0.0f;
         o[rr][0] = o[rr][1] = 0.0f;
     }
+    // Causal: the keys after the block's last row are hidden from all its rows, so the loop stops
+    // there, unless a row has seen no key yet (all keys up to it are padding): that row is
+    // uniform over all Tk keys, as on the CPU, and the block goes on over the rest.
+    __shared__ int unseen;
+    int j_end = causal ? min(Tk, i0 + FA_BQ) : Tk;
     for (int j0 = 0; j0 < Tk; j0 += FA_BK) {
+        if (j0 >= j_end) {  // block-uniform: j0, j_end and the vote below are the same everywhere
+            __syncthreads();
+            if (threadIdx.x == 0) unseen = 0;
+            __syncthreads();
+#pragma unroll
+            for (int rr = 0; rr < FA_RPW; rr++)
+                if (lane == 0 && i0 + warp * FA_RPW + rr < Tq && m[rr] == FA_MASKED) unseen = 1;
+            __syncthreads();
+            if (!unseen) break;
+            j_end = Tk;
+        }
         __syncthreads();  // the previous tile is no longer read
         flash_load_rows(ks, FA_BK, k_bh, ldkv, j0, Tk, D);
         flash_load_rows(vs, FA_BK, v_bh, ldkv, j0, Tk, D);
@@ -177,10 +201,14 @@ extern "C" __global__ void attention_flash_backward_dkdv(float* dk, float* dv, c
     const int j = j0 + pair_k;
     for (int i0 = 0; i0 < Tq; i0 += FA_BQ) {
         __syncthreads();  // the previous query tile is no longer read
+        for (int r = threadIdx.x; r < FA_BQ; r += blockDim.x) lse_s[r] = i0 + r < Tq ? lse[bh * Tq + i0 + r] : 0.0f;
+        __syncthreads();
+        // Causal: every key of this block comes after every row of the tile, so only rows that
+        // saw no key (uniform over all keys) add anything. Block-uniform (shared lse_s).
+        if (causal && i0 + FA_BQ <= j0 && !flash_any_unseen(lse_s, i0, Tq)) continue;
         flash_load_rows(qs, FA_BQ, q_bh, ldq, i0, Tq, D);
         flash_load_rows(dos, FA_BQ, dout_bh, c, i0, Tq, D);
         flash_dsum(dsum_s, dout_bh, out_bh, c, i0, Tq, D);
-        for (int r = threadIdx.x; r < FA_BQ; r += blockDim.x) lse_s[r] = i0 + r < Tq ? lse[bh * Tq + i0 + r] : 0.0f;
         __syncthreads();
         for (int g = 0; g < FA_BQ / 4; g++) {
             const int r = g * 4 + pair_r, i = i0 + r;
@@ -254,7 +282,10 @@ extern "C" __global__ void attention_flash_backward_dq(float* dq, const float* q
     flash_dsum(dsum_s, dout_bh, out + (long long)b * Tq * c + (long long)h * D, c, i0, Tq, D);
     for (int r = threadIdx.x; r < FA_BQ; r += blockDim.x) lse_s[r] = i0 + r < Tq ? lse[bh * Tq + i0 + r] : 0.0f;
     float dq_acc[FA_RPW][2] = {};
-    for (int j0 = 0; j0 < Tk; j0 += FA_BK) {
+    __syncthreads();
+    // Causal: keys after the block's last row add nothing, unless a row saw no key at all.
+    const int j_end = causal && !flash_any_unseen(lse_s, i0, Tq) ? min(Tk, i0 + FA_BQ) : Tk;
+    for (int j0 = 0; j0 < j_end; j0 += FA_BK) {
         __syncthreads();  // the previous key tile is no longer read (and the query tile is loaded)
         flash_load_rows(ks, FA_BK, k_bh, ldkv, j0, Tk, D);
         flash_load_rows(vs, FA_BK, v_bh, ldkv, j0, Tk, D);

@@ -32,7 +32,7 @@ const SOFTMAX_FLOPS_PER_PAIR: u64 = 5;
 /// `attention_flash_forward`: reads q, k, v and the key mask once, writes out and lse;
 /// `q k^T` and `P v` are `2*D` FLOPs a (query, key) pair each.
 pub(crate) fn forward_cost(s: &AttentionShape) -> LaunchCost {
-    let (pairs, d) = pair_count(s);
+    let (pairs, d) = (query_tile_pairs(s), s.head_dim as u64);
     let bytes = F32 * (ideal_q(s) + 2 * ideal_kv(s) + mask_len(s) + out_len(s) + lse_len(s));
     LaunchCost::kernel(FORWARD, bytes, pairs * (4 * d + SOFTMAX_FLOPS_PER_PAIR))
 }
@@ -41,7 +41,7 @@ pub(crate) fn forward_cost(s: &AttentionShape) -> LaunchCost {
 /// writes dk and dv (they accumulate); per pair it recomputes `q.k` and `dout.v` and adds into
 /// dv and dk (`2*D` each), plus `D` a query row for Dsum.
 pub(crate) fn backward_dkdv_cost(s: &AttentionShape) -> LaunchCost {
-    let (pairs, d) = pair_count(s);
+    let (pairs, d) = (key_tile_pairs(s), s.head_dim as u64);
     let reads = ideal_q(s) + 2 * ideal_kv(s) + mask_len(s) + 2 * out_len(s) + lse_len(s);
     let bytes = F32 * (reads + 4 * ideal_kv(s));
     let dsum = 2 * out_len(s);
@@ -51,15 +51,46 @@ pub(crate) fn backward_dkdv_cost(s: &AttentionShape) -> LaunchCost {
 /// `attention_flash_backward_dq`: reads as the dk/dv kernel, writes dq (assigned); per pair it
 /// recomputes `q.k` and `dout.v` and adds into dq (`2*D` each), plus Dsum.
 pub(crate) fn backward_dq_cost(s: &AttentionShape) -> LaunchCost {
-    let (pairs, d) = pair_count(s);
+    let (pairs, d) = (query_tile_pairs(s), s.head_dim as u64);
     let reads = ideal_q(s) + 2 * ideal_kv(s) + mask_len(s) + 2 * out_len(s) + lse_len(s);
     let bytes = F32 * (reads + ideal_q(s));
     LaunchCost::kernel(BACKWARD_DQ, bytes, pairs * (6 * d + SOFTMAX_FLOPS_PER_PAIR) + 2 * out_len(s))
 }
 
-/// (query, key) pairs over all heads, and the head dim.
-fn pair_count(s: &AttentionShape) -> (u64, u64) {
-    ((s.batch * s.heads * s.tq * s.tk) as u64, s.head_dim as u64)
+/// (query, key) pairs the forward and dq kernels compute over all heads: all of them, or with a
+/// causal mask those of the key tiles up to each query tile's last row (assuming no row sees
+/// only padding; such a row makes its block go on over all keys).
+fn query_tile_pairs(s: &AttentionShape) -> u64 {
+    let per_head: usize = if !s.causal {
+        s.tq * s.tk
+    } else {
+        (0..s.tq)
+            .step_by(QUERY_TILE)
+            .map(|i0| {
+                let rows = QUERY_TILE.min(s.tq - i0);
+                let keys = s.tk.min((i0 + QUERY_TILE).min(s.tk).next_multiple_of(KEY_TILE));
+                rows * keys
+            })
+            .sum()
+    };
+    (s.batch * s.heads * per_head) as u64
+}
+
+/// (query, key) pairs the dk/dv kernel computes: with a causal mask each key tile skips the
+/// query tiles that end before its first key.
+fn key_tile_pairs(s: &AttentionShape) -> u64 {
+    let per_head: usize = if !s.causal {
+        s.tq * s.tk
+    } else {
+        (0..s.tk)
+            .step_by(KEY_TILE)
+            .map(|j0| {
+                let keys = KEY_TILE.min(s.tk - j0);
+                keys * s.tq.saturating_sub(j0 / QUERY_TILE * QUERY_TILE)
+            })
+            .sum()
+    };
+    (s.batch * s.heads * per_head) as u64
 }
 
 /// Elements of q's heads (strided columns between them are not read).

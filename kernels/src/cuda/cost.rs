@@ -177,6 +177,19 @@ mod tests {
         let q = attention::backward_dq_cost(&s);
         assert_eq!(q.bytes, 4 * (210 + 2 * 330 + 22 + 2 * 210 + 42 + 210));
         assert_eq!(q.flops, 462 * (6 * 5 + 5) + 2 * 210);
+        // Causal, 37 x 37 (query tiles of 16, key tiles of 32): query tiles at 0, 16, 32 of 16,
+        // 16, 5 rows see key tiles up to 32, 32, 37 keys: 16*32 + 16*32 + 5*37 = 1209 pairs a
+        // head; key tiles at 0 (32 keys) and 32 (5 keys) skip the query rows before 0 and 32:
+        // 32*37 + 5*5 = 1209 too (both count the same tile pairs here). Six heads.
+        let c = crate::AttentionShape::new(2, 3, 5, 37, 37).with_causal(true);
+        assert_eq!(attention::forward_cost(&c).flops, 6 * 1209 * (4 * 5 + 5));
+        assert_eq!(attention::backward_dkdv_cost(&c).flops, 6 * 1209 * (8 * 5 + 5) + 2 * 2 * 37 * 15);
+        let c = crate::AttentionShape::new(1, 1, 5, 70, 70).with_causal(true);
+        // Query tiles 0, 16, 32, 48, 64 (6 rows): keys 32, 32, 64, 64, 70 -> 512 + 512 + 1024 +
+        // 1024 + 420 = 3492. Key tiles 0, 32, 64 (6 keys): rows from 0, 32, 64 -> 32*70 + 32*38 +
+        // 6*6 = 2240 + 1216 + 36 = 3492.
+        assert_eq!(attention::forward_cost(&c).flops, 3492 * 25);
+        assert_eq!(attention::backward_dkdv_cost(&c).flops, 3492 * 45 + 2 * 70 * 5);
     }
 
     #[test]
