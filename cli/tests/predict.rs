@@ -1,6 +1,6 @@
 //! `bench --predict`: the cost model on the virtual GPU. Skipping kernel bodies must leave the
-//! recorded launch list exactly as a run that executes them, the GEMMs launched must be the
-//! model FLOPs bench's MFU counts, and bad flags are usage errors. Needs NVRTC; without it the
+//! recorded launch list exactly as a run that executes them, the GEMMs launched plus the
+//! attention must be the model FLOPs bench's MFU counts, and bad flags are usage errors. Needs NVRTC; without it the
 //! tests skip, unless `B2B_REQUIRE_NVRTC=1` (scripts/test.sh), where they fail.
 
 mod common;
@@ -62,8 +62,9 @@ fn skipping_kernel_bodies_changes_nothing_but_the_time() {
         "embedding_forward",
         "layernorm_forward",
         "layernorm_backward",
-        "attention_softmax_forward",
-        "attention_softmax_backward",
+        "attention_flash_forward",
+        "attention_flash_backward_dkdv",
+        "attention_flash_backward_dq",
         "gelu_bias_forward",
         "cross_entropy_forward_backward",
         "adamw_flat",
@@ -71,9 +72,18 @@ fn skipping_kernel_bodies_changes_nothing_but_the_time() {
     ] {
         assert!(list.contains_key(k), "no {k} in {list:?}");
     }
-    // The GEMMs launched are exactly the model FLOPs of bench's analytic count (the batch has no
-    // padding), so the MFU numerator and the launches agree.
-    assert_eq!(skipped["gemm_flops"].as_f64(), skipped["flops_per_step"].as_f64());
+    // The GEMMs launched plus the attention bench counts (`12 * B * Tq * Tk * C` an attention;
+    // the fused attention kernels are not GEMMs) are exactly the model FLOPs of bench's analytic
+    // count (the batch has no padding), so the MFU numerator and the launches agree.
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(root.join("b2b/config.json")).unwrap()).unwrap();
+    let stack = |name: &str, f: &str| cfg[name][f].as_f64().unwrap_or_else(|| panic!("{name}.{f}"));
+    let (b, s, t) = (3.0, 9.0, 7.0);
+    let attention = 12.0
+        * b
+        * (stack("encoder", "num_hidden_layers") * s * s * stack("encoder", "hidden_size")
+            + stack("decoder", "num_hidden_layers") * (t * t + t * s) * stack("decoder", "hidden_size"));
+    let (gemm, model) = (skipped["gemm_flops"].as_f64().unwrap(), skipped["flops_per_step"].as_f64().unwrap());
+    assert!((gemm + attention - model).abs() <= 1e-9 * model, "GEMMs {gemm} + attention {attention} vs {model}");
     let step_s = skipped["predicted_step_ms"].as_f64().unwrap() / 1e3;
     let tokens = skipped["predicted_tokens_per_s"].as_f64().unwrap();
     assert!((tokens * step_s - 3.0 * 16.0).abs() < 1e-6, "{tokens} tokens/s over {step_s} s");

@@ -50,7 +50,6 @@ fn cpu_selftest_passes_and_lists_every_op_family() {
         "layernorm_backward+=",
         "bias_gelu_forward",
         "bias_gelu_backward",
-        "attention_padded.out",
         "attention_padded.dq",
         "attention_causal.dk",
         "attention_dropout.dv",
@@ -81,6 +80,9 @@ fn cpu_selftest_passes_and_lists_every_op_family() {
     ] {
         assert!(has("op", op), "no check of {op}");
     }
+    // Attention forward compares only `out` (the saved state is backend-defined), so its check
+    // carries the bare case name.
+    assert!(checks.iter().any(|c| c["op"] == "attention_padded"), "no check of attention_padded's forward");
 }
 
 #[test]

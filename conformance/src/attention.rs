@@ -1,5 +1,6 @@
 //! AttentionOps and CrossEntropyOps: fused attention forward and backward (key padding, a fully
-//! masked row, causal masks, dropout on the probabilities, a BERT-sized head dimension), and the
+//! masked row, causal masks, dropout on the probabilities, a BERT-sized head dimension, q, k and
+//! v read from strided views), and the
 //! cross-entropy loss with ignored rows and label smoothing, with and without its gradient.
 
 use kernels::{AttentionShape, Backend, IGNORE_INDEX, reference};
@@ -17,6 +18,9 @@ pub(crate) struct AttentionCase {
     v: Vec<f32>,
     mask: Vec<f32>,
     dout: Vec<f32>,
+    /// Initial contents of out, of dq (and the columns between a strided q's heads), and of the
+    /// saved state (a prefix of it, at the backend's length).
+    garbage_out: Vec<f32>,
     garbage_q: Vec<f32>,
     garbage_p: Vec<f32>,
     dk0: Vec<f32>,
@@ -33,8 +37,7 @@ impl AttentionCase {
         backward: bool,
         tols: Tolerances,
     ) -> Self {
-        let c = s.heads * s.head_dim;
-        let (nq, nk) = (s.batch * s.tq * c, s.batch * s.tk * c);
+        let (nq, nk, nout) = (s.q_len(), s.kv_len(), s.out_len());
         let mask = (0..s.batch * s.tk)
             .map(|i| {
                 let (b, j) = (i / s.tk, i % s.tk);
@@ -50,9 +53,10 @@ impl AttentionCase {
             k: r.normal(nk, 1.0),
             v: r.normal(nk, 1.0),
             mask,
-            dout: r.normal(nq, 1.0),
+            dout: r.normal(nout, 1.0),
+            garbage_out: r.normal(nout, 5.0),
             garbage_q: r.normal(nq, 5.0),
-            garbage_p: r.normal(s.probs_len(), 5.0),
+            garbage_p: r.normal(s.probs_len().max(s.batch * s.heads * s.tq), 5.0),
             dk0: r.normal(nk, 1.0),
             dv0: r.normal(nk, 1.0),
         }
@@ -70,7 +74,7 @@ impl Case for AttentionCase {
         let s = &self.s;
         let pad = self.mask.iter().filter(|&&m| m == 0.0).count();
         format!(
-            "b{} h{} d{} tq{} tk{}{}{} pad{pad}",
+            "b{} h{} d{} tq{} tk{}{}{}{} pad{pad}",
             s.batch,
             s.heads,
             s.head_dim,
@@ -78,6 +82,11 @@ impl Case for AttentionCase {
             s.tk,
             if s.causal { " causal" } else { "" },
             if s.dropout > 0.0 { format!(" drop{}", s.dropout) } else { String::new() },
+            if s.q_stride != s.width() || s.kv_stride != s.width() {
+                format!(" ld{}/{}", s.q_stride, s.kv_stride)
+            } else {
+                String::new()
+            },
         )
     }
     fn tol(&self) -> f64 {
@@ -88,19 +97,21 @@ impl Case for AttentionCase {
         let k = d.upload(&self.k)?;
         let v = d.upload(&self.v)?;
         let mask = d.upload(&self.mask)?;
-        let mut probs = d.upload(&self.garbage_p)?;
-        let mut out = d.upload(&self.garbage_q)?;
+        let mut saved = d.upload(&self.garbage_p[..d.attention_saved_len(&self.s)])?;
+        let mut out = d.upload(&self.garbage_out)?;
         d.attention_forward(
             self.s,
             all(d, &q),
             all(d, &k),
             all(d, &v),
             all(d, &mask),
-            all_mut(d, &mut probs),
+            all_mut(d, &mut saved),
             all_mut(d, &mut out),
         )?;
         if !self.backward {
-            return Ok(vec![("out", get(d, &out)?), ("probs", get(d, &probs)?)]);
+            // The saved state is backend-defined (probabilities or a log-sum-exp): backward
+            // checks it.
+            return Ok(vec![("out", get(d, &out)?)]);
         }
         let dout = d.upload(&self.dout)?;
         let mut dq = d.upload(&self.garbage_q)?;
@@ -112,7 +123,9 @@ impl Case for AttentionCase {
             all(d, &q),
             all(d, &k),
             all(d, &v),
-            all(d, &probs),
+            all(d, &mask),
+            all(d, &out),
+            all(d, &saved),
             all_mut(d, &mut dq),
             all_mut(d, &mut dk),
             all_mut(d, &mut dv),
@@ -120,10 +133,10 @@ impl Case for AttentionCase {
         Ok(vec![("dq", get(d, &dq)?), ("dk", get(d, &dk)?), ("dv", get(d, &dv)?)])
     }
     fn reference(&self) -> Outputs {
-        let (mut probs, mut out) = (self.garbage_p.clone(), self.garbage_q.clone());
+        let (mut probs, mut out) = (self.garbage_p[..self.s.probs_len()].to_vec(), self.garbage_out.clone());
         reference::attention_forward(self.s, &self.q, &self.k, &self.v, &self.mask, &mut probs, &mut out);
         if !self.backward {
-            return vec![("out", out), ("probs", probs)];
+            return vec![("out", out)];
         }
         let (mut dq, mut dk, mut dv) = (self.garbage_q.clone(), self.dk0.clone(), self.dv0.clone());
         reference::attention_backward(self.s, &self.dout, &self.q, &self.k, &self.v, &probs, &mut dq, &mut dk, &mut dv);

@@ -126,22 +126,18 @@ fn norm_and_gelu_cases<B: Backend>(run: &mut Runner<'_, B>) {
 /// self-attention, dropout on the probabilities (same seed, same mask by contract), and a
 /// BERT-sized head dimension; forward and backward of each.
 fn attention_cases<B: Backend>(run: &mut Runner<'_, B>) {
-    let shape = |batch, heads, head_dim, tq, tk, causal, dropout: f32, seed| AttentionShape {
-        batch,
-        heads,
-        head_dim,
-        tq,
-        tk,
-        causal,
-        dropout,
-        seed,
+    let shape = |batch, heads, head_dim, tq, tk, causal, dropout: f32, seed| {
+        AttentionShape::new(batch, heads, head_dim, tq, tk).with_causal(causal).with_dropout(dropout, seed)
     };
     let drop_seed = run.r.next();
-    let cases: [(&str, AttentionShape, &[usize]); 4] = [
+    // q, k, v as column blocks of a fused [B, T, 3C] projection (C = 2 heads of 32).
+    let fused = shape(2, 2, 32, 37, 37, true, 0.1, drop_seed ^ 2).with_strides(3 * 64, 3 * 64);
+    let cases: [(&str, AttentionShape, &[usize]); 5] = [
         ("attention_padded", shape(3, 3, 7, 37, 29, false, 0.0, 0), &[0, 10, 29]),
         ("attention_causal", shape(2, 3, 7, 130, 130, true, 0.0, 0), &[0, 17]),
         ("attention_dropout", shape(2, 3, 7, 67, 67, false, 0.1, drop_seed), &[3, 0]),
         ("attention_d64", shape(2, 2, 64, 131, 131, true, 0.1, drop_seed ^ 1), &[0, 5]),
+        ("attention_strided", fused, &[4, 37]),
     ];
     for (label, s, masked) in cases {
         for backward in [false, true] {

@@ -180,6 +180,9 @@ impl GeluOps for BiasGradOffByHalf {
 }
 
 impl AttentionOps for BiasGradOffByHalf {
+    fn attention_saved_len(&self, s: &AttentionShape) -> usize {
+        Cpu.attention_saved_len(s)
+    }
     fn attention_forward(
         &self,
         s: AttentionShape,
@@ -199,12 +202,14 @@ impl AttentionOps for BiasGradOffByHalf {
         q: &[f32],
         k: &[f32],
         v: &[f32],
-        probs: &[f32],
+        mask: &[f32],
+        out: &[f32],
+        saved: &[f32],
         dq: &mut [f32],
         dk: &mut [f32],
         dv: &mut [f32],
     ) -> Result<()> {
-        Cpu.attention_backward(s, dout, q, k, v, probs, dq, dk, dv)
+        Cpu.attention_backward(s, dout, q, k, v, mask, out, saved, dq, dk, dv)
     }
 }
 

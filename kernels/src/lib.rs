@@ -194,8 +194,12 @@ pub trait GeluOps: Memory {
 /// Shape and options of multi-head scaled-dot-product attention.
 ///
 /// q is `[batch, tq, heads*head_dim]`, k and v are `[batch, tk, heads*head_dim]` (heads
-/// interleaved, as a linear layer writes them). `key_mask` is `[batch, tk]` with 1.0 for real
-/// keys and 0.0 for padding; `causal` also hides keys after the query position.
+/// interleaved, as a linear layer writes them: head h at columns `h*head_dim..`). Consecutive
+/// tokens of q (and dq) sit `q_stride` elements apart, of k and v (and dk, dv) `kv_stride`
+/// apart, so q, k and v can be column blocks of one fused `[batch, t, 3*heads*head_dim]`
+/// projection; `out` and `dout` are always contiguous `[batch, tq, heads*head_dim]`.
+/// `key_mask` is `[batch, tk]` with 1.0 for real keys and 0.0 for padding; `causal` also hides
+/// keys after the query position.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionShape {
     pub batch: usize,
@@ -208,37 +212,110 @@ pub struct AttentionShape {
     pub dropout: f32,
     /// Seed of the counter-based dropout stream for this call.
     pub seed: u64,
+    /// Elements between consecutive tokens of q and dq (at least `heads*head_dim`).
+    pub q_stride: usize,
+    /// Elements between consecutive tokens of k, v, dk and dv (at least `heads*head_dim`).
+    pub kv_stride: usize,
 }
 
 impl AttentionShape {
+    /// Non-causal attention without dropout over contiguous q, k, v.
+    pub fn new(batch: usize, heads: usize, head_dim: usize, tq: usize, tk: usize) -> Self {
+        let c = heads * head_dim;
+        Self { batch, heads, head_dim, tq, tk, causal: false, dropout: 0.0, seed: 0, q_stride: c, kv_stride: c }
+    }
+
+    pub fn with_causal(self, causal: bool) -> Self {
+        Self { causal, ..self }
+    }
+
+    pub fn with_dropout(self, dropout: f32, seed: u64) -> Self {
+        Self { dropout, seed, ..self }
+    }
+
+    /// Row strides of q (and dq) and of k, v (and dk, dv).
+    pub fn with_strides(self, q_stride: usize, kv_stride: usize) -> Self {
+        Self { q_stride, kv_stride, ..self }
+    }
+
+    /// Width of one token's heads, `heads * head_dim`.
+    pub fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Elements of `[batch, heads, tq, tk]` probabilities.
     pub fn probs_len(&self) -> usize {
         self.batch * self.heads * self.tq * self.tk
     }
 
-    /// Check buffer lengths against the shape (every backend's attention ops call this).
-    pub fn check(&self, op: &'static str, q: usize, k: usize, v: usize, mask: usize, probs: usize) -> Result<()> {
-        let c = self.heads * self.head_dim;
-        let ok = q == self.batch * self.tq * c
-            && k == self.batch * self.tk * c
-            && v == k
-            && mask == self.batch * self.tk
-            && probs == self.probs_len();
-        if !ok {
-            return Err(KernelError::Shape {
-                op,
-                what: format!("{self:?}: q {q} k {k} v {v} mask {mask} probs {probs}"),
-            });
+    /// Elements of `[batch, tq, heads*head_dim]` (out, dout).
+    pub fn out_len(&self) -> usize {
+        self.batch * self.tq * self.width()
+    }
+
+    /// Smallest length of a q (or dq) view: up to the last column of its last token.
+    pub fn q_len(&self) -> usize {
+        strided_len(self.batch * self.tq, self.q_stride, self.width())
+    }
+
+    /// Smallest length of a k, v, dk or dv view.
+    pub fn kv_len(&self) -> usize {
+        strided_len(self.batch * self.tk, self.kv_stride, self.width())
+    }
+
+    /// Check the shape and the input lengths (every backend's attention ops call this). A
+    /// strided view may run on up to the end of its last token's row (`stride - width` more).
+    pub fn check(&self, op: &'static str, q: usize, k: usize, v: usize, mask: usize) -> Result<()> {
+        let c = self.width();
+        if self.q_stride < c || self.kv_stride < c {
+            return Err(KernelError::Shape { op, what: format!("{self:?}: a row stride is below heads*head_dim {c}") });
         }
+        self.check_q(op, "q", q)?;
+        self.check_kv(op, "k", k)?;
+        self.check_kv(op, "v", v)?;
+        check_len(op, "key_mask", mask, self.batch * self.tk)?;
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(KernelError::Shape { op, what: format!("dropout {} outside [0, 1)", self.dropout) });
         }
         Ok(())
     }
+
+    /// A view laid out like q (q itself, or dq).
+    pub fn check_q(&self, op: &'static str, what: &str, len: usize) -> Result<()> {
+        check_strided(op, what, len, self.q_len(), self.q_stride - self.width().min(self.q_stride))
+    }
+
+    /// A view laid out like k and v (k, v, dk, dv).
+    pub fn check_kv(&self, op: &'static str, what: &str, len: usize) -> Result<()> {
+        check_strided(op, what, len, self.kv_len(), self.kv_stride - self.width().min(self.kv_stride))
+    }
+}
+
+fn strided_len(rows: usize, stride: usize, width: usize) -> usize {
+    if rows == 0 { 0 } else { (rows - 1) * stride + width }
+}
+
+/// `len` must be `want`, or up to `slack` more (the rest of a strided view's last row).
+fn check_strided(op: &'static str, what: &str, len: usize, want: usize, slack: usize) -> Result<()> {
+    if len < want || len > want + slack {
+        let range = if slack == 0 { format!("{want}") } else { format!("{want}..={}", want + slack) };
+        return Err(KernelError::Shape { op, what: format!("{what} has {len} elements, expected {range}") });
+    }
+    Ok(())
+}
+
+/// `len` must be exactly `want`.
+pub fn check_len(op: &'static str, what: &str, len: usize, want: usize) -> Result<()> {
+    check_strided(op, what, len, want, 0)
 }
 
 pub trait AttentionOps: Memory {
-    /// `out = dropout(softmax(q k^T / sqrt(d) + mask)) v`; saves the pre-dropout probabilities
-    /// `[batch, heads, tq, tk]` in `probs` for backward.
+    /// Elements of the state that `attention_forward` saves for `attention_backward`; backend
+    /// defined (the CPU saves the probabilities `[batch, heads, tq, tk]`, CUDA only a
+    /// log-sum-exp per query row, `[batch, heads, tq]`).
+    fn attention_saved_len(&self, s: &AttentionShape) -> usize;
+    /// `out = dropout(softmax(q k^T / sqrt(d) + mask)) v`; saves what backward needs in
+    /// `saved` (of [`Self::attention_saved_len`] elements).
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
@@ -247,11 +324,12 @@ pub trait AttentionOps: Memory {
         k: Self::Ref<'_>,
         v: Self::Ref<'_>,
         key_mask: Self::Ref<'_>,
-        probs: Self::Mut<'_>,
+        saved: Self::Mut<'_>,
         out: Self::Mut<'_>,
     ) -> Result<()>;
     /// Assigns `dq`; ACCUMULATES into `dk` and `dv` (cross-attention K/V of several layers share
-    /// one encoder output, and self-attention callers zero them first).
+    /// one encoder output, and self-attention callers zero them first). `out` is the forward's
+    /// output and `saved` its saved state; `key_mask` is the forward's mask.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -260,7 +338,9 @@ pub trait AttentionOps: Memory {
         q: Self::Ref<'_>,
         k: Self::Ref<'_>,
         v: Self::Ref<'_>,
-        probs: Self::Ref<'_>,
+        key_mask: Self::Ref<'_>,
+        out: Self::Ref<'_>,
+        saved: Self::Ref<'_>,
         dq: Self::Mut<'_>,
         dk: Self::Mut<'_>,
         dv: Self::Mut<'_>,

@@ -179,9 +179,23 @@ pub fn attention_keep(s: &AttentionShape, b: usize, h: usize, i: usize, j: usize
     if rng::uniform(s.seed, idx) >= s.dropout { 1.0 / (1.0 - s.dropout as f64) } else { 0.0 }
 }
 
-/// Index of element `t` of head `h` of token `pos` of batch item `b` in a `[B, T, H*D]` tensor.
-fn head_at(s: &AttentionShape, t_len: usize, b: usize, pos: usize, h: usize, t: usize) -> usize {
-    (b * t_len + pos) * s.heads * s.head_dim + h * s.head_dim + t
+/// Index of element `t` of head `h` of token `pos` of batch item `b` in a `[B, T, H*D]` tensor
+/// laid out like q (`Tq` tokens `q_stride` apart), like k and v (`Tk`, `kv_stride`), or like out
+/// (`Tq`, contiguous).
+#[derive(Clone, Copy)]
+enum Layout {
+    Q,
+    Kv,
+    Out,
+}
+
+fn head_at(s: &AttentionShape, layout: Layout, b: usize, pos: usize, h: usize, t: usize) -> usize {
+    let (t_len, stride) = match layout {
+        Layout::Q => (s.tq, s.q_stride),
+        Layout::Kv => (s.tk, s.kv_stride),
+        Layout::Out => (s.tq, s.width()),
+    };
+    (b * t_len + pos) * stride + h * s.head_dim + t
 }
 
 /// Softmax probabilities of one query row over the keys it may see (padding and, when causal,
@@ -196,7 +210,7 @@ fn attention_row(s: &AttentionShape, q: &[f32], k: &[f32], key_mask: &[f32], b: 
     let scores: Vec<f64> = (0..s.tk)
         .map(|j| {
             let dot: f64 = (0..s.head_dim)
-                .map(|t| q[head_at(s, s.tq, b, i, h, t)] as f64 * k[head_at(s, s.tk, b, j, h, t)] as f64)
+                .map(|t| q[head_at(s, Layout::Q, b, i, h, t)] as f64 * k[head_at(s, Layout::Kv, b, j, h, t)] as f64)
                 .sum();
             if visible(j) { dot * scale } else { f64::NEG_INFINITY }
         })
@@ -228,9 +242,9 @@ pub fn attention_forward(
                 }
                 for t in 0..s.head_dim {
                     let acc: f64 = (0..s.tk)
-                        .map(|j| p[j] * attention_keep(&s, b, h, i, j) * v[head_at(&s, s.tk, b, j, h, t)] as f64)
+                        .map(|j| p[j] * attention_keep(&s, b, h, i, j) * v[head_at(&s, Layout::Kv, b, j, h, t)] as f64)
                         .sum();
-                    out[head_at(&s, s.tq, b, i, h, t)] = acc as f32;
+                    out[head_at(&s, Layout::Out, b, i, h, t)] = acc as f32;
                 }
             }
         }
@@ -254,8 +268,8 @@ pub fn attention_backward(
 ) {
     let scale = 1.0 / (s.head_dim as f64).sqrt();
     let (mut dk64, mut dv64) = (vec![0.0f64; dk.len()], vec![0.0f64; dv.len()]);
-    let dot = |x: &[f32], tx: usize, px: usize, y: &[f32], ty: usize, py: usize, b: usize, h: usize| -> f64 {
-        (0..s.head_dim).map(|t| x[head_at(&s, tx, b, px, h, t)] as f64 * y[head_at(&s, ty, b, py, h, t)] as f64).sum()
+    let dot = |x: &[f32], lx: Layout, px: usize, y: &[f32], ly: Layout, py: usize, b: usize, h: usize| -> f64 {
+        (0..s.head_dim).map(|t| x[head_at(&s, lx, b, px, h, t)] as f64 * y[head_at(&s, ly, b, py, h, t)] as f64).sum()
     };
     for b in 0..s.batch {
         for h in 0..s.heads {
@@ -263,24 +277,34 @@ pub fn attention_backward(
                 let row = ((b * s.heads + h) * s.tq + i) * s.tk;
                 let p: Vec<f64> = probs[row..row + s.tk].iter().map(|&x| x as f64).collect();
                 let keep: Vec<f64> = (0..s.tk).map(|j| attention_keep(&s, b, h, i, j)).collect();
-                let dp: Vec<f64> = (0..s.tk).map(|j| keep[j] * dot(dout, s.tq, i, v, s.tk, j, b, h)).collect();
+                let dp: Vec<f64> =
+                    (0..s.tk).map(|j| keep[j] * dot(dout, Layout::Out, i, v, Layout::Kv, j, b, h)).collect();
                 let rowsum: f64 = dp.iter().zip(&p).map(|(a, b)| a * b).sum();
                 let ds: Vec<f64> = (0..s.tk).map(|j| p[j] * (dp[j] - rowsum)).collect();
                 for t in 0..s.head_dim {
-                    let g: f64 = (0..s.tk).map(|j| ds[j] * k[head_at(&s, s.tk, b, j, h, t)] as f64).sum();
-                    dq[head_at(&s, s.tq, b, i, h, t)] = (g * scale) as f32;
-                    let (qv, dov) =
-                        (q[head_at(&s, s.tq, b, i, h, t)] as f64, dout[head_at(&s, s.tq, b, i, h, t)] as f64);
+                    let g: f64 = (0..s.tk).map(|j| ds[j] * k[head_at(&s, Layout::Kv, b, j, h, t)] as f64).sum();
+                    dq[head_at(&s, Layout::Q, b, i, h, t)] = (g * scale) as f32;
+                    let qv = q[head_at(&s, Layout::Q, b, i, h, t)] as f64;
+                    let dov = dout[head_at(&s, Layout::Out, b, i, h, t)] as f64;
                     for j in 0..s.tk {
-                        dk64[head_at(&s, s.tk, b, j, h, t)] += ds[j] * qv * scale;
-                        dv64[head_at(&s, s.tk, b, j, h, t)] += p[j] * keep[j] * dov;
+                        dk64[head_at(&s, Layout::Kv, b, j, h, t)] += ds[j] * qv * scale;
+                        dv64[head_at(&s, Layout::Kv, b, j, h, t)] += p[j] * keep[j] * dov;
                     }
                 }
             }
         }
     }
-    for (d, g) in dk.iter_mut().zip(dk64).chain(dv.iter_mut().zip(dv64)) {
-        *d = (*d as f64 + g) as f32;
+    // Only the elements of the heads change: a strided view's other columns keep their values.
+    for b in 0..s.batch {
+        for j in 0..s.tk {
+            for h in 0..s.heads {
+                for t in 0..s.head_dim {
+                    let at = head_at(&s, Layout::Kv, b, j, h, t);
+                    dk[at] = (dk[at] as f64 + dk64[at]) as f32;
+                    dv[at] = (dv[at] as f64 + dv64[at]) as f32;
+                }
+            }
+        }
     }
 }
 
@@ -399,7 +423,7 @@ mod tests {
 
     #[test]
     fn fully_masked_rows_are_uniform_and_others_sum_to_one() {
-        let s = AttentionShape { batch: 1, heads: 1, head_dim: 2, tq: 2, tk: 3, causal: true, dropout: 0.0, seed: 0 };
+        let s = AttentionShape::new(1, 1, 2, 2, 3).with_causal(true);
         let (q, k, v) = ([0.5, -1.0, 2.0, 0.3], [1.0, 0.0, 0.0, 1.0, 1.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         let (mut probs, mut out) = (vec![0.0; 6], vec![0.0; 4]);
         // Key 0 is padding: query 0 (causal) sees nothing, query 1 sees key 1 only.

@@ -1,91 +1,327 @@
-// Attention family: the non-GEMM parts of multi-head scaled-dot-product attention. The
-// launcher (attention.rs) runs the GEMMs through cuBLAS on a head-major layout:
-//   forward:  qh,kh,vh = split(q,k,v); S = qh kh^T / sqrt(D); P = masked_softmax(S) (saved);
-//             Pd = dropout(P); ctx_h = Pd vh; out = merge(ctx_h)
-//   backward: gh = split(dout); dPd = gh vh^T; dvh = Pd^T gh; dS = P * (dP - rowsum(dP * P)) with
-//             dP = dropout(dPd); dqh = dS kh / sqrt(D); dkh = dS^T qh / sqrt(D);
-//             dq = merge(dqh) (assigned), dk += merge(dkh), dv += merge(dvh).
-// Layouts: interleaved [B, T, H*D] (as a Linear writes it) and head-major [B*H, T, D].
-// Masked keys (key_mask == 0, or j > i when causal) score -1e30, so a fully masked row becomes
-// uniform. Dropout element (b, h, i, j) uses counter ((b*H + h)*Tq + i)*Tk + j = row*Tk + j.
+// Attention family: fused ("flash") multi-head scaled-dot-product attention, fp32 SIMT.
+//
+// Layouts: q [B, Tq, H*D] with tokens ldq apart, k and v [B, Tk, H*D] with tokens ldkv apart
+// (head h at columns h*D..h*D+D: the layout a linear layer writes, or column blocks of a fused
+// QKV projection); dq is laid out as q, dk and dv as k; out and dout are contiguous
+// [B, Tq, H*D]; key_mask [B, Tk] (1 real, 0 padding); lse [B, H, Tq].
+//
+// Grids: blockIdx.x = b*H + h, blockIdx.y = the query (or key) tile; 128 threads a block.
+// forward (one block per 16 query rows of one (b, h); key tiles of 32 in shared memory):
+//   x_ij = q_i . k_j * scale (scale = 1/sqrt(D), from the host, as the CPU computes it), or
+//   MASKED = -1e30 where key j is padding or (causal) j > i; online softmax over the tiles:
+//   m_i = max_j x_ij, l_i = sum_j exp(x_ij - m_i), P_ij = exp(x_ij - m_i) / l_i;
+//   out_i = sum_j P_ij keep_ij v_j; saves only lse_i = m_i + log(l_i).
+// backward (P recomputed from q, k and lse, never stored):
+//   Dsum_i = dout_i . out_i  (= sum_j P_ij dP_ij), recomputed by each block that needs it;
+//   dP_ij = keep_ij (dout_i . v_j); dS_ij = P_ij (dP_ij - Dsum_i);
+//   dv_j += sum_i P_ij keep_ij dout_i; dk_j += scale sum_i dS_ij q_i   (one block per 32 keys,
+//   looping over query tiles: ACCUMULATE, as the trait's contract says)
+//   dq_i = scale sum_j dS_ij k_j   (one block per 16 query rows, looping over key tiles: ASSIGNED)
+// Causal masks skip the tiles where every key comes after every query row (see each kernel).
+// Every output element is written by exactly one thread, in a fixed order: deterministic, no
+// atomics.
+// Dropout: keep_ij = 1/(1-p) iff b2b_uniform(seed, ((b*H + h)*Tq + i)*Tk + j) >= p, else 0: the
+// CPU's counter over the [B, H, Tq, Tk] probabilities.
+// A row whose keys are all masked is uniform over all Tk keys, as the CPU's -1e30 scores make
+// it: there m_i = MASKED and lse_i rounds to exactly MASKED (log Tk is far below MASKED's ulp),
+// which backward reads as "P_ij = 1/Tk".
+// Head dims up to FA_DMAX = 64 (each lane owns dims lane and lane + 32); the launcher rejects
+// larger ones. Accumulation in fp32; results differ from the CPU's by rounding only.
 
-extern "C" __global__ void attention_split_heads(float* dst, const float* src, int B, int T, int H, int D) {
-    const long long n = (long long)B * T * H * D;
-    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x) {
-        const int d = (int)(k % D);
-        const long long r = k / D;          // (b*H + h)*T + t
-        const int t = (int)(r % T);
-        const long long bh = r / T;
-        const int h = (int)(bh % H);
-        const long long b = bh / H;
-        dst[k] = src[((b * T + t) * H + h) * D + d];
+#define FA_DMAX 64
+#define FA_ROW (FA_DMAX + 1)  // padded shared row: a warp reading 32 different rows hits 32 banks
+#define FA_BQ 16              // query rows per block (4 per warp)
+#define FA_BK 32              // keys per tile (one per lane)
+#define FA_WARPS 4
+#define FA_RPW (FA_BQ / FA_WARPS)  // query rows per warp
+#define FA_KPW (FA_BK / FA_WARPS)  // keys per warp in the dk/dv kernel
+#define FA_MASKED (-1.0e30f)
+
+// dst[r][d] = rows[(t0 + r) * ld + d] for t0 + r < T and d < D, 0 elsewhere; `rows` points at
+// the first token of this (b, h). All threads of the block take part.
+__device__ __forceinline__ void flash_load_rows(float (*dst)[FA_ROW], int nrows, const float* rows, long long ld,
+                                                int t0, int T, int D) {
+    for (int e = threadIdx.x; e < nrows * FA_DMAX; e += blockDim.x) {
+        const int r = e / FA_DMAX, d = e % FA_DMAX;
+        dst[r][d] = (t0 + r < T && d < D) ? rows[(long long)(t0 + r) * ld + d] : 0.0f;
     }
 }
 
-extern "C" __global__ void attention_merge_heads(float* dst, const float* src, int B, int T, int H, int D, int accumulate) {
-    const long long n = (long long)B * T * H * D;
-    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x) {
-        const int d = (int)(k % D);
-        const long long r = k / D;
-        const int h = (int)(r % H);
-        const long long bt = r / H;         // b*T + t
-        const int t = (int)(bt % T);
-        const long long b = bt / T;
-        const float v = src[((b * H + h) * T + t) * D + d];
-        dst[k] = accumulate ? dst[k] + v : v;
+// The key mask of one tile (0 past Tk).
+__device__ __forceinline__ void flash_load_mask(float* dst, const float* mask_b, int j0, int Tk) {
+    for (int r = threadIdx.x; r < FA_BK; r += blockDim.x) dst[r] = j0 + r < Tk ? mask_b[j0 + r] : 0.0f;
+}
+
+// The scaled score of (i, j), or MASKED where the key is hidden from query i.
+__device__ __forceinline__ float flash_score(float dot, float scale, float key_mask, int causal, int i, int j) {
+    return (key_mask == 0.0f || (causal && j > i)) ? FA_MASKED : dot * scale;
+}
+
+// Dropout factor of probability (bh, i, j): 0 or 1/(1-p); 1 when dropout is off.
+__device__ __forceinline__ float flash_keep(u64 seed, float p_drop, long long bh, int Tq, int Tk, int i, int j) {
+    if (p_drop <= 0.0f) return 1.0f;
+    const u64 counter = (u64)((bh * Tq + i) * (long long)Tk + j);
+    return b2b_uniform(seed, counter) >= p_drop ? 1.0f / (1.0f - p_drop) : 0.0f;
+}
+
+// P_ij from the saved lse (see the header for the fully masked row).
+__device__ __forceinline__ float flash_prob(float x, float lse, int Tk) {
+    return lse == FA_MASKED ? 1.0f / (float)Tk : expf(x - lse);
+}
+
+// Whether one of the tile's rows (those before Tq) saw no key at all (see the header).
+__device__ __forceinline__ bool flash_any_unseen(const float* lse_s, int i0, int Tq) {
+    bool any = false;
+    for (int r = 0; r < FA_BQ; r++) any |= i0 + r < Tq && lse_s[r] == FA_MASKED;
+    return any;
+}
+
+// Dsum of FA_RPW query rows per warp into dsum_s (dout_i . out_i over the D dims of head h).
+__device__ __forceinline__ void flash_dsum(float* dsum_s, const float* dout_bh, const float* out_bh, long long c,
+                                           int i0, int Tq, int D) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int rr = 0; rr < FA_RPW; rr++) {
+        const int r = warp * FA_RPW + rr, i = i0 + r;
+        float acc = 0.0f;
+        if (i < Tq)
+            for (int d = lane; d < D; d += 32) acc += dout_bh[i * c + d] * out_bh[i * c + d];
+        acc = warp_sum(acc);
+        if (lane == 0) dsum_s[r] = acc;
     }
 }
 
-// One warp per row (b, h, i) of probs [B*H, Tq, Tk]: scores in, probabilities out (in place);
-// `pd` (may be null) receives the dropped-out probabilities.
-extern "C" __global__ void attention_softmax_forward(float* probs, float* pd, const float* key_mask, int BH, int H, int Tq,
-                                                     int Tk, int causal, float p_drop, unsigned long long seed) {
-    const int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
-    const long long row = (long long)blockIdx.x * warps + (threadIdx.x >> 5);
-    if (row >= (long long)BH * Tq) return;
-    const int i = (int)(row % Tq);
-    const long long b = row / Tq / H;
-    float* s = probs + row * Tk;
-    const float* mask = key_mask + b * Tk;
-    float mx = -3.402823466e38f;
-    for (int j = lane; j < Tk; j += 32) {
-        float v = s[j];
-        if (mask[j] == 0.0f || (causal && j > i)) v = -1.0e30f;
-        s[j] = v;
-        mx = fmaxf(mx, v);
+extern "C" __global__ void attention_flash_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                            const float* key_mask, int H, int D, int Tq, int Tk, int ldq, int ldkv, int causal,
+                            float scale, float p_drop, unsigned long long seed) {
+    __shared__ float qs[FA_BQ][FA_ROW];
+    __shared__ float ks[FA_BK][FA_ROW];
+    __shared__ float vs[FA_BK][FA_ROW];
+    __shared__ float km[FA_BK];
+    const long long bh = blockIdx.x;
+    const int b = (int)(bh / H), h = (int)(bh % H);
+    const int i0 = blockIdx.y * FA_BQ, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long c = (long long)H * D;
+    const float* k_bh = k + (long long)b * Tk * ldkv + (long long)h * D;
+    const float* v_bh = v + (long long)b * Tk * ldkv + (long long)h * D;
+    flash_load_rows(qs, FA_BQ, q + (long long)b * Tq * ldq + (long long)h * D, ldq, i0, Tq, D);
+    float m[FA_RPW], l[FA_RPW], o[FA_RPW][2];
+#pragma unroll
+    for (int rr = 0; rr < FA_RPW; rr++) {
+        m[rr] = -3.402823466e38f;
+        l[rr] = 0.0f;
+        o[rr][0] = o[rr][1] = 0.0f;
     }
-    mx = warp_max(mx);
-    float sum = 0.0f;
-    for (int j = lane; j < Tk; j += 32) {
-        const float e = expf(s[j] - mx);
-        s[j] = e;
-        sum += e;
+    // Causal: the keys after the block's last row are hidden from all its rows, so the loop stops
+    // there, unless a row has seen no key yet (all keys up to it are padding): that row is
+    // uniform over all Tk keys, as on the CPU, and the block goes on over the rest.
+    __shared__ int unseen;
+    int j_end = causal ? min(Tk, i0 + FA_BQ) : Tk;
+    for (int j0 = 0; j0 < Tk; j0 += FA_BK) {
+        if (j0 >= j_end) {  // block-uniform: j0, j_end and the vote below are the same everywhere
+            __syncthreads();
+            if (threadIdx.x == 0) unseen = 0;
+            __syncthreads();
+#pragma unroll
+            for (int rr = 0; rr < FA_RPW; rr++)
+                if (lane == 0 && i0 + warp * FA_RPW + rr < Tq && m[rr] == FA_MASKED) unseen = 1;
+            __syncthreads();
+            if (!unseen) break;
+            j_end = Tk;
+        }
+        __syncthreads();  // the previous tile is no longer read
+        flash_load_rows(ks, FA_BK, k_bh, ldkv, j0, Tk, D);
+        flash_load_rows(vs, FA_BK, v_bh, ldkv, j0, Tk, D);
+        flash_load_mask(km, key_mask + (long long)b * Tk, j0, Tk);
+        __syncthreads();
+        const int j = j0 + lane;
+        float dot[FA_RPW] = {};
+        for (int d = 0; d < D; d++) {
+            const float kd = ks[lane][d];
+#pragma unroll
+            for (int rr = 0; rr < FA_RPW; rr++) dot[rr] += qs[warp * FA_RPW + rr][d] * kd;
+        }
+#pragma unroll
+        for (int rr = 0; rr < FA_RPW; rr++) {
+            const int i = i0 + warp * FA_RPW + rr;
+            const float x = flash_score(dot[rr], scale, km[lane], causal, i, j);
+            const float m_new = fmaxf(m[rr], warp_max(j < Tk ? x : -3.402823466e38f));
+            const float alpha = expf(m[rr] - m_new);
+            const float p = j < Tk ? expf(x - m_new) : 0.0f;
+            l[rr] = l[rr] * alpha + warp_sum(p);
+            m[rr] = m_new;
+            const float pk = (j < Tk && i < Tq) ? p * flash_keep(seed, p_drop, bh, Tq, Tk, i, j) : 0.0f;
+            o[rr][0] *= alpha;
+            o[rr][1] *= alpha;
+            for (int jj = 0; jj < FA_BK; jj++) {
+                const float pj = __shfl_sync(0xffffffffu, pk, jj);
+                o[rr][0] += pj * vs[jj][lane];
+                o[rr][1] += pj * vs[jj][lane + 32];
+            }
+        }
     }
-    const float inv = 1.0f / warp_sum(sum);
-    const float keep_scale = 1.0f / (1.0f - p_drop);
-    for (int j = lane; j < Tk; j += 32) {
-        const float p = s[j] * inv;
-        s[j] = p;
-        if (pd) pd[row * Tk + j] = b2b_uniform(seed, (u64)(row * Tk + j)) >= p_drop ? p * keep_scale : 0.0f;
+#pragma unroll
+    for (int rr = 0; rr < FA_RPW; rr++) {
+        const int i = i0 + warp * FA_RPW + rr;
+        if (i >= Tq) continue;
+        const float inv = l[rr] > 0.0f ? 1.0f / l[rr] : 0.0f;  // no keys at all (Tk 0): out 0, as the CPU
+        float* o_row = out + ((long long)b * Tq + i) * c + (long long)h * D;
+        if (lane < D) o_row[lane] = o[rr][0] * inv;
+        if (lane + 32 < D) o_row[lane + 32] = o[rr][1] * inv;
+        if (lane == 0) lse[bh * Tq + i] = m[rr] + logf(l[rr]);
     }
 }
 
-// One warp per row: dp holds dPd on entry and dS on exit.
-extern "C" __global__ void attention_softmax_backward(float* dp, const float* probs, long long rows, int Tk, float p_drop,
-                                                      unsigned long long seed) {
-    const int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
-    const long long row = (long long)blockIdx.x * warps + (threadIdx.x >> 5);
-    if (row >= rows) return;
-    float* g = dp + row * Tk;
-    const float* p = probs + row * Tk;
-    const float keep_scale = 1.0f / (1.0f - p_drop);
-    float dot = 0.0f;
-    for (int j = lane; j < Tk; j += 32) {
-        float v = g[j];
-        if (p_drop > 0.0f) v = b2b_uniform(seed, (u64)(row * Tk + j)) >= p_drop ? v * keep_scale : 0.0f;
-        g[j] = v;
-        dot += v * p[j];
+// dk, dv of 32 keys of one (b, h): warp w owns keys w*8..w*8+7, lane holds dims lane, lane+32 of
+// each; per query tile, lane (r, kk) = (lane / 8, lane % 8) computes one (row, key) pair of a
+// group of 4 rows, and the warp broadcasts the 32 pairs' P*keep and dS with shuffles.
+extern "C" __global__ void attention_flash_backward_dkdv(float* dk, float* dv, const float* q, const float* k, const float* v,
+                                  const float* key_mask, const float* out, const float* dout, const float* lse, int H,
+                                  int D, int Tq, int Tk, int ldq, int ldkv, int causal, float scale, float p_drop,
+                                  unsigned long long seed) {
+    __shared__ float ks[FA_BK][FA_ROW];
+    __shared__ float vs[FA_BK][FA_ROW];
+    __shared__ float qs[FA_BQ][FA_ROW];
+    __shared__ float dos[FA_BQ][FA_ROW];
+    __shared__ float km[FA_BK];
+    __shared__ float lse_s[FA_BQ];
+    __shared__ float dsum_s[FA_BQ];
+    const long long bh = blockIdx.x;
+    const int b = (int)(bh / H), h = (int)(bh % H);
+    const int j0 = blockIdx.y * FA_BK, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long c = (long long)H * D;
+    const long long kv_off = (long long)b * Tk * ldkv + (long long)h * D;
+    const float* q_bh = q + (long long)b * Tq * ldq + (long long)h * D;
+    const float* dout_bh = dout + (long long)b * Tq * c + (long long)h * D;
+    const float* out_bh = out + (long long)b * Tq * c + (long long)h * D;
+    flash_load_rows(ks, FA_BK, k + kv_off, ldkv, j0, Tk, D);
+    flash_load_rows(vs, FA_BK, v + kv_off, ldkv, j0, Tk, D);
+    flash_load_mask(km, key_mask + (long long)b * Tk, j0, Tk);
+    float dk_acc[FA_KPW][2] = {}, dv_acc[FA_KPW][2] = {};
+    const int pair_r = lane / FA_KPW, pair_k = warp * FA_KPW + lane % FA_KPW;
+    const int j = j0 + pair_k;
+    for (int i0 = 0; i0 < Tq; i0 += FA_BQ) {
+        __syncthreads();  // the previous query tile is no longer read
+        for (int r = threadIdx.x; r < FA_BQ; r += blockDim.x) lse_s[r] = i0 + r < Tq ? lse[bh * Tq + i0 + r] : 0.0f;
+        __syncthreads();
+        // Causal: every key of this block comes after every row of the tile, so only rows that
+        // saw no key (uniform over all keys) add anything. Block-uniform (shared lse_s).
+        if (causal && i0 + FA_BQ <= j0 && !flash_any_unseen(lse_s, i0, Tq)) continue;
+        flash_load_rows(qs, FA_BQ, q_bh, ldq, i0, Tq, D);
+        flash_load_rows(dos, FA_BQ, dout_bh, c, i0, Tq, D);
+        flash_dsum(dsum_s, dout_bh, out_bh, c, i0, Tq, D);
+        __syncthreads();
+        for (int g = 0; g < FA_BQ / 4; g++) {
+            const int r = g * 4 + pair_r, i = i0 + r;
+            float s = 0.0f, dpv = 0.0f;
+            for (int d = 0; d < D; d++) {
+                s += qs[r][d] * ks[pair_k][d];
+                dpv += dos[r][d] * vs[pair_k][d];
+            }
+            float pk = 0.0f, ds = 0.0f;
+            if (i < Tq && j < Tk) {
+                const float p = flash_prob(flash_score(s, scale, km[pair_k], causal, i, j), lse_s[r], Tk);
+                const float keep = flash_keep(seed, p_drop, bh, Tq, Tk, i, j);
+                pk = p * keep;
+                ds = p * (keep * dpv - dsum_s[r]);
+            }
+#pragma unroll
+            for (int rr = 0; rr < 4; rr++) {
+                const float* q_row = qs[g * 4 + rr];
+                const float* do_row = dos[g * 4 + rr];
+#pragma unroll
+                for (int kk = 0; kk < FA_KPW; kk++) {
+                    const float pkb = __shfl_sync(0xffffffffu, pk, rr * FA_KPW + kk);
+                    const float dsb = __shfl_sync(0xffffffffu, ds, rr * FA_KPW + kk);
+                    dv_acc[kk][0] += pkb * do_row[lane];
+                    dv_acc[kk][1] += pkb * do_row[lane + 32];
+                    dk_acc[kk][0] += dsb * q_row[lane];
+                    dk_acc[kk][1] += dsb * q_row[lane + 32];
+                }
+            }
+        }
     }
-    dot = warp_sum(dot);
-    for (int j = lane; j < Tk; j += 32) g[j] = p[j] * (g[j] - dot);
+#pragma unroll
+    for (int kk = 0; kk < FA_KPW; kk++) {
+        const int jk = j0 + warp * FA_KPW + kk;
+        if (jk >= Tk) continue;
+        float* dk_row = dk + kv_off + (long long)jk * ldkv;
+        float* dv_row = dv + kv_off + (long long)jk * ldkv;
+        if (lane < D) {
+            dk_row[lane] += scale * dk_acc[kk][0];
+            dv_row[lane] += dv_acc[kk][0];
+        }
+        if (lane + 32 < D) {
+            dk_row[lane + 32] += scale * dk_acc[kk][1];
+            dv_row[lane + 32] += dv_acc[kk][1];
+        }
+    }
+}
+
+// dq of 16 query rows of one (b, h): warp w owns rows w*4..w*4+3, lane j the key j0 + lane of
+// each tile, and holds dims lane, lane+32 of its rows' dq.
+extern "C" __global__ void attention_flash_backward_dq(float* dq, const float* q, const float* k, const float* v, const float* key_mask,
+                                const float* out, const float* dout, const float* lse, int H, int D, int Tq, int Tk,
+                                int ldq, int ldkv, int causal, float scale, float p_drop, unsigned long long seed) {
+    __shared__ float qs[FA_BQ][FA_ROW];
+    __shared__ float dos[FA_BQ][FA_ROW];
+    __shared__ float ks[FA_BK][FA_ROW];
+    __shared__ float vs[FA_BK][FA_ROW];
+    __shared__ float km[FA_BK];
+    __shared__ float lse_s[FA_BQ];
+    __shared__ float dsum_s[FA_BQ];
+    const long long bh = blockIdx.x;
+    const int b = (int)(bh / H), h = (int)(bh % H);
+    const int i0 = blockIdx.y * FA_BQ, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long c = (long long)H * D;
+    const long long q_off = (long long)b * Tq * ldq + (long long)h * D;
+    const float* k_bh = k + (long long)b * Tk * ldkv + (long long)h * D;
+    const float* v_bh = v + (long long)b * Tk * ldkv + (long long)h * D;
+    const float* dout_bh = dout + (long long)b * Tq * c + (long long)h * D;
+    flash_load_rows(qs, FA_BQ, q + q_off, ldq, i0, Tq, D);
+    flash_load_rows(dos, FA_BQ, dout_bh, c, i0, Tq, D);
+    flash_dsum(dsum_s, dout_bh, out + (long long)b * Tq * c + (long long)h * D, c, i0, Tq, D);
+    for (int r = threadIdx.x; r < FA_BQ; r += blockDim.x) lse_s[r] = i0 + r < Tq ? lse[bh * Tq + i0 + r] : 0.0f;
+    float dq_acc[FA_RPW][2] = {};
+    __syncthreads();
+    // Causal: keys after the block's last row add nothing, unless a row saw no key at all.
+    const int j_end = causal && !flash_any_unseen(lse_s, i0, Tq) ? min(Tk, i0 + FA_BQ) : Tk;
+    for (int j0 = 0; j0 < j_end; j0 += FA_BK) {
+        __syncthreads();  // the previous key tile is no longer read (and the query tile is loaded)
+        flash_load_rows(ks, FA_BK, k_bh, ldkv, j0, Tk, D);
+        flash_load_rows(vs, FA_BK, v_bh, ldkv, j0, Tk, D);
+        flash_load_mask(km, key_mask + (long long)b * Tk, j0, Tk);
+        __syncthreads();
+        const int j = j0 + lane;
+        float s[FA_RPW] = {}, dpv[FA_RPW] = {};
+        for (int d = 0; d < D; d++) {
+            const float kd = ks[lane][d], vd = vs[lane][d];
+#pragma unroll
+            for (int rr = 0; rr < FA_RPW; rr++) {
+                s[rr] += qs[warp * FA_RPW + rr][d] * kd;
+                dpv[rr] += dos[warp * FA_RPW + rr][d] * vd;
+            }
+        }
+#pragma unroll
+        for (int rr = 0; rr < FA_RPW; rr++) {
+            const int r = warp * FA_RPW + rr, i = i0 + r;
+            float ds = 0.0f;
+            if (i < Tq && j < Tk) {
+                const float p = flash_prob(flash_score(s[rr], scale, km[lane], causal, i, j), lse_s[r], Tk);
+                ds = p * (flash_keep(seed, p_drop, bh, Tq, Tk, i, j) * dpv[rr] - dsum_s[r]);
+            }
+            for (int jj = 0; jj < FA_BK; jj++) {
+                const float dsb = __shfl_sync(0xffffffffu, ds, jj);
+                dq_acc[rr][0] += dsb * ks[jj][lane];
+                dq_acc[rr][1] += dsb * ks[jj][lane + 32];
+            }
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < FA_RPW; rr++) {
+        const int i = i0 + warp * FA_RPW + rr;
+        if (i >= Tq) continue;
+        float* dq_row = dq + q_off + (long long)i * ldq;
+        if (lane < D) dq_row[lane] = scale * dq_acc[rr][0];
+        if (lane + 32 < D) dq_row[lane + 32] = scale * dq_acc[rr][1];
+    }
 }

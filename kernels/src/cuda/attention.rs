@@ -1,90 +1,188 @@
-//! Attention launchers (see attention.cu for the math): head-major copies, cuBLAS batched GEMMs
-//! over B*H heads, and the masked softmax kernels. Scratch comes from the stream-ordered pool.
+//! Attention launchers (see attention.cu for the math): one fused forward kernel that saves a
+//! log-sum-exp per query row, and two backward kernels (dk/dv over key tiles, dq over query
+//! tiles) that recompute the probabilities. No scratch memory, no atomics.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::cost::{F32, LaunchCost};
-use super::{Cuda, DevMut, DevRef, KernelSource, check, dev_err, grid_for};
-use crate::{AttentionOps, AttentionShape, GemmShape, Operand, Result};
+use super::{Cuda, DevMut, DevRef, KernelSource, dev_err};
+use crate::{AttentionOps, AttentionShape, KernelError, Result, check_len};
 
-const SPLIT: &str = "attention_split_heads";
-const MERGE: &str = "attention_merge_heads";
-const SOFTMAX_FWD: &str = "attention_softmax_forward";
-const SOFTMAX_BWD: &str = "attention_softmax_backward";
+const FORWARD: &str = "attention_flash_forward";
+const BACKWARD_DKDV: &str = "attention_flash_backward_dkdv";
+const BACKWARD_DQ: &str = "attention_flash_backward_dq";
 
 pub(crate) const SOURCE: KernelSource = KernelSource {
     file: "attention.cu",
     code: include_str!("attention.cu"),
-    kernels: &[SPLIT, MERGE, SOFTMAX_FWD, SOFTMAX_BWD],
+    kernels: &[FORWARD, BACKWARD_DKDV, BACKWARD_DQ],
 };
 
-const WARPS: u32 = 8;
+/// Largest head dimension the kernels take (`FA_DMAX` in attention.cu).
+pub(crate) const MAX_HEAD_DIM: usize = 64;
+/// Query rows per block (`FA_BQ`) and keys per tile (`FA_BK`).
+const QUERY_TILE: usize = 16;
+const KEY_TILE: usize = 32;
+const THREADS: u32 = 128;
 
-/// `attention_split_heads` / `attention_merge_heads` of `n` floats: a permuting copy (one read,
-/// one write), plus a read of the destination when merge accumulates; no arithmetic.
-fn permute_cost(kernel: &'static str, n: usize, accumulate: bool) -> LaunchCost {
-    let passes = if accumulate { 3 } else { 2 };
-    LaunchCost::kernel(kernel, F32 * passes * n as u64, if accumulate { n as u64 } else { 0 })
+/// Per (b, h, i, j) pair, beyond the `2*D` FLOPs of each dot product: scale and mask, the
+/// online-softmax exp and rescale, the dropout test (forward); exp, keep and dS (backward).
+const SOFTMAX_FLOPS_PER_PAIR: u64 = 5;
+
+/// `attention_flash_forward`: reads q, k, v and the key mask once, writes out and lse;
+/// `q k^T` and `P v` are `2*D` FLOPs a (query, key) pair each.
+pub(crate) fn forward_cost(s: &AttentionShape) -> LaunchCost {
+    let (pairs, d) = (query_tile_pairs(s), s.head_dim as u64);
+    let bytes = F32 * (ideal_q(s) + 2 * ideal_kv(s) + mask_len(s) + out_len(s) + lse_len(s));
+    LaunchCost::kernel(FORWARD, bytes, pairs * (4 * d + SOFTMAX_FLOPS_PER_PAIR))
 }
 
-/// `attention_softmax_forward` over `n = B*H*Tq*Tk` scores with a `B*Tk` key mask: reads and
-/// writes the scores in place, writes the dropped-out copy when dropout is on; about 5 FLOPs a
-/// score (mask, max, exp, sum, scale).
-pub(crate) fn softmax_forward_cost(n: usize, mask: usize, dropout: bool) -> LaunchCost {
-    let (n, mask) = (n as u64, mask as u64);
-    let passes = if dropout { 3 } else { 2 };
-    LaunchCost::kernel(SOFTMAX_FWD, F32 * (passes * n + mask), 5 * n)
+/// `attention_flash_backward_dkdv`: reads q, k, v, mask, out, dout and lse once, reads and
+/// writes dk and dv (they accumulate); per pair it recomputes `q.k` and `dout.v` and adds into
+/// dv and dk (`2*D` each), plus `D` a query row for Dsum.
+pub(crate) fn backward_dkdv_cost(s: &AttentionShape) -> LaunchCost {
+    let (pairs, d) = (key_tile_pairs(s), s.head_dim as u64);
+    let reads = ideal_q(s) + 2 * ideal_kv(s) + mask_len(s) + 2 * out_len(s) + lse_len(s);
+    let bytes = F32 * (reads + 4 * ideal_kv(s));
+    let dsum = 2 * out_len(s);
+    LaunchCost::kernel(BACKWARD_DKDV, bytes, pairs * (8 * d + SOFTMAX_FLOPS_PER_PAIR) + dsum)
 }
 
-/// `attention_softmax_backward` over `n` scores: reads dP and P, writes dS over dP; about 4
-/// FLOPs a score (the dropout mask is recomputed from its hash, no memory).
-pub(crate) fn softmax_backward_cost(n: usize) -> LaunchCost {
-    LaunchCost::kernel(SOFTMAX_BWD, F32 * 3 * n as u64, 4 * n as u64)
+/// `attention_flash_backward_dq`: reads as the dk/dv kernel, writes dq (assigned); per pair it
+/// recomputes `q.k` and `dout.v` and adds into dq (`2*D` each), plus Dsum.
+pub(crate) fn backward_dq_cost(s: &AttentionShape) -> LaunchCost {
+    let (pairs, d) = (query_tile_pairs(s), s.head_dim as u64);
+    let reads = ideal_q(s) + 2 * ideal_kv(s) + mask_len(s) + 2 * out_len(s) + lse_len(s);
+    let bytes = F32 * (reads + ideal_q(s));
+    LaunchCost::kernel(BACKWARD_DQ, bytes, pairs * (6 * d + SOFTMAX_FLOPS_PER_PAIR) + 2 * out_len(s))
 }
 
-fn ptr(buf: &CudaSlice<f32>, cuda: &Cuda) -> u64 {
-    cuda.whole(buf).ptr
+/// (query, key) pairs the forward and dq kernels compute over all heads: all of them, or with a
+/// causal mask those of the key tiles up to each query tile's last row (assuming no row sees
+/// only padding; such a row makes its block go on over all keys).
+fn query_tile_pairs(s: &AttentionShape) -> u64 {
+    let per_head: usize = if !s.causal {
+        s.tq * s.tk
+    } else {
+        (0..s.tq)
+            .step_by(QUERY_TILE)
+            .map(|i0| {
+                let rows = QUERY_TILE.min(s.tq - i0);
+                let keys = s.tk.min((i0 + QUERY_TILE).min(s.tk).next_multiple_of(KEY_TILE));
+                rows * keys
+            })
+            .sum()
+    };
+    (s.batch * s.heads * per_head) as u64
 }
 
-impl Cuda {
-    fn split_heads(&self, dst: u64, src: u64, s: &AttentionShape, t: usize) -> Result<()> {
-        let (b, t, h, d) = (s.batch as i32, t as i32, s.heads as i32, s.head_dim as i32);
-        self.note(permute_cost(SPLIT, s.batch * t as usize * s.heads * s.head_dim, false));
-        let mut l = self.stream().launch_builder(self.func(SPLIT)?);
-        l.arg(&dst).arg(&src).arg(&b).arg(&t).arg(&h).arg(&d);
-        // SAFETY: both buffers hold B*T*H*D f32s (checked by the callers' shape checks).
-        unsafe { l.launch(grid_for(s.batch * t as usize * s.heads * s.head_dim, 256)) }.map(drop).map_err(dev_err)
+/// (query, key) pairs the dk/dv kernel computes: with a causal mask each key tile skips the
+/// query tiles that end before its first key.
+fn key_tile_pairs(s: &AttentionShape) -> u64 {
+    let per_head: usize = if !s.causal {
+        s.tq * s.tk
+    } else {
+        (0..s.tk)
+            .step_by(KEY_TILE)
+            .map(|j0| {
+                let keys = KEY_TILE.min(s.tk - j0);
+                keys * s.tq.saturating_sub(j0 / QUERY_TILE * QUERY_TILE)
+            })
+            .sum()
+    };
+    (s.batch * s.heads * per_head) as u64
+}
+
+/// Elements of q's heads (strided columns between them are not read).
+fn ideal_q(s: &AttentionShape) -> u64 {
+    (s.batch * s.tq * s.width()) as u64
+}
+
+fn ideal_kv(s: &AttentionShape) -> u64 {
+    (s.batch * s.tk * s.width()) as u64
+}
+
+fn out_len(s: &AttentionShape) -> u64 {
+    s.out_len() as u64
+}
+
+fn mask_len(s: &AttentionShape) -> u64 {
+    (s.batch * s.tk) as u64
+}
+
+fn lse_len(s: &AttentionShape) -> u64 {
+    (s.batch * s.heads * s.tq) as u64
+}
+
+/// The launch grid: x over the B*H heads, y over `t`'s tiles of `tile`.
+fn grid(s: &AttentionShape, t: usize, tile: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((s.batch * s.heads) as u32, t.div_ceil(tile) as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// What the kernels cannot take: head dims above 64, grids past the device's limits, i32 strides.
+fn check_kernel_limits(op: &'static str, s: &AttentionShape) -> Result<()> {
+    let fits_i32 = |x: usize| i32::try_from(x).is_ok();
+    let fail = |what: String| Err(KernelError::Shape { op, what });
+    if s.head_dim > MAX_HEAD_DIM {
+        return fail(format!("head_dim {} above the fused kernels' {MAX_HEAD_DIM}", s.head_dim));
+    }
+    let tiles = s.tq.div_ceil(QUERY_TILE).max(s.tk.div_ceil(KEY_TILE));
+    if !fits_i32(s.batch * s.heads) || tiles > 65535 {
+        return fail(format!("{s:?}: grid of {} heads x {tiles} tiles too large", s.batch * s.heads));
+    }
+    if ![s.tq, s.tk, s.q_stride, s.kv_stride, s.heads * s.head_dim].into_iter().all(fits_i32) {
+        return fail(format!("{s:?}: a length or stride does not fit in i32"));
+    }
+    Ok(())
+}
+
+/// The kernels' trailing scalar arguments: heads, head dim, lengths, strides, causal, scale,
+/// dropout rate and seed, in that order.
+struct ShapeArgs {
+    heads: i32,
+    head_dim: i32,
+    tq: i32,
+    tk: i32,
+    ldq: i32,
+    ldkv: i32,
+    causal: i32,
+    scale: f32,
+    dropout: f32,
+    seed: u64,
+}
+
+impl ShapeArgs {
+    fn push<'a>(&'a self, l: &mut cudarc::driver::LaunchArgs<'a>) {
+        l.arg(&self.heads).arg(&self.head_dim).arg(&self.tq).arg(&self.tk).arg(&self.ldq).arg(&self.ldkv);
+        l.arg(&self.causal).arg(&self.scale).arg(&self.dropout).arg(&self.seed);
     }
 
-    fn merge_heads(&self, dst: u64, src: u64, s: &AttentionShape, t: usize, accumulate: bool) -> Result<()> {
-        let (b, t, h, d, acc) = (s.batch as i32, t as i32, s.heads as i32, s.head_dim as i32, accumulate as i32);
-        self.note(permute_cost(MERGE, s.batch * t as usize * s.heads * s.head_dim, accumulate));
-        let mut l = self.stream().launch_builder(self.func(MERGE)?);
-        l.arg(&dst).arg(&src).arg(&b).arg(&t).arg(&h).arg(&d).arg(&acc);
-        // SAFETY: both buffers hold B*T*H*D f32s; `dst` is an exclusive view.
-        unsafe { l.launch(grid_for(s.batch * t as usize * s.heads * s.head_dim, 256)) }.map(drop).map_err(dev_err)
-    }
-
-    fn rows_cfg(rows: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: ((rows as u32).div_ceil(WARPS).max(1), 1, 1),
-            block_dim: (32 * WARPS, 1, 1),
-            shared_mem_bytes: 0,
+    fn new(s: &AttentionShape) -> Self {
+        Self {
+            heads: s.heads as i32,
+            head_dim: s.head_dim as i32,
+            tq: s.tq as i32,
+            tk: s.tk as i32,
+            ldq: s.q_stride as i32,
+            ldkv: s.kv_stride as i32,
+            causal: s.causal as i32,
+            // As the CPU computes it, so both backends scale scores by the same f32.
+            scale: 1.0 / (s.head_dim as f32).sqrt(),
+            dropout: s.dropout,
+            seed: s.seed,
         }
-    }
-
-    /// Head-major copies of q, k, v.
-    fn heads(&self, s: &AttentionShape, q: u64, k: u64, v: u64) -> Result<[CudaSlice<f32>; 3]> {
-        let (nq, nk) = (s.batch * s.heads * s.tq * s.head_dim, s.batch * s.heads * s.tk * s.head_dim);
-        let (qh, kh, vh) = (self.scratch(nq)?, self.scratch(nk)?, self.scratch(nk)?);
-        self.split_heads(ptr(&qh, self), q, s, s.tq)?;
-        self.split_heads(ptr(&kh, self), k, s, s.tk)?;
-        self.split_heads(ptr(&vh, self), v, s, s.tk)?;
-        Ok([qh, kh, vh])
     }
 }
 
 impl AttentionOps for Cuda {
+    fn attention_saved_len(&self, s: &AttentionShape) -> usize {
+        s.batch * s.heads * s.tq
+    }
+
     fn attention_forward(
         &self,
         s: AttentionShape,
@@ -92,56 +190,25 @@ impl AttentionOps for Cuda {
         k: DevRef<'_>,
         v: DevRef<'_>,
         key_mask: DevRef<'_>,
-        probs: DevMut<'_>,
+        saved: DevMut<'_>,
         out: DevMut<'_>,
     ) -> Result<()> {
-        s.check("attention_forward", q.len, k.len, v.len, key_mask.len, probs.len)?;
-        check("attention_forward", out.len == q.len, || format!("out {} != q {}", out.len, q.len))?;
-        let (bh, tq, tk, d) = (s.batch * s.heads, s.tq, s.tk, s.head_dim);
-        let scale = 1.0 / (d as f32).sqrt();
-        let [qh, kh, vh] = self.heads(&s, q.ptr, k.ptr, v.ptr)?;
-        let scores = GemmShape { m: tq, n: tk, k: d, batch: bh, ldc: tk, batch_stride_c: tq * tk };
-        self.gemm_raw(
-            scores,
-            scale,
-            ptr(&qh, self),
-            Operand { trans: false, ld: d, batch_stride: tq * d },
-            ptr(&kh, self),
-            Operand { trans: true, ld: d, batch_stride: tk * d },
-            0.0,
-            probs.ptr,
-        )?;
-        let pd = if s.dropout > 0.0 { Some(self.scratch(bh * tq * tk)?) } else { None };
-        let pd_ptr = pd.as_ref().map(|b| ptr(b, self)).unwrap_or(0);
-        let (bh_i, h_i, tq_i, tk_i, causal) = (bh as i32, s.heads as i32, tq as i32, tk as i32, s.causal as i32);
-        self.note(softmax_forward_cost(bh * tq * tk, s.batch * tk, pd.is_some()));
-        let mut l = self.stream().launch_builder(self.func(SOFTMAX_FWD)?);
-        l.arg(&probs.ptr)
-            .arg(&pd_ptr)
-            .arg(&key_mask.ptr)
-            .arg(&bh_i)
-            .arg(&h_i)
-            .arg(&tq_i)
-            .arg(&tk_i)
-            .arg(&causal)
-            .arg(&s.dropout)
-            .arg(&s.seed);
-        // SAFETY: probs and pd hold B*H*Tq*Tk f32s, key_mask B*Tk; shapes checked above.
-        unsafe { l.launch(Self::rows_cfg(bh * tq)) }.map(drop).map_err(dev_err)?;
-        let ctx = self.scratch(bh * tq * d)?;
-        let a = if pd_ptr != 0 { pd_ptr } else { probs.ptr };
-        let pv = GemmShape { m: tq, n: d, k: tk, batch: bh, ldc: d, batch_stride_c: tq * d };
-        self.gemm_raw(
-            pv,
-            1.0,
-            a,
-            Operand { trans: false, ld: tk, batch_stride: tq * tk },
-            ptr(&vh, self),
-            Operand { trans: false, ld: d, batch_stride: tk * d },
-            0.0,
-            ptr(&ctx, self),
-        )?;
-        self.merge_heads(out.ptr, ptr(&ctx, self), &s, tq, false)
+        const OP: &str = "attention_forward";
+        s.check(OP, q.len, k.len, v.len, key_mask.len)?;
+        check_len(OP, "saved lse", saved.len, self.attention_saved_len(&s))?;
+        check_len(OP, "out", out.len, s.out_len())?;
+        check_kernel_limits(OP, &s)?;
+        if s.out_len() == 0 {
+            return Ok(());
+        }
+        let a = ShapeArgs::new(&s);
+        self.note(forward_cost(&s));
+        let mut l = self.stream().launch_builder(self.func(FORWARD)?);
+        l.arg(&out.ptr).arg(&saved.ptr).arg(&q.ptr).arg(&k.ptr).arg(&v.ptr).arg(&key_mask.ptr);
+        a.push(&mut l);
+        // SAFETY: every view's length was checked against the shape and its strides above; the
+        // kernel reads and writes only the heads' columns of the tokens inside them.
+        unsafe { l.launch(grid(&s, s.tq, QUERY_TILE)) }.map(drop).map_err(dev_err)
     }
 
     fn attention_backward(
@@ -151,88 +218,44 @@ impl AttentionOps for Cuda {
         q: DevRef<'_>,
         k: DevRef<'_>,
         v: DevRef<'_>,
-        probs: DevRef<'_>,
+        key_mask: DevRef<'_>,
+        out: DevRef<'_>,
+        saved: DevRef<'_>,
         dq: DevMut<'_>,
         dk: DevMut<'_>,
         dv: DevMut<'_>,
     ) -> Result<()> {
-        s.check("attention_backward", q.len, k.len, v.len, s.batch * s.tk, probs.len)?;
-        check(
-            "attention_backward",
-            dout.len == q.len && dq.len == q.len && dk.len == k.len && dv.len == v.len,
-            || format!("dout {} dq {} dk {} dv {}", dout.len, dq.len, dk.len, dv.len),
-        )?;
-        let (bh, tq, tk, d) = (s.batch * s.heads, s.tq, s.tk, s.head_dim);
-        let scale = 1.0 / (d as f32).sqrt();
-        let [qh, kh, vh] = self.heads(&s, q.ptr, k.ptr, v.ptr)?;
-        let gh = self.scratch(bh * tq * d)?;
-        self.split_heads(ptr(&gh, self), dout.ptr, &s, tq)?;
-        // Pd: the dropped-out probabilities, recomputed from P with the forward's mask.
-        let mut pd = None;
-        if s.dropout > 0.0 {
-            let mut buf = self.scratch(bh * tq * tk)?;
-            let mut view = self.whole_mut(&mut buf);
-            self.copy_raw(probs.ptr, &mut view)?;
-            crate::DropoutOps::dropout_forward(self, view, s.dropout, s.seed)?;
-            pd = Some(buf);
+        const OP: &str = "attention_backward";
+        s.check(OP, q.len, k.len, v.len, key_mask.len)?;
+        check_len(OP, "saved lse", saved.len, self.attention_saved_len(&s))?;
+        check_len(OP, "dout", dout.len, s.out_len())?;
+        check_len(OP, "out", out.len, s.out_len())?;
+        s.check_q(OP, "dq", dq.len)?;
+        s.check_kv(OP, "dk", dk.len)?;
+        s.check_kv(OP, "dv", dv.len)?;
+        check_kernel_limits(OP, &s)?;
+        if s.out_len() == 0 {
+            return Ok(());
         }
-        let pd_ptr = pd.as_ref().map(|b| ptr(b, self)).unwrap_or(probs.ptr);
-        let hq = |m: usize| Operand { trans: false, ld: d, batch_stride: m * d };
-        let p_op = |trans: bool| Operand { trans, ld: tk, batch_stride: tq * tk };
-        let dp = self.scratch(bh * tq * tk)?;
-        self.gemm_raw(
-            GemmShape { m: tq, n: tk, k: d, batch: bh, ldc: tk, batch_stride_c: tq * tk },
-            1.0,
-            ptr(&gh, self),
-            hq(tq),
-            ptr(&vh, self),
-            Operand { trans: true, ..hq(tk) },
-            0.0,
-            ptr(&dp, self),
-        )?;
-        let dvh = self.scratch(bh * tk * d)?;
-        self.gemm_raw(
-            GemmShape { m: tk, n: d, k: tq, batch: bh, ldc: d, batch_stride_c: tk * d },
-            1.0,
-            pd_ptr,
-            p_op(true),
-            ptr(&gh, self),
-            hq(tq),
-            0.0,
-            ptr(&dvh, self),
-        )?;
-        let rows = (bh * tq) as i64;
-        let tk_i = tk as i32;
-        self.note(softmax_backward_cost(bh * tq * tk));
-        let mut l = self.stream().launch_builder(self.func(SOFTMAX_BWD)?);
-        let dp_ptr = ptr(&dp, self);
-        l.arg(&dp_ptr).arg(&probs.ptr).arg(&rows).arg(&tk_i).arg(&s.dropout).arg(&s.seed);
-        // SAFETY: dp and probs hold B*H*Tq*Tk f32s.
-        unsafe { l.launch(Self::rows_cfg(bh * tq)) }.map(drop).map_err(dev_err)?;
-        let dqh = self.scratch(bh * tq * d)?;
-        self.gemm_raw(
-            GemmShape { m: tq, n: d, k: tk, batch: bh, ldc: d, batch_stride_c: tq * d },
-            scale,
-            dp_ptr,
-            p_op(false),
-            ptr(&kh, self),
-            hq(tk),
-            0.0,
-            ptr(&dqh, self),
-        )?;
-        let dkh = self.scratch(bh * tk * d)?;
-        self.gemm_raw(
-            GemmShape { m: tk, n: d, k: tq, batch: bh, ldc: d, batch_stride_c: tk * d },
-            scale,
-            dp_ptr,
-            p_op(true),
-            ptr(&qh, self),
-            hq(tq),
-            0.0,
-            ptr(&dkh, self),
-        )?;
-        self.merge_heads(dq.ptr, ptr(&dqh, self), &s, tq, false)?;
-        self.merge_heads(dk.ptr, ptr(&dkh, self), &s, tk, true)?;
-        self.merge_heads(dv.ptr, ptr(&dvh, self), &s, tk, true)
+        let a = ShapeArgs::new(&s);
+        // With no keys there is nothing to add to dk and dv (and no key tile to launch), but dq
+        // is still assigned (zeros).
+        if s.tk > 0 {
+            self.note(backward_dkdv_cost(&s));
+            let mut l = self.stream().launch_builder(self.func(BACKWARD_DKDV)?);
+            l.arg(&dk.ptr).arg(&dv.ptr).arg(&q.ptr).arg(&k.ptr).arg(&v.ptr).arg(&key_mask.ptr);
+            l.arg(&out.ptr).arg(&dout.ptr).arg(&saved.ptr);
+            a.push(&mut l);
+            // SAFETY: lengths checked above; dk and dv are exclusive views, each element written
+            // by one thread.
+            unsafe { l.launch(grid(&s, s.tk, KEY_TILE)) }.map(drop).map_err(dev_err)?;
+        }
+        self.note(backward_dq_cost(&s));
+        let mut l = self.stream().launch_builder(self.func(BACKWARD_DQ)?);
+        l.arg(&dq.ptr).arg(&q.ptr).arg(&k.ptr).arg(&v.ptr).arg(&key_mask.ptr);
+        l.arg(&out.ptr).arg(&dout.ptr).arg(&saved.ptr);
+        a.push(&mut l);
+        // SAFETY: as above; dq is an exclusive view.
+        unsafe { l.launch(grid(&s, s.tq, QUERY_TILE)) }.map(drop).map_err(dev_err)
     }
 }

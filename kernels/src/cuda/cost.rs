@@ -154,14 +154,42 @@ mod tests {
     }
 
     #[test]
-    fn bias_and_softmax_costs_count_each_operand_once() {
+    fn bias_costs_count_each_operand_once() {
         // 37 x 129 with a 129-bias: y read and written, bias read once.
         assert_eq!(bias::add_cost(37, 129).bytes, 4 * (2 * 4773 + 129));
         assert_eq!(bias::column_sum_cost(37, 129).bytes, 4 * (4773 + 2 * 129));
-        // 2 sequences, 3 heads, 5 queries, 7 keys: 210 scores, a 14-entry key mask.
-        assert_eq!(attention::softmax_forward_cost(210, 14, false).bytes, 4 * (2 * 210 + 14));
-        assert_eq!(attention::softmax_forward_cost(210, 14, true).bytes, 4 * (3 * 210 + 14));
-        assert_eq!(attention::softmax_backward_cost(210).bytes, 4 * 3 * 210);
+    }
+
+    #[test]
+    fn flash_attention_moves_each_operand_once_and_counts_its_recomputation() {
+        // 2 sequences, 3 heads of 5, 7 queries over 11 keys, q rows 40 apart (strides are not
+        // traffic): q 2*7*15 = 210, k and v 2*11*15 = 330 each, mask 22, out 210, lse 42;
+        // 2*3*7*11 = 462 (query, key) pairs.
+        let s = crate::AttentionShape::new(2, 3, 5, 7, 11).with_strides(40, 15);
+        let f = attention::forward_cost(&s);
+        assert_eq!(f.bytes, 4 * (210 + 2 * 330 + 22 + 210 + 42));
+        assert_eq!(f.flops, 462 * (4 * 5 + 5));
+        // dk/dv: q, k, v, mask, out, dout, lse read; dk and dv read and written.
+        let kv = attention::backward_dkdv_cost(&s);
+        assert_eq!(kv.bytes, 4 * (210 + 2 * 330 + 22 + 2 * 210 + 42 + 4 * 330));
+        assert_eq!(kv.flops, 462 * (8 * 5 + 5) + 2 * 210);
+        // dq: the same reads, dq written once.
+        let q = attention::backward_dq_cost(&s);
+        assert_eq!(q.bytes, 4 * (210 + 2 * 330 + 22 + 2 * 210 + 42 + 210));
+        assert_eq!(q.flops, 462 * (6 * 5 + 5) + 2 * 210);
+        // Causal, 37 x 37 (query tiles of 16, key tiles of 32): query tiles at 0, 16, 32 of 16,
+        // 16, 5 rows see key tiles up to 32, 32, 37 keys: 16*32 + 16*32 + 5*37 = 1209 pairs a
+        // head; key tiles at 0 (32 keys) and 32 (5 keys) skip the query rows before 0 and 32:
+        // 32*37 + 5*5 = 1209 too (both count the same tile pairs here). Six heads.
+        let c = crate::AttentionShape::new(2, 3, 5, 37, 37).with_causal(true);
+        assert_eq!(attention::forward_cost(&c).flops, 6 * 1209 * (4 * 5 + 5));
+        assert_eq!(attention::backward_dkdv_cost(&c).flops, 6 * 1209 * (8 * 5 + 5) + 2 * 2 * 37 * 15);
+        let c = crate::AttentionShape::new(1, 1, 5, 70, 70).with_causal(true);
+        // Query tiles 0, 16, 32, 48, 64 (6 rows): keys 32, 32, 64, 64, 70 -> 512 + 512 + 1024 +
+        // 1024 + 420 = 3492. Key tiles 0, 32, 64 (6 keys): rows from 0, 32, 64 -> 32*70 + 32*38 +
+        // 6*6 = 2240 + 1216 + 36 = 3492.
+        assert_eq!(attention::forward_cost(&c).flops, 3492 * 25);
+        assert_eq!(attention::backward_dkdv_cost(&c).flops, 3492 * 45 + 2 * 70 * 5);
     }
 
     #[test]

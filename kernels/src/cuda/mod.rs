@@ -252,28 +252,6 @@ impl Cuda {
         ptr
     }
 
-    /// A scratch buffer for one op (stream-ordered allocation, freed when dropped).
-    pub(crate) fn scratch(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.note(cost::memset(n.max(1)));
-        self.stream.alloc_zeros::<f32>(n.max(1)).map_err(dev_err)
-    }
-
-    pub(crate) fn whole<'a>(&self, buf: &'a CudaSlice<f32>) -> DevRef<'a> {
-        DevRef { ptr: self.base(buf), len: buf.len(), _buf: PhantomData }
-    }
-
-    pub(crate) fn whole_mut<'a>(&self, buf: &'a mut CudaSlice<f32>) -> DevMut<'a> {
-        DevMut { ptr: self.base(buf), len: buf.len(), _buf: PhantomData }
-    }
-
-    /// `dst = src` for `dst.len` elements from a raw device pointer.
-    pub(crate) fn copy_raw(&self, src: u64, dst: &mut DevMut<'_>) -> Result<()> {
-        self.note(cost::copy_dtod(dst.len));
-        // SAFETY: callers pass a source of at least dst.len live f32s on this stream.
-        unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr, src, 4 * dst.len, self.stream.cu_stream()) }
-            .map_err(dev_err)
-    }
-
     pub(crate) fn ids_ptr(&self, ids: &CudaSlice<i32>) -> u64 {
         let (ptr, _sync) = ids.device_ptr(&self.stream);
         ptr

@@ -95,7 +95,7 @@ impl<B: Backend> DecoderLayer<B> {
         lv: &LayerView,
         sp: &StackPass,
         (l, len): (usize, usize),
-        input: &B::Buf,
+        (input, mask): (&B::Buf, &B::Buf),
         enc: &Encoded<'_, B>,
         d: &mut [B::Buf; 2],
         d_enc: &mut B::Buf,
@@ -113,6 +113,7 @@ impl<B: Backend> DecoderLayer<B> {
             sp.attention(len, enc.len, false, site::dec(l, site::CROSS_PROBS)),
             r(b, &self.attn.norm.out),
             r(b, enc.states),
+            r(b, enc.mask),
             sp.hidden(site::dec(l, site::CROSS_OUT)),
             r(b, d_b),
             d_a,
@@ -127,6 +128,7 @@ impl<B: Backend> DecoderLayer<B> {
             sp.attention(len, len, true, site::dec(l, site::ATTN_PROBS)),
             r(b, input),
             r(b, input),
+            r(b, mask),
             sp.hidden(site::dec(l, site::ATTN_OUT)),
             r(b, d_a),
             d_b,
@@ -218,7 +220,7 @@ impl<B: Backend> Decoder<B> {
         p: &B::Buf,
         g: &mut B::Buf,
         view: &StackView,
-        ids: &EmbIds<B>,
+        (ids, mask): (&EmbIds<B>, &B::Buf),
         enc: &Encoded<'_, B>,
         sp: &StackPass,
         ready: &mut Option<GradReady<'_, B::Buf>>,
@@ -227,7 +229,7 @@ impl<B: Backend> Decoder<B> {
         for l in (0..self.layers.len()).rev() {
             let input = if l == 0 { &self.emb.norm.out } else { self.layers[l - 1].output() };
             let (lv, d, d_enc, sc) = (&view.layers[l], &mut self.d, &mut self.d_enc, &mut self.scratch);
-            self.layers[l].backward(b, p, g, lv, sp, (l, self.len), input, enc, d, d_enc, sc)?;
+            self.layers[l].backward(b, p, g, lv, sp, (l, self.len), (input, mask), enc, d, d_enc, sc)?;
             stage_done(ready, g)?;
         }
         let [d_out, d_sum] = &mut self.d;

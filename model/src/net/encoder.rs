@@ -70,7 +70,7 @@ impl<B: Backend> EncoderLayer<B> {
         sp: &StackPass,
         l: usize,
         len: usize,
-        input: &B::Buf,
+        (input, mask): (&B::Buf, &B::Buf),
         d: &mut [B::Buf; 2],
         sc: &mut Scratch<B>,
     ) -> KResult<()> {
@@ -86,6 +86,7 @@ impl<B: Backend> EncoderLayer<B> {
             sp.attention(len, len, false, site::enc(l, site::ATTN_PROBS)),
             r(b, input),
             r(b, input),
+            r(b, mask),
             sp.hidden(site::enc(l, site::ATTN_OUT)),
             r(b, d_b),
             d_a,
@@ -154,7 +155,7 @@ impl<B: Backend> Encoder<B> {
         p: &B::Buf,
         g: &mut B::Buf,
         view: &StackView,
-        ids: &EmbIds<B>,
+        (ids, mask): (&EmbIds<B>, &B::Buf),
         sp: &StackPass,
         d_out: &B::Buf,
         ready: &mut Option<GradReady<'_, B::Buf>>,
@@ -163,7 +164,7 @@ impl<B: Backend> Encoder<B> {
         for l in (0..self.layers.len()).rev() {
             let input = if l == 0 { &self.emb.norm.out } else { self.layers[l - 1].output() };
             let lv = &view.layers[l];
-            self.layers[l].backward(b, p, g, lv, sp, l, self.len, input, &mut self.d, &mut self.scratch)?;
+            self.layers[l].backward(b, p, g, lv, sp, l, self.len, (input, mask), &mut self.d, &mut self.scratch)?;
             stage_done(ready, g)?;
         }
         let [d_out, d_sum] = &mut self.d;

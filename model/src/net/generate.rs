@@ -183,16 +183,7 @@ impl<B: Backend> DecodeState<B> {
 /// Attention of `batch` rows, `tq` queries over `tk` keys, with `cfg`'s heads; generation
 /// neither masks causally (the cache mask does that) nor drops out.
 fn attention_shape(cfg: &BertConfig, batch: usize, tq: usize, tk: usize) -> AttentionShape {
-    AttentionShape {
-        batch,
-        heads: cfg.num_attention_heads,
-        head_dim: cfg.head_dim(),
-        tq,
-        tk,
-        causal: false,
-        dropout: 0.0,
-        seed: 0,
-    }
+    AttentionShape::new(batch, cfg.num_attention_heads, cfg.head_dim(), tq, tk)
 }
 
 fn log_softmax(x: &[f32]) -> Vec<f64> {
@@ -334,7 +325,6 @@ impl<B: Backend> Bert2Bert<B> {
                 ffn: FfnActs::new(b, n, c, dc.intermediate_size)?,
             });
         }
-        let heads = ec.num_attention_heads;
         Ok(DecodeState {
             layers,
             enc_mask,
@@ -343,8 +333,8 @@ impl<B: Backend> Bert2Bert<B> {
                 k_new: b.zeros(n * c)?,
                 v_new: b.zeros(n * c)?,
                 ctx: b.zeros(n * c)?,
-                probs_self: b.zeros(n * heads * tmax)?,
-                probs_cross: b.zeros(n * heads * s)?,
+                probs_self: b.zeros(b.attention_saved_len(&attention_shape(ec, n, 1, tmax)))?,
+                probs_cross: b.zeros(b.attention_saved_len(&attention_shape(ec, n, 1, s)))?,
             },
             emb: EmbActs { norm: NormActs::new(b, n, c)? },
             head: HeadScratch {

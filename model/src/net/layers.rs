@@ -193,7 +193,8 @@ pub(crate) struct AttnActs<B: Backend> {
     pub q: B::Buf,
     pub k: B::Buf,
     pub v: B::Buf,
-    pub probs: B::Buf,
+    /// What the backend's attention saves for backward (`attention_saved_len`).
+    pub saved: B::Buf,
     pub ctx: B::Buf,
     pub norm: NormActs<B>,
 }
@@ -231,7 +232,7 @@ impl<B: Backend> AttnActs<B> {
             q: b.zeros(rq * c)?,
             k: b.zeros(rk * c)?,
             v: b.zeros(rk * c)?,
-            probs: b.zeros(s.probs_len())?,
+            saved: b.zeros(b.attention_saved_len(s))?,
             ctx: b.zeros(rq * c)?,
             norm: NormActs::new(b, rq, c)?,
         })
@@ -260,7 +261,7 @@ impl<B: Backend> AttnActs<B> {
             r(b, &self.k),
             r(b, &self.v),
             key_mask,
-            w(b, &mut self.probs),
+            w(b, &mut self.saved),
             w(b, &mut self.ctx),
         )?;
         linear_forward(b, p, &av.out, r(b, &self.ctx), rq, &mut self.norm.input)?;
@@ -279,6 +280,7 @@ impl<B: Backend> AttnActs<B> {
         s: AttentionShape,
         x_q: B::Ref<'_>,
         x_kv: B::Ref<'_>,
+        key_mask: B::Ref<'_>,
         hidden_dropout: (f32, u64),
         d_out: B::Ref<'_>,
         d_xq: &mut B::Buf,
@@ -310,7 +312,9 @@ impl<B: Backend> AttnActs<B> {
             r(b, &self.q),
             r(b, &self.k),
             r(b, &self.v),
-            r(b, &self.probs),
+            key_mask,
+            r(b, &self.ctx),
+            r(b, &self.saved),
             dq,
             dk,
             dv,

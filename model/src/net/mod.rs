@@ -351,9 +351,10 @@ impl<B: Backend> Bert2Bert<B> {
         stage_done(&mut ready, g)?;
         clock.mark("lm_head_bwd");
         let enc = Encoded { states: ws.encoder.output(), mask: &x.src_mask, len: x.src_len };
-        ws.decoder.backward(b, p, g, &view.decoder, &x.dec, &enc, &dsp, &mut ready)?;
+        ws.decoder.backward(b, p, g, &view.decoder, (&x.dec, &x.dec_mask), &enc, &dsp, &mut ready)?;
         clock.mark("decoder_bwd");
-        ws.encoder.backward(b, p, g, &view.encoder, &x.src, &esp, ws.decoder.grad_of_encoded(), &mut ready)?;
+        let d_enc = ws.decoder.grad_of_encoded();
+        ws.encoder.backward(b, p, g, &view.encoder, (&x.src, &x.src_mask), &esp, d_enc, &mut ready)?;
         clock.mark("encoder_bwd");
         Ok(())
     }

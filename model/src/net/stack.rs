@@ -64,16 +64,9 @@ impl StackPass {
     /// Shape of an attention with `tq` queries over `tk` keys, its probabilities' dropout seeded
     /// by `site`.
     pub fn attention(&self, tq: usize, tk: usize, causal: bool, site: u64) -> AttentionShape {
-        AttentionShape {
-            batch: self.batch,
-            heads: self.heads,
-            head_dim: self.head_dim,
-            tq,
-            tk,
-            causal,
-            dropout: self.drop.attention,
-            seed: self.drop.site(site),
-        }
+        AttentionShape::new(self.batch, self.heads, self.head_dim, tq, tk)
+            .with_causal(causal)
+            .with_dropout(self.drop.attention, self.drop.site(site))
     }
 
     /// Hidden-state dropout (rate, seed) at `site`.
