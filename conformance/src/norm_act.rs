@@ -1,7 +1,8 @@
-//! EmbeddingOps, LayerNormOps and GeluOps: embedding lookup (assigned and accumulated) and its
-//! scatter-add gradient, LayerNorm forward and backward (the backward from the oracle's saved
-//! statistics, dx assigned or accumulated, dgamma and dbeta as two views of one buffer), and
-//! the fused bias + GELU forward and backward.
+//! EmbeddingOps, LayerNormOps, ResidualNormOps and GeluOps: embedding lookup (assigned and
+//! accumulated) and its scatter-add gradient, LayerNorm forward and backward (the backward from
+//! the oracle's saved statistics, dx assigned or accumulated, dgamma and dbeta as two views of
+//! one buffer), residual + dropout + LayerNorm forward and backward (the same, on views that may
+//! be misaligned), and the fused bias + GELU forward and backward.
 
 use kernels::{Backend, reference};
 
@@ -239,5 +240,189 @@ impl Case for GeluCase {
         let (mut dpre, mut dbias) = (self.garbage.clone(), self.dbias0.clone());
         reference::bias_gelu_backward(&pre, &self.dout, &mut dpre, &mut dbias);
         vec![("dpre", dpre), ("dbias", dbias)]
+    }
+}
+// ResidualNormOps
+
+/// Residual + dropout + LayerNorm, fused. Every row tensor sits `offset` floats into a larger
+/// buffer (an offset of 1 makes the pointers misaligned for 16-byte access, so a device must
+/// take its scalar path there); the backward starts from the f64 reference's statistics of a
+/// drawn sum, as the LayerNorm case does.
+pub(crate) struct ResidualNormCase {
+    backward: bool,
+    accumulate_skip: bool,
+    offset: usize,
+    rows: usize,
+    c: usize,
+    p: f32,
+    seed: u64,
+    x: Vec<f32>,
+    skip: Vec<f32>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    dout: Vec<f32>,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+    garbage: Vec<f32>,
+    d_skip0: Vec<f32>,
+    dgamma0: Vec<f32>,
+    dbeta0: Vec<f32>,
+}
+
+/// `(backward, accumulate_skip)` of a residual-norm case.
+pub(crate) type ResidualNormMode = (bool, bool);
+
+impl ResidualNormCase {
+    pub(crate) fn new(r: &mut Draw, rows: usize, c: usize, p: f32, offset: usize, mode: ResidualNormMode) -> Self {
+        let n = rows * c;
+        // Forward: x is the block output; backward: x is the saved sum (mean 3, as LayerNorm's).
+        let x = if mode.0 { r.shifted(n, 3.0, 2.0) } else { r.normal(n, 1.5) };
+        let skip = r.shifted(n, 3.0, 2.0);
+        let gamma = r.shifted(c, 1.0, 0.3);
+        let beta = r.normal(c, 0.3);
+        let (mut mean, mut rstd, mut out) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; n]);
+        reference::layernorm_forward(&x, &gamma, &beta, 1e-12, &mut out, &mut mean, &mut rstd);
+        ResidualNormCase {
+            backward: mode.0,
+            accumulate_skip: mode.1,
+            offset,
+            rows,
+            c,
+            p,
+            seed: r.next(),
+            x,
+            skip,
+            gamma,
+            beta,
+            dout: r.normal(n, 1.0),
+            mean,
+            rstd,
+            garbage: r.normal(n + offset, 5.0),
+            d_skip0: r.normal(n, 1.0),
+            dgamma0: r.normal(c, 1.0),
+            dbeta0: r.normal(c, 1.0),
+        }
+    }
+
+    /// `data` after `offset` floats of garbage (the host side of a view at `offset`).
+    fn padded(&self, data: &[f32]) -> Vec<f32> {
+        [&self.garbage[..self.offset], data].concat()
+    }
+}
+
+impl Case for ResidualNormCase {
+    fn family(&self) -> &'static str {
+        "ResidualNormOps"
+    }
+    fn op(&self) -> &'static str {
+        match (self.backward, self.accumulate_skip) {
+            (false, _) => "residual_norm_forward",
+            (true, false) => "residual_norm_backward",
+            (true, true) => "residual_norm_backward+=",
+        }
+    }
+    fn shape(&self) -> String {
+        let skip = match (self.backward, self.accumulate_skip) {
+            (false, _) => "",
+            (true, false) => " (d_skip =)",
+            (true, true) => " (d_skip +=)",
+        };
+        format!("{}x{} p {} offset {}{skip}", self.rows, self.c, self.p, self.offset)
+    }
+    fn tol(&self) -> f64 {
+        if self.backward { 1e-4 } else { 1e-5 }
+    }
+    fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
+        let (o, n, c) = (self.offset, self.rows * self.c, self.c);
+        let rows = o..o + n;
+        let gamma = d.upload(&self.padded(&self.gamma))?;
+        let g = d.view(&gamma, o..o + c);
+        let mut mean = d.upload(&self.padded(&self.mean))?;
+        let mut rstd = d.upload(&self.padded(&self.rstd))?;
+        let stat = o..o + self.rows;
+        if !self.backward {
+            let mut sum = d.upload(&self.padded(&self.x))?;
+            let skip = d.upload(&self.padded(&self.skip))?;
+            let beta = d.upload(&self.padded(&self.beta))?;
+            let mut out = d.upload(&self.garbage)?;
+            d.residual_norm_forward(
+                d.view_mut(&mut sum, rows.clone()),
+                d.view(&skip, rows.clone()),
+                g,
+                d.view(&beta, o..o + c),
+                1e-12,
+                self.p,
+                self.seed,
+                d.view_mut(&mut out, rows.clone()),
+                d.view_mut(&mut mean, stat.clone()),
+                d.view_mut(&mut rstd, stat.clone()),
+            )?;
+            let get = |b: &D::Buf, r: std::ops::Range<usize>| d.download(d.view(b, r));
+            return Ok(vec![
+                ("sum", get(&sum, rows.clone())?),
+                ("out", get(&out, rows)?),
+                ("mean", get(&mean, stat.clone())?),
+                ("rstd", get(&rstd, stat)?),
+            ]);
+        }
+        let dout = d.upload(&self.padded(&self.dout))?;
+        let sum = d.upload(&self.padded(&self.x))?;
+        let mut d_skip =
+            d.upload(&self.padded(if self.accumulate_skip { &self.d_skip0 } else { &self.garbage[..n] }))?;
+        let mut d_x = d.upload(&self.garbage)?;
+        let mut dgb = d.upload(&self.padded(&[self.dgamma0.as_slice(), &self.dbeta0].concat()))?;
+        {
+            let (dg, db) = d.view_mut2(&mut dgb, o..o + c, o + c..o + 2 * c);
+            d.residual_norm_backward(
+                d.view(&dout, rows.clone()),
+                d.view(&sum, rows.clone()),
+                g,
+                d.view(&mean, stat.clone()),
+                d.view(&rstd, stat),
+                self.p,
+                self.seed,
+                d.view_mut(&mut d_skip, rows.clone()),
+                self.accumulate_skip,
+                d.view_mut(&mut d_x, rows.clone()),
+                dg,
+                db,
+            )?;
+        }
+        let dgb = d.download(d.view(&dgb, o..o + 2 * c))?;
+        Ok(vec![
+            ("d_skip", d.download(d.view(&d_skip, rows.clone()))?),
+            ("d_x", d.download(d.view(&d_x, rows))?),
+            ("dgamma", dgb[..c].to_vec()),
+            ("dbeta", dgb[c..].to_vec()),
+        ])
+    }
+    fn reference(&self) -> Outputs {
+        let n = self.rows * self.c;
+        if !self.backward {
+            let mut sum = self.x.clone();
+            reference::dropout(&mut sum, self.p, self.seed);
+            reference::add_assign(&mut sum, &self.skip);
+            let (mut out, mut mean, mut rstd) = (vec![0.0; n], vec![0.0; self.rows], vec![0.0; self.rows]);
+            reference::layernorm_forward(&sum, &self.gamma, &self.beta, 1e-12, &mut out, &mut mean, &mut rstd);
+            return vec![("sum", sum), ("out", out), ("mean", mean), ("rstd", rstd)];
+        }
+        let mut d_sum = vec![0.0; n];
+        let (mut dgamma, mut dbeta) = (self.dgamma0.clone(), self.dbeta0.clone());
+        let (x, gamma, dout) = (&self.x, &self.gamma, &self.dout);
+        reference::layernorm_backward(
+            dout,
+            x,
+            gamma,
+            &self.mean,
+            &self.rstd,
+            &mut d_sum,
+            false,
+            &mut dgamma,
+            &mut dbeta,
+        );
+        let mut d_skip = if self.accumulate_skip { self.d_skip0.clone() } else { vec![0.0; n] };
+        reference::add_assign(&mut d_skip, &d_sum);
+        reference::dropout(&mut d_sum, self.p, self.seed);
+        vec![("d_skip", d_skip), ("d_x", d_sum), ("dgamma", dgamma), ("dbeta", dbeta)]
     }
 }

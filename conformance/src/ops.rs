@@ -1,13 +1,14 @@
 //! Every op case of every family, in the fixed order in which their inputs are drawn from the
 //! seed (so a seed replays the same inputs): GEMMs and biases, embeddings, LayerNorm and GELU,
-//! attention, cross-entropy, then the elementwise, optimizer and memory ops.
+//! attention, cross-entropy, the elementwise, optimizer and memory ops, then residual + dropout
+//! + LayerNorm (drawn after the others, which kept their inputs per seed when it came).
 
 use kernels::{AdamW, AttentionShape, Backend, GemmShape, Operand};
 
 use crate::attention::{AttentionCase, CrossEntropyCase};
 use crate::elementwise::{AdamWFlatCase, ClipCase, Elem, ElemCase};
 use crate::linear::{AddBiasCase, BiasGradCase, GemmCase};
-use crate::norm_act::{EmbeddingCase, GeluCase, LayerNormCase};
+use crate::norm_act::{EmbeddingCase, GeluCase, LayerNormCase, ResidualNormCase};
 use crate::{Case, Check, Draw, Reference, Tolerances, check_case};
 
 /// Runs cases on one backend against one reference, collecting the checks.
@@ -34,6 +35,7 @@ pub(crate) fn run_ops<B: Backend>(dev: &B, oracle: Reference, seed: u64, tol: To
     attention_cases(&mut run);
     cross_entropy_cases(&mut run);
     elementwise_cases(&mut run);
+    residual_norm_cases(&mut run);
     run.out
 }
 
@@ -189,5 +191,20 @@ fn elementwise_cases<B: Backend>(run: &mut Runner<'_, B>) {
     for clipped in [true, false] {
         let case = AdamWFlatCase::new(&mut run.r, 1_000_003, clipped);
         run.check(&case);
+    }
+}
+
+/// Residual + dropout + LayerNorm: widths not a multiple of 4 (scalar path) and BERT-like ones
+/// (vector path, and scalar again on misaligned views), with and without dropout, forward and
+/// backward with the skip gradient assigned and accumulated; 2113 rows of 20 are more than the
+/// backward's 264 blocks of 8 warps hold at once, so warps loop over rows.
+fn residual_norm_cases<B: Backend>(run: &mut Runner<'_, B>) {
+    for (rows, c, p, offset) in
+        [(37, 129, 0.1, 0), (37, 384, 0.0, 0), (37, 384, 0.1, 0), (37, 384, 0.1, 1), (2113, 20, 0.1, 0)]
+    {
+        for mode in [(false, false), (true, false), (true, true)] {
+            let case = ResidualNormCase::new(&mut run.r, rows, c, p, offset, mode);
+            run.check(&case);
+        }
     }
 }

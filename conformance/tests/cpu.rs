@@ -8,7 +8,7 @@ use std::ops::Range;
 use conformance::{Check, Reference, Tolerances};
 use kernels::{
     AdamW, AttentionOps, AttentionShape, Cpu, CrossEntropyOps, DropoutOps, EmbeddingOps, FlatSegments, GeluOps,
-    GemmOps, GemmShape, LayerNormOps, Memory, Operand, OptimizerOps, ResidualOps, Result,
+    GemmOps, GemmShape, LayerNormOps, Memory, Operand, OptimizerOps, ResidualNormOps, ResidualOps, Result,
 };
 
 fn clock_seed() -> u64 {
@@ -167,6 +167,41 @@ impl LayerNormOps for BiasGradOffByHalf {
         db: &mut [f32],
     ) -> Result<()> {
         Cpu.layernorm_backward(dout, x, g, mean, rstd, dx, acc, dg, db)
+    }
+}
+
+impl ResidualNormOps for BiasGradOffByHalf {
+    fn residual_norm_forward(
+        &self,
+        sum: &mut [f32],
+        skip: &[f32],
+        g: &[f32],
+        b: &[f32],
+        eps: f32,
+        p: f32,
+        seed: u64,
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+    ) -> Result<()> {
+        Cpu.residual_norm_forward(sum, skip, g, b, eps, p, seed, out, mean, rstd)
+    }
+    fn residual_norm_backward(
+        &self,
+        dout: &[f32],
+        sum: &[f32],
+        g: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        p: f32,
+        seed: u64,
+        d_skip: &mut [f32],
+        acc: bool,
+        d_x: &mut [f32],
+        dg: &mut [f32],
+        db: &mut [f32],
+    ) -> Result<()> {
+        Cpu.residual_norm_backward(dout, sum, g, mean, rstd, p, seed, d_skip, acc, d_x, dg, db)
     }
 }
 

@@ -20,7 +20,16 @@ fn virtual_gpu_matches_the_cpu_oracle_in_fp32_and_bf16() {
         let checks = conformance::run(&dev, Reference::CpuFp32, seed, tol);
         let failed: Vec<_> = checks.iter().filter(|c| !c.pass).collect();
         assert!(failed.is_empty(), "{precision:?}, seed {seed}: {failed:#?}");
-        for family in ["GemmOps", "LayerNormOps", "GeluOps", "AttentionOps", "EmbeddingOps", "OptimizerOps", "model"] {
+        for family in [
+            "GemmOps",
+            "LayerNormOps",
+            "ResidualNormOps",
+            "GeluOps",
+            "AttentionOps",
+            "EmbeddingOps",
+            "OptimizerOps",
+            "model",
+        ] {
             assert!(checks.iter().any(|c| c.family == family), "{precision:?}: no {family} check");
         }
         // The device differs from the oracle somewhere (it is not the oracle run twice).

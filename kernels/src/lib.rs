@@ -177,6 +177,49 @@ pub trait LayerNormOps: Memory {
     ) -> Result<()>;
 }
 
+/// Residual + dropout + LayerNorm, fused: the tail of every encoder and decoder block,
+/// `out = LN(dropout(x) + skip)`, with the mask of [`DropoutOps`] (element `i` of stream `seed`
+/// kept iff `rng::uniform(seed, i) >= p`, scaled by `1/(1-p)`) and the statistics of
+/// [`LayerNormOps`]. Equal to that sequence of ops on every backend (bitwise on the CPU).
+pub trait ResidualNormOps: Memory {
+    /// `sum = dropout(sum; p, seed) + skip` in place: `sum` holds the block output `x` on entry
+    /// and the LayerNorm input (saved for backward) on return; then `out = LN(sum)` with the
+    /// per-row `mean` and `rstd` saved.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_norm_forward(
+        &self,
+        sum: Self::Mut<'_>,
+        skip: Self::Ref<'_>,
+        gamma: Self::Ref<'_>,
+        beta: Self::Ref<'_>,
+        eps: f32,
+        p: f32,
+        seed: u64,
+        out: Self::Mut<'_>,
+        mean: Self::Mut<'_>,
+        rstd: Self::Mut<'_>,
+    ) -> Result<()>;
+    /// With `d_sum = LN'(d_out)` (from the saved `sum`, `mean`, `rstd`): `d_skip (= or +=) d_sum`
+    /// (`accumulate_skip` choosing `+=`), `d_x = dropout(d_sum; p, seed)` (assigned: the
+    /// gradient of the block output), `dgamma += ...`, `dbeta += ...`.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_norm_backward(
+        &self,
+        d_out: Self::Ref<'_>,
+        sum: Self::Ref<'_>,
+        gamma: Self::Ref<'_>,
+        mean: Self::Ref<'_>,
+        rstd: Self::Ref<'_>,
+        p: f32,
+        seed: u64,
+        d_skip: Self::Mut<'_>,
+        accumulate_skip: bool,
+        d_x: Self::Mut<'_>,
+        dgamma: Self::Mut<'_>,
+        dbeta: Self::Mut<'_>,
+    ) -> Result<()>;
+}
+
 /// Bias + exact (erf) GELU, BERT's "gelu".
 pub trait GeluOps: Memory {
     /// `pre += bias` (kept for backward), then `out = gelu(pre)`.
@@ -505,6 +548,7 @@ pub trait Backend:
     + GemmOps
     + EmbeddingOps
     + LayerNormOps
+    + ResidualNormOps
     + GeluOps
     + AttentionOps
     + CrossEntropyOps
@@ -520,6 +564,7 @@ impl<T> Backend for T where
         + GemmOps
         + EmbeddingOps
         + LayerNormOps
+        + ResidualNormOps
         + GeluOps
         + AttentionOps
         + CrossEntropyOps

@@ -11,6 +11,7 @@ mod gelu;
 mod layernorm;
 mod matmul;
 mod residual;
+mod residual_norm;
 #[cfg(test)]
 pub(crate) mod testutil;
 

@@ -121,7 +121,7 @@ impl Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::{attention, bias, layernorm};
+    use crate::cuda::{attention, bias, layernorm, residual_norm};
 
     // Expected values are worked out by hand for odd shapes, element counts times 4 bytes.
 
@@ -146,11 +146,37 @@ mod tests {
         assert_eq!(f.bytes, 4 * (4773 + 4773 + 129 + 129 + 37 + 37));
         assert_eq!(f.bytes, 39_512);
         assert_eq!(f.flops, 8 * 4773);
-        // Backward, accumulating dx: dout, x, dx read, dx written; gamma; mean, rstd; dgamma and
-        // dbeta read and written.
-        let b = layernorm::backward_cost(37, 129, true);
-        assert_eq!(b.bytes, 4 * (4 * 4773 + 129 + 2 * 37 + 4 * 129));
-        assert_eq!(layernorm::backward_cost(37, 129, false).bytes, b.bytes - 4 * 4773);
+        // Backward, accumulating dx: dout, x, dx read, dx written; gamma; mean, rstd; 5 blocks'
+        // partial rows of 2 * 129 written; the reduction reads them and reads and writes dgamma
+        // and dbeta.
+        let b = layernorm::backward_cost(37, 129, true, 5);
+        assert_eq!(b.bytes, 4 * (4 * 4773 + 129 + 2 * 37 + 5 * 258));
+        assert_eq!(layernorm::backward_cost(37, 129, false, 5).bytes, b.bytes - 4 * 4773);
+        assert_eq!(layernorm::param_grad_cost(129, 5).bytes, 4 * (5 * 258 + 4 * 129));
+    }
+
+    #[test]
+    fn residual_norm_moves_four_rows_forward_and_four_or_five_backward() {
+        // Forward: block output and skip read, sum and out written; gamma, beta; mean, rstd.
+        let f = residual_norm::forward_cost(37, 129, 0.1);
+        assert_eq!(f.bytes, 4 * (4 * 4773 + 2 * 129 + 2 * 37));
+        assert_eq!((f.flops, residual_norm::forward_cost(37, 129, 0.0).flops), (17 * 4773, 9 * 4773));
+        // Backward: dout and sum read, d_skip and d_x written (d_skip read too when it
+        // accumulates); gamma; mean, rstd; 5 blocks' partial rows.
+        let b = residual_norm::backward_cost(37, 129, false, 0.1, 5);
+        assert_eq!(b.bytes, 4 * (4 * 4773 + 129 + 2 * 37 + 5 * 258));
+        assert_eq!(residual_norm::backward_cost(37, 129, true, 0.1, 5).bytes, b.bytes + 4 * 4773);
+    }
+
+    #[test]
+    fn the_backward_grid_fits_its_slices_in_shared_memory() {
+        use layernorm::BackwardGrid;
+        // bert-base: 8 warps of 2 * 768 floats is exactly 48 KiB; 4096 rows on 132 SMs.
+        let g = BackwardGrid::new("t", 4096, 768, 132).unwrap();
+        assert_eq!((g.warps, g.blocks, g.config(768).shared_mem_bytes), (8, 264, 48 * 1024));
+        assert_eq!(BackwardGrid::new("t", 37, 1024, 132).unwrap(), BackwardGrid { warps: 6, blocks: 7 });
+        assert_eq!(BackwardGrid::new("t", 37, 6144, 132).unwrap().warps, 1);
+        assert!(BackwardGrid::new("t", 37, 6145, 132).is_err());
     }
 
     #[test]

@@ -1,60 +1,232 @@
-// LayerNorm family over the last dimension c of x [rows, c]; one warp per row.
-// forward:  mean = avg(x), rstd = 1/sqrt(var(x) + eps) (biased variance),
-//           out = (x - mean) * rstd * gamma + beta; mean and rstd [rows] are saved.
-// backward: xhat = (x - mean) * rstd, g = dout * gamma,
-//           dx (= or +=) rstd * (g - avg(g) - xhat * avg(g * xhat)),
-//           dgamma += sum_rows(dout * xhat), dbeta += sum_rows(dout)   (parameter gradients)
-// Backward keeps per-block partial dgamma/dbeta in shared memory (2*c floats), then adds them
-// to global memory with atomics.
+// LayerNorm family over the last dimension c of [rows, c], plain and fused with the residual
+// add and dropout that precede it in every BERT block. One warp per row; every lane reads W
+// consecutive floats per step: W = 4 (16-byte b2b_load4/b2b_store4) when the launcher found c a
+// multiple of 4 and every row pointer 16-byte aligned (`vec`), else W = 1. fp32 throughout.
+//
+// layernorm_forward:      mean = avg(x), rstd = 1/sqrt(var(x) + eps) (biased variance, two
+//                         passes), out = (x - mean) * rstd * gamma + beta; mean, rstd [rows] saved.
+// residual_norm_forward:  sum = dropout(sum; p, seed) + skip IN PLACE (sum holds the block output
+//                         on entry; mask: element i kept iff b2b_uniform(seed, i) >= p, times
+//                         1/(1-p), i the index in [rows, c]), then out = LN(sum) as above.
+// layernorm_backward:     xhat = (x - mean) * rstd, g = dout * gamma,
+//                         d = rstd * (g - avg(g) - xhat * avg(g * xhat)); dx (= or +=) d.
+// residual_norm_backward: the same d from the saved sum; d_skip (= or +=) d, and
+//                         d_x = dropout(d; p, seed) (assigned).
+// Parameter gradients, deterministically and without atomics: each warp adds dout * xhat and
+// dout of its rows into its own [2c] slice of shared memory (a lane owns its columns, so no
+// two threads touch one element); the block sums its warps' slices in warp order into its row
+// of `partials` [blocks, 2c] (fully overwritten, so never zeroed); then layernorm_param_grad adds
+// the blocks' rows in a fixed order: dgamma += sum_b partials[b, :c], dbeta += ...[b, c:].
 
-extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* gamma,
-                                             const float* beta, int rows, int c, float eps) {
-    const int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
-    const int row = blockIdx.x * warps + (threadIdx.x >> 5);
-    if (row >= rows) return;
-    const float* xr = x + (long long)row * c;
-    float s = 0.0f;
-    for (int i = lane; i < c; i += 32) s += xr[i];
-    const float m = warp_sum(s) / c;
-    float v = 0.0f;
-    for (int i = lane; i < c; i += 32) { const float d = xr[i] - m; v += d * d; }
-    const float r = 1.0f / sqrtf(warp_sum(v) / c + eps);
-    float* o = out + (long long)row * c;
-    for (int i = lane; i < c; i += 32) o[i] = (xr[i] - m) * r * gamma[i] + beta[i];
-    if (lane == 0) { mean[row] = m; rstd[row] = r; }
+template <int W>
+__device__ __forceinline__ void load_w(const float* p, float (&v)[W]) {
+    if constexpr (W == 4) {
+        const float4 t = b2b_load4(p);
+        v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+    } else {
+        v[0] = *p;
+    }
 }
 
-extern "C" __global__ void layernorm_backward(float* dx, float* dgamma, float* dbeta, const float* dout, const float* x,
-                                              const float* gamma, const float* mean, const float* rstd, int rows, int c,
-                                              int accumulate) {
-    B2B_DYNAMIC_SHARED(float, part);  // [2 * c]: dgamma then dbeta partials of this block
-    for (int i = threadIdx.x; i < 2 * c; i += blockDim.x) part[i] = 0.0f;
-    __syncthreads();
-    const int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
-    for (int row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
-        const float* xr = x + (long long)row * c;
-        const float* dr = dout + (long long)row * c;
+template <int W>
+__device__ __forceinline__ void store_w(float* p, const float (&v)[W]) {
+    if constexpr (W == 4)
+        b2b_store4(p, make_float4(v[0], v[1], v[2], v[3]));
+    else
+        *p = v[0];
+}
+
+// Inverted dropout of v[0..W) at flat indices first..first+W-1 (p > 0).
+template <int W>
+__device__ __forceinline__ void dropout_w(float (&v)[W], long long first, float p, u64 seed) {
+    const float keep_scale = 1.0f / (1.0f - p);
+#pragma unroll
+    for (int j = 0; j < W; ++j) v[j] = b2b_uniform(seed, (u64)(first + j)) >= p ? v[j] * keep_scale : 0.0f;
+}
+
+// One row of the forward by one warp. With `skip`, x is first replaced by dropout(x) + skip,
+// written to `sum` (which may be x itself: each lane rewrites only what it read, and re-reads
+// only what it wrote).
+template <int W>
+__device__ void forward_row(float* out, float* mean, float* rstd, const float* x, const float* skip, float* sum,
+                            const float* gamma, const float* beta, long long row, int c, float eps, float p,
+                            u64 seed) {
+    const int lane = threadIdx.x & 31;
+    const long long base = row * c;
+    const float* src = skip ? sum : x;
+    float s = 0.0f;
+    for (int i = lane * W; i < c; i += 32 * W) {
+        float v[W];
+        load_w<W>(x + base + i, v);
+        if (skip) {
+            float k[W];
+            load_w<W>(skip + base + i, k);
+            if (p > 0.0f) dropout_w<W>(v, base + i, p, seed);
+#pragma unroll
+            for (int j = 0; j < W; ++j) v[j] += k[j];
+            store_w<W>(sum + base + i, v);
+        }
+#pragma unroll
+        for (int j = 0; j < W; ++j) s += v[j];
+    }
+    const float m = warp_sum(s) / c;
+    float var = 0.0f;
+    for (int i = lane * W; i < c; i += 32 * W) {
+        float v[W];
+        load_w<W>(src + base + i, v);
+#pragma unroll
+        for (int j = 0; j < W; ++j) var += (v[j] - m) * (v[j] - m);
+    }
+    const float r = 1.0f / sqrtf(warp_sum(var) / c + eps);
+    for (int i = lane * W; i < c; i += 32 * W) {
+        float v[W], g[W], b[W];
+        load_w<W>(src + base + i, v);
+        load_w<W>(gamma + i, g);
+        load_w<W>(beta + i, b);
+#pragma unroll
+        for (int j = 0; j < W; ++j) v[j] = (v[j] - m) * r * g[j] + b[j];
+        store_w<W>(out + base + i, v);
+    }
+    if (lane == 0) mean[row] = m, rstd[row] = r;
+}
+
+extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* gamma,
+                                             const float* beta, int rows, int c, float eps, int vec) {
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;  // the whole warp: rows are warp-uniform
+    if (vec)
+        forward_row<4>(out, mean, rstd, x, nullptr, nullptr, gamma, beta, row, c, eps, 0.0f, 0);
+    else
+        forward_row<1>(out, mean, rstd, x, nullptr, nullptr, gamma, beta, row, c, eps, 0.0f, 0);
+}
+
+extern "C" __global__ void residual_norm_forward(float* out, float* mean, float* rstd, float* sum, const float* skip,
+                                                 const float* gamma, const float* beta, int rows, int c, float eps,
+                                                 float p, unsigned long long seed, int vec) {
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    if (vec)
+        forward_row<4>(out, mean, rstd, sum, skip, sum, gamma, beta, row, c, eps, p, seed);
+    else
+        forward_row<1>(out, mean, rstd, sum, skip, sum, gamma, beta, row, c, eps, p, seed);
+}
+
+// The outputs of one backward: dx (= or +=) d; when d_dropped is set, also d_dropped = dropout(d).
+struct BackwardOut {
+    float* dx;
+    int accumulate;
+    float* d_dropped;
+    float p;
+    u64 seed;
+};
+
+// Every row of this block's warps (grid-stride), then the block's row of `partials`.
+// `slices` is the block's dynamic shared memory, [warps][2c].
+template <int W>
+__device__ void backward_rows(BackwardOut o, float* partials, float* slices, const float* dout, const float* x,
+                              const float* gamma, const float* mean, const float* rstd, int rows, int c) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    float* part = slices + (long long)warp * 2 * c;  // this warp's dgamma then dbeta partials
+    const float zero[W] = {};
+    for (int i = lane * W; i < c; i += 32 * W) store_w<W>(part + i, zero), store_w<W>(part + c + i, zero);
+    for (long long row = (long long)blockIdx.x * warps + warp; row < rows; row += (long long)gridDim.x * warps) {
+        const long long base = row * c;
         const float m = mean[row], r = rstd[row];
         float sg = 0.0f, sgx = 0.0f;
-        for (int i = lane; i < c; i += 32) {
-            const float g = dr[i] * gamma[i];
-            sg += g;
-            sgx += g * (xr[i] - m) * r;
+        for (int i = lane * W; i < c; i += 32 * W) {
+            float d[W], xv[W], g[W];
+            load_w<W>(dout + base + i, d);
+            load_w<W>(x + base + i, xv);
+            load_w<W>(gamma + i, g);
+#pragma unroll
+            for (int j = 0; j < W; ++j) {
+                const float gg = d[j] * g[j];
+                sg += gg;
+                sgx += gg * ((xv[j] - m) * r);
+            }
         }
         sg = warp_sum(sg) / c;
         sgx = warp_sum(sgx) / c;
-        float* dxr = dx + (long long)row * c;
-        for (int i = lane; i < c; i += 32) {
-            const float xhat = (xr[i] - m) * r;
-            const float v = r * (dr[i] * gamma[i] - sg - xhat * sgx);
-            dxr[i] = accumulate ? dxr[i] + v : v;
-            atomicAdd(&part[i], dr[i] * xhat);
-            atomicAdd(&part[c + i], dr[i]);
+        for (int i = lane * W; i < c; i += 32 * W) {
+            float d[W], xv[W], g[W], pg[W], pb[W], v[W];
+            load_w<W>(dout + base + i, d);
+            load_w<W>(x + base + i, xv);
+            load_w<W>(gamma + i, g);
+            load_w<W>(part + i, pg);
+            load_w<W>(part + c + i, pb);
+#pragma unroll
+            for (int j = 0; j < W; ++j) {
+                const float xhat = (xv[j] - m) * r;
+                v[j] = r * (d[j] * g[j] - sg - xhat * sgx);
+                pg[j] += d[j] * xhat;
+                pb[j] += d[j];
+            }
+            store_w<W>(part + i, pg);
+            store_w<W>(part + c + i, pb);
+            if (o.accumulate) {
+                float prev[W], acc[W];
+                load_w<W>(o.dx + base + i, prev);
+#pragma unroll
+                for (int j = 0; j < W; ++j) acc[j] = prev[j] + v[j];
+                store_w<W>(o.dx + base + i, acc);
+            } else {
+                store_w<W>(o.dx + base + i, v);
+            }
+            if (o.d_dropped) {
+                if (o.p > 0.0f) dropout_w<W>(v, base + i, o.p, o.seed);
+                store_w<W>(o.d_dropped + base + i, v);
+            }
         }
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < c; i += blockDim.x) {
-        atomicAdd(&dgamma[i], part[i]);
-        atomicAdd(&dbeta[i], part[c + i]);
+    float* mine = partials + (long long)blockIdx.x * 2 * c;
+    for (int col = threadIdx.x; col < 2 * c; col += blockDim.x) {
+        float t = 0.0f;
+        for (int w = 0; w < warps; ++w) t += slices[(long long)w * 2 * c + col];
+        mine[col] = t;
+    }
+}
+
+extern "C" __global__ void layernorm_backward(float* dx, float* partials, const float* dout, const float* x,
+                                              const float* gamma, const float* mean, const float* rstd, int rows, int c,
+                                              int accumulate, int vec) {
+    B2B_DYNAMIC_SHARED(float, slices);
+    const BackwardOut o{dx, accumulate, nullptr, 0.0f, 0};
+    if (vec)
+        backward_rows<4>(o, partials, slices, dout, x, gamma, mean, rstd, rows, c);
+    else
+        backward_rows<1>(o, partials, slices, dout, x, gamma, mean, rstd, rows, c);
+}
+
+extern "C" __global__ void residual_norm_backward(float* d_skip, float* d_x, float* partials, const float* dout,
+                                                  const float* sum, const float* gamma, const float* mean,
+                                                  const float* rstd, int rows, int c, int accumulate, float p,
+                                                  unsigned long long seed, int vec) {
+    B2B_DYNAMIC_SHARED(float, slices);
+    const BackwardOut o{d_skip, accumulate, d_x, p, seed};
+    if (vec)
+        backward_rows<4>(o, partials, slices, dout, sum, gamma, mean, rstd, rows, c);
+    else
+        backward_rows<1>(o, partials, slices, dout, sum, gamma, mean, rstd, rows, c);
+}
+
+// dgamma[j] += sum_b partials[b, j], dbeta[j] += sum_b partials[b, c + j]: 32 columns of [2c] by
+// 8 lanes of blocks per thread block; lane y sums blocks y, y+8, ... in order, then lane 0 adds
+// the 8 lane sums in order, so the result never depends on scheduling.
+extern "C" __global__ void layernorm_param_grad(float* dgamma, float* dbeta, const float* partials, int blocks, int c) {
+    __shared__ float lanes[8][33];
+    const int col = blockIdx.x * 32 + threadIdx.x;
+    float s = 0.0f;
+    if (col < 2 * c)
+        for (int b = threadIdx.y; b < blocks; b += 8) s += partials[(long long)b * 2 * c + col];
+    lanes[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < 2 * c) {
+        float t = 0.0f;
+        for (int k = 0; k < 8; ++k) t += lanes[k][threadIdx.x];
+        if (col < c)
+            dgamma[col] += t;
+        else
+            dbeta[col - c] += t;
     }
 }

@@ -22,6 +22,7 @@ mod layernorm;
 mod matmul;
 pub mod nccl;
 mod residual;
+mod residual_norm;
 pub mod roofline;
 
 use std::collections::HashMap;
@@ -84,6 +85,8 @@ pub struct Cuda {
     /// While measuring: a timing event recorded on the stream before each recorded entry, or
     /// the error that stopped it (see `measure_launches`).
     marks: Mutex<Option<std::result::Result<Vec<CudaEvent>, String>>>,
+    /// Scratch that kernels overwrite in full before reading it (see `with_workspace`).
+    workspace: Mutex<Option<CudaSlice<f32>>>,
 }
 
 /// A shared view of device memory: pointer and length, borrowed from a buffer.
@@ -154,6 +157,7 @@ impl Cuda {
             bf16,
             costs: cost::Recorder::default(),
             marks: Mutex::new(None),
+            workspace: Mutex::new(None),
         })
     }
 
@@ -250,6 +254,21 @@ impl Cuda {
     fn base(&self, buf: &CudaSlice<f32>) -> u64 {
         let (ptr, _sync) = buf.device_ptr(&self.stream);
         ptr
+    }
+
+    /// Run `f` with a device buffer of at least `n` floats that the launches queued inside `f`
+    /// overwrite in full before reading (e.g. LayerNorm's per-block partial sums). The buffer is
+    /// kept and reused, allocated uninitialised and grown only when too small, so those launches
+    /// pay neither an allocation nor a memset per call; the single stream orders every use.
+    pub(crate) fn with_workspace<R>(&self, n: usize, f: impl FnOnce(u64) -> Result<R>) -> Result<R> {
+        let mut guard = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.as_ref().is_none_or(|b| b.len() < n) {
+            // SAFETY: the contents are never read before the caller's kernels write them (and the
+            // virtual GPU fills fresh memory with NaN, so a kernel that did would show it).
+            *guard = Some(unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(dev_err)?);
+        }
+        let buf = guard.as_ref().expect("allocated above");
+        f(self.base(buf))
     }
 
     pub(crate) fn ids_ptr(&self, ids: &CudaSlice<i32>) -> u64 {

@@ -130,7 +130,8 @@ impl<B: Backend> NormActs<B> {
         )
     }
 
-    /// `out = LN(dropout(input) + skip)`, where `input` holds the block's output on entry.
+    /// `out = LN(dropout(input) + skip)`, where `input` holds the block's output on entry and
+    /// the residual sum (the LayerNorm input) on return: one fused op.
     pub fn residual_forward(
         &mut self,
         b: &B,
@@ -140,15 +141,22 @@ impl<B: Backend> NormActs<B> {
         dropout: (f32, u64),
         eps: f32,
     ) -> KResult<()> {
-        if dropout.0 > 0.0 {
-            b.dropout_forward(w(b, &mut self.input), dropout.0, dropout.1)?;
-        }
-        b.add_assign(w(b, &mut self.input), skip)?;
-        self.forward(b, p, n, eps)
+        b.residual_norm_forward(
+            w(b, &mut self.input),
+            skip,
+            b.view(p, n.gamma.clone()),
+            b.view(p, n.beta.clone()),
+            eps,
+            dropout.0,
+            dropout.1,
+            w(b, &mut self.out),
+            w(b, &mut self.mean),
+            w(b, &mut self.rstd),
+        )
     }
 
     /// Backward of `residual_forward`: ASSIGNS `d_skip`, and leaves the gradient of the block's
-    /// output (before dropout) in `d_res[..len]`.
+    /// output (before dropout) in `d_res[..len]`; gamma/beta gradients accumulate.
     #[allow(clippy::too_many_arguments)]
     pub fn residual_backward(
         &self,
@@ -162,12 +170,21 @@ impl<B: Backend> NormActs<B> {
         d_skip: &mut B::Buf,
         dropout: (f32, u64),
     ) -> KResult<()> {
-        self.backward(b, p, g, n, d_out, b.view_mut(d_res, 0..len), false)?;
-        b.copy(b.view(d_res, 0..len), w(b, d_skip))?;
-        if dropout.0 > 0.0 {
-            b.dropout_backward(b.view_mut(d_res, 0..len), dropout.0, dropout.1)?;
-        }
-        Ok(())
+        let (dg, db) = b.view_mut2(g, n.gamma.clone(), n.beta.clone());
+        b.residual_norm_backward(
+            d_out,
+            r(b, &self.input),
+            b.view(p, n.gamma.clone()),
+            r(b, &self.mean),
+            r(b, &self.rstd),
+            dropout.0,
+            dropout.1,
+            w(b, d_skip),
+            false,
+            b.view_mut(d_res, 0..len),
+            dg,
+            db,
+        )
     }
 }
 
