@@ -220,6 +220,7 @@ impl<B: Backend> LmHead<B> {
     /// The rest of backward, from the d(LN output) that `loss` left: parameter gradients
     /// accumulate into `g`; the gradient of all `rows` decoder output rows is ASSIGNED to `d[0]`
     /// (0 on rows without a label); `d[1]` is scratch.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn backward(
         &self,
         b: &B,

@@ -112,7 +112,9 @@ fn close(what: &str, want: &[f32], got: &[f32], tol: f32, floor: f32) -> Result<
         return Err(format!("{what}: {} values, want {}", got.len(), want.len()));
     }
     let scale = max_abs(want).max(floor).max(f32::MIN_POSITIVE);
-    match want.iter().zip(got).position(|(w, g)| !((w - g).abs() <= tol * scale)) {
+    // A NaN on either side is a disagreement.
+    let off = |w: f32, g: f32| (w - g).abs().is_nan() || (w - g).abs() > tol * scale;
+    match want.iter().zip(got).position(|(&w, &g)| off(w, g)) {
         Some(i) => Err(format!("{what}[{i}]: {} vs {} (scale {scale}, tolerance {tol})", got[i], want[i])),
         None => Ok(()),
     }
