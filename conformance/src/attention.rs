@@ -145,6 +145,9 @@ impl Case for AttentionCase {
 }
 // CrossEntropyOps
 
+/// Where a cross-entropy case's rows start in its label list.
+const FIRST_LABEL: usize = 3;
+
 pub(crate) struct CrossEntropyCase {
     with_grad: bool,
     rows: usize,
@@ -152,7 +155,10 @@ pub(crate) struct CrossEntropyCase {
     label_smoothing: f32,
     grad_scale: f32,
     logits: Vec<f32>,
+    /// `first_label` labels outside the vocabulary, then the rows' labels, then two more:
+    /// reading the wrong ones shows.
     labels: Vec<i32>,
+    first_label: usize,
     garbage: Vec<f32>,
 }
 
@@ -172,8 +178,9 @@ impl CrossEntropyCase {
             label_smoothing: ls,
             grad_scale: 1.0 / rows as f32,
             logits: r.normal(rows * vocab, 4.0),
-            labels,
-            garbage: r.normal(rows * vocab + rows, 5.0),
+            labels: [vec![vocab as i32; FIRST_LABEL], labels, vec![vocab as i32 + 1; 2]].concat(),
+            first_label: FIRST_LABEL,
+            garbage: r.normal(rows, 5.0),
         }
     }
 }
@@ -186,44 +193,44 @@ impl Case for CrossEntropyCase {
         if self.with_grad { "cross_entropy+grad" } else { "cross_entropy" }
     }
     fn shape(&self) -> String {
-        let ignored = self.labels.iter().filter(|&&y| y == IGNORE_INDEX).count();
-        format!("{}x{} ls{} ignore{ignored}", self.rows, self.vocab, self.label_smoothing)
+        let ignored = self.row_labels().iter().filter(|&&y| y == IGNORE_INDEX).count();
+        format!(
+            "{}x{} ls{} ignore{ignored} labels from {}",
+            self.rows, self.vocab, self.label_smoothing, self.first_label
+        )
     }
     fn tol(&self) -> f64 {
         1e-5
     }
+    /// The logits are overwritten by their gradient (with it) or left alone (without).
     fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
-        let logits = d.upload(&self.logits)?;
+        let mut logits = d.upload(&self.logits)?;
         let labels = d.upload_ids(&self.labels)?;
-        let n = self.rows * self.vocab;
-        let mut losses = d.upload(&self.garbage[n..])?;
-        let mut dl = d.upload(&self.garbage[..n])?;
-        let dlogits = self.with_grad.then(|| all_mut(d, &mut dl));
+        let mut losses = d.upload(&self.garbage)?;
         d.cross_entropy(
-            all(d, &logits),
+            all_mut(d, &mut logits),
             &labels,
+            self.first_label,
             self.vocab,
             self.label_smoothing,
-            self.grad_scale,
+            self.with_grad.then_some(self.grad_scale),
             all_mut(d, &mut losses),
-            dlogits,
         )?;
-        let mut outs = vec![("losses", get(d, &losses)?)];
-        if self.with_grad {
-            outs.push(("dlogits", get(d, &dl)?));
-        }
-        Ok(outs)
+        let name = if self.with_grad { "dlogits" } else { "logits" };
+        Ok(vec![("losses", get(d, &losses)?), (name, get(d, &logits)?)])
     }
     fn reference(&self) -> Outputs {
-        let n = self.rows * self.vocab;
-        let (mut losses, mut dl) = (self.garbage[n..].to_vec(), self.garbage[..n].to_vec());
+        let (mut losses, mut dl) = (self.garbage.clone(), self.logits.clone());
         let dlogits = self.with_grad.then_some(dl.as_mut_slice());
-        let (vocab, ls) = (self.vocab, self.label_smoothing);
-        reference::cross_entropy(&self.logits, &self.labels, vocab, ls, self.grad_scale, &mut losses, dlogits);
-        let mut outs = vec![("losses", losses)];
-        if self.with_grad {
-            outs.push(("dlogits", dl));
-        }
-        outs
+        let (labels, vocab, ls) = (self.row_labels(), self.vocab, self.label_smoothing);
+        reference::cross_entropy(&self.logits, labels, vocab, ls, self.grad_scale, &mut losses, dlogits);
+        let name = if self.with_grad { "dlogits" } else { "logits" };
+        vec![("losses", losses), (name, dl)]
+    }
+}
+
+impl CrossEntropyCase {
+    fn row_labels(&self) -> &[i32] {
+        &self.labels[self.first_label..self.first_label + self.rows]
     }
 }

@@ -251,15 +251,15 @@ impl AttentionOps for BiasGradOffByHalf {
 impl CrossEntropyOps for BiasGradOffByHalf {
     fn cross_entropy(
         &self,
-        logits: &[f32],
+        logits: &mut [f32],
         labels: &Vec<i32>,
+        first_label: usize,
         vocab: usize,
         ls: f32,
-        grad_scale: f32,
+        grad_scale: Option<f32>,
         losses: &mut [f32],
-        dlogits: Option<&mut [f32]>,
     ) -> Result<()> {
-        Cpu.cross_entropy(logits, labels, vocab, ls, grad_scale, losses, dlogits)
+        Cpu.cross_entropy(logits, labels, first_label, vocab, ls, grad_scale, losses)
     }
 }
 

@@ -4,7 +4,9 @@
 //! `B2B_REQUIRE_NVRTC=1` (scripts/test.sh), where it fails.
 
 use conformance::{Reference, Tolerances};
+use kernels::Cpu;
 use kernels::cuda::{Cuda, GemmPrecision};
+use model::testing::head_chunks::ChunkCase;
 
 #[test]
 fn virtual_gpu_matches_the_cpu_oracle_in_fp32_and_bf16() {
@@ -35,4 +37,21 @@ fn virtual_gpu_matches_the_cpu_oracle_in_fp32_and_bf16() {
         // The device differs from the oracle somewhere (it is not the oracle run twice).
         assert!(checks.iter().any(|c| c.rel > 0.0), "{precision:?}: every error is exactly zero");
     }
+}
+
+/// The LM head in chunks of 8 of its 37 label rows (the last 5) on the virtual GPU, with exact
+/// fp32 GEMMs, against the CPU oracle's single chunk: losses, every gradient (accumulated onto
+/// earlier ones) and the recomputed logits.
+#[test]
+fn chunked_lm_head_on_the_virtual_gpu_matches_one_cpu_chunk() {
+    if !kernels::cuda::compile::nvrtc_or_skip() {
+        return;
+    }
+    cuda_emu::install().expect("starting the virtual GPU");
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap();
+    let case = ChunkCase::new(seed);
+    let want = case.run(&Cpu, None).expect("the CPU pass");
+    let dev = Cuda::new(0, GemmPrecision::Fp32).expect("the virtual GPU's CUDA backend");
+    let got = case.run(&dev, Some(8)).expect("the virtual GPU pass");
+    case.compare(&want, &got, 1e-4).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
 }

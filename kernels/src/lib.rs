@@ -69,6 +69,12 @@ pub trait Memory {
     fn copy(&self, src: Self::Ref<'_>, dst: Self::Mut<'_>) -> Result<()>;
     /// Wait for all queued work (a no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
+    /// The most f32 values a model should hold at once for an intermediate as wide as the
+    /// vocabulary (the LM head's logits): the head then computes its label rows in chunks that
+    /// fit. `None` (the default, and the CPU oracle's): no bound, all rows in one chunk.
+    fn logits_chunk_floats(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// One matrix operand of a GEMM: `trans` reads the stored row-major matrix transposed, `ld` is
@@ -392,19 +398,22 @@ pub trait AttentionOps: Memory {
 
 /// Softmax cross-entropy over `[rows, vocab]` logits, fused with its gradient.
 pub trait CrossEntropyOps: Memory {
-    /// Writes the per-row loss (0 for ignored rows) into `losses` and, when `dlogits` is given,
-    /// `dlogits = grad_scale * d(loss_row)/d(logits)` (assigned; 0 for ignored rows).
+    /// Row `r` of `logits` against label `labels[first_label + r]` (so a caller can take the rows
+    /// of a long label list in chunks). Writes the per-row loss (0 for ignored rows) into
+    /// `losses` (`rows` long); with `grad_scale`, then REPLACES the logits by
+    /// `grad_scale * d(loss_row)/d(logits)` (0 for ignored rows), in place, so the
+    /// vocabulary-wide gradient needs no buffer of its own. Without it the logits are unchanged.
     /// The loss of a row is `(1-ls) * nll + ls * mean_v(-log p_v)` (PyTorch's label smoothing).
     #[allow(clippy::too_many_arguments)]
     fn cross_entropy(
         &self,
-        logits: Self::Ref<'_>,
+        logits: Self::Mut<'_>,
         labels: &Self::Ids,
+        first_label: usize,
         vocab: usize,
         label_smoothing: f32,
-        grad_scale: f32,
+        grad_scale: Option<f32>,
         losses: Self::Mut<'_>,
-        dlogits: Option<Self::Mut<'_>>,
     ) -> Result<()>;
 }
 

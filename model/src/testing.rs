@@ -1,6 +1,8 @@
 //! Small, real inputs for tests in every crate: a tiny BERT directory (config, random weights,
 //! a WordPiece tokenizer whose vocabulary covers the words below) and a few sentence pairs.
 
+pub mod head_chunks;
+
 use std::path::Path;
 
 use serde_json::{Value, json};

@@ -30,7 +30,9 @@ fn config(tie: bool) -> ModelConfig {
     }
 }
 
-fn check(tie: bool) {
+/// `chunk_rows`: label rows the LM head projects at once (the vocabulary part of its backward
+/// then runs chunk by chunk during the loss, before backward proper starts).
+fn check(tie: bool, chunk_rows: Option<usize>) {
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     eprintln!("final_grads seed {seed} tie {tie}");
     let cfg = config(tie);
@@ -41,6 +43,7 @@ fn check(tie: bool) {
     let earlier: Vec<f32> = (0..n as u64).map(|i| rng::normal(seed ^ 9, i)).collect();
     let b = Cpu;
     let mut net = Bert2Bert::new(&b, cfg, table.clone(), &params).unwrap();
+    net.set_lm_head_chunk_rows(chunk_rows);
     let (bs, s, t) = (2, 7, 6);
     let id = |i: u64| 4 + (rng::mix(seed ^ 3, i) % 25) as i32;
     let src: Vec<i32> = (0..(bs * s) as u64).map(|i| if i >= 12 { 0 } else { id(i) }).collect();
@@ -96,10 +99,16 @@ fn check(tie: bool) {
 
 #[test]
 fn final_ranges_are_final_bert2bert() {
-    check(false);
+    check(false, None);
 }
 
 #[test]
 fn final_ranges_are_final_bertshare() {
-    check(true);
+    check(true, None);
+}
+
+#[test]
+fn final_ranges_are_final_with_the_lm_head_in_chunks_of_3_of_10_rows() {
+    check(false, Some(3));
+    check(true, Some(3));
 }

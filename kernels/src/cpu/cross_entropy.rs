@@ -2,7 +2,7 @@
 //!
 //! logits `[rows, V]`, labels `[rows]`. For a row with label y (rows with IGNORE_INDEX give 0):
 //! `lse = log sum_v exp(x_v)`, `loss = (1-ls) * (lse - x_y) + ls * (lse - mean_v x_v)`,
-//! `dlogits = grad_scale * (softmax(x) - (1-ls) * onehot(y) - ls / V)` (assigned).
+//! `dlogits = grad_scale * (softmax(x) - (1-ls) * onehot(y) - ls / V)`, written over the logits.
 
 use rayon::prelude::*;
 
@@ -21,53 +21,43 @@ fn row_loss(x: &[f32], y: usize, ls: f32) -> (f32, f32, f32) {
 impl CrossEntropyOps for Cpu {
     fn cross_entropy(
         &self,
-        logits: &[f32],
+        logits: &mut [f32],
         labels: &Vec<i32>,
+        first_label: usize,
         vocab: usize,
         ls: f32,
-        grad_scale: f32,
+        grad_scale: Option<f32>,
         losses: &mut [f32],
-        dlogits: Option<&mut [f32]>,
     ) -> Result<()> {
-        let rows = labels.len();
-        check("cross_entropy", vocab > 0 && logits.len() == rows * vocab && losses.len() == rows, || {
-            format!("logits {} labels {rows} vocab {vocab} losses {}", logits.len(), losses.len())
+        let rows = losses.len();
+        let in_range = first_label.checked_add(rows).is_some_and(|end| end <= labels.len());
+        check("cross_entropy", vocab > 0 && logits.len() == rows * vocab && in_range, || {
+            format!("logits {} labels {} from {first_label}, vocab {vocab}, losses {rows}", logits.len(), labels.len())
         })?;
+        let labels = &labels[first_label..first_label + rows];
         if let Some(bad) = labels.iter().find(|&&y| y != IGNORE_INDEX && (y < 0 || y as usize >= vocab)) {
             return check("cross_entropy", false, || format!("label {bad} outside vocab {vocab}"));
         }
-        match dlogits {
-            None => losses.par_iter_mut().enumerate().for_each(|(r, l)| {
-                let y = labels[r];
-                *l = if y == IGNORE_INDEX {
-                    0.0
-                } else {
-                    row_loss(&logits[r * vocab..(r + 1) * vocab], y as usize, ls).0
-                };
-            }),
-            Some(d) => {
-                check("cross_entropy", d.len() == logits.len(), || {
-                    format!("dlogits {} != logits {}", d.len(), logits.len())
-                })?;
-                d.par_chunks_mut(vocab).zip(losses.par_iter_mut()).enumerate().for_each(|(r, (dr, l))| {
-                    let y = labels[r];
-                    if y == IGNORE_INDEX {
-                        *l = 0.0;
-                        dr.fill(0.0);
-                        return;
-                    }
-                    let x = &logits[r * vocab..(r + 1) * vocab];
-                    let (loss, max, log_sum) = row_loss(x, y as usize, ls);
-                    *l = loss;
-                    let smooth = ls / vocab as f32;
-                    for (v, g) in dr.iter_mut().enumerate() {
-                        let p = (x[v] - max - log_sum).exp();
-                        *g = grad_scale * (p - smooth);
-                    }
-                    dr[y as usize] -= grad_scale * (1.0 - ls);
-                });
+        logits.par_chunks_mut(vocab).zip(losses.par_iter_mut()).zip(labels.par_iter()).for_each(|((x, l), &y)| {
+            if y == IGNORE_INDEX {
+                *l = 0.0;
+                if grad_scale.is_some() {
+                    x.fill(0.0);
+                }
+                return;
             }
-        }
+            let (loss, max, log_sum) = row_loss(x, y as usize, ls);
+            *l = loss;
+            if let Some(scale) = grad_scale {
+                // Each gradient element reads only its own logit, so it can overwrite it.
+                let smooth = ls / vocab as f32;
+                for g in x.iter_mut() {
+                    let p = (*g - max - log_sum).exp();
+                    *g = scale * (p - smooth);
+                }
+                x[y as usize] -= scale * (1.0 - ls);
+            }
+        });
         Ok(())
     }
 }
@@ -79,7 +69,7 @@ mod tests {
 
     fn total(logits: &[f32], labels: &Vec<i32>, vocab: usize, ls: f32) -> f64 {
         let mut l = vec![0.0; labels.len()];
-        Cpu.cross_entropy(logits, labels, vocab, ls, 1.0, &mut l, None).unwrap();
+        Cpu.cross_entropy(&mut logits.to_vec(), labels, 0, vocab, ls, None, &mut l).unwrap();
         l.iter().map(|&v| v as f64).sum()
     }
 
@@ -90,7 +80,9 @@ mod tests {
         let labels: Vec<i32> =
             (0..rows as i32).map(|r| if r % 4 == 3 { IGNORE_INDEX } else { (r * 7) % vocab as i32 }).collect();
         let mut l = vec![f32::NAN; rows];
-        Cpu.cross_entropy(&x, &labels, vocab, 0.1, 1.0, &mut l, None).unwrap();
+        let mut kept = x.clone();
+        Cpu.cross_entropy(&mut kept, &labels, 0, vocab, 0.1, None, &mut l).unwrap();
+        assert!(kept == x, "without a gradient the logits stay");
         let mut want = vec![f32::NAN; rows];
         crate::reference::cross_entropy(&x, &labels, vocab, 0.1, 1.0, &mut want, None);
         for r in 0..rows {
@@ -106,11 +98,28 @@ mod tests {
         let labels = vec![3, IGNORE_INDEX, 10, 0];
         for ls in [0.0, 0.2] {
             let mut l = vec![0.0; rows];
-            let mut d = vec![f32::NAN; x.len()];
-            Cpu.cross_entropy(&x, &labels, vocab, ls, 0.5, &mut l, Some(&mut d)).unwrap();
+            let mut d = x.clone();
+            Cpu.cross_entropy(&mut d, &labels, 0, vocab, ls, Some(0.5), &mut l).unwrap();
             let num: Vec<f32> =
                 numeric_grad(&x, 1e-2, |xp| total(xp, &labels, vocab, ls)).iter().map(|g| g * 0.5).collect();
             assert_close(&format!("dlogits ls={ls}"), &d, &num, 2e-3);
         }
+    }
+
+    #[test]
+    fn rows_take_labels_from_first_label_on() {
+        let (rows, vocab) = (3, 13);
+        let x = randn(rows * vocab, 2.0, 73);
+        let labels = vec![IGNORE_INDEX, 99, 4, IGNORE_INDEX, 12, 0];
+        let mut whole = vec![0.0; rows];
+        Cpu.cross_entropy(&mut x.clone(), &labels[2..5].to_vec(), 0, vocab, 0.1, None, &mut whole).unwrap();
+        let mut offset = vec![f32::NAN; rows];
+        Cpu.cross_entropy(&mut x.clone(), &labels, 2, vocab, 0.1, None, &mut offset).unwrap();
+        assert_eq!(whole, offset);
+        assert_eq!(offset[1], 0.0, "row 1 is labelled IGNORE_INDEX");
+        let bad = Cpu.cross_entropy(&mut x.clone(), &labels, 1, vocab, 0.1, None, &mut offset);
+        assert!(bad.is_err(), "label 99 is outside the vocabulary");
+        let past = Cpu.cross_entropy(&mut x.clone(), &labels, 4, vocab, 0.1, None, &mut offset);
+        assert!(past.is_err(), "rows 4.. run past the labels");
     }
 }

@@ -2,21 +2,25 @@
 // For label y (rows labelled -100 give 0 loss and 0 gradient):
 //   lse = log sum_v exp(x_v);  loss = (1-ls) * (lse - x_y) + ls * (lse - mean_v x_v)
 //   dlogits = grad_scale * (softmax(x) - (1-ls) * onehot(y) - ls / V)   (assigned)
+// With write_grad the gradient REPLACES the logits in place: every thread reads x_y before the
+// first reduction barrier; otherwise a thread reads and writes only its own strided elements,
+// so no thread can see another's overwrite.
+// `labels` points at this launch's first row's label.
 // Labels outside [0, V) are treated as ignored (the CPU backend reports them as an error).
 
-extern "C" __global__ void cross_entropy_forward_backward(float* losses, float* dlogits, const float* logits,
-                                                          const int* labels, int V, float ls, float grad_scale,
-                                                          int write_grad) {
+extern "C" __global__ void cross_entropy_forward_backward(float* losses, float* logits, const int* labels, int V,
+                                                          float ls, float grad_scale, int write_grad) {
     __shared__ float shared32[32];
     const long long row = blockIdx.x;
-    const float* x = logits + row * V;
+    float* x = logits + row * V;
     const int y = labels[row];
     if (y < 0 || y >= V) {
         if (threadIdx.x == 0) losses[row] = 0.0f;
         if (write_grad)
-            for (int v = threadIdx.x; v < V; v += blockDim.x) dlogits[row * V + v] = 0.0f;
+            for (int v = threadIdx.x; v < V; v += blockDim.x) x[v] = 0.0f;
         return;
     }
+    const float xy = x[y];
     float mx = -3.402823466e38f;
     for (int v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, x[v]);
     mx = block_max(mx, shared32);
@@ -29,13 +33,13 @@ extern "C" __global__ void cross_entropy_forward_backward(float* losses, float* 
     sx = block_sum(sx, shared32);
     const float log_sum = logf(se);
     const float lse = mx + log_sum;
-    if (threadIdx.x == 0) losses[row] = (1.0f - ls) * (lse - x[y]) + ls * (lse - sx / V);
+    if (threadIdx.x == 0) losses[row] = (1.0f - ls) * (lse - xy) + ls * (lse - sx / V);
     if (write_grad) {
         const float smooth = ls / V;
         for (int v = threadIdx.x; v < V; v += blockDim.x) {
             float g = grad_scale * (expf(x[v] - mx - log_sum) - smooth);
             if (v == y) g -= grad_scale * (1.0f - ls);
-            dlogits[row * V + v] = g;
+            x[v] = g;
         }
     }
 }

@@ -3,7 +3,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::cost::{F32, I32, LaunchCost};
-use super::{Cuda, DevMut, DevRef, KernelSource, check, dev_err};
+use super::{Cuda, DevMut, KernelSource, check, dev_err};
 use crate::{CrossEntropyOps, Result};
 
 const FUSED: &str = "cross_entropy_forward_backward";
@@ -12,7 +12,8 @@ pub(crate) const SOURCE: KernelSource =
     KernelSource { file: "cross_entropy.cu", code: include_str!("cross_entropy.cu"), kernels: &[FUSED] };
 
 /// The fused loss over `rows x vocab` logits: reads the logits and labels, writes the per-row
-/// losses and, when asked, dlogits; about 5 FLOPs a logit (max, exp, sum, gradient).
+/// losses and, when asked, the gradient over the logits; about 5 FLOPs a logit (max, exp, sum,
+/// gradient).
 fn cost(rows: usize, vocab: usize, write_grad: bool) -> LaunchCost {
     let (r, v) = (rows as u64, vocab as u64);
     let logit_passes = if write_grad { 2 } else { 1 };
@@ -22,34 +23,34 @@ fn cost(rows: usize, vocab: usize, write_grad: bool) -> LaunchCost {
 impl CrossEntropyOps for Cuda {
     fn cross_entropy(
         &self,
-        logits: DevRef<'_>,
+        logits: DevMut<'_>,
         labels: &CudaSlice<i32>,
+        first_label: usize,
         vocab: usize,
         ls: f32,
-        grad_scale: f32,
+        grad_scale: Option<f32>,
         losses: DevMut<'_>,
-        dlogits: Option<DevMut<'_>>,
     ) -> Result<()> {
         let rows = losses.len;
-        check("cross_entropy", vocab > 0 && logits.len == rows * vocab && rows <= labels.len(), || {
-            format!("logits {} labels {} vocab {vocab} losses {rows}", logits.len, labels.len())
+        let in_range = first_label.checked_add(rows).is_some_and(|end| end <= labels.len());
+        check("cross_entropy", vocab > 0 && logits.len == rows * vocab && in_range, || {
+            format!("logits {} labels {} from {first_label}, vocab {vocab}, losses {rows}", logits.len, labels.len())
         })?;
-        if let Some(d) = &dlogits {
-            check("cross_entropy", d.len == logits.len, || format!("dlogits {} != logits {}", d.len, logits.len))?;
-        }
         if rows == 0 {
             return Ok(());
         }
-        let (dptr, write) = match &dlogits {
-            Some(d) => (d.ptr, 1i32),
-            None => (0u64, 0i32),
+        let (scale, write) = match grad_scale {
+            Some(s) => (s, 1i32),
+            None => (0.0f32, 0i32),
         };
-        let (v, lp) = (vocab as i32, self.ids_ptr(labels));
+        let v = vocab as i32;
+        let lp = self.ids_ptr(labels) + (std::mem::size_of::<i32>() * first_label) as u64;
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         self.note(cost(rows, vocab, write == 1));
         let mut l = self.stream().launch_builder(self.func(FUSED)?);
-        l.arg(&losses.ptr).arg(&dptr).arg(&logits.ptr).arg(&lp).arg(&v).arg(&ls).arg(&grad_scale).arg(&write);
-        // SAFETY: shapes checked; `dlogits` is only written when present (write flag).
+        l.arg(&losses.ptr).arg(&logits.ptr).arg(&lp).arg(&v).arg(&ls).arg(&scale).arg(&write);
+        // SAFETY: shapes and the label range checked; the kernel reads each row before it
+        // overwrites it (write flag), one block per row.
         unsafe { l.launch(cfg) }.map(drop).map_err(dev_err)
     }
 }

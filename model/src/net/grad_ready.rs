@@ -56,6 +56,8 @@ pub(super) fn stage_done<Buf>(ready: &mut Option<GradReady<'_, Buf>>, grads: &Bu
 }
 
 /// The ranges each backward stage accumulates into, in backward order. Must mirror `Bert2Bert::backward`.
+/// The LM head's stage includes the bias and word-embedding gradients that `Bert2Bert::loss`
+/// writes chunk by chunk before backward starts: the stage, and any report, ends after them.
 pub(super) fn stage_writes(v: &ModelView) -> Vec<Vec<Range<usize>>> {
     let h = &v.lm_head;
     let mut head = vec![h.bias.clone(), v.decoder.embeddings.word.clone()];

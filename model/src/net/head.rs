@@ -1,10 +1,16 @@
 //! The LM head and the loss: `LN(gelu(h W_t^T + b_t)) E^T + bias` on the decoder rows whose
 //! label counts (E the tied decoder word embeddings), then token cross-entropy, and their
 //! backward. Padding rows cost nothing in the largest GEMMs (the projection to the vocabulary).
+//!
+//! The projection to the vocabulary never holds every label row's logits: `loss` takes the rows
+//! in chunks of at most `chunk_rows`, and for each computes the chunk's logits, its token losses,
+//! and (when training) the gradient over the same buffer, then at once that gradient's share of
+//! d(LN output), dE and dbias. So the vocabulary part of the head's backward runs inside `loss`,
+//! and `backward` continues from d(LN output).
 
 use std::ops::Range;
 
-use kernels::{Backend, GemmShape, Operand};
+use kernels::{Backend, GemmShape, KernelError, Operand};
 
 use super::layers::{self, KResult, NormActs, matmul_wt, r};
 use crate::params::LmHeadView;
@@ -14,52 +20,60 @@ pub(super) struct LmHead<B: Backend> {
     /// Hidden size and vocabulary size.
     width: usize,
     vocab: usize,
+    /// Label rows projected to the vocabulary at once (at least 1).
+    chunk_rows: usize,
+    /// Label rows of the last `forward`: the rows whose LN output is current.
+    rows_done: usize,
     /// The label rows of the decoder output.
     hidden: B::Buf,
     pre: B::Buf,
     act: B::Buf,
     norm: NormActs<B>,
+    /// One chunk's logits `[chunk_rows, vocab]`; the loss overwrites them with their gradient.
     logits: B::Buf,
-    dlogits: B::Buf,
+    /// d(loss)/d(LN output) of the label rows, from `loss` for `backward`.
+    dnorm: B::Buf,
     losses: B::Buf,
 }
 
+/// The row ranges of `m` rows taken `chunk` at a time (the last one shorter).
+fn chunks(m: usize, chunk: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..m).step_by(chunk).map(move |start| start..(start + chunk).min(m))
+}
+
 impl<B: Backend> LmHead<B> {
-    pub(super) fn new(b: &B, rows: usize, width: usize, vocab: usize) -> KResult<Self> {
+    /// Buffers for up to `rows` label rows, projected `chunk_rows` at a time (`None`: all).
+    pub(super) fn new(b: &B, rows: usize, width: usize, vocab: usize, chunk_rows: Option<usize>) -> KResult<Self> {
         let c = width;
+        let chunk_rows = chunk_rows.unwrap_or(rows).clamp(1, rows.max(1));
         Ok(Self {
             width,
             vocab,
+            chunk_rows,
+            rows_done: 0,
             hidden: b.zeros(rows * c)?,
             pre: b.zeros(rows * c)?,
             act: b.zeros(rows * c)?,
             norm: NormActs::new(b, rows, c)?,
-            logits: b.zeros(rows * vocab)?,
-            dlogits: b.zeros(rows * vocab)?,
+            logits: b.zeros(chunk_rows * vocab)?,
+            dnorm: b.zeros(rows * c)?,
             losses: b.zeros(rows)?,
         })
     }
 
-    /// Logits `[m, vocab]` of the last pass's `m` label rows (the buffer holds more).
-    pub(super) fn logits(&self) -> &B::Buf {
-        &self.logits
-    }
-
-    /// Logits of the `m` decoder rows `label_rows` of `dec_out`; `word` is E's range in `p`.
+    /// The LN output of the `m` decoder rows `label_rows` of `dec_out` (what `loss` projects).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn forward(
         &mut self,
         b: &B,
         p: &B::Buf,
         hv: &LmHeadView,
-        word: Range<usize>,
         dec_out: &B::Buf,
         label_rows: &B::Ids,
         m: usize,
         eps: f32,
     ) -> KResult<()> {
-        let (c, v) = (self.width, self.vocab);
-        let (mc, mv) = (m * c, m * v);
+        let (c, mc) = (self.width, m * self.width);
         b.embedding_forward(label_rows, r(b, dec_out), c, b.view_mut(&mut self.hidden, 0..mc), false)?;
         matmul_wt(b, p, &hv.transform, b.view(&self.hidden, 0..mc), m, b.view_mut(&mut self.pre, 0..mc))?;
         b.bias_gelu_forward(
@@ -77,39 +91,106 @@ impl<B: Backend> LmHead<B> {
             b.view_mut(&mut n.mean, 0..m),
             b.view_mut(&mut n.rstd, 0..m),
         )?;
+        self.rows_done = m;
+        Ok(())
+    }
+
+    /// `out[..rows] = LN output[rows] @ E^T + bias`, the logits of label rows `rows`.
+    #[allow(clippy::too_many_arguments)]
+    fn project(
+        b: &B,
+        p: &B::Buf,
+        hv: &LmHeadView,
+        word: Range<usize>,
+        norm_out: &B::Buf,
+        rows: Range<usize>,
+        (c, v): (usize, usize),
+        out: &mut B::Buf,
+    ) -> KResult<()> {
+        let n = rows.len();
         b.gemm(
-            GemmShape::plain(m, v, c),
+            GemmShape::plain(n, v, c),
             1.0,
-            b.view(&self.norm.out, 0..mc),
+            b.view(norm_out, rows.start * c..rows.end * c),
             Operand::n(c),
             b.view(p, word),
             Operand::t(c),
             0.0,
-            b.view_mut(&mut self.logits, 0..mv),
+            b.view_mut(out, 0..n * v),
         )?;
-        b.add_bias(b.view_mut(&mut self.logits, 0..mv), b.view(p, hv.bias.clone()), v)
+        b.add_bias(b.view_mut(out, 0..n * v), b.view(p, hv.bias.clone()), v)
     }
 
-    /// Token losses of the `m` rows against `labels`; with `grad_scale`, also d(loss)/d(logits)
-    /// for `backward`, scaled by it.
+    /// Token losses of the `m` rows against `labels`, a chunk of rows at a time. With
+    /// `grad = (scale, g)`, each chunk's d(loss)/d(logits), scaled by `scale`, also goes on at
+    /// once: the vocabulary bias and E gradients ACCUMULATE into `g`, d(LN output) is kept for
+    /// `backward`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn loss(
         &mut self,
         b: &B,
+        p: &B::Buf,
+        hv: &LmHeadView,
+        word: Range<usize>,
         labels: &B::Ids,
         m: usize,
         label_smoothing: f32,
-        grad_scale: Option<f32>,
+        mut grad: Option<(f32, &mut B::Buf)>,
     ) -> KResult<()> {
-        let mv = m * self.vocab;
-        let dlogits = grad_scale.map(|_| b.view_mut(&mut self.dlogits, 0..mv));
-        b.cross_entropy(
-            b.view(&self.logits, 0..mv),
-            labels,
-            self.vocab,
-            label_smoothing,
-            grad_scale.unwrap_or(0.0),
-            b.view_mut(&mut self.losses, 0..m),
-            dlogits,
+        let (c, v) = (self.width, self.vocab);
+        for rows in chunks(m, self.chunk_rows) {
+            let nv = rows.len() * v;
+            Self::project(b, p, hv, word.clone(), &self.norm.out, rows.clone(), (c, v), &mut self.logits)?;
+            b.cross_entropy(
+                b.view_mut(&mut self.logits, 0..nv),
+                labels,
+                rows.start,
+                v,
+                label_smoothing,
+                grad.as_ref().map(|(scale, _)| *scale),
+                b.view_mut(&mut self.losses, rows.clone()),
+            )?;
+            if let Some((_, g)) = grad.as_mut() {
+                self.vocab_backward(b, p, g, hv, word.clone(), rows)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// From the gradient over the logits of label rows `rows` (in the logits buffer):
+    /// `dbias += column sums`, `dE += dlogits^T @ LN output[rows]`, `d(LN output)[rows] = dlogits @ E`.
+    fn vocab_backward(
+        &mut self,
+        b: &B,
+        p: &B::Buf,
+        g: &mut B::Buf,
+        hv: &LmHeadView,
+        word: Range<usize>,
+        rows: Range<usize>,
+    ) -> KResult<()> {
+        let (c, v, n) = (self.width, self.vocab, rows.len());
+        let rc = rows.start * c..rows.end * c;
+        let dl = b.view(&self.logits, 0..n * v);
+        b.bias_grad(dl, b.view_mut(g, hv.bias.clone()), v)?;
+        b.gemm(
+            GemmShape::plain(v, c, n),
+            1.0,
+            dl,
+            Operand::t(v),
+            b.view(&self.norm.out, rc.clone()),
+            Operand::n(c),
+            1.0,
+            b.view_mut(g, word.clone()),
+        )?;
+        b.gemm(
+            GemmShape::plain(n, c, v),
+            1.0,
+            dl,
+            Operand::n(v),
+            b.view(p, word),
+            Operand::n(c),
+            0.0,
+            b.view_mut(&mut self.dnorm, rc),
         )
     }
 
@@ -118,9 +199,27 @@ impl<B: Backend> LmHead<B> {
         b.download(b.view(&self.losses, 0..m))
     }
 
-    /// Backward from the gradient `loss` left: parameter gradients accumulate into `g`; the
-    /// gradient of all `rows` decoder output rows is ASSIGNED to `d[0]` (0 on rows without a
-    /// label); `d[1]` is scratch.
+    /// Logits `[m, vocab]` of the last `forward`'s first `m` label rows, recomputed a chunk at a
+    /// time from its LN output and the parameters `p` (the pass kept no logits).
+    pub(super) fn logits(&self, b: &B, p: &B::Buf, hv: &LmHeadView, word: Range<usize>, m: usize) -> KResult<Vec<f32>> {
+        if m > self.rows_done {
+            let what = format!("{m} rows asked, the last pass had {}", self.rows_done);
+            return Err(KernelError::Shape { op: "lm_head_logits", what });
+        }
+        let (c, v) = (self.width, self.vocab);
+        let mut chunk = b.zeros(self.chunk_rows.min(m.max(1)) * v)?;
+        let mut out = Vec::with_capacity(m * v);
+        for rows in chunks(m, self.chunk_rows) {
+            let n = rows.len();
+            Self::project(b, p, hv, word.clone(), &self.norm.out, rows, (c, v), &mut chunk)?;
+            out.extend(b.download(b.view(&chunk, 0..n * v))?);
+        }
+        Ok(out)
+    }
+
+    /// The rest of backward, from the d(LN output) that `loss` left: parameter gradients
+    /// accumulate into `g`; the gradient of all `rows` decoder output rows is ASSIGNED to `d[0]`
+    /// (0 on rows without a label); `d[1]` is scratch.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn backward(
         &self,
@@ -128,41 +227,15 @@ impl<B: Backend> LmHead<B> {
         p: &B::Buf,
         g: &mut B::Buf,
         hv: &LmHeadView,
-        word: Range<usize>,
         label_rows: &B::Ids,
         (m, rows): (usize, usize),
         d: &mut [B::Buf; 2],
     ) -> KResult<()> {
-        let (c, v) = (self.width, self.vocab);
-        let (mc, mv) = (m * c, m * v);
-        let dl = b.view(&self.dlogits, 0..mv);
-        b.bias_grad(dl, b.view_mut(g, hv.bias.clone()), v)?;
-        b.gemm(
-            GemmShape::plain(v, c, m),
-            1.0,
-            dl,
-            Operand::t(v),
-            b.view(&self.norm.out, 0..mc),
-            Operand::n(c),
-            1.0,
-            b.view_mut(g, word.clone()),
-        )?;
-        // The LN output's gradient cannot go to `pre` (GELU backward still reads it), so it goes
-        // to the decoder's gradient buffers, free until decoder backward.
+        let (c, mc) = (self.width, m * self.width);
         let [d_a, d_b] = d;
-        b.gemm(
-            GemmShape::plain(m, c, v),
-            1.0,
-            dl,
-            Operand::n(v),
-            b.view(p, word),
-            Operand::n(c),
-            0.0,
-            b.view_mut(d_a, 0..mc),
-        )?;
         let (dg, db) = b.view_mut2(g, hv.norm.gamma.clone(), hv.norm.beta.clone());
         b.layernorm_backward(
-            b.view(d_a, 0..mc),
+            b.view(&self.dnorm, 0..mc),
             b.view(&self.act, 0..mc),
             b.view(p, hv.norm.gamma.clone()),
             b.view(&self.norm.mean, 0..m),

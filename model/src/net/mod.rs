@@ -5,7 +5,9 @@
 //! embeddings (tied). Loss: token cross-entropy over the label positions.
 //!
 //! The LM head runs only on rows whose label is not ignored: padding rows cost nothing in the
-//! largest GEMMs (the projection to the vocabulary) and the loss.
+//! largest GEMMs (the projection to the vocabulary) and the loss. It projects those rows to the
+//! vocabulary a chunk at a time (`Memory::logits_chunk_floats`, or `set_lm_head_chunk_rows`)
+//! and keeps no logits: the loss step also runs the vocabulary part of the head's backward.
 //!
 //! A pass is `Bert2Bert::{forward, loss, backward}` over three blocks, each owning its forward,
 //! backward, dropout sites and workspace: `encoder::Encoder`, `decoder::Decoder` and
@@ -170,6 +172,9 @@ pub struct Bert2Bert<B: Backend> {
     pub params: B::Buf,
     pub grads: B::Buf,
     ws: Option<Workspace<B>>,
+    /// Label rows the LM head projects at once; `None`: what the backend's
+    /// `logits_chunk_floats` allows.
+    head_chunk_rows: Option<usize>,
     /// Wall time of each phase of the last pass, in ms. Backends that queue work
     /// asynchronously only show where the host waited, unless they synchronise.
     pub phases: Vec<(&'static str, f64)>,
@@ -206,14 +211,26 @@ impl<B: Backend> Bert2Bert<B> {
             table,
             view,
             ws: None,
+            head_chunk_rows: None,
             phases: Vec::new(),
         })
     }
 
     /// Logits `[label tokens, vocab]` of the last pass (rows in label order), for tests and tools.
+    /// The pass keeps none: they are recomputed from its LN output with the current parameters
+    /// (the same as the pass's unless the parameters changed since).
     pub fn last_logits(&self, b: &B, label_tokens: usize) -> Result<Vec<f32>> {
         let ws = self.ws.as_ref().ok_or_else(|| Error::Other("no pass has run yet".into()))?;
-        Ok(b.download(b.view(ws.head.logits(), 0..label_tokens * self.config.decoder.vocab_size))?)
+        let word = self.view.decoder.embeddings.word.clone();
+        Ok(ws.head.logits(b, &self.params, &self.view.lm_head, word, label_tokens)?)
+    }
+
+    /// How many label rows the LM head projects to the vocabulary at once (at least 1); `None`
+    /// (the default) leaves it to the backend (`Memory::logits_chunk_floats`; one chunk on the
+    /// CPU). Results agree across chunk sizes up to fp32 summation order.
+    pub fn set_lm_head_chunk_rows(&mut self, rows: Option<usize>) {
+        self.head_chunk_rows = rows;
+        self.ws = None;
     }
 
     pub fn zero_grads(&mut self, b: &B) -> Result<()> {
@@ -227,11 +244,12 @@ impl<B: Backend> Bert2Bert<B> {
             return Ok(ws);
         }
         let (ec, dc) = (&self.config.encoder, &self.config.decoder);
+        let chunk_rows = self.head_chunk_rows.or_else(|| b.logits_chunk_floats().map(|n| n / dc.vocab_size.max(1)));
         Ok(Workspace {
             shape: (batch, s, t),
             encoder: Encoder::new(b, ec, &StackPass::eval(ec, ec, batch), s)?,
             decoder: Decoder::new(b, dc, &StackPass::eval(dc, ec, batch), t, s)?,
-            head: LmHead::new(b, batch * t, dc.hidden_size, dc.vocab_size)?,
+            head: LmHead::new(b, batch * t, dc.hidden_size, dc.vocab_size, chunk_rows)?,
         })
     }
 
@@ -293,7 +311,7 @@ impl<B: Backend> Bert2Bert<B> {
         (StackPass::new(ec, ec, batch, opts), StackPass::new(dc, ec, batch, opts))
     }
 
-    /// Encoder, decoder, and the LM head's logits on the label rows.
+    /// Encoder, decoder, and the LM head up to its LN output on the label rows.
     fn forward(&self, b: &B, x: &Inputs<B>, opts: PassOptions, ws: &mut Workspace<B>, clock: &mut Clock) -> Result<()> {
         let (ec, dc) = (&self.config.encoder, &self.config.decoder);
         for (name, len, max) in
@@ -310,15 +328,18 @@ impl<B: Backend> Bert2Bert<B> {
         let enc = Encoded { states: ws.encoder.output(), mask: &x.src_mask, len: x.src_len };
         ws.decoder.forward(b, p, &view.decoder, &x.dec, &x.dec_mask, &enc, &dsp)?;
         clock.mark("decoder_fwd");
-        let word = view.decoder.embeddings.word.clone();
         let m = x.label_tokens();
-        ws.head.forward(b, p, &view.lm_head, word, ws.decoder.output(), &x.label_rows, m, dc.layer_norm_eps)?;
+        ws.head.forward(b, p, &view.lm_head, ws.decoder.output(), &x.label_rows, m, dc.layer_norm_eps)?;
         Ok(())
     }
 
-    /// Token losses of the label rows; with `opts.grad_scale`, also their gradient for `backward`.
+    /// The vocabulary projection and the token losses of the label rows, a chunk of rows at a
+    /// time. With `opts.grad_scale`, each chunk's logit gradient goes on through the projection
+    /// at once: the LM-head bias and word-embedding gradients ACCUMULATE into `self.grads` here,
+    /// and `backward` starts from d(LN output). Nothing is reported final here: the head's
+    /// `grad_ready` stage (which lists these ranges) ends in `backward`.
     fn loss(
-        &self,
+        &mut self,
         b: &B,
         x: &Inputs<B>,
         opts: PassOptions,
@@ -326,12 +347,16 @@ impl<B: Backend> Bert2Bert<B> {
         clock: &mut Clock,
     ) -> Result<BatchLoss> {
         let m = x.label_tokens();
-        ws.head.loss(b, &x.labels, m, opts.label_smoothing, opts.grad_scale)?;
+        let (p, view) = (&self.params, &self.view);
+        let word = view.decoder.embeddings.word.clone();
+        let grad = opts.grad_scale.map(|scale| (scale, &mut self.grads));
+        ws.head.loss(b, p, &view.lm_head, word, &x.labels, m, opts.label_smoothing, grad)?;
         clock.mark("lm_head_fwd_loss");
         Ok(BatchLoss { token_loss: ws.head.token_losses(b, m)?, token_example: x.row_example.clone(), batch: x.batch })
     }
 
-    /// Head, decoder, encoder, top down, accumulating into `self.grads`. Each block's stages
+    /// Head (from d(LN output), after `loss` did its vocabulary part), decoder, encoder, top
+    /// down, accumulating into `self.grads`. Each block's stages
     /// (see `grad_ready`) report their finished ranges to `on_final`.
     fn backward(
         &mut self,
@@ -345,9 +370,9 @@ impl<B: Backend> Bert2Bert<B> {
         let (esp, dsp) = self.stack_passes(x.batch, &opts);
         let (p, g, view) = (&self.params, &mut self.grads, &self.view);
         let mut ready = on_final.map(|h| GradReady::new(view, self.table.storage_len, h));
-        let word = view.decoder.embeddings.word.clone();
         let rows = (x.label_tokens(), x.batch * x.tgt_len);
-        ws.head.backward(b, p, g, &view.lm_head, word, &x.label_rows, rows, ws.decoder.grad_of_output())?;
+        // The head's vocabulary part (bias, E) already ran in `loss`; its stage ends here.
+        ws.head.backward(b, p, g, &view.lm_head, &x.label_rows, rows, ws.decoder.grad_of_output())?;
         stage_done(&mut ready, g)?;
         clock.mark("lm_head_bwd");
         let enc = Encoded { states: ws.encoder.output(), mask: &x.src_mask, len: x.src_len };
