@@ -298,11 +298,15 @@ impl<B: Backend> Bert2Bert<B> {
         on_final: Option<&mut FinalGrads<'_, B::Buf>>,
     ) -> Result<BatchLoss> {
         self.forward(b, x, opts, ws, clock)?;
-        let loss = self.loss(b, x, opts, ws, clock)?;
+        self.loss(b, x, opts, ws, clock)?;
         if opts.grad_scale.is_some() {
             self.backward(b, x, opts, ws, clock, on_final)?;
         }
-        Ok(loss)
+        // The token losses are read back only now, after backward is queued: a read-back
+        // between forward and backward would make the host wait for the device mid-pass and
+        // leave the device idle while backward's launches are issued.
+        let m = x.label_tokens();
+        Ok(BatchLoss { token_loss: ws.head.token_losses(b, m)?, token_example: x.row_example.clone(), batch: x.batch })
     }
 
     /// Each stack's settings for this pass: (encoder, decoder).
@@ -345,14 +349,14 @@ impl<B: Backend> Bert2Bert<B> {
         opts: PassOptions,
         ws: &mut Workspace<B>,
         clock: &mut Clock,
-    ) -> Result<BatchLoss> {
+    ) -> Result<()> {
         let m = x.label_tokens();
         let (p, view) = (&self.params, &self.view);
         let word = view.decoder.embeddings.word.clone();
         let grad = opts.grad_scale.map(|scale| (scale, &mut self.grads));
         ws.head.loss(b, p, &view.lm_head, word, &x.labels, m, opts.label_smoothing, grad)?;
         clock.mark("lm_head_fwd_loss");
-        Ok(BatchLoss { token_loss: ws.head.token_losses(b, m)?, token_example: x.row_example.clone(), batch: x.batch })
+        Ok(())
     }
 
     /// Head (from d(LN output), after `loss` did its vocabulary part), decoder, encoder, top
