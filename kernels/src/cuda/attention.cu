@@ -325,3 +325,333 @@ extern "C" __global__ void attention_flash_backward_dq(float* dq, const float* q
         if (lane + 32 < D) dq_row[lane + 32] = scale * dq_acc[rr][1];
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core variants (the CUDA backend's GemmPrecision::Bf16): the same kernels, tiles, grids,
+// masks, dropout counters, online softmax, saved lse and fully-masked-row rule as above, but the
+// dot products of each tile (S = Q K^T, dP = dO V^T, O += P V, dV += P^T dO, dK += dS^T Q,
+// dQ += dS K) run as warp-wide m16n8k16 MMAs: operands rounded to bf16 when a fragment is loaded
+// from shared memory (where tiles stay fp32), fp32 accumulators. The softmax, exp, dropout and
+// Dsum stay fp32 on CUDA cores. Head dims multiples of 16 up to 64 (the launcher falls back to
+// the SIMT kernels otherwise). Results differ from the CPU's by bf16 operand rounding (~1e-2
+// relative to the output's scale); each output element still has one owner and a fixed order.
+// Fragment layout (g = lane / 4, t = lane % 4): see b2b_mma_bf16_16x8x16 in common.cuh.
+
+#define FA_PROW (FA_BK + 1)              // padded shared row of a 16 x 32 tile of scores or probs
+#define FA_NB (FA_DMAX / 8 / FA_WARPS)   // 8-dim output blocks per warp of a 16-row output (w, w+4)
+#define FA_KNB (FA_DMAX / 8 / 2)         // 8-dim blocks per warp of a 32-key dk/dv (2 warps a key half)
+
+// The A fragment of the 16x16 block at (r0, c0) of a row-major shared matrix (ld floats a row).
+__device__ __forceinline__ void fa_frag_a(unsigned a[4], const float* m, int ld, int r0, int c0) {
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const float* p0 = m + (r0 + g) * ld + c0 + 2 * t;
+    const float* p1 = p0 + 8 * ld;
+    a[0] = b2b_pack_bf16x2(p0[0], p0[1]);
+    a[1] = b2b_pack_bf16x2(p1[0], p1[1]);
+    a[2] = b2b_pack_bf16x2(p0[8], p0[9]);
+    a[3] = b2b_pack_bf16x2(p1[8], p1[9]);
+}
+
+// The A fragment of the transpose: A[x][y] = m[(c0 + y) * ld + r0 + x].
+__device__ __forceinline__ void fa_frag_a_t(unsigned a[4], const float* m, int ld, int r0, int c0) {
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const float* p = m + (c0 + 2 * t) * ld + r0 + g;
+    a[0] = b2b_pack_bf16x2(p[0], p[ld]);
+    a[1] = b2b_pack_bf16x2(p[8], p[ld + 8]);
+    a[2] = b2b_pack_bf16x2(p[8 * ld], p[9 * ld]);
+    a[3] = b2b_pack_bf16x2(p[8 * ld + 8], p[9 * ld + 8]);
+}
+
+// The B fragment with B[k][n] = m[(n0 + n) * ld + k0 + k]: the rows of m are B's columns (keys
+// as the columns of Q K^T).
+__device__ __forceinline__ void fa_frag_b_rows(unsigned b[2], const float* m, int ld, int k0, int n0) {
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const float* p = m + (n0 + g) * ld + k0 + 2 * t;
+    b[0] = b2b_pack_bf16x2(p[0], p[1]);
+    b[1] = b2b_pack_bf16x2(p[8], p[9]);
+}
+
+// The B fragment with B[k][n] = m[(k0 + k) * ld + n0 + n] (row-major K x N, as V in P V).
+__device__ __forceinline__ void fa_frag_b_cols(unsigned b[2], const float* m, int ld, int k0, int n0) {
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const float* p = m + (k0 + 2 * t) * ld + n0 + g;
+    b[0] = b2b_pack_bf16x2(p[0], p[ld]);
+    b[1] = b2b_pack_bf16x2(p[8 * ld], p[9 * ld]);
+}
+
+// c = rows (16 x D) . keys[n0 .. n0 + 8] (each a row of D) for the warp: a 16 x 8 block of dots.
+__device__ __forceinline__ void fa_mma_dots(float c[4], const float (*rows)[FA_ROW], const float (*keys)[FA_ROW],
+                                            int n0, int D) {
+    c[0] = c[1] = c[2] = c[3] = 0.0f;
+    for (int k0 = 0; k0 < D; k0 += 16) {
+        unsigned a[4], b[2];
+        fa_frag_a(a, &rows[0][0], FA_ROW, 0, k0);
+        fa_frag_b_rows(b, &keys[0][0], FA_ROW, k0, n0);
+        b2b_mma_bf16_16x8x16(c, a, b, c);
+    }
+}
+
+// acc[nbi] += tile (16 x 32, row-major in shared) . src[32 keys][n-block w + 4*nbi], for the
+// n-blocks of 8 dims below D that warp w owns (forward P V, backward dS K).
+__device__ __forceinline__ void fa_mma_rows_by_keys(float acc[FA_NB][4], const float (*tile)[FA_PROW],
+                                                    const float (*src)[FA_ROW], int D) {
+    const int warp = threadIdx.x >> 5;
+    unsigned a[2][4];
+    fa_frag_a(a[0], &tile[0][0], FA_PROW, 0, 0);
+    fa_frag_a(a[1], &tile[0][0], FA_PROW, 0, 16);
+#pragma unroll
+    for (int nbi = 0; nbi < FA_NB; nbi++) {
+        const int nb = warp + nbi * FA_WARPS;
+        if (nb * 8 >= D) continue;  // warp-uniform
+#pragma unroll
+        for (int kh = 0; kh < 2; kh++) {
+            unsigned b[2];
+            fa_frag_b_cols(b, &src[0][0], FA_ROW, kh * 16, nb * 8);
+            b2b_mma_bf16_16x8x16(acc[nbi], a[kh], b, acc[nbi]);
+        }
+    }
+}
+
+extern "C" __global__ void attention_flash_forward_mma(float* out, float* lse, const float* q, const float* k,
+                            const float* v, const float* key_mask, int H, int D, int Tq, int Tk, int ldq, int ldkv,
+                            int causal, float scale, float p_drop, unsigned long long seed) {
+    __shared__ float qs[FA_BQ][FA_ROW];
+    __shared__ float ks[FA_BK][FA_ROW];
+    __shared__ float vs[FA_BK][FA_ROW];
+    __shared__ float ps[FA_BQ][FA_PROW];  // the tile's raw dots, then its P * keep
+    __shared__ float km[FA_BK];
+    __shared__ float alpha_s[FA_BQ];
+    __shared__ float l_s[FA_BQ];
+    __shared__ int unseen;
+    const long long bh = blockIdx.x;
+    const int b = (int)(bh / H), h = (int)(bh % H);
+    const int i0 = blockIdx.y * FA_BQ, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const long long c = (long long)H * D;
+    const float* k_bh = k + (long long)b * Tk * ldkv + (long long)h * D;
+    const float* v_bh = v + (long long)b * Tk * ldkv + (long long)h * D;
+    flash_load_rows(qs, FA_BQ, q + (long long)b * Tq * ldq + (long long)h * D, ldq, i0, Tq, D);
+    // Softmax state in the SIMT kernel's layout (warp w rows w*4.., lane = key of the tile).
+    float m[FA_RPW], l[FA_RPW], o[FA_NB][4] = {};
+#pragma unroll
+    for (int rr = 0; rr < FA_RPW; rr++) {
+        m[rr] = -3.402823466e38f;
+        l[rr] = 0.0f;
+    }
+    int j_end = causal ? min(Tk, i0 + FA_BQ) : Tk;  // as attention_flash_forward
+    for (int j0 = 0; j0 < Tk; j0 += FA_BK) {
+        if (j0 >= j_end) {  // block-uniform
+            __syncthreads();
+            if (threadIdx.x == 0) unseen = 0;
+            __syncthreads();
+#pragma unroll
+            for (int rr = 0; rr < FA_RPW; rr++)
+                if (lane == 0 && i0 + warp * FA_RPW + rr < Tq && m[rr] == FA_MASKED) unseen = 1;
+            __syncthreads();
+            if (!unseen) break;
+            j_end = Tk;
+        }
+        __syncthreads();  // the previous tile is no longer read
+        flash_load_rows(ks, FA_BK, k_bh, ldkv, j0, Tk, D);
+        flash_load_rows(vs, FA_BK, v_bh, ldkv, j0, Tk, D);
+        flash_load_mask(km, key_mask + (long long)b * Tk, j0, Tk);
+        __syncthreads();
+        float dots[4];
+        fa_mma_dots(dots, qs, ks, warp * 8, D);  // warp w: keys w*8 .. w*8+7 of the tile
+#pragma unroll
+        for (int e = 0; e < 4; e++) ps[g + (e >> 1) * 8][warp * 8 + 2 * t + (e & 1)] = dots[e];
+        __syncthreads();
+        const int j = j0 + lane;
+#pragma unroll
+        for (int rr = 0; rr < FA_RPW; rr++) {
+            const int r = warp * FA_RPW + rr, i = i0 + r;
+            const float x = flash_score(ps[r][lane], scale, km[lane], causal, i, j);
+            const float m_new = fmaxf(m[rr], warp_max(j < Tk ? x : -3.402823466e38f));
+            const float alpha = expf(m[rr] - m_new);
+            const float p = j < Tk ? expf(x - m_new) : 0.0f;
+            l[rr] = l[rr] * alpha + warp_sum(p);
+            m[rr] = m_new;
+            ps[r][lane] = (j < Tk && i < Tq) ? p * flash_keep(seed, p_drop, bh, Tq, Tk, i, j) : 0.0f;
+            if (lane == 0) alpha_s[r] = alpha;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int nbi = 0; nbi < FA_NB; nbi++) {
+            o[nbi][0] *= alpha_s[g];
+            o[nbi][1] *= alpha_s[g];
+            o[nbi][2] *= alpha_s[g + 8];
+            o[nbi][3] *= alpha_s[g + 8];
+        }
+        fa_mma_rows_by_keys(o, ps, vs, D);
+    }
+#pragma unroll
+    for (int rr = 0; rr < FA_RPW; rr++) {
+        const int r = warp * FA_RPW + rr, i = i0 + r;
+        if (lane == 0) l_s[r] = l[rr];
+        if (lane == 0 && i < Tq) lse[bh * Tq + i] = m[rr] + logf(l[rr]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int nbi = 0; nbi < FA_NB; nbi++) {
+        const int nb = warp + nbi * FA_WARPS;
+        if (nb * 8 >= D) continue;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int r = g + (e >> 1) * 8, i = i0 + r;
+            if (i >= Tq) continue;
+            const float inv = l_s[r] > 0.0f ? 1.0f / l_s[r] : 0.0f;  // no keys at all (Tk 0): out 0
+            out[((long long)b * Tq + i) * c + (long long)h * D + nb * 8 + 2 * t + (e & 1)] = o[nbi][e] * inv;
+        }
+    }
+}
+
+// P * keep and dS of the warp's 16 x 8 block (keys w*8 ..) of a backward tile, from its dots
+// s = q.k and dpv = dout.v, into the shared 16 x 32 tiles pk_t and ds_t (0 outside Tq x Tk).
+__device__ __forceinline__ void fa_backward_probs(float (*pk_t)[FA_PROW], float (*ds_t)[FA_PROW], const float s[4],
+                                                  const float dpv[4], const float* km, const float* lse_s,
+                                                  const float* dsum_s, long long bh, int i0, int j0, int Tq, int Tk,
+                                                  int causal, float scale, float p_drop, u64 seed) {
+    const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const int r = g + (e >> 1) * 8, col = warp * 8 + 2 * t + (e & 1);
+        const int i = i0 + r, j = j0 + col;
+        float pk = 0.0f, ds = 0.0f;
+        if (i < Tq && j < Tk) {
+            const float p = flash_prob(flash_score(s[e], scale, km[col], causal, i, j), lse_s[r], Tk);
+            const float keep = flash_keep(seed, p_drop, bh, Tq, Tk, i, j);
+            pk = p * keep;
+            ds = p * (keep * dpv[e] - dsum_s[r]);
+        }
+        if (pk_t) pk_t[r][col] = pk;
+        ds_t[r][col] = ds;
+    }
+}
+
+// dk, dv of 32 keys of one (b, h), as attention_flash_backward_dkdv: per query tile, warp w
+// computes the dots of keys w*8.. (S and dP), then dv += (P keep)^T dout and dk += dS^T q with
+// warp w owning keys (w % 2)*16 .. +15 and the dim blocks w / 2, w / 2 + 2, ...
+extern "C" __global__ void attention_flash_backward_dkdv_mma(float* dk, float* dv, const float* q, const float* k,
+                                  const float* v, const float* key_mask, const float* out, const float* dout,
+                                  const float* lse, int H, int D, int Tq, int Tk, int ldq, int ldkv, int causal,
+                                  float scale, float p_drop, unsigned long long seed) {
+    __shared__ float ks[FA_BK][FA_ROW];
+    __shared__ float vs[FA_BK][FA_ROW];
+    __shared__ float qs[FA_BQ][FA_ROW];
+    __shared__ float dos[FA_BQ][FA_ROW];
+    __shared__ float pk_t[FA_BQ][FA_PROW];
+    __shared__ float ds_t[FA_BQ][FA_PROW];
+    __shared__ float km[FA_BK];
+    __shared__ float lse_s[FA_BQ];
+    __shared__ float dsum_s[FA_BQ];
+    const long long bh = blockIdx.x;
+    const int b = (int)(bh / H), h = (int)(bh % H);
+    const int j0 = blockIdx.y * FA_BK, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3, key_half = warp & 1, nb0 = warp >> 1;
+    const long long c = (long long)H * D;
+    const long long kv_off = (long long)b * Tk * ldkv + (long long)h * D;
+    const float* q_bh = q + (long long)b * Tq * ldq + (long long)h * D;
+    const float* dout_bh = dout + (long long)b * Tq * c + (long long)h * D;
+    const float* out_bh = out + (long long)b * Tq * c + (long long)h * D;
+    flash_load_rows(ks, FA_BK, k + kv_off, ldkv, j0, Tk, D);
+    flash_load_rows(vs, FA_BK, v + kv_off, ldkv, j0, Tk, D);
+    flash_load_mask(km, key_mask + (long long)b * Tk, j0, Tk);
+    float dk_acc[FA_KNB][4] = {}, dv_acc[FA_KNB][4] = {};
+    for (int i0 = 0; i0 < Tq; i0 += FA_BQ) {
+        __syncthreads();  // the previous query tile is no longer read
+        for (int r = threadIdx.x; r < FA_BQ; r += blockDim.x) lse_s[r] = i0 + r < Tq ? lse[bh * Tq + i0 + r] : 0.0f;
+        __syncthreads();
+        if (causal && i0 + FA_BQ <= j0 && !flash_any_unseen(lse_s, i0, Tq)) continue;  // as the SIMT kernel
+        flash_load_rows(qs, FA_BQ, q_bh, ldq, i0, Tq, D);
+        flash_load_rows(dos, FA_BQ, dout_bh, c, i0, Tq, D);
+        flash_dsum(dsum_s, dout_bh, out_bh, c, i0, Tq, D);
+        __syncthreads();
+        float s[4], dpv[4];
+        fa_mma_dots(s, qs, ks, warp * 8, D);
+        fa_mma_dots(dpv, dos, vs, warp * 8, D);
+        fa_backward_probs(pk_t, ds_t, s, dpv, km, lse_s, dsum_s, bh, i0, j0, Tq, Tk, causal, scale, p_drop, seed);
+        __syncthreads();
+        unsigned a_pk[4], a_ds[4];  // A = (P keep)^T and dS^T: 16 keys x 16 rows
+        fa_frag_a_t(a_pk, &pk_t[0][0], FA_PROW, key_half * 16, 0);
+        fa_frag_a_t(a_ds, &ds_t[0][0], FA_PROW, key_half * 16, 0);
+#pragma unroll
+        for (int nbi = 0; nbi < FA_KNB; nbi++) {
+            const int nb = nb0 + 2 * nbi;
+            if (nb * 8 >= D) continue;  // warp-uniform
+            unsigned bf[2];
+            fa_frag_b_cols(bf, &dos[0][0], FA_ROW, 0, nb * 8);
+            b2b_mma_bf16_16x8x16(dv_acc[nbi], a_pk, bf, dv_acc[nbi]);
+            fa_frag_b_cols(bf, &qs[0][0], FA_ROW, 0, nb * 8);
+            b2b_mma_bf16_16x8x16(dk_acc[nbi], a_ds, bf, dk_acc[nbi]);
+        }
+    }
+#pragma unroll
+    for (int nbi = 0; nbi < FA_KNB; nbi++) {
+        const int nb = nb0 + 2 * nbi;
+        if (nb * 8 >= D) continue;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int jk = j0 + key_half * 16 + g + (e >> 1) * 8;
+            if (jk >= Tk) continue;
+            const long long at = kv_off + (long long)jk * ldkv + nb * 8 + 2 * t + (e & 1);
+            dk[at] += scale * dk_acc[nbi][e];
+            dv[at] += dv_acc[nbi][e];
+        }
+    }
+}
+
+// dq of 16 query rows of one (b, h), as attention_flash_backward_dq: per key tile, warp w
+// computes the dots of keys w*8.., then dq += dS k with warp w owning the dim blocks w, w + 4.
+extern "C" __global__ void attention_flash_backward_dq_mma(float* dq, const float* q, const float* k, const float* v,
+                                const float* key_mask, const float* out, const float* dout, const float* lse, int H,
+                                int D, int Tq, int Tk, int ldq, int ldkv, int causal, float scale, float p_drop,
+                                unsigned long long seed) {
+    __shared__ float qs[FA_BQ][FA_ROW];
+    __shared__ float dos[FA_BQ][FA_ROW];
+    __shared__ float ks[FA_BK][FA_ROW];
+    __shared__ float vs[FA_BK][FA_ROW];
+    __shared__ float ds_t[FA_BQ][FA_PROW];
+    __shared__ float km[FA_BK];
+    __shared__ float lse_s[FA_BQ];
+    __shared__ float dsum_s[FA_BQ];
+    const long long bh = blockIdx.x;
+    const int b = (int)(bh / H), h = (int)(bh % H);
+    const int i0 = blockIdx.y * FA_BQ, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const long long c = (long long)H * D;
+    const long long q_off = (long long)b * Tq * ldq + (long long)h * D;
+    const float* k_bh = k + (long long)b * Tk * ldkv + (long long)h * D;
+    const float* v_bh = v + (long long)b * Tk * ldkv + (long long)h * D;
+    const float* dout_bh = dout + (long long)b * Tq * c + (long long)h * D;
+    flash_load_rows(qs, FA_BQ, q + q_off, ldq, i0, Tq, D);
+    flash_load_rows(dos, FA_BQ, dout_bh, c, i0, Tq, D);
+    flash_dsum(dsum_s, dout_bh, out + (long long)b * Tq * c + (long long)h * D, c, i0, Tq, D);
+    for (int r = threadIdx.x; r < FA_BQ; r += blockDim.x) lse_s[r] = i0 + r < Tq ? lse[bh * Tq + i0 + r] : 0.0f;
+    float dq_acc[FA_NB][4] = {};
+    __syncthreads();
+    const int j_end = causal && !flash_any_unseen(lse_s, i0, Tq) ? min(Tk, i0 + FA_BQ) : Tk;
+    for (int j0 = 0; j0 < j_end; j0 += FA_BK) {
+        __syncthreads();  // the previous key tile is no longer read (and the query tile is loaded)
+        flash_load_rows(ks, FA_BK, k_bh, ldkv, j0, Tk, D);
+        flash_load_rows(vs, FA_BK, v_bh, ldkv, j0, Tk, D);
+        flash_load_mask(km, key_mask + (long long)b * Tk, j0, Tk);
+        __syncthreads();
+        float s[4], dpv[4];
+        fa_mma_dots(s, qs, ks, warp * 8, D);
+        fa_mma_dots(dpv, dos, vs, warp * 8, D);
+        fa_backward_probs(nullptr, ds_t, s, dpv, km, lse_s, dsum_s, bh, i0, j0, Tq, Tk, causal, scale, p_drop, seed);
+        __syncthreads();
+        fa_mma_rows_by_keys(dq_acc, ds_t, ks, D);
+    }
+#pragma unroll
+    for (int nbi = 0; nbi < FA_NB; nbi++) {
+        const int nb = warp + nbi * FA_WARPS;
+        if (nb * 8 >= D) continue;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int i = i0 + g + (e >> 1) * 8;
+            if (i >= Tq) continue;
+            dq[q_off + (long long)i * ldq + nb * 8 + 2 * t + (e & 1)] = scale * dq_acc[nbi][e];
+        }
+    }
+}

@@ -1,22 +1,57 @@
 //! Attention launchers (see attention.cu for the math): one fused forward kernel that saves a
 //! log-sum-exp per query row, and two backward kernels (dk/dv over key tiles, dq over query
-//! tiles) that recompute the probabilities. No scratch memory, no atomics.
+//! tiles) that recompute the probabilities. No scratch memory, no atomics. Each comes in two
+//! variants: fp32 SIMT (GemmPrecision::Fp32, the oracle-exact path) and bf16 tensor cores for the
+//! dot products (GemmPrecision::Bf16 and a head dim that is a multiple of 16).
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::cost::{F32, LaunchCost};
-use super::{Cuda, DevMut, DevRef, KernelSource, dev_err};
+use super::{Cuda, DevMut, DevRef, GemmPrecision, KernelSource, dev_err};
 use crate::{AttentionOps, AttentionShape, KernelError, Result, check_len};
 
 const FORWARD: &str = "attention_flash_forward";
 const BACKWARD_DKDV: &str = "attention_flash_backward_dkdv";
 const BACKWARD_DQ: &str = "attention_flash_backward_dq";
+const FORWARD_MMA: &str = "attention_flash_forward_mma";
+const BACKWARD_DKDV_MMA: &str = "attention_flash_backward_dkdv_mma";
+const BACKWARD_DQ_MMA: &str = "attention_flash_backward_dq_mma";
 
 pub(crate) const SOURCE: KernelSource = KernelSource {
     file: "attention.cu",
     code: include_str!("attention.cu"),
-    kernels: &[FORWARD, BACKWARD_DKDV, BACKWARD_DQ],
+    kernels: &[FORWARD, BACKWARD_DKDV, BACKWARD_DQ, FORWARD_MMA, BACKWARD_DKDV_MMA, BACKWARD_DQ_MMA],
 };
+
+/// Which kernels run an attention: fp32 SIMT dot products, or bf16 tensor-core (mma.sync) ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Variant {
+    Simt,
+    Mma,
+}
+
+impl Variant {
+    /// Tensor cores when the backend's GEMMs run in bf16 and the head dim is a multiple of the
+    /// MMA's k of 16 (the fp32 precision keeps the oracle-exact SIMT kernels).
+    pub(crate) fn pick(precision: GemmPrecision, head_dim: usize) -> Self {
+        if precision == GemmPrecision::Bf16 && head_dim > 0 && head_dim % 16 == 0 { Self::Mma } else { Self::Simt }
+    }
+
+    fn name(self, simt: &'static str, mma: &'static str) -> &'static str {
+        match self {
+            Self::Simt => simt,
+            Self::Mma => mma,
+        }
+    }
+
+    /// The cost of a launch doing `flops` in all, `softmax_flops` of them outside dot products.
+    fn cost(self, kernel: &'static str, bytes: u64, flops: u64, softmax_flops: u64) -> LaunchCost {
+        match self {
+            Self::Simt => LaunchCost::kernel(kernel, bytes, flops),
+            Self::Mma => LaunchCost::tensor_kernel(kernel, bytes, flops, softmax_flops),
+        }
+    }
+}
 
 /// Largest head dimension the kernels take (`FA_DMAX` in attention.cu).
 pub(crate) const MAX_HEAD_DIM: usize = 64;
@@ -31,30 +66,35 @@ const SOFTMAX_FLOPS_PER_PAIR: u64 = 5;
 
 /// `attention_flash_forward`: reads q, k, v and the key mask once, writes out and lse;
 /// `q k^T` and `P v` are `2*D` FLOPs a (query, key) pair each.
-pub(crate) fn forward_cost(s: &AttentionShape) -> LaunchCost {
+/// The same counts for either variant; the tensor-core one prices the dot products at the bf16
+/// peak.
+pub(crate) fn forward_cost(s: &AttentionShape, variant: Variant) -> LaunchCost {
     let (pairs, d) = (query_tile_pairs(s), s.head_dim as u64);
     let bytes = F32 * (ideal_q(s) + 2 * ideal_kv(s) + mask_len(s) + out_len(s) + lse_len(s));
-    LaunchCost::kernel(FORWARD, bytes, pairs * (4 * d + SOFTMAX_FLOPS_PER_PAIR))
+    let softmax = pairs * SOFTMAX_FLOPS_PER_PAIR;
+    variant.cost(variant.name(FORWARD, FORWARD_MMA), bytes, pairs * 4 * d + softmax, softmax)
 }
 
 /// `attention_flash_backward_dkdv`: reads q, k, v, mask, out, dout and lse once, reads and
 /// writes dk and dv (they accumulate); per pair it recomputes `q.k` and `dout.v` and adds into
 /// dv and dk (`2*D` each), plus `D` a query row for Dsum.
-pub(crate) fn backward_dkdv_cost(s: &AttentionShape) -> LaunchCost {
+pub(crate) fn backward_dkdv_cost(s: &AttentionShape, variant: Variant) -> LaunchCost {
     let (pairs, d) = (key_tile_pairs(s), s.head_dim as u64);
     let reads = ideal_q(s) + 2 * ideal_kv(s) + mask_len(s) + 2 * out_len(s) + lse_len(s);
     let bytes = F32 * (reads + 4 * ideal_kv(s));
-    let dsum = 2 * out_len(s);
-    LaunchCost::kernel(BACKWARD_DKDV, bytes, pairs * (8 * d + SOFTMAX_FLOPS_PER_PAIR) + dsum)
+    let simt = pairs * SOFTMAX_FLOPS_PER_PAIR + 2 * out_len(s); // softmax and Dsum
+    let kernel = variant.name(BACKWARD_DKDV, BACKWARD_DKDV_MMA);
+    variant.cost(kernel, bytes, pairs * 8 * d + simt, simt)
 }
 
 /// `attention_flash_backward_dq`: reads as the dk/dv kernel, writes dq (assigned); per pair it
 /// recomputes `q.k` and `dout.v` and adds into dq (`2*D` each), plus Dsum.
-pub(crate) fn backward_dq_cost(s: &AttentionShape) -> LaunchCost {
+pub(crate) fn backward_dq_cost(s: &AttentionShape, variant: Variant) -> LaunchCost {
     let (pairs, d) = (query_tile_pairs(s), s.head_dim as u64);
     let reads = ideal_q(s) + 2 * ideal_kv(s) + mask_len(s) + 2 * out_len(s) + lse_len(s);
     let bytes = F32 * (reads + ideal_q(s));
-    LaunchCost::kernel(BACKWARD_DQ, bytes, pairs * (6 * d + SOFTMAX_FLOPS_PER_PAIR) + 2 * out_len(s))
+    let simt = pairs * SOFTMAX_FLOPS_PER_PAIR + 2 * out_len(s);
+    variant.cost(variant.name(BACKWARD_DQ, BACKWARD_DQ_MMA), bytes, pairs * 6 * d + simt, simt)
 }
 
 /// (query, key) pairs the forward and dq kernels compute over all heads: all of them, or with a
@@ -202,8 +242,9 @@ impl AttentionOps for Cuda {
             return Ok(());
         }
         let a = ShapeArgs::new(&s);
-        self.note(forward_cost(&s));
-        let mut l = self.stream().launch_builder(self.func(FORWARD)?);
+        let variant = Variant::pick(self.precision(), s.head_dim);
+        self.note(forward_cost(&s, variant));
+        let mut l = self.stream().launch_builder(self.func(variant.name(FORWARD, FORWARD_MMA))?);
         l.arg(&out.ptr).arg(&saved.ptr).arg(&q.ptr).arg(&k.ptr).arg(&v.ptr).arg(&key_mask.ptr);
         a.push(&mut l);
         // SAFETY: every view's length was checked against the shape and its strides above; the
@@ -238,11 +279,13 @@ impl AttentionOps for Cuda {
             return Ok(());
         }
         let a = ShapeArgs::new(&s);
+        let variant = Variant::pick(self.precision(), s.head_dim);
         // With no keys there is nothing to add to dk and dv (and no key tile to launch), but dq
         // is still assigned (zeros).
         if s.tk > 0 {
-            self.note(backward_dkdv_cost(&s));
-            let mut l = self.stream().launch_builder(self.func(BACKWARD_DKDV)?);
+            self.note(backward_dkdv_cost(&s, variant));
+            let kernel = variant.name(BACKWARD_DKDV, BACKWARD_DKDV_MMA);
+            let mut l = self.stream().launch_builder(self.func(kernel)?);
             l.arg(&dk.ptr).arg(&dv.ptr).arg(&q.ptr).arg(&k.ptr).arg(&v.ptr).arg(&key_mask.ptr);
             l.arg(&out.ptr).arg(&dout.ptr).arg(&saved.ptr);
             a.push(&mut l);
@@ -250,8 +293,8 @@ impl AttentionOps for Cuda {
             // by one thread.
             unsafe { l.launch(grid(&s, s.tk, KEY_TILE)) }.map(drop).map_err(dev_err)?;
         }
-        self.note(backward_dq_cost(&s));
-        let mut l = self.stream().launch_builder(self.func(BACKWARD_DQ)?);
+        self.note(backward_dq_cost(&s, variant));
+        let mut l = self.stream().launch_builder(self.func(variant.name(BACKWARD_DQ, BACKWARD_DQ_MMA))?);
         l.arg(&dq.ptr).arg(&q.ptr).arg(&k.ptr).arg(&v.ptr).arg(&key_mask.ptr);
         l.arg(&out.ptr).arg(&dout.ptr).arg(&saved.ptr);
         a.push(&mut l);

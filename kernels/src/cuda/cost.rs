@@ -28,6 +28,10 @@ pub const I32: u64 = 4;
 pub enum Work {
     /// One of our NVRTC kernels (fp32 CUDA cores).
     Kernel,
+    /// One of our NVRTC kernels whose dot products run on bf16 tensor cores (mma.sync), with the
+    /// share of its FLOPs that stays on fp32 CUDA cores (softmax, exp, masks): the tensor-core
+    /// FLOPs are priced at the bf16 peak, the rest at the fp32 peak.
+    TensorKernel { simt_flops: u64 },
     /// A cuBLAS GEMM, with the compute type it ran at (bf16 or fp32 tensor-core-less).
     Gemm(GemmPrecision),
     /// A device memset or device-to-device copy: pure memory traffic.
@@ -50,6 +54,12 @@ pub struct LaunchCost {
 impl LaunchCost {
     pub fn kernel(kernel: &'static str, bytes: u64, flops: u64) -> Self {
         Self { kernel, work: Work::Kernel, bytes, flops }
+    }
+
+    /// A kernel doing `flops` in all, of which `simt_flops` on CUDA cores and the rest on bf16
+    /// tensor cores.
+    pub fn tensor_kernel(kernel: &'static str, bytes: u64, flops: u64, simt_flops: u64) -> Self {
+        Self { kernel, work: Work::TensorKernel { simt_flops: simt_flops.min(flops) }, bytes, flops }
     }
 }
 
@@ -121,6 +131,7 @@ impl Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::attention::Variant::{Mma, Simt};
     use crate::cuda::{attention, bias, layernorm, residual_norm};
 
     // Expected values are worked out by hand for odd shapes, element counts times 4 bytes.
@@ -192,30 +203,45 @@ mod tests {
         // traffic): q 2*7*15 = 210, k and v 2*11*15 = 330 each, mask 22, out 210, lse 42;
         // 2*3*7*11 = 462 (query, key) pairs.
         let s = crate::AttentionShape::new(2, 3, 5, 7, 11).with_strides(40, 15);
-        let f = attention::forward_cost(&s);
+        let f = attention::forward_cost(&s, Simt);
         assert_eq!(f.bytes, 4 * (210 + 2 * 330 + 22 + 210 + 42));
         assert_eq!(f.flops, 462 * (4 * 5 + 5));
         // dk/dv: q, k, v, mask, out, dout, lse read; dk and dv read and written.
-        let kv = attention::backward_dkdv_cost(&s);
+        let kv = attention::backward_dkdv_cost(&s, Simt);
         assert_eq!(kv.bytes, 4 * (210 + 2 * 330 + 22 + 2 * 210 + 42 + 4 * 330));
         assert_eq!(kv.flops, 462 * (8 * 5 + 5) + 2 * 210);
         // dq: the same reads, dq written once.
-        let q = attention::backward_dq_cost(&s);
+        let q = attention::backward_dq_cost(&s, Simt);
         assert_eq!(q.bytes, 4 * (210 + 2 * 330 + 22 + 2 * 210 + 42 + 210));
         assert_eq!(q.flops, 462 * (6 * 5 + 5) + 2 * 210);
+        // The tensor-core variants: same traffic and FLOP count, the softmax (and Dsum) share
+        // declared as CUDA-core work.
+        let fm = attention::forward_cost(&s, Mma);
+        assert_eq!((fm.kernel, fm.bytes, fm.flops), ("attention_flash_forward_mma", f.bytes, f.flops));
+        assert_eq!(fm.work, Work::TensorKernel { simt_flops: 462 * 5 });
+        let kvm = attention::backward_dkdv_cost(&s, Mma);
+        assert_eq!(
+            (kvm.bytes, kvm.flops, kvm.work),
+            (kv.bytes, kv.flops, Work::TensorKernel { simt_flops: 462 * 5 + 420 })
+        );
+        let qm = attention::backward_dq_cost(&s, Mma);
+        assert_eq!((qm.bytes, qm.flops, qm.work), (q.bytes, q.flops, Work::TensorKernel { simt_flops: 462 * 5 + 420 }));
+        assert_eq!(attention::Variant::pick(GemmPrecision::Bf16, 64), Mma);
+        assert_eq!(attention::Variant::pick(GemmPrecision::Bf16, 40), Simt);
+        assert_eq!(attention::Variant::pick(GemmPrecision::Fp32, 64), Simt);
         // Causal, 37 x 37 (query tiles of 16, key tiles of 32): query tiles at 0, 16, 32 of 16,
         // 16, 5 rows see key tiles up to 32, 32, 37 keys: 16*32 + 16*32 + 5*37 = 1209 pairs a
         // head; key tiles at 0 (32 keys) and 32 (5 keys) skip the query rows before 0 and 32:
         // 32*37 + 5*5 = 1209 too (both count the same tile pairs here). Six heads.
         let c = crate::AttentionShape::new(2, 3, 5, 37, 37).with_causal(true);
-        assert_eq!(attention::forward_cost(&c).flops, 6 * 1209 * (4 * 5 + 5));
-        assert_eq!(attention::backward_dkdv_cost(&c).flops, 6 * 1209 * (8 * 5 + 5) + 2 * 2 * 37 * 15);
+        assert_eq!(attention::forward_cost(&c, Simt).flops, 6 * 1209 * (4 * 5 + 5));
+        assert_eq!(attention::backward_dkdv_cost(&c, Simt).flops, 6 * 1209 * (8 * 5 + 5) + 2 * 2 * 37 * 15);
         let c = crate::AttentionShape::new(1, 1, 5, 70, 70).with_causal(true);
         // Query tiles 0, 16, 32, 48, 64 (6 rows): keys 32, 32, 64, 64, 70 -> 512 + 512 + 1024 +
         // 1024 + 420 = 3492. Key tiles 0, 32, 64 (6 keys): rows from 0, 32, 64 -> 32*70 + 32*38 +
         // 6*6 = 2240 + 1216 + 36 = 3492.
-        assert_eq!(attention::forward_cost(&c).flops, 3492 * 25);
-        assert_eq!(attention::backward_dkdv_cost(&c).flops, 3492 * 45 + 2 * 70 * 5);
+        assert_eq!(attention::forward_cost(&c, Simt).flops, 3492 * 25);
+        assert_eq!(attention::backward_dkdv_cost(&c, Simt).flops, 3492 * 45 + 2 * 70 * 5);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! (one stream, so nothing overlaps):
 //! - the peak is picked by the work: bf16 tensor cores for `GemmPrecision::Bf16` GEMMs, the
 //!   fp32 CUDA-core rate for `Fp32` GEMMs (`CUBLAS_COMPUTE_32F` does not use tensor cores) and
-//!   for our own kernels;
+//!   for our own kernels, except that a `TensorKernel` (fused attention on mma.sync) prices its
+//!   dot-product FLOPs at the bf16 peak and only its softmax share at the fp32 rate;
 //! - the overhead is the launch gap between dependent kernels on one stream, without and with a
 //!   CUDA graph; copies pay it too, and cross PCIe at the pageable rate;
 //! - a host sync is a fixed bubble in both cases (a graph cannot remove it: the syncs have to
@@ -83,6 +84,10 @@ impl Gpu {
         match c.work {
             Work::Kernel | Work::Gemm(GemmPrecision::Fp32) => memory.max(flops / self.fp32_flops) + gap,
             Work::Gemm(GemmPrecision::Bf16) => memory.max(flops / self.bf16_flops) + gap,
+            Work::TensorKernel { simt_flops } => {
+                let simt = simt_flops as f64;
+                memory.max((flops - simt) / self.bf16_flops + simt / self.fp32_flops) + gap
+            }
             Work::Memory => memory + gap,
             Work::HostCopy => bytes / self.pcie_bandwidth + gap,
             Work::Sync => self.sync_s,
@@ -183,6 +188,9 @@ mod tests {
         // 25 MB over pageable PCIe: 1 ms.
         assert!(close(g.seconds(&cost::host_copy("h", 25_000_000), true), 1e-3 + 0.75e-6));
         assert!(close(g.seconds(&cost::sync("s"), true), 15e-6));
+        // A tensor-core kernel: 989 GFLOP on tensor cores (1 ms) plus 67 GFLOP on CUDA cores (1 ms).
+        let mma = cost::LaunchCost::tensor_kernel("a", 1000, 989_000_000_000 + 67_000_000_000, 67_000_000_000);
+        assert!(close(g.seconds(&mma, false), 2e-3 + 2.5e-6));
     }
 
     #[test]
