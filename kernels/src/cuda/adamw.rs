@@ -99,21 +99,9 @@ impl OptimizerOps for Cuda {
                 h.step
             )
         })?;
-        // The squared norm stays on the device: a fresh zeroed f64, summed into by
-        // `sum_squares`, read by `adamw_flat` (both on this stream, so ordered).
-        self.note(cost::memset(2));
-        let sum = self.stream().alloc_zeros::<f64>(1).map_err(dev_err)?;
+        // The squared norm stays on the device, read by `adamw_flat` (same stream, so ordered).
+        let sum = self.queue_sum_squares(grads)?;
         let (sptr, _sync) = sum.device_ptr(self.stream());
-        if n > 0 {
-            let n64 = n as i64;
-            let blocks = (n.div_ceil(256) as u32).clamp(1, 4 * self.sm_count());
-            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            self.note(sum_squares_cost(n));
-            let mut l = self.stream().launch_builder(self.func(SUM_SQUARES)?);
-            l.arg(&sptr).arg(&grads.ptr).arg(&n64);
-            // SAFETY: `sum` holds one f64, `grads` n f32s.
-            unsafe { l.launch(cfg) }.map(drop).map_err(dev_err)?;
-        }
         let bc1 = 1.0 - h.beta1.powi(h.step as i32);
         let bc2_sqrt = (1.0 - h.beta2.powi(h.step as i32)).sqrt();
         let (step_size, decay) = (h.lr / bc1, 1.0 - h.lr * h.weight_decay);
@@ -145,6 +133,21 @@ impl OptimizerOps for Cuda {
     }
 
     fn sum_squares(&self, x: DevRef<'_>) -> Result<f64> {
+        let out = self.queue_sum_squares(x)?;
+        // Reading the result back is a host sync, once per call.
+        self.note(cost::host_copy("memcpy_dtoh", 8));
+        let mut host = [0.0f64];
+        self.stream().memcpy_dtoh(&out, &mut host).map_err(dev_err)?;
+        self.note(cost::sync("sync (sum_squares)"));
+        self.stream().synchronize().map_err(dev_err)?;
+        Ok(host[0])
+    }
+}
+
+impl Cuda {
+    /// A fresh zeroed f64 on the device and, queued after it, `sum_squares` of `x` into it: the
+    /// squared norm for `sum_squares` (read back) and `adamw_flat` (kept on the device).
+    fn queue_sum_squares(&self, x: DevRef<'_>) -> Result<cudarc::driver::CudaSlice<f64>> {
         self.note(cost::memset(2));
         let out = self.stream().alloc_zeros::<f64>(1).map_err(dev_err)?;
         if x.len > 0 {
@@ -158,12 +161,6 @@ impl OptimizerOps for Cuda {
             // SAFETY: `out` holds one f64, `x` n f32s.
             unsafe { l.launch(cfg) }.map(drop).map_err(dev_err)?;
         }
-        // Reading the result back is a host sync, once per call.
-        self.note(cost::host_copy("memcpy_dtoh", 8));
-        let mut host = [0.0f64];
-        self.stream().memcpy_dtoh(&out, &mut host).map_err(dev_err)?;
-        self.note(cost::sync("sync (sum_squares)"));
-        self.stream().synchronize().map_err(dev_err)?;
-        Ok(host[0])
+        Ok(out)
     }
 }
