@@ -30,7 +30,7 @@ mod step_f64;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use kernels::{Backend, Cpu, Memory, rng};
+use kernels::{Backend, Cpu, Dtype, Memory, rng};
 
 /// The tiny model of the training-step checks, for the command's header.
 pub const MODEL_STEP: &str = "hidden 20, 4 heads, 2+2 layers, intermediate 37, vocab 97, dropout 0.1";
@@ -132,6 +132,11 @@ pub struct Tolerances {
     /// divided by the step, and the step's truncation error.
     pub finite_diff: f64,
     pub finite_diff_floor: f64,
+    /// The least tolerance of every op check: 0 with fp32 activations; with bf16 ones (the
+    /// device's `activation_dtype`), each output is rounded to bf16 once more than the oracle's
+    /// (2^-9 of its magnitude) and an op may round an intermediate it writes (GELU's biased
+    /// input), so 4 bf16 ulps of the largest reference value.
+    pub storage: f64,
 }
 
 impl Tolerances {
@@ -157,6 +162,7 @@ impl Tolerances {
                 grad_floor: 5e-2,
                 finite_diff,
                 finite_diff_floor,
+                storage: 0.0,
             }
         } else {
             // fp32 everywhere; gradients go through 2+2 layers of fp32 ops.
@@ -169,8 +175,18 @@ impl Tolerances {
                 grad_floor: 1e-3,
                 finite_diff,
                 finite_diff_floor,
+                storage: 0.0,
             }
         }
+    }
+}
+
+impl Tolerances {
+    /// The tolerances of a device whose activations have `dtype`: bf16 ones raise every op's
+    /// floor (`storage`).
+    pub fn for_activations(self, dtype: Dtype) -> Self {
+        let storage = if dtype == Dtype::Bf16 { 4.0 * 2f64.powi(-9) } else { 0.0 };
+        Tolerances { storage, ..self }
     }
 }
 
@@ -198,8 +214,8 @@ fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
 
 /// Run `case` on the reference and on `dev`; one check per output. Errors and panics are
 /// failures, and so is an output the device did not return.
-fn check_case<C: Case, B: Backend>(out: &mut Vec<Check>, dev: &B, oracle: Reference, case: &C) {
-    let (fam, op, shape, tol) = (case.family(), case.op(), case.shape(), case.tol());
+fn check_case<C: Case, B: Backend>(out: &mut Vec<Check>, dev: &B, oracle: Reference, case: &C, floor: f64) {
+    let (fam, op, shape, tol) = (case.family(), case.op(), case.shape(), case.tol().max(floor));
     let reference = match oracle {
         Reference::F64 => case.reference(),
         Reference::CpuFp32 => match case.run(&Cpu) {
@@ -222,27 +238,36 @@ fn check_case<C: Case, B: Backend>(out: &mut Vec<Check>, dev: &B, oracle: Refere
     }
 }
 
-/// Counter-based random host data: stream `k` of the run's seed.
+/// Counter-based random host data: stream `k` of the run's seed. With `bf16`, every value is
+/// rounded to bf16 (the device's activation dtype), so that the oracle and a device storing
+/// activations in bf16 start from the same numbers.
 struct Draw {
     seed: u64,
     stream: u64,
+    bf16: bool,
 }
 
 impl Draw {
+    fn new(seed: u64, activations: Dtype) -> Self {
+        Draw { seed, stream: 0, bf16: activations == Dtype::Bf16 }
+    }
     fn next(&mut self) -> u64 {
         self.stream += 1;
         rng::derive(self.seed, self.stream)
     }
+    fn round(&self, x: f32) -> f32 {
+        if self.bf16 { kernels::round_bf16(x) } else { x }
+    }
     fn normal(&mut self, n: usize, scale: f32) -> Vec<f32> {
         let s = self.next();
-        (0..n).map(|i| scale * rng::normal(s, i as u64)).collect()
+        (0..n).map(|i| self.round(scale * rng::normal(s, i as u64))).collect()
     }
     fn shifted(&mut self, n: usize, mean: f32, scale: f32) -> Vec<f32> {
-        self.normal(n, scale).into_iter().map(|x| x + mean).collect()
+        self.normal(n, scale).into_iter().map(|x| self.round(x + mean)).collect()
     }
     fn uniform(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
         let s = self.next();
-        (0..n).map(|i| lo + (hi - lo) * rng::uniform(s, i as u64)).collect()
+        (0..n).map(|i| self.round(lo + (hi - lo) * rng::uniform(s, i as u64))).collect()
     }
     fn ids(&mut self, n: usize, hi: usize) -> Vec<i32> {
         let s = self.next();
@@ -260,9 +285,19 @@ fn all_mut<'a, D: Backend>(d: &D, b: &'a mut D::Buf) -> D::Mut<'a> {
 fn get<D: Backend>(d: &D, b: &D::Buf) -> kernels::Result<Vec<f32>> {
     d.download(all(d, b))
 }
+/// `host` in a buffer of the device's activation dtype (`Memory::activations`): how the cases
+/// pass activations and activation gradients, so a bf16 device runs its bf16 kernels.
+fn act<D: Backend>(d: &D, host: &[f32]) -> kernels::Result<D::Buf> {
+    let mut buf = d.activations(host.len())?;
+    let staged = d.upload(host)?;
+    d.copy(all(d, &staged), all_mut(d, &mut buf))?;
+    Ok(buf)
+}
 
-/// Every op check, then the model step, of `dev` against `oracle`, on inputs drawn from `seed`.
+/// Every op check, then the model step, of `dev` against `oracle`, on inputs drawn from `seed`;
+/// `tol` is raised to the device's activation dtype (`Tolerances::for_activations`).
 pub fn run<B: Backend>(dev: &B, oracle: Reference, seed: u64, tol: Tolerances) -> Vec<Check> {
+    let tol = tol.for_activations(dev.activation_dtype());
     let mut out = ops::run_ops(dev, oracle, seed, tol);
     match catch_unwind(AssertUnwindSafe(|| step::model_step(dev, oracle, seed, tol, &mut out))) {
         Ok(Ok(())) => {}

@@ -4,7 +4,7 @@
 
 use kernels::{Backend, GemmShape, Operand, reference};
 
-use super::{Case, Draw, Outputs, all, all_mut, get};
+use super::{Case, Draw, Outputs, act, all, all_mut, get};
 
 /// Elements a GEMM operand spans: `rows x cols` as read, stored with row stride `ld`.
 fn operand_span(op: Operand, rows: usize, cols: usize, batch: usize) -> usize {
@@ -25,6 +25,9 @@ pub(crate) struct GemmCase {
     a: Vec<f32>,
     b: Vec<f32>,
     c0: Vec<f32>,
+    /// C is an fp32 parameter gradient (`zeros`/`upload`) rather than an activation: on a
+    /// device with bf16 activations, bf16 A and B accumulate into fp32.
+    c_param: bool,
 }
 
 impl GemmCase {
@@ -55,7 +58,13 @@ impl GemmCase {
             a: r.normal(a_len, 1.0),
             b: r.normal(b_len, 1.0),
             c0: r.normal(c_len, 1.0),
+            c_param: false,
         }
+    }
+
+    /// The same product into an fp32 parameter-gradient C.
+    pub(crate) fn into_param_grad(self) -> Self {
+        GemmCase { label: "gemm_param_grad", c_param: true, ..self }
     }
 }
 
@@ -76,9 +85,9 @@ impl Case for GemmCase {
         self.tol
     }
     fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
-        let a = d.upload(&self.a)?;
-        let b = d.upload(&self.b)?;
-        let mut c = d.upload(&self.c0)?;
+        let a = act(d, &self.a)?;
+        let b = act(d, &self.b)?;
+        let mut c = if self.c_param { d.upload(&self.c0)? } else { act(d, &self.c0)? };
         let av = d.view(&a, self.a_off..self.a.len());
         d.gemm(self.s, self.alpha, av, self.op_a, all(d, &b), self.op_b, self.beta, all_mut(d, &mut c))?;
         Ok(vec![("c", get(d, &c)?)])

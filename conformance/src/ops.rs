@@ -22,13 +22,13 @@ struct Runner<'a, B> {
 
 impl<B: Backend> Runner<'_, B> {
     fn check<C: Case>(&mut self, case: &C) {
-        check_case(&mut self.out, self.dev, self.oracle, case);
+        check_case(&mut self.out, self.dev, self.oracle, case, self.tol.storage);
     }
 }
 
 /// Every op case, with fresh inputs from `seed`.
 pub(crate) fn run_ops<B: Backend>(dev: &B, oracle: Reference, seed: u64, tol: Tolerances) -> Vec<Check> {
-    let mut run = Runner { dev, oracle, tol, r: Draw { seed, stream: 0 }, out: Vec::new() };
+    let mut run = Runner { dev, oracle, tol, r: Draw::new(seed, dev.activation_dtype()), out: Vec::new() };
     gemm_cases(&mut run);
     embedding_cases(&mut run);
     norm_and_gelu_cases(&mut run);
@@ -56,6 +56,9 @@ fn gemm_cases<B: Backend>(run: &mut Runner<'_, B>) {
     let shape = GemmShape::plain(37, 20, 7);
     let small = GemmCase::new(&mut run.r, "gemm_nt", tol, shape, Operand::n(7), Operand::t(7), 11, 1.0, 1.0);
     run.check(&small);
+    // dW += dy^T x: bf16 activations into an fp32 gradient on a mixed-precision device.
+    let grad = GemmCase::new(&mut run.r, "", tol, GemmShape::plain(97, 45, 131), Operand::t(97), Operand::n(45), 0, 1.0, 1.0);
+    run.check(&grad.into_param_grad());
     // q [tq, H*D] x k^T per head: strided rows, batch stride D, C with a padded row stride.
     let (heads, d, tq, tk) = (3, 7, 37, 29);
     let s = GemmShape { m: tq, n: tk, k: d, batch: heads, ldc: tk + 2, batch_stride_c: tq * (tk + 2) + 1 };

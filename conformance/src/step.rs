@@ -57,7 +57,7 @@ impl Fixture {
     pub fn new(seed: u64) -> Self {
         let cfg = tiny_config();
         let table = ParamTable::new(&cfg);
-        let mut r = Draw { seed: rng::derive(seed, 0x5e1f), stream: 0 };
+        let mut r = Draw::new(rng::derive(seed, 0x5e1f), kernels::Dtype::F32);
         let mut params = r.normal(table.storage_len, 0.3);
         for en in table.owned().filter(|en| en.name.ends_with("LayerNorm.weight")) {
             params[en.range()].iter_mut().for_each(|p| *p += 1.0);

@@ -1,10 +1,11 @@
 //! The CUDA backend on the virtual GPU (the `cuda-emu` crate: the real kernels, an emulated
-//! driver and cuBLAS) against the CPU fp32 oracle, with exact fp32 GEMMs and with bf16 GEMMs.
+//! driver and cuBLAS) against the CPU fp32 oracle, with exact fp32 GEMMs, with bf16 GEMMs, and in
+//! mixed precision (bf16 activations).
 //! Needs NVRTC (the kernels are still compiled to PTX); without it the test skips, unless
 //! `B2B_REQUIRE_NVRTC=1` (scripts/test.sh), where it fails.
 
 use conformance::{Reference, Tolerances};
-use kernels::Cpu;
+use kernels::{Cpu, Dtype};
 use kernels::cuda::{Cuda, GemmPrecision};
 use model::testing::head_chunks::ChunkCase;
 
@@ -14,11 +15,16 @@ fn virtual_gpu_matches_the_cpu_oracle_in_fp32_and_bf16() {
         return;
     }
     cuda_emu::install().expect("starting the virtual GPU");
-    for precision in [GemmPrecision::Fp32, GemmPrecision::Bf16] {
+    // Exact fp32; bf16 GEMMs on fp32 storage; mixed precision (bf16 activations).
+    for (precision, activations) in
+        [(GemmPrecision::Fp32, Dtype::F32), (GemmPrecision::Bf16, Dtype::F32), (GemmPrecision::Bf16, Dtype::Bf16)]
+    {
         let seed =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap();
         let dev = Cuda::new(0, precision).expect("the virtual GPU's CUDA backend");
-        let tol = Tolerances::new(precision == GemmPrecision::Bf16);
+        dev.set_activation_dtype(activations);
+        let precision = (precision, activations);
+        let tol = Tolerances::new(precision.0 == GemmPrecision::Bf16);
         let checks = conformance::run(&dev, Reference::CpuFp32, seed, tol);
         let failed: Vec<_> = checks.iter().filter(|c| !c.pass).collect();
         assert!(failed.is_empty(), "{precision:?}, seed {seed}: {failed:#?}");

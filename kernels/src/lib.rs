@@ -33,7 +33,47 @@ pub enum KernelError {
 
 pub type Result<T> = std::result::Result<T, KernelError>;
 
-/// Memory management: owned f32 buffers, views into them, and id buffers.
+/// How a buffer stores its elements. Every value crosses the trait as f32 (uploads, downloads,
+/// fills); a backend may keep activations in a narrower type (see [`Memory::activations`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F32,
+    /// bfloat16: fp32's exponent with 8 significant bits, rounded to nearest even.
+    Bf16,
+}
+
+/// The bf16 bits of `x`, rounded to nearest even (NaN stays NaN): the rounding every backend
+/// and kernel uses (`b2b_bf16_bits` in kernels/src/cuda/common.cuh).
+pub fn bf16_bits(x: f32) -> u16 {
+    let u = x.to_bits();
+    if u & 0x7fff_ffff > 0x7f80_0000 {
+        return ((u >> 16) | 0x40) as u16;
+    }
+    (u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 value of bf16 bits (exact).
+pub fn bf16_value(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// `x` rounded to the nearest bf16 value.
+pub fn round_bf16(x: f32) -> f32 {
+    bf16_value(bf16_bits(x))
+}
+
+impl Dtype {
+    /// Bytes an element takes.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 => 2,
+        }
+    }
+}
+
+/// Memory management: owned buffers (f32 unless made by `activations`), views into them, and
+/// id buffers.
 pub trait Memory {
     /// An owned buffer of f32.
     type Buf: Send + Sync;
@@ -49,8 +89,22 @@ pub trait Memory {
     type Ids: Send + Sync;
 
     fn name(&self) -> String;
+    /// `n` zeros, stored as f32: parameters, their gradients and optimizer state, statistics
+    /// (LayerNorm mean and 1/std, attention log-sum-exps), masks and losses.
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// `n` zeros at [`Memory::activation_dtype`]: activations, activation gradients and the
+    /// GEMM copy of the weights. The CPU oracle stores them as f32; a GPU backend in mixed
+    /// precision as bf16, which every op it has reads and writes with fp32 arithmetic.
+    fn activations(&self, n: usize) -> Result<Self::Buf> {
+        self.zeros(n)
+    }
+    /// The storage type of `activations`.
+    fn activation_dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    /// A new f32 buffer holding `host`.
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    /// The view's values, widened to f32 when stored narrower.
     fn download(&self, view: Self::Ref<'_>) -> Result<Vec<f32>>;
     fn upload_ids(&self, host: &[i32]) -> Result<Self::Ids>;
     fn len(&self, buf: &Self::Buf) -> usize;
@@ -65,7 +119,9 @@ pub trait Memory {
     ) -> (Self::Mut<'a>, Self::Mut<'a>);
     /// Reborrow an exclusive view as a shared one.
     fn as_ref<'a>(&self, m: &'a Self::Mut<'_>) -> Self::Ref<'a>;
+    /// Every element of `dst` set to `value` (rounded to the buffer's dtype).
     fn fill(&self, dst: Self::Mut<'_>, value: f32) -> Result<()>;
+    /// `dst = src`, converting (rounding to nearest even) when their dtypes differ.
     fn copy(&self, src: Self::Ref<'_>, dst: Self::Mut<'_>) -> Result<()>;
     /// Wait for all queued work (a no-op on the CPU).
     fn synchronize(&self) -> Result<()>;

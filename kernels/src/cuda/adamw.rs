@@ -148,7 +148,7 @@ impl Cuda {
     /// A fresh zeroed f64 on the device and, queued after it, `sum_squares` of `x` into it: the
     /// squared norm for `sum_squares` (read back) and `adamw_flat` (kept on the device).
     fn queue_sum_squares(&self, x: DevRef<'_>) -> Result<cudarc::driver::CudaSlice<f64>> {
-        self.note(cost::memset(2));
+        self.note(cost::memset(2, crate::Dtype::F32));
         let out = self.stream().alloc_zeros::<f64>(1).map_err(dev_err)?;
         if x.len > 0 {
             let n = x.len as i64;

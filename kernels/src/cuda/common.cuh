@@ -108,3 +108,34 @@ __device__ __forceinline__ void b2b_mma_bf16_16x8x16(float d[4], const unsigned 
           "f"(c[3]));
 #endif
 }
+
+// ---- bf16 storage -------------------------------------------------------------------------
+// In mixed precision, activations and activation gradients are stored as bf16: raw bits in an
+// unsigned short (no CUDA header needed, and the emulator builds the same text). Kernels read
+// them with b2b_get (exact widening) and write them with b2b_put (round to nearest even, as
+// kernels::bf16_bits); all arithmetic stays fp32. A family templated on its activation type T
+// exports one `extern "C"` entry per type: NAME for float, NAME_bf16 for b2b_bf16.
+typedef unsigned short b2b_bf16;
+
+__device__ __forceinline__ float b2b_get(const float* p) { return *p; }
+__device__ __forceinline__ float b2b_get(const b2b_bf16* p) { return __uint_as_float(((unsigned)*p) << 16); }
+__device__ __forceinline__ void b2b_put(float* p, float v) { *p = v; }
+__device__ __forceinline__ void b2b_put(b2b_bf16* p, float v) { *p = (b2b_bf16)b2b_bf16_bits(v); }
+
+// Four consecutive elements (16 bytes of float, 8 of bf16; the address aligned to that).
+__device__ __forceinline__ float4 b2b_get4(const float* p) { return b2b_load4(p); }
+__device__ __forceinline__ void b2b_put4(float* p, float4 v) { b2b_store4(p, v); }
+__device__ __forceinline__ float4 b2b_get4(const b2b_bf16* p) {
+#ifdef B2B_EMU
+    emu_check_aligned<uint2>(p);
+#endif
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+                       __uint_as_float(u.y & 0xffff0000u));
+}
+__device__ __forceinline__ void b2b_put4(b2b_bf16* p, float4 v) {
+#ifdef B2B_EMU
+    emu_check_aligned<uint2>(p);
+#endif
+    *reinterpret_cast<uint2*>(p) = make_uint2(b2b_pack_bf16x2(v.x, v.y), b2b_pack_bf16x2(v.z, v.w));
+}

@@ -6,7 +6,8 @@
 //! each launch appends its [`LaunchCost`]; [`super::roofline`] turns the list into a predicted
 //! step time on a given GPU.
 //!
-//! Bytes are the *ideal* traffic at the storage dtype (fp32 today, 4 bytes an element): each
+//! Bytes are the *ideal* traffic at each operand's storage dtype (4 bytes an fp32 element, 2 a
+//! bf16 one: activations are bf16 in mixed precision, the rest fp32): each
 //! input read once, each output written once (read too when the kernel accumulates into it),
 //! no cache effects, no re-reads. A kernel that re-reads its input (e.g. layernorm's two passes
 //! over a row) is still charged once: the row fits in L1/L2, and the model is a lower bound.
@@ -17,9 +18,15 @@
 use std::sync::Mutex;
 
 use super::GemmPrecision;
+use crate::Dtype;
 
 /// fp32 storage: bytes per element.
 pub const F32: u64 = 4;
+
+/// Bytes per element of `dtype`.
+pub fn size(dtype: Dtype) -> u64 {
+    dtype.size() as u64
+}
 /// i32 ids and labels: bytes per element.
 pub const I32: u64 = 4;
 
@@ -63,10 +70,30 @@ impl LaunchCost {
     }
 }
 
+/// The storage of a GEMM's operands: A and B share one dtype, C may differ (bf16 A and B
+/// accumulate into fp32 weight gradients).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmDtypes {
+    pub ab: Dtype,
+    pub c: Dtype,
+}
+
+impl GemmDtypes {
+    pub const F32: GemmDtypes = GemmDtypes { ab: Dtype::F32, c: Dtype::F32 };
+}
+
 /// A row-major strided-batched GEMM `C = alpha op(A) op(B) + beta C`: reads A (`m x k`) and B
 /// (`k x n`) once, writes C (`m x n`) once and reads it too when `beta != 0`; `2*m*n*k` FLOPs,
 /// all per batch entry.
-pub fn gemm(m: usize, n: usize, k: usize, batch: usize, accumulate: bool, precision: GemmPrecision) -> LaunchCost {
+pub fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    batch: usize,
+    accumulate: bool,
+    precision: GemmPrecision,
+    dtypes: GemmDtypes,
+) -> LaunchCost {
     let (m, n, k, b) = (m as u64, n as u64, k as u64, batch as u64);
     let c_passes = if accumulate { 2 } else { 1 };
     let kernel = match precision {
@@ -76,19 +103,19 @@ pub fn gemm(m: usize, n: usize, k: usize, batch: usize, accumulate: bool, precis
     LaunchCost {
         kernel,
         work: Work::Gemm(precision),
-        bytes: F32 * b * (m * k + k * n + c_passes * m * n),
+        bytes: b * (size(dtypes.ab) * (m * k + k * n) + size(dtypes.c) * c_passes * m * n),
         flops: 2 * m * n * k * b,
     }
 }
 
-/// `cuMemsetD32Async` over `n` floats (`fill`, and the zeroing of every `alloc_zeros`).
-pub fn memset(n: usize) -> LaunchCost {
-    LaunchCost { kernel: "memset", work: Work::Memory, bytes: F32 * n as u64, flops: 0 }
+/// A memset over `n` elements of `dtype` (`fill`, and the zeroing of every `alloc_zeros`).
+pub fn memset(n: usize, dtype: Dtype) -> LaunchCost {
+    LaunchCost { kernel: "memset", work: Work::Memory, bytes: size(dtype) * n as u64, flops: 0 }
 }
 
-/// A device-to-device copy of `n` floats: read once, written once.
-pub fn copy_dtod(n: usize) -> LaunchCost {
-    LaunchCost { kernel: "memcpy_dtod", work: Work::Memory, bytes: 2 * F32 * n as u64, flops: 0 }
+/// A device-to-device copy of `n` elements of `dtype`: read once, written once.
+pub fn copy_dtod(n: usize, dtype: Dtype) -> LaunchCost {
+    LaunchCost { kernel: "memcpy_dtod", work: Work::Memory, bytes: 2 * size(dtype) * n as u64, flops: 0 }
 }
 
 /// A copy of `bytes` over PCIe.
@@ -139,14 +166,19 @@ mod tests {
     #[test]
     fn a_gemm_reads_a_and_b_writes_c_and_reads_c_when_accumulating() {
         // m 37, n 129, k 65, 3 batch entries: A 37*65 = 2405, B 65*129 = 8385, C 37*129 = 4773.
-        let g = gemm(37, 129, 65, 3, false, GemmPrecision::Bf16);
+        let g = gemm(37, 129, 65, 3, false, GemmPrecision::Bf16, GemmDtypes::F32);
         assert_eq!(g.bytes, 4 * 3 * (2405 + 8385 + 4773));
         assert_eq!(g.flops, 2 * 37 * 129 * 65 * 3);
         assert_eq!(g.flops, 1_861_470);
         assert_eq!((g.kernel, g.work), ("cublas_gemm_bf16", Work::Gemm(GemmPrecision::Bf16)));
-        let acc = gemm(37, 129, 65, 3, true, GemmPrecision::Fp32);
+        let acc = gemm(37, 129, 65, 3, true, GemmPrecision::Fp32, GemmDtypes::F32);
         assert_eq!(acc.bytes, 4 * 3 * (2405 + 8385 + 2 * 4773));
         assert_eq!(acc.work, Work::Gemm(GemmPrecision::Fp32));
+        // bf16 A and B (2 bytes) accumulating into an fp32 C (4 bytes, read and written).
+        let mixed = GemmDtypes { ab: Dtype::Bf16, c: Dtype::F32 };
+        assert_eq!(gemm(37, 129, 65, 3, true, GemmPrecision::Bf16, mixed).bytes, 3 * (2 * (2405 + 8385) + 8 * 4773));
+        let bf16 = GemmDtypes { ab: Dtype::Bf16, c: Dtype::Bf16 };
+        assert_eq!(gemm(37, 129, 65, 3, false, GemmPrecision::Bf16, bf16).bytes, 2 * 3 * (2405 + 8385 + 4773));
     }
 
     #[test]
@@ -247,14 +279,15 @@ mod tests {
     #[test]
     fn the_recorder_keeps_only_what_comes_while_it_is_on() {
         let r = Recorder::default();
-        r.note(memset(5));
+        r.note(memset(5, Dtype::F32));
         assert!(r.take().is_empty(), "off by default");
         r.set(true);
-        r.note(memset(5));
+        r.note(memset(5, Dtype::Bf16));
         r.note(sync("s"));
-        assert_eq!(r.take(), vec![memset(5), sync("s")]);
+        assert_eq!(r.take(), vec![memset(5, Dtype::Bf16), sync("s")]);
+        assert_eq!(memset(5, Dtype::Bf16).bytes, 10);
         assert!(r.take().is_empty(), "take empties the list");
-        r.note(memset(1));
+        r.note(memset(1, Dtype::F32));
         r.set(false);
         r.set(true);
         assert!(r.take().is_empty(), "stopping drops the rest");

@@ -3,14 +3,21 @@
 //! cuBLAS is column-major. A row-major `C = op(A) op(B)` is the column-major
 //! `C^T = op(B)^T op(A)^T`, so we call it with the operands swapped and m/n exchanged; a stored
 //! row-major matrix read as column-major is its own transpose, so each operand's flag carries over.
+//!
+//! Operands are fp32, or bf16 (mixed precision): A and B share a dtype, and C is fp32 or bf16
+//! with bf16 A and B (weight gradients accumulate in fp32), fp32 with fp32 A and B, the pairs
+//! cuBLAS takes with an fp32 compute type. bf16 operands multiply exactly as stored, with fp32
+//! accumulation (`CUBLAS_COMPUTE_32F`); fp32 ones are rounded to bf16 inside cuBLAS when the
+//! precision is `Bf16` (`CUBLAS_COMPUTE_32F_FAST_16BF`).
 
 use std::ffi::c_void;
 
 use cudarc::cublas::{result as blas, sys as bsys};
 use cudarc::driver::CudaStream;
 
+use super::cost::GemmDtypes;
 use super::{Cuda, DevMut, DevRef, GemmPrecision, check, cost, dev_err};
-use crate::{GemmOps, GemmShape, Operand, Result};
+use crate::{Dtype, GemmOps, GemmShape, Operand, Result};
 
 pub(crate) struct Blas {
     handle: bsys::cublasHandle_t,
@@ -48,7 +55,8 @@ fn operand_span(op: Operand, rows: usize, cols: usize, batch: usize) -> usize {
 }
 
 impl Cuda {
-    /// Row-major strided-batched GEMM on raw device pointers (bounds checked by callers).
+    /// Row-major strided-batched GEMM on raw device pointers (bounds and dtype pairs checked by
+    /// callers).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_raw(
         &self,
@@ -60,18 +68,27 @@ impl Cuda {
         op_b: Operand,
         beta: f32,
         c: u64,
+        dtypes: GemmDtypes,
     ) -> Result<()> {
         if s.m == 0 || s.n == 0 || s.batch == 0 {
             return Ok(());
         }
         let flag =
             |t: bool| if t { bsys::cublasOperation_t::CUBLAS_OP_T } else { bsys::cublasOperation_t::CUBLAS_OP_N };
-        let compute = match self.precision() {
-            GemmPrecision::Fp32 => bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            GemmPrecision::Bf16 => bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+        // bf16 operands are multiplied as stored: the compute type only has to accumulate in fp32.
+        let precision = if dtypes.ab == Dtype::Bf16 { GemmPrecision::Bf16 } else { self.precision() };
+        let compute = match (precision, dtypes.ab) {
+            (GemmPrecision::Fp32, _) | (GemmPrecision::Bf16, Dtype::Bf16) => {
+                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+            }
+            (GemmPrecision::Bf16, Dtype::F32) => bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
         };
-        let f32t = bsys::cudaDataType::CUDA_R_32F;
-        self.note(cost::gemm(s.m, s.n, s.k, s.batch, beta != 0.0, self.precision()));
+        let cuda_type = |d: Dtype| match d {
+            Dtype::F32 => bsys::cudaDataType::CUDA_R_32F,
+            Dtype::Bf16 => bsys::cudaDataType::CUDA_R_16BF,
+        };
+        let (abt, ct) = (cuda_type(dtypes.ab), cuda_type(dtypes.c));
+        self.note(cost::gemm(s.m, s.n, s.k, s.batch, beta != 0.0, precision, dtypes));
         // SAFETY: pointers come from live views whose extents the callers checked against the
         // shape; alpha/beta are host scalars that outlive the (stream-ordered) call.
         unsafe {
@@ -84,16 +101,16 @@ impl Cuda {
                 s.k as i32,
                 &alpha as *const f32 as *const c_void,
                 b as *const c_void,
-                f32t,
+                abt,
                 op_b.ld as i32,
                 op_b.batch_stride as i64,
                 a as *const c_void,
-                f32t,
+                abt,
                 op_a.ld as i32,
                 op_a.batch_stride as i64,
                 &beta as *const f32 as *const c_void,
                 c as *mut c_void,
-                f32t,
+                ct,
                 s.ldc as i32,
                 s.batch_stride_c as i64,
                 s.batch as i32,
@@ -125,7 +142,11 @@ impl GemmOps for Cuda {
         })?;
         let c_need = if s.batch == 0 { 0 } else { (s.batch - 1) * s.batch_stride_c + span(s.m, s.n, s.ldc) };
         check("gemm", c_need <= c.len, || format!("C too short: {s:?} len {}", c.len))?;
-        self.gemm_raw(s, alpha, a.ptr, op_a, b.ptr, op_b, beta, c.ptr)
+        let dtypes = GemmDtypes { ab: a.dtype, c: c.dtype };
+        check("gemm", a.dtype == b.dtype && (a.dtype == Dtype::Bf16 || c.dtype == Dtype::F32), || {
+            format!("unsupported dtypes A {:?} B {:?} C {:?}", a.dtype, b.dtype, c.dtype)
+        })?;
+        self.gemm_raw(s, alpha, a.ptr, op_a, b.ptr, op_b, beta, c.ptr, dtypes)
     }
 
     fn add_bias(&self, y: DevMut<'_>, bias: DevRef<'_>, cols: usize) -> Result<()> {

@@ -1,9 +1,12 @@
 //! The CUDA backend: hand-written kernels compiled at run time by NVRTC (through cudarc) for
 //! the device's architecture, and GEMMs through cuBLAS.
 //!
-//! Storage is fp32 (`CudaSlice<f32>`) so this backend is a drop-in for the CPU oracle; GEMMs can
-//! run on bf16 tensor cores with fp32 accumulation (`GemmPrecision::Bf16`), or in exact fp32 for
-//! the self-test. Everything runs on one stream, so views need no event tracking: a view is a raw
+//! Buffers are fp32 or bf16 ([`DevBuf`]); every view carries its buffer's [`Dtype`], and each
+//! launcher picks the kernel instantiation for the dtype of its activation operands (parameters,
+//! their gradients, statistics and masks stay fp32). Activations are bf16 when the backend is
+//! in mixed precision ([`Cuda::set_activation_dtype`]), else fp32, so the same backend is a
+//! drop-in for the CPU oracle. GEMMs can run on bf16 tensor cores with fp32 accumulation
+//! (`GemmPrecision::Bf16`), or in exact fp32 for the self-test. Everything runs on one stream, so views need no event tracking: a view is a raw
 //! device pointer whose lifetime is tied to the buffer it came from.
 //!
 //! Kernel names have one source of truth: each family's `KernelSource` lists the entry points its
@@ -13,6 +16,7 @@ mod adamw;
 mod attention;
 mod bias;
 pub mod compile;
+mod convert;
 pub mod cost;
 mod cross_entropy;
 mod dropout;
@@ -33,7 +37,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 
-use crate::{KernelError, Memory, Result};
+use crate::{Dtype, KernelError, Memory, Result};
 
 /// One kernel family: its `.cu` file and the entry points the Rust side launches.
 #[derive(Clone, Copy, Debug)]
@@ -47,6 +51,7 @@ pub struct KernelSource {
 pub const SOURCES: &[KernelSource] = &[
     residual::SOURCE,
     bias::SOURCE,
+    convert::SOURCE,
     embedding::SOURCE,
     layernorm::SOURCE,
     gelu::SOURCE,
@@ -80,6 +85,8 @@ pub struct Cuda {
     /// switches it per job through a shared reference. cuBLAS takes the compute type with each
     /// call, so a switch affects only GEMMs queued after it.
     bf16: AtomicBool,
+    /// Whether `activations` makes bf16 buffers (an atomic for the same reason as `bf16`).
+    bf16_activations: AtomicBool,
     /// Declared costs of the launches queued while recording is on (the cost model).
     costs: cost::Recorder,
     /// While measuring: a timing event recorded on the stream before each recorded entry, or
@@ -89,11 +96,38 @@ pub struct Cuda {
     workspace: Mutex<Option<CudaSlice<f32>>>,
 }
 
-/// A shared view of device memory: pointer and length, borrowed from a buffer.
+/// An owned device buffer: fp32, or bf16 stored as its raw 16 bits.
+#[derive(Debug)]
+pub enum DevBuf {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+impl DevBuf {
+    pub fn len(&self) -> usize {
+        match self {
+            DevBuf::F32(s) => s.len(),
+            DevBuf::Bf16(s) => s.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            DevBuf::F32(_) => Dtype::F32,
+            DevBuf::Bf16(_) => Dtype::Bf16,
+        }
+    }
+}
+
+/// A shared view of device memory: pointer, length in elements and dtype, borrowed from a
+/// buffer.
 #[derive(Clone, Copy, Debug)]
 pub struct DevRef<'a> {
     pub(crate) ptr: u64,
     pub(crate) len: usize,
+    pub(crate) dtype: Dtype,
     _buf: PhantomData<&'a [f32]>,
 }
 
@@ -102,7 +136,49 @@ pub struct DevRef<'a> {
 pub struct DevMut<'a> {
     pub(crate) ptr: u64,
     pub(crate) len: usize,
+    pub(crate) dtype: Dtype,
     _buf: PhantomData<&'a mut [f32]>,
+}
+
+impl DevRef<'_> {
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+}
+
+impl DevMut<'_> {
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+}
+
+/// The one dtype of an op's activation operands, or a shape error naming the op: an op runs
+/// all its activations at one dtype (its kernel instantiation).
+pub(crate) fn activation_dtype_of(op: &'static str, dtypes: &[Dtype]) -> Result<Dtype> {
+    let first = dtypes.first().copied().unwrap_or(Dtype::F32);
+    check(op, dtypes.iter().all(|&d| d == first), || format!("activation operands of mixed dtypes {dtypes:?}"))?;
+    Ok(first)
+}
+
+/// The two entry points of a kernel templated on its activation type (see common.cuh): `f32`
+/// for fp32 activations, `bf16` (the same name with `_bf16`) for bf16 ones.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Typed {
+    pub f32: &'static str,
+    pub bf16: &'static str,
+}
+
+impl Typed {
+    /// The entry point for the activation operands' one dtype, and that dtype.
+    pub(crate) fn pick(self, op: &'static str, dtypes: &[Dtype]) -> Result<(&'static str, Dtype)> {
+        let d = activation_dtype_of(op, dtypes)?;
+        Ok((if d == Dtype::Bf16 { self.bf16 } else { self.f32 }, d))
+    }
+}
+
+/// `op` only takes fp32 operands (parameters, gradients, optimizer state, statistics).
+pub(crate) fn require_f32(op: &'static str, dtypes: &[Dtype]) -> Result<()> {
+    check(op, dtypes.iter().all(|&d| d == Dtype::F32), || format!("needs fp32 operands, got {dtypes:?}"))
 }
 
 pub(crate) fn dev_err(e: impl std::fmt::Debug) -> KernelError {
@@ -155,6 +231,7 @@ impl Cuda {
             functions,
             sm_count,
             bf16,
+            bf16_activations: AtomicBool::new(false),
             costs: cost::Recorder::default(),
             marks: Mutex::new(None),
             workspace: Mutex::new(None),
@@ -230,6 +307,12 @@ impl Cuda {
         self.bf16.store(precision == GemmPrecision::Bf16, Ordering::Relaxed);
     }
 
+    /// The dtype of the buffers `activations` makes from now on (buffers made before keep
+    /// theirs: every op dispatches on the dtype of the views it is given).
+    pub fn set_activation_dtype(&self, dtype: Dtype) {
+        self.bf16_activations.store(dtype == Dtype::Bf16, Ordering::Relaxed);
+    }
+
     pub fn device_name(&self) -> String {
         self.ctx.name().unwrap_or_else(|_| "CUDA device".into())
     }
@@ -251,7 +334,15 @@ impl Cuda {
         self.sm_count
     }
 
-    fn base(&self, buf: &CudaSlice<f32>) -> u64 {
+    fn base(&self, buf: &DevBuf) -> u64 {
+        let (ptr, _sync) = match buf {
+            DevBuf::F32(s) => s.device_ptr(&self.stream),
+            DevBuf::Bf16(s) => s.device_ptr(&self.stream),
+        };
+        ptr
+    }
+
+    fn slice_ptr(&self, buf: &CudaSlice<f32>) -> u64 {
         let (ptr, _sync) = buf.device_ptr(&self.stream);
         ptr
     }
@@ -268,12 +359,26 @@ impl Cuda {
             *guard = Some(unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(dev_err)?);
         }
         let buf = guard.as_ref().expect("allocated above");
-        f(self.base(buf))
+        f(self.slice_ptr(buf))
     }
 
     pub(crate) fn ids_ptr(&self, ids: &CudaSlice<i32>) -> u64 {
         let (ptr, _sync) = ids.device_ptr(&self.stream);
         ptr
+    }
+}
+
+impl Cuda {
+    /// Copy `out.len()` elements from device address `src` and wait for them.
+    fn dtoh<T: cudarc::driver::DeviceRepr>(&self, out: &mut [T], src: u64) -> Result<()> {
+        if !out.is_empty() {
+            // SAFETY: callers pass the address of a live view of `out.len()` elements of `T` on
+            // this context; the stream is synchronised before `out` is read.
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }
+                .map_err(dev_err)?;
+        }
+        self.note(cost::sync("sync (download)"));
+        self.stream.synchronize().map_err(dev_err)
     }
 }
 
@@ -289,7 +394,7 @@ pub(crate) fn check(op: &'static str, ok: bool, what: impl FnOnce() -> String) -
 }
 
 impl Memory for Cuda {
-    type Buf = CudaSlice<f32>;
+    type Buf = DevBuf;
     type Ref<'a> = DevRef<'a>;
     type Mut<'a> = DevMut<'a>;
     type Ids = CudaSlice<i32>;
@@ -297,74 +402,109 @@ impl Memory for Cuda {
     fn name(&self) -> String {
         format!("cuda ({})", self.device_name())
     }
-    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.note(cost::memset(n));
-        self.stream.alloc_zeros::<f32>(n).map_err(dev_err)
+    fn zeros(&self, n: usize) -> Result<DevBuf> {
+        self.note(cost::memset(n, Dtype::F32));
+        self.stream.alloc_zeros::<f32>(n).map(DevBuf::F32).map_err(dev_err)
     }
-    fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
+    fn activations(&self, n: usize) -> Result<DevBuf> {
+        match self.activation_dtype() {
+            Dtype::F32 => self.zeros(n),
+            Dtype::Bf16 => {
+                self.note(cost::memset(n, Dtype::Bf16));
+                self.stream.alloc_zeros::<u16>(n).map(DevBuf::Bf16).map_err(dev_err)
+            }
+        }
+    }
+    fn activation_dtype(&self) -> Dtype {
+        if self.bf16_activations.load(Ordering::Relaxed) { Dtype::Bf16 } else { Dtype::F32 }
+    }
+    fn upload(&self, host: &[f32]) -> Result<DevBuf> {
         self.note(cost::host_copy("memcpy_htod", std::mem::size_of_val(host)));
-        self.stream.clone_htod(host).map_err(dev_err)
+        self.stream.clone_htod(host).map(DevBuf::F32).map_err(dev_err)
     }
     fn download(&self, view: DevRef<'_>) -> Result<Vec<f32>> {
-        let mut out = vec![0.0f32; view.len];
-        self.note(cost::host_copy("memcpy_dtoh", 4 * view.len));
-        if view.len > 0 {
-            // SAFETY: `view` points at `len` live f32s on this context; the stream is synchronised
-            // before `out` is read.
-            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut out, view.ptr, self.stream.cu_stream()) }
-                .map_err(dev_err)?;
-        }
-        self.note(cost::sync("sync (download)"));
-        self.stream.synchronize().map_err(dev_err)?;
+        self.note(cost::host_copy("memcpy_dtoh", view.dtype.size() * view.len));
+        let out = match view.dtype {
+            Dtype::F32 => {
+                let mut out = vec![0.0f32; view.len];
+                self.dtoh(&mut out, view.ptr)?;
+                out
+            }
+            Dtype::Bf16 => {
+                let mut bits = vec![0u16; view.len];
+                self.dtoh(&mut bits, view.ptr)?;
+                bits.into_iter().map(crate::bf16_value).collect()
+            }
+        };
         Ok(out)
     }
     fn upload_ids(&self, host: &[i32]) -> Result<CudaSlice<i32>> {
         if host.is_empty() {
-            self.note(cost::memset(1));
+            self.note(cost::memset(1, Dtype::F32));
             return self.stream.alloc_zeros::<i32>(1).map_err(dev_err);
         }
         self.note(cost::host_copy("memcpy_htod", std::mem::size_of_val(host)));
         self.stream.clone_htod(host).map_err(dev_err)
     }
-    fn len(&self, buf: &CudaSlice<f32>) -> usize {
+    fn len(&self, buf: &DevBuf) -> usize {
         buf.len()
     }
-    fn view<'a>(&self, buf: &'a CudaSlice<f32>, range: Range<usize>) -> DevRef<'a> {
+    fn view<'a>(&self, buf: &'a DevBuf, range: Range<usize>) -> DevRef<'a> {
         assert!(range.start <= range.end && range.end <= buf.len(), "view {range:?} of {}", buf.len());
-        DevRef { ptr: self.base(buf) + 4 * range.start as u64, len: range.len(), _buf: PhantomData }
+        let dtype = buf.dtype();
+        let ptr = self.base(buf) + (dtype.size() * range.start) as u64;
+        DevRef { ptr, len: range.len(), dtype, _buf: PhantomData }
     }
-    fn view_mut<'a>(&self, buf: &'a mut CudaSlice<f32>, range: Range<usize>) -> DevMut<'a> {
+    fn view_mut<'a>(&self, buf: &'a mut DevBuf, range: Range<usize>) -> DevMut<'a> {
         assert!(range.start <= range.end && range.end <= buf.len(), "view {range:?} of {}", buf.len());
-        DevMut { ptr: self.base(buf) + 4 * range.start as u64, len: range.len(), _buf: PhantomData }
+        let dtype = buf.dtype();
+        let ptr = self.base(buf) + (dtype.size() * range.start) as u64;
+        DevMut { ptr, len: range.len(), dtype, _buf: PhantomData }
     }
-    fn view_mut2<'a>(&self, buf: &'a mut CudaSlice<f32>, a: Range<usize>, b: Range<usize>) -> (DevMut<'a>, DevMut<'a>) {
+    fn view_mut2<'a>(&self, buf: &'a mut DevBuf, a: Range<usize>, b: Range<usize>) -> (DevMut<'a>, DevMut<'a>) {
         assert!(a.end <= b.start || b.end <= a.start, "view_mut2: {a:?} and {b:?} overlap");
         assert!(a.end <= buf.len() && b.end <= buf.len());
-        let base = self.base(buf);
-        let mk = |r: Range<usize>| DevMut { ptr: base + 4 * r.start as u64, len: r.len(), _buf: PhantomData };
+        let (base, dtype) = (self.base(buf), buf.dtype());
+        let mk = |r: Range<usize>| DevMut {
+            ptr: base + (dtype.size() * r.start) as u64,
+            len: r.len(),
+            dtype,
+            _buf: PhantomData,
+        };
         (mk(a), mk(b))
     }
     fn as_ref<'a>(&self, m: &'a DevMut<'_>) -> DevRef<'a> {
-        DevRef { ptr: m.ptr, len: m.len, _buf: PhantomData }
+        DevRef { ptr: m.ptr, len: m.len, dtype: m.dtype, _buf: PhantomData }
     }
     fn fill(&self, dst: DevMut<'_>, value: f32) -> Result<()> {
         if dst.len == 0 {
             return Ok(());
         }
-        self.note(cost::memset(dst.len));
-        // SAFETY: `dst` is a live exclusive view of `len` f32s on this stream.
-        unsafe { cudarc::driver::sys::cuMemsetD32Async(dst.ptr, value.to_bits(), dst.len, self.stream.cu_stream()) }
-            .result()
-            .map_err(dev_err)
+        self.note(cost::memset(dst.len, dst.dtype));
+        let stream = self.stream.cu_stream();
+        // SAFETY: `dst` is a live exclusive view of `len` elements of its dtype on this stream.
+        unsafe {
+            match dst.dtype {
+                Dtype::F32 => cudarc::driver::sys::cuMemsetD32Async(dst.ptr, value.to_bits(), dst.len, stream),
+                Dtype::Bf16 => cudarc::driver::sys::cuMemsetD16Async(dst.ptr, crate::bf16_bits(value), dst.len, stream),
+            }
+        }
+        .result()
+        .map_err(dev_err)
     }
     fn copy(&self, src: DevRef<'_>, dst: DevMut<'_>) -> Result<()> {
         check("copy", src.len == dst.len, || format!("src {} dst {}", src.len, dst.len))?;
         if src.len == 0 {
             return Ok(());
         }
-        self.note(cost::copy_dtod(src.len));
-        // SAFETY: both views are live, of equal length, on this stream; `dst` is exclusive.
-        unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr, src.ptr, 4 * src.len, self.stream.cu_stream()) }
+        if src.dtype != dst.dtype {
+            return self.launch_convert(src, dst);
+        }
+        self.note(cost::copy_dtod(src.len, src.dtype));
+        let bytes = src.dtype.size() * src.len;
+        // SAFETY: both views are live, of equal length and dtype, on this stream; `dst` is
+        // exclusive.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr, src.ptr, bytes, self.stream.cu_stream()) }
             .map_err(dev_err)
     }
     fn synchronize(&self) -> Result<()> {
