@@ -53,7 +53,12 @@ pub fn run(b: &Cuda, a: &Args, ck: &Checkpoint, gpu: Gpu) -> CliResult {
     let model_flops = step_flops(&ck.config, a.batch, a.src_len, a.tgt_len, label_tokens);
     let p = roofline::predict(&costs, gpu);
     let measured = measured.map(|m| by_kernel(&p.rows, &m));
-    let report = Report { a, p: &p, model_flops, device: b_name(b), precision: &a.precision, skipped: skip, measured };
+    let activations = match kernels::Memory::activation_dtype(b) {
+        kernels::Dtype::F32 => "fp32",
+        kernels::Dtype::Bf16 => "bf16",
+    };
+    let report =
+        Report { a, p: &p, model_flops, device: b_name(b), precision: &a.precision, activations, skipped: skip, measured };
     if a.json {
         println!("{}", report.json())
     } else {
@@ -116,6 +121,8 @@ struct Report<'a> {
     model_flops: f64,
     device: String,
     precision: &'a str,
+    /// The activation dtype the step ran with (`bf16` in mixed precision).
+    activations: &'static str,
     skipped: bool,
     measured: Option<Measured>,
 }
@@ -142,6 +149,7 @@ impl Report<'_> {
             .collect();
         serde_json::json!({
             "impl": "bert2bert", "device": self.device, "predict": p.gpu.name, "precision": self.precision,
+            "activations": self.activations,
             "bodies_skipped": self.skipped,
             "batch": a.batch, "src_len": a.src_len, "tgt_len": a.tgt_len,
             "predicted_step_ms": p.step_s * 1e3, "predicted_graph_step_ms": p.graph_step_s * 1e3,
@@ -170,7 +178,10 @@ impl Report<'_> {
             g.fp32_flops / 1e12,
             self.device
         );
-        println!("batch {} src {} tgt {}, {} GEMMs on fp32 storage", a.batch, a.src_len, a.tgt_len, self.precision);
+        println!(
+            "batch {} src {} tgt {}, {} GEMMs, {} activations",
+            a.batch, a.src_len, a.tgt_len, self.precision, self.activations
+        );
         let measured_head = if self.measured.is_some() { format!(" {:>10}", "meas µs") } else { String::new() };
         println!(
             "{:<32} {:>8} {:>10} {:>12} {:>10} {:>6}{measured_head}",

@@ -6,7 +6,7 @@
 use kernels::Backend;
 
 use super::grad_ready::{GradReady, stage_done};
-use super::layers::{AttnActs, EmbActs, EmbIds, FfnActs, KResult, NormActs, Scratch, r, w};
+use super::layers::{AttnActs, EmbActs, EmbIds, FfnActs, KResult, NormActs, Scratch, Weights, r, w};
 use super::stack::{StackPass, site};
 use crate::config::BertConfig;
 use crate::error::Result;
@@ -48,7 +48,7 @@ impl<B: Backend> DecoderLayer<B> {
     fn forward(
         &mut self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         lv: &LayerView,
         sp: &StackPass,
         l: usize,
@@ -90,7 +90,7 @@ impl<B: Backend> DecoderLayer<B> {
     fn backward(
         &self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         g: &mut B::Buf,
         lv: &LayerView,
         sp: &StackPass,
@@ -168,8 +168,8 @@ impl<B: Backend> Decoder<B> {
                 .map(|_| DecoderLayer::new(b, cfg, sp, len, src_len))
                 .collect::<KResult<_>>()?,
             scratch: Scratch::new(b, rows, src_rows.max(rows), c, cfg.intermediate_size)?,
-            d: [b.zeros(rows * c)?, b.zeros(rows * c)?],
-            d_enc: b.zeros(src_rows * c)?,
+            d: [b.activations(rows * c)?, b.activations(rows * c)?],
+            d_enc: b.activations(src_rows * c)?,
         })
     }
 
@@ -194,7 +194,7 @@ impl<B: Backend> Decoder<B> {
     pub(super) fn forward(
         &mut self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         view: &StackView,
         ids: &EmbIds<B>,
         mask: &B::Buf,
@@ -217,7 +217,7 @@ impl<B: Backend> Decoder<B> {
     pub(super) fn backward(
         &mut self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         g: &mut B::Buf,
         view: &StackView,
         (ids, mask): (&EmbIds<B>, &B::Buf),

@@ -5,7 +5,7 @@
 use kernels::Backend;
 
 use super::grad_ready::{GradReady, stage_done};
-use super::layers::{AttnActs, EmbActs, EmbIds, FfnActs, KResult, NormActs, Scratch, r, w};
+use super::layers::{AttnActs, EmbActs, EmbIds, FfnActs, KResult, NormActs, Scratch, Weights, r, w};
 use super::stack::{StackPass, site};
 use crate::config::BertConfig;
 use crate::error::Result;
@@ -35,7 +35,7 @@ impl<B: Backend> EncoderLayer<B> {
     fn forward(
         &mut self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         lv: &LayerView,
         sp: &StackPass,
         l: usize,
@@ -64,7 +64,7 @@ impl<B: Backend> EncoderLayer<B> {
     fn backward(
         &self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         g: &mut B::Buf,
         lv: &LayerView,
         sp: &StackPass,
@@ -118,7 +118,7 @@ impl<B: Backend> Encoder<B> {
             emb: EmbActs { norm: NormActs::new(b, rows, c)? },
             layers: (0..cfg.num_hidden_layers).map(|_| EncoderLayer::new(b, cfg, sp, len)).collect::<KResult<_>>()?,
             scratch: Scratch::new(b, rows, rows, c, cfg.intermediate_size)?,
-            d: [b.zeros(rows * c)?, b.zeros(rows * c)?],
+            d: [b.activations(rows * c)?, b.activations(rows * c)?],
         })
     }
 
@@ -131,7 +131,7 @@ impl<B: Backend> Encoder<B> {
     pub(super) fn forward(
         &mut self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         view: &StackView,
         ids: &EmbIds<B>,
         mask: &B::Buf,
@@ -152,7 +152,7 @@ impl<B: Backend> Encoder<B> {
     pub(super) fn backward(
         &mut self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         g: &mut B::Buf,
         view: &StackView,
         (ids, mask): (&EmbIds<B>, &B::Buf),

@@ -220,6 +220,7 @@ impl<B: Backend> Bert2Bert<B> {
         sources: &[Vec<i32>],
         opts: &GenerateOptions,
     ) -> Result<Vec<Vec<Generated>>> {
+        self.refresh_gemm_params(b)?;
         let (ec, dc) = (&self.config.encoder, &self.config.decoder);
         let k = opts.beams.max(1);
         if sources.is_empty() {
@@ -260,7 +261,8 @@ impl<B: Backend> Bert2Bert<B> {
     /// rows (row `r` holds source `r / k`).
     fn encode_for_beams(&self, b: &B, sources: &[Vec<i32>], s: usize, k: usize) -> Result<(B::Buf, B::Buf)> {
         let ec = &self.config.encoder;
-        let (p, view, c, bs) = (&self.params, &self.view, ec.hidden_size, sources.len());
+        let (p, view, c, bs) =
+            (&super::weights_of::<B>(&self.params, &self.gemm_params), &self.view, ec.hidden_size, sources.len());
         let mut src_ids = vec![self.config.pad_token_id; bs * s];
         let mut mask = vec![0.0f32; bs * s];
         for (i, row) in sources.iter().enumerate() {
@@ -288,7 +290,7 @@ impl<B: Backend> Bert2Bert<B> {
         let n = bs * k;
         let item_of_row: Vec<i32> = (0..n).map(|r| (r / k) as i32).collect();
         let item_ids = b.upload_ids(&item_of_row)?;
-        let mut enc_n = b.zeros(n * s * c)?;
+        let mut enc_n = b.activations(n * s * c)?;
         b.embedding_forward(&item_ids, r(b, enc_out), s * c, w(b, &mut enc_n), false)?;
         let mut mask_n = b.zeros(n * s)?;
         b.embedding_forward(&item_ids, r(b, &enc_mask), s, w(b, &mut mask_n), false)?;
@@ -307,17 +309,18 @@ impl<B: Backend> Bert2Bert<B> {
         s: usize,
         tmax: usize,
     ) -> Result<DecodeState<B>> {
-        let (ec, dc, p) = (&self.config.encoder, &self.config.decoder, &self.params);
+        let (ec, dc, p) =
+            (&self.config.encoder, &self.config.decoder, &super::weights_of::<B>(&self.params, &self.gemm_params));
         let c = ec.hidden_size;
         let mut layers = Vec::with_capacity(dc.num_hidden_layers);
         for lv in &self.view.decoder.layers {
             let cv = lv.cross_attn.as_ref().expect("decoder layers have cross-attention");
-            let (mut k_cross, mut v_cross) = (b.zeros(n * s * c)?, b.zeros(n * s * c)?);
+            let (mut k_cross, mut v_cross) = (b.activations(n * s * c)?, b.activations(n * s * c)?);
             linear_forward(b, p, &cv.k, r(b, enc_out), n * s, &mut k_cross)?;
             linear_forward(b, p, &cv.v, r(b, enc_out), n * s, &mut v_cross)?;
             layers.push(LayerState {
-                k_self: b.zeros(n * tmax * c)?,
-                v_self: b.zeros(n * tmax * c)?,
+                k_self: b.activations(n * tmax * c)?,
+                v_self: b.activations(n * tmax * c)?,
                 k_cross,
                 v_cross,
                 self_norm: NormActs::new(b, n, c)?,
@@ -329,21 +332,21 @@ impl<B: Backend> Bert2Bert<B> {
             layers,
             enc_mask,
             step: StepScratch {
-                q: b.zeros(n * c)?,
-                k_new: b.zeros(n * c)?,
-                v_new: b.zeros(n * c)?,
-                ctx: b.zeros(n * c)?,
+                q: b.activations(n * c)?,
+                k_new: b.activations(n * c)?,
+                v_new: b.activations(n * c)?,
+                ctx: b.activations(n * c)?,
                 probs_self: b.zeros(b.attention_saved_len(&attention_shape(ec, n, 1, tmax)))?,
                 probs_cross: b.zeros(b.attention_saved_len(&attention_shape(ec, n, 1, s)))?,
             },
             emb: EmbActs { norm: NormActs::new(b, n, c)? },
             head: HeadScratch {
-                pre: b.zeros(n * c)?,
-                act: b.zeros(n * c)?,
+                pre: b.activations(n * c)?,
+                act: b.activations(n * c)?,
                 norm: NormActs::new(b, n, c)?,
-                logits: b.zeros(n * dc.vocab_size)?,
+                logits: b.activations(n * dc.vocab_size)?,
             },
-            spare: b.zeros(n * tmax * c)?,
+            spare: b.activations(n * tmax * c)?,
             rows: n,
             src_len: s,
             tmax,
@@ -353,7 +356,8 @@ impl<B: Backend> Bert2Bert<B> {
     /// One decoder step for every row: `current` (one token per row) at position `t` through
     /// the decoder, its K/V appended to the caches; returns the logits `[rows, vocab]`.
     fn decode_step(&self, b: &B, dec: &mut DecodeState<B>, current: &[i32], t: usize) -> Result<Vec<f32>> {
-        let (p, view, dc) = (&self.params, &self.view, &self.config.decoder);
+        let (p, view, dc) =
+            (&super::weights_of::<B>(&self.params, &self.gemm_params), &self.view, &self.config.decoder);
         let (n, tmax) = (dec.rows, dec.tmax);
         let ids = EmbIds::<B> {
             tokens: b.upload_ids(current)?,
@@ -392,7 +396,11 @@ impl<B: Backend> Bert2Bert<B> {
         (n, s, tmax): (usize, usize, usize),
         t: usize,
     ) -> Result<()> {
-        let (p, ec, eps) = (&self.params, &self.config.encoder, self.config.decoder.layer_norm_eps);
+        let (p, ec, eps) = (
+            &super::weights_of::<B>(&self.params, &self.gemm_params),
+            &self.config.encoder,
+            self.config.decoder.layer_norm_eps,
+        );
         let c = ec.hidden_size;
         let lv = &self.view.decoder.layers[l];
         let cv = lv.cross_attn.as_ref().expect("decoder layers have cross-attention");
@@ -436,11 +444,12 @@ impl<B: Backend> Bert2Bert<B> {
     /// The LM head on the decoder's last hidden states `[n, hidden]`: transform, GELU, norm,
     /// projection onto the decoder's word embeddings plus the output bias, into `head.logits`.
     fn lm_head_logits(&self, b: &B, hidden: &B::Buf, n: usize, head: &mut HeadScratch<B>) -> Result<()> {
-        let (p, view, dc) = (&self.params, &self.view, &self.config.decoder);
+        let (p, view, dc) =
+            (&super::weights_of::<B>(&self.params, &self.gemm_params), &self.view, &self.config.decoder);
         let (hv, c, v) = (&view.lm_head, self.config.encoder.hidden_size, dc.vocab_size);
         let HeadScratch { pre, act, norm, logits } = head;
         matmul_wt(b, p, &hv.transform, r(b, hidden), n, w(b, pre))?;
-        b.bias_gelu_forward(w(b, pre), b.view(p, hv.transform.b.clone()), w(b, act))?;
+        b.bias_gelu_forward(w(b, pre), p.master(b, hv.transform.b.clone()), w(b, act))?;
         b.copy(r(b, act), w(b, &mut norm.input))?;
         norm.forward(b, p, &hv.norm, dc.layer_norm_eps)?;
         let word = view.decoder.embeddings.word.clone();
@@ -449,12 +458,12 @@ impl<B: Backend> Bert2Bert<B> {
             1.0,
             r(b, &norm.out),
             Operand::n(c),
-            b.view(p, word),
+            p.gemm(b, word),
             Operand::t(c),
             0.0,
             w(b, logits),
         )?;
-        b.add_bias(w(b, logits), b.view(p, hv.bias.clone()), v)?;
+        b.add_bias(w(b, logits), p.master(b, hv.bias.clone()), v)?;
         Ok(())
     }
 

@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use kernels::{Backend, GemmShape, KernelError, Operand};
 
-use super::layers::{self, KResult, NormActs, matmul_wt, r};
+use super::layers::{self, KResult, NormActs, Weights, matmul_wt, r};
 use crate::params::LmHeadView;
 
 /// The head's activations, sized for every decoder row; a pass uses the first `m` (label rows).
@@ -51,12 +51,12 @@ impl<B: Backend> LmHead<B> {
             vocab,
             chunk_rows,
             rows_done: 0,
-            hidden: b.zeros(rows * c)?,
-            pre: b.zeros(rows * c)?,
-            act: b.zeros(rows * c)?,
+            hidden: b.activations(rows * c)?,
+            pre: b.activations(rows * c)?,
+            act: b.activations(rows * c)?,
             norm: NormActs::new(b, rows, c)?,
-            logits: b.zeros(chunk_rows * vocab)?,
-            dnorm: b.zeros(rows * c)?,
+            logits: b.activations(chunk_rows * vocab)?,
+            dnorm: b.activations(rows * c)?,
             losses: b.zeros(rows)?,
         })
     }
@@ -66,7 +66,7 @@ impl<B: Backend> LmHead<B> {
     pub(super) fn forward(
         &mut self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         hv: &LmHeadView,
         dec_out: &B::Buf,
         label_rows: &B::Ids,
@@ -78,14 +78,14 @@ impl<B: Backend> LmHead<B> {
         matmul_wt(b, p, &hv.transform, b.view(&self.hidden, 0..mc), m, b.view_mut(&mut self.pre, 0..mc))?;
         b.bias_gelu_forward(
             b.view_mut(&mut self.pre, 0..mc),
-            b.view(p, hv.transform.b.clone()),
+            p.master(b, hv.transform.b.clone()),
             b.view_mut(&mut self.act, 0..mc),
         )?;
         let n = &mut self.norm;
         b.layernorm_forward(
             b.view(&self.act, 0..mc),
-            b.view(p, hv.norm.gamma.clone()),
-            b.view(p, hv.norm.beta.clone()),
+            p.master(b, hv.norm.gamma.clone()),
+            p.master(b, hv.norm.beta.clone()),
             eps,
             b.view_mut(&mut n.out, 0..mc),
             b.view_mut(&mut n.mean, 0..m),
@@ -99,7 +99,7 @@ impl<B: Backend> LmHead<B> {
     #[allow(clippy::too_many_arguments)]
     fn project(
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         hv: &LmHeadView,
         word: Range<usize>,
         norm_out: &B::Buf,
@@ -113,12 +113,12 @@ impl<B: Backend> LmHead<B> {
             1.0,
             b.view(norm_out, rows.start * c..rows.end * c),
             Operand::n(c),
-            b.view(p, word),
+            p.gemm(b, word),
             Operand::t(c),
             0.0,
             b.view_mut(out, 0..n * v),
         )?;
-        b.add_bias(b.view_mut(out, 0..n * v), b.view(p, hv.bias.clone()), v)
+        b.add_bias(b.view_mut(out, 0..n * v), p.master(b, hv.bias.clone()), v)
     }
 
     /// Token losses of the `m` rows against `labels`, a chunk of rows at a time. With
@@ -129,7 +129,7 @@ impl<B: Backend> LmHead<B> {
     pub(super) fn loss(
         &mut self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         hv: &LmHeadView,
         word: Range<usize>,
         labels: &B::Ids,
@@ -162,7 +162,7 @@ impl<B: Backend> LmHead<B> {
     fn vocab_backward(
         &mut self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         g: &mut B::Buf,
         hv: &LmHeadView,
         word: Range<usize>,
@@ -187,7 +187,7 @@ impl<B: Backend> LmHead<B> {
             1.0,
             dl,
             Operand::n(v),
-            b.view(p, word),
+            p.gemm(b, word),
             Operand::n(c),
             0.0,
             b.view_mut(&mut self.dnorm, rc),
@@ -201,7 +201,14 @@ impl<B: Backend> LmHead<B> {
 
     /// Logits `[m, vocab]` of the last `forward`'s first `m` label rows, recomputed a chunk at a
     /// time from its LN output and the parameters `p` (the pass kept no logits).
-    pub(super) fn logits(&self, b: &B, p: &B::Buf, hv: &LmHeadView, word: Range<usize>, m: usize) -> KResult<Vec<f32>> {
+    pub(super) fn logits(
+        &self,
+        b: &B,
+        p: &Weights<'_, B>,
+        hv: &LmHeadView,
+        word: Range<usize>,
+        m: usize,
+    ) -> KResult<Vec<f32>> {
         if m > self.rows_done {
             let what = format!("{m} rows asked, the last pass had {}", self.rows_done);
             return Err(KernelError::Shape { op: "lm_head_logits", what });
@@ -224,7 +231,7 @@ impl<B: Backend> LmHead<B> {
     pub(super) fn backward(
         &self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         g: &mut B::Buf,
         hv: &LmHeadView,
         label_rows: &B::Ids,
@@ -237,7 +244,7 @@ impl<B: Backend> LmHead<B> {
         b.layernorm_backward(
             b.view(&self.dnorm, 0..mc),
             b.view(&self.act, 0..mc),
-            b.view(p, hv.norm.gamma.clone()),
+            p.master(b, hv.norm.gamma.clone()),
             b.view(&self.norm.mean, 0..m),
             b.view(&self.norm.rstd, 0..m),
             b.view_mut(d_b, 0..mc),

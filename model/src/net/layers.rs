@@ -11,6 +11,26 @@ use crate::params::{AttentionView, EmbeddingsView, LayerView, LinearView, NormVi
 
 pub(crate) type KResult<T> = kernels::Result<T>;
 
+/// The parameters a pass reads: the fp32 master buffer, for everything but GEMM operands
+/// (biases, LayerNorm, embedding tables), and the copy the GEMMs multiply, stored at the
+/// backend's activation dtype (bf16 in mixed precision; the master itself on an fp32 backend).
+/// Both have the layout of `ParamTable`.
+pub(crate) struct Weights<'a, B: Backend> {
+    pub master: &'a B::Buf,
+    pub gemm: &'a B::Buf,
+}
+
+impl<'a, B: Backend> Weights<'a, B> {
+    /// A view of the master (fp32) parameters.
+    pub fn master(&self, b: &B, range: std::ops::Range<usize>) -> B::Ref<'a> {
+        b.view(self.master, range)
+    }
+    /// A view of the GEMM copy: a weight matrix as a GEMM operand.
+    pub fn gemm(&self, b: &B, range: std::ops::Range<usize>) -> B::Ref<'a> {
+        b.view(self.gemm, range)
+    }
+}
+
 /// Whole-buffer views.
 pub(crate) fn r<'a, B: Backend>(b: &B, x: &'a B::Buf) -> B::Ref<'a> {
     b.view(x, 0..b.len(x))
@@ -23,34 +43,34 @@ pub(crate) fn w<'a, B: Backend>(b: &B, x: &'a mut B::Buf) -> B::Mut<'a> {
 /// `y = x W^T` (no bias): x `[rows, in]`, W `[out, in]`, y `[rows, out]`.
 pub(crate) fn matmul_wt<B: Backend>(
     b: &B,
-    p: &B::Buf,
+    p: &Weights<'_, B>,
     lin: &LinearView,
     x: B::Ref<'_>,
     rows: usize,
     y: B::Mut<'_>,
 ) -> KResult<()> {
     let s = GemmShape::plain(rows, lin.out_dim, lin.in_dim);
-    b.gemm(s, 1.0, x, Operand::n(lin.in_dim), b.view(p, lin.w.clone()), Operand::t(lin.in_dim), 0.0, y)
+    b.gemm(s, 1.0, x, Operand::n(lin.in_dim), p.gemm(b, lin.w.clone()), Operand::t(lin.in_dim), 0.0, y)
 }
 
 /// `y = x W^T + bias`.
 pub(crate) fn linear_forward<B: Backend>(
     b: &B,
-    p: &B::Buf,
+    p: &Weights<'_, B>,
     lin: &LinearView,
     x: B::Ref<'_>,
     rows: usize,
     y: &mut B::Buf,
 ) -> KResult<()> {
     matmul_wt(b, p, lin, x, rows, w(b, y))?;
-    b.add_bias(w(b, y), b.view(p, lin.b.clone()), lin.out_dim)
+    b.add_bias(w(b, y), p.master(b, lin.b.clone()), lin.out_dim)
 }
 
 /// `dW += dy^T x`; optionally `dbias += colsum(dy)`; `dx (= or +=) dy W` when `dx` is given.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_backward<B: Backend>(
     b: &B,
-    p: &B::Buf,
+    p: &Weights<'_, B>,
     g: &mut B::Buf,
     lin: &LinearView,
     x: B::Ref<'_>,
@@ -71,7 +91,7 @@ pub(crate) fn linear_backward<B: Backend>(
             1.0,
             dy,
             Operand::n(o),
-            b.view(p, lin.w.clone()),
+            p.gemm(b, lin.w.clone()),
             Operand::n(i),
             beta,
             dx,
@@ -90,14 +110,19 @@ pub(crate) struct NormActs<B: Backend> {
 
 impl<B: Backend> NormActs<B> {
     pub fn new(b: &B, rows: usize, c: usize) -> KResult<Self> {
-        Ok(Self { input: b.zeros(rows * c)?, mean: b.zeros(rows)?, rstd: b.zeros(rows)?, out: b.zeros(rows * c)? })
+        Ok(Self {
+            input: b.activations(rows * c)?,
+            mean: b.zeros(rows)?,
+            rstd: b.zeros(rows)?,
+            out: b.activations(rows * c)?,
+        })
     }
     /// `out = LN(input)`.
-    pub fn forward(&mut self, b: &B, p: &B::Buf, n: &NormView, eps: f32) -> KResult<()> {
+    pub fn forward(&mut self, b: &B, p: &Weights<'_, B>, n: &NormView, eps: f32) -> KResult<()> {
         b.layernorm_forward(
             r(b, &self.input),
-            b.view(p, n.gamma.clone()),
-            b.view(p, n.beta.clone()),
+            p.master(b, n.gamma.clone()),
+            p.master(b, n.beta.clone()),
             eps,
             w(b, &mut self.out),
             w(b, &mut self.mean),
@@ -109,7 +134,7 @@ impl<B: Backend> NormActs<B> {
     pub fn backward(
         &self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         g: &mut B::Buf,
         n: &NormView,
         d_out: B::Ref<'_>,
@@ -120,7 +145,7 @@ impl<B: Backend> NormActs<B> {
         b.layernorm_backward(
             d_out,
             r(b, &self.input),
-            b.view(p, n.gamma.clone()),
+            p.master(b, n.gamma.clone()),
             r(b, &self.mean),
             r(b, &self.rstd),
             d_input,
@@ -135,7 +160,7 @@ impl<B: Backend> NormActs<B> {
     pub fn residual_forward(
         &mut self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         n: &NormView,
         skip: B::Ref<'_>,
         dropout: (f32, u64),
@@ -144,8 +169,8 @@ impl<B: Backend> NormActs<B> {
         b.residual_norm_forward(
             w(b, &mut self.input),
             skip,
-            b.view(p, n.gamma.clone()),
-            b.view(p, n.beta.clone()),
+            p.master(b, n.gamma.clone()),
+            p.master(b, n.beta.clone()),
             eps,
             dropout.0,
             dropout.1,
@@ -161,7 +186,7 @@ impl<B: Backend> NormActs<B> {
     pub fn residual_backward(
         &self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         g: &mut B::Buf,
         n: &NormView,
         d_out: B::Ref<'_>,
@@ -174,7 +199,7 @@ impl<B: Backend> NormActs<B> {
         b.residual_norm_backward(
             d_out,
             r(b, &self.input),
-            b.view(p, n.gamma.clone()),
+            p.master(b, n.gamma.clone()),
             r(b, &self.mean),
             r(b, &self.rstd),
             dropout.0,
@@ -230,13 +255,13 @@ pub(crate) struct Scratch<B: Backend> {
 impl<B: Backend> Scratch<B> {
     pub fn new(b: &B, rows_q: usize, rows_kv: usize, c: usize, inter: usize) -> KResult<Self> {
         Ok(Self {
-            d_res: b.zeros(rows_q * c)?,
-            d_ctx: b.zeros(rows_q * c)?,
-            dq: b.zeros(rows_q * c)?,
-            dk: b.zeros(rows_kv * c)?,
-            dv: b.zeros(rows_kv * c)?,
-            d_inter: b.zeros(rows_q * inter)?,
-            d_inter_pre: b.zeros(rows_q * inter)?,
+            d_res: b.activations(rows_q * c)?,
+            d_ctx: b.activations(rows_q * c)?,
+            dq: b.activations(rows_q * c)?,
+            dk: b.activations(rows_kv * c)?,
+            dv: b.activations(rows_kv * c)?,
+            d_inter: b.activations(rows_q * inter)?,
+            d_inter_pre: b.activations(rows_q * inter)?,
         })
     }
 }
@@ -246,11 +271,11 @@ impl<B: Backend> AttnActs<B> {
         let c = s.heads * s.head_dim;
         let (rq, rk) = (s.batch * s.tq, s.batch * s.tk);
         Ok(Self {
-            q: b.zeros(rq * c)?,
-            k: b.zeros(rk * c)?,
-            v: b.zeros(rk * c)?,
+            q: b.activations(rq * c)?,
+            k: b.activations(rk * c)?,
+            v: b.activations(rk * c)?,
             saved: b.zeros(b.attention_saved_len(s))?,
-            ctx: b.zeros(rq * c)?,
+            ctx: b.activations(rq * c)?,
             norm: NormActs::new(b, rq, c)?,
         })
     }
@@ -259,7 +284,7 @@ impl<B: Backend> AttnActs<B> {
     pub fn forward(
         &mut self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         av: &AttentionView,
         s: AttentionShape,
         x_q: B::Ref<'_>,
@@ -291,7 +316,7 @@ impl<B: Backend> AttnActs<B> {
     pub fn backward(
         &self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         g: &mut B::Buf,
         av: &AttentionView,
         s: AttentionShape,
@@ -356,8 +381,8 @@ pub(crate) struct FfnActs<B: Backend> {
 impl<B: Backend> FfnActs<B> {
     pub fn new(b: &B, rows: usize, c: usize, inter: usize) -> KResult<Self> {
         Ok(Self {
-            inter_pre: b.zeros(rows * inter)?,
-            inter_act: b.zeros(rows * inter)?,
+            inter_pre: b.activations(rows * inter)?,
+            inter_act: b.activations(rows * inter)?,
             norm: NormActs::new(b, rows, c)?,
         })
     }
@@ -366,7 +391,7 @@ impl<B: Backend> FfnActs<B> {
     pub fn forward(
         &mut self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         lv: &LayerView,
         h: B::Ref<'_>,
         rows: usize,
@@ -374,7 +399,7 @@ impl<B: Backend> FfnActs<B> {
         eps: f32,
     ) -> KResult<()> {
         matmul_wt(b, p, &lv.inter, h, rows, w(b, &mut self.inter_pre))?;
-        b.bias_gelu_forward(w(b, &mut self.inter_pre), b.view(p, lv.inter.b.clone()), w(b, &mut self.inter_act))?;
+        b.bias_gelu_forward(w(b, &mut self.inter_pre), p.master(b, lv.inter.b.clone()), w(b, &mut self.inter_act))?;
         linear_forward(b, p, &lv.output, r(b, &self.inter_act), rows, &mut self.norm.input)?;
         self.norm.residual_forward(b, p, &lv.norm, h, dropout, eps)
     }
@@ -384,7 +409,7 @@ impl<B: Backend> FfnActs<B> {
     pub fn backward(
         &self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         g: &mut B::Buf,
         lv: &LayerView,
         h: B::Ref<'_>,
@@ -457,16 +482,16 @@ impl<B: Backend> EmbActs<B> {
     pub fn forward(
         &mut self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         ev: &EmbeddingsView,
         ids: &EmbIds<B>,
         c: usize,
         dropout: (f32, u64),
         eps: f32,
     ) -> KResult<()> {
-        b.embedding_forward(&ids.tokens, b.view(p, ev.word.clone()), c, w(b, &mut self.norm.input), false)?;
-        b.embedding_forward(&ids.positions, b.view(p, ev.position.clone()), c, w(b, &mut self.norm.input), true)?;
-        b.embedding_forward(&ids.types, b.view(p, ev.token_type.clone()), c, w(b, &mut self.norm.input), true)?;
+        b.embedding_forward(&ids.tokens, p.master(b, ev.word.clone()), c, w(b, &mut self.norm.input), false)?;
+        b.embedding_forward(&ids.positions, p.master(b, ev.position.clone()), c, w(b, &mut self.norm.input), true)?;
+        b.embedding_forward(&ids.types, p.master(b, ev.token_type.clone()), c, w(b, &mut self.norm.input), true)?;
         self.norm.forward(b, p, &ev.norm, eps)?;
         if dropout.0 > 0.0 {
             b.dropout_forward(w(b, &mut self.norm.out), dropout.0, dropout.1)?;
@@ -479,7 +504,7 @@ impl<B: Backend> EmbActs<B> {
     pub fn backward(
         &self,
         b: &B,
-        p: &B::Buf,
+        p: &Weights<'_, B>,
         g: &mut B::Buf,
         ev: &EmbeddingsView,
         ids: &EmbIds<B>,

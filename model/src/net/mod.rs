@@ -35,7 +35,7 @@ use encoder::Encoder;
 use encoder::EncoderLayer;
 use grad_ready::{GradReady, stage_done};
 use head::LmHead;
-use layers::{EmbIds, w};
+use layers::{EmbIds, Weights, r, w};
 use stack::StackPass;
 
 /// One batch on the device, in transformers' EncoderDecoderModel convention.
@@ -169,8 +169,13 @@ pub struct Bert2Bert<B: Backend> {
     pub config: ModelConfig,
     pub table: ParamTable,
     view: ModelView,
+    /// The fp32 master parameters (what the optimizer updates and checkpoints hold).
     pub params: B::Buf,
     pub grads: B::Buf,
+    /// The GEMM copy of `params` at the backend's activation dtype, when that is not fp32
+    /// (mixed precision): refreshed from `params` at the start of every pass, so an update of
+    /// `params` between passes needs no bookkeeping.
+    gemm_params: Option<B::Buf>,
     ws: Option<Workspace<B>>,
     /// Label rows the LM head projects at once; `None`: what the backend's
     /// `logits_chunk_floats` allows.
@@ -178,6 +183,12 @@ pub struct Bert2Bert<B: Backend> {
     /// Wall time of each phase of the last pass, in ms. Backends that queue work
     /// asynchronously only show where the host waited, unless they synchronise.
     pub phases: Vec<(&'static str, f64)>,
+}
+
+/// The parameters as a pass reads them (see `Weights`), from `Bert2Bert`'s two fields (a free
+/// function, so the borrow stays on those fields while `grads` is borrowed mutably).
+fn weights_of<'a, B: Backend>(params: &'a B::Buf, gemm_params: &'a Option<B::Buf>) -> Weights<'a, B> {
+    Weights { master: params, gemm: gemm_params.as_ref().unwrap_or(params) }
 }
 
 /// Phase timer of one pass.
@@ -207,6 +218,7 @@ impl<B: Backend> Bert2Bert<B> {
         Ok(Self {
             params: b.upload(host_params)?,
             grads: b.zeros(table.storage_len)?,
+            gemm_params: None,
             config,
             table,
             view,
@@ -222,7 +234,8 @@ impl<B: Backend> Bert2Bert<B> {
     pub fn last_logits(&self, b: &B, label_tokens: usize) -> Result<Vec<f32>> {
         let ws = self.ws.as_ref().ok_or_else(|| Error::Other("no pass has run yet".into()))?;
         let word = self.view.decoder.embeddings.word.clone();
-        Ok(ws.head.logits(b, &self.params, &self.view.lm_head, word, label_tokens)?)
+        let p = weights_of::<B>(&self.params, &self.gemm_params);
+        Ok(ws.head.logits(b, &p, &self.view.lm_head, word, label_tokens)?)
     }
 
     /// How many label rows the LM head projects to the vocabulary at once (at least 1); `None`
@@ -231,6 +244,22 @@ impl<B: Backend> Bert2Bert<B> {
     pub fn set_lm_head_chunk_rows(&mut self, rows: Option<usize>) {
         self.head_chunk_rows = rows;
         self.ws = None;
+    }
+
+    /// Bring the GEMM copy of the parameters up to date with `params` (one conversion pass over
+    /// them), or drop it on a backend whose activations are fp32.
+    fn refresh_gemm_params(&mut self, b: &B) -> Result<()> {
+        if b.activation_dtype() == kernels::Dtype::F32 {
+            self.gemm_params = None;
+            return Ok(());
+        }
+        let n = self.table.storage_len;
+        if self.gemm_params.as_ref().is_none_or(|g| b.len(g) != n) {
+            self.gemm_params = Some(b.activations(n)?);
+        }
+        let copy = self.gemm_params.as_mut().expect("allocated above");
+        b.copy(r(b, &self.params), w(b, copy))?;
+        Ok(())
     }
 
     pub fn zero_grads(&mut self, b: &B) -> Result<()> {
@@ -280,6 +309,7 @@ impl<B: Backend> Bert2Bert<B> {
         opts: PassOptions,
         on_final: Option<&mut FinalGrads<'_, B::Buf>>,
     ) -> Result<BatchLoss> {
+        self.refresh_gemm_params(b)?;
         let mut ws = self.workspace(b, x.batch, x.src_len, x.tgt_len)?;
         let mut clock = Clock { last: std::time::Instant::now(), phases: Vec::new() };
         let out = self.run(b, x, opts, &mut ws, &mut clock, on_final);
@@ -326,7 +356,7 @@ impl<B: Backend> Bert2Bert<B> {
             }
         }
         let (esp, dsp) = self.stack_passes(x.batch, &opts);
-        let (p, view) = (&self.params, &self.view);
+        let (p, view) = (&weights_of::<B>(&self.params, &self.gemm_params), &self.view);
         ws.encoder.forward(b, p, &view.encoder, &x.src, &x.src_mask, &esp)?;
         clock.mark("encoder_fwd");
         let enc = Encoded { states: ws.encoder.output(), mask: &x.src_mask, len: x.src_len };
@@ -351,7 +381,7 @@ impl<B: Backend> Bert2Bert<B> {
         clock: &mut Clock,
     ) -> Result<()> {
         let m = x.label_tokens();
-        let (p, view) = (&self.params, &self.view);
+        let (p, view) = (&weights_of::<B>(&self.params, &self.gemm_params), &self.view);
         let word = view.decoder.embeddings.word.clone();
         let grad = opts.grad_scale.map(|scale| (scale, &mut self.grads));
         ws.head.loss(b, p, &view.lm_head, word, &x.labels, m, opts.label_smoothing, grad)?;
@@ -372,7 +402,7 @@ impl<B: Backend> Bert2Bert<B> {
         on_final: Option<&mut FinalGrads<'_, B::Buf>>,
     ) -> Result<()> {
         let (esp, dsp) = self.stack_passes(x.batch, &opts);
-        let (p, g, view) = (&self.params, &mut self.grads, &self.view);
+        let (p, g, view) = (&weights_of::<B>(&self.params, &self.gemm_params), &mut self.grads, &self.view);
         let mut ready = on_final.map(|h| GradReady::new(view, self.table.storage_len, h));
         let rows = (x.label_tokens(), x.batch * x.tgt_len);
         // The head's vocabulary part (bias, E) already ran in `loss`; its stage ends here.
