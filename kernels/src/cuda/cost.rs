@@ -185,30 +185,47 @@ mod tests {
     fn layernorm_moves_its_rows_twice_forward_and_four_times_backward() {
         // 37 rows of 129: x 4773 read, out 4773 written, gamma and beta 129 each, mean and
         // rstd 37 each.
-        let f = layernorm::forward_cost(37, 129);
+        let f = layernorm::forward_cost(37, 129, Dtype::F32);
         assert_eq!(f.bytes, 4 * (4773 + 4773 + 129 + 129 + 37 + 37));
         assert_eq!(f.bytes, 39_512);
-        assert_eq!(f.flops, 8 * 4773);
+        assert_eq!((f.flops, f.kernel), (8 * 4773, "layernorm_forward"));
         // Backward, accumulating dx: dout, x, dx read, dx written; gamma; mean, rstd; 5 blocks'
         // partial rows of 2 * 129 written; the reduction reads them and reads and writes dgamma
         // and dbeta.
-        let b = layernorm::backward_cost(37, 129, true, 5);
+        let b = layernorm::backward_cost(37, 129, true, 5, Dtype::F32);
         assert_eq!(b.bytes, 4 * (4 * 4773 + 129 + 2 * 37 + 5 * 258));
-        assert_eq!(layernorm::backward_cost(37, 129, false, 5).bytes, b.bytes - 4 * 4773);
+        assert_eq!(layernorm::backward_cost(37, 129, false, 5, Dtype::F32).bytes, b.bytes - 4 * 4773);
         assert_eq!(layernorm::param_grad_cost(129, 5).bytes, 4 * (5 * 258 + 4 * 129));
+        // bf16 activations (x, out, dout, dx: 2 bytes); gamma, beta, the statistics and the
+        // partials stay fp32.
+        let f = layernorm::forward_cost(37, 129, Dtype::Bf16);
+        assert_eq!(f.bytes, 2 * (4773 + 4773) + 4 * (129 + 129 + 37 + 37));
+        assert_eq!((f.bytes, f.flops, f.kernel), (20_420, 8 * 4773, "layernorm_forward_bf16"));
+        let b = layernorm::backward_cost(37, 129, true, 5, Dtype::Bf16);
+        assert_eq!(b.bytes, 2 * 4 * 4773 + 4 * (129 + 2 * 37 + 5 * 258));
+        assert_eq!(b.kernel, "layernorm_backward_bf16");
+        assert_eq!(layernorm::backward_cost(37, 129, false, 5, Dtype::Bf16).bytes, b.bytes - 2 * 4773);
     }
 
     #[test]
     fn residual_norm_moves_four_rows_forward_and_four_or_five_backward() {
         // Forward: block output and skip read, sum and out written; gamma, beta; mean, rstd.
-        let f = residual_norm::forward_cost(37, 129, 0.1);
+        let f = residual_norm::forward_cost(37, 129, 0.1, Dtype::F32);
         assert_eq!(f.bytes, 4 * (4 * 4773 + 2 * 129 + 2 * 37));
-        assert_eq!((f.flops, residual_norm::forward_cost(37, 129, 0.0).flops), (17 * 4773, 9 * 4773));
+        assert_eq!((f.flops, residual_norm::forward_cost(37, 129, 0.0, Dtype::F32).flops), (17 * 4773, 9 * 4773));
         // Backward: dout and sum read, d_skip and d_x written (d_skip read too when it
         // accumulates); gamma; mean, rstd; 5 blocks' partial rows.
-        let b = residual_norm::backward_cost(37, 129, false, 0.1, 5);
+        let b = residual_norm::backward_cost(37, 129, false, 0.1, 5, Dtype::F32);
         assert_eq!(b.bytes, 4 * (4 * 4773 + 129 + 2 * 37 + 5 * 258));
-        assert_eq!(residual_norm::backward_cost(37, 129, true, 0.1, 5).bytes, b.bytes + 4 * 4773);
+        assert_eq!(residual_norm::backward_cost(37, 129, true, 0.1, 5, Dtype::F32).bytes, b.bytes + 4 * 4773);
+        // bf16 activations: the four (or five) row passes at 2 bytes, the rest fp32.
+        let f = residual_norm::forward_cost(37, 129, 0.1, Dtype::Bf16);
+        assert_eq!(f.bytes, 2 * 4 * 4773 + 4 * (2 * 129 + 2 * 37));
+        assert_eq!((f.bytes, f.kernel), (39_512, "residual_norm_forward_bf16"));
+        let b = residual_norm::backward_cost(37, 129, false, 0.1, 5, Dtype::Bf16);
+        assert_eq!(b.bytes, 2 * 4 * 4773 + 4 * (129 + 2 * 37 + 5 * 258));
+        assert_eq!(b.kernel, "residual_norm_backward_bf16");
+        assert_eq!(residual_norm::backward_cost(37, 129, true, 0.1, 5, Dtype::Bf16).bytes, b.bytes + 2 * 4773);
     }
 
     #[test]

@@ -2,22 +2,41 @@
 //! LayerNorm kernels that `residual_norm.rs` launches, so both share one row implementation),
 //! and the shared launch geometry of the backward and its deterministic parameter-gradient
 //! reduction.
+//!
+//! Activations (x, out, dout, dx, and the fused kernels' sum, skip and gradients) are fp32 or
+//! bf16, one dtype an op, which picks the kernel (`NAME` or `NAME_bf16`); gamma, beta, mean,
+//! rstd and the parameter gradients are fp32 either way.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::cost::{F32, LaunchCost};
-use super::{Cuda, DevMut, DevRef, KernelSource, check, dev_err, residual_norm};
-use crate::{LayerNormOps, Result};
+use super::cost::{self, F32, LaunchCost};
+use super::{Cuda, DevMut, DevRef, KernelSource, Typed, check, dev_err, require_f32, residual_norm};
+use crate::{Dtype, LayerNormOps, Result};
 
-const FORWARD: &str = "layernorm_forward";
-const BACKWARD: &str = "layernorm_backward";
+const FORWARD: Typed = Typed { f32: "layernorm_forward", bf16: "layernorm_forward_bf16" };
+const BACKWARD: Typed = Typed { f32: "layernorm_backward", bf16: "layernorm_backward_bf16" };
 const PARAM_GRAD: &str = "layernorm_param_grad";
 
 pub(crate) const SOURCE: KernelSource = KernelSource {
     file: "layernorm.cu",
     code: include_str!("layernorm.cu"),
-    kernels: &[FORWARD, BACKWARD, residual_norm::FORWARD, residual_norm::BACKWARD, PARAM_GRAD],
+    kernels: &[
+        FORWARD.f32,
+        FORWARD.bf16,
+        BACKWARD.f32,
+        BACKWARD.bf16,
+        residual_norm::FORWARD.f32,
+        residual_norm::FORWARD.bf16,
+        residual_norm::BACKWARD.f32,
+        residual_norm::BACKWARD.bf16,
+        PARAM_GRAD,
+    ],
 };
+
+/// The entry point of `t` for activations of `dtype` (the name a cost is declared under).
+pub(crate) fn entry(t: Typed, dtype: Dtype) -> &'static str {
+    if dtype == Dtype::Bf16 { t.bf16 } else { t.f32 }
+}
 
 /// Warps (rows in flight) per block of the forward kernels.
 const FORWARD_WARPS: u32 = 8;
@@ -26,10 +45,15 @@ const BACKWARD_WARPS: usize = 8;
 /// Static shared memory a block may use without opting in: the backward's `[warps][2c]` slices.
 const SHARED_BYTES: usize = 48 * 1024;
 
-/// Whether a row op over `c` columns can use 16-byte vector access: `c` a multiple of 4 and
-/// every pointer 16-byte aligned (views into the flat parameter buffer need not be).
-pub(crate) fn vectorizable(c: usize, ptrs: &[u64]) -> bool {
-    c % 4 == 0 && ptrs.iter().all(|p| p % 16 == 0)
+/// Whether a row op over `c` columns can use 4-element vector access (`b2b_get4`): `c` a
+/// multiple of 4, every activation pointer aligned to 4 elements of `dtype` (16 bytes for fp32,
+/// 8 for bf16) and every fp32 parameter pointer to 16 bytes (views need not be: the flat
+/// parameter buffer, or a view at an odd offset, takes the scalar path).
+pub(crate) fn vectorizable(c: usize, dtype: Dtype, activations: &[u64], params: &[u64]) -> bool {
+    let act_align = 4 * cost::size(dtype);
+    c.is_multiple_of(4)
+        && activations.iter().all(|p| p.is_multiple_of(act_align))
+        && params.iter().all(|p| p.is_multiple_of(4 * F32))
 }
 
 /// One warp per row, `FORWARD_WARPS` rows per block.
@@ -68,19 +92,22 @@ impl BackwardGrid {
     }
 }
 
-/// `layernorm_forward` over `rows x c`: reads x and the two `c`-vectors, writes out and the
-/// per-row mean and rstd; about 8 FLOPs an element (mean, variance, normalise, scale, shift).
-pub(crate) fn forward_cost(rows: usize, c: usize) -> LaunchCost {
-    let (r, c) = (rows as u64, c as u64);
-    LaunchCost::kernel(FORWARD, F32 * (2 * r * c + 2 * c + 2 * r), 8 * r * c)
+/// `layernorm_forward` over `rows x c` with activations of `dtype`: reads x and the two fp32
+/// `c`-vectors, writes out and the fp32 per-row mean and rstd; about 8 FLOPs an element (mean,
+/// variance, normalise, scale, shift).
+pub(crate) fn forward_cost(rows: usize, c: usize, dtype: Dtype) -> LaunchCost {
+    let (r, c, a) = (rows as u64, c as u64, cost::size(dtype));
+    LaunchCost::kernel(entry(FORWARD, dtype), a * 2 * r * c + F32 * (2 * c + 2 * r), 8 * r * c)
 }
 
-/// `layernorm_backward`: reads dout, x (`rows x c`), gamma, mean and rstd; writes dx (and reads
-/// it when accumulating) and its block's `[2c]` row of partials; about 10 FLOPs an element.
-pub(crate) fn backward_cost(rows: usize, c: usize, accumulate_dx: bool, blocks: usize) -> LaunchCost {
-    let (r, c, b) = (rows as u64, c as u64, blocks as u64);
+/// `layernorm_backward` with activations of `dtype`: reads dout, x (`rows x c`), gamma, mean
+/// and rstd; writes dx (and reads it when accumulating) and its block's fp32 `[2c]` row of
+/// partials; about 10 FLOPs an element.
+pub(crate) fn backward_cost(rows: usize, c: usize, accumulate_dx: bool, blocks: usize, dtype: Dtype) -> LaunchCost {
+    let (r, c, b, a) = (rows as u64, c as u64, blocks as u64, cost::size(dtype));
     let dx_passes = if accumulate_dx { 2 } else { 1 };
-    LaunchCost::kernel(BACKWARD, F32 * ((2 + dx_passes) * r * c + c + 2 * r + 2 * b * c), 10 * r * c)
+    let bytes = a * (2 + dx_passes) * r * c + F32 * (c + 2 * r + 2 * b * c);
+    LaunchCost::kernel(entry(BACKWARD, dtype), bytes, 10 * r * c)
 }
 
 /// `layernorm_param_grad`: reads the `blocks x 2c` partials once, reads and writes dgamma and
@@ -131,10 +158,12 @@ impl LayerNormOps for Cuda {
             c > 0 && beta.len == c && x.len == rows * c && out.len == x.len && rstd.len == rows,
             || format!("x {} out {} gamma {c} rows {rows}", x.len, out.len),
         )?;
-        let vec = vectorizable(c, &[x.ptr, gamma.ptr, beta.ptr, out.ptr]) as i32;
+        let (name, dtype) = FORWARD.pick("layernorm_forward", &[x.dtype, out.dtype])?;
+        require_f32("layernorm_forward", &[gamma.dtype, beta.dtype, mean.dtype, rstd.dtype])?;
+        let vec = vectorizable(c, dtype, &[x.ptr, out.ptr], &[gamma.ptr, beta.ptr]) as i32;
         let (r, ci) = (rows as i32, c as i32);
-        self.note(forward_cost(rows, c));
-        let mut l = self.stream().launch_builder(self.func(FORWARD)?);
+        self.note(forward_cost(rows, c, dtype));
+        let mut l = self.stream().launch_builder(self.func(name)?);
         l.arg(&out.ptr)
             .arg(&mean.ptr)
             .arg(&rstd.ptr)
@@ -173,12 +202,15 @@ impl LayerNormOps for Cuda {
                 && dbeta.len == c,
             || format!("x {} dout {} dx {} gamma {c} rows {rows}", x.len, dout.len, dx.len),
         )?;
-        let grid = BackwardGrid::new("layernorm_backward", rows, c, self.sm_count() as usize)?;
-        let vec = vectorizable(c, &[dout.ptr, x.ptr, gamma.ptr, dx.ptr]) as i32;
+        let op = "layernorm_backward";
+        let (name, dtype) = BACKWARD.pick(op, &[dout.dtype, x.dtype, dx.dtype])?;
+        require_f32(op, &[gamma.dtype, mean.dtype, rstd.dtype, dgamma.dtype, dbeta.dtype])?;
+        let grid = BackwardGrid::new(op, rows, c, self.sm_count() as usize)?;
+        let vec = vectorizable(c, dtype, &[dout.ptr, x.ptr, dx.ptr], &[gamma.ptr]) as i32;
         let (r, ci, acc) = (rows as i32, c as i32, accumulate_dx as i32);
         self.with_workspace(grid.partials(c), |partials| {
-            self.note(backward_cost(rows, c, accumulate_dx, grid.blocks));
-            let mut l = self.stream().launch_builder(self.func(BACKWARD)?);
+            self.note(backward_cost(rows, c, accumulate_dx, grid.blocks, dtype));
+            let mut l = self.stream().launch_builder(self.func(name)?);
             l.arg(&dx.ptr)
                 .arg(&partials)
                 .arg(&dout.ptr)
@@ -194,5 +226,21 @@ impl LayerNormOps for Cuda {
             unsafe { l.launch(grid.config(c)) }.map(drop).map_err(dev_err)?;
             self.launch_param_grad(&dgamma, &dbeta, partials, grid.blocks)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_access_needs_four_aligned_elements_of_each_operands_dtype() {
+        // fp32 activations: 16-byte aligned; bf16 ones: 8-byte aligned; fp32 params: 16.
+        assert!(vectorizable(384, Dtype::F32, &[0x1000, 0x2010], &[0x3000]));
+        assert!(!vectorizable(384, Dtype::F32, &[0x1000, 0x2008], &[0x3000]));
+        assert!(vectorizable(384, Dtype::Bf16, &[0x1000, 0x2008], &[0x3000]));
+        assert!(!vectorizable(384, Dtype::Bf16, &[0x1000, 0x2002], &[0x3000]));
+        assert!(!vectorizable(384, Dtype::Bf16, &[0x1000, 0x2008], &[0x3008]));
+        assert!(!vectorizable(386, Dtype::Bf16, &[0x1000], &[0x3000]));
     }
 }

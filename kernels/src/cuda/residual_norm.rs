@@ -3,16 +3,21 @@
 //! residual add and LayerNorm; backward is the LayerNorm backward writing both the skip
 //! gradient and the dropout-masked block-output gradient, plus the parameter-gradient reduction,
 //! instead of LayerNorm backward, a copy and a dropout.
+//!
+//! sum, skip, out, d_out, d_skip and d_x are activations (fp32 or bf16, one dtype an op, which
+//! picks `NAME` or `NAME_bf16`); gamma, beta, mean, rstd and the parameter gradients are fp32.
+//! With bf16 the forward's statistics are those of the sum as stored (rounded to bf16), which
+//! is what the backward reads back.
 
 use cudarc::driver::PushKernelArg;
 
-use super::cost::{F32, LaunchCost};
-use super::layernorm::{BackwardGrid, forward_config, vectorizable};
-use super::{Cuda, DevMut, DevRef, check, dev_err};
-use crate::{ResidualNormOps, Result};
+use super::cost::{self, F32, LaunchCost};
+use super::layernorm::{BackwardGrid, entry, forward_config, vectorizable};
+use super::{Cuda, DevMut, DevRef, Typed, check, dev_err, require_f32};
+use crate::{Dtype, ResidualNormOps, Result};
 
-pub(crate) const FORWARD: &str = "residual_norm_forward";
-pub(crate) const BACKWARD: &str = "residual_norm_backward";
+pub(crate) const FORWARD: Typed = Typed { f32: "residual_norm_forward", bf16: "residual_norm_forward_bf16" };
+pub(crate) const BACKWARD: Typed = Typed { f32: "residual_norm_backward", bf16: "residual_norm_backward_bf16" };
 
 /// The dropout mask is a hash of (seed, index): about 8 integer operations an element, counted
 /// as FLOPs, and no memory.
@@ -20,22 +25,30 @@ fn dropout_flops(p: f32) -> u64 {
     if p > 0.0 { 8 } else { 0 }
 }
 
-/// `residual_norm_forward` over `rows x c`: reads the block output and the skip, writes the sum
-/// (in place) and out, reads gamma and beta, writes mean and rstd; the dropout, one add and
-/// LayerNorm's 8 FLOPs an element.
-pub(crate) fn forward_cost(rows: usize, c: usize, p: f32) -> LaunchCost {
-    let (r, c) = (rows as u64, c as u64);
-    LaunchCost::kernel(FORWARD, F32 * (4 * r * c + 2 * c + 2 * r), (9 + dropout_flops(p)) * r * c)
+/// `residual_norm_forward` over `rows x c` with activations of `dtype`: reads the block output
+/// and the skip, writes the sum (in place) and out, reads the fp32 gamma and beta, writes the
+/// fp32 mean and rstd; the dropout, one add and LayerNorm's 8 FLOPs an element.
+pub(crate) fn forward_cost(rows: usize, c: usize, p: f32, dtype: Dtype) -> LaunchCost {
+    let (r, c, a) = (rows as u64, c as u64, cost::size(dtype));
+    let bytes = a * 4 * r * c + F32 * (2 * c + 2 * r);
+    LaunchCost::kernel(entry(FORWARD, dtype), bytes, (9 + dropout_flops(p)) * r * c)
 }
 
-/// `residual_norm_backward`: reads dout and the saved sum, gamma, mean and rstd; writes d_skip
-/// (read too when accumulating) and d_x, and its block's `[2c]` row of partials; LayerNorm
-/// backward's 10 FLOPs an element and the dropout.
-pub(crate) fn backward_cost(rows: usize, c: usize, accumulate_skip: bool, p: f32, blocks: usize) -> LaunchCost {
-    let (r, c, b) = (rows as u64, c as u64, blocks as u64);
+/// `residual_norm_backward` with activations of `dtype`: reads dout and the saved sum, gamma,
+/// mean and rstd; writes d_skip (read too when accumulating) and d_x, and its block's fp32
+/// `[2c]` row of partials; LayerNorm backward's 10 FLOPs an element and the dropout.
+pub(crate) fn backward_cost(
+    rows: usize,
+    c: usize,
+    accumulate_skip: bool,
+    p: f32,
+    blocks: usize,
+    dtype: Dtype,
+) -> LaunchCost {
+    let (r, c, b, a) = (rows as u64, c as u64, blocks as u64, cost::size(dtype));
     let skip_passes = if accumulate_skip { 2 } else { 1 };
-    let bytes = F32 * ((3 + skip_passes) * r * c + c + 2 * r + 2 * b * c);
-    LaunchCost::kernel(BACKWARD, bytes, (10 + dropout_flops(p)) * r * c)
+    let bytes = a * (3 + skip_passes) * r * c + F32 * (c + 2 * r + 2 * b * c);
+    LaunchCost::kernel(entry(BACKWARD, dtype), bytes, (10 + dropout_flops(p)) * r * c)
 }
 
 impl ResidualNormOps for Cuda {
@@ -64,10 +77,13 @@ impl ResidualNormOps for Cuda {
                 && (0.0..1.0).contains(&p),
             || format!("sum {} skip {} out {} gamma {c} rows {rows} p {p}", sum.len, skip.len, out.len),
         )?;
-        let vec = vectorizable(c, &[sum.ptr, skip.ptr, gamma.ptr, beta.ptr, out.ptr]) as i32;
+        let op = "residual_norm_forward";
+        let (name, dtype) = FORWARD.pick(op, &[sum.dtype, skip.dtype, out.dtype])?;
+        require_f32(op, &[gamma.dtype, beta.dtype, mean.dtype, rstd.dtype])?;
+        let vec = vectorizable(c, dtype, &[sum.ptr, skip.ptr, out.ptr], &[gamma.ptr, beta.ptr]) as i32;
         let (r, ci) = (rows as i32, c as i32);
-        self.note(forward_cost(rows, c, p));
-        let mut l = self.stream().launch_builder(self.func(FORWARD)?);
+        self.note(forward_cost(rows, c, p, dtype));
+        let mut l = self.stream().launch_builder(self.func(name)?);
         l.arg(&out.ptr)
             .arg(&mean.ptr)
             .arg(&rstd.ptr)
@@ -119,12 +135,15 @@ impl ResidualNormOps for Cuda {
                 )
             },
         )?;
-        let grid = BackwardGrid::new("residual_norm_backward", rows, c, self.sm_count() as usize)?;
-        let vec = vectorizable(c, &[d_out.ptr, sum.ptr, gamma.ptr, d_skip.ptr, d_x.ptr]) as i32;
+        let op = "residual_norm_backward";
+        let (name, dtype) = BACKWARD.pick(op, &[d_out.dtype, sum.dtype, d_skip.dtype, d_x.dtype])?;
+        require_f32(op, &[gamma.dtype, mean.dtype, rstd.dtype, dgamma.dtype, dbeta.dtype])?;
+        let grid = BackwardGrid::new(op, rows, c, self.sm_count() as usize)?;
+        let vec = vectorizable(c, dtype, &[d_out.ptr, sum.ptr, d_skip.ptr, d_x.ptr], &[gamma.ptr]) as i32;
         let (r, ci, acc) = (rows as i32, c as i32, accumulate_skip as i32);
         self.with_workspace(grid.partials(c), |partials| {
-            self.note(backward_cost(rows, c, accumulate_skip, p, grid.blocks));
-            let mut l = self.stream().launch_builder(self.func(BACKWARD)?);
+            self.note(backward_cost(rows, c, accumulate_skip, p, grid.blocks, dtype));
+            let mut l = self.stream().launch_builder(self.func(name)?);
             l.arg(&d_skip.ptr)
                 .arg(&d_x.ptr)
                 .arg(&partials)
