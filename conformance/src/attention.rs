@@ -5,7 +5,7 @@
 
 use kernels::{AttentionShape, Backend, IGNORE_INDEX, reference};
 
-use super::{Case, Draw, Outputs, Tolerances, all, all_mut, get};
+use super::{Case, Draw, Outputs, Tolerances, act, all, all_mut, get};
 
 pub(crate) struct AttentionCase {
     label: &'static str,
@@ -204,7 +204,8 @@ impl Case for CrossEntropyCase {
     }
     /// The logits are overwritten by their gradient (with it) or left alone (without).
     fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
-        let mut logits = d.upload(&self.logits)?;
+        // The logits (an activation, then their gradient) at the activation dtype; fp32 losses.
+        let mut logits = act(d, &self.logits)?;
         let labels = d.upload_ids(&self.labels)?;
         let mut losses = d.upload(&self.garbage)?;
         d.cross_entropy(

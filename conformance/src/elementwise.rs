@@ -1,11 +1,14 @@
 //! Elementwise ops (DropoutOps, ResidualOps, OptimizerOps) and Memory, on views in the middle
-//! of larger buffers, so that a write outside the view shows up as an error; gradient clipping
+//! of larger buffers, so that a write outside the view shows up as an error. Dropout, residual,
+//! fill and copy run on activation buffers (`act`: bf16 on a mixed-precision device), AdamW and
+//! the sum of squares on fp32 ones; a converting copy rounds fp32 into an activation buffer and
+//! back, bit for bit as `kernels::round_bf16` when activations are bf16. Gradient clipping
 //! on a whole buffer, with the norm above and below the maximum; the one-launch AdamW over a
 //! flat buffer (`adamw_flat`) with odd decaying, non-decaying and skipped ranges, clipped or not.
 
-use kernels::{AdamW, Backend, FlatSegments, reference};
+use kernels::{AdamW, Backend, Dtype, FlatSegments, reference, rng};
 
-use super::{Case, Draw, Outputs, get};
+use super::{Case, Draw, Outputs, act, get};
 
 const PAD_LO: usize = 5;
 const PAD_HI: usize = 3;
@@ -21,8 +24,25 @@ pub(crate) enum Elem {
     SumSquares,
     Fill(f32),
     Copy,
+    // fp32 -> activation dtype -> fp32 (a converting copy there and back).
+    ConvertCopy,
     ViewMut2,
 }
+
+/// fp32 values a bf16 rounding must get exactly right, at the start of the converting copy's
+/// view: ties to even either way (1 + 2^-8 down to 1, 1 + 3 * 2^-8 up to 1 + 2^-6), a bit
+/// either side of a tie, a negative tie, 0.1 (rounds up), -0.0, a subnormal tie (to 0x0002).
+const ROUNDING_EDGES: [u32; 9] = [
+    0x3f80_8000,
+    0x3f81_8000,
+    0x3f80_8001,
+    0x3f81_7fff,
+    0xbf80_8000,
+    0x3dcc_cccd,
+    0x8000_0000,
+    0x0001_8000,
+    0x0000_0001,
+];
 
 pub(crate) struct ElemCase {
     what: Elem,
@@ -38,11 +58,51 @@ impl ElemCase {
         let len = PAD_LO + n + PAD_HI;
         let (x, y, z) = (r.normal(len, 1.0), r.normal(len, 1.0), r.normal(len, 0.1));
         // AdamW's second moment is non-negative.
-        let w = r.uniform(len, 1e-4, 0.02);
+        let mut w = r.uniform(len, 1e-4, 0.02);
+        if matches!(what, Elem::ConvertCopy) {
+            // Not rounded to bf16 (unlike every `Draw`): the converting copy rounds them.
+            let s = r.next();
+            w = (0..len).map(|i| rng::normal(s, i as u64)).collect();
+            for (k, bits) in ROUNDING_EDGES.iter().enumerate() {
+                w[PAD_LO + k] = f32::from_bits(*bits);
+            }
+        }
         ElemCase { what, n, x, y, z, w }
     }
     fn mid(&self) -> std::ops::Range<usize> {
         PAD_LO..PAD_LO + self.n
+    }
+
+    /// AdamW (params x, grads z, moments y and w) and the sum of squares: fp32 buffers.
+    fn run_fp32<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
+        let mid = self.mid();
+        let mut x = d.upload(&self.x)?;
+        if let Elem::AdamW(h) = self.what {
+            let (g, mut m, mut v) = (d.upload(&self.z)?, d.upload(&self.y)?, d.upload(&self.w)?);
+            let (params, grads) = (d.view_mut(&mut x, mid.clone()), d.view(&g, mid.clone()));
+            d.adamw(h, params, grads, d.view_mut(&mut m, mid.clone()), d.view_mut(&mut v, mid))?;
+            return Ok(vec![("params", get(d, &x)?), ("m", get(d, &m)?), ("v", get(d, &v)?)]);
+        }
+        let s = d.sum_squares(d.view(&x, mid))?;
+        Ok(vec![("sum", vec![s as f32])])
+    }
+
+    /// Unrounded fp32 `w` into an activation buffer and back into fp32 `y`, both through views:
+    /// the round trip, and how many of its elements differ in any bit from `w` rounded to the
+    /// activation dtype (`kernels::round_bf16` for bf16; unchanged for fp32).
+    fn run_convert<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
+        let mid = self.mid();
+        let src = d.upload(&self.w)?;
+        let mut stored = d.activations(self.w.len())?;
+        d.copy(d.view(&src, mid.clone()), d.view_mut(&mut stored, mid.clone()))?;
+        let mut back = d.upload(&self.y)?;
+        d.copy(d.view(&stored, mid.clone()), d.view_mut(&mut back, mid.clone()))?;
+        let got = get(d, &back)?;
+        let bf16 = d.activation_dtype() == Dtype::Bf16;
+        let want = |v: f32| if bf16 { kernels::round_bf16(v) } else { v };
+        let mismatches =
+            got[mid.clone()].iter().zip(&self.w[mid]).filter(|(g, w)| g.to_bits() != want(**w).to_bits()).count();
+        Ok(vec![("x", got), ("mismatches", vec![mismatches as f32])])
     }
 }
 
@@ -52,7 +112,7 @@ impl Case for ElemCase {
             Elem::DropoutForward { .. } | Elem::DropoutBackward { .. } => "DropoutOps",
             Elem::Add | Elem::AddAssign | Elem::Scale(_) => "ResidualOps",
             Elem::AdamW(_) | Elem::SumSquares => "OptimizerOps",
-            Elem::Fill(_) | Elem::Copy | Elem::ViewMut2 => "Memory",
+            Elem::Fill(_) | Elem::Copy | Elem::ConvertCopy | Elem::ViewMut2 => "Memory",
         }
     }
     fn op(&self) -> &'static str {
@@ -66,6 +126,7 @@ impl Case for ElemCase {
             Elem::SumSquares => "sum_squares",
             Elem::Fill(_) => "fill",
             Elem::Copy => "copy",
+            Elem::ConvertCopy => "copy_converting",
             Elem::ViewMut2 => "view_mut2",
         }
     }
@@ -82,39 +143,32 @@ impl Case for ElemCase {
         match self.what {
             Elem::AdamW(_) | Elem::SumSquares => 1e-5,
             Elem::Fill(_) | Elem::Copy | Elem::ViewMut2 => 0.0,
+            // Its "x" is the round trip (within the storage floor of the unrounded oracle);
+            // its "mismatches" checks the rounding bit for bit.
+            Elem::ConvertCopy => 0.0,
             _ => 1e-6,
         }
     }
     fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
         let mid = self.mid();
-        let mut x = d.upload(&self.x)?;
-        let mut y = d.upload(&self.y)?;
+        match self.what {
+            Elem::AdamW(_) | Elem::SumSquares => return self.run_fp32(d),
+            Elem::ConvertCopy => return self.run_convert(d),
+            _ => {}
+        }
+        // Activations (and activation gradients) at the device's activation dtype.
+        let mut x = act(d, &self.x)?;
+        let y = act(d, &self.y)?;
         match self.what {
             Elem::DropoutForward { p, seed } => d.dropout_forward(d.view_mut(&mut x, mid), p, seed)?,
             Elem::DropoutBackward { p, seed } => d.dropout_backward(d.view_mut(&mut x, mid), p, seed)?,
             Elem::Add => {
-                let z = d.upload(&self.z)?;
+                let z = act(d, &self.z)?;
                 d.add(d.view(&y, mid.clone()), d.view(&z, mid.clone()), d.view_mut(&mut x, mid))?;
             }
             Elem::AddAssign => d.add_assign(d.view_mut(&mut x, mid.clone()), d.view(&y, mid))?,
             Elem::Scale(s) => d.scale(d.view_mut(&mut x, mid), s)?,
-            Elem::AdamW(h) => {
-                // params x, grads z, moments y (m) and w (v).
-                let g = d.upload(&self.z)?;
-                let mut v = d.upload(&self.w)?;
-                d.adamw(
-                    h,
-                    d.view_mut(&mut x, mid.clone()),
-                    d.view(&g, mid.clone()),
-                    d.view_mut(&mut y, mid.clone()),
-                    d.view_mut(&mut v, mid),
-                )?;
-                return Ok(vec![("params", get(d, &x)?), ("m", get(d, &y)?), ("v", get(d, &v)?)]);
-            }
-            Elem::SumSquares => {
-                let s = d.sum_squares(d.view(&x, mid))?;
-                return Ok(vec![("sum", vec![s as f32])]);
-            }
+            Elem::AdamW(_) | Elem::SumSquares | Elem::ConvertCopy => unreachable!("run above"),
             Elem::Fill(v) => d.fill(d.view_mut(&mut x, mid), v)?,
             Elem::Copy => d.copy(d.view(&y, mid.clone()), d.view_mut(&mut x, mid))?,
             Elem::ViewMut2 => {
@@ -150,6 +204,11 @@ impl Case for ElemCase {
             Elem::SumSquares => return vec![("sum", vec![reference::sum_squares(&x[mid]) as f32])],
             Elem::Fill(v) => x[mid].fill(v),
             Elem::Copy => x[mid.clone()].copy_from_slice(&self.y[mid]),
+            Elem::ConvertCopy => {
+                let mut y = self.y.clone();
+                y[mid.clone()].copy_from_slice(&self.w[mid]);
+                return vec![("x", y), ("mismatches", vec![0.0])];
+            }
             Elem::ViewMut2 => {
                 // The upper half copied onto the lower half, then filled.
                 let h = self.n / 2;

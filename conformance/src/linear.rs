@@ -121,7 +121,8 @@ impl Case for AddBiasCase {
         1e-6
     }
     fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
-        let mut y = d.upload(&self.y)?;
+        // y is an activation, the bias a parameter (fp32).
+        let mut y = act(d, &self.y)?;
         let bias = d.upload(&self.bias)?;
         d.add_bias(all_mut(d, &mut y), all(d, &bias), self.cols)?;
         Ok(vec![("y", get(d, &y)?)])
@@ -154,7 +155,8 @@ impl Case for BiasGradCase {
         1e-5
     }
     fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
-        let dy = d.upload(&self.dy)?;
+        // dy is an activation gradient; dbias a parameter gradient (fp32).
+        let dy = act(d, &self.dy)?;
         let mut db = d.upload(&self.dbias0)?;
         d.bias_grad(all(d, &dy), all_mut(d, &mut db), self.cols)?;
         Ok(vec![("dbias", get(d, &db)?)])

@@ -35,8 +35,9 @@ impl Case for EmbeddingCase {
     }
     fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
         let ids = d.upload_ids(&self.ids)?;
+        // The table (and its gradient) is an fp32 parameter; out and dout are activations.
         let mut table = d.upload(&self.table)?;
-        let mut x = d.upload(&self.x)?;
+        let mut x = act(d, &self.x)?;
         if self.backward {
             d.embedding_backward(&ids, all(d, &x), self.dim, all_mut(d, &mut table))?;
             Ok(vec![("dtable", get(d, &table)?)])
@@ -219,15 +220,16 @@ impl Case for GeluCase {
         1e-5
     }
     fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
-        let mut pre = d.upload(&self.pre)?;
+        // pre, out, dout and dpre are activations; the bias and its gradient fp32.
+        let mut pre = act(d, &self.pre)?;
         if !self.backward {
             let bias = d.upload(&self.bias)?;
-            let mut out = d.upload(&self.garbage)?;
+            let mut out = act(d, &self.garbage)?;
             d.bias_gelu_forward(all_mut(d, &mut pre), all(d, &bias), all_mut(d, &mut out))?;
             return Ok(vec![("pre", get(d, &pre)?), ("out", get(d, &out)?)]);
         }
-        let dout = d.upload(&self.dout)?;
-        let mut dpre = d.upload(&self.garbage)?;
+        let dout = act(d, &self.dout)?;
+        let mut dpre = act(d, &self.garbage)?;
         let mut dbias = d.upload(&self.dbias0)?;
         d.bias_gelu_backward(all(d, &pre), all(d, &dout), all_mut(d, &mut dpre), all_mut(d, &mut dbias))?;
         Ok(vec![("dpre", get(d, &dpre)?), ("dbias", get(d, &dbias)?)])

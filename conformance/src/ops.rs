@@ -57,7 +57,8 @@ fn gemm_cases<B: Backend>(run: &mut Runner<'_, B>) {
     let small = GemmCase::new(&mut run.r, "gemm_nt", tol, shape, Operand::n(7), Operand::t(7), 11, 1.0, 1.0);
     run.check(&small);
     // dW += dy^T x: bf16 activations into an fp32 gradient on a mixed-precision device.
-    let grad = GemmCase::new(&mut run.r, "", tol, GemmShape::plain(97, 45, 131), Operand::t(97), Operand::n(45), 0, 1.0, 1.0);
+    let grad =
+        GemmCase::new(&mut run.r, "", tol, GemmShape::plain(97, 45, 131), Operand::t(97), Operand::n(45), 0, 1.0, 1.0);
     run.check(&grad.into_param_grad());
     // q [tq, H*D] x k^T per head: strided rows, batch stride D, C with a padded row stride.
     let (heads, d, tq, tk) = (3, 7, 37, 29);
@@ -183,6 +184,7 @@ fn elementwise_cases<B: Backend>(run: &mut Runner<'_, B>) {
         Elem::Fill(1.25),
         Elem::Copy,
         Elem::ViewMut2,
+        Elem::ConvertCopy,
     ] {
         let case = ElemCase::new(&mut run.r, what, n);
         run.check(&case);

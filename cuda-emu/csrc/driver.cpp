@@ -289,8 +289,24 @@ API CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, void* strea
     });
     return OK;
 }
+API CUresult cuMemsetD16Async(CUdeviceptr dst, unsigned short v, size_t n, void* stream) {
+    if (CUresult r = guard()) return r;
+    if (dst % 2 != 0) return fail_now(MISALIGNED_ADDRESS, "cuMemsetD16Async: destination not 2-byte aligned");
+    if (!range_ok(dst, n * 2, "cuMemsetD16Async")) return INVALID_VALUE;
+    enqueue(stream_get(stream), [dst, v, n] {
+        if (skip_bodies()) return;
+        unsigned short* p = (unsigned short*)dst;
+        for (size_t i = 0; i < n; i++) p[i] = v;
+    });
+    return OK;
+}
 API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
     CUresult r = cuMemsetD8Async(dst, v, n, nullptr);
+    if (!r) all_sync();
+    return r ? r : sticky();
+}
+API CUresult cuMemsetD16_v2(CUdeviceptr dst, unsigned short v, size_t n) {
+    CUresult r = cuMemsetD16Async(dst, v, n, nullptr);
     if (!r) all_sync();
     return r ? r : sticky();
 }

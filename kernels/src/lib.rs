@@ -651,3 +651,60 @@ pub fn clip_grad_norm<B: Backend>(b: &B, grads: &mut B::Buf, max_norm: f32) -> R
     }
     Ok(norm)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{bf16_bits, bf16_value, round_bf16};
+
+    #[test]
+    fn bf16_rounds_to_nearest_even_and_keeps_nan_nan() {
+        // Exact values keep their upper half: 1.0 is 0x3f80_0000, -0.0 is 0x8000_0000.
+        assert_eq!((bf16_bits(1.0), bf16_bits(-0.0)), (0x3f80, 0x8000));
+        // 1 + 2^-8 (0x3f80_8000) is halfway between 1 and 1 + 2^-7: to the even 0x3f80 (1.0).
+        assert_eq!(bf16_bits(f32::from_bits(0x3f80_8000)), 0x3f80);
+        // 1 + 3 * 2^-8 (0x3f81_8000) is halfway between 0x3f81 and 0x3f82: to the even one.
+        assert_eq!(bf16_bits(f32::from_bits(0x3f81_8000)), 0x3f82);
+        assert_eq!(bf16_value(0x3f82), 1.015625);
+        // One bit either side of a tie rounds to the nearer.
+        assert_eq!(bf16_bits(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert_eq!(bf16_bits(f32::from_bits(0x3f81_7fff)), 0x3f81);
+        // The sign does not change the rounding: -(1 + 2^-8) to -1.
+        assert_eq!(bf16_bits(f32::from_bits(0xbf80_8000)), 0xbf80);
+        // 0.1 is 0x3dcc_cccd: the low half 0xcccd is above the tie, so up to 0x3dcd, which
+        // is (1 + 77/128) / 16 = 205/2048.
+        assert_eq!(bf16_bits(0.1), 0x3dcd);
+        assert_eq!(round_bf16(0.1), 205.0 / 2048.0);
+        // Subnormals round like any other value: 2^-149 to +0, 0x0001_8000 (a tie) to 0x0002.
+        assert_eq!(bf16_bits(f32::from_bits(1)), 0x0000);
+        assert_eq!(bf16_bits(f32::from_bits(0x0001_8000)), 0x0002);
+    }
+
+    #[test]
+    fn bf16_keeps_infinities_and_rounds_past_the_largest_finite_value_to_infinity() {
+        assert_eq!((bf16_bits(f32::INFINITY), bf16_bits(f32::NEG_INFINITY)), (0x7f80, 0xff80));
+        assert_eq!(bf16_value(0x7f80), f32::INFINITY);
+        // The largest finite bf16, 0x7f7f = (2 - 2^-7) * 2^127, stays; a value just below the
+        // halfway point to 2^128 rounds down to it.
+        assert_eq!(bf16_bits(f32::from_bits(0x7f7f_0000)), 0x7f7f);
+        assert_eq!(bf16_bits(f32::from_bits(0x7f7f_7fff)), 0x7f7f);
+        // The halfway point 0x7f7f_8000 ties to the even 0x7f80, infinity; so does f32::MAX
+        // (0x7f7f_ffff, above the halfway point), and the negative side alike.
+        assert_eq!(bf16_bits(f32::from_bits(0x7f7f_8000)), 0x7f80);
+        assert_eq!(bf16_bits(f32::MAX), 0x7f80);
+        assert_eq!(round_bf16(f32::MAX), f32::INFINITY);
+        assert_eq!(round_bf16(f32::MIN), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn bf16_nan_stays_nan_quiet() {
+        // The canonical quiet NaN keeps its bits.
+        assert_eq!(bf16_bits(f32::from_bits(0x7fc0_0000)), 0x7fc0);
+        // A NaN whose payload is only in the low half would truncate to infinity: the quiet bit
+        // is set instead (0x7f80 | 0x40), and the sign kept.
+        assert_eq!(bf16_bits(f32::from_bits(0x7f80_0001)), 0x7fc0);
+        assert_eq!(bf16_bits(f32::from_bits(0xff80_0001)), 0xffc0);
+        // 0x7fff_ffff would carry into the sign bit if rounded: it stays a NaN, 0x7fff.
+        assert_eq!(bf16_bits(f32::from_bits(0x7fff_ffff)), 0x7fff);
+        assert!(round_bf16(f32::NAN).is_nan() && round_bf16(-f32::NAN).is_nan());
+    }
+}

@@ -5,7 +5,7 @@
 use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::cost::{self, F32, LaunchCost};
-use super::{Cuda, DevMut, DevRef, KernelSource, check, dev_err, grid_for};
+use super::{Cuda, DevMut, DevRef, KernelSource, check, dev_err, grid_for, require_f32};
 use crate::{AdamW, FlatSegments, OptimizerOps, Result};
 
 const STEP: &str = "adamw_step";
@@ -43,6 +43,8 @@ impl OptimizerOps for Cuda {
         check("adamw", grads.len == n && m.len == n && v.len == n && h.step >= 1, || {
             format!("params {n} grads {} m {} v {} step {}", grads.len, m.len, v.len, h.step)
         })?;
+        // Master weights, their gradients and the moments are fp32 (never activations).
+        require_f32("adamw", &[params.dtype, grads.dtype, m.dtype, v.dtype])?;
         if n == 0 {
             return Ok(());
         }
@@ -99,6 +101,7 @@ impl OptimizerOps for Cuda {
                 h.step
             )
         })?;
+        require_f32("adamw_flat", &[params.dtype, grads.dtype, m.dtype, v.dtype, norm.dtype])?;
         // The squared norm stays on the device, read by `adamw_flat` (same stream, so ordered).
         let sum = self.queue_sum_squares(grads)?;
         let (sptr, _sync) = sum.device_ptr(self.stream());
@@ -133,6 +136,7 @@ impl OptimizerOps for Cuda {
     }
 
     fn sum_squares(&self, x: DevRef<'_>) -> Result<f64> {
+        require_f32("sum_squares", &[x.dtype])?;
         let out = self.queue_sum_squares(x)?;
         // Reading the result back is a host sync, once per call.
         self.note(cost::host_copy("memcpy_dtoh", 8));

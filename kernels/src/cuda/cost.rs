@@ -242,8 +242,43 @@ mod tests {
     #[test]
     fn bias_costs_count_each_operand_once() {
         // 37 x 129 with a 129-bias: y read and written, bias read once.
-        assert_eq!(bias::add_cost(37, 129).bytes, 4 * (2 * 4773 + 129));
-        assert_eq!(bias::column_sum_cost(37, 129).bytes, 4 * (4773 + 2 * 129));
+        assert_eq!(bias::add_cost(37, 129, Dtype::F32).bytes, 4 * (2 * 4773 + 129));
+        assert_eq!(bias::column_sum_cost(37, 129, Dtype::F32).bytes, 4 * (4773 + 2 * 129));
+        // bf16 activations (2 bytes), the bias and its gradient still fp32.
+        let add = bias::add_cost(37, 129, Dtype::Bf16);
+        assert_eq!((add.bytes, add.kernel), (2 * 2 * 4773 + 4 * 129, "bias_add_bf16"));
+        assert_eq!(bias::column_sum_cost(37, 129, Dtype::Bf16).bytes, 2 * 4773 + 4 * 2 * 129);
+    }
+
+    #[test]
+    fn elementwise_families_count_activations_at_their_dtype() {
+        use crate::cuda::{cross_entropy, dropout, embedding, gelu, residual};
+        // GELU over 37 x 129 with a 129-bias: pre read and written, out written; backward
+        // reads pre and dout, writes dpre.
+        assert_eq!(gelu::forward_cost(4773, 129, Dtype::F32).bytes, 4 * (3 * 4773 + 129));
+        assert_eq!(gelu::forward_cost(4773, 129, Dtype::Bf16).bytes, 2 * 3 * 4773 + 4 * 129);
+        assert_eq!(gelu::backward_cost(4773, Dtype::F32).bytes, 4 * 3 * 4773);
+        assert_eq!(gelu::backward_cost(4773, Dtype::Bf16).bytes, 2 * 3 * 4773);
+        // Dropout in place over 4773: read and written.
+        assert_eq!(dropout::apply_cost(4773, Dtype::F32).bytes, 4 * 2 * 4773);
+        assert_eq!(dropout::apply_cost(4773, Dtype::Bf16).bytes, 2 * 2 * 4773);
+        // Residual: add and add_assign three passes, scale two.
+        use residual::Kind;
+        assert_eq!(residual::cost(Kind::Add, 4773, Dtype::F32).bytes, 4 * 3 * 4773);
+        assert_eq!(residual::cost(Kind::AddAssign, 4773, Dtype::Bf16).bytes, 2 * 3 * 4773);
+        let scale = residual::cost(Kind::Scale, 4773, Dtype::Bf16);
+        assert_eq!((scale.bytes, scale.kernel), (2 * 2 * 4773, "residual_scale_bf16"));
+        // Embedding: 37 ids of 129: the ids (4 bytes), 37 fp32 table rows, out written (and
+        // read when accumulating); backward reads the ids and dout, reads and writes fp32 rows.
+        assert_eq!(embedding::forward_cost(37, 129, false, Dtype::F32).bytes, 4 * 37 + 4 * 2 * 4773);
+        assert_eq!(embedding::forward_cost(37, 129, true, Dtype::Bf16).bytes, 4 * 37 + 4 * 4773 + 2 * 2 * 4773);
+        assert_eq!(embedding::backward_cost(37, 129, Dtype::F32).bytes, 4 * 37 + 4 * 3 * 4773);
+        assert_eq!(embedding::backward_cost(37, 129, Dtype::Bf16).bytes, 4 * 37 + 2 * 4773 + 4 * 2 * 4773);
+        // Cross-entropy over 37 x 129 logits: read (and overwritten with the gradient), fp32
+        // losses and i32 labels, one each a row.
+        assert_eq!(cross_entropy::cost(37, 129, true, Dtype::F32).bytes, 4 * (2 * 4773 + 37) + 4 * 37);
+        assert_eq!(cross_entropy::cost(37, 129, true, Dtype::Bf16).bytes, 2 * 2 * 4773 + 4 * 37 + 4 * 37);
+        assert_eq!(cross_entropy::cost(37, 129, false, Dtype::Bf16).bytes, 2 * 4773 + 8 * 37);
     }
 
     #[test]

@@ -1,28 +1,34 @@
-//! Bias + GELU launchers (see gelu.cu).
+//! Bias + GELU launchers (see gelu.cu): fp32 or bf16 activations, fp32 bias and bias gradient.
 
 use cudarc::driver::PushKernelArg;
 
-use super::cost::{F32, LaunchCost};
-use super::{Cuda, DevMut, DevRef, KernelSource, check, dev_err, grid_for};
-use crate::{GeluOps, Result};
+use super::cost::{self, F32, LaunchCost};
+use super::{Cuda, DevMut, DevRef, KernelSource, Typed, check, dev_err, grid_for, require_f32};
+use crate::{Dtype, GeluOps, Memory, Result};
 
-const FORWARD: &str = "gelu_bias_forward";
-const BACKWARD: &str = "gelu_backward";
+const FORWARD: Typed = Typed { f32: "gelu_bias_forward", bf16: "gelu_bias_forward_bf16" };
+const BACKWARD: Typed = Typed { f32: "gelu_backward", bf16: "gelu_backward_bf16" };
 
-pub(crate) const SOURCE: KernelSource =
-    KernelSource { file: "gelu.cu", code: include_str!("gelu.cu"), kernels: &[FORWARD, BACKWARD] };
+pub(crate) const SOURCE: KernelSource = KernelSource {
+    file: "gelu.cu",
+    code: include_str!("gelu.cu"),
+    kernels: &[FORWARD.f32, FORWARD.bf16, BACKWARD.f32, BACKWARD.bf16],
+};
 
-/// `gelu_bias_forward` over `n` elements with a `c`-bias: reads pre and the bias, writes
-/// `pre + bias` back and its GELU; about 10 FLOPs an element (erf counted as a few).
-fn forward_cost(n: usize, c: usize) -> LaunchCost {
+/// `gelu_bias_forward` over `n` elements of `dtype` with a `c`-bias (fp32): reads pre and the
+/// bias, writes `pre + bias` back and its GELU; about 10 FLOPs an element (erf counted as a few).
+pub(crate) fn forward_cost(n: usize, c: usize, dtype: Dtype) -> LaunchCost {
     let (n, c) = (n as u64, c as u64);
-    LaunchCost::kernel(FORWARD, F32 * (3 * n + c), 10 * n)
+    let name = if dtype == Dtype::Bf16 { FORWARD.bf16 } else { FORWARD.f32 };
+    LaunchCost::kernel(name, cost::size(dtype) * 3 * n + F32 * c, 10 * n)
 }
 
-/// `gelu_backward`: reads pre and dout, writes dpre; about 12 FLOPs an element (erf and exp).
-fn backward_cost(n: usize) -> LaunchCost {
+/// `gelu_backward`: reads pre and dout, writes dpre (all `dtype`); about 12 FLOPs an element
+/// (erf and exp).
+pub(crate) fn backward_cost(n: usize, dtype: Dtype) -> LaunchCost {
     let n = n as u64;
-    LaunchCost::kernel(BACKWARD, F32 * 3 * n, 12 * n)
+    let name = if dtype == Dtype::Bf16 { BACKWARD.bf16 } else { BACKWARD.f32 };
+    LaunchCost::kernel(name, cost::size(dtype) * 3 * n, 12 * n)
 }
 
 impl GeluOps for Cuda {
@@ -31,11 +37,13 @@ impl GeluOps for Cuda {
         check("bias_gelu_forward", c > 0 && pre.len.is_multiple_of(c) && out.len == pre.len, || {
             format!("pre {} out {} bias {c}", pre.len, out.len)
         })?;
+        require_f32("bias_gelu_forward", &[bias.dtype])?;
+        let (name, dtype) = FORWARD.pick("bias_gelu_forward", &[pre.dtype, out.dtype])?;
         let (n, ci) = (pre.len as i64, c as i32);
-        self.note(forward_cost(pre.len, c));
-        let mut l = self.stream().launch_builder(self.func(FORWARD)?);
+        self.note(forward_cost(pre.len, c, dtype));
+        let mut l = self.stream().launch_builder(self.func(name)?);
         l.arg(&pre.ptr).arg(&out.ptr).arg(&bias.ptr).arg(&n).arg(&ci);
-        // SAFETY: shapes checked; pre/out exclusive.
+        // SAFETY: shapes and dtypes checked; pre/out exclusive.
         unsafe { l.launch(grid_for(pre.len, 256)) }.map(drop).map_err(dev_err)
     }
 
@@ -46,12 +54,14 @@ impl GeluOps for Cuda {
             c > 0 && pre.len.is_multiple_of(c) && dout.len == pre.len && dpre.len == pre.len,
             || format!("pre {} dout {} dpre {} dbias {c}", pre.len, dout.len, dpre.len),
         )?;
+        require_f32("bias_gelu_backward", &[dbias.dtype])?;
+        let (name, dtype) = BACKWARD.pick("bias_gelu_backward", &[pre.dtype, dout.dtype, dpre.dtype])?;
         let n = pre.len as i64;
-        self.note(backward_cost(pre.len));
-        let mut l = self.stream().launch_builder(self.func(BACKWARD)?);
+        self.note(backward_cost(pre.len, dtype));
+        let mut l = self.stream().launch_builder(self.func(name)?);
         l.arg(&dpre.ptr).arg(&pre.ptr).arg(&dout.ptr).arg(&n);
-        // SAFETY: shapes checked; dpre exclusive.
+        // SAFETY: shapes and dtypes checked; dpre exclusive.
         unsafe { l.launch(grid_for(pre.len, 256)) }.map(drop).map_err(dev_err)?;
-        self.launch_column_sum(dbias.ptr, dpre.ptr, pre.len / c, c)
+        self.launch_column_sum(dbias, self.as_ref(&dpre), pre.len / c, c)
     }
 }

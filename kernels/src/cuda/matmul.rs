@@ -153,13 +153,14 @@ impl GemmOps for Cuda {
         check("add_bias", cols == bias.len && cols > 0 && y.len.is_multiple_of(cols), || {
             format!("y {} bias {}", y.len, bias.len)
         })?;
-        self.launch_bias_add(y.ptr, bias.ptr, y.len / cols, cols)
+        let rows = y.len / cols;
+        self.launch_bias_add(y, bias, rows, cols)
     }
 
     fn bias_grad(&self, dy: DevRef<'_>, dbias: DevMut<'_>, cols: usize) -> Result<()> {
         check("bias_grad", cols == dbias.len && cols > 0 && dy.len.is_multiple_of(cols), || {
             format!("dy {} dbias {}", dy.len, dbias.len)
         })?;
-        self.launch_column_sum(dbias.ptr, dy.ptr, dy.len / cols, cols)
+        self.launch_column_sum(dbias, dy, dy.len / cols, cols)
     }
 }
