@@ -7,6 +7,8 @@ use kernels::{AttentionShape, Backend, IGNORE_INDEX, reference};
 
 use super::{Case, Draw, Outputs, Tolerances, act, all, all_mut, get};
 
+/// q, k, v, out, dout, dq, dk and dv are activations (`act`: bf16 on a device in mixed
+/// precision); the key mask and the saved state stay fp32.
 pub(crate) struct AttentionCase {
     label: &'static str,
     backward: bool,
@@ -93,12 +95,12 @@ impl Case for AttentionCase {
         self.tol
     }
     fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
-        let q = d.upload(&self.q)?;
-        let k = d.upload(&self.k)?;
-        let v = d.upload(&self.v)?;
+        let q = act(d, &self.q)?;
+        let k = act(d, &self.k)?;
+        let v = act(d, &self.v)?;
         let mask = d.upload(&self.mask)?;
         let mut saved = d.upload(&self.garbage_p[..d.attention_saved_len(&self.s)])?;
-        let mut out = d.upload(&self.garbage_out)?;
+        let mut out = act(d, &self.garbage_out)?;
         d.attention_forward(
             self.s,
             all(d, &q),
@@ -113,10 +115,10 @@ impl Case for AttentionCase {
             // checks it.
             return Ok(vec![("out", get(d, &out)?)]);
         }
-        let dout = d.upload(&self.dout)?;
-        let mut dq = d.upload(&self.garbage_q)?;
-        let mut dk = d.upload(&self.dk0)?;
-        let mut dv = d.upload(&self.dv0)?;
+        let dout = act(d, &self.dout)?;
+        let mut dq = act(d, &self.garbage_q)?;
+        let mut dk = act(d, &self.dk0)?;
+        let mut dv = act(d, &self.dv0)?;
         d.attention_backward(
             self.s,
             all(d, &dout),

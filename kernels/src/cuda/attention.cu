@@ -1,5 +1,11 @@
 // Attention family: fused ("flash") multi-head scaled-dot-product attention, fp32 SIMT.
 //
+// Storage: q, k, v, out, dout, dq, dk and dv are activations, float or bf16 (T); each kernel
+// is one template body with two entries, NAME (float) and NAME_bf16 (b2b_bf16). The key mask
+// and lse stay fp32. bf16 elements are widened exactly when read and rounded once (nearest
+// even) when written; dk and dv accumulate as read, add in fp32, round once. All arithmetic is
+// fp32, so the bf16 entries differ from the float ones only by that storage rounding.
+//
 // Layouts: q [B, Tq, H*D] with tokens ldq apart, k and v [B, Tk, H*D] with tokens ldkv apart
 // (head h at columns h*D..h*D+D: the layout a linear layer writes, or column blocks of a fused
 // QKV projection); dq is laid out as q, dk and dv as k; out and dout are contiguous
@@ -37,13 +43,34 @@
 #define FA_KPW (FA_BK / FA_WARPS)  // keys per warp in the dk/dv kernel
 #define FA_MASKED (-1.0e30f)
 
-// dst[r][d] = rows[(t0 + r) * ld + d] for t0 + r < T and d < D, 0 elsewhere; `rows` points at
+// The kernels' trailing scalar parameters, and the bodies' arguments from them.
+#define FA_SCALARS                                                                                              \
+    int H, int D, int Tq, int Tk, int ldq, int ldkv, int causal, float scale, float p_drop, unsigned long long seed
+#define FA_SCALAR_ARGS H, D, Tq, Tk, ldq, ldkv, causal, scale, p_drop, seed
+
+// One element into a shared tile: fp32 tiles widen a bf16 element, a bf16 tile (the mma
+// kernels' operands with bf16 storage) keeps its bits.
+__device__ __forceinline__ void fa_set(float* dst, const float* src) { *dst = *src; }
+__device__ __forceinline__ void fa_set(float* dst, const b2b_bf16* src) { *dst = b2b_get(src); }
+__device__ __forceinline__ void fa_set(b2b_bf16* dst, const b2b_bf16* src) { *dst = *src; }
+
+// *p += x for an accumulating output: read, add in fp32, round once.
+template <typename T>
+__device__ __forceinline__ void fa_add(T* p, float x) {
+    b2b_put(p, b2b_get(p) + x);
+}
+
+// dst[r][d] = rows[(t0 + r) * ld + d] for t0 + r < n and d < D, 0 elsewhere; `rows` points at
 // the first token of this (b, h). All threads of the block take part.
-__device__ __forceinline__ void flash_load_rows(float (*dst)[FA_ROW], int nrows, const float* rows, long long ld,
-                                                int t0, int T, int D) {
+template <typename S, int R, typename T>
+__device__ __forceinline__ void flash_load_rows(S (*dst)[R], int nrows, const T* rows, long long ld, int t0, int n,
+                                                int D) {
     for (int e = threadIdx.x; e < nrows * FA_DMAX; e += blockDim.x) {
         const int r = e / FA_DMAX, d = e % FA_DMAX;
-        dst[r][d] = (t0 + r < T && d < D) ? rows[(long long)(t0 + r) * ld + d] : 0.0f;
+        if (t0 + r < n && d < D)
+            fa_set(&dst[r][d], rows + (long long)(t0 + r) * ld + d);
+        else
+            dst[r][d] = S(0);
     }
 }
 
@@ -77,22 +104,23 @@ __device__ __forceinline__ bool flash_any_unseen(const float* lse_s, int i0, int
 }
 
 // Dsum of FA_RPW query rows per warp into dsum_s (dout_i . out_i over the D dims of head h).
-__device__ __forceinline__ void flash_dsum(float* dsum_s, const float* dout_bh, const float* out_bh, long long c,
-                                           int i0, int Tq, int D) {
+template <typename T>
+__device__ __forceinline__ void flash_dsum(float* dsum_s, const T* dout_bh, const T* out_bh, long long c, int i0,
+                                           int Tq, int D) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int rr = 0; rr < FA_RPW; rr++) {
         const int r = warp * FA_RPW + rr, i = i0 + r;
         float acc = 0.0f;
         if (i < Tq)
-            for (int d = lane; d < D; d += 32) acc += dout_bh[i * c + d] * out_bh[i * c + d];
+            for (int d = lane; d < D; d += 32) acc += b2b_get(dout_bh + i * c + d) * b2b_get(out_bh + i * c + d);
         acc = warp_sum(acc);
         if (lane == 0) dsum_s[r] = acc;
     }
 }
 
-extern "C" __global__ void attention_flash_forward(float* out, float* lse, const float* q, const float* k, const float* v,
-                            const float* key_mask, int H, int D, int Tq, int Tk, int ldq, int ldkv, int causal,
-                            float scale, float p_drop, unsigned long long seed) {
+template <typename T>
+__device__ __forceinline__ void flash_forward(T* out, float* lse, const T* q, const T* k, const T* v,
+                                              const float* key_mask, FA_SCALARS) {
     __shared__ float qs[FA_BQ][FA_ROW];
     __shared__ float ks[FA_BK][FA_ROW];
     __shared__ float vs[FA_BK][FA_ROW];
@@ -101,8 +129,8 @@ extern "C" __global__ void attention_flash_forward(float* out, float* lse, const
     const int b = (int)(bh / H), h = (int)(bh % H);
     const int i0 = blockIdx.y * FA_BQ, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long c = (long long)H * D;
-    const float* k_bh = k + (long long)b * Tk * ldkv + (long long)h * D;
-    const float* v_bh = v + (long long)b * Tk * ldkv + (long long)h * D;
+    const T* k_bh = k + (long long)b * Tk * ldkv + (long long)h * D;
+    const T* v_bh = v + (long long)b * Tk * ldkv + (long long)h * D;
     flash_load_rows(qs, FA_BQ, q + (long long)b * Tq * ldq + (long long)h * D, ldq, i0, Tq, D);
     float m[FA_RPW], l[FA_RPW], o[FA_RPW][2];
 #pragma unroll
@@ -164,9 +192,9 @@ extern "C" __global__ void attention_flash_forward(float* out, float* lse, const
         const int i = i0 + warp * FA_RPW + rr;
         if (i >= Tq) continue;
         const float inv = l[rr] > 0.0f ? 1.0f / l[rr] : 0.0f;  // no keys at all (Tk 0): out 0, as the CPU
-        float* o_row = out + ((long long)b * Tq + i) * c + (long long)h * D;
-        if (lane < D) o_row[lane] = o[rr][0] * inv;
-        if (lane + 32 < D) o_row[lane + 32] = o[rr][1] * inv;
+        T* o_row = out + ((long long)b * Tq + i) * c + (long long)h * D;
+        if (lane < D) b2b_put(o_row + lane, o[rr][0] * inv);
+        if (lane + 32 < D) b2b_put(o_row + lane + 32, o[rr][1] * inv);
         if (lane == 0) lse[bh * Tq + i] = m[rr] + logf(l[rr]);
     }
 }
@@ -174,10 +202,10 @@ extern "C" __global__ void attention_flash_forward(float* out, float* lse, const
 // dk, dv of 32 keys of one (b, h): warp w owns keys w*8..w*8+7, lane holds dims lane, lane+32 of
 // each; per query tile, lane (r, kk) = (lane / 8, lane % 8) computes one (row, key) pair of a
 // group of 4 rows, and the warp broadcasts the 32 pairs' P*keep and dS with shuffles.
-extern "C" __global__ void attention_flash_backward_dkdv(float* dk, float* dv, const float* q, const float* k, const float* v,
-                                  const float* key_mask, const float* out, const float* dout, const float* lse, int H,
-                                  int D, int Tq, int Tk, int ldq, int ldkv, int causal, float scale, float p_drop,
-                                  unsigned long long seed) {
+template <typename T>
+__device__ __forceinline__ void flash_backward_dkdv(T* dk, T* dv, const T* q, const T* k, const T* v,
+                                                    const float* key_mask, const T* out, const T* dout,
+                                                    const float* lse, FA_SCALARS) {
     __shared__ float ks[FA_BK][FA_ROW];
     __shared__ float vs[FA_BK][FA_ROW];
     __shared__ float qs[FA_BQ][FA_ROW];
@@ -190,9 +218,9 @@ extern "C" __global__ void attention_flash_backward_dkdv(float* dk, float* dv, c
     const int j0 = blockIdx.y * FA_BK, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long c = (long long)H * D;
     const long long kv_off = (long long)b * Tk * ldkv + (long long)h * D;
-    const float* q_bh = q + (long long)b * Tq * ldq + (long long)h * D;
-    const float* dout_bh = dout + (long long)b * Tq * c + (long long)h * D;
-    const float* out_bh = out + (long long)b * Tq * c + (long long)h * D;
+    const T* q_bh = q + (long long)b * Tq * ldq + (long long)h * D;
+    const T* dout_bh = dout + (long long)b * Tq * c + (long long)h * D;
+    const T* out_bh = out + (long long)b * Tq * c + (long long)h * D;
     flash_load_rows(ks, FA_BK, k + kv_off, ldkv, j0, Tk, D);
     flash_load_rows(vs, FA_BK, v + kv_off, ldkv, j0, Tk, D);
     flash_load_mask(km, key_mask + (long long)b * Tk, j0, Tk);
@@ -244,24 +272,24 @@ extern "C" __global__ void attention_flash_backward_dkdv(float* dk, float* dv, c
     for (int kk = 0; kk < FA_KPW; kk++) {
         const int jk = j0 + warp * FA_KPW + kk;
         if (jk >= Tk) continue;
-        float* dk_row = dk + kv_off + (long long)jk * ldkv;
-        float* dv_row = dv + kv_off + (long long)jk * ldkv;
+        T* dk_row = dk + kv_off + (long long)jk * ldkv;
+        T* dv_row = dv + kv_off + (long long)jk * ldkv;
         if (lane < D) {
-            dk_row[lane] += scale * dk_acc[kk][0];
-            dv_row[lane] += dv_acc[kk][0];
+            fa_add(dk_row + lane, scale * dk_acc[kk][0]);
+            fa_add(dv_row + lane, dv_acc[kk][0]);
         }
         if (lane + 32 < D) {
-            dk_row[lane + 32] += scale * dk_acc[kk][1];
-            dv_row[lane + 32] += dv_acc[kk][1];
+            fa_add(dk_row + lane + 32, scale * dk_acc[kk][1]);
+            fa_add(dv_row + lane + 32, dv_acc[kk][1]);
         }
     }
 }
 
 // dq of 16 query rows of one (b, h): warp w owns rows w*4..w*4+3, lane j the key j0 + lane of
 // each tile, and holds dims lane, lane+32 of its rows' dq.
-extern "C" __global__ void attention_flash_backward_dq(float* dq, const float* q, const float* k, const float* v, const float* key_mask,
-                                const float* out, const float* dout, const float* lse, int H, int D, int Tq, int Tk,
-                                int ldq, int ldkv, int causal, float scale, float p_drop, unsigned long long seed) {
+template <typename T>
+__device__ __forceinline__ void flash_backward_dq(T* dq, const T* q, const T* k, const T* v, const float* key_mask,
+                                                  const T* out, const T* dout, const float* lse, FA_SCALARS) {
     __shared__ float qs[FA_BQ][FA_ROW];
     __shared__ float dos[FA_BQ][FA_ROW];
     __shared__ float ks[FA_BK][FA_ROW];
@@ -274,9 +302,9 @@ extern "C" __global__ void attention_flash_backward_dq(float* dq, const float* q
     const int i0 = blockIdx.y * FA_BQ, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long c = (long long)H * D;
     const long long q_off = (long long)b * Tq * ldq + (long long)h * D;
-    const float* k_bh = k + (long long)b * Tk * ldkv + (long long)h * D;
-    const float* v_bh = v + (long long)b * Tk * ldkv + (long long)h * D;
-    const float* dout_bh = dout + (long long)b * Tq * c + (long long)h * D;
+    const T* k_bh = k + (long long)b * Tk * ldkv + (long long)h * D;
+    const T* v_bh = v + (long long)b * Tk * ldkv + (long long)h * D;
+    const T* dout_bh = dout + (long long)b * Tq * c + (long long)h * D;
     flash_load_rows(qs, FA_BQ, q + q_off, ldq, i0, Tq, D);
     flash_load_rows(dos, FA_BQ, dout_bh, c, i0, Tq, D);
     flash_dsum(dsum_s, dout_bh, out + (long long)b * Tq * c + (long long)h * D, c, i0, Tq, D);
@@ -320,19 +348,54 @@ extern "C" __global__ void attention_flash_backward_dq(float* dq, const float* q
     for (int rr = 0; rr < FA_RPW; rr++) {
         const int i = i0 + warp * FA_RPW + rr;
         if (i >= Tq) continue;
-        float* dq_row = dq + q_off + (long long)i * ldq;
-        if (lane < D) dq_row[lane] = scale * dq_acc[rr][0];
-        if (lane + 32 < D) dq_row[lane + 32] = scale * dq_acc[rr][1];
+        T* dq_row = dq + q_off + (long long)i * ldq;
+        if (lane < D) b2b_put(dq_row + lane, scale * dq_acc[rr][0]);
+        if (lane + 32 < D) b2b_put(dq_row + lane + 32, scale * dq_acc[rr][1]);
     }
+}
+
+extern "C" __global__ void attention_flash_forward(float* out, float* lse, const float* q, const float* k,
+                                                   const float* v, const float* key_mask, FA_SCALARS) {
+    flash_forward(out, lse, q, k, v, key_mask, FA_SCALAR_ARGS);
+}
+extern "C" __global__ void attention_flash_forward_bf16(b2b_bf16* out, float* lse, const b2b_bf16* q,
+                                                        const b2b_bf16* k, const b2b_bf16* v, const float* key_mask,
+                                                        FA_SCALARS) {
+    flash_forward(out, lse, q, k, v, key_mask, FA_SCALAR_ARGS);
+}
+extern "C" __global__ void attention_flash_backward_dkdv(float* dk, float* dv, const float* q, const float* k,
+                                                         const float* v, const float* key_mask, const float* out,
+                                                         const float* dout, const float* lse, FA_SCALARS) {
+    flash_backward_dkdv(dk, dv, q, k, v, key_mask, out, dout, lse, FA_SCALAR_ARGS);
+}
+extern "C" __global__ void attention_flash_backward_dkdv_bf16(b2b_bf16* dk, b2b_bf16* dv, const b2b_bf16* q,
+                                                              const b2b_bf16* k, const b2b_bf16* v,
+                                                              const float* key_mask, const b2b_bf16* out,
+                                                              const b2b_bf16* dout, const float* lse, FA_SCALARS) {
+    flash_backward_dkdv(dk, dv, q, k, v, key_mask, out, dout, lse, FA_SCALAR_ARGS);
+}
+extern "C" __global__ void attention_flash_backward_dq(float* dq, const float* q, const float* k, const float* v,
+                                                       const float* key_mask, const float* out, const float* dout,
+                                                       const float* lse, FA_SCALARS) {
+    flash_backward_dq(dq, q, k, v, key_mask, out, dout, lse, FA_SCALAR_ARGS);
+}
+extern "C" __global__ void attention_flash_backward_dq_bf16(b2b_bf16* dq, const b2b_bf16* q, const b2b_bf16* k,
+                                                            const b2b_bf16* v, const float* key_mask,
+                                                            const b2b_bf16* out, const b2b_bf16* dout,
+                                                            const float* lse, FA_SCALARS) {
+    flash_backward_dq(dq, q, k, v, key_mask, out, dout, lse, FA_SCALAR_ARGS);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core variants (the CUDA backend's GemmPrecision::Bf16): the same kernels, tiles, grids,
 // masks, dropout counters, online softmax, saved lse and fully-masked-row rule as above, but the
 // dot products of each tile (S = Q K^T, dP = dO V^T, O += P V, dV += P^T dO, dK += dS^T Q,
-// dQ += dS K) run as warp-wide m16n8k16 MMAs: operands rounded to bf16 when a fragment is loaded
-// from shared memory (where tiles stay fp32), fp32 accumulators. The softmax, exp, dropout and
-// Dsum stay fp32 on CUDA cores. Head dims multiples of 16 up to 64 (the launcher falls back to
+// dQ += dS K) run as warp-wide m16n8k16 MMAs with fp32 accumulators. With float storage the
+// q/k/v/dout tiles stay fp32 in shared memory and operands are rounded to bf16 when a fragment
+// is loaded; with bf16 storage the tiles keep the stored bf16 bits (no conversion: they are the
+// bits that rounding their widened values gives) and fragments pack them as they are. P and dS
+// tiles are fp32 and rounded at the fragment either way. The softmax, exp, dropout and Dsum
+// stay fp32 on CUDA cores. Head dims multiples of 16 up to 64 (the launcher falls back to
 // the SIMT kernels otherwise). Results differ from the CPU's by bf16 operand rounding (~1e-2
 // relative to the output's scale); each output element still has one owner and a fixed order.
 // Fragment layout (g = lane / 4, t = lane % 4): see b2b_mma_bf16_16x8x16 in common.cuh.
@@ -341,60 +404,83 @@ extern "C" __global__ void attention_flash_backward_dq(float* dq, const float* q
 #define FA_NB (FA_DMAX / 8 / FA_WARPS)   // 8-dim output blocks per warp of a 16-row output (w, w+4)
 #define FA_KNB (FA_DMAX / 8 / 2)         // 8-dim blocks per warp of a 32-key dk/dv (2 warps a key half)
 
-// The A fragment of the 16x16 block at (r0, c0) of a row-major shared matrix (ld floats a row).
-__device__ __forceinline__ void fa_frag_a(unsigned a[4], const float* m, int ld, int r0, int c0) {
+// The row length of a shared operand tile of S: fp32 rows padded to FA_ROW; bf16 rows to 72
+// halves (36 words), so a fragment's 8 rows x 4 word columns fall in 32 different banks.
+template <typename S>
+struct fa_tile {
+    static const int row = FA_ROW;
+};
+template <>
+struct fa_tile<b2b_bf16> {
+    static const int row = FA_DMAX + 8;
+};
+
+// Two fragment elements in one register, `lo` in the low half: fp32 ones rounded to bf16,
+// bf16 ones as stored.
+__device__ __forceinline__ unsigned fa_pair(const float* lo, const float* hi) { return b2b_pack_bf16x2(*lo, *hi); }
+__device__ __forceinline__ unsigned fa_pair(const b2b_bf16* lo, const b2b_bf16* hi) {
+    return (unsigned)*lo | ((unsigned)*hi << 16);
+}
+
+// The A fragment of the 16x16 block at (r0, c0) of a row-major shared matrix (ld elements a row).
+template <typename S>
+__device__ __forceinline__ void fa_frag_a(unsigned a[4], const S* m, int ld, int r0, int c0) {
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    const float* p0 = m + (r0 + g) * ld + c0 + 2 * t;
-    const float* p1 = p0 + 8 * ld;
-    a[0] = b2b_pack_bf16x2(p0[0], p0[1]);
-    a[1] = b2b_pack_bf16x2(p1[0], p1[1]);
-    a[2] = b2b_pack_bf16x2(p0[8], p0[9]);
-    a[3] = b2b_pack_bf16x2(p1[8], p1[9]);
+    const S* p0 = m + (r0 + g) * ld + c0 + 2 * t;
+    const S* p1 = p0 + 8 * ld;
+    a[0] = fa_pair(p0, p0 + 1);
+    a[1] = fa_pair(p1, p1 + 1);
+    a[2] = fa_pair(p0 + 8, p0 + 9);
+    a[3] = fa_pair(p1 + 8, p1 + 9);
 }
 
 // The A fragment of the transpose: A[x][y] = m[(c0 + y) * ld + r0 + x].
-__device__ __forceinline__ void fa_frag_a_t(unsigned a[4], const float* m, int ld, int r0, int c0) {
+template <typename S>
+__device__ __forceinline__ void fa_frag_a_t(unsigned a[4], const S* m, int ld, int r0, int c0) {
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    const float* p = m + (c0 + 2 * t) * ld + r0 + g;
-    a[0] = b2b_pack_bf16x2(p[0], p[ld]);
-    a[1] = b2b_pack_bf16x2(p[8], p[ld + 8]);
-    a[2] = b2b_pack_bf16x2(p[8 * ld], p[9 * ld]);
-    a[3] = b2b_pack_bf16x2(p[8 * ld + 8], p[9 * ld + 8]);
+    const S* p = m + (c0 + 2 * t) * ld + r0 + g;
+    a[0] = fa_pair(p, p + ld);
+    a[1] = fa_pair(p + 8, p + ld + 8);
+    a[2] = fa_pair(p + 8 * ld, p + 9 * ld);
+    a[3] = fa_pair(p + 8 * ld + 8, p + 9 * ld + 8);
 }
 
 // The B fragment with B[k][n] = m[(n0 + n) * ld + k0 + k]: the rows of m are B's columns (keys
 // as the columns of Q K^T).
-__device__ __forceinline__ void fa_frag_b_rows(unsigned b[2], const float* m, int ld, int k0, int n0) {
+template <typename S>
+__device__ __forceinline__ void fa_frag_b_rows(unsigned b[2], const S* m, int ld, int k0, int n0) {
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    const float* p = m + (n0 + g) * ld + k0 + 2 * t;
-    b[0] = b2b_pack_bf16x2(p[0], p[1]);
-    b[1] = b2b_pack_bf16x2(p[8], p[9]);
+    const S* p = m + (n0 + g) * ld + k0 + 2 * t;
+    b[0] = fa_pair(p, p + 1);
+    b[1] = fa_pair(p + 8, p + 9);
 }
 
 // The B fragment with B[k][n] = m[(k0 + k) * ld + n0 + n] (row-major K x N, as V in P V).
-__device__ __forceinline__ void fa_frag_b_cols(unsigned b[2], const float* m, int ld, int k0, int n0) {
+template <typename S>
+__device__ __forceinline__ void fa_frag_b_cols(unsigned b[2], const S* m, int ld, int k0, int n0) {
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    const float* p = m + (k0 + 2 * t) * ld + n0 + g;
-    b[0] = b2b_pack_bf16x2(p[0], p[ld]);
-    b[1] = b2b_pack_bf16x2(p[8 * ld], p[9 * ld]);
+    const S* p = m + (k0 + 2 * t) * ld + n0 + g;
+    b[0] = fa_pair(p, p + ld);
+    b[1] = fa_pair(p + 8 * ld, p + 9 * ld);
 }
 
 // c = rows (16 x D) . keys[n0 .. n0 + 8] (each a row of D) for the warp: a 16 x 8 block of dots.
-__device__ __forceinline__ void fa_mma_dots(float c[4], const float (*rows)[FA_ROW], const float (*keys)[FA_ROW],
-                                            int n0, int D) {
+template <typename S, int R>
+__device__ __forceinline__ void fa_mma_dots(float c[4], const S (*rows)[R], const S (*keys)[R], int n0, int D) {
     c[0] = c[1] = c[2] = c[3] = 0.0f;
     for (int k0 = 0; k0 < D; k0 += 16) {
         unsigned a[4], b[2];
-        fa_frag_a(a, &rows[0][0], FA_ROW, 0, k0);
-        fa_frag_b_rows(b, &keys[0][0], FA_ROW, k0, n0);
+        fa_frag_a(a, &rows[0][0], R, 0, k0);
+        fa_frag_b_rows(b, &keys[0][0], R, k0, n0);
         b2b_mma_bf16_16x8x16(c, a, b, c);
     }
 }
 
 // acc[nbi] += tile (16 x 32, row-major in shared) . src[32 keys][n-block w + 4*nbi], for the
 // n-blocks of 8 dims below D that warp w owns (forward P V, backward dS K).
+template <typename S, int R>
 __device__ __forceinline__ void fa_mma_rows_by_keys(float acc[FA_NB][4], const float (*tile)[FA_PROW],
-                                                    const float (*src)[FA_ROW], int D) {
+                                                    const S (*src)[R], int D) {
     const int warp = threadIdx.x >> 5;
     unsigned a[2][4];
     fa_frag_a(a[0], &tile[0][0], FA_PROW, 0, 0);
@@ -406,18 +492,19 @@ __device__ __forceinline__ void fa_mma_rows_by_keys(float acc[FA_NB][4], const f
 #pragma unroll
         for (int kh = 0; kh < 2; kh++) {
             unsigned b[2];
-            fa_frag_b_cols(b, &src[0][0], FA_ROW, kh * 16, nb * 8);
+            fa_frag_b_cols(b, &src[0][0], R, kh * 16, nb * 8);
             b2b_mma_bf16_16x8x16(acc[nbi], a[kh], b, acc[nbi]);
         }
     }
 }
 
-extern "C" __global__ void attention_flash_forward_mma(float* out, float* lse, const float* q, const float* k,
-                            const float* v, const float* key_mask, int H, int D, int Tq, int Tk, int ldq, int ldkv,
-                            int causal, float scale, float p_drop, unsigned long long seed) {
-    __shared__ float qs[FA_BQ][FA_ROW];
-    __shared__ float ks[FA_BK][FA_ROW];
-    __shared__ float vs[FA_BK][FA_ROW];
+template <typename T>
+__device__ __forceinline__ void flash_forward_mma(T* out, float* lse, const T* q, const T* k, const T* v,
+                                                  const float* key_mask, FA_SCALARS) {
+    constexpr int R = fa_tile<T>::row;
+    __shared__ T qs[FA_BQ][R];
+    __shared__ T ks[FA_BK][R];
+    __shared__ T vs[FA_BK][R];
     __shared__ float ps[FA_BQ][FA_PROW];  // the tile's raw dots, then its P * keep
     __shared__ float km[FA_BK];
     __shared__ float alpha_s[FA_BQ];
@@ -428,8 +515,8 @@ extern "C" __global__ void attention_flash_forward_mma(float* out, float* lse, c
     const int i0 = blockIdx.y * FA_BQ, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const long long c = (long long)H * D;
-    const float* k_bh = k + (long long)b * Tk * ldkv + (long long)h * D;
-    const float* v_bh = v + (long long)b * Tk * ldkv + (long long)h * D;
+    const T* k_bh = k + (long long)b * Tk * ldkv + (long long)h * D;
+    const T* v_bh = v + (long long)b * Tk * ldkv + (long long)h * D;
     flash_load_rows(qs, FA_BQ, q + (long long)b * Tq * ldq + (long long)h * D, ldq, i0, Tq, D);
     // Softmax state in the SIMT kernel's layout (warp w rows w*4.., lane = key of the tile).
     float m[FA_RPW], l[FA_RPW], o[FA_NB][4] = {};
@@ -500,7 +587,7 @@ extern "C" __global__ void attention_flash_forward_mma(float* out, float* lse, c
             const int r = g + (e >> 1) * 8, i = i0 + r;
             if (i >= Tq) continue;
             const float inv = l_s[r] > 0.0f ? 1.0f / l_s[r] : 0.0f;  // no keys at all (Tk 0): out 0
-            out[((long long)b * Tq + i) * c + (long long)h * D + nb * 8 + 2 * t + (e & 1)] = o[nbi][e] * inv;
+            b2b_put(out + ((long long)b * Tq + i) * c + (long long)h * D + nb * 8 + 2 * t + (e & 1), o[nbi][e] * inv);
         }
     }
 }
@@ -531,14 +618,15 @@ __device__ __forceinline__ void fa_backward_probs(float (*pk_t)[FA_PROW], float 
 // dk, dv of 32 keys of one (b, h), as attention_flash_backward_dkdv: per query tile, warp w
 // computes the dots of keys w*8.. (S and dP), then dv += (P keep)^T dout and dk += dS^T q with
 // warp w owning keys (w % 2)*16 .. +15 and the dim blocks w / 2, w / 2 + 2, ...
-extern "C" __global__ void attention_flash_backward_dkdv_mma(float* dk, float* dv, const float* q, const float* k,
-                                  const float* v, const float* key_mask, const float* out, const float* dout,
-                                  const float* lse, int H, int D, int Tq, int Tk, int ldq, int ldkv, int causal,
-                                  float scale, float p_drop, unsigned long long seed) {
-    __shared__ float ks[FA_BK][FA_ROW];
-    __shared__ float vs[FA_BK][FA_ROW];
-    __shared__ float qs[FA_BQ][FA_ROW];
-    __shared__ float dos[FA_BQ][FA_ROW];
+template <typename T>
+__device__ __forceinline__ void flash_backward_dkdv_mma(T* dk, T* dv, const T* q, const T* k, const T* v,
+                                                        const float* key_mask, const T* out, const T* dout,
+                                                        const float* lse, FA_SCALARS) {
+    constexpr int R = fa_tile<T>::row;
+    __shared__ T ks[FA_BK][R];
+    __shared__ T vs[FA_BK][R];
+    __shared__ T qs[FA_BQ][R];
+    __shared__ T dos[FA_BQ][R];
     __shared__ float pk_t[FA_BQ][FA_PROW];
     __shared__ float ds_t[FA_BQ][FA_PROW];
     __shared__ float km[FA_BK];
@@ -550,9 +638,9 @@ extern "C" __global__ void attention_flash_backward_dkdv_mma(float* dk, float* d
     const int g = lane >> 2, t = lane & 3, key_half = warp & 1, nb0 = warp >> 1;
     const long long c = (long long)H * D;
     const long long kv_off = (long long)b * Tk * ldkv + (long long)h * D;
-    const float* q_bh = q + (long long)b * Tq * ldq + (long long)h * D;
-    const float* dout_bh = dout + (long long)b * Tq * c + (long long)h * D;
-    const float* out_bh = out + (long long)b * Tq * c + (long long)h * D;
+    const T* q_bh = q + (long long)b * Tq * ldq + (long long)h * D;
+    const T* dout_bh = dout + (long long)b * Tq * c + (long long)h * D;
+    const T* out_bh = out + (long long)b * Tq * c + (long long)h * D;
     flash_load_rows(ks, FA_BK, k + kv_off, ldkv, j0, Tk, D);
     flash_load_rows(vs, FA_BK, v + kv_off, ldkv, j0, Tk, D);
     flash_load_mask(km, key_mask + (long long)b * Tk, j0, Tk);
@@ -579,9 +667,9 @@ extern "C" __global__ void attention_flash_backward_dkdv_mma(float* dk, float* d
             const int nb = nb0 + 2 * nbi;
             if (nb * 8 >= D) continue;  // warp-uniform
             unsigned bf[2];
-            fa_frag_b_cols(bf, &dos[0][0], FA_ROW, 0, nb * 8);
+            fa_frag_b_cols(bf, &dos[0][0], R, 0, nb * 8);
             b2b_mma_bf16_16x8x16(dv_acc[nbi], a_pk, bf, dv_acc[nbi]);
-            fa_frag_b_cols(bf, &qs[0][0], FA_ROW, 0, nb * 8);
+            fa_frag_b_cols(bf, &qs[0][0], R, 0, nb * 8);
             b2b_mma_bf16_16x8x16(dk_acc[nbi], a_ds, bf, dk_acc[nbi]);
         }
     }
@@ -594,22 +682,22 @@ extern "C" __global__ void attention_flash_backward_dkdv_mma(float* dk, float* d
             const int jk = j0 + key_half * 16 + g + (e >> 1) * 8;
             if (jk >= Tk) continue;
             const long long at = kv_off + (long long)jk * ldkv + nb * 8 + 2 * t + (e & 1);
-            dk[at] += scale * dk_acc[nbi][e];
-            dv[at] += dv_acc[nbi][e];
+            fa_add(dk + at, scale * dk_acc[nbi][e]);
+            fa_add(dv + at, dv_acc[nbi][e]);
         }
     }
 }
 
 // dq of 16 query rows of one (b, h), as attention_flash_backward_dq: per key tile, warp w
 // computes the dots of keys w*8.., then dq += dS k with warp w owning the dim blocks w, w + 4.
-extern "C" __global__ void attention_flash_backward_dq_mma(float* dq, const float* q, const float* k, const float* v,
-                                const float* key_mask, const float* out, const float* dout, const float* lse, int H,
-                                int D, int Tq, int Tk, int ldq, int ldkv, int causal, float scale, float p_drop,
-                                unsigned long long seed) {
-    __shared__ float qs[FA_BQ][FA_ROW];
-    __shared__ float dos[FA_BQ][FA_ROW];
-    __shared__ float ks[FA_BK][FA_ROW];
-    __shared__ float vs[FA_BK][FA_ROW];
+template <typename T>
+__device__ __forceinline__ void flash_backward_dq_mma(T* dq, const T* q, const T* k, const T* v, const float* key_mask,
+                                                      const T* out, const T* dout, const float* lse, FA_SCALARS) {
+    constexpr int R = fa_tile<T>::row;
+    __shared__ T qs[FA_BQ][R];
+    __shared__ T dos[FA_BQ][R];
+    __shared__ T ks[FA_BK][R];
+    __shared__ T vs[FA_BK][R];
     __shared__ float ds_t[FA_BQ][FA_PROW];
     __shared__ float km[FA_BK];
     __shared__ float lse_s[FA_BQ];
@@ -620,9 +708,9 @@ extern "C" __global__ void attention_flash_backward_dq_mma(float* dq, const floa
     const int g = lane >> 2, t = lane & 3;
     const long long c = (long long)H * D;
     const long long q_off = (long long)b * Tq * ldq + (long long)h * D;
-    const float* k_bh = k + (long long)b * Tk * ldkv + (long long)h * D;
-    const float* v_bh = v + (long long)b * Tk * ldkv + (long long)h * D;
-    const float* dout_bh = dout + (long long)b * Tq * c + (long long)h * D;
+    const T* k_bh = k + (long long)b * Tk * ldkv + (long long)h * D;
+    const T* v_bh = v + (long long)b * Tk * ldkv + (long long)h * D;
+    const T* dout_bh = dout + (long long)b * Tq * c + (long long)h * D;
     flash_load_rows(qs, FA_BQ, q + q_off, ldq, i0, Tq, D);
     flash_load_rows(dos, FA_BQ, dout_bh, c, i0, Tq, D);
     flash_dsum(dsum_s, dout_bh, out + (long long)b * Tq * c + (long long)h * D, c, i0, Tq, D);
@@ -651,7 +739,40 @@ extern "C" __global__ void attention_flash_backward_dq_mma(float* dq, const floa
         for (int e = 0; e < 4; e++) {
             const int i = i0 + g + (e >> 1) * 8;
             if (i >= Tq) continue;
-            dq[q_off + (long long)i * ldq + nb * 8 + 2 * t + (e & 1)] = scale * dq_acc[nbi][e];
+            b2b_put(dq + q_off + (long long)i * ldq + nb * 8 + 2 * t + (e & 1), scale * dq_acc[nbi][e]);
         }
     }
+}
+
+extern "C" __global__ void attention_flash_forward_mma(float* out, float* lse, const float* q, const float* k,
+                                                       const float* v, const float* key_mask, FA_SCALARS) {
+    flash_forward_mma(out, lse, q, k, v, key_mask, FA_SCALAR_ARGS);
+}
+extern "C" __global__ void attention_flash_forward_mma_bf16(b2b_bf16* out, float* lse, const b2b_bf16* q,
+                                                            const b2b_bf16* k, const b2b_bf16* v,
+                                                            const float* key_mask, FA_SCALARS) {
+    flash_forward_mma(out, lse, q, k, v, key_mask, FA_SCALAR_ARGS);
+}
+extern "C" __global__ void attention_flash_backward_dkdv_mma(float* dk, float* dv, const float* q, const float* k,
+                                                             const float* v, const float* key_mask, const float* out,
+                                                             const float* dout, const float* lse, FA_SCALARS) {
+    flash_backward_dkdv_mma(dk, dv, q, k, v, key_mask, out, dout, lse, FA_SCALAR_ARGS);
+}
+extern "C" __global__ void attention_flash_backward_dkdv_mma_bf16(b2b_bf16* dk, b2b_bf16* dv, const b2b_bf16* q,
+                                                                  const b2b_bf16* k, const b2b_bf16* v,
+                                                                  const float* key_mask, const b2b_bf16* out,
+                                                                  const b2b_bf16* dout, const float* lse,
+                                                                  FA_SCALARS) {
+    flash_backward_dkdv_mma(dk, dv, q, k, v, key_mask, out, dout, lse, FA_SCALAR_ARGS);
+}
+extern "C" __global__ void attention_flash_backward_dq_mma(float* dq, const float* q, const float* k, const float* v,
+                                                           const float* key_mask, const float* out,
+                                                           const float* dout, const float* lse, FA_SCALARS) {
+    flash_backward_dq_mma(dq, q, k, v, key_mask, out, dout, lse, FA_SCALAR_ARGS);
+}
+extern "C" __global__ void attention_flash_backward_dq_mma_bf16(b2b_bf16* dq, const b2b_bf16* q, const b2b_bf16* k,
+                                                                const b2b_bf16* v, const float* key_mask,
+                                                                const b2b_bf16* out, const b2b_bf16* dout,
+                                                                const float* lse, FA_SCALARS) {
+    flash_backward_dq_mma(dq, q, k, v, key_mask, out, dout, lse, FA_SCALAR_ARGS);
 }

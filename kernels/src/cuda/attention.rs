@@ -3,25 +3,49 @@
 //! tiles) that recompute the probabilities. No scratch memory, no atomics. Each comes in two
 //! variants: fp32 SIMT (GemmPrecision::Fp32, the oracle-exact path) and bf16 tensor cores for the
 //! dot products (GemmPrecision::Bf16 and a head dim that is a multiple of 16).
+//!
+//! Every kernel has an fp32-storage and a bf16-storage entry (`_bf16`), picked by the dtype of
+//! the activation operands (q, k, v, out, dout, dq, dk, dv: one dtype for all); the key mask and
+//! the saved log-sum-exps are fp32 either way.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::cost::{F32, LaunchCost};
-use super::{Cuda, DevMut, DevRef, GemmPrecision, KernelSource, dev_err};
-use crate::{AttentionOps, AttentionShape, KernelError, Result, check_len};
+use super::cost::{self, F32, LaunchCost};
+use super::{Cuda, DevMut, DevRef, GemmPrecision, KernelSource, Typed, dev_err, require_f32};
+use crate::{AttentionOps, AttentionShape, Dtype, KernelError, Result, check_len};
 
-const FORWARD: &str = "attention_flash_forward";
-const BACKWARD_DKDV: &str = "attention_flash_backward_dkdv";
-const BACKWARD_DQ: &str = "attention_flash_backward_dq";
-const FORWARD_MMA: &str = "attention_flash_forward_mma";
-const BACKWARD_DKDV_MMA: &str = "attention_flash_backward_dkdv_mma";
-const BACKWARD_DQ_MMA: &str = "attention_flash_backward_dq_mma";
+const FORWARD: Typed = Typed { f32: "attention_flash_forward", bf16: "attention_flash_forward_bf16" };
+const BACKWARD_DKDV: Typed = Typed { f32: "attention_flash_backward_dkdv", bf16: "attention_flash_backward_dkdv_bf16" };
+const BACKWARD_DQ: Typed = Typed { f32: "attention_flash_backward_dq", bf16: "attention_flash_backward_dq_bf16" };
+const FORWARD_MMA: Typed = Typed { f32: "attention_flash_forward_mma", bf16: "attention_flash_forward_mma_bf16" };
+const BACKWARD_DKDV_MMA: Typed =
+    Typed { f32: "attention_flash_backward_dkdv_mma", bf16: "attention_flash_backward_dkdv_mma_bf16" };
+const BACKWARD_DQ_MMA: Typed =
+    Typed { f32: "attention_flash_backward_dq_mma", bf16: "attention_flash_backward_dq_mma_bf16" };
 
 pub(crate) const SOURCE: KernelSource = KernelSource {
     file: "attention.cu",
     code: include_str!("attention.cu"),
-    kernels: &[FORWARD, BACKWARD_DKDV, BACKWARD_DQ, FORWARD_MMA, BACKWARD_DKDV_MMA, BACKWARD_DQ_MMA],
+    kernels: &[
+        FORWARD.f32,
+        FORWARD.bf16,
+        BACKWARD_DKDV.f32,
+        BACKWARD_DKDV.bf16,
+        BACKWARD_DQ.f32,
+        BACKWARD_DQ.bf16,
+        FORWARD_MMA.f32,
+        FORWARD_MMA.bf16,
+        BACKWARD_DKDV_MMA.f32,
+        BACKWARD_DKDV_MMA.bf16,
+        BACKWARD_DQ_MMA.f32,
+        BACKWARD_DQ_MMA.bf16,
+    ],
 };
+
+/// The entry of `kernel` for activations of `dtype`.
+fn entry(kernel: Typed, dtype: Dtype) -> &'static str {
+    if dtype == Dtype::Bf16 { kernel.bf16 } else { kernel.f32 }
+}
 
 /// Which kernels run an attention: fp32 SIMT dot products, or bf16 tensor-core (mma.sync) ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,10 +58,14 @@ impl Variant {
     /// Tensor cores when the backend's GEMMs run in bf16 and the head dim is a multiple of the
     /// MMA's k of 16 (the fp32 precision keeps the oracle-exact SIMT kernels).
     pub(crate) fn pick(precision: GemmPrecision, head_dim: usize) -> Self {
-        if precision == GemmPrecision::Bf16 && head_dim > 0 && head_dim % 16 == 0 { Self::Mma } else { Self::Simt }
+        if precision == GemmPrecision::Bf16 && head_dim > 0 && head_dim.is_multiple_of(16) {
+            Self::Mma
+        } else {
+            Self::Simt
+        }
     }
 
-    fn name(self, simt: &'static str, mma: &'static str) -> &'static str {
+    fn name(self, simt: Typed, mma: Typed) -> Typed {
         match self {
             Self::Simt => simt,
             Self::Mma => mma,
@@ -67,34 +95,37 @@ const SOFTMAX_FLOPS_PER_PAIR: u64 = 5;
 /// `attention_flash_forward`: reads q, k, v and the key mask once, writes out and lse;
 /// `q k^T` and `P v` are `2*D` FLOPs a (query, key) pair each.
 /// The same counts for either variant; the tensor-core one prices the dot products at the bf16
-/// peak.
-pub(crate) fn forward_cost(s: &AttentionShape, variant: Variant) -> LaunchCost {
+/// peak. q, k, v and out move at `dtype`'s size (the activations' storage), mask and lse at 4
+/// bytes (in every cost fn here).
+pub(crate) fn forward_cost(s: &AttentionShape, variant: Variant, dtype: Dtype) -> LaunchCost {
     let (pairs, d) = (query_tile_pairs(s), s.head_dim as u64);
-    let bytes = F32 * (ideal_q(s) + 2 * ideal_kv(s) + mask_len(s) + out_len(s) + lse_len(s));
+    let act = ideal_q(s) + 2 * ideal_kv(s) + out_len(s);
+    let bytes = cost::size(dtype) * act + F32 * (mask_len(s) + lse_len(s));
     let softmax = pairs * SOFTMAX_FLOPS_PER_PAIR;
-    variant.cost(variant.name(FORWARD, FORWARD_MMA), bytes, pairs * 4 * d + softmax, softmax)
+    variant.cost(entry(variant.name(FORWARD, FORWARD_MMA), dtype), bytes, pairs * 4 * d + softmax, softmax)
 }
 
 /// `attention_flash_backward_dkdv`: reads q, k, v, mask, out, dout and lse once, reads and
 /// writes dk and dv (they accumulate); per pair it recomputes `q.k` and `dout.v` and adds into
 /// dv and dk (`2*D` each), plus `D` a query row for Dsum.
-pub(crate) fn backward_dkdv_cost(s: &AttentionShape, variant: Variant) -> LaunchCost {
+pub(crate) fn backward_dkdv_cost(s: &AttentionShape, variant: Variant, dtype: Dtype) -> LaunchCost {
     let (pairs, d) = (key_tile_pairs(s), s.head_dim as u64);
-    let reads = ideal_q(s) + 2 * ideal_kv(s) + mask_len(s) + 2 * out_len(s) + lse_len(s);
-    let bytes = F32 * (reads + 4 * ideal_kv(s));
+    let act = ideal_q(s) + 2 * ideal_kv(s) + 2 * out_len(s) + 4 * ideal_kv(s);
+    let bytes = cost::size(dtype) * act + F32 * (mask_len(s) + lse_len(s));
     let simt = pairs * SOFTMAX_FLOPS_PER_PAIR + 2 * out_len(s); // softmax and Dsum
-    let kernel = variant.name(BACKWARD_DKDV, BACKWARD_DKDV_MMA);
+    let kernel = entry(variant.name(BACKWARD_DKDV, BACKWARD_DKDV_MMA), dtype);
     variant.cost(kernel, bytes, pairs * 8 * d + simt, simt)
 }
 
 /// `attention_flash_backward_dq`: reads as the dk/dv kernel, writes dq (assigned); per pair it
 /// recomputes `q.k` and `dout.v` and adds into dq (`2*D` each), plus Dsum.
-pub(crate) fn backward_dq_cost(s: &AttentionShape, variant: Variant) -> LaunchCost {
+pub(crate) fn backward_dq_cost(s: &AttentionShape, variant: Variant, dtype: Dtype) -> LaunchCost {
     let (pairs, d) = (query_tile_pairs(s), s.head_dim as u64);
-    let reads = ideal_q(s) + 2 * ideal_kv(s) + mask_len(s) + 2 * out_len(s) + lse_len(s);
-    let bytes = F32 * (reads + ideal_q(s));
+    let act = ideal_q(s) + 2 * ideal_kv(s) + 2 * out_len(s) + ideal_q(s);
+    let bytes = cost::size(dtype) * act + F32 * (mask_len(s) + lse_len(s));
     let simt = pairs * SOFTMAX_FLOPS_PER_PAIR + 2 * out_len(s);
-    variant.cost(variant.name(BACKWARD_DQ, BACKWARD_DQ_MMA), bytes, pairs * 6 * d + simt, simt)
+    let kernel = entry(variant.name(BACKWARD_DQ, BACKWARD_DQ_MMA), dtype);
+    variant.cost(kernel, bytes, pairs * 6 * d + simt, simt)
 }
 
 /// (query, key) pairs the forward and dq kernels compute over all heads: all of them, or with a
@@ -238,17 +269,20 @@ impl AttentionOps for Cuda {
         check_len(OP, "saved lse", saved.len, self.attention_saved_len(&s))?;
         check_len(OP, "out", out.len, s.out_len())?;
         check_kernel_limits(OP, &s)?;
+        require_f32(OP, &[key_mask.dtype, saved.dtype])?;
+        let variant = Variant::pick(self.precision(), s.head_dim);
+        let (kernel, dtype) = variant.name(FORWARD, FORWARD_MMA).pick(OP, &[q.dtype, k.dtype, v.dtype, out.dtype])?;
         if s.out_len() == 0 {
             return Ok(());
         }
         let a = ShapeArgs::new(&s);
-        let variant = Variant::pick(self.precision(), s.head_dim);
-        self.note(forward_cost(&s, variant));
-        let mut l = self.stream().launch_builder(self.func(variant.name(FORWARD, FORWARD_MMA))?);
+        self.note(forward_cost(&s, variant, dtype));
+        let mut l = self.stream().launch_builder(self.func(kernel)?);
         l.arg(&out.ptr).arg(&saved.ptr).arg(&q.ptr).arg(&k.ptr).arg(&v.ptr).arg(&key_mask.ptr);
         a.push(&mut l);
-        // SAFETY: every view's length was checked against the shape and its strides above; the
-        // kernel reads and writes only the heads' columns of the tokens inside them.
+        // SAFETY: every view's length was checked against the shape and its strides above, and
+        // the entry's element types are the views' dtypes (activations `dtype`, mask and lse
+        // fp32); the kernel reads and writes only the heads' columns of the tokens inside them.
         unsafe { l.launch(grid(&s, s.tq, QUERY_TILE)) }.map(drop).map_err(dev_err)
     }
 
@@ -275,26 +309,30 @@ impl AttentionOps for Cuda {
         s.check_kv(OP, "dk", dk.len)?;
         s.check_kv(OP, "dv", dv.len)?;
         check_kernel_limits(OP, &s)?;
+        require_f32(OP, &[key_mask.dtype, saved.dtype])?;
+        let variant = Variant::pick(self.precision(), s.head_dim);
+        let acts = [dout.dtype, q.dtype, k.dtype, v.dtype, out.dtype, dq.dtype, dk.dtype, dv.dtype];
+        let (_, dtype) = variant.name(BACKWARD_DQ, BACKWARD_DQ_MMA).pick(OP, &acts)?;
         if s.out_len() == 0 {
             return Ok(());
         }
         let a = ShapeArgs::new(&s);
-        let variant = Variant::pick(self.precision(), s.head_dim);
         // With no keys there is nothing to add to dk and dv (and no key tile to launch), but dq
         // is still assigned (zeros).
         if s.tk > 0 {
-            self.note(backward_dkdv_cost(&s, variant));
-            let kernel = variant.name(BACKWARD_DKDV, BACKWARD_DKDV_MMA);
+            self.note(backward_dkdv_cost(&s, variant, dtype));
+            let kernel = entry(variant.name(BACKWARD_DKDV, BACKWARD_DKDV_MMA), dtype);
             let mut l = self.stream().launch_builder(self.func(kernel)?);
             l.arg(&dk.ptr).arg(&dv.ptr).arg(&q.ptr).arg(&k.ptr).arg(&v.ptr).arg(&key_mask.ptr);
             l.arg(&out.ptr).arg(&dout.ptr).arg(&saved.ptr);
             a.push(&mut l);
-            // SAFETY: lengths checked above; dk and dv are exclusive views, each element written
-            // by one thread.
+            // SAFETY: lengths and dtypes checked above; dk and dv are exclusive views, each
+            // element written by one thread.
             unsafe { l.launch(grid(&s, s.tk, KEY_TILE)) }.map(drop).map_err(dev_err)?;
         }
-        self.note(backward_dq_cost(&s, variant));
-        let mut l = self.stream().launch_builder(self.func(variant.name(BACKWARD_DQ, BACKWARD_DQ_MMA))?);
+        self.note(backward_dq_cost(&s, variant, dtype));
+        let kernel = entry(variant.name(BACKWARD_DQ, BACKWARD_DQ_MMA), dtype);
+        let mut l = self.stream().launch_builder(self.func(kernel)?);
         l.arg(&dq.ptr).arg(&q.ptr).arg(&k.ptr).arg(&v.ptr).arg(&key_mask.ptr);
         l.arg(&out.ptr).arg(&dout.ptr).arg(&saved.ptr);
         a.push(&mut l);

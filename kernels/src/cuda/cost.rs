@@ -287,29 +287,41 @@ mod tests {
         // traffic): q 2*7*15 = 210, k and v 2*11*15 = 330 each, mask 22, out 210, lse 42;
         // 2*3*7*11 = 462 (query, key) pairs.
         let s = crate::AttentionShape::new(2, 3, 5, 7, 11).with_strides(40, 15);
-        let f = attention::forward_cost(&s, Simt);
+        let f = attention::forward_cost(&s, Simt, Dtype::F32);
         assert_eq!(f.bytes, 4 * (210 + 2 * 330 + 22 + 210 + 42));
         assert_eq!(f.flops, 462 * (4 * 5 + 5));
         // dk/dv: q, k, v, mask, out, dout, lse read; dk and dv read and written.
-        let kv = attention::backward_dkdv_cost(&s, Simt);
+        let kv = attention::backward_dkdv_cost(&s, Simt, Dtype::F32);
         assert_eq!(kv.bytes, 4 * (210 + 2 * 330 + 22 + 2 * 210 + 42 + 4 * 330));
         assert_eq!(kv.flops, 462 * (8 * 5 + 5) + 2 * 210);
         // dq: the same reads, dq written once.
-        let q = attention::backward_dq_cost(&s, Simt);
+        let q = attention::backward_dq_cost(&s, Simt, Dtype::F32);
         assert_eq!(q.bytes, 4 * (210 + 2 * 330 + 22 + 2 * 210 + 42 + 210));
         assert_eq!(q.flops, 462 * (6 * 5 + 5) + 2 * 210);
         // The tensor-core variants: same traffic and FLOP count, the softmax (and Dsum) share
         // declared as CUDA-core work.
-        let fm = attention::forward_cost(&s, Mma);
+        let fm = attention::forward_cost(&s, Mma, Dtype::F32);
         assert_eq!((fm.kernel, fm.bytes, fm.flops), ("attention_flash_forward_mma", f.bytes, f.flops));
         assert_eq!(fm.work, Work::TensorKernel { simt_flops: 462 * 5 });
-        let kvm = attention::backward_dkdv_cost(&s, Mma);
+        let kvm = attention::backward_dkdv_cost(&s, Mma, Dtype::F32);
         assert_eq!(
             (kvm.bytes, kvm.flops, kvm.work),
             (kv.bytes, kv.flops, Work::TensorKernel { simt_flops: 462 * 5 + 420 })
         );
-        let qm = attention::backward_dq_cost(&s, Mma);
+        let qm = attention::backward_dq_cost(&s, Mma, Dtype::F32);
         assert_eq!((qm.bytes, qm.flops, qm.work), (q.bytes, q.flops, Work::TensorKernel { simt_flops: 462 * 5 + 420 }));
+        // bf16 storage: q, k, v, out, dout, dq, dk and dv at 2 bytes, the mask and lse at 4.
+        let fb = attention::forward_cost(&s, Simt, Dtype::Bf16);
+        assert_eq!((fb.kernel, fb.flops), ("attention_flash_forward_bf16", f.flops));
+        assert_eq!(fb.bytes, 2 * (210 + 2 * 330 + 210) + 4 * (22 + 42));
+        let kvb = attention::backward_dkdv_cost(&s, Mma, Dtype::Bf16);
+        assert_eq!((kvb.kernel, kvb.flops, kvb.work), ("attention_flash_backward_dkdv_mma_bf16", kvm.flops, kvm.work));
+        assert_eq!(kvb.bytes, 2 * (210 + 2 * 330 + 2 * 210 + 4 * 330) + 4 * (22 + 42));
+        let qb = attention::backward_dq_cost(&s, Simt, Dtype::Bf16);
+        assert_eq!(
+            (qb.kernel, qb.bytes),
+            ("attention_flash_backward_dq_bf16", 2 * (210 + 2 * 330 + 2 * 210 + 210) + 4 * 64)
+        );
         assert_eq!(attention::Variant::pick(GemmPrecision::Bf16, 64), Mma);
         assert_eq!(attention::Variant::pick(GemmPrecision::Bf16, 40), Simt);
         assert_eq!(attention::Variant::pick(GemmPrecision::Fp32, 64), Simt);
@@ -318,14 +330,14 @@ mod tests {
         // head; key tiles at 0 (32 keys) and 32 (5 keys) skip the query rows before 0 and 32:
         // 32*37 + 5*5 = 1209 too (both count the same tile pairs here). Six heads.
         let c = crate::AttentionShape::new(2, 3, 5, 37, 37).with_causal(true);
-        assert_eq!(attention::forward_cost(&c, Simt).flops, 6 * 1209 * (4 * 5 + 5));
-        assert_eq!(attention::backward_dkdv_cost(&c, Simt).flops, 6 * 1209 * (8 * 5 + 5) + 2 * 2 * 37 * 15);
+        assert_eq!(attention::forward_cost(&c, Simt, Dtype::F32).flops, 6 * 1209 * (4 * 5 + 5));
+        assert_eq!(attention::backward_dkdv_cost(&c, Simt, Dtype::F32).flops, 6 * 1209 * (8 * 5 + 5) + 2 * 2 * 37 * 15);
         let c = crate::AttentionShape::new(1, 1, 5, 70, 70).with_causal(true);
         // Query tiles 0, 16, 32, 48, 64 (6 rows): keys 32, 32, 64, 64, 70 -> 512 + 512 + 1024 +
         // 1024 + 420 = 3492. Key tiles 0, 32, 64 (6 keys): rows from 0, 32, 64 -> 32*70 + 32*38 +
         // 6*6 = 2240 + 1216 + 36 = 3492.
-        assert_eq!(attention::forward_cost(&c, Simt).flops, 3492 * 25);
-        assert_eq!(attention::backward_dkdv_cost(&c, Simt).flops, 3492 * 45 + 2 * 70 * 5);
+        assert_eq!(attention::forward_cost(&c, Simt, Dtype::F32).flops, 3492 * 25);
+        assert_eq!(attention::backward_dkdv_cost(&c, Simt, Dtype::F32).flops, 3492 * 45 + 2 * 70 * 5);
     }
 
     #[test]
