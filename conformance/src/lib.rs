@@ -134,8 +134,9 @@ pub struct Tolerances {
     pub finite_diff_floor: f64,
     /// The least tolerance of every op check: 0 with fp32 activations; with bf16 ones (the
     /// device's `activation_dtype`), each output is rounded to bf16 once more than the oracle's
-    /// (2^-9 of its magnitude) and an op may round an intermediate it writes (GELU's biased
-    /// input), so 4 bf16 ulps of the largest reference value.
+    /// (up to 2^-8 of its magnitude: bf16 keeps 8 significant bits) and an op may round an
+    /// intermediate it writes (GELU's biased input), so two such roundings: 2^-7 of the largest
+    /// reference value.
     pub storage: f64,
 }
 

@@ -17,6 +17,9 @@ pub(crate) struct EmbeddingCase {
     pub(crate) table: Vec<f32>,
     /// forward: the initial `out`; backward: `dout`.
     pub(crate) x: Vec<f32>,
+    /// The table is an activation, not a parameter: the op gathers (forward) or scatters
+    /// (backward) rows of it, as the LM head does with its label rows.
+    pub(crate) rows_of_activations: bool,
 }
 
 impl Case for EmbeddingCase {
@@ -28,15 +31,17 @@ impl Case for EmbeddingCase {
     }
     fn shape(&self) -> String {
         let mode = if self.backward || self.accumulate { "+=" } else { "=" };
-        format!("{} ids into {}x{} ({mode})", self.ids.len(), self.rows, self.dim)
+        let table = if self.rows_of_activations { ", activation rows" } else { "" };
+        format!("{} ids into {}x{} ({mode}{table})", self.ids.len(), self.rows, self.dim)
     }
     fn tol(&self) -> f64 {
         if self.backward { 1e-5 } else { 1e-6 }
     }
     fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
         let ids = d.upload_ids(&self.ids)?;
-        // The table (and its gradient) is an fp32 parameter; out and dout are activations.
-        let mut table = d.upload(&self.table)?;
+        // The table (and its gradient) is an fp32 parameter, or activation rows; out and dout are
+        // activations.
+        let mut table = if self.rows_of_activations { act(d, &self.table)? } else { d.upload(&self.table)? };
         let mut x = act(d, &self.x)?;
         if self.backward {
             d.embedding_backward(&ids, all(d, &x), self.dim, all_mut(d, &mut table))?;

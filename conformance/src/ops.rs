@@ -84,12 +84,16 @@ fn gemm_cases<B: Backend>(run: &mut Runner<'_, B>) {
     }
 }
 
-/// Embeddings: 1023 ids (forward: assigned and accumulated); backward with many repeats.
+/// Embeddings: 1023 ids (forward: assigned and accumulated); backward with many repeats; then
+/// the same ops as a gather and a scatter of activation rows (ids drawn from all rows, so few
+/// repeat: a bf16 scatter rounds after every add).
 fn embedding_cases<B: Backend>(run: &mut Runner<'_, B>) {
     let (rows, dim) = (1001, 389);
-    for (backward, accumulate) in [(false, false), (false, true), (true, true)] {
-        // The backward draws its ids from the first 37 rows, so that most of them repeat.
-        let ids = run.r.ids(1023, if backward { 37 } else { rows });
+    for (backward, accumulate, rows_of_activations) in
+        [(false, false, false), (false, true, false), (true, true, false), (false, true, true), (true, true, true)]
+    {
+        // The parameter backward draws its ids from the first 37 rows, so that most repeat.
+        let ids = run.r.ids(1023, if backward && !rows_of_activations { 37 } else { rows });
         let c = EmbeddingCase {
             backward,
             accumulate,
@@ -98,6 +102,7 @@ fn embedding_cases<B: Backend>(run: &mut Runner<'_, B>) {
             ids,
             table: run.r.normal(rows * dim, 1.0),
             x: run.r.normal(1023 * dim, 1.0),
+            rows_of_activations,
         };
         run.check(&c);
     }

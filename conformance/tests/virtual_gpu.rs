@@ -5,8 +5,8 @@
 //! `B2B_REQUIRE_NVRTC=1` (scripts/test.sh), where it fails.
 
 use conformance::{Reference, Tolerances};
-use kernels::{Cpu, Dtype};
 use kernels::cuda::{Cuda, GemmPrecision};
+use kernels::{Cpu, Dtype};
 use model::testing::head_chunks::ChunkCase;
 
 #[test]

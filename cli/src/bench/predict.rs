@@ -57,8 +57,16 @@ pub fn run(b: &Cuda, a: &Args, ck: &Checkpoint, gpu: Gpu) -> CliResult {
         kernels::Dtype::F32 => "fp32",
         kernels::Dtype::Bf16 => "bf16",
     };
-    let report =
-        Report { a, p: &p, model_flops, device: b_name(b), precision: &a.precision, activations, skipped: skip, measured };
+    let report = Report {
+        a,
+        p: &p,
+        model_flops,
+        device: b_name(b),
+        precision: &a.precision,
+        activations,
+        skipped: skip,
+        measured,
+    };
     if a.json {
         println!("{}", report.json())
     } else {

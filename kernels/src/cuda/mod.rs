@@ -64,12 +64,15 @@ pub const SOURCES: &[KernelSource] = &[
 /// Message for machines without a driver; the CLI shows it as is.
 pub const NO_DRIVER: &str = "no CUDA driver found; use --device cpu";
 
-/// How cuBLAS multiplies fp32 matrices.
+/// The backend's precision: what `Cuda::new` and `set_precision` set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmPrecision {
     /// Full fp32 (the self-test compares against the CPU at fp32 tolerances).
     Fp32,
-    /// bf16 tensor cores with fp32 accumulation (CUBLAS_COMPUTE_32F_FAST_16BF).
+    /// Mixed precision: bf16 activations and GEMM operands on tensor cores with fp32
+    /// accumulation; fp32 master weights, gradients, optimizer and reductions. Buffers from
+    /// `activations` are bf16 (`set_activation_dtype` can still choose fp32 ones, as the
+    /// self-test does to check bf16 GEMMs on fp32 storage: CUBLAS_COMPUTE_32F_FAST_16BF).
     Bf16,
 }
 
@@ -231,7 +234,7 @@ impl Cuda {
             functions,
             sm_count,
             bf16,
-            bf16_activations: AtomicBool::new(false),
+            bf16_activations: AtomicBool::new(precision == GemmPrecision::Bf16),
             costs: cost::Recorder::default(),
             marks: Mutex::new(None),
             workspace: Mutex::new(None),
@@ -302,9 +305,13 @@ impl Cuda {
         if self.bf16.load(Ordering::Relaxed) { GemmPrecision::Bf16 } else { GemmPrecision::Fp32 }
     }
 
-    /// Set the precision of the GEMMs queued from now on (e.g. per job: see the field `bf16`).
+    /// Set the precision of the GEMMs queued from now on (e.g. per job: see the field `bf16`),
+    /// and with it the activation dtype: `Bf16` is mixed precision (bf16 activations, fp32
+    /// master weights, gradients and optimizer), `Fp32` fp32 throughout.
     pub fn set_precision(&self, precision: GemmPrecision) {
         self.bf16.store(precision == GemmPrecision::Bf16, Ordering::Relaxed);
+        let activations = if precision == GemmPrecision::Bf16 { Dtype::Bf16 } else { Dtype::F32 };
+        self.set_activation_dtype(activations);
     }
 
     /// The dtype of the buffers `activations` makes from now on (buffers made before keep
@@ -374,8 +381,7 @@ impl Cuda {
         if !out.is_empty() {
             // SAFETY: callers pass the address of a live view of `out.len()` elements of `T` on
             // this context; the stream is synchronised before `out` is read.
-            unsafe { cudarc::driver::result::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }
-                .map_err(dev_err)?;
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }.map_err(dev_err)?;
         }
         self.note(cost::sync("sync (download)"));
         self.stream.synchronize().map_err(dev_err)
