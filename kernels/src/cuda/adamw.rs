@@ -103,8 +103,7 @@ impl OptimizerOps for Cuda {
         })?;
         require_f32("adamw_flat", &[params.dtype, grads.dtype, m.dtype, v.dtype, norm.dtype])?;
         // The squared norm stays on the device, read by `adamw_flat` (same stream, so ordered).
-        let sum = self.queue_sum_squares(grads)?;
-        let (sptr, _sync) = sum.device_ptr(self.stream());
+        let sptr = self.queue_sum_squares(grads)?;
         let bc1 = 1.0 - h.beta1.powi(h.step as i32);
         let bc2_sqrt = (1.0 - h.beta2.powi(h.step as i32)).sqrt();
         let (step_size, decay) = (h.lr / bc1, 1.0 - h.lr * h.weight_decay);
@@ -141,7 +140,10 @@ impl OptimizerOps for Cuda {
         // Reading the result back is a host sync, once per call.
         self.note(cost::host_copy("memcpy_dtoh", 8));
         let mut host = [0.0f64];
-        self.stream().memcpy_dtoh(&out, &mut host).map_err(dev_err)?;
+        // SAFETY: `out` is the backend's live f64 accumulator; the stream is synchronised below
+        // before `host` is read.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut host, out, self.stream().cu_stream()) }
+            .map_err(dev_err)?;
         self.note(cost::sync("sync (sum_squares)"));
         self.stream().synchronize().map_err(dev_err)?;
         Ok(host[0])
@@ -149,22 +151,27 @@ impl OptimizerOps for Cuda {
 }
 
 impl Cuda {
-    /// A fresh zeroed f64 on the device and, queued after it, `sum_squares` of `x` into it: the
-    /// squared norm for `sum_squares` (read back) and `adamw_flat` (kept on the device).
-    fn queue_sum_squares(&self, x: DevRef<'_>) -> Result<cudarc::driver::CudaSlice<f64>> {
+    /// The backend's f64 accumulator (allocated once, so a step allocates nothing), zeroed and,
+    /// queued after that, `sum_squares` of `x` into it: the squared norm for `sum_squares` (read
+    /// back) and `adamw_flat` (kept on the device). Returns its device address; the one stream
+    /// orders every reuse after the previous reader.
+    fn queue_sum_squares(&self, x: DevRef<'_>) -> Result<u64> {
+        let optr = self.norm_accumulator()?;
         self.note(cost::memset(2, crate::Dtype::F32));
-        let out = self.stream().alloc_zeros::<f64>(1).map_err(dev_err)?;
+        // SAFETY: `optr` is the live 8-byte accumulator, written on this stream only.
+        unsafe { cudarc::driver::sys::cuMemsetD32Async(optr, 0, 2, self.stream().cu_stream()) }
+            .result()
+            .map_err(dev_err)?;
         if x.len > 0 {
             let n = x.len as i64;
             let blocks = (x.len.div_ceil(256) as u32).clamp(1, 4 * self.sm_count());
             let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            let (optr, _sync) = out.device_ptr(self.stream());
             self.note(sum_squares_cost(x.len));
             let mut l = self.stream().launch_builder(self.func(SUM_SQUARES)?);
             l.arg(&optr).arg(&x.ptr).arg(&n);
             // SAFETY: `out` holds one f64, `x` n f32s.
             unsafe { l.launch(cfg) }.map(drop).map_err(dev_err)?;
         }
-        Ok(out)
+        Ok(optr)
     }
 }

@@ -97,6 +97,8 @@ pub struct Cuda {
     marks: Mutex<Option<std::result::Result<Vec<CudaEvent>, String>>>,
     /// Scratch that kernels overwrite in full before reading it (see `with_workspace`).
     workspace: Mutex<Option<CudaSlice<f32>>>,
+    /// The f64 accumulator of the global gradient norm (`sum_squares`, `adamw_flat`), made once.
+    norm_acc: Mutex<Option<CudaSlice<f64>>>,
 }
 
 /// An owned device buffer: fp32, or bf16 stored as its raw 16 bits.
@@ -238,6 +240,7 @@ impl Cuda {
             costs: cost::Recorder::default(),
             marks: Mutex::new(None),
             workspace: Mutex::new(None),
+            norm_acc: Mutex::new(None),
         })
     }
 
@@ -367,6 +370,16 @@ impl Cuda {
         }
         let buf = guard.as_ref().expect("allocated above");
         f(self.slice_ptr(buf))
+    }
+
+    /// The device address of the one f64 norm accumulator (allocated on first use).
+    pub(crate) fn norm_accumulator(&self) -> Result<u64> {
+        let mut guard = self.norm_acc.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(self.stream.alloc_zeros::<f64>(1).map_err(dev_err)?);
+        }
+        let (ptr, _sync) = guard.as_ref().expect("allocated above").device_ptr(&self.stream);
+        Ok(ptr)
     }
 
     pub(crate) fn ids_ptr(&self, ids: &CudaSlice<i32>) -> u64 {
