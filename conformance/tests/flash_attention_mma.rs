@@ -1,7 +1,7 @@
 //! The CUDA backend's tensor-core (bf16 mma, fp32 accumulate) fused attention on the virtual GPU
 //! against the CPU fp32 oracle, at bf16 tolerances: the cases of flash_attention.rs (self 37 and
 //! 129 tokens, cross 37 x 53, head dims 32 and 64, padding with fully padded rows, causal rows
-//! that see only padding, dropout, strided fused-QKV views, accumulation into dk/dv), plus which
+//! that see only padding, dropout, strided fused-QKV views, dk/dv assigned over garbage), plus which
 //! kernels each precision and head dim selects (fp32 keeps the SIMT kernels, exact to fp32).
 //! Every case runs with fp32 and with bf16 activation storage (the `_bf16` entries, whose mma
 //! fragments take the stored bits as they are), the latter against the oracle on the same

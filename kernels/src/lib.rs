@@ -432,9 +432,9 @@ pub trait AttentionOps: Memory {
         saved: Self::Mut<'_>,
         out: Self::Mut<'_>,
     ) -> Result<()>;
-    /// Assigns `dq`; ACCUMULATES into `dk` and `dv` (cross-attention K/V of several layers share
-    /// one encoder output, and self-attention callers zero them first). `out` is the forward's
-    /// output and `saved` its saved state; `key_mask` is the forward's mask.
+    /// Assigns `dq`, `dk` and `dv` (their callers used to zero dk and dv to accumulate into them:
+    /// one memset pass each, for nothing). `out` is the forward's output and `saved` its saved
+    /// state; `key_mask` is the forward's mask.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,

@@ -253,7 +253,8 @@ pub fn attention_forward(
 
 /// Backward of [`attention_forward`] from the saved `probs`: `dv += Pd^T dout`,
 /// `dP = keep * (dout v^T)`, `dS = P * (dP - rowsum(dP * P))`, `dq = dS k / sqrt(D)`
-/// (assigned), `dk += dS^T q / sqrt(D)`. Sums in f64, each output rounded once.
+/// (assigned), `dk = dS^T q / sqrt(D)` and `dv = (P keep)^T dout` (assigned). Sums in f64, each
+/// output rounded once.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     s: AttentionShape,
@@ -300,8 +301,8 @@ pub fn attention_backward(
             for h in 0..s.heads {
                 for t in 0..s.head_dim {
                     let at = head_at(&s, Layout::Kv, b, j, h, t);
-                    dk[at] = (dk[at] as f64 + dk64[at]) as f32;
-                    dv[at] = (dv[at] as f64 + dv64[at]) as f32;
+                    dk[at] = dk64[at] as f32;
+                    dv[at] = dv64[at] as f32;
                 }
             }
         }

@@ -3,7 +3,7 @@
 // Storage: q, k, v, out, dout, dq, dk and dv are activations, float or bf16 (T); each kernel
 // is one template body with two entries, NAME (float) and NAME_bf16 (b2b_bf16). The key mask
 // and lse stay fp32. bf16 elements are widened exactly when read and rounded once (nearest
-// even) when written; dk and dv accumulate as read, add in fp32, round once. All arithmetic is
+// even) when written (dq, dk and dv are assigned: each element has one owner). All arithmetic is
 // fp32, so the bf16 entries differ from the float ones only by that storage rounding.
 //
 // Layouts: q [B, Tq, H*D] with tokens ldq apart, k and v [B, Tk, H*D] with tokens ldkv apart
@@ -20,8 +20,8 @@
 // backward (P recomputed from q, k and lse, never stored):
 //   Dsum_i = dout_i . out_i  (= sum_j P_ij dP_ij), recomputed by each block that needs it;
 //   dP_ij = keep_ij (dout_i . v_j); dS_ij = P_ij (dP_ij - Dsum_i);
-//   dv_j += sum_i P_ij keep_ij dout_i; dk_j += scale sum_i dS_ij q_i   (one block per 32 keys,
-//   looping over query tiles: ACCUMULATE, as the trait's contract says)
+//   dv_j = sum_i P_ij keep_ij dout_i; dk_j = scale sum_i dS_ij q_i   (one block per 32 keys,
+//   looping over query tiles, in registers; each block then ASSIGNS its keys' dk and dv)
 //   dq_i = scale sum_j dS_ij k_j   (one block per 16 query rows, looping over key tiles: ASSIGNED)
 // Causal masks skip the tiles where every key comes after every query row (see each kernel).
 // Every output element is written by exactly one thread, in a fixed order: deterministic, no
@@ -54,10 +54,10 @@ __device__ __forceinline__ void fa_set(float* dst, const float* src) { *dst = *s
 __device__ __forceinline__ void fa_set(float* dst, const b2b_bf16* src) { *dst = b2b_get(src); }
 __device__ __forceinline__ void fa_set(b2b_bf16* dst, const b2b_bf16* src) { *dst = *src; }
 
-// *p += x for an accumulating output: read, add in fp32, round once.
+// *p = x for dk and dv, which the owning block writes once, after its last query tile.
 template <typename T>
-__device__ __forceinline__ void fa_add(T* p, float x) {
-    b2b_put(p, b2b_get(p) + x);
+__device__ __forceinline__ void fa_store(T* p, float x) {
+    b2b_put(p, x);
 }
 
 // dst[r][d] = rows[(t0 + r) * ld + d] for t0 + r < n and d < D, 0 elsewhere; `rows` points at
@@ -275,12 +275,12 @@ __device__ __forceinline__ void flash_backward_dkdv(T* dk, T* dv, const T* q, co
         T* dk_row = dk + kv_off + (long long)jk * ldkv;
         T* dv_row = dv + kv_off + (long long)jk * ldkv;
         if (lane < D) {
-            fa_add(dk_row + lane, scale * dk_acc[kk][0]);
-            fa_add(dv_row + lane, dv_acc[kk][0]);
+            fa_store(dk_row + lane, scale * dk_acc[kk][0]);
+            fa_store(dv_row + lane, dv_acc[kk][0]);
         }
         if (lane + 32 < D) {
-            fa_add(dk_row + lane + 32, scale * dk_acc[kk][1]);
-            fa_add(dv_row + lane + 32, dv_acc[kk][1]);
+            fa_store(dk_row + lane + 32, scale * dk_acc[kk][1]);
+            fa_store(dv_row + lane + 32, dv_acc[kk][1]);
         }
     }
 }
@@ -616,7 +616,7 @@ __device__ __forceinline__ void fa_backward_probs(float (*pk_t)[FA_PROW], float 
 }
 
 // dk, dv of 32 keys of one (b, h), as attention_flash_backward_dkdv: per query tile, warp w
-// computes the dots of keys w*8.. (S and dP), then dv += (P keep)^T dout and dk += dS^T q with
+// computes the dots of keys w*8.. (S and dP), then dv = (P keep)^T dout and dk = dS^T q with
 // warp w owning keys (w % 2)*16 .. +15 and the dim blocks w / 2, w / 2 + 2, ...
 template <typename T>
 __device__ __forceinline__ void flash_backward_dkdv_mma(T* dk, T* dv, const T* q, const T* k, const T* v,
@@ -682,8 +682,8 @@ __device__ __forceinline__ void flash_backward_dkdv_mma(T* dk, T* dv, const T* q
             const int jk = j0 + key_half * 16 + g + (e >> 1) * 8;
             if (jk >= Tk) continue;
             const long long at = kv_off + (long long)jk * ldkv + nb * 8 + 2 * t + (e & 1);
-            fa_add(dk + at, scale * dk_acc[nbi][e]);
-            fa_add(dv + at, dv_acc[nbi][e]);
+            fa_store(dk + at, scale * dk_acc[nbi][e]);
+            fa_store(dv + at, dv_acc[nbi][e]);
         }
     }
 }

@@ -105,12 +105,12 @@ pub(crate) fn forward_cost(s: &AttentionShape, variant: Variant, dtype: Dtype) -
     variant.cost(entry(variant.name(FORWARD, FORWARD_MMA), dtype), bytes, pairs * 4 * d + softmax, softmax)
 }
 
-/// `attention_flash_backward_dkdv`: reads q, k, v, mask, out, dout and lse once, reads and
-/// writes dk and dv (they accumulate); per pair it recomputes `q.k` and `dout.v` and adds into
-/// dv and dk (`2*D` each), plus `D` a query row for Dsum.
+/// `attention_flash_backward_dkdv`: reads q, k, v, mask, out, dout and lse once, writes dk and
+/// dv (assigned); per pair it recomputes `q.k` and `dout.v` and adds into the dv and dk
+/// accumulators (`2*D` each), plus `D` a query row for Dsum.
 pub(crate) fn backward_dkdv_cost(s: &AttentionShape, variant: Variant, dtype: Dtype) -> LaunchCost {
     let (pairs, d) = (key_tile_pairs(s), s.head_dim as u64);
-    let act = ideal_q(s) + 2 * ideal_kv(s) + 2 * out_len(s) + 4 * ideal_kv(s);
+    let act = ideal_q(s) + 2 * ideal_kv(s) + 2 * out_len(s) + 2 * ideal_kv(s);
     let bytes = cost::size(dtype) * act + F32 * (mask_len(s) + lse_len(s));
     let simt = pairs * SOFTMAX_FLOPS_PER_PAIR + 2 * out_len(s); // softmax and Dsum
     let kernel = entry(variant.name(BACKWARD_DKDV, BACKWARD_DKDV_MMA), dtype);

@@ -290,9 +290,9 @@ mod tests {
         let f = attention::forward_cost(&s, Simt, Dtype::F32);
         assert_eq!(f.bytes, 4 * (210 + 2 * 330 + 22 + 210 + 42));
         assert_eq!(f.flops, 462 * (4 * 5 + 5));
-        // dk/dv: q, k, v, mask, out, dout, lse read; dk and dv read and written.
+        // dk/dv: q, k, v, mask, out, dout, lse read; dk and dv written (assigned).
         let kv = attention::backward_dkdv_cost(&s, Simt, Dtype::F32);
-        assert_eq!(kv.bytes, 4 * (210 + 2 * 330 + 22 + 2 * 210 + 42 + 4 * 330));
+        assert_eq!(kv.bytes, 4 * (210 + 2 * 330 + 22 + 2 * 210 + 42 + 2 * 330));
         assert_eq!(kv.flops, 462 * (8 * 5 + 5) + 2 * 210);
         // dq: the same reads, dq written once.
         let q = attention::backward_dq_cost(&s, Simt, Dtype::F32);
@@ -316,7 +316,7 @@ mod tests {
         assert_eq!(fb.bytes, 2 * (210 + 2 * 330 + 210) + 4 * (22 + 42));
         let kvb = attention::backward_dkdv_cost(&s, Mma, Dtype::Bf16);
         assert_eq!((kvb.kernel, kvb.flops, kvb.work), ("attention_flash_backward_dkdv_mma_bf16", kvm.flops, kvm.work));
-        assert_eq!(kvb.bytes, 2 * (210 + 2 * 330 + 2 * 210 + 4 * 330) + 4 * (22 + 42));
+        assert_eq!(kvb.bytes, 2 * (210 + 2 * 330 + 2 * 210 + 2 * 330) + 4 * (22 + 42));
         let qb = attention::backward_dq_cost(&s, Simt, Dtype::Bf16);
         assert_eq!(
             (qb.kernel, qb.bytes),

@@ -344,8 +344,6 @@ impl<B: Backend> AttnActs<B> {
             true,
             Some((d_ctx, false)),
         )?;
-        b.fill(b.view_mut(&mut sc.dk, 0..rk * c), 0.0)?;
-        b.fill(b.view_mut(&mut sc.dv, 0..rk * c), 0.0)?;
         let (dq, dk, dv) =
             (b.view_mut(&mut sc.dq, 0..rq * c), b.view_mut(&mut sc.dk, 0..rk * c), b.view_mut(&mut sc.dv, 0..rk * c));
         b.attention_backward(
