@@ -161,9 +161,10 @@ impl Tolerances {
                 gemm: 2e-2,
                 loss: 2e-2,
                 grad: 3e-1,
-                // Measured 2.1e-2 once with bf16 GEMMs on fp32 storage (a seed of the virtual-GPU
-                // test, 2026-12-07), where the tensors' gradients were off by up to 0.19.
-                grad_norm: 5e-2,
+                // Measured 2.1e-2 and 5.6e-2 on two seeds with bf16 GEMMs on fp32 storage (the
+                // virtual-GPU test, 2026-12-07), where single tensors' gradients are off by up to
+                // 0.19: so 0.1, a third of `grad`.
+                grad_norm: 1e-1,
                 attention: 2e-2,
                 attention_grad: 5e-2,
                 grad_floor: 5e-2,
