@@ -194,8 +194,14 @@ impl Tolerances {
     /// The tolerances of a device whose activations have `dtype`: bf16 ones raise every op's
     /// floor (`storage`).
     pub fn for_activations(self, dtype: Dtype) -> Self {
-        let storage = if dtype == Dtype::Bf16 { 4.0 * 2f64.powi(-9) } else { 0.0 };
-        Tolerances { storage, ..self }
+        if dtype != Dtype::Bf16 {
+            return Tolerances { storage: 0.0, ..self };
+        }
+        // With bf16 activations the logits themselves are bf16 (as under PyTorch's autocast), so
+        // each token's loss carries their rounding: the model step's per-token losses measured
+        // 5.9e-3 (step 1) and 2.0e-2, 2.6e-2 (step 2, two seeds) against the fp32 oracle on the
+        // virtual GPU, 2026-12-07; 5e-2 is twice the worst.
+        Tolerances { storage: 4.0 * 2f64.powi(-9), loss: self.loss.max(5e-2), ..self }
     }
 }
 
