@@ -168,6 +168,83 @@ impl Case for BiasGradCase {
     }
 }
 
+/// A linear layer through the fused-epilogue GEMMs: forward `y = x W^T + bias`
+/// (`gemm_bias`), or backward `dW = dy^T x`, `dbias = colsum(dy)`, both assigned over whatever
+/// the buffers held (`gemm_bias_grad`). x and dy are activations; W, the bias and both
+/// gradients fp32 parameters. The bias and gradients are read at an odd offset, as the model's
+/// views are (cuBLASLt may then fall back to the unfused pair: the results must not change).
+pub(crate) struct LinearEpilogueCase {
+    pub(crate) backward: bool,
+    pub(crate) rows: usize,
+    pub(crate) in_dim: usize,
+    pub(crate) out_dim: usize,
+    /// x `[rows, in]`, W `[out, in]`, bias `[out]`, dy `[rows, out]`, stale dW and dbias.
+    pub(crate) x: Vec<f32>,
+    pub(crate) w: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
+    pub(crate) dy: Vec<f32>,
+    pub(crate) stale: Vec<f32>,
+    pub(crate) tol: f64,
+}
+
+const OFFSET: usize = 3;
+
+impl Case for LinearEpilogueCase {
+    fn family(&self) -> &'static str {
+        "GemmOps"
+    }
+    fn op(&self) -> &'static str {
+        if self.backward { "gemm_bias_grad" } else { "gemm_bias" }
+    }
+    fn shape(&self) -> String {
+        format!("rows {} in {} out {}", self.rows, self.in_dim, self.out_dim)
+    }
+    fn tol(&self) -> f64 {
+        self.tol
+    }
+    fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
+        let (r, i, o) = (self.rows, self.in_dim, self.out_dim);
+        let x = act(d, &self.x)?;
+        if !self.backward {
+            let (w, bias) = (act(d, &self.w)?, d.upload(&self.bias)?);
+            let mut y = act(d, &self.dy)?;
+            let s = GemmShape::plain(r, o, i);
+            let bias = d.view(&bias, OFFSET..OFFSET + o);
+            d.gemm_bias(s, all(d, &x), Operand::n(i), all(d, &w), Operand::t(i), bias, all_mut(d, &mut y))?;
+            return Ok(vec![("y", get(d, &y)?)]);
+        }
+        let dy = act(d, &self.dy)?;
+        let mut grads = d.upload(&self.stale)?;
+        let (dw, db) = d.view_mut2(&mut grads, OFFSET + o..OFFSET + o + o * i, OFFSET..OFFSET + o);
+        d.gemm_bias_grad(GemmShape::plain(o, i, r), all(d, &dy), Operand::t(o), all(d, &x), Operand::n(i), dw, db)?;
+        let g = get(d, &grads)?;
+        Ok(vec![("dbias", g[OFFSET..OFFSET + o].to_vec()), ("dW", g[OFFSET + o..OFFSET + o + o * i].to_vec())])
+    }
+    fn reference(&self) -> Outputs {
+        let (r, i, o) = (self.rows, self.in_dim, self.out_dim);
+        if !self.backward {
+            let mut y = vec![0.0; r * o];
+            reference::gemm(
+                GemmShape::plain(r, o, i),
+                1.0,
+                &self.x,
+                Operand::n(i),
+                &self.w,
+                Operand::t(i),
+                0.0,
+                &mut y,
+            );
+            reference::add_bias(&mut y, &self.bias[OFFSET..OFFSET + o], o);
+            return vec![("y", y)];
+        }
+        let mut dw = vec![0.0; o * i];
+        reference::gemm(GemmShape::plain(o, i, r), 1.0, &self.dy, Operand::t(o), &self.x, Operand::n(i), 0.0, &mut dw);
+        let mut db = vec![0.0; o];
+        reference::bias_grad(&self.dy, &mut db, o);
+        vec![("dbias", db), ("dW", dw)]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ use kernels::{AdamW, AttentionShape, Backend, GemmShape, Operand};
 
 use crate::attention::{AttentionCase, CrossEntropyCase};
 use crate::elementwise::{AdamWFlatCase, ClipCase, Elem, ElemCase};
-use crate::linear::{AddBiasCase, BiasGradCase, GemmCase};
+use crate::linear::{AddBiasCase, BiasGradCase, GemmCase, LinearEpilogueCase};
 use crate::norm_act::{EmbeddingCase, GeluCase, LayerNormCase, ResidualNormCase};
 use crate::{Case, Check, Draw, Reference, Tolerances, check_case};
 
@@ -36,7 +36,29 @@ pub(crate) fn run_ops<B: Backend>(dev: &B, oracle: Reference, seed: u64, tol: To
     cross_entropy_cases(&mut run);
     elementwise_cases(&mut run);
     residual_norm_cases(&mut run);
+    linear_epilogue_cases(&mut run);
     run.out
+}
+
+/// Linear layers through the fused-epilogue GEMMs, forward and backward, on a shape with no
+/// dimension a multiple of a tile (drawn last, so earlier cases keep their inputs per seed).
+fn linear_epilogue_cases<B: Backend>(run: &mut Runner<'_, B>) {
+    for backward in [false, true] {
+        let (rows, in_dim, out_dim) = (259, 97, 131);
+        let c = LinearEpilogueCase {
+            backward,
+            rows,
+            in_dim,
+            out_dim,
+            x: run.r.normal(rows * in_dim, 1.0),
+            w: run.r.normal(out_dim * in_dim, 1.0),
+            bias: run.r.normal(out_dim + 3, 1.0),
+            dy: run.r.normal(rows * out_dim, 1.0),
+            stale: run.r.normal(3 + out_dim + out_dim * in_dim, 1.0),
+            tol: run.tol.gemm,
+        };
+        run.check(&c);
+    }
 }
 
 /// GEMM: the four transpose combinations with non-zero C (beta != 0), a small product reading A

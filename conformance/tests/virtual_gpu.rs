@@ -40,6 +40,9 @@ fn virtual_gpu_matches_the_cpu_oracle_in_fp32_and_bf16() {
         ] {
             assert!(checks.iter().any(|c| c.family == family), "{precision:?}: no {family} check");
         }
+        for op in ["gemm_bias", "gemm_bias_grad.dbias", "gemm_bias_grad.dW"] {
+            assert!(checks.iter().any(|c| c.op == op), "{precision:?}: no {op} check");
+        }
         // The device differs from the oracle somewhere (it is not the oracle run twice).
         assert!(checks.iter().any(|c| c.rel > 0.0), "{precision:?}: every error is exactly zero");
     }
@@ -60,4 +63,40 @@ fn chunked_lm_head_on_the_virtual_gpu_matches_one_cpu_chunk() {
     let dev = Cuda::new(0, GemmPrecision::Fp32).expect("the virtual GPU's CUDA backend");
     let got = case.run(&dev, Some(8)).expect("the virtual GPU pass");
     case.compare(&want, &got, 1e-4).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+}
+
+/// The fused linear ops are one cuBLASLt launch each on the virtual GPU (its cuBLASLt has the
+/// epilogues), not the unfused fallback, in both precisions.
+#[test]
+fn linear_epilogues_are_one_cublaslt_launch_each() {
+    use kernels::{GemmOps, GemmShape, Memory, Operand};
+    if !kernels::cuda::compile::nvrtc_or_skip() {
+        return;
+    }
+    cuda_emu::install().expect("starting the virtual GPU");
+    for (precision, bias, bgrad) in [
+        (GemmPrecision::Fp32, "cublaslt_gemm_bias_fp32", "cublaslt_gemm_bgrad_fp32"),
+        (GemmPrecision::Bf16, "cublaslt_gemm_bias_bf16", "cublaslt_gemm_bgrad_bf16"),
+    ] {
+        let dev = Cuda::new(0, precision).expect("the virtual GPU's CUDA backend");
+        let (rows, i, o) = (37, 20, 13);
+        let x = dev.activations(rows * i).unwrap();
+        let wt = dev.activations(o * i).unwrap();
+        let dy = dev.activations(rows * o).unwrap();
+        let mut y = dev.activations(rows * o).unwrap();
+        let mut grads = dev.zeros(o * i + o).unwrap();
+        let b = dev.zeros(o).unwrap();
+        dev.record_costs(true);
+        let view = |buf| dev.view(buf, 0..dev.len(buf));
+        dev.gemm_bias(GemmShape::plain(rows, o, i), view(&x), Operand::n(i), view(&wt), Operand::t(i), view(&b), {
+            let n = dev.len(&y);
+            dev.view_mut(&mut y, 0..n)
+        })
+        .unwrap();
+        let (dw, db) = dev.view_mut2(&mut grads, 0..o * i, o * i..o * i + o);
+        dev.gemm_bias_grad(GemmShape::plain(o, i, rows), view(&dy), Operand::t(o), view(&x), Operand::n(i), dw, db)
+            .unwrap();
+        let kernels: Vec<_> = dev.take_costs().iter().map(|c| c.kernel).collect();
+        assert_eq!(kernels, [bias, bgrad], "{precision:?}");
+    }
 }

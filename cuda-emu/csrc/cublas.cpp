@@ -26,6 +26,7 @@ using emu::sticky;
 
 enum Status { SUCCESS = 0, NOT_INITIALIZED = 1, INVALID_VALUE = 7, EXECUTION_FAILED = 13, NOT_SUPPORTED = 15 };
 enum DataType { R_32F = 0, R_16F = 2, R_16BF = 14 };
+enum Epilogue { EPI_DEFAULT = 1, EPI_BIAS = 4, EPI_BGRADA = 256, EPI_BGRADB = 512 };
 enum Compute { C_32F = 68, C_32F_PEDANTIC = 69, C_32F_FAST_16F = 74, C_32F_FAST_16BF = 75, C_32F_FAST_TF32 = 77 };
 
 struct Handle {
@@ -60,6 +61,11 @@ struct Gemm {
     long long sc;
     int batch;
     int round_bits;  // mantissa bits dropped from inputs: 16 for bf16, 13 for tf32, 0 for fp32
+    // cuBLASLt epilogues (batch 1 only): BIAS adds bias[i] to row i of C before its one
+    // rounding; BGRADA/BGRADB write bias[i] = sum_p op(A)[i, p] / bias[j] = sum_p op(B)[p, j].
+    int epilogue = EPI_DEFAULT;
+    void* bias = nullptr;
+    int bias_type = R_32F;
 };
 
 size_t type_bytes(int t) { return t == R_32F ? 4 : 2; }
@@ -98,6 +104,15 @@ void run(const Gemm& g) {
             for (int p = 0; p < g.k; p++)
                 bt[(size_t)j * g.k + p] =
                     in(load(g.b, g.btype, ob + (g.tb ? j + (size_t)p * g.ldb : p + (size_t)j * g.ldb)));
+        if (g.epilogue == EPI_BGRADA || g.epilogue == EPI_BGRADB) {
+            const bool rows_of_a = g.epilogue == EPI_BGRADA;
+            const std::vector<float>& src = rows_of_a ? at : bt;
+            for (int i = 0; i < (rows_of_a ? g.m : g.n); i++) {
+                float s = 0;
+                for (int p = 0; p < g.k; p++) s += src[(size_t)i * g.k + p];
+                store(g.bias, g.bias_type, i, s);
+            }
+        }
         for (int j = 0; j < g.n; j++) {
             const float* bj = &bt[(size_t)j * g.k];
             for (int i = 0; i < g.m; i++) {
@@ -113,7 +128,8 @@ void run(const Gemm& g) {
                 for (; p < g.k; p++) s0 += ai[p] * bj[p];
                 const float dot = (s0 + s1) + (s2 + s3);
                 const size_t at_c = oc + i + (size_t)j * g.ldc;
-                const float v = g.beta == 0.0f ? g.alpha * dot : g.alpha * dot + g.beta * load(g.c, g.ctype, at_c);
+                float v = g.beta == 0.0f ? g.alpha * dot : g.alpha * dot + g.beta * load(g.c, g.ctype, at_c);
+                if (g.epilogue == EPI_BIAS) v += load(g.bias, g.bias_type, i);
                 store(g.c, g.ctype, at_c, v);
             }
         }
@@ -214,4 +230,185 @@ API int cublasSgemm_v2(Handle* h, int transa, int transb, int m, int n, int k, c
                        int lda, const float* B, int ldb, const float* beta, float* C, int ldc) {
     return cublasGemmStridedBatchedEx(h, transa, transb, m, n, k, alpha, A, R_32F, lda, 0, B, R_32F, ldb, 0, beta, C,
                                       R_32F, ldc, 0, 1, C_32F, -1);
+}
+
+// ---- cuBLASLt: the subset bert2bert calls (cublasLtMatmul with the BIAS, BGRADA and BGRADB
+// epilogues), on the same engine as cublasGemmStridedBatchedEx. Column-major layouts only; C and
+// D must be one matrix (D = alpha op(A) op(B) + beta C in place). Anything else is refused with
+// NOT_SUPPORTED and a message, never approximated.
+namespace {
+
+struct LtHandle {
+    int unused = 0;
+};
+struct LtDesc {
+    int compute, scale;
+    int transa = 0, transb = 0;
+    int epilogue = EPI_DEFAULT;
+    void* bias = nullptr;
+    int bias_type = -1;  // -1: the type of D, as cuBLASLt defaults
+};
+struct LtLayout {
+    int type;
+    uint64_t rows, cols;
+    int64_t ld;
+    int batch = 1;
+    int64_t stride = 0;
+};
+struct LtPref {
+    size_t workspace = 0;
+};
+// cublasLtMatmulHeuristicResult_t's layout.
+struct LtHeuristic {
+    uint64_t algo[8];
+    size_t workspace;
+    int state;
+    float waves;
+    int reserved[4];
+};
+
+template <typename T>
+bool read_attr(const void* buf, size_t size, T* out) {
+    if (size != sizeof(T)) return false;
+    std::memcpy(out, buf, sizeof(T));
+    return true;
+}
+
+int lt_refuse(const std::string& what) {
+    fail_now(emu::NOT_SUPPORTED, what);
+    return NOT_SUPPORTED;
+}
+
+}  // namespace
+
+API int cublasLtCreate(LtHandle** h) {
+    *h = new LtHandle();
+    return SUCCESS;
+}
+API int cublasLtDestroy(LtHandle* h) {
+    delete h;
+    return SUCCESS;
+}
+API int cublasLtMatmulDescCreate(LtDesc** d, int compute, int scale) {
+    *d = new LtDesc{compute, scale};
+    return SUCCESS;
+}
+API int cublasLtMatmulDescDestroy(LtDesc* d) {
+    delete d;
+    return SUCCESS;
+}
+API int cublasLtMatmulDescSetAttribute(LtDesc* d, int attr, const void* buf, size_t size) {
+    int32_t v32 = 0;
+    bool ok = false;
+    switch (attr) {
+        case 2: ok = read_attr(buf, size, &v32) && v32 == 0; break;  // POINTER_MODE: host scalars only
+        case 3: ok = read_attr(buf, size, &d->transa); break;
+        case 4: ok = read_attr(buf, size, &d->transb); break;
+        case 7: ok = read_attr(buf, size, &d->epilogue); break;
+        case 8: ok = read_attr(buf, size, &d->bias); break;
+        case 26: ok = read_attr(buf, size, &d->bias_type); break;
+        default: return lt_refuse("cublasLtMatmulDescSetAttribute: attribute " + std::to_string(attr) + " not emulated");
+    }
+    if (!ok) return lt_refuse("cublasLtMatmulDescSetAttribute: attribute " + std::to_string(attr) + ": bad size or value");
+    return SUCCESS;
+}
+API int cublasLtMatrixLayoutCreate(LtLayout** l, int type, uint64_t rows, uint64_t cols, int64_t ld) {
+    *l = new LtLayout{type, rows, cols, ld};
+    return SUCCESS;
+}
+API int cublasLtMatrixLayoutDestroy(LtLayout* l) {
+    delete l;
+    return SUCCESS;
+}
+API int cublasLtMatrixLayoutSetAttribute(LtLayout* l, int attr, const void* buf, size_t size) {
+    int32_t order = 0;
+    bool ok = false;
+    switch (attr) {
+        case 1: ok = read_attr(buf, size, &order) && order == 0; break;  // ORDER: column-major only
+        case 5: ok = read_attr(buf, size, &l->batch) && l->batch >= 0; break;
+        case 6: ok = read_attr(buf, size, &l->stride); break;
+        default: return lt_refuse("cublasLtMatrixLayoutSetAttribute: attribute " + std::to_string(attr) + " not emulated");
+    }
+    if (!ok) return lt_refuse("cublasLtMatrixLayoutSetAttribute: attribute " + std::to_string(attr) + ": bad size or value");
+    return SUCCESS;
+}
+API int cublasLtMatmulPreferenceCreate(LtPref** p) {
+    *p = new LtPref();
+    return SUCCESS;
+}
+API int cublasLtMatmulPreferenceDestroy(LtPref* p) {
+    delete p;
+    return SUCCESS;
+}
+API int cublasLtMatmulPreferenceSetAttribute(LtPref* p, int attr, const void* buf, size_t size) {
+    if (attr == 1 && read_attr(buf, size, &p->workspace)) return SUCCESS;  // MAX_WORKSPACE_BYTES
+    return SUCCESS;  // search preferences do not change what the emulator computes
+}
+// One algorithm, needing no workspace: the emulator has a single engine.
+API int cublasLtMatmulAlgoGetHeuristic(LtHandle*, LtDesc*, LtLayout*, LtLayout*, LtLayout*, LtLayout*, LtPref*,
+                                       int requested, LtHeuristic* results, int* count) {
+    if (requested < 1) return INVALID_VALUE;
+    std::memset(&results[0], 0, sizeof(LtHeuristic));
+    results[0].waves = 1.0f;
+    *count = 1;
+    return SUCCESS;
+}
+
+API int cublasLtMatmul(LtHandle*, LtDesc* d, const void* alpha, const void* A, LtLayout* la, const void* B,
+                       LtLayout* lb, const void* beta, const void* C, LtLayout* lc, void* D, LtLayout* ld,
+                       const void* /*algo*/, void* /*workspace*/, size_t /*workspace_size*/, void* stream) {
+    if (sticky() != emu::OK) return EXECUTION_FAILED;
+    auto storage = [](int t) { return t == R_32F || t == R_16BF; };
+    if (!storage(la->type) || !storage(lb->type) || !storage(ld->type) || la->type != lb->type)
+        return lt_refuse("cublasLtMatmul: emulated storage is CUDA_R_32F or CUDA_R_16BF, with A and B of one type");
+    if (C != D || lc->type != ld->type || lc->rows != ld->rows || lc->cols != ld->cols || lc->ld != ld->ld)
+        return lt_refuse("cublasLtMatmul: only in-place C == D (one pointer, one layout) is emulated");
+    const int ep = d->epilogue;
+    if (ep != EPI_DEFAULT && ep != EPI_BIAS && ep != EPI_BGRADA && ep != EPI_BGRADB)
+        return lt_refuse("cublasLtMatmul: epilogue " + std::to_string(ep) + " not emulated");
+    int bits = 0;
+    if (d->compute == C_32F_FAST_16BF || la->type == R_16BF) bits = 16;
+    else if (d->compute == C_32F_FAST_TF32) bits = 13;
+    else if (d->compute != C_32F && d->compute != C_32F_PEDANTIC)
+        return lt_refuse("cublasLtMatmul: compute type " + std::to_string(d->compute) + " not emulated");
+    const bool ta = d->transa != 0, tb = d->transb != 0;
+    const int m = (int)ld->rows, n = (int)ld->cols;
+    const int k = (int)(ta ? la->rows : la->cols);
+    const int batch = ld->batch;
+    std::string why;
+    auto shape = [&] {
+        return " (m " + std::to_string(m) + ", n " + std::to_string(n) + ", k " + std::to_string(k) + ", batch " +
+               std::to_string(batch) + ")";
+    };
+    const bool a_fits = (int)(ta ? la->cols : la->rows) == m, b_fits = (int)(tb ? lb->rows : lb->cols) == n &&
+                                                                   (int)(tb ? lb->cols : lb->rows) == k;
+    if (!a_fits || !b_fits || la->batch != batch || lb->batch != batch) {
+        fail_now(emu::INVALID_VALUE, "cublasLtMatmul: layouts of A, B and D disagree" + shape());
+        return INVALID_VALUE;
+    }
+    if (m == 0 || n == 0 || batch == 0) return SUCCESS;
+    if (ep != EPI_DEFAULT && batch != 1) return lt_refuse("cublasLtMatmul: epilogues are emulated for batch 1 only");
+    const bool bad_inputs =
+        k > 0 && (check_operand("A", A, la->type, (int)la->rows, (int)la->cols, (int)la->ld, la->stride, batch, &why) ||
+                  check_operand("B", B, lb->type, (int)lb->rows, (int)lb->cols, (int)lb->ld, lb->stride, batch, &why));
+    if (bad_inputs || check_operand("D", D, ld->type, m, n, (int)ld->ld, ld->stride, batch, &why)) {
+        fail_now(emu::INVALID_VALUE, "cublasLtMatmul" + shape() + ": " + why);
+        return INVALID_VALUE;
+    }
+    const int bias_type = d->bias_type < 0 ? ld->type : d->bias_type;
+    if (ep != EPI_DEFAULT) {
+        const int len = ep == EPI_BGRADB ? n : m;
+        if (!storage(bias_type)) return lt_refuse("cublasLtMatmul: bias type " + std::to_string(bias_type));
+        if (check_operand("bias", d->bias, bias_type, len, 1, len, 0, 1, &why)) {
+            fail_now(emu::INVALID_VALUE, "cublasLtMatmul" + shape() + ": " + why);
+            return INVALID_VALUE;
+        }
+    }
+    Gemm g{ta, tb, m, n, k, *(const float*)alpha, *(const float*)beta, A, la->type, (int)la->ld, la->stride, B,
+           lb->type, (int)lb->ld, lb->stride, D, ld->type, (int)ld->ld, ld->stride, batch, bits, ep, d->bias,
+           bias_type};
+    enqueue(stream_get(stream), [g] {
+        if (!emu::skip_bodies()) run(g);
+    });
+    return SUCCESS;
 }

@@ -119,6 +119,8 @@ pub trait Memory {
     ) -> (Self::Mut<'a>, Self::Mut<'a>);
     /// Reborrow an exclusive view as a shared one.
     fn as_ref<'a>(&self, m: &'a Self::Mut<'_>) -> Self::Ref<'a>;
+    /// Reborrow an exclusive view for one call, keeping it for the next.
+    fn reborrow<'a>(&self, m: &'a mut Self::Mut<'_>) -> Self::Mut<'a>;
     /// Every element of `dst` set to `value` (rounded to the buffer's dtype).
     fn fill(&self, dst: Self::Mut<'_>, value: f32) -> Result<()>;
     /// `dst = src`, converting (rounding to nearest even) when their dtypes differ.
@@ -192,6 +194,62 @@ pub trait GemmOps: Memory {
     fn add_bias(&self, y: Self::Mut<'_>, bias: Self::Ref<'_>, cols: usize) -> Result<()>;
     /// `dbias += sum over rows of dy` (parameter gradient: accumulates).
     fn bias_grad(&self, dy: Self::Ref<'_>, dbias: Self::Mut<'_>, cols: usize) -> Result<()>;
+
+    /// `C = op(A) op(B) + bias` (C assigned): a linear layer's output, with the fp32 `bias`
+    /// (length n) added to every row before C's one rounding. One batch entry, `ldc == n`. A GPU
+    /// backend fuses the bias into the GEMM's epilogue; this default is the GEMM, then `add_bias`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_bias(
+        &self,
+        s: GemmShape,
+        a: Self::Ref<'_>,
+        op_a: Operand,
+        b: Self::Ref<'_>,
+        op_b: Operand,
+        bias: Self::Ref<'_>,
+        mut c: Self::Mut<'_>,
+    ) -> Result<()> {
+        check_epilogue_shape("gemm_bias", s, op_a)?;
+        self.gemm(s, 1.0, a, op_a, b, op_b, 0.0, self.reborrow(&mut c))?;
+        self.add_bias(c, bias, s.n)
+    }
+
+    /// `C = op(A) op(B)` and `dbias[i] = sum_k op(A)[i, k]`, both ASSIGNED (not accumulated): a
+    /// linear layer's weight gradient `dW = dy^T x` and bias gradient `colsum(dy)` in one pass,
+    /// for the first write of those gradients (later writes use `gemm` and `bias_grad`, which
+    /// accumulate). A is read transposed and holds exactly `k` rows of `m` (`dy`); C and dbias
+    /// are fp32. One batch entry, `ldc == n`. A GPU backend computes dbias in the GEMM's
+    /// epilogue; this default is the GEMM, then a zero fill and `bias_grad`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_bias_grad(
+        &self,
+        s: GemmShape,
+        a: Self::Ref<'_>,
+        op_a: Operand,
+        b: Self::Ref<'_>,
+        op_b: Operand,
+        c: Self::Mut<'_>,
+        mut dbias: Self::Mut<'_>,
+    ) -> Result<()> {
+        check_epilogue_shape("gemm_bias_grad", s, op_a)?;
+        if !op_a.trans || op_a.ld != s.m {
+            return Err(KernelError::Shape {
+                op: "gemm_bias_grad",
+                what: format!("A must be read transposed, ld = m: {op_a:?} {s:?}"),
+            });
+        }
+        self.gemm(s, 1.0, a, op_a, b, op_b, 0.0, c)?;
+        self.fill(self.reborrow(&mut dbias), 0.0)?;
+        self.bias_grad(a, dbias, s.m)
+    }
+}
+
+/// The shapes the fused-epilogue GEMMs take: one batch entry, C contiguous.
+pub fn check_epilogue_shape(op: &'static str, s: GemmShape, op_a: Operand) -> Result<()> {
+    if s.batch != 1 || s.ldc != s.n || op_a.batch_stride != 0 {
+        return Err(KernelError::Shape { op, what: format!("one batch entry with ldc = n expected: {s:?}") });
+    }
+    Ok(())
 }
 
 /// Embedding family: row lookup and its scatter-add gradient.

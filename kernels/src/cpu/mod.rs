@@ -78,6 +78,9 @@ impl Memory for Cpu {
     fn as_ref<'a>(&self, m: &'a &mut [f32]) -> &'a [f32] {
         m
     }
+    fn reborrow<'a>(&self, m: &'a mut &mut [f32]) -> &'a mut [f32] {
+        m
+    }
     fn fill(&self, dst: &mut [f32], value: f32) -> Result<()> {
         dst.fill(value);
         Ok(())

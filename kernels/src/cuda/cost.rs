@@ -108,6 +108,31 @@ pub fn gemm(
     }
 }
 
+/// A GEMM with a cuBLASLt epilogue (see gemm_lt.rs): the GEMM's traffic with C written once,
+/// plus the fp32 bias read (`Bias`, length n) or the fp32 bias gradient written (`BiasGradOfA`,
+/// length m, summed from A as it streams through). The epilogue's adds are not counted as GEMM
+/// FLOPs: they hide under the tensor-core work.
+pub(crate) fn gemm_epilogue(
+    m: usize,
+    n: usize,
+    k: usize,
+    precision: GemmPrecision,
+    dtypes: GemmDtypes,
+    epilogue: super::gemm_lt::Epilogue,
+) -> LaunchCost {
+    use super::gemm_lt::Epilogue;
+    let mut c = gemm(m, n, k, 1, false, precision, dtypes);
+    let (extra_bytes, kernel) = match (epilogue, precision) {
+        (Epilogue::Bias, GemmPrecision::Bf16) => (F32 * n as u64, "cublaslt_gemm_bias_bf16"),
+        (Epilogue::Bias, GemmPrecision::Fp32) => (F32 * n as u64, "cublaslt_gemm_bias_fp32"),
+        (Epilogue::BiasGradOfA, GemmPrecision::Bf16) => (F32 * m as u64, "cublaslt_gemm_bgrad_bf16"),
+        (Epilogue::BiasGradOfA, GemmPrecision::Fp32) => (F32 * m as u64, "cublaslt_gemm_bgrad_fp32"),
+    };
+    c.kernel = kernel;
+    c.bytes += extra_bytes;
+    c
+}
+
 /// A memset over `n` elements of `dtype` (`fill`, and the zeroing of every `alloc_zeros`).
 pub fn memset(n: usize, dtype: Dtype) -> LaunchCost {
     LaunchCost { kernel: "memset", work: Work::Memory, bytes: size(dtype) * n as u64, flops: 0 }

@@ -16,8 +16,9 @@ use cudarc::cublas::{result as blas, sys as bsys};
 use cudarc::driver::CudaStream;
 
 use super::cost::GemmDtypes;
-use super::{Cuda, DevMut, DevRef, GemmPrecision, check, cost, dev_err};
-use crate::{Dtype, GemmOps, GemmShape, Operand, Result};
+use super::gemm_lt::{Epilogue, LtCall};
+use super::{Cuda, DevMut, DevRef, GemmPrecision, check, cost, dev_err, require_f32};
+use crate::{Dtype, GemmOps, GemmShape, Memory, Operand, Result};
 
 pub(crate) struct Blas {
     handle: bsys::cublasHandle_t,
@@ -122,6 +123,34 @@ impl Cuda {
     }
 }
 
+impl Cuda {
+    /// Operand extents against the shape, and a dtype combination cuBLAS takes.
+    #[allow(clippy::too_many_arguments)]
+    fn check_gemm(
+        &self,
+        op: &'static str,
+        s: GemmShape,
+        a: DevRef<'_>,
+        op_a: Operand,
+        b: DevRef<'_>,
+        op_b: Operand,
+        c: &DevMut<'_>,
+    ) -> Result<GemmDtypes> {
+        check(op, operand_span(op_a, s.m, s.k, s.batch) <= a.len, || {
+            format!("A too short: {s:?} {op_a:?} len {}", a.len)
+        })?;
+        check(op, operand_span(op_b, s.k, s.n, s.batch) <= b.len, || {
+            format!("B too short: {s:?} {op_b:?} len {}", b.len)
+        })?;
+        let c_need = if s.batch == 0 { 0 } else { (s.batch - 1) * s.batch_stride_c + span(s.m, s.n, s.ldc) };
+        check(op, c_need <= c.len, || format!("C too short: {s:?} len {}", c.len))?;
+        check(op, a.dtype == b.dtype && (a.dtype == Dtype::Bf16 || c.dtype == Dtype::F32), || {
+            format!("unsupported dtypes A {:?} B {:?} C {:?}", a.dtype, b.dtype, c.dtype)
+        })?;
+        Ok(GemmDtypes { ab: a.dtype, c: c.dtype })
+    }
+}
+
 impl GemmOps for Cuda {
     fn gemm(
         &self,
@@ -134,18 +163,7 @@ impl GemmOps for Cuda {
         beta: f32,
         c: DevMut<'_>,
     ) -> Result<()> {
-        check("gemm", operand_span(op_a, s.m, s.k, s.batch) <= a.len, || {
-            format!("A too short: {s:?} {op_a:?} len {}", a.len)
-        })?;
-        check("gemm", operand_span(op_b, s.k, s.n, s.batch) <= b.len, || {
-            format!("B too short: {s:?} {op_b:?} len {}", b.len)
-        })?;
-        let c_need = if s.batch == 0 { 0 } else { (s.batch - 1) * s.batch_stride_c + span(s.m, s.n, s.ldc) };
-        check("gemm", c_need <= c.len, || format!("C too short: {s:?} len {}", c.len))?;
-        let dtypes = GemmDtypes { ab: a.dtype, c: c.dtype };
-        check("gemm", a.dtype == b.dtype && (a.dtype == Dtype::Bf16 || c.dtype == Dtype::F32), || {
-            format!("unsupported dtypes A {:?} B {:?} C {:?}", a.dtype, b.dtype, c.dtype)
-        })?;
+        let dtypes = self.check_gemm("gemm", s, a, op_a, b, op_b, &c)?;
         self.gemm_raw(s, alpha, a.ptr, op_a, b.ptr, op_b, beta, c.ptr, dtypes)
     }
 
@@ -162,5 +180,69 @@ impl GemmOps for Cuda {
             format!("dy {} dbias {}", dy.len, dbias.len)
         })?;
         self.launch_column_sum(dbias, dy, dy.len / cols, cols)
+    }
+
+    fn gemm_bias(
+        &self,
+        s: GemmShape,
+        a: DevRef<'_>,
+        op_a: Operand,
+        b: DevRef<'_>,
+        op_b: Operand,
+        bias: DevRef<'_>,
+        c: DevMut<'_>,
+    ) -> Result<()> {
+        crate::check_epilogue_shape("gemm_bias", s, op_a)?;
+        check("gemm_bias", bias.len == s.n, || format!("bias {} for n {}", bias.len, s.n))?;
+        require_f32("gemm_bias", &[bias.dtype])?;
+        let dtypes = self.check_gemm("gemm_bias", s, a, op_a, b, op_b, &c)?;
+        let call =
+            LtCall { s, a: a.ptr, op_a, b: b.ptr, op_b, c: c.ptr, bias: bias.ptr, dtypes, epilogue: Epilogue::Bias };
+        if s.m == 0 || s.n == 0 || self.gemm_lt(&call)? {
+            return Ok(());
+        }
+        // No cuBLASLt kernel for this combination: the same result unfused.
+        self.gemm_raw(s, 1.0, a.ptr, op_a, b.ptr, op_b, 0.0, c.ptr, dtypes)?;
+        self.launch_bias_add(c, bias, s.m, s.n)
+    }
+
+    fn gemm_bias_grad(
+        &self,
+        s: GemmShape,
+        a: DevRef<'_>,
+        op_a: Operand,
+        b: DevRef<'_>,
+        op_b: Operand,
+        c: DevMut<'_>,
+        dbias: DevMut<'_>,
+    ) -> Result<()> {
+        crate::check_epilogue_shape("gemm_bias_grad", s, op_a)?;
+        check("gemm_bias_grad", op_a.trans && op_a.ld == s.m && a.len == s.k * s.m, || {
+            format!("A must be read transposed, exactly k x m: {op_a:?} {s:?} len {}", a.len)
+        })?;
+        check("gemm_bias_grad", dbias.len == s.m, || format!("dbias {} for m {}", dbias.len, s.m))?;
+        require_f32("gemm_bias_grad", &[c.dtype, dbias.dtype])?;
+        let dtypes = self.check_gemm("gemm_bias_grad", s, a, op_a, b, op_b, &c)?;
+        let call = LtCall {
+            s,
+            a: a.ptr,
+            op_a,
+            b: b.ptr,
+            op_b,
+            c: c.ptr,
+            bias: dbias.ptr,
+            dtypes,
+            epilogue: Epilogue::BiasGradOfA,
+        };
+        if s.m == 0 || s.n == 0 {
+            return Ok(());
+        }
+        if s.k > 0 && self.gemm_lt(&call)? {
+            return Ok(());
+        }
+        self.gemm_raw(s, 1.0, a.ptr, op_a, b.ptr, op_b, 0.0, c.ptr, dtypes)?;
+        let mut dbias = dbias;
+        self.fill(self.reborrow(&mut dbias), 0.0)?;
+        self.launch_column_sum(dbias, a, s.k, s.m)
     }
 }

@@ -22,6 +22,7 @@ mod cross_entropy;
 mod dropout;
 mod embedding;
 mod gelu;
+mod gemm_lt;
 mod layernorm;
 mod matmul;
 pub mod nccl;
@@ -80,6 +81,7 @@ pub struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: matmul::Blas,
+    lt: gemm_lt::Lt,
     functions: HashMap<&'static str, CudaFunction>,
     sm_count: u32,
     /// The GEMM precision, bf16 when set. An atomic rather than a plain field because a worker
@@ -228,11 +230,13 @@ impl Cuda {
             }
         }
         let blas = matmul::Blas::new(&stream)?;
+        let lt = gemm_lt::Lt::new(&stream)?;
         let bf16 = AtomicBool::new(precision == GemmPrecision::Bf16);
         Ok(Self {
             ctx,
             stream,
             blas,
+            lt,
             functions,
             sm_count,
             bf16,
@@ -494,6 +498,9 @@ impl Memory for Cuda {
     }
     fn as_ref<'a>(&self, m: &'a DevMut<'_>) -> DevRef<'a> {
         DevRef { ptr: m.ptr, len: m.len, dtype: m.dtype, _buf: PhantomData }
+    }
+    fn reborrow<'a>(&self, m: &'a mut DevMut<'_>) -> DevMut<'a> {
+        DevMut { ptr: m.ptr, len: m.len, dtype: m.dtype, _buf: PhantomData }
     }
     fn fill(&self, dst: DevMut<'_>, value: f32) -> Result<()> {
         if dst.len == 0 {

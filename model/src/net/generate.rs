@@ -261,8 +261,12 @@ impl<B: Backend> Bert2Bert<B> {
     /// rows (row `r` holds source `r / k`).
     fn encode_for_beams(&self, b: &B, sources: &[Vec<i32>], s: usize, k: usize) -> Result<(B::Buf, B::Buf)> {
         let ec = &self.config.encoder;
-        let (p, view, c, bs) =
-            (&super::weights_of::<B>(&self.params, &self.gemm_params), &self.view, ec.hidden_size, sources.len());
+        let (p, view, c, bs) = (
+            &super::weights_of::<B>(&self.params, &self.gemm_params, &self.fresh_grads),
+            &self.view,
+            ec.hidden_size,
+            sources.len(),
+        );
         let mut src_ids = vec![self.config.pad_token_id; bs * s];
         let mut mask = vec![0.0f32; bs * s];
         for (i, row) in sources.iter().enumerate() {
@@ -309,8 +313,11 @@ impl<B: Backend> Bert2Bert<B> {
         s: usize,
         tmax: usize,
     ) -> Result<DecodeState<B>> {
-        let (ec, dc, p) =
-            (&self.config.encoder, &self.config.decoder, &super::weights_of::<B>(&self.params, &self.gemm_params));
+        let (ec, dc, p) = (
+            &self.config.encoder,
+            &self.config.decoder,
+            &super::weights_of::<B>(&self.params, &self.gemm_params, &self.fresh_grads),
+        );
         let c = ec.hidden_size;
         let mut layers = Vec::with_capacity(dc.num_hidden_layers);
         for lv in &self.view.decoder.layers {
@@ -356,8 +363,11 @@ impl<B: Backend> Bert2Bert<B> {
     /// One decoder step for every row: `current` (one token per row) at position `t` through
     /// the decoder, its K/V appended to the caches; returns the logits `[rows, vocab]`.
     fn decode_step(&self, b: &B, dec: &mut DecodeState<B>, current: &[i32], t: usize) -> Result<Vec<f32>> {
-        let (p, view, dc) =
-            (&super::weights_of::<B>(&self.params, &self.gemm_params), &self.view, &self.config.decoder);
+        let (p, view, dc) = (
+            &super::weights_of::<B>(&self.params, &self.gemm_params, &self.fresh_grads),
+            &self.view,
+            &self.config.decoder,
+        );
         let (n, tmax) = (dec.rows, dec.tmax);
         let ids = EmbIds::<B> {
             tokens: b.upload_ids(current)?,
@@ -397,7 +407,7 @@ impl<B: Backend> Bert2Bert<B> {
         t: usize,
     ) -> Result<()> {
         let (p, ec, eps) = (
-            &super::weights_of::<B>(&self.params, &self.gemm_params),
+            &super::weights_of::<B>(&self.params, &self.gemm_params, &self.fresh_grads),
             &self.config.encoder,
             self.config.decoder.layer_norm_eps,
         );
@@ -444,8 +454,11 @@ impl<B: Backend> Bert2Bert<B> {
     /// The LM head on the decoder's last hidden states `[n, hidden]`: transform, GELU, norm,
     /// projection onto the decoder's word embeddings plus the output bias, into `head.logits`.
     fn lm_head_logits(&self, b: &B, hidden: &B::Buf, n: usize, head: &mut HeadScratch<B>) -> Result<()> {
-        let (p, view, dc) =
-            (&super::weights_of::<B>(&self.params, &self.gemm_params), &self.view, &self.config.decoder);
+        let (p, view, dc) = (
+            &super::weights_of::<B>(&self.params, &self.gemm_params, &self.fresh_grads),
+            &self.view,
+            &self.config.decoder,
+        );
         let (hv, c, v) = (&view.lm_head, self.config.encoder.hidden_size, dc.vocab_size);
         let HeadScratch { pre, act, norm, logits } = head;
         matmul_wt(b, p, &hv.transform, r(b, hidden), n, w(b, pre))?;
@@ -453,17 +466,15 @@ impl<B: Backend> Bert2Bert<B> {
         b.copy(r(b, act), w(b, &mut norm.input))?;
         norm.forward(b, p, &hv.norm, dc.layer_norm_eps)?;
         let word = view.decoder.embeddings.word.clone();
-        b.gemm(
+        b.gemm_bias(
             GemmShape::plain(n, v, c),
-            1.0,
-            r(b, &norm.out),
+            b.view(&norm.out, 0..n * c),
             Operand::n(c),
             p.gemm(b, word),
             Operand::t(c),
-            0.0,
-            w(b, logits),
+            p.master(b, hv.bias.clone()),
+            b.view_mut(logits, 0..n * v),
         )?;
-        b.add_bias(w(b, logits), p.master(b, hv.bias.clone()), v)?;
         Ok(())
     }
 

@@ -108,17 +108,15 @@ impl<B: Backend> LmHead<B> {
         out: &mut B::Buf,
     ) -> KResult<()> {
         let n = rows.len();
-        b.gemm(
+        b.gemm_bias(
             GemmShape::plain(n, v, c),
-            1.0,
             b.view(norm_out, rows.start * c..rows.end * c),
             Operand::n(c),
             p.gemm(b, word),
             Operand::t(c),
-            0.0,
+            p.master(b, hv.bias.clone()),
             b.view_mut(out, 0..n * v),
-        )?;
-        b.add_bias(b.view_mut(out, 0..n * v), p.master(b, hv.bias.clone()), v)
+        )
     }
 
     /// Token losses of the `m` rows against `labels`, a chunk of rows at a time. With

@@ -18,6 +18,33 @@ pub(crate) type KResult<T> = kernels::Result<T>;
 pub(crate) struct Weights<'a, B: Backend> {
     pub master: &'a B::Buf,
     pub gemm: &'a B::Buf,
+    /// Which weight gradients this step has not written yet (see [`FreshGrads`]).
+    pub fresh: &'a FreshGrads,
+}
+
+/// The weight gradients that `zero_grads` zeroed and no pass has written since, by the start of
+/// their range. The first write of one may ASSIGN what would otherwise accumulate onto zeros:
+/// the same values, without reading the zeros back, and with the bias gradient written by the
+/// GEMM's epilogue (`gemm_bias_grad`). Until the first `zero_grads` nothing is fresh (every write
+/// accumulates, as before), so gradients a caller put in `grads` itself are never overwritten.
+#[derive(Default)]
+pub(crate) struct FreshGrads {
+    /// `None`: not armed. `Some(written)`: armed by `zero_grads`; `written` holds the ranges a
+    /// pass has written since.
+    written: std::sync::Mutex<Option<std::collections::HashSet<usize>>>,
+}
+
+impl FreshGrads {
+    /// Every gradient is zero and unwritten (called with the zeroing).
+    pub fn arm(&self) {
+        *self.written.lock().unwrap_or_else(|p| p.into_inner()) = Some(Default::default());
+    }
+    /// Whether the gradient range starting at `start` is written for the first time since
+    /// `arm`, marking it written.
+    pub fn first_write(&self, start: usize) -> bool {
+        let mut guard = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_mut().is_some_and(|written| written.insert(start))
+    }
 }
 
 impl<'a, B: Backend> Weights<'a, B> {
@@ -53,7 +80,7 @@ pub(crate) fn matmul_wt<B: Backend>(
     b.gemm(s, 1.0, x, Operand::n(lin.in_dim), p.gemm(b, lin.w.clone()), Operand::t(lin.in_dim), 0.0, y)
 }
 
-/// `y = x W^T + bias`.
+/// `y = x W^T + bias`, the bias fused into the GEMM where the backend can.
 pub(crate) fn linear_forward<B: Backend>(
     b: &B,
     p: &Weights<'_, B>,
@@ -62,11 +89,14 @@ pub(crate) fn linear_forward<B: Backend>(
     rows: usize,
     y: &mut B::Buf,
 ) -> KResult<()> {
-    matmul_wt(b, p, lin, x, rows, w(b, y))?;
-    b.add_bias(w(b, y), p.master(b, lin.b.clone()), lin.out_dim)
+    let s = GemmShape::plain(rows, lin.out_dim, lin.in_dim);
+    let weight = p.gemm(b, lin.w.clone());
+    b.gemm_bias(s, x, Operand::n(lin.in_dim), weight, Operand::t(lin.in_dim), p.master(b, lin.b.clone()), w(b, y))
 }
 
 /// `dW += dy^T x`; optionally `dbias += colsum(dy)`; `dx (= or +=) dy W` when `dx` is given.
+/// On the weight's first write of a step (`Weights::fresh`) the two gradients are assigned in
+/// one fused call instead. `dy` holds exactly `rows` rows.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_backward<B: Backend>(
     b: &B,
@@ -80,9 +110,19 @@ pub(crate) fn linear_backward<B: Backend>(
     dx: Option<(B::Mut<'_>, bool)>,
 ) -> KResult<()> {
     let (o, i) = (lin.out_dim, lin.in_dim);
-    b.gemm(GemmShape::plain(o, i, rows), 1.0, dy, Operand::t(o), x, Operand::n(i), 1.0, b.view_mut(g, lin.w.clone()))?;
-    if with_bias {
-        b.bias_grad(dy, b.view_mut(g, lin.b.clone()), o)?;
+    let s = GemmShape::plain(o, i, rows);
+    match (p.fresh.first_write(lin.w.start), with_bias) {
+        (true, true) => {
+            let (dw, db) = b.view_mut2(g, lin.w.clone(), lin.b.clone());
+            b.gemm_bias_grad(s, dy, Operand::t(o), x, Operand::n(i), dw, db)?;
+        }
+        (true, false) => b.gemm(s, 1.0, dy, Operand::t(o), x, Operand::n(i), 0.0, b.view_mut(g, lin.w.clone()))?,
+        (false, _) => {
+            b.gemm(s, 1.0, dy, Operand::t(o), x, Operand::n(i), 1.0, b.view_mut(g, lin.w.clone()))?;
+            if with_bias {
+                b.bias_grad(dy, b.view_mut(g, lin.b.clone()), o)?;
+            }
+        }
     }
     if let Some((dx, accumulate)) = dx {
         let beta = if accumulate { 1.0 } else { 0.0 };

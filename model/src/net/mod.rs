@@ -35,7 +35,7 @@ use encoder::Encoder;
 use encoder::EncoderLayer;
 use grad_ready::{GradReady, stage_done};
 use head::LmHead;
-use layers::{EmbIds, Weights, r, w};
+use layers::{EmbIds, FreshGrads, Weights, r, w};
 use stack::StackPass;
 
 /// One batch on the device, in transformers' EncoderDecoderModel convention.
@@ -176,6 +176,8 @@ pub struct Bert2Bert<B: Backend> {
     /// (mixed precision): refreshed from `params` at the start of every pass, so an update of
     /// `params` between passes needs no bookkeeping.
     gemm_params: Option<B::Buf>,
+    /// The weight gradients not yet written since `zero_grads` (see `FreshGrads`).
+    fresh_grads: FreshGrads,
     ws: Option<Workspace<B>>,
     /// Label rows the LM head projects at once; `None`: what the backend's
     /// `logits_chunk_floats` allows.
@@ -187,8 +189,12 @@ pub struct Bert2Bert<B: Backend> {
 
 /// The parameters as a pass reads them (see `Weights`), from `Bert2Bert`'s two fields (a free
 /// function, so the borrow stays on those fields while `grads` is borrowed mutably).
-fn weights_of<'a, B: Backend>(params: &'a B::Buf, gemm_params: &'a Option<B::Buf>) -> Weights<'a, B> {
-    Weights { master: params, gemm: gemm_params.as_ref().unwrap_or(params) }
+fn weights_of<'a, B: Backend>(
+    params: &'a B::Buf,
+    gemm_params: &'a Option<B::Buf>,
+    fresh: &'a FreshGrads,
+) -> Weights<'a, B> {
+    Weights { master: params, gemm: gemm_params.as_ref().unwrap_or(params), fresh }
 }
 
 /// Phase timer of one pass.
@@ -219,6 +225,7 @@ impl<B: Backend> Bert2Bert<B> {
             params: b.upload(host_params)?,
             grads: b.zeros(table.storage_len)?,
             gemm_params: None,
+            fresh_grads: FreshGrads::default(),
             config,
             table,
             view,
@@ -234,7 +241,7 @@ impl<B: Backend> Bert2Bert<B> {
     pub fn last_logits(&self, b: &B, label_tokens: usize) -> Result<Vec<f32>> {
         let ws = self.ws.as_ref().ok_or_else(|| Error::Other("no pass has run yet".into()))?;
         let word = self.view.decoder.embeddings.word.clone();
-        let p = weights_of::<B>(&self.params, &self.gemm_params);
+        let p = weights_of::<B>(&self.params, &self.gemm_params, &self.fresh_grads);
         Ok(ws.head.logits(b, &p, &self.view.lm_head, word, label_tokens)?)
     }
 
@@ -262,8 +269,14 @@ impl<B: Backend> Bert2Bert<B> {
         Ok(())
     }
 
+    /// Zero `grads` for a new step; the step's first write of each weight gradient may then
+    /// assign instead of accumulating (`FreshGrads`). Write into `grads` yourself only between
+    /// a step's passes and the next `zero_grads` (an all-reduce, clipping), not before its
+    /// first pass.
     pub fn zero_grads(&mut self, b: &B) -> Result<()> {
-        Ok(b.fill(w(b, &mut self.grads), 0.0)?)
+        b.fill(w(b, &mut self.grads), 0.0)?;
+        self.fresh_grads.arm();
+        Ok(())
     }
 
     fn workspace(&mut self, b: &B, batch: usize, s: usize, t: usize) -> Result<Workspace<B>> {
@@ -356,7 +369,7 @@ impl<B: Backend> Bert2Bert<B> {
             }
         }
         let (esp, dsp) = self.stack_passes(x.batch, &opts);
-        let (p, view) = (&weights_of::<B>(&self.params, &self.gemm_params), &self.view);
+        let (p, view) = (&weights_of::<B>(&self.params, &self.gemm_params, &self.fresh_grads), &self.view);
         ws.encoder.forward(b, p, &view.encoder, &x.src, &x.src_mask, &esp)?;
         clock.mark("encoder_fwd");
         let enc = Encoded { states: ws.encoder.output(), mask: &x.src_mask, len: x.src_len };
@@ -381,7 +394,7 @@ impl<B: Backend> Bert2Bert<B> {
         clock: &mut Clock,
     ) -> Result<()> {
         let m = x.label_tokens();
-        let (p, view) = (&weights_of::<B>(&self.params, &self.gemm_params), &self.view);
+        let (p, view) = (&weights_of::<B>(&self.params, &self.gemm_params, &self.fresh_grads), &self.view);
         let word = view.decoder.embeddings.word.clone();
         let grad = opts.grad_scale.map(|scale| (scale, &mut self.grads));
         ws.head.loss(b, p, &view.lm_head, word, &x.labels, m, opts.label_smoothing, grad)?;
@@ -402,7 +415,8 @@ impl<B: Backend> Bert2Bert<B> {
         on_final: Option<&mut FinalGrads<'_, B::Buf>>,
     ) -> Result<()> {
         let (esp, dsp) = self.stack_passes(x.batch, &opts);
-        let (p, g, view) = (&weights_of::<B>(&self.params, &self.gemm_params), &mut self.grads, &self.view);
+        let (p, g, view) =
+            (&weights_of::<B>(&self.params, &self.gemm_params, &self.fresh_grads), &mut self.grads, &self.view);
         let mut ready = on_final.map(|h| GradReady::new(view, self.table.storage_len, h));
         let rows = (x.label_tokens(), x.batch * x.tgt_len);
         // The head's vocabulary part (bias, E) already ran in `loss`; its stage ends here.
