@@ -202,6 +202,8 @@ impl Case for LayerNormCase {
 
 pub(crate) struct GeluCase {
     pub(crate) backward: bool,
+    /// The bias-free ops (`gelu_forward`, `gelu_backward`): the bias is the GEMM's.
+    pub(crate) plain: bool,
     pub(crate) rows: usize,
     pub(crate) c: usize,
     pub(crate) pre: Vec<f32>,
@@ -216,7 +218,12 @@ impl Case for GeluCase {
         "GeluOps"
     }
     fn op(&self) -> &'static str {
-        if self.backward { "bias_gelu_backward" } else { "bias_gelu_forward" }
+        match (self.plain, self.backward) {
+            (false, false) => "bias_gelu_forward",
+            (false, true) => "bias_gelu_backward",
+            (true, false) => "gelu_forward",
+            (true, true) => "gelu_backward",
+        }
     }
     fn shape(&self) -> String {
         format!("{}x{}", self.rows, self.c)
@@ -227,6 +234,16 @@ impl Case for GeluCase {
     fn run<D: Backend>(&self, d: &D) -> kernels::Result<Outputs> {
         // pre, out, dout and dpre are activations; the bias and its gradient fp32.
         let mut pre = act(d, &self.pre)?;
+        if self.plain {
+            let mut out = act(d, &self.garbage)?;
+            if self.backward {
+                let dout = act(d, &self.dout)?;
+                d.gelu_backward(all(d, &pre), all(d, &dout), all_mut(d, &mut out))?;
+                return Ok(vec![("dpre", get(d, &out)?)]);
+            }
+            d.gelu_forward(all(d, &pre), all_mut(d, &mut out))?;
+            return Ok(vec![("out", get(d, &out)?)]);
+        }
         if !self.backward {
             let bias = d.upload(&self.bias)?;
             let mut out = act(d, &self.garbage)?;
@@ -241,6 +258,16 @@ impl Case for GeluCase {
     }
     fn reference(&self) -> Outputs {
         let mut pre = self.pre.clone();
+        if self.plain {
+            // The bias ops with a zero bias (pre + 0 is pre exactly).
+            let (mut out, zero) = (self.garbage.clone(), vec![0.0; self.c]);
+            if self.backward {
+                reference::bias_gelu_backward(&pre, &self.dout, &mut out, &mut zero.clone());
+                return vec![("dpre", out)];
+            }
+            reference::bias_gelu_forward(&mut pre, &zero, &mut out);
+            return vec![("out", out)];
+        }
         if !self.backward {
             let mut out = self.garbage.clone();
             reference::bias_gelu_forward(&mut pre, &self.bias, &mut out);

@@ -59,6 +59,23 @@ fn linear_epilogue_cases<B: Backend>(run: &mut Runner<'_, B>) {
         };
         run.check(&c);
     }
+    // The bias-free GELU of a linear whose bias the GEMM added.
+    for backward in [false, true] {
+        let (rows, c) = (259, 131);
+        let r = &mut run.r;
+        let g = GeluCase {
+            backward,
+            plain: true,
+            rows,
+            c,
+            pre: r.normal(rows * c, 2.0),
+            bias: Vec::new(),
+            dout: r.normal(rows * c, 1.0),
+            garbage: r.normal(rows * c, 5.0),
+            dbias0: Vec::new(),
+        };
+        run.check(&g);
+    }
 }
 
 /// GEMM: the four transpose combinations with non-zero C (beta != 0), a small product reading A
@@ -104,6 +121,23 @@ fn gemm_cases<B: Backend>(run: &mut Runner<'_, B>) {
         let c = BiasGradCase { rows, cols, dy: run.r.normal(rows * cols, 1.0), dbias0: run.r.normal(cols, 1.0) };
         run.check(&c);
     }
+    // The bias-free GELU of a linear whose bias the GEMM added.
+    for backward in [false, true] {
+        let (rows, c) = (259, 131);
+        let r = &mut run.r;
+        let g = GeluCase {
+            backward,
+            plain: true,
+            rows,
+            c,
+            pre: r.normal(rows * c, 2.0),
+            bias: Vec::new(),
+            dout: r.normal(rows * c, 1.0),
+            garbage: r.normal(rows * c, 5.0),
+            dbias0: Vec::new(),
+        };
+        run.check(&g);
+    }
 }
 
 /// Embeddings: 1023 ids (forward: assigned and accumulated); backward with many repeats; then
@@ -128,6 +162,23 @@ fn embedding_cases<B: Backend>(run: &mut Runner<'_, B>) {
         };
         run.check(&c);
     }
+    // The bias-free GELU of a linear whose bias the GEMM added.
+    for backward in [false, true] {
+        let (rows, c) = (259, 131);
+        let r = &mut run.r;
+        let g = GeluCase {
+            backward,
+            plain: true,
+            rows,
+            c,
+            pre: r.normal(rows * c, 2.0),
+            bias: Vec::new(),
+            dout: r.normal(rows * c, 1.0),
+            garbage: r.normal(rows * c, 5.0),
+            dbias0: Vec::new(),
+        };
+        run.check(&g);
+    }
 }
 
 /// LayerNorm (rows with mean 3, so the variance needs care), narrow and wide rows; bias + GELU.
@@ -143,6 +194,7 @@ fn norm_and_gelu_cases<B: Backend>(run: &mut Runner<'_, B>) {
         let r = &mut run.r;
         let g = GeluCase {
             backward,
+            plain: false,
             rows,
             c,
             pre: r.normal(rows * c, 2.0),

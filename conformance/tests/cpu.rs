@@ -219,6 +219,12 @@ impl GeluOps for BiasGradOffByHalf {
     fn bias_gelu_backward(&self, pre: &[f32], dout: &[f32], dpre: &mut [f32], dbias: &mut [f32]) -> Result<()> {
         Cpu.bias_gelu_backward(pre, dout, dpre, dbias)
     }
+    fn gelu_forward(&self, pre: &[f32], out: &mut [f32]) -> Result<()> {
+        Cpu.gelu_forward(pre, out)
+    }
+    fn gelu_backward(&self, pre: &[f32], dout: &[f32], dpre: &mut [f32]) -> Result<()> {
+        Cpu.gelu_backward(pre, dout, dpre)
+    }
 }
 
 impl AttentionOps for BiasGradOffByHalf {

@@ -352,6 +352,11 @@ pub trait GeluOps: Memory {
         dpre: Self::Mut<'_>,
         dbias: Self::Mut<'_>,
     ) -> Result<()>;
+    /// `out = gelu(pre)` (assigned); pre is only read (its bias was added by `gemm_bias`).
+    fn gelu_forward(&self, pre: Self::Ref<'_>, out: Self::Mut<'_>) -> Result<()>;
+    /// `dpre = dout * gelu'(pre)` (assigned); the bias gradient is the caller's (the next
+    /// GEMM's epilogue, `gemm_bias_grad`).
+    fn gelu_backward(&self, pre: Self::Ref<'_>, dout: Self::Ref<'_>, dpre: Self::Mut<'_>) -> Result<()>;
 }
 
 /// Shape and options of multi-head scaled-dot-product attention.

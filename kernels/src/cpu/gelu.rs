@@ -41,6 +41,30 @@ impl GeluOps for Cpu {
         Ok(())
     }
 
+    fn gelu_forward(&self, pre: &[f32], out: &mut [f32]) -> Result<()> {
+        check("gelu_forward", out.len() == pre.len(), || format!("pre {} out {}", pre.len(), out.len()))?;
+        out.par_chunks_mut(4096).enumerate().for_each(|(chunk, o)| {
+            let base = chunk * 4096;
+            for (i, v) in o.iter_mut().enumerate() {
+                *v = gelu(pre[base + i]);
+            }
+        });
+        Ok(())
+    }
+
+    fn gelu_backward(&self, pre: &[f32], dout: &[f32], dpre: &mut [f32]) -> Result<()> {
+        check("gelu_backward", dout.len() == pre.len() && dpre.len() == pre.len(), || {
+            format!("pre {} dout {} dpre {}", pre.len(), dout.len(), dpre.len())
+        })?;
+        dpre.par_chunks_mut(4096).enumerate().for_each(|(chunk, d)| {
+            let base = chunk * 4096;
+            for (i, v) in d.iter_mut().enumerate() {
+                *v = dout[base + i] * gelu_grad(pre[base + i]);
+            }
+        });
+        Ok(())
+    }
+
     fn bias_gelu_backward(&self, pre: &[f32], dout: &[f32], dpre: &mut [f32], dbias: &mut [f32]) -> Result<()> {
         let c = dbias.len();
         check(

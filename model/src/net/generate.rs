@@ -8,7 +8,7 @@
 
 use kernels::{AttentionShape, Backend, GemmShape, Operand};
 
-use super::layers::{EmbActs, EmbIds, FfnActs, NormActs, linear_forward, matmul_wt, r, w};
+use super::layers::{EmbActs, EmbIds, FfnActs, NormActs, linear_forward, r, w};
 use super::{Bert2Bert, EncoderLayer};
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
@@ -461,8 +461,8 @@ impl<B: Backend> Bert2Bert<B> {
         );
         let (hv, c, v) = (&view.lm_head, self.config.encoder.hidden_size, dc.vocab_size);
         let HeadScratch { pre, act, norm, logits } = head;
-        matmul_wt(b, p, &hv.transform, r(b, hidden), n, w(b, pre))?;
-        b.bias_gelu_forward(w(b, pre), p.master(b, hv.transform.b.clone()), w(b, act))?;
+        linear_forward(b, p, &hv.transform, r(b, hidden), n, pre)?;
+        b.gelu_forward(r(b, pre), w(b, act))?;
         b.copy(r(b, act), w(b, &mut norm.input))?;
         norm.forward(b, p, &hv.norm, dc.layer_norm_eps)?;
         let word = view.decoder.embeddings.word.clone();

@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use kernels::{Backend, GemmShape, KernelError, Operand};
 
-use super::layers::{self, KResult, NormActs, Weights, matmul_wt, r};
+use super::layers::{self, KResult, NormActs, Weights, r};
 use crate::params::LmHeadView;
 
 /// The head's activations, sized for every decoder row; a pass uses the first `m` (label rows).
@@ -75,12 +75,8 @@ impl<B: Backend> LmHead<B> {
     ) -> KResult<()> {
         let (c, mc) = (self.width, m * self.width);
         b.embedding_forward(label_rows, r(b, dec_out), c, b.view_mut(&mut self.hidden, 0..mc), false)?;
-        matmul_wt(b, p, &hv.transform, b.view(&self.hidden, 0..mc), m, b.view_mut(&mut self.pre, 0..mc))?;
-        b.bias_gelu_forward(
-            b.view_mut(&mut self.pre, 0..mc),
-            p.master(b, hv.transform.b.clone()),
-            b.view_mut(&mut self.act, 0..mc),
-        )?;
+        layers::linear_into(b, p, &hv.transform, b.view(&self.hidden, 0..mc), m, b.view_mut(&mut self.pre, 0..mc))?;
+        b.gelu_forward(b.view(&self.pre, 0..mc), b.view_mut(&mut self.act, 0..mc))?;
         let n = &mut self.norm;
         b.layernorm_forward(
             b.view(&self.act, 0..mc),
@@ -250,14 +246,9 @@ impl<B: Backend> LmHead<B> {
             dg,
             db,
         )?;
-        b.bias_gelu_backward(
-            b.view(&self.pre, 0..mc),
-            b.view(d_b, 0..mc),
-            b.view_mut(d_a, 0..mc),
-            b.view_mut(g, hv.transform.b.clone()),
-        )?;
+        b.gelu_backward(b.view(&self.pre, 0..mc), b.view(d_b, 0..mc), b.view_mut(d_a, 0..mc))?;
         let (x, dy) = (b.view(&self.hidden, 0..mc), b.view(d_a, 0..mc));
-        layers::linear_backward(b, p, g, &hv.transform, x, dy, m, false, Some((b.view_mut(d_b, 0..mc), false)))?;
+        layers::linear_backward(b, p, g, &hv.transform, x, dy, m, true, Some((b.view_mut(d_b, 0..mc), false)))?;
         // Scatter the label rows' gradient back to all decoder rows (padding rows get 0).
         b.fill(b.view_mut(d_a, 0..rows * c), 0.0)?;
         b.embedding_backward(label_rows, b.view(d_b, 0..mc), c, b.view_mut(d_a, 0..rows * c))

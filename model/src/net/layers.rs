@@ -67,19 +67,6 @@ pub(crate) fn w<'a, B: Backend>(b: &B, x: &'a mut B::Buf) -> B::Mut<'a> {
     b.view_mut(x, 0..n)
 }
 
-/// `y = x W^T` (no bias): x `[rows, in]`, W `[out, in]`, y `[rows, out]`.
-pub(crate) fn matmul_wt<B: Backend>(
-    b: &B,
-    p: &Weights<'_, B>,
-    lin: &LinearView,
-    x: B::Ref<'_>,
-    rows: usize,
-    y: B::Mut<'_>,
-) -> KResult<()> {
-    let s = GemmShape::plain(rows, lin.out_dim, lin.in_dim);
-    b.gemm(s, 1.0, x, Operand::n(lin.in_dim), p.gemm(b, lin.w.clone()), Operand::t(lin.in_dim), 0.0, y)
-}
-
 /// `y = x W^T + bias`, the bias fused into the GEMM where the backend can.
 pub(crate) fn linear_forward<B: Backend>(
     b: &B,
@@ -89,9 +76,21 @@ pub(crate) fn linear_forward<B: Backend>(
     rows: usize,
     y: &mut B::Buf,
 ) -> KResult<()> {
+    linear_into(b, p, lin, x, rows, w(b, y))
+}
+
+/// `y = x W^T + bias` into a view.
+pub(crate) fn linear_into<B: Backend>(
+    b: &B,
+    p: &Weights<'_, B>,
+    lin: &LinearView,
+    x: B::Ref<'_>,
+    rows: usize,
+    y: B::Mut<'_>,
+) -> KResult<()> {
     let s = GemmShape::plain(rows, lin.out_dim, lin.in_dim);
     let weight = p.gemm(b, lin.w.clone());
-    b.gemm_bias(s, x, Operand::n(lin.in_dim), weight, Operand::t(lin.in_dim), p.master(b, lin.b.clone()), w(b, y))
+    b.gemm_bias(s, x, Operand::n(lin.in_dim), weight, Operand::t(lin.in_dim), p.master(b, lin.b.clone()), y)
 }
 
 /// `dW += dy^T x`; optionally `dbias += colsum(dy)`; `dx (= or +=) dy W` when `dx` is given.
@@ -436,8 +435,8 @@ impl<B: Backend> FfnActs<B> {
         dropout: (f32, u64),
         eps: f32,
     ) -> KResult<()> {
-        matmul_wt(b, p, &lv.inter, h, rows, w(b, &mut self.inter_pre))?;
-        b.bias_gelu_forward(w(b, &mut self.inter_pre), p.master(b, lv.inter.b.clone()), w(b, &mut self.inter_act))?;
+        linear_forward(b, p, &lv.inter, h, rows, &mut self.inter_pre)?;
+        b.gelu_forward(r(b, &self.inter_pre), w(b, &mut self.inter_act))?;
         linear_forward(b, p, &lv.output, r(b, &self.inter_act), rows, &mut self.norm.input)?;
         self.norm.residual_forward(b, p, &lv.norm, h, dropout, eps)
     }
@@ -472,11 +471,10 @@ impl<B: Backend> FfnActs<B> {
             true,
             Some((d_inter, false)),
         )?;
-        b.bias_gelu_backward(
+        b.gelu_backward(
             r(b, &self.inter_pre),
             b.view(&sc.d_inter, 0..rows * i),
             b.view_mut(&mut sc.d_inter_pre, 0..rows * i),
-            b.view_mut(g, lv.inter.b.clone()),
         )?;
         linear_backward(
             b,
@@ -486,7 +484,7 @@ impl<B: Backend> FfnActs<B> {
             h,
             b.view(&sc.d_inter_pre, 0..rows * i),
             rows,
-            false,
+            true,
             Some((w(b, d_h), true)),
         )
     }
@@ -560,5 +558,23 @@ impl<B: Backend> EmbActs<B> {
         b.embedding_backward(&ids.tokens, ds, c, b.view_mut(g, ev.word.clone()))?;
         b.embedding_backward(&ids.positions, ds, c, b.view_mut(g, ev.position.clone()))?;
         b.embedding_backward(&ids.types, ds, c, b.view_mut(g, ev.token_type.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FreshGrads;
+
+    #[test]
+    fn only_the_first_write_after_zeroing_is_fresh() {
+        let fresh = FreshGrads::default();
+        // Before any zero_grads, gradients may hold what the caller put there: nothing is fresh.
+        assert!(!fresh.first_write(7));
+        fresh.arm();
+        assert!(fresh.first_write(7));
+        assert!(fresh.first_write(11), "another range is fresh on its own");
+        assert!(!fresh.first_write(7), "a second write (micro-batch, shared layer) accumulates");
+        fresh.arm();
+        assert!(fresh.first_write(7), "zeroing again makes it fresh again");
     }
 }
