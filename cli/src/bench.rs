@@ -282,7 +282,7 @@ fn bench_on<B: DeviceInfo>(b: &B, a: &Args, ck: &Checkpoint) -> CliResult {
         )?;
         peak_device = peak_device.max(b.used_bytes());
         let t_opt = Instant::now();
-        opt.update_clipped(b, &mut net.params, &net.grads, 5e-5, 1.0)?;
+        net.update(b, &mut opt, 5e-5, 1.0)?;
         // Asynchronous backends: the step ends when the device has finished it.
         b.synchronize()?;
         let now = Instant::now();

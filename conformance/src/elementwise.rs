@@ -281,9 +281,18 @@ pub(crate) struct AdamWFlatCase {
     g: Vec<f32>,
     m: Vec<f32>,
     v: Vec<f32>,
+    /// A stale GEMM copy of the parameters for `adamw_flat` to refresh (activation dtype): the
+    /// updated elements must come out as the new parameters, rounded; the rest untouched.
+    copy0: Option<Vec<f32>>,
 }
 
 impl AdamWFlatCase {
+    /// The same update, also writing the weight copy.
+    pub(crate) fn with_copy(self, r: &mut Draw) -> Self {
+        let copy0 = Some(r.normal(self.p.len(), 1.0));
+        Self { copy0, ..self }
+    }
+
     pub(crate) fn new(r: &mut Draw, n: usize, clipped: bool) -> Self {
         let (p, g, m) = (r.normal(n, 1.0), r.normal(n, 0.1), r.normal(n, 0.01));
         let v = r.uniform(n, 1e-4, 0.02);
@@ -303,7 +312,7 @@ impl AdamWFlatCase {
             k += 1;
         }
         let h = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 3 };
-        AdamWFlatCase { clipped, max_norm, h, segments, p, g, m, v }
+        AdamWFlatCase { clipped, max_norm, h, segments, p, g, m, v, copy0: None }
     }
 }
 
@@ -312,7 +321,11 @@ impl Case for AdamWFlatCase {
         "OptimizerOps"
     }
     fn op(&self) -> &'static str {
-        if self.clipped { "adamw_flat_clipped" } else { "adamw_flat_unclipped" }
+        match (self.copy0.is_some(), self.clipped) {
+            (true, _) => "adamw_flat_copy",
+            (false, true) => "adamw_flat_clipped",
+            (false, false) => "adamw_flat_unclipped",
+        }
     }
     fn shape(&self) -> String {
         format!("{} in {} ranges max {:.1}", self.p.len(), self.segments.len(), self.max_norm)
@@ -325,6 +338,7 @@ impl Case for AdamWFlatCase {
         let segs = FlatSegments::new(d, n, &self.segments)?;
         let (mut p, g, mut m, mut v) = (d.upload(&self.p)?, d.upload(&self.g)?, d.upload(&self.m)?, d.upload(&self.v)?);
         let mut norm = d.zeros(1)?;
+        let mut copy = self.copy0.as_ref().map(|c| act(d, c)).transpose()?;
         d.adamw_flat(
             self.h,
             self.max_norm,
@@ -334,14 +348,19 @@ impl Case for AdamWFlatCase {
             d.view_mut(&mut m, 0..n),
             d.view_mut(&mut v, 0..n),
             d.view_mut(&mut norm, 0..1),
+            copy.as_mut().map(|c| d.view_mut(c, 0..n)),
         )?;
-        Ok(vec![
+        let mut out = vec![
             ("norm", get(d, &norm)?),
             ("params", get(d, &p)?),
             ("m", get(d, &m)?),
             ("v", get(d, &v)?),
             ("grads", get(d, &g)?),
-        ])
+        ];
+        if let Some(c) = &copy {
+            out.push(("copy", get(d, c)?));
+        }
+        Ok(out)
     }
     fn reference(&self) -> Outputs {
         let (mut p, mut g, mut m, mut v) = (self.p.clone(), self.g.clone(), self.m.clone(), self.v.clone());
@@ -350,6 +369,14 @@ impl Case for AdamWFlatCase {
             let h = AdamW { weight_decay: if *decay { self.h.weight_decay } else { 0.0 }, ..self.h };
             reference::adamw(h, &mut p[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r.clone()]);
         }
-        vec![("norm", vec![norm as f32]), ("params", p), ("m", m), ("v", v), ("grads", self.g.clone())]
+        let mut copy = self.copy0.clone();
+        if let Some(c) = copy.as_mut() {
+            for (r, _) in &self.segments {
+                c[r.clone()].copy_from_slice(&p[r.clone()]);
+            }
+        }
+        let mut out = vec![("norm", vec![norm as f32]), ("params", p), ("m", m), ("v", v), ("grads", self.g.clone())];
+        out.extend(copy.map(|c| ("copy", c)));
+        out
     }
 }

@@ -59,6 +59,12 @@ fn linear_epilogue_cases<B: Backend>(run: &mut Runner<'_, B>) {
         };
         run.check(&c);
     }
+    // AdamW refreshing the bf16 weight copy (a mixed-precision device only: the CPU and fp32
+    // devices have no copy; the CPU's copy path has its own unit test).
+    if run.dev.activation_dtype() == kernels::Dtype::Bf16 {
+        let case = AdamWFlatCase::new(&mut run.r, 200_003, true).with_copy(&mut run.r);
+        run.check(&case);
+    }
     // The bias-free GELU of a linear whose bias the GEMM added.
     for backward in [false, true] {
         let (rows, c) = (259, 131);
@@ -121,6 +127,12 @@ fn gemm_cases<B: Backend>(run: &mut Runner<'_, B>) {
         let c = BiasGradCase { rows, cols, dy: run.r.normal(rows * cols, 1.0), dbias0: run.r.normal(cols, 1.0) };
         run.check(&c);
     }
+    // AdamW refreshing the bf16 weight copy (a mixed-precision device only: the CPU and fp32
+    // devices have no copy; the CPU's copy path has its own unit test).
+    if run.dev.activation_dtype() == kernels::Dtype::Bf16 {
+        let case = AdamWFlatCase::new(&mut run.r, 200_003, true).with_copy(&mut run.r);
+        run.check(&case);
+    }
     // The bias-free GELU of a linear whose bias the GEMM added.
     for backward in [false, true] {
         let (rows, c) = (259, 131);
@@ -161,6 +173,12 @@ fn embedding_cases<B: Backend>(run: &mut Runner<'_, B>) {
             rows_of_activations,
         };
         run.check(&c);
+    }
+    // AdamW refreshing the bf16 weight copy (a mixed-precision device only: the CPU and fp32
+    // devices have no copy; the CPU's copy path has its own unit test).
+    if run.dev.activation_dtype() == kernels::Dtype::Bf16 {
+        let case = AdamWFlatCase::new(&mut run.r, 200_003, true).with_copy(&mut run.r);
+        run.check(&case);
     }
     // The bias-free GELU of a linear whose bias the GEMM added.
     for backward in [false, true] {

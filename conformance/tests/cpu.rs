@@ -314,7 +314,8 @@ impl OptimizerOps for BiasGradOffByHalf {
         m: &mut [f32],
         v: &mut [f32],
         norm: &mut [f32],
+        copy: Option<&mut [f32]>,
     ) -> Result<()> {
-        Cpu.adamw_flat(h, max_norm, segs, params, grads, m, v, norm)
+        Cpu.adamw_flat(h, max_norm, segs, params, grads, m, v, norm, copy)
     }
 }

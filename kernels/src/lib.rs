@@ -589,7 +589,12 @@ pub trait OptimizerOps: Memory {
     ///   `h.weight_decay` on decaying chunks and none on the others (the no-decay mask);
     ///   elements outside every chunk (frozen tensors) are left alone.
     ///
-    /// `params`, `grads`, `m` and `v` have `segs.len` elements; `norm` has 1. `grads` is read only.
+    /// - with `copy` (the GEMM copy of the parameters, at the activation dtype): each updated
+    ///   element's new value also goes there, rounded to the copy's dtype, so the next pass need
+    ///   not convert the whole buffer; elements outside every chunk are left alone there too.
+    ///
+    /// `params`, `grads`, `m`, `v` and `copy` have `segs.len` elements; `norm` has 1. `grads` is
+    /// read only.
     #[allow(clippy::too_many_arguments)]
     fn adamw_flat(
         &self,
@@ -601,6 +606,7 @@ pub trait OptimizerOps: Memory {
         m: Self::Mut<'_>,
         v: Self::Mut<'_>,
         norm: Self::Mut<'_>,
+        copy: Option<Self::Mut<'_>>,
     ) -> Result<()>;
 }
 

@@ -52,6 +52,20 @@ impl<B: Backend> Optimizer<B> {
     /// [`Optimizer::update`] would, in one launch with no host read-back. The norm (before
     /// clipping) is kept on the backend for [`Optimizer::grad_norm`]; `grads` is not changed.
     pub fn update_clipped(&mut self, b: &B, params: &mut B::Buf, grads: &B::Buf, lr: f32, max_norm: f32) -> Result<()> {
+        self.update_clipped_with_copy(b, params, grads, None, lr, max_norm)
+    }
+
+    /// [`Optimizer::update_clipped`], also writing each updated parameter into `copy` (the
+    /// model's GEMM copy of `params`, at the activation dtype) in the same launch.
+    pub fn update_clipped_with_copy(
+        &mut self,
+        b: &B,
+        params: &mut B::Buf,
+        grads: &B::Buf,
+        copy: Option<&mut B::Buf>,
+        lr: f32,
+        max_norm: f32,
+    ) -> Result<()> {
         self.step += 1;
         let h = AdamW {
             lr,
@@ -71,6 +85,7 @@ impl<B: Backend> Optimizer<B> {
             b.view_mut(&mut self.m, 0..n),
             b.view_mut(&mut self.v, 0..n),
             b.view_mut(&mut self.norm, 0..1),
+            copy.map(|c| b.view_mut(c, 0..n)),
         )?;
         Ok(())
     }

@@ -218,6 +218,7 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
         }
         let b = self.b;
         b.copy(b.view(&b.upload(&ck.params)?, 0..n), b.view_mut(&mut self.net.params, 0..n))?;
+        self.net.params_written();
         self.opt.m = b.upload(&st.adam_m)?;
         self.opt.v = b.upload(&st.adam_v)?;
         self.opt.step = st.step;
@@ -333,7 +334,7 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
         // Clipping and AdamW: one launch over the flat buffer, the norm computed and applied on
         // the device; it is read back with the loss, after the update is queued.
         let lr = self.schedule.lr(self.step);
-        self.opt.update_clipped(b, &mut self.net.params, &self.net.grads, lr, t.max_grad_norm)?;
+        self.net.update(b, &mut self.opt, lr, t.max_grad_norm)?;
         let loss = b.download(b.view(&loss_buf, 0..1))?[0] as f64;
         let grad_norm = self.opt.grad_norm(b)?;
         self.step += 1;

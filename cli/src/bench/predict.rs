@@ -109,7 +109,7 @@ fn record_step(b: &Cuda, a: &Args, ck: &Checkpoint, measure: bool) -> CliResult<
         net.zero_grads(b)?;
         let opts = PassOptions { train: true, seed: step, label_smoothing: 0.0, grad_scale: Some(scale) };
         net.pass(b, &x, opts)?;
-        opt.update_clipped(b, &mut net.params, &net.grads, 5e-5, 1.0)?;
+        net.update(b, &mut opt, 5e-5, 1.0)?;
         kernels::Memory::synchronize(b)?;
     }
     let recorded = if measure {

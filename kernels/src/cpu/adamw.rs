@@ -51,11 +51,13 @@ impl OptimizerOps for Cpu {
         m: &mut [f32],
         v: &mut [f32],
         norm: &mut [f32],
+        copy: Option<&mut [f32]>,
     ) -> Result<()> {
         let n = segs.len;
         check(
             "adamw_flat",
-            params.len() == n
+            copy.as_ref().is_none_or(|c| c.len() == n)
+                && params.len() == n
                 && grads.len() == n
                 && m.len() == n
                 && v.len() == n
@@ -85,7 +87,7 @@ impl OptimizerOps for Cpu {
         // Split the buffers at the chunk boundaries (ascending and disjoint, as the table is built).
         type Work<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32], &'a [f32], f32);
         let mut work: Vec<Work<'_>> = Vec::with_capacity(segs.chunks);
-        let (mut p_rest, mut m_rest, mut v_rest, mut g_rest) = (params, m, v, grads);
+        let (mut p_rest, mut m_rest, mut v_rest, mut g_rest) = (&mut params[..], m, v, grads);
         let mut at = 0usize;
         for c in segs.table.chunks_exact(3) {
             let (start, len) = (c[0] as usize, c[1] as usize);
@@ -114,6 +116,12 @@ impl OptimizerOps for Cpu {
                 p[i] -= step_size * m[i] / denom;
             }
         });
+        if let Some(copy) = copy {
+            for c in segs.table.chunks_exact(3) {
+                let r = c[0] as usize..(c[0] + c[1]) as usize;
+                copy[r.clone()].copy_from_slice(&params[r]);
+            }
+        }
         Ok(())
     }
 
@@ -150,6 +158,23 @@ mod tests {
     /// The one-call update is bit-for-bit `clip_grad_norm` then `adamw` range by range, with
     /// decay only on decaying ranges, and leaves the gaps (frozen tensors) alone.
     #[test]
+    fn adamw_flat_writes_the_copy_of_updated_elements_only() {
+        let n = 20_011;
+        let segs = [(3..4_000, true), (5_000..20_000, false)];
+        let table = FlatSegments::new(&Cpu, n, &segs).unwrap();
+        let (mut p, g, mut m) = (randn(n, 1.0, 81), randn(n, 0.1, 82), randn(n, 0.01, 83));
+        let mut v: Vec<f32> = randn(n, 0.01, 84).iter().map(|x| x * x).collect();
+        let (stale, mut norm) = (randn(n, 1.0, 85), vec![0.0f32]);
+        let mut copy = stale.clone();
+        let h = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 1 };
+        Cpu.adamw_flat(h, 1.0, &table, &mut p, &g, &mut m, &mut v, &mut norm, Some(&mut copy)).unwrap();
+        for i in 0..n {
+            let updated = segs.iter().any(|(r, _)| r.contains(&i));
+            assert_eq!(copy[i], if updated { p[i] } else { stale[i] }, "element {i}");
+        }
+    }
+
+    #[test]
     fn adamw_flat_is_clip_then_per_range_adamw_bitwise() {
         let n = 100_003;
         let segs = [(0..17, true), (17..16_401, false), (20_000..70_001, true), (70_001..100_000, false)];
@@ -160,7 +185,7 @@ mod tests {
             let table = FlatSegments::new(&Cpu, n, &segs).unwrap();
             assert_eq!(table.elems, 17 + 16_384 + 50_001 + 29_999);
             let (mut p, mut m, mut v, mut norm) = (p0.clone(), m0.clone(), v0.clone(), vec![0.0f32]);
-            Cpu.adamw_flat(h, max_norm, &table, &mut p, &g0, &mut m, &mut v, &mut norm).unwrap();
+            Cpu.adamw_flat(h, max_norm, &table, &mut p, &g0, &mut m, &mut v, &mut norm, None).unwrap();
             let (mut pw, mut gw, mut mw, mut vw) = (p0.clone(), g0.clone(), m0.clone(), v0.clone());
             let want_norm = clip_grad_norm(&Cpu, &mut gw, max_norm).unwrap();
             for (r, decay) in &segs {

@@ -9,7 +9,9 @@
 //   chunks       3*n_chunks ints (start, len, decay), ascending and disjoint, len <= 16384:
 //                the per-range no-decay mask, uploaded once (kernels::FlatSegments);
 //   sumsq        one double, sum(g^2) over all of g, written by sum_squares earlier on the stream;
-//   norm_out     one float: sqrt(sumsq), written by thread 0 of block 0.
+//   norm_out     one float: sqrt(sumsq), written by thread 0 of block 0;
+//   copy         null, or the bf16 GEMM copy of p (n elements): each updated p[i] is also
+//                written there, rounded to nearest even (saves the next pass's conversion).
 // Every thread computes norm = (float)sqrt(*sumsq) and, when max_norm > 0, norm is finite and
 // max_norm / (norm + 1e-6f) < 1, coef = that quotient (else 1): as kernels::clip_coef, in
 // fp32 with IEEE division, so the CPU twin's coefficient has the same bits. Then with
@@ -50,7 +52,7 @@ extern "C" __global__ void sum_squares(double* out, const float* x, long long n)
 
 extern "C" __global__ void adamw_flat(float* p, const float* g, float* m, float* v, const int* chunks, int n_chunks,
                                       const double* sumsq, float* norm_out, float max_norm, float b1, float b2,
-                                      float eps, float decay, float step_size, float bc2_sqrt) {
+                                      float eps, float decay, float step_size, float bc2_sqrt, b2b_bf16* copy) {
     const float norm = (float)sqrt(*sumsq);
     float coef = 1.0f;
     if (max_norm > 0.0f && norm - norm == 0.0f) {  // finite: inf - inf and NaN - NaN are NaN
@@ -72,5 +74,6 @@ extern "C" __global__ void adamw_flat(float* p, const float* g, float* m, float*
         p[i] = pi;
         m[i] = mi;
         v[i] = vi;
+        if (copy) b2b_put(copy + i, pi);
     }
 }

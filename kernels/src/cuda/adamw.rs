@@ -18,9 +18,10 @@ pub(crate) const SOURCE: KernelSource =
 /// `adamw_flat` over `elems` updated elements in `chunks` chunks: the 7 passes of
 /// `adamw_step` on each, the chunk table (12 bytes a chunk), the f64 sum read by every block and
 /// the f32 norm written; 15 FLOPs an element (`adamw_step`'s and the clipping multiply).
-fn flat_cost(elems: usize, chunks: usize) -> LaunchCost {
+fn flat_cost(elems: usize, chunks: usize, with_copy: bool) -> LaunchCost {
     let (n, c) = (elems as u64, chunks as u64);
-    LaunchCost::kernel(FLAT, F32 * 7 * n + 12 * c + 8 + F32, 15 * n)
+    let copy = if with_copy { 2 * n } else { 0 };
+    LaunchCost::kernel(FLAT, F32 * 7 * n + copy + 12 * c + 8 + F32, 15 * n)
 }
 
 /// `adamw_step` over `n` parameters: reads params, grads, m and v, writes params, m and v
@@ -78,8 +79,15 @@ impl OptimizerOps for Cuda {
         m: DevMut<'_>,
         v: DevMut<'_>,
         norm: DevMut<'_>,
+        copy: Option<DevMut<'_>>,
     ) -> Result<()> {
         let n = segs.len;
+        if let Some(c) = &copy {
+            check("adamw_flat", c.len == n && c.dtype == crate::Dtype::Bf16, || {
+                format!("the weight copy must be {n} bf16s, got {} {:?}", c.len, c.dtype)
+            })?;
+        }
+        let copy_ptr: u64 = copy.as_ref().map_or(0, |c| c.ptr);
         let ok = params.len == n
             && grads.len == n
             && m.len == n
@@ -111,7 +119,7 @@ impl OptimizerOps for Cuda {
         let (tptr, _tsync) = segs.table.device_ptr(self.stream());
         let cfg =
             LaunchConfig { grid_dim: (segs.chunks.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        self.note(flat_cost(segs.elems, segs.chunks));
+        self.note(flat_cost(segs.elems, segs.chunks, copy.is_some()));
         let mut l = self.stream().launch_builder(self.func(FLAT)?);
         l.arg(&params.ptr)
             .arg(&grads.ptr)
@@ -127,8 +135,10 @@ impl OptimizerOps for Cuda {
             .arg(&h.eps)
             .arg(&decay)
             .arg(&step_size)
-            .arg(&bc2_sqrt);
-        // SAFETY: params/grads/m/v are live views of n f32s (params/m/v exclusive), the table
+            .arg(&bc2_sqrt)
+            .arg(&copy_ptr);
+        // SAFETY: params/grads/m/v are live views of n f32s (params/m/v exclusive), `copy` null
+        // or an exclusive view of n bf16s, the table
         // holds 3*chunks i32s whose chunks lie inside 0..n (FlatSegments::host_table checks),
         // `sum` one f64 and `norm` one exclusive f32.
         unsafe { l.launch(cfg) }.map(drop).map_err(dev_err)

@@ -28,6 +28,7 @@ use kernels::{Backend, IGNORE_INDEX};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::optim::Optimizer;
 use crate::params::{ModelView, ParamTable};
 use decoder::{Decoder, Encoded};
 use encoder::Encoder;
@@ -176,6 +177,9 @@ pub struct Bert2Bert<B: Backend> {
     /// (mixed precision): refreshed from `params` at the start of every pass, so an update of
     /// `params` between passes needs no bookkeeping.
     gemm_params: Option<B::Buf>,
+    /// `gemm_params` was written by the last optimizer step (`update`) and nothing has read it
+    /// since: the next pass uses it as it is instead of converting `params` again.
+    gemm_params_current: bool,
     /// The weight gradients not yet written since `zero_grads` (see `FreshGrads`).
     fresh_grads: FreshGrads,
     ws: Option<Workspace<B>>,
@@ -225,6 +229,7 @@ impl<B: Backend> Bert2Bert<B> {
             params: b.upload(host_params)?,
             grads: b.zeros(table.storage_len)?,
             gemm_params: None,
+            gemm_params_current: false,
             fresh_grads: FreshGrads::default(),
             config,
             table,
@@ -256,17 +261,39 @@ impl<B: Backend> Bert2Bert<B> {
     /// Bring the GEMM copy of the parameters up to date with `params` (one conversion pass over
     /// them), or drop it on a backend whose activations are fp32.
     fn refresh_gemm_params(&mut self, b: &B) -> Result<()> {
+        let written_by_update = std::mem::take(&mut self.gemm_params_current);
         if b.activation_dtype() == kernels::Dtype::F32 {
             self.gemm_params = None;
             return Ok(());
         }
         let n = self.table.storage_len;
+        if written_by_update && self.gemm_params.as_ref().is_some_and(|g| b.len(g) == n) {
+            return Ok(());
+        }
         if self.gemm_params.as_ref().is_none_or(|g| b.len(g) != n) {
             self.gemm_params = Some(b.activations(n)?);
         }
         let copy = self.gemm_params.as_mut().expect("allocated above");
         b.copy(r(b, &self.params), w(b, copy))?;
         Ok(())
+    }
+
+    /// One optimizer step on `params` ([`Optimizer::update_clipped`]: clipped to `max_norm`,
+    /// 0 for none), which in mixed precision also writes the GEMM copy of the updated weights,
+    /// so the next pass skips converting them. The next pass then trusts that copy: write
+    /// `params` yourself before `update` or after that pass, not between the two.
+    pub fn update(&mut self, b: &B, opt: &mut Optimizer<B>, lr: f32, max_norm: f32) -> Result<()> {
+        let copy = self.gemm_params.as_mut().filter(|_| b.activation_dtype() != kernels::Dtype::F32);
+        let has_copy = copy.is_some();
+        opt.update_clipped_with_copy(b, &mut self.params, &self.grads, copy, lr, max_norm)?;
+        self.gemm_params_current = has_copy;
+        Ok(())
+    }
+
+    /// Say that `params` was written from outside (a checkpoint load, a broadcast): the next
+    /// pass converts the GEMM copy again even right after an `update`.
+    pub fn params_written(&mut self) {
+        self.gemm_params_current = false;
     }
 
     /// Zero `grads` for a new step; the step's first write of each weight gradient may then
