@@ -20,7 +20,7 @@ scripts/fetch_minilm.sh
 $bin init --encoder models/minilm --decoder models/minilm --variant bert2bert --out models/minilm-b2b
 
 echo "== before fine-tuning: the warm-started model on 100 validation pairs"
-$bin eval --model models/minilm-b2b "${EVAL_ARGS[@]}" | head -4
+$bin eval --model models/minilm-b2b "${EVAL_ARGS[@]}" | sed '/^---$/,$d'
 
 echo "== fine-tuning (examples/kjv.yaml)"
 # A rerun starts over: remove the previous run's checkpoints, but nothing this script did not write.
@@ -36,7 +36,7 @@ $bin train examples/kjv.yaml --device "$DEVICE"
 
 last=$(ls -d runs/kjv/ckpt/step-* | sort | tail -1)
 echo "== after fine-tuning: $last on the same 100 validation pairs"
-$bin eval --model "$last" "${EVAL_ARGS[@]}" | head -4
+$bin eval --model "$last" "${EVAL_ARGS[@]}" | sed '/^---$/,$d'
 
 echo "== sample generations"
 tmp=$(mktemp -d)

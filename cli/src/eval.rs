@@ -7,7 +7,7 @@ use model::checkpoint;
 use model::data::{read_pairs, tokenize_pairs};
 use model::net::Bert2Bert;
 use model::tokenizer::Tokenizer;
-use worker::evaluate::{EvalOptions, evaluate};
+use worker::evaluate::{EvalOptions, EvalResult, Scores, evaluate};
 
 use crate::device::{self, GemmPrecision, LocalDevice};
 use crate::{CliError, CliResult};
@@ -90,23 +90,77 @@ fn eval_on<B: Backend>(b: &B, a: &Args) -> CliResult {
     };
     let r = evaluate(b, &mut net, &tok, &pairs, &src, &tgt, &opts)?;
     if a.json {
-        let out = serde_json::json!({
-            "loss": r.loss, "tokens": r.tokens,
-            "bleu": r.bleu,
-            "rouge1": r.rouge.map(|x| x.rouge1), "rouge2": r.rouge.map(|x| x.rouge2), "rougeL": r.rouge.map(|x| x.rouge_l),
-        });
-        println!("{out}");
+        println!("{}", json_report(&r));
     } else {
-        println!("loss\t{:.4}\t({} tokens)", r.loss, r.tokens);
-        if let Some(x) = r.bleu {
-            println!("bleu\t{x:.2}");
-        }
-        if let Some(x) = r.rouge {
-            println!("rouge1\t{:.2}\nrouge2\t{:.2}\nrougeL\t{:.2}", x.rouge1, x.rouge2, x.rouge_l);
-        }
-        for s in &r.samples {
-            println!("---\nsource: {}\noutput: {}\ntarget: {}", s.source, s.hypothesis, s.reference);
-        }
+        print_report(&r);
     }
     Ok(())
+}
+
+fn scores_json(s: &Scores) -> serde_json::Value {
+    serde_json::json!({
+        "bleu": s.bleu,
+        "rouge1": s.rouge.map(|x| x.rouge1), "rouge2": s.rouge.map(|x| x.rouge2), "rougeL": s.rouge.map(|x| x.rouge_l),
+    })
+}
+
+fn json_report(r: &EvalResult) -> serde_json::Value {
+    let d = r.diversity.as_ref();
+    serde_json::json!({
+        "loss": r.loss, "tokens": r.tokens,
+        "bleu": r.bleu,
+        "rouge1": r.rouge.map(|x| x.rouge1), "rouge2": r.rouge.map(|x| x.rouge2), "rougeL": r.rouge.map(|x| x.rouge_l),
+        "identical_share": d.map(|d| d.identical),
+        "distinct1": d.map(|d| d.distinct1), "distinct2": d.map(|d| d.distinct2),
+        "collapsed": d.map(|d| d.collapsed()),
+        "baselines": r.baselines.map(|b| serde_json::json!({
+            "copy": scores_json(&b.copy), "lead": scores_json(&b.lead), "lead_words": b.lead_words,
+        })),
+    })
+}
+
+/// One `name<TAB>model[<TAB>copy<TAB>lead]` line per score, so the baselines sit beside it.
+fn print_report(r: &EvalResult) {
+    println!("loss\t{:.4}\t({} tokens)", r.loss, r.tokens);
+    let b = r.baselines.as_ref();
+    if let Some(b) = b {
+        println!("metric\tmodel\tcopy\tlead-{}", b.lead_words);
+    }
+    let line = |name: &str, model: Option<f64>, pick: &dyn Fn(&Scores) -> Option<f64>| {
+        if let Some(x) = model {
+            match b {
+                Some(b) => {
+                    println!("{name}\t{x:.2}\t{:.2}\t{:.2}", pick(&b.copy).unwrap_or(0.0), pick(&b.lead).unwrap_or(0.0))
+                }
+                None => println!("{name}\t{x:.2}"),
+            }
+        }
+    };
+    line("bleu", r.bleu, &|s| s.bleu);
+    line("rouge1", r.rouge.map(|x| x.rouge1), &|s| s.rouge.map(|x| x.rouge1));
+    line("rouge2", r.rouge.map(|x| x.rouge2), &|s| s.rouge.map(|x| x.rouge2));
+    line("rougeL", r.rouge.map(|x| x.rouge_l), &|s| s.rouge.map(|x| x.rouge_l));
+    if let Some(d) = &r.diversity {
+        println!("identical\t{:.3}\ndistinct1\t{:.3}\ndistinct2\t{:.3}", d.identical, d.distinct1, d.distinct2);
+        if d.collapsed() {
+            println!(
+                "warning: {:.0}% of the generations are the same text: the model ignores its input (collapse)",
+                100.0 * d.identical
+            );
+        }
+    }
+    if let (Some(b), Some(x)) = (b, r.bleu.zip(r.baselines.and_then(|b| b.copy.bleu))) {
+        if x.0 < x.1 {
+            println!(
+                "note: BLEU {:.2} is below copying the source ({:.2}); lead-{} scores {:.2}",
+                x.0,
+                x.1,
+                b.lead_words,
+                b.lead.bleu.unwrap_or(0.0)
+            );
+        }
+    }
+    for s in &r.samples {
+        println!("---\nsource: {}\noutput: {}\ntarget: {}", s.source, s.hypothesis, s.reference);
+    }
 }

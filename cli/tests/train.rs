@@ -44,9 +44,23 @@ fn train_eval_generate_end_to_end() {
     );
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    for key in ["loss", "bleu", "rouge1", "rouge2", "rougeL"] {
+    for key in ["loss", "bleu", "rouge1", "rouge2", "rougeL", "identical_share", "distinct1", "distinct2"] {
         assert!(v[key].as_f64().is_some_and(f64::is_finite), "eval --json lacks {key}: {v}");
     }
+    // The trivial baselines beside the model: copying the source, and its first n words.
+    let base = &v["baselines"];
+    for (which, key) in [("copy", "bleu"), ("copy", "rougeL"), ("lead", "bleu"), ("lead", "rouge1")] {
+        assert!(base[which][key].as_f64().is_some_and(|x| (0.0..=100.0).contains(&x)), "{which}.{key}: {v}");
+    }
+    assert!(base["lead_words"].as_u64().is_some_and(|n| n >= 1), "{v}");
+    // kjv_web pairs share most words: copying the source scores far above zero.
+    assert!(base["copy"]["bleu"].as_f64().unwrap() > 10.0, "{v}");
+    let o = run_in(
+        &["eval", "--model", "ckpt/step-00000006", "--data", "valid.jsonl", "--beams", "1", "--max-len", "8"],
+        root,
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains("metric\tmodel\tcopy\tlead-"), "{text}");
 
     let mut child = common::exe()
         .args(["generate", "--model", "ckpt/step-00000006", "--beams", "3", "--max-len", "6"])

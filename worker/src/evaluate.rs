@@ -7,7 +7,7 @@
 use kernels::Backend;
 use model::Result;
 use model::data::{Batch, Pair, encode_source};
-use model::metrics::{Rouge, corpus_bleu, rouge};
+use model::metrics::{Rouge, corpus_bleu, distinct_n, identical_share, lead, mean_words, rouge};
 use model::net::{Bert2Bert, GenerateOptions, Inputs, PassOptions};
 use model::tokenizer::Tokenizer;
 
@@ -47,6 +47,58 @@ pub struct EvalResult {
     pub bleu: Option<f64>,
     pub rouge: Option<Rouge>,
     pub samples: Vec<Sample>,
+    /// How varied the generations are (when there are any).
+    pub diversity: Option<Diversity>,
+    /// The trivial baselines, scored like the model on the same examples.
+    pub baselines: Option<Baselines>,
+}
+
+/// Over a model's generations (see `model::metrics::diversity`), each 0..=1.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Diversity {
+    /// The share of generations equal to the most frequent one: near 1 is a collapse.
+    pub identical: f64,
+    pub distinct1: f64,
+    pub distinct2: f64,
+}
+
+/// More than half of the generations identical: the input-independent collapse.
+pub const COLLAPSE_SHARE: f64 = 0.5;
+
+impl Diversity {
+    pub fn collapsed(&self) -> bool {
+        self.identical > COLLAPSE_SHARE
+    }
+}
+
+/// BLEU and ROUGE of one set of hypotheses (each when asked for).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scores {
+    pub bleu: Option<f64>,
+    pub rouge: Option<Rouge>,
+}
+
+/// Copy-the-source, and the source's first `lead_words` words (the mean reference length).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Baselines {
+    pub copy: Scores,
+    pub lead: Scores,
+    pub lead_words: usize,
+}
+
+fn scores(hyps: &[String], refs: &[String], opts: &EvalOptions) -> Scores {
+    Scores {
+        bleu: opts.bleu.then(|| corpus_bleu(hyps, refs).score),
+        rouge: opts.rouge.then(|| rouge(hyps, refs, true)),
+    }
+}
+
+/// The baselines on the first `refs.len()` pairs, lowercased as the model's hypotheses are.
+fn baselines(pairs: &[Pair], refs: &[String], opts: &EvalOptions) -> Baselines {
+    let sources: Vec<String> = pairs[..refs.len()].iter().map(|p| p.source.to_lowercase()).collect();
+    let lead_words = mean_words(refs);
+    let leads: Vec<String> = sources.iter().map(|s| lead(s, lead_words)).collect();
+    Baselines { copy: scores(&sources, refs, opts), lead: scores(&leads, refs, opts), lead_words }
 }
 
 /// Generated ids to text: tokenizer decode (specials skipped), then transformers'
@@ -92,8 +144,15 @@ pub fn evaluate<B: Backend>(
         loss_sum += l.sum();
         tokens += l.tokens();
     }
-    let mut result =
-        EvalResult { loss: loss_sum / tokens.max(1) as f64, tokens, bleu: None, rouge: None, samples: Vec::new() };
+    let mut result = EvalResult {
+        loss: loss_sum / tokens.max(1) as f64,
+        tokens,
+        bleu: None,
+        rouge: None,
+        samples: Vec::new(),
+        diversity: None,
+        baselines: None,
+    };
     let Some(gen_opts) = opts.generate else {
         return Ok(result);
     };
@@ -108,11 +167,15 @@ pub fn evaluate<B: Backend>(
             refs.push(pairs[start + i].target.to_lowercase());
         }
     }
-    if opts.bleu {
-        result.bleu = Some(corpus_bleu(&hyps, &refs).score);
-    }
-    if opts.rouge {
-        result.rouge = Some(rouge(&hyps, &refs, true));
+    let model = scores(&hyps, &refs, opts);
+    (result.bleu, result.rouge) = (model.bleu, model.rouge);
+    if n > 0 {
+        result.diversity = Some(Diversity {
+            identical: identical_share(&hyps),
+            distinct1: distinct_n(&hyps, 1),
+            distinct2: distinct_n(&hyps, 2),
+        });
+        result.baselines = Some(baselines(pairs, &refs, opts));
     }
     result.samples = (0..n.min(5))
         .map(|i| Sample {

@@ -9,8 +9,10 @@
 //! Both report on a 0-100 scale. Each hypothesis has exactly one reference.
 
 pub mod bleu;
+pub mod diversity;
 pub mod porter;
 pub mod rouge;
 
 pub use bleu::{Bleu, corpus_bleu, tokenize_13a};
+pub use diversity::{distinct_n, identical_share, lead, mean_words};
 pub use rouge::{Rouge, RougeExample, RougeScore, rouge, rouge_example};
