@@ -288,6 +288,9 @@ fn report_eval(
         rouge1: result.rouge.as_ref().map(|r| r.rouge1 as f32),
         rouge2: result.rouge.as_ref().map(|r| r.rouge2 as f32),
         rouge_l: result.rouge.as_ref().map(|r| r.rouge_l as f32),
+        identical_share: result.diversity.map(|d| d.identical as f32),
+        distinct1: result.diversity.map(|d| d.distinct1 as f32),
+        distinct2: result.diversity.map(|d| d.distinct2 as f32),
     };
     let req = v1::ReportProgressRequest { progress: Some(progress), eval: Some(eval), ..base.clone() };
     if let Err(s) = rt.block_on(client.clone().report_progress(req)) {

@@ -98,6 +98,9 @@ fn train_on<B: Backend>(b: &B, spec: JobSpec, eval_examples: usize) -> CliResult
                 line.push_str(&format!(", ROUGE-1/2/L {:.2}/{:.2}/{:.2}", r.rouge1, r.rouge2, r.rouge_l));
             }
             say(&bar, line);
+            if let Some(d) = result.diversity.filter(|d| d.collapsed()) {
+                say(&bar, collapse_warning(*step, d.identical));
+            }
             if let Some(s) = result.samples.first() {
                 say(&bar, format!("  source: {}\n  output: {}\n  target: {}", s.source, s.hypothesis, s.reference));
             }
@@ -118,4 +121,13 @@ fn train_on<B: Backend>(b: &B, spec: JobSpec, eval_examples: usize) -> CliResult
         );
     }
     Ok(())
+}
+
+/// The line `train` prints when more than half of the validation generations are one text.
+fn collapse_warning(step: u64, identical: f64) -> String {
+    format!(
+        "step {step}: warning: {:.0}% of the validation generations are the same text: the model ignores \
+         its input (collapse). Check that labels are masked and the decoder start and pad ids are set.",
+        100.0 * identical
+    )
 }

@@ -187,14 +187,17 @@ fn job_change(j: &v1::Job) -> String {
 
 fn eval_line(e: &v1::EvalMetrics) -> String {
     let metric = |name: &str, v: Option<f32>| v.map(|v| format!(" {name} {v:.2}")).unwrap_or_default();
+    let collapsed = e.identical_share.is_some_and(|s| s as f64 > worker::evaluate::COLLAPSE_SHARE);
     format!(
-        "eval step {} loss {:.4}{}{}{}{}",
+        "eval step {} loss {:.4}{}{}{}{}{}{}",
         e.step,
         e.loss,
         metric("bleu", e.bleu),
         metric("rouge1", e.rouge1),
         metric("rouge2", e.rouge2),
-        metric("rougeL", e.rouge_l)
+        metric("rougeL", e.rouge_l),
+        metric("identical", e.identical_share),
+        if collapsed { " WARNING: most generations are identical (collapse)" } else { "" }
     )
 }
 

@@ -58,7 +58,15 @@ fn train_writes_event_files_and_plot_draws_them() {
     for tag in ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"] {
         assert_eq!(tags.get(tag), Some(&every), "{tag}: {tags:?}");
     }
-    for tag in ["eval/loss", "eval/bleu", "eval/rouge1", "eval/rouge2", "eval/rougeL"] {
+    for tag in [
+        "eval/loss",
+        "eval/bleu",
+        "eval/rouge1",
+        "eval/rouge2",
+        "eval/rougeL",
+        "eval/identical_share",
+        "eval/distinct2",
+    ] {
         assert_eq!(tags.get(tag), Some(&vec![4, 8]), "{tag}: {tags:?}");
     }
 

@@ -208,3 +208,38 @@ fn coordinator_job_fails_over_another_jobs_checkpoints() {
     assert!(e.contains("FAILED") && e.contains("checkpoint.dir holds checkpoints of job `tiny`"), "{e}");
     assert_eq!(ckpt_names(&root.join("ckpt")), ["logs", "step-00000006"]);
 }
+
+/// The classic input-independent collapse, on purpose: every training target is the same text,
+/// so the model learns to say it whatever the source. `train` must say so (its output and the
+/// TensorBoard events), and `eval` must flag it beside the copy baseline.
+#[test]
+fn a_model_trained_to_collapse_is_called_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    common::tiny_model_with_validation(root);
+    let same: String = model::testing::PAIRS
+        .iter()
+        .map(|(s, _)| serde_json::json!({"source": s, "target": "God said."}).to_string() + "\n")
+        .collect();
+    std::fs::write(root.join("train.jsonl"), same.repeat(4)).unwrap();
+    std::fs::write(root.join("valid.jsonl"), &same).unwrap();
+    let job = JOB
+        .replace(
+            "steps: 6, global_batch: 4, micro_batch: 2, lr: 1.0e-3",
+            "steps: 40, global_batch: 8, micro_batch: 8, lr: 3.0e-3",
+        )
+        .replace("eval: { every_steps: 3", "eval: { every_steps: 40")
+        .replace("checkpoint: { dir: ckpt, every_steps: 3", "checkpoint: { dir: ckpt, every_steps: 40");
+    std::fs::write(root.join("job.yaml"), job).unwrap();
+    let o = run_in(&["train", "job.yaml"], root);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("the model ignores its input (collapse)"), "no collapse warning: {err}");
+    let eval =
+        ["eval", "--model", "ckpt/step-00000040", "--data", "valid.jsonl", "--json", "--beams", "1", "--max-len", "8"];
+    let o = run_in(&eval, root);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["collapsed"], true, "{v}");
+    assert!(v["identical_share"].as_f64().unwrap() > 0.5, "{v}");
+}

@@ -314,6 +314,9 @@ impl From<EvalMetrics> for v1::EvalMetrics {
             rouge1: e.rouge1,
             rouge2: e.rouge2,
             rouge_l: e.rouge_l,
+            identical_share: e.identical_share,
+            distinct1: e.distinct1,
+            distinct2: e.distinct2,
         }
     }
 }
@@ -458,7 +461,19 @@ impl From<v1::Progress> for Progress {
 
 impl From<v1::EvalMetrics> for EvalMetrics {
     fn from(e: v1::EvalMetrics) -> Self {
-        EvalMetrics { step: e.step, loss: e.loss, bleu: e.bleu, rouge1: e.rouge1, rouge2: e.rouge2, rouge_l: e.rouge_l }
+        // Shares outside 0..=1 (or NaN) mean nothing: dropped rather than shown to watchers.
+        let share = |x: Option<f32>| x.filter(|v| (0.0..=1.0).contains(v));
+        EvalMetrics {
+            step: e.step,
+            loss: e.loss,
+            bleu: e.bleu,
+            rouge1: e.rouge1,
+            rouge2: e.rouge2,
+            rouge_l: e.rouge_l,
+            identical_share: share(e.identical_share),
+            distinct1: share(e.distinct1),
+            distinct2: share(e.distinct2),
+        }
     }
 }
 

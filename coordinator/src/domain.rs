@@ -148,6 +148,9 @@ pub struct EvalMetrics {
     pub rouge1: Option<f32>,
     pub rouge2: Option<f32>,
     pub rouge_l: Option<f32>,
+    pub identical_share: Option<f32>,
+    pub distinct1: Option<f32>,
+    pub distinct2: Option<f32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

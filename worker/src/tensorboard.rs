@@ -196,6 +196,13 @@ impl TrainLog {
                 if let Some(r) = &result.rouge {
                     values.extend([("eval/rouge1", r.rouge1), ("eval/rouge2", r.rouge2), ("eval/rougeL", r.rouge_l)]);
                 }
+                if let Some(d) = &result.diversity {
+                    values.extend([
+                        ("eval/identical_share", d.identical),
+                        ("eval/distinct1", d.distinct1),
+                        ("eval/distinct2", d.distinct2),
+                    ]);
+                }
                 w.scalars(*step, &values)
             }
             TrainEvent::Checkpoint { .. } | TrainEvent::Resumed { .. } => Ok(()),

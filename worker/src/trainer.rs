@@ -437,6 +437,13 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
             let last = self.step == end || stop_requested(&self.stop);
             if every_eval > 0 && (self.step % every_eval == 0 || (last && self.step == total)) {
                 if let Some(result) = self.evaluate(max_generate)? {
+                    if let Some(d) = result.diversity.filter(|d| d.collapsed()) {
+                        tracing::warn!(
+                            step = self.step,
+                            identical_share = d.identical,
+                            "most validation generations are the same text: the model ignores its input (collapse)"
+                        );
+                    }
                     on_event(&Event::Eval { step: self.step, result });
                 }
             }
