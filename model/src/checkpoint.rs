@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::params::ParamTable;
 
 mod save;
+mod shards;
 mod tensors;
 #[cfg(test)]
 use save::write_synced;
@@ -16,8 +17,9 @@ pub use save::{
     MODEL_FILES, WRITER_FILE, is_model_dir, remove_stale_partials, save_model_dir, save_model_dir_opts,
     save_model_dir_with,
 };
+use shards::{DirKind, Tensor, WeightFiles};
 pub use tensors::{NamedTensor, read_i32_tensor, read_tensors, safetensors_error, write_tensors};
-use tensors::{check_shape, map_file, parse, sorted, widen, write_safetensors};
+use tensors::{check_shape, widen, write_safetensors};
 
 /// A whole EncoderDecoderModel: its config and every parameter in the table's flat layout.
 #[derive(Clone, Debug)]
@@ -66,13 +68,11 @@ fn bert_name(raw: &str) -> String {
     }
 }
 
-/// Read a BERT checkpoint directory (config.json + model.safetensors) and check every tensor
-/// the stack needs against the config.
-pub fn load_bert_dir(dir: &Path) -> Result<BertWeights> {
-    let config = BertConfig::from_file(&dir.join("config.json"))?;
-    let path = dir.join("model.safetensors");
+/// The tensors a BERT directory may give us, with their shapes and whether they are required:
+/// the stack (pooler optional) and the MLM head's transform and bias (optional).
+fn bert_wanted(config: &BertConfig) -> HashMap<String, (Vec<usize>, bool)> {
     let mut wanted: HashMap<String, (Vec<usize>, bool)> =
-        bert_shapes(&config).into_iter().map(|(n, s)| (n.clone(), (s, !n.starts_with("pooler.")))).collect();
+        bert_shapes(config).into_iter().map(|(n, s)| (n.clone(), (s, !n.starts_with("pooler.")))).collect();
     let h = config.hidden_size;
     for (n, s) in [
         ("cls.predictions.transform.dense.weight", vec![h, h]),
@@ -83,11 +83,18 @@ pub fn load_bert_dir(dir: &Path) -> Result<BertWeights> {
     ] {
         wanted.insert(n.to_owned(), (s, false));
     }
-    let map = map_file(&path)?;
-    let st = parse(&path, &map)?;
+    wanted
+}
+
+/// Read a BERT checkpoint directory (config.json + model.safetensors, or a sharded index) and
+/// check every tensor the stack needs against the config.
+pub fn load_bert_dir(dir: &Path) -> Result<BertWeights> {
+    let config = BertConfig::from_file(&dir.join("config.json"))?;
+    let wanted = bert_wanted(&config);
+    let files = WeightFiles::open(dir, DirKind::Bert)?;
     let mut tensors = HashMap::new();
     let mut unused = 0usize;
-    for (raw, view) in sorted(&st) {
+    for Tensor { path, name: raw, view } in files.tensors()? {
         let name = bert_name(&raw);
         let Some((shape, _)) = wanted.get(&name) else {
             // position_ids buffers, the NSP head, the tied MLM decoder: not ours to load.
@@ -96,69 +103,70 @@ pub fn load_bert_dir(dir: &Path) -> Result<BertWeights> {
             unused += usize::from(!expected_extra);
             continue;
         };
-        check_shape(&path, &raw, view.shape(), shape)?;
+        check_shape(path, &raw, view.shape(), shape)?;
         let mut data = vec![0.0; view.shape().iter().product()];
-        widen(&path, &raw, &view, &mut data)?;
+        widen(path, &raw, &view, &mut data)?;
         if tensors.insert(name.clone(), (shape.clone(), data)).is_some() {
-            return Err(Error::input(&path, format!("tensor `{name}` appears twice (with and without `bert.`)")));
+            let msg = format!("tensor `{name}` appears twice (with and without `bert.`)");
+            return Err(Error::input(&files.source, msg));
         }
     }
     let mut required: Vec<&String> = wanted.iter().filter(|(_, (_, req))| *req).map(|(n, _)| n).collect();
     required.sort();
     if let Some(n) = required.into_iter().find(|n| !tensors.contains_key(*n)) {
-        return Err(Error::input(&path, format!("missing tensor `{n}`")));
+        return Err(Error::input(&files.source, format!("missing tensor `{n}`")));
     }
     if unused > 0 {
-        tracing::warn!("{}: {unused} tensors are not part of a BERT of this config; ignored", path.display());
+        tracing::warn!("{}: {unused} tensors are not part of a BERT of this config; ignored", files.source.display());
     }
     Ok(BertWeights { config, tensors })
 }
 
-/// Load a directory written by `save_model_dir` or by transformers' `save_pretrained`.
+/// Load a directory written by `save_model_dir` or by transformers' `save_pretrained` (one
+/// model.safetensors or a sharded index).
 pub fn load_model_dir(dir: &Path) -> Result<Checkpoint> {
     let cfg_path = dir.join("config.json");
     let config = ModelConfig::from_file(&cfg_path)?;
     check_tie(&config, &cfg_path)?;
     let table = ParamTable::new(&config);
+    let files = WeightFiles::open(dir, DirKind::Model)?;
     // A config.json claiming more than its weights hold fails before the buffer is allocated.
-    crate::config::check_weights_size(&cfg_path, &dir.join("model.safetensors"), table.storage_len)?;
+    crate::config::check_weights_size(&cfg_path, &files.source, files.bytes(), table.storage_len)?;
     let index: HashMap<&str, usize> = table.entries.iter().enumerate().map(|(i, e)| (e.name.as_str(), i)).collect();
     let mut params = vec![0.0f32; table.storage_len];
     let mut filled = vec![false; table.entries.len()];
 
-    let path = dir.join("model.safetensors");
-    let map = map_file(&path)?;
-    let st = parse(&path, &map)?;
     let mut aliases = Vec::new();
-    for (name, view) in sorted(&st) {
+    for t in files.tensors()? {
+        let name = t.name.as_str();
         let ignored = name.starts_with("decoder.cls.predictions.decoder.")
             || name.ends_with(".position_ids")
             || name.ends_with(".token_type_ids");
         if ignored {
             continue;
         }
-        let &i = index.get(name.as_str()).ok_or_else(|| Error::input(&path, format!("unknown tensor `{name}`")))?;
+        let &i = index.get(name).ok_or_else(|| Error::input(t.path, format!("unknown tensor `{name}`")))?;
         let e = &table.entries[i];
-        check_shape(&path, &name, view.shape(), &e.shape)?;
+        check_shape(t.path, name, t.view.shape(), &e.shape)?;
         match e.alias_of {
             None => {
-                widen(&path, &name, &view, &mut params[e.range()])?;
+                widen(t.path, name, &t.view, &mut params[e.range()])?;
                 filled[i] = true;
             }
-            Some(_) => aliases.push((name, view)),
+            Some(_) => aliases.push(t),
         }
     }
     // A file that stores only one side of a tied pair (transformers may drop either name)
     // still fills the storage.
-    for (name, view) in aliases {
-        let owner = table.entries[index[name.as_str()]].alias_of.expect("alias");
+    for t in aliases {
+        let owner = table.entries[index[t.name.as_str()]].alias_of.expect("alias");
         if !filled[owner] {
-            widen(&path, &name, &view, &mut params[table.entries[owner].range()])?;
+            widen(t.path, &t.name, &t.view, &mut params[table.entries[owner].range()])?;
             filled[owner] = true;
         }
     }
     if let Some(e) = table.owned().find(|e| !filled[index[e.name.as_str()]]) {
-        return Err(Error::input(&path, format!("missing tensor `{}`", e.name)));
+        return Err(Error::input(&files.source, format!("missing tensor `{}`", e.name)));
     }
     Ok(Checkpoint { config, table, params })
 }
@@ -202,5 +210,7 @@ pub(crate) fn check_tie(cfg: &ModelConfig, file: &Path) -> Result<()> {
     }
 }
 
+#[cfg(test)]
+mod shard_tests;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -279,15 +279,19 @@ impl ModelConfig {
     }
 }
 
-/// Before a model's parameter buffer is allocated: the weights file must be large enough for
-/// the `params` values its config describes (2 bytes each at the least: F16 or BF16), so a
+/// Before a model's parameter buffer is allocated: the weights must be large enough for the
+/// `params` values its config describes (2 bytes each at the least: F16 or BF16), so a
 /// config.json that claims a bigger model than its weights fails without the allocation.
-pub fn check_weights_size(config_file: &Path, weights: &Path, params: usize) -> Result<()> {
-    let len = std::fs::metadata(weights).map_err(|e| Error::io(weights, e))?.len();
-    if len / 2 < params as u64 {
+/// `bytes` is the size of `weights`, or for a sharded checkpoint (`weights` its index) the
+/// sum of its shards' sizes.
+pub fn check_weights_size(config_file: &Path, weights: &Path, bytes: u64, params: usize) -> Result<()> {
+    if bytes / 2 < params as u64 {
         return Err(Error::input(
             weights,
-            format!("{len} bytes cannot hold the {params} parameters that {} describes", config_file.display()),
+            format!(
+                "{bytes} bytes of weights cannot hold the {params} parameters that {} describes",
+                config_file.display()
+            ),
         ));
     }
     Ok(())

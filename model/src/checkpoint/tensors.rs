@@ -121,7 +121,8 @@ pub(super) fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, &[f
 }
 
 pub(super) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // A regular file only: opening a FIFO would block, and a shard name comes from a file.
+    let file = crate::data::open_regular(path)?;
     // SAFETY: the map is read-only and lives only while we copy tensors out of it. Another
     // process truncating the file meanwhile could fault us; our own writers never do it (they
     // write a temp file and rename it over), which is the usual contract for safetensors.

@@ -45,7 +45,7 @@ pub(crate) fn write_bert_dir(
     values
 }
 
-fn random_checkpoint(tie: bool, seed: u64) -> Checkpoint {
+pub(super) fn random_checkpoint(tie: bool, seed: u64) -> Checkpoint {
     let config = ModelConfig {
         encoder: tiny_bert(),
         decoder: tiny_bert(),
@@ -67,7 +67,7 @@ fn set_shape(ts: &mut [NamedTensor], name: &str, shape: &[usize]) {
     ts.iter_mut().filter(|x| x.0 == name).for_each(|x| x.1 = shape.to_vec());
 }
 
-fn input_err<T>(r: Result<T>) -> String {
+pub(super) fn input_err<T>(r: Result<T>) -> String {
     match r {
         Err(e @ Error::Input { .. }) => e.to_string(),
         Err(e) => panic!("expected an input error, got {e:?}"),
@@ -306,7 +306,7 @@ fn load_bert_dir_normalises_names_and_checks_shapes() {
 }
 
 /// A file with raw little-endian tensors of any dtype.
-fn write_raw(path: &Path, items: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
+pub(super) fn write_raw(path: &Path, items: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
     let views: Vec<_> =
         items.iter().map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
