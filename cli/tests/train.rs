@@ -243,3 +243,23 @@ fn a_model_trained_to_collapse_is_called_out() {
     assert_eq!(v["collapsed"], true, "{v}");
     assert!(v["identical_share"].as_f64().unwrap() > 0.5, "{v}");
 }
+
+/// A model whose decoder start id is not the tokenizer's [CLS] would train on one protocol and
+/// generate with another: `train` refuses it before step 1, naming the file and the key.
+#[test]
+fn a_decoder_start_that_is_not_the_tokenizers_cls_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    common::tiny_model_with_validation(root);
+    std::fs::write(root.join("job.yaml"), JOB).unwrap();
+    let cfg_path = root.join("b2b/config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let start = cfg["decoder_start_token_id"].as_i64().unwrap();
+    cfg["decoder_start_token_id"] = serde_json::json!(start + 1);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let o = run_in(&["train", "job.yaml"], root);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("config.json") && err.contains("`decoder_start_token_id` is"), "{err}");
+    assert!(!root.join("ckpt").join("step-00000003").exists(), "trained anyway");
+}

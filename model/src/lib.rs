@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod guards;
 pub mod init;
 pub mod job;
 pub mod metrics;

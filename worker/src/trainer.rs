@@ -132,6 +132,11 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
             }
             None => None,
         };
+        let model_dir = match &job.model {
+            ModelSpec::Init(dir) => dir.clone(),
+            ModelSpec::Inline { encoder, .. } => encoder.clone(),
+        };
+        model::guards::check_special_ids(&ck.config, tok.special(), &model_dir.join("config.json"))?;
         let net = Bert2Bert::new(b, ck.config.clone(), ck.table.clone(), &ck.params)?;
         let opt = Optimizer::new(b, &ck.table, job.adamw())?;
         let schedule = job.schedule();
@@ -164,6 +169,11 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
             state::remove_stale_partials(&trainer.job.checkpoint.dir, &trainer.owner)?;
         }
         let resumed = trainer.resume()?;
+        // A fresh start trains the cross-attention from what the checkpoint holds: refuse one
+        // that was never initialised (a resumed run has trained it already).
+        if trainer.step == 0 {
+            model::guards::check_cross_attention(&ck.table, &ck.params, &model_dir)?;
+        }
         Ok((trainer, resumed))
     }
 
@@ -291,6 +301,10 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
             let passes = (|| -> Result<()> {
                 for (j, micro) in micros.iter().enumerate() {
                     let batch = train.batch(micro, special, d.max_source_len, d.max_target_len)?;
+                    if step == 0 {
+                        // Before step 1: the batches are framed as the model expects.
+                        model::guards::check_batch(&batch, special, &d.train)?;
+                    }
                     let x = Inputs::from_batch(b, &batch)?;
                     let seed = rng::derive(t.seed, step.wrapping_mul(1 << 20) + (rank + j * world) as u64);
                     let opts = PassOptions {
