@@ -46,8 +46,10 @@ pub fn run(a: Args) -> CliResult {
         Some(PathBuf::from(&a.decoder))
     };
     let tok = Tokenizer::from_file(&a.encoder.join("tokenizer.json"))?;
-    let ck = init::warm_start(&a.encoder, decoder_dir.as_deref(), variant, tok.special(), a.seed)?;
+    let (ck, report) =
+        init::warm_start_with_report(&a.encoder, decoder_dir.as_deref(), variant, tok.special(), a.seed)?;
     checkpoint::save_model_dir_opts(&a.out, &ck, Some(&tok), a.force)?;
+    print_report(&report);
     tracing::info!(
         "wrote {} ({}, {} tensors, {:.1}M parameters)",
         a.out.display(),
@@ -56,4 +58,54 @@ pub fn run(a: Args) -> CliResult {
         ck.table.storage_len as f64 / 1e6
     );
     Ok(())
+}
+
+/// What came from the checkpoints, what was initialised at random and what was ignored, as
+/// counts with the names, layers folded (`layer.*.` with how many).
+fn print_report(r: &init::InitReport) {
+    println!("from the checkpoints: {} tensors", r.from_checkpoint.len());
+    for (what, names) in
+        [("initialised at random", &r.random), ("ignored (in a checkpoint, not in the model)", &r.ignored)]
+    {
+        println!("{what}: {} tensors", names.len());
+        for (pattern, n) in fold_layers(names) {
+            let times = if n > 1 { format!(" (x{n})") } else { String::new() };
+            println!("  {pattern}{times}");
+        }
+    }
+}
+
+/// Names with every `layer.<n>.` written `layer.*.`, each pattern once with its count, in the
+/// order first seen.
+fn fold_layers(names: &[String]) -> Vec<(String, usize)> {
+    let mut out: Vec<(String, usize)> = Vec::new();
+    for name in names {
+        let parts: Vec<&str> = name.split('.').collect();
+        let folded: Vec<&str> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| if i > 0 && parts[i - 1] == "layer" && p.parse::<usize>().is_ok() { "*" } else { p })
+            .collect();
+        let pattern = folded.join(".");
+        match out.iter_mut().find(|(p, _)| *p == pattern) {
+            Some((_, n)) => *n += 1,
+            None => out.push((pattern, 1)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn layers_fold_into_one_pattern_with_a_count() {
+        let names: Vec<String> = ["a.layer.0.x.weight", "a.layer.1.x.weight", "a.layer.10.x.weight", "b.weight"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            super::fold_layers(&names),
+            vec![("a.layer.*.x.weight".to_string(), 3), ("b.weight".to_string(), 1)]
+        );
+    }
 }

@@ -35,6 +35,9 @@ pub struct Checkpoint {
 pub struct BertWeights {
     pub config: BertConfig,
     pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    /// The file's tensors that are not part of a BertModel of this config (position_ids
+    /// buffers, the NSP head, anything else), by their names in the file: what loading ignores.
+    pub ignored: Vec<String>,
 }
 
 /// Names and shapes of one BERT stack (with pooler), taken from ParamTable's encoder side so the
@@ -93,7 +96,7 @@ pub fn load_bert_dir(dir: &Path) -> Result<BertWeights> {
     let wanted = bert_wanted(&config);
     let files = WeightFiles::open(dir, DirKind::Bert)?;
     let mut tensors = HashMap::new();
-    let mut unused = 0usize;
+    let (mut unused, mut ignored) = (0usize, Vec::new());
     for Tensor { path, name: raw, view } in files.tensors()? {
         let name = bert_name(&raw);
         let Some((shape, _)) = wanted.get(&name) else {
@@ -101,6 +104,7 @@ pub fn load_bert_dir(dir: &Path) -> Result<BertWeights> {
             let expected_extra =
                 name.ends_with("position_ids") || name.ends_with("token_type_ids") || name.starts_with("cls.");
             unused += usize::from(!expected_extra);
+            ignored.push(raw);
             continue;
         };
         check_shape(path, &raw, view.shape(), shape)?;
@@ -119,7 +123,7 @@ pub fn load_bert_dir(dir: &Path) -> Result<BertWeights> {
     if unused > 0 {
         tracing::warn!("{}: {unused} tensors are not part of a BERT of this config; ignored", files.source.display());
     }
-    Ok(BertWeights { config, tensors })
+    Ok(BertWeights { config, tensors, ignored })
 }
 
 /// Load a directory written by `save_model_dir` or by transformers' `save_pretrained` (one

@@ -26,6 +26,27 @@ pub fn warm_start(
     special: Special,
     seed: u64,
 ) -> Result<Checkpoint> {
+    warm_start_with_report(encoder_dir, decoder_dir, variant, special, seed).map(|(ck, _)| ck)
+}
+
+/// What `warm_start` did with each tensor, as transformers' loading report tells it: the model's
+/// tensors taken from a checkpoint, those initialised at random (cross-attention, a random
+/// stack, a missing MLM head), and the checkpoints' tensors that no model tensor took.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InitReport {
+    pub from_checkpoint: Vec<String>,
+    pub random: Vec<String>,
+    pub ignored: Vec<String>,
+}
+
+/// [`warm_start`], and its [`InitReport`].
+pub fn warm_start_with_report(
+    encoder_dir: &Path,
+    decoder_dir: Option<&Path>,
+    variant: Variant,
+    special: Special,
+    seed: u64,
+) -> Result<(Checkpoint, InitReport)> {
     let enc_cfg_path = encoder_dir.join("config.json");
     let encoder = BertConfig::from_file(&enc_cfg_path)?;
     let separate_decoder = decoder_dir.filter(|d| *d != encoder_dir);
@@ -82,19 +103,29 @@ pub fn warm_start(
 
     let table = ParamTable::new(&config);
     let mut params = vec![0.0f32; table.storage_len];
+    let mut report = InitReport::default();
+    // (side: 0 encoder, 1 decoder; checkpoint tensor name) taken so far. Per side, as
+    // transformers loads (and reports) the encoder and the decoder as two models.
+    let mut used: std::collections::HashSet<(usize, &str)> = std::collections::HashSet::new();
     for e in table.owned() {
         let out = &mut params[e.range()];
-        let source = if let Some(rest) = e.name.strip_prefix("encoder.") {
-            pick(enc_w.as_ref(), rest)
+        let (is_encoder, rest) = if let Some(rest) = e.name.strip_prefix("encoder.") {
+            (true, Some(rest))
         } else if let Some(rest) = e.name.strip_prefix("decoder.bert.") {
-            pick(dec_w, rest)
-        } else if let Some(rest) = e.name.strip_prefix("decoder.") {
+            (false, Some(rest))
+        } else {
             // The MLM head of a BertForPreTraining file (`cls.predictions.*`), as transformers
             // loads it into BertLMHeadModel; checkpoints without one get a random head.
-            pick(dec_w, rest)
-        } else {
-            None
+            (false, e.name.strip_prefix("decoder."))
         };
+        let side = if is_encoder { enc_w.as_ref() } else { dec_w };
+        let source = rest.and_then(|r| pick(side, r));
+        if let (Some(r), Some(_)) = (rest, source) {
+            used.insert((usize::from(!is_encoder), r));
+            report.from_checkpoint.push(e.name.clone());
+        } else {
+            report.random.push(e.name.clone());
+        }
         match source {
             Some((shape, values)) => {
                 if *shape != e.shape {
@@ -108,7 +139,16 @@ pub fn warm_start(
             }
         }
     }
-    Ok(Checkpoint { config, table, params })
+    // A checkpoint tensor no model tensor took, and what the file held beyond a BertModel.
+    for (side, w) in [(0, enc_w.as_ref()), (1, dec_w)] {
+        let Some(w) = w else { continue };
+        let label = if side == 0 { "encoder" } else { "decoder" };
+        let mut names: Vec<&String> = w.tensors.keys().filter(|n| !used.contains(&(side, n.as_str()))).collect();
+        names.sort();
+        let unused = names.into_iter().chain(&w.ignored);
+        report.ignored.extend(unused.map(|n| format!("{label} checkpoint: {n}")));
+    }
+    Ok((Checkpoint { config, table, params }, report))
 }
 
 fn pick<'a>(w: Option<&'a BertWeights>, name: &str) -> Option<&'a (Vec<usize>, Vec<f32>)> {
@@ -219,6 +259,28 @@ mod tests {
             let dec_words = get(&ck, "decoder.bert.embeddings.word_embeddings.weight");
             assert_eq!(dec_words[8..16].iter().all(|&x| x == 0.0), !v.decoder_from_bert(), "{v:?}");
         }
+    }
+
+    #[test]
+    fn the_report_says_what_came_from_where_as_transformers_would() {
+        let (d, _) = bert_dir(11);
+        let (ck, r) = warm_start_with_report(d.path(), None, Variant::Bert2Bert, SP, 1).unwrap();
+        assert_eq!(r.from_checkpoint.len() + r.random.len(), ck.table.owned().count());
+        // Random: every cross-attention tensor and the MLM head (the file has none), nothing else.
+        for name in &r.random {
+            assert!(name.contains(".crossattention.") || name.starts_with("decoder.cls."), "{name} random");
+        }
+        let cross = ck.table.owned().filter(|e| e.name.contains(".crossattention.")).count();
+        assert_eq!(r.random.len(), cross + 5, "{:?}", r.random);
+        // BertLMHeadModel has no pooler: the decoder leaves the file's pooler unused.
+        for want in ["decoder checkpoint: pooler.dense.weight", "decoder checkpoint: pooler.dense.bias"] {
+            assert!(r.ignored.iter().any(|n| n == want), "{:?}", r.ignored);
+        }
+        assert!(!r.ignored.iter().any(|n| n.starts_with("encoder checkpoint: pooler.")), "{:?}", r.ignored);
+        // bert2rnd: the decoder reads no file, so only the encoder's file can leave tensors unused.
+        let (_, r) = warm_start_with_report(d.path(), None, Variant::Bert2Rnd, SP, 1).unwrap();
+        assert!(r.random.iter().any(|n| n == "decoder.bert.embeddings.word_embeddings.weight"));
+        assert!(r.ignored.iter().all(|n| n.starts_with("encoder checkpoint: ")), "{:?}", r.ignored);
     }
 
     #[test]
