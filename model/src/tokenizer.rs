@@ -59,6 +59,15 @@ impl Tokenizer {
     pub fn pad_id(&self) -> i32 {
         self.pad
     }
+    /// Whether the tokenizer's normalizer lowercases its input (an uncased vocabulary): its
+    /// model can then only generate lowercase text, and metrics should compare lowercased.
+    pub fn lowercases(&self) -> bool {
+        use tokenizers::{NormalizedString, Normalizer};
+        let Some(n) = self.inner.get_normalizer() else { return false };
+        let mut probe = NormalizedString::from("Ab");
+        n.normalize(&mut probe).is_ok() && probe.get() == "ab"
+    }
+
     /// The three ids `data::Batch` needs, in one value.
     pub fn special(&self) -> Special {
         Special { cls: self.cls, sep: self.sep, pad: self.pad }
@@ -160,6 +169,16 @@ pub(crate) mod tests {
         std::fs::write(&path, tiny_tokenizer_json()).unwrap();
         let tok = Tokenizer::from_file(&path).unwrap();
         (dir, tok)
+    }
+
+    #[test]
+    fn lowercasing_is_read_from_the_normalizer() {
+        let uncased = tiny_tokenizer_json();
+        let t = Tokenizer::from_json_str(&uncased, Path::new("t.json")).unwrap();
+        assert!(t.lowercases());
+        let cased = uncased.replace("\"lowercase\":true", "\"lowercase\":false");
+        assert_ne!(cased, uncased, "the fixture's normalizer must mention lowercase");
+        assert!(!Tokenizer::from_json_str(&cased, Path::new("t.json")).unwrap().lowercases());
     }
 
     #[test]

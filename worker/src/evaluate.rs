@@ -1,8 +1,9 @@
 //! Evaluation: validation loss (eval mode, mean token cross-entropy) and generation metrics
 //! (corpus BLEU as sacreBLEU computes it, ROUGE-1/2/L F1 as rouge-score does).
 //!
-//! BERT checkpoints are usually uncased, so their output is lowercase: hypotheses and references
-//! are lowercased before BLEU (sacreBLEU's `lowercase=True`); ROUGE lowercases by itself.
+//! An uncased tokenizer (BERT's usual) can only produce lowercase text, so with one hypotheses and
+//! references are lowercased before BLEU (sacreBLEU's `lowercase=True`); a cased one is scored
+//! as is. ROUGE lowercases by itself.
 
 use kernels::Backend;
 use model::Result;
@@ -93,9 +94,9 @@ fn scores(hyps: &[String], refs: &[String], opts: &EvalOptions) -> Scores {
     }
 }
 
-/// The baselines on the first `refs.len()` pairs, lowercased as the model's hypotheses are.
-fn baselines(pairs: &[Pair], refs: &[String], opts: &EvalOptions) -> Baselines {
-    let sources: Vec<String> = pairs[..refs.len()].iter().map(|p| p.source.to_lowercase()).collect();
+/// The baselines on the first `refs.len()` pairs, cased as the model's hypotheses are.
+fn baselines(pairs: &[Pair], refs: &[String], opts: &EvalOptions, case: fn(&str) -> String) -> Baselines {
+    let sources: Vec<String> = pairs[..refs.len()].iter().map(|p| case(&p.source)).collect();
     let lead_words = mean_words(refs);
     let leads: Vec<String> = sources.iter().map(|s| lead(s, lead_words)).collect();
     Baselines { copy: scores(&sources, refs, opts), lead: scores(&leads, refs, opts), lead_words }
@@ -157,14 +158,15 @@ pub fn evaluate<B: Backend>(
         return Ok(result);
     };
     let n = opts.max_generate.min(pairs.len());
+    let case: fn(&str) -> String = if tok.lowercases() { str::to_lowercase } else { str::to_string };
     let (mut hyps, mut refs) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for start in (0..n).step_by(opts.batch_size.max(1)) {
         let end = (start + opts.batch_size.max(1)).min(n);
         let rows: Vec<Vec<i32>> =
             src[start..end].iter().map(|s| encode_source(s, special, opts.max_source_len)).collect();
         for (i, g) in net.generate(b, &rows, &gen_opts)?.into_iter().enumerate() {
-            hyps.push(detokenize(tok, &g.tokens)?.to_lowercase());
-            refs.push(pairs[start + i].target.to_lowercase());
+            hyps.push(case(&detokenize(tok, &g.tokens)?));
+            refs.push(case(&pairs[start + i].target));
         }
     }
     let model = scores(&hyps, &refs, opts);
@@ -175,7 +177,7 @@ pub fn evaluate<B: Backend>(
             distinct1: distinct_n(&hyps, 1),
             distinct2: distinct_n(&hyps, 2),
         });
-        result.baselines = Some(baselines(pairs, &refs, opts));
+        result.baselines = Some(baselines(pairs, &refs, opts, case));
     }
     result.samples = (0..n.min(5))
         .map(|i| Sample {
