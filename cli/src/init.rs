@@ -48,6 +48,7 @@ pub fn run(a: Args) -> CliResult {
     let tok = Tokenizer::from_file(&a.encoder.join("tokenizer.json"))?;
     let (ck, report) =
         init::warm_start_with_report(&a.encoder, decoder_dir.as_deref(), variant, tok.special(), a.seed)?;
+    model::guards::check_tokenizer_fits(&ck.config, tok.vocab_size(), &a.encoder.join("tokenizer.json"))?;
     checkpoint::save_model_dir_opts(&a.out, &ck, Some(&tok), a.force)?;
     print_report(&report);
     tracing::info!(

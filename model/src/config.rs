@@ -73,6 +73,24 @@ impl BertConfig {
                 }),
             }
         };
+        // Another family read as BERT would load (the tensor names can even match) and be a
+        // different model: RoBERTa's positions start after padding_idx, for one.
+        if let Some(kind) = obj.get("model_type")
+            && kind.as_str() != Some("bert")
+        {
+            // Named when it looks like a model type (what the user needs to read), else only its
+            // JSON kind: config values are never echoed as they are.
+            let plain =
+                |k: &&str| k.len() <= 32 && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            let shown = match kind.as_str().filter(plain) {
+                Some(k) => format!("`{k}`"),
+                None => crate::data::json_kind(kind).to_string(),
+            };
+            return Err(Error::input(
+                file,
+                format!("config key `model_type` is {shown}: only `bert` checkpoints are supported"),
+            ));
+        }
         if let Some(act) = obj.get("hidden_act")
             && act.as_str() != Some("gelu")
         {
@@ -350,12 +368,19 @@ mod tests {
     }
 
     #[test]
+    fn another_model_family_is_refused_by_name() {
+        let m = msg(model(|v| v["decoder"]["model_type"] = json!("roberta")));
+        assert!(m.contains("in `decoder`: config key `model_type` is `roberta`: only `bert`"), "{m}");
+    }
+
+    #[test]
     fn errors_name_the_key_and_type_never_the_value() {
         for (key, value, want) in [
             ("vocab_size", json!("SECRET"), "`vocab_size` must be a positive integer, found a string"),
             ("hidden_act", json!("SECRET"), "`hidden_act`: only \"gelu\""),
             ("position_embedding_type", json!({"k": "SECRET"}), "`position_embedding_type`: only \"absolute\""),
             ("layer_norm_eps", json!(["SECRET"]), "`layer_norm_eps` must be a finite number, found an array"),
+            ("model_type", json!("SECRET value"), "`model_type` is a string: only `bert`"),
         ] {
             let m = msg(model(|v| v["encoder"][key] = value));
             assert!(m.contains(want) && !m.contains("SECRET"), "{m}");

@@ -35,6 +35,22 @@ pub fn check_special_ids(cfg: &ModelConfig, special: Special, config_file: &Path
     Ok(())
 }
 
+/// Every id the tokenizer can produce has a row in both embedding tables: a larger tokenizer
+/// would index past them.
+pub fn check_tokenizer_fits(cfg: &ModelConfig, tokenizer_vocab: usize, tokenizer_file: &Path) -> Result<()> {
+    for (side, vocab) in [("encoder", cfg.encoder.vocab_size), ("decoder", cfg.decoder.vocab_size)] {
+        if tokenizer_vocab > vocab {
+            return Err(Error::input(
+                tokenizer_file,
+                format!(
+                    "the tokenizer has {tokenizer_vocab} tokens but the {side}'s `vocab_size` is {vocab}: it does not fit the model"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// One batch as training feeds it: every row has a real source token and a label; the decoder
 /// input is `[CLS]` then the labels shifted right once (not twice, not zero times); positions
 /// past a row's target are ignored by the loss; no counted label is `[PAD]`. `what` names the
@@ -157,6 +173,14 @@ mod tests {
         refused(check_special_ids(&cfg, Special { cls: special.cls + 1, ..special }, p), "`decoder_start_token_id`");
         refused(check_special_ids(&cfg, Special { pad: special.pad + 1, ..special }, p), "`pad_token_id`");
         refused(check_special_ids(&cfg, Special { sep: special.sep + 1, ..special }, p), "`eos_token_id`");
+    }
+
+    #[test]
+    fn a_tokenizer_larger_than_either_vocabulary_is_refused() {
+        let cfg = model_config();
+        let p = Path::new("tokenizer.json");
+        check_tokenizer_fits(&cfg, cfg.decoder.vocab_size, p).unwrap();
+        refused(check_tokenizer_fits(&cfg, cfg.encoder.vocab_size + 1, p), "does not fit the model");
     }
 
     #[test]

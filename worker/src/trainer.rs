@@ -137,6 +137,7 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
             ModelSpec::Inline { encoder, .. } => encoder.clone(),
         };
         model::guards::check_special_ids(&ck.config, tok.special(), &model_dir.join("config.json"))?;
+        model::guards::check_tokenizer_fits(&ck.config, tok.vocab_size(), &model_dir.join("tokenizer.json"))?;
         let net = Bert2Bert::new(b, ck.config.clone(), ck.table.clone(), &ck.params)?;
         let opt = Optimizer::new(b, &ck.table, job.adamw())?;
         let schedule = job.schedule();
