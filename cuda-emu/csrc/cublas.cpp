@@ -7,6 +7,7 @@
 // accumulates in fp32, as tensor cores do. With beta == 0, C is never read (so NaN there does
 // not propagate), as cuBLAS documents.
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <sstream>
@@ -279,6 +280,14 @@ int lt_refuse(const std::string& what) {
     return NOT_SUPPORTED;
 }
 
+// B2B_EMU_CUBLASLT_REFUSE=heuristic|matmul: behave as a cuBLASLt with no kernel for epilogues,
+// found by the heuristic or only when the matmul is queued, so tests can drive the callers'
+// fallbacks (a real GPU's cuBLASLt may do either).
+bool lt_refuses(const char* where, int epilogue) {
+    const char* v = std::getenv("B2B_EMU_CUBLASLT_REFUSE");
+    return v && epilogue != EPI_DEFAULT && std::strcmp(v, where) == 0;
+}
+
 }  // namespace
 
 API int cublasLtCreate(LtHandle** h) {
@@ -345,9 +354,13 @@ API int cublasLtMatmulPreferenceSetAttribute(LtPref* p, int attr, const void* bu
     return SUCCESS;  // search preferences do not change what the emulator computes
 }
 // One algorithm, needing no workspace: the emulator has a single engine.
-API int cublasLtMatmulAlgoGetHeuristic(LtHandle*, LtDesc*, LtLayout*, LtLayout*, LtLayout*, LtLayout*, LtPref*,
+API int cublasLtMatmulAlgoGetHeuristic(LtHandle*, LtDesc* d, LtLayout*, LtLayout*, LtLayout*, LtLayout*, LtPref*,
                                        int requested, LtHeuristic* results, int* count) {
     if (requested < 1) return INVALID_VALUE;
+    if (lt_refuses("heuristic", d->epilogue)) {
+        *count = 0;
+        return NOT_SUPPORTED;
+    }
     std::memset(&results[0], 0, sizeof(LtHeuristic));
     results[0].waves = 1.0f;
     *count = 1;
@@ -364,6 +377,7 @@ API int cublasLtMatmul(LtHandle*, LtDesc* d, const void* alpha, const void* A, L
     if (C != D || lc->type != ld->type || lc->rows != ld->rows || lc->cols != ld->cols || lc->ld != ld->ld)
         return lt_refuse("cublasLtMatmul: only in-place C == D (one pointer, one layout) is emulated");
     const int ep = d->epilogue;
+    if (lt_refuses("matmul", ep)) return lt_refuse("cublasLtMatmul: no kernel for this epilogue (B2B_EMU_CUBLASLT_REFUSE)");
     if (ep != EPI_DEFAULT && ep != EPI_BIAS && ep != EPI_BGRADA && ep != EPI_BGRADB)
         return lt_refuse("cublasLtMatmul: epilogue " + std::to_string(ep) + " not emulated");
     int bits = 0;

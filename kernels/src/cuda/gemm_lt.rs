@@ -11,8 +11,9 @@
 //!
 //! Biases and bias gradients are fp32 (`BIAS_DATA_TYPE` set explicitly, also when D is bf16).
 //! cuBLASLt may have no kernel for a combination (bf16 D with an fp32 bias, an unaligned bias):
-//! its heuristic then finds nothing, the answer is cached per shape, and the caller falls back
-//! to the unfused pair, which computes the same thing.
+//! its heuristic then finds nothing (or the matmul refuses with NOT_SUPPORTED), the answer is
+//! cached per shape, and the caller falls back to the unfused pair, which computes the same
+//! thing. conformance/tests/cublaslt_fallback.rs drives both refusals on the virtual GPU.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -195,7 +196,7 @@ impl Cuda {
         let (ws, _sync) = self.lt.workspace.device_ptr(self.stream());
         // SAFETY: pointers come from live views the callers checked against the shape; the
         // descriptors live until after the call; alpha/beta are host scalars read at queue time.
-        unsafe {
+        let queued = unsafe {
             lt::matmul(
                 self.lt.handle,
                 desc.0,
@@ -214,9 +215,17 @@ impl Cuda {
                 WORKSPACE_BYTES,
                 self.stream().cu_stream() as _,
             )
+        };
+        match queued {
+            Ok(()) => Ok(true),
+            // The heuristic offered a kernel that then refused these operands: remember it and
+            // let the caller run the unfused pair (the cost entry noted above stays, unlaunched).
+            Err(lt::CublasError(lsys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
+                self.lt.algos.lock().unwrap_or_else(|p| p.into_inner()).insert(key, None);
+                Ok(false)
+            }
+            Err(e) => Err(dev_err(e)),
         }
-        .map_err(dev_err)?;
-        Ok(true)
     }
 
     /// The cached heuristic pick for `key`, asking cuBLASLt on first sight.
