@@ -13,10 +13,12 @@
    unless --allow-missing-shared is given. This script then ties them in Python, so one tensor is used by both
    stacks (the old transformers semantics), and the gradient of a shared tensor is the sum of its encoder and decoder
    uses. It is accepted under either name.
-3. Tokenizes the first --n pairs of --data with DIR/tokenizer.json (tokenizers library, padding and truncation off):
+3. Tokenizes the first --n pairs of --data with DIR/tokenizer.json (tokenizers library, padding and truncation off;
+   targets with DIR/decoder_tokenizer.json when the model has two vocabularies; RoBERTa's <s>/</s>/<pad> in place of
+   [CLS]/[SEP]/[PAD], and decoder.roberta.* / decoder.lm_head.* names, when the decoder is a RoBERTa):
        source   = [CLS] toks[:126] [SEP]
        dec_in   = [CLS] + tgt[:127]
-       labels   = tgt[:127] + [SEP]       (padding: ids 0, labels -100)
+       labels   = tgt[:127] + [SEP]       (padding: the pad id, labels -100)
    and computes the per-example mean token cross-entropy in eval mode (no dropout), in float32 and in float64.
 4. --score-json: compares `bert2bert score --json` output ("per_example_loss", and "mean_loss" / "tokens" when
    present). The float64 reference is the judge; the float32 error is printed for information.
@@ -40,10 +42,18 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import EncoderDecoderModel
 
-LM_ALIASES = {
-    "decoder.cls.predictions.decoder.weight": "decoder.bert.embeddings.word_embeddings.weight",
-    "decoder.cls.predictions.decoder.bias": "decoder.cls.predictions.bias",
+# The decoder's family (config.json's decoder model_type): its stack attribute and the tied LM-head aliases.
+FAMILIES = {
+    "bert": ("bert", {
+        "decoder.cls.predictions.decoder.weight": "decoder.bert.embeddings.word_embeddings.weight",
+        "decoder.cls.predictions.decoder.bias": "decoder.cls.predictions.bias",
+    }),
+    "roberta": ("roberta", {
+        "decoder.lm_head.decoder.weight": "decoder.roberta.embeddings.word_embeddings.weight",
+        "decoder.lm_head.decoder.bias": "decoder.lm_head.bias",
+    }),
 }
+STACK, LM_ALIASES = FAMILIES["bert"]  # set from the model's config in main()
 MAX_SRC_TOKS = 126
 MAX_TGT_TOKS = 127
 
@@ -65,21 +75,32 @@ def shared_names(model):
     """decoder.bert.<suffix> -> encoder.<suffix> for every decoder parameter that has an encoder counterpart."""
     enc = {n for n, _ in model.encoder.named_parameters()}
     out = {}
-    for n, _ in model.decoder.bert.named_parameters(remove_duplicate=False):
+    for n, _ in getattr(model.decoder, STACK).named_parameters(remove_duplicate=False):
         if n in enc:
-            out["decoder.bert." + n] = "encoder." + n
+            out[f"decoder.{STACK}." + n] = "encoder." + n
     return out
 
 
 def tie_shared(model):
     """Make each decoder.bert.X the same Parameter as encoder.X (bertShare); re-point the LM-head projection."""
     enc = dict(model.encoder.named_parameters())
-    for mod_name, mod in model.decoder.bert.named_modules():
+    stack = getattr(model.decoder, STACK)
+    for mod_name, mod in stack.named_modules():
         for pname, _ in list(mod.named_parameters(recurse=False)):
             suffix = f"{mod_name}.{pname}" if mod_name else pname
             if suffix in enc:
                 setattr(mod, pname, enc[suffix])
-    model.decoder.cls.predictions.decoder.weight = model.decoder.bert.embeddings.word_embeddings.weight
+    lm_projection(model).weight = stack.embeddings.word_embeddings.weight
+
+
+def lm_projection(model):
+    return model.decoder.cls.predictions.decoder if STACK == "bert" else model.decoder.lm_head.decoder
+
+
+def specials(tok):
+    """(start, end, pad) ids: BERT's [CLS]/[SEP]/[PAD] or RoBERTa's <s>/</s>/<pad>."""
+    names = ("[CLS]", "[SEP]", "[PAD]") if tok.token_to_id("[CLS]") is not None else ("<s>", "</s>", "<pad>")
+    return tuple(tok.token_to_id(n) for n in names)
 
 
 def stored_keys(model_dir):
@@ -111,22 +132,25 @@ def read_pairs(path, n):
     return pairs
 
 
-def tokenize(tok, pairs, cls, sep):
-    srcs = tok.encode_batch([p[0] for p in pairs], add_special_tokens=False)
-    tgts = tok.encode_batch([p[1] for p in pairs], add_special_tokens=False)
+def tokenize(src_tok, tgt_tok, pairs, src_special, tgt_special):
+    """Sources framed with the encoder tokenizer's specials, targets with the decoder's."""
+    srcs = src_tok.encode_batch([p[0] for p in pairs], add_special_tokens=False)
+    tgts = tgt_tok.encode_batch([p[1] for p in pairs], add_special_tokens=False)
+    (cls, sep, _), (tcls, tsep, _) = src_special, tgt_special
     out = []
     for s, t in zip(srcs, tgts):
         s_ids = [cls] + s.ids[:MAX_SRC_TOKS] + [sep]
         t_ids = t.ids[:MAX_TGT_TOKS]
-        out.append((s_ids, [cls] + t_ids, t_ids + [sep]))
+        out.append((s_ids, [tcls] + t_ids, t_ids + [tsep]))
     return out
 
 
-def collate(examples, pad):
+def collate(examples, pads):
+    src_pad, pad = pads
     B = len(examples)
     S = max(len(e[0]) for e in examples)
     T = max(len(e[1]) for e in examples)
-    src = torch.full((B, S), pad, dtype=torch.long)
+    src = torch.full((B, S), src_pad, dtype=torch.long)
     mask = torch.zeros((B, S), dtype=torch.long)
     dec = torch.full((B, T), pad, dtype=torch.long)
     lab = torch.full((B, T), -100, dtype=torch.long)
@@ -184,7 +208,7 @@ def check_keys(args, model, info, cfg, fails):
     for e in errors:
         fails.add(f"loading error: {e}")
     if missing_shared:
-        msg = (f"{len(missing_shared)} shared decoder.bert.* keys are not stored (e.g. {missing_shared[0]}); "
+        msg = (f"{len(missing_shared)} shared decoder.{STACK}.* keys are not stored (e.g. {missing_shared[0]}); "
                "transformers 5.x ignores tie_encoder_decoder and would leave them RANDOM")
         if args.allow_missing_shared:
             log(f"WARNING: {msg}; tying them to encoder.* here (--allow-missing-shared)")
@@ -195,7 +219,7 @@ def check_keys(args, model, info, cfg, fails):
         bad = [d for d, e in shared.items() if d not in missing_shared and not torch.equal(sd[d], sd[e])]
         for d in bad:
             fails.add(f"bertshare: {d} differs from {shared[d]}")
-        log(f"bertshare: {len(shared)} decoder.bert.* tensors shared with encoder.* "
+        log(f"bertshare: {len(shared)} decoder.{STACK}.* tensors shared with encoder.* "
             f"({len(shared) - len(missing_shared) - len(bad)} stored and equal); tying them for the reference")
     return share
 
@@ -230,6 +254,8 @@ def main():
             return 2
     with open(cfg_path) as f:
         cfg = json.load(f)
+    global STACK, LM_ALIASES
+    STACK, LM_ALIASES = FAMILIES[cfg["decoder"].get("model_type", "bert")]
 
     # ---- keys -------------------------------------------------------------------------------------------------
     stored = stored_keys(args.model)
@@ -246,28 +272,36 @@ def main():
     model.eval()  # dropout off
 
     # ---- tokenizer / config ids -------------------------------------------------------------------------------
-    tok = Tokenizer.from_file(tok_path)
-    tok.no_padding()
-    tok.no_truncation()
-    cls, sep, pad = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]"), tok.token_to_id("[PAD]")
-    if None in (cls, sep, pad):
-        fails.add(f"tokenizer lacks [CLS]/[SEP]/[PAD]: {cls} {sep} {pad}")
+    # Two vocabularies: the decoder's tokenizer is decoder_tokenizer.json (targets, the config's special ids).
+    tgt_path = os.path.join(args.model, "decoder_tokenizer.json")
+    toks = []
+    for path in (tok_path, tgt_path if os.path.exists(tgt_path) else tok_path):
+        t = Tokenizer.from_file(path)
+        t.no_padding()
+        t.no_truncation()
+        toks.append(t)
+    src_tok, tok = toks
+    src_special, tgt_special = specials(src_tok), specials(tok)
+    cls, sep, pad = tgt_special
+    if None in src_special + tgt_special:
+        fails.add(f"tokenizer lacks [CLS]/[SEP]/[PAD] (or <s>/</s>/<pad>): {src_special} {tgt_special}")
         return 1
     if cfg.get("decoder_start_token_id") != cls:
-        fails.add(f"config decoder_start_token_id {cfg.get('decoder_start_token_id')} != [CLS] id {cls}")
+        fails.add(f"config decoder_start_token_id {cfg.get('decoder_start_token_id')} != start id {cls}")
     if cfg.get("pad_token_id") != pad:
-        fails.add(f"config pad_token_id {cfg.get('pad_token_id')} != [PAD] id {pad}")
+        fails.add(f"config pad_token_id {cfg.get('pad_token_id')} != pad id {pad}")
     if cfg.get("eos_token_id") != sep:
-        log(f"note: config eos_token_id {cfg.get('eos_token_id')} != [SEP] id {sep}")
-    vocab = model.config.decoder.vocab_size
-    if tok.get_vocab_size() > vocab:
-        fails.add(f"tokenizer vocab {tok.get_vocab_size()} > model vocab {vocab}")
+        log(f"note: config eos_token_id {cfg.get('eos_token_id')} != end id {sep}")
+    for t, vocab in ((src_tok, model.config.encoder.vocab_size), (tok, model.config.decoder.vocab_size)):
+        if t.get_vocab_size() > vocab:
+            fails.add(f"tokenizer vocab {t.get_vocab_size()} > model vocab {vocab}")
+    pad = (src_special[2], pad)
 
     pairs = read_pairs(args.data, args.n)
     if not pairs:
         log(f"error: no pairs in {args.data}")
         return 2
-    examples = tokenize(tok, pairs, cls, sep)
+    examples = tokenize(src_tok, tok, pairs, src_special, tgt_special)
     total_tokens = sum(len(e[2]) for e in examples)
     log(f"{len(examples)} pairs from {args.data}: {total_tokens} label tokens, "
         f"src len max {max(len(e[0]) for e in examples)}, tgt len max {max(len(e[2]) for e in examples)}")
@@ -278,7 +312,7 @@ def main():
     model.double()
     if share:
         tie_shared(model)  # no-op when .double() kept the sharing, which it does; cheap insurance
-    assert model.decoder.cls.predictions.decoder.weight is model.decoder.bert.embeddings.word_embeddings.weight
+    assert lm_projection(model).weight is getattr(model.decoder, STACK).embeddings.word_embeddings.weight
     model.zero_grad(set_to_none=True)
     if args.grads:
         pe64, ce64 = run_losses(model, examples, pad, args.chunk, total_tokens=total_tokens)

@@ -71,7 +71,7 @@ fn eval_on<B: Backend>(b: &B, a: &Args) -> CliResult {
     if bleu || rouge {
         crate::generate::check_generate_len(&ck.config, gen_opts.max_len)?;
     }
-    let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
+    let tok = Tokenizer::from_model_dir(&a.model)?;
     let pairs = read_pairs(&a.data, "source", "target")?;
     if bleu || rouge {
         let rows = a.batch_size.min(pairs.len()).max(1);

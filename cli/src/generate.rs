@@ -163,10 +163,10 @@ fn generate_on<B: Backend>(b: &B, a: &Args, opts: &GenerateOptions) -> CliResult
     let ck = checkpoint::load_model_dir(&a.model)?;
     let max_source_len = length_flag("--max-source-len", a.max_source_len, 3, ck.config.max_lengths().0)?;
     check_generate_len(&ck.config, opts.max_len)?;
-    let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
+    let tok = Tokenizer::from_model_dir(&a.model)?;
     let ck_config = ck.config.clone();
     let mut net = Bert2Bert::new(b, ck.config, ck.table, &ck.params)?;
-    let special = tok.special();
+    let special = tok.source_special();
     let stdin = std::io::stdin();
     let mut out = std::io::stdout().lock();
     let lines: Vec<String> = stdin.lock().lines().collect::<Result<_, _>>()?;
@@ -175,7 +175,7 @@ fn generate_on<B: Backend>(b: &B, a: &Args, opts: &GenerateOptions) -> CliResult
     for chunk in lines.chunks(a.batch_size) {
         let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
         let rows: Vec<Vec<i32>> =
-            tok.encode_batch(&texts)?.iter().map(|ids| encode_source(ids, special, max_source_len)).collect();
+            tok.encode_source_batch(&texts)?.iter().map(|ids| encode_source(ids, special, max_source_len)).collect();
         for g in net.generate(b, &rows, opts)? {
             writeln!(out, "{}", detokenize(&tok, &g.tokens)?)?;
         }

@@ -8,13 +8,16 @@ use crate::{CliError, CliResult};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// HF BERT directory (config.json, model.safetensors, tokenizer.json) for the encoder.
+    /// HF BERT or RoBERTa directory (config.json, model.safetensors, tokenizer.json) for the encoder.
     #[arg(long)]
     encoder: PathBuf,
-    /// HF BERT directory for the decoder, or `random`.
+    /// HF BERT or RoBERTa directory for the decoder (its tokenizer.json too, when it has another
+    /// vocabulary), or `random`.
     #[arg(long)]
     decoder: String,
-    /// bert2bert | bertshare | bert2rnd | rnd2bert | rnd2rnd
+    /// bert2bert | bertshare | bert2rnd | rnd2bert | rnd2rnd, or from RoBERTa: roberta2roberta |
+    /// robertashare | roberta2rnd | rnd2roberta. The family is read from each config.json; a BERT
+    /// encoder with a RoBERTa decoder (two vocabularies) is bert2bert.
     #[arg(long, default_value = "bert2bert")]
     variant: String,
     /// Output directory: new, empty, or a model directory (config.json + model.safetensors) whose
@@ -31,24 +34,31 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> CliResult {
-    let variant = Variant::parse(&a.variant).ok_or_else(|| {
-        CliError::usage(format!("--variant `{}`: use bert2bert, bertshare, bert2rnd, rnd2bert or rnd2rnd", a.variant))
+    let (variant, family) = Variant::parse_named(&a.variant).ok_or_else(|| {
+        CliError::usage(format!("--variant `{}`: use one of {}", a.variant, Variant::all_names().join(", ")))
     })?;
     let decoder_dir = if a.decoder == "random" {
         if variant.decoder_from_bert() {
             return Err(CliError::usage(format!(
-                "--decoder random contradicts --variant {}: use bert2rnd or rnd2rnd, or give a BERT directory",
-                variant.as_str()
+                "--decoder random contradicts --variant {}: use a variant with a random decoder (bert2rnd, \
+                 roberta2rnd, rnd2rnd), or give a checkpoint directory",
+                a.variant
             )));
         }
         None
     } else {
         Some(PathBuf::from(&a.decoder))
     };
-    let tok = Tokenizer::from_file(&a.encoder.join("tokenizer.json"))?;
+    // The decoder's tokenizer when it has its own vocabulary (a RoBERTa decoder under a BERT
+    // encoder): its specials are the model's decoder start, pad and eos ids.
+    let tok = match &decoder_dir {
+        Some(d) => Tokenizer::from_checkpoints(&a.encoder, Some(d.as_path()))?,
+        None => Tokenizer::from_file(&a.encoder.join("tokenizer.json"))?,
+    };
     let (ck, report) =
         init::warm_start_with_report(&a.encoder, decoder_dir.as_deref(), variant, tok.special(), a.seed)?;
-    model::guards::check_tokenizer_fits(&ck.config, tok.vocab_size(), &a.encoder.join("tokenizer.json"))?;
+    check_family(&a.variant, family, variant, &ck.config)?;
+    model::guards::check_tokenizer_fits(&ck.config, &tok)?;
     checkpoint::save_model_dir_opts(&a.out, &ck, Some(&tok), a.force)?;
     print_report(&report);
     tracing::info!(
@@ -59,6 +69,38 @@ pub fn run(a: Args) -> CliResult {
         ck.table.storage_len as f64 / 1e6
     );
     Ok(())
+}
+
+/// The variant's name must say the family of the pre-trained sides (roberta2roberta for two
+/// RoBERTa sides, bert2bert for BERT), so a name never hides which checkpoint was loaded. Sides
+/// of two families (a BERT encoder, a RoBERTa decoder) have no name of their own: bert2bert.
+fn check_family(name: &str, family: Option<&str>, variant: Variant, cfg: &model::ModelConfig) -> CliResult {
+    let mut sides = Vec::new();
+    if variant.encoder_from_bert() {
+        sides.push(("--encoder", cfg.encoder.family.model_type()));
+    }
+    if variant.decoder_from_bert() {
+        sides.push(("--decoder", cfg.decoder.family.model_type()));
+    }
+    let mixed = sides.windows(2).any(|w| w[0].1 != w[1].1);
+    match (family, sides.iter().find(|(_, f)| Some(*f) != family)) {
+        (Some(want), Some((flag, got))) if !mixed => Err(CliError::usage(format!(
+            "--variant {name} needs {want} checkpoints, but {flag}'s config.json has model_type `{got}`: \
+             use the {got} name of this layout ({})",
+            same_layout_name(variant, got)
+        ))),
+        (Some("roberta"), Some(_)) => Err(CliError::usage(format!(
+            "--variant {name}: the encoder and decoder checkpoints are of two families; name the layout bert2bert"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn same_layout_name(variant: Variant, family: &str) -> &'static str {
+    match family {
+        "roberta" => jobspec::ROBERTA_VARIANTS.iter().find(|(_, v)| *v == variant).map_or("", |(n, _)| *n),
+        _ => variant.as_str(),
+    }
 }
 
 /// What came from the checkpoints, what was initialised at random and what was ignored, as

@@ -49,7 +49,7 @@ pub fn run(a: Args) -> CliResult {
     let (enc_positions, dec_positions) = ck.config.max_lengths();
     let max_source_len = crate::generate::length_flag("--max-source-len", a.max_source_len, 3, enc_positions)?;
     let max_target_len = crate::generate::length_flag("--max-target-len", a.max_target_len, 2, dec_positions)?;
-    let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
+    let tok = Tokenizer::from_model_dir(&a.model)?;
     let pairs = read_pairs(&a.data, &a.source_field, &a.target_field)?;
     if pairs.is_empty() {
         return Err(model::Error::input(&a.data, "no pairs in file").into());
@@ -58,7 +58,7 @@ pub fn run(a: Args) -> CliResult {
     let batches: Vec<Batch> = src
         .chunks(a.batch_size)
         .zip(tgt.chunks(a.batch_size))
-        .map(|(s, t)| Batch::new(s, t, tok.special(), max_source_len, max_target_len))
+        .map(|(s, t)| Batch::new(s, t, tok.framing(), max_source_len, max_target_len))
         .collect();
     match a.device {
         LocalDevice::Cpu => score_on(&Cpu, &a, &ck, &batches, pairs.len()),

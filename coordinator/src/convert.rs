@@ -116,8 +116,10 @@ fn read_config(file: &Path) -> jobspec::Result<serde_json::Value> {
     serde_json::from_slice(&bytes).map_err(|e| jobspec::Error::input(file, format!("invalid JSON: {e}")))
 }
 
-/// `max_position_embeddings` of a BERT config, or of its `stack` (`encoder`, `decoder`) in an
-/// encoder-decoder config; errors are worded as `model::config`'s.
+/// The positions a BERT or RoBERTa config can embed (`max_position_embeddings`, less
+/// `pad_token_id + 1` for RoBERTa: `model::config::BertConfig::max_positions`), or of its
+/// `stack` (`encoder`, `decoder`) in an encoder-decoder config; errors are worded as
+/// `model::config`'s.
 fn positions(v: &serde_json::Value, stack: Option<&str>, file: &Path) -> jobspec::Result<usize> {
     let (v, within) = match stack {
         Some(key) => match v.get(key) {
@@ -127,8 +129,12 @@ fn positions(v: &serde_json::Value, stack: Option<&str>, file: &Path) -> jobspec
         None => (v, String::new()),
     };
     const KEY: &str = "max_position_embeddings";
+    let offset = match v.get("model_type").and_then(|t| t.as_str()) {
+        Some("roberta") => v.get("pad_token_id").and_then(|p| p.as_u64()).map_or(0, |p| p.saturating_add(1)),
+        _ => 0,
+    };
     match v.get(KEY).map(|x| x.as_u64().filter(|&n| n > 0)) {
-        Some(Some(n)) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+        Some(Some(n)) => Ok(usize::try_from(n.saturating_sub(offset)).unwrap_or(usize::MAX)),
         Some(None) => {
             Err(jobspec::Error::input(file, format!("{within}config key `{KEY}` must be a positive integer")))
         }

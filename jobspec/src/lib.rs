@@ -15,5 +15,5 @@ pub mod schedule;
 
 pub use error::{Error, Result, chain, redact_quoted};
 pub use job::*;
-pub use names::{Device, Metric, Precision, ScheduleKind, Variant};
+pub use names::{Device, Metric, Precision, ROBERTA_VARIANTS, ScheduleKind, Variant};
 pub use schedule::{AdamWConfig, Schedule};

@@ -65,6 +65,32 @@ impl Variant {
     }
 }
 
+/// The layouts warm-started from RoBERTa, by Rothe et al.'s names, and the BERT layout each is.
+pub const ROBERTA_VARIANTS: [(&str, Variant); 4] = [
+    ("roberta2roberta", Variant::Bert2Bert),
+    ("robertashare", Variant::BertShare),
+    ("roberta2rnd", Variant::Bert2Rnd),
+    ("rnd2roberta", Variant::Rnd2Bert),
+];
+
+impl Variant {
+    /// `--variant` as a name of either family (case-insensitive): the layout, and the
+    /// `model_type` the name asks of the pre-trained sides (`None` for rnd2rnd, which takes none).
+    pub fn parse_named(s: &str) -> Option<(Variant, Option<&'static str>)> {
+        let lower = s.to_ascii_lowercase();
+        if let Some(&(_, v)) = ROBERTA_VARIANTS.iter().find(|(n, _)| *n == lower) {
+            return Some((v, Some("roberta")));
+        }
+        let v = Variant::parse(s)?;
+        Some((v, (v != Variant::Rnd2Rnd).then_some("bert")))
+    }
+
+    /// Every `--variant` name, BERT's then RoBERTa's.
+    pub fn all_names() -> Vec<&'static str> {
+        Variant::NAMES.iter().copied().chain(ROBERTA_VARIANTS.iter().map(|(n, _)| *n)).collect()
+    }
+}
+
 /// `parse` and `as_str` over the names, the allowed list for errors, and serde through them.
 /// `$fold` maps the text before matching (variants are case-insensitive, as `--variant` is).
 macro_rules! names {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::config::{BertConfig, ModelConfig};
+use crate::config::{BertConfig, Family, ModelConfig};
 use crate::error::{Error, Result};
 use crate::params::ParamTable;
 
@@ -29,8 +29,10 @@ pub struct Checkpoint {
     pub params: Vec<f32>,
 }
 
-/// A pre-trained BERT, by HF BertModel names without prefix (`encoder.layer.0...`), plus
-/// `cls.predictions.transform.*` and `cls.predictions.bias` when the file has an MLM head.
+/// A pre-trained BERT (or RoBERTa), by HF BertModel names without prefix
+/// (`encoder.layer.0...`), plus its MLM head when the file has one, in the family's names
+/// (`cls.predictions.transform.*` and `cls.predictions.bias`; RoBERTa's `lm_head.dense.*`,
+/// `lm_head.layer_norm.*`, `lm_head.bias`).
 #[derive(Clone, Debug)]
 pub struct BertWeights {
     pub config: BertConfig,
@@ -58,10 +60,11 @@ pub fn bert_shapes(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
         .collect()
 }
 
-/// The name a BERT tensor has in BertModel: BertForPreTraining files prefix `bert.`, and
-/// checkpoints converted from TensorFlow call LayerNorm's parameters gamma and beta.
-fn bert_name(raw: &str) -> String {
-    let n = raw.strip_prefix("bert.").unwrap_or(raw);
+/// The name a tensor has in BertModel (RobertaModel): *ForPreTraining and *ForMaskedLM files
+/// prefix the family's `bert.` or `roberta.`, and checkpoints converted from TensorFlow call
+/// LayerNorm's parameters gamma and beta.
+fn bert_name(raw: &str, family: Family) -> String {
+    let n = raw.strip_prefix(family.stack_prefix()).unwrap_or(raw);
     if let Some(p) = n.strip_suffix("LayerNorm.gamma") {
         format!("{p}LayerNorm.weight")
     } else if let Some(p) = n.strip_suffix("LayerNorm.beta") {
@@ -76,15 +79,15 @@ fn bert_name(raw: &str) -> String {
 fn bert_wanted(config: &BertConfig) -> HashMap<String, (Vec<usize>, bool)> {
     let mut wanted: HashMap<String, (Vec<usize>, bool)> =
         bert_shapes(config).into_iter().map(|(n, s)| (n.clone(), (s, !n.starts_with("pooler.")))).collect();
-    let h = config.hidden_size;
+    let (h, head) = (config.hidden_size, config.family.head());
     for (n, s) in [
-        ("cls.predictions.transform.dense.weight", vec![h, h]),
-        ("cls.predictions.transform.dense.bias", vec![h]),
-        ("cls.predictions.transform.LayerNorm.weight", vec![h]),
-        ("cls.predictions.transform.LayerNorm.bias", vec![h]),
-        ("cls.predictions.bias", vec![config.vocab_size]),
+        (format!("{}.weight", head.dense), vec![h, h]),
+        (format!("{}.bias", head.dense), vec![h]),
+        (format!("{}.weight", head.norm), vec![h]),
+        (format!("{}.bias", head.norm), vec![h]),
+        (head.bias.to_owned(), vec![config.vocab_size]),
     ] {
-        wanted.insert(n.to_owned(), (s, false));
+        wanted.insert(n, (s, false));
     }
     wanted
 }
@@ -98,11 +101,13 @@ pub fn load_bert_dir(dir: &Path) -> Result<BertWeights> {
     let mut tensors = HashMap::new();
     let (mut unused, mut ignored) = (0usize, Vec::new());
     for Tensor { path, name: raw, view } in files.tensors()? {
-        let name = bert_name(&raw);
+        let name = bert_name(&raw, config.family);
         let Some((shape, _)) = wanted.get(&name) else {
             // position_ids buffers, the NSP head, the tied MLM decoder: not ours to load.
-            let expected_extra =
-                name.ends_with("position_ids") || name.ends_with("token_type_ids") || name.starts_with("cls.");
+            let expected_extra = name.ends_with("position_ids")
+                || name.ends_with("token_type_ids")
+                || name.starts_with("cls.")
+                || name.starts_with("lm_head.");
             unused += usize::from(!expected_extra);
             ignored.push(raw);
             continue;
@@ -111,7 +116,7 @@ pub fn load_bert_dir(dir: &Path) -> Result<BertWeights> {
         let mut data = vec![0.0; view.shape().iter().product()];
         widen(path, &raw, &view, &mut data)?;
         if tensors.insert(name.clone(), (shape.clone(), data)).is_some() {
-            let msg = format!("tensor `{name}` appears twice (with and without `bert.`)");
+            let msg = format!("tensor `{name}` appears twice (with and without `{}`)", config.family.stack_prefix());
             return Err(Error::input(&files.source, msg));
         }
     }
@@ -141,11 +146,10 @@ pub fn load_model_dir(dir: &Path) -> Result<Checkpoint> {
     let mut filled = vec![false; table.entries.len()];
 
     let mut aliases = Vec::new();
+    let tied = format!("decoder.{}", config.decoder.family.head().tied);
     for t in files.tensors()? {
         let name = t.name.as_str();
-        let ignored = name.starts_with("decoder.cls.predictions.decoder.")
-            || name.ends_with(".position_ids")
-            || name.ends_with(".token_type_ids");
+        let ignored = name.starts_with(&tied) || name.ends_with(".position_ids") || name.ends_with(".token_type_ids");
         if ignored {
             continue;
         }
@@ -201,6 +205,16 @@ pub(crate) fn check_tie(cfg: &ModelConfig, file: &Path) -> Result<()> {
             c.type_vocab_size,
         ]
     };
+    if cfg.encoder.family != cfg.decoder.family {
+        return Err(Error::input(
+            file,
+            format!(
+                "`tie_encoder_decoder` is true but the encoder is {} and the decoder {}: one stack cannot be both",
+                cfg.encoder.family.model_type(),
+                cfg.decoder.family.model_type()
+            ),
+        ));
+    }
     let (e, d) = (dims(&cfg.encoder), dims(&cfg.decoder));
     match (0..KEYS.len()).find(|&i| e[i] != d[i]) {
         Some(i) => Err(Error::input(

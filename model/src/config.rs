@@ -23,10 +23,74 @@ pub const SIZE_LIMITS: [(&str, usize); 7] = [
 /// would allow hundreds of billions.
 pub const MAX_PARAMETERS: u64 = 1 << 32;
 
-/// The BertConfig fields the model uses. `raw` keeps every other key so a saved config
-/// round-trips what the user gave us.
+/// The pre-trained families a stack may come from, read from config.json's `model_type`. Both
+/// are the same network (post-LN transformer, exact GELU, absolute positions, an MLM head of
+/// dense + GELU + LayerNorm tied to the word embeddings); they differ in names and positions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Family {
+    #[default]
+    Bert,
+    Roberta,
+}
+
+/// The MLM/LM head's tensor names in one family, below `decoder.` (and in its pre-trained files).
+#[derive(Clone, Copy, Debug)]
+pub struct HeadNames {
+    pub dense: &'static str,
+    pub norm: &'static str,
+    pub bias: &'static str,
+    /// The tied projection (`<this>weight` is the word embeddings, `<this>bias` the head bias):
+    /// never stored by us, skipped when a file has it.
+    pub tied: &'static str,
+}
+
+impl Family {
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Bert => "bert",
+            Family::Roberta => "roberta",
+        }
+    }
+    /// The decoder stack's prefix below `decoder.` in an EncoderDecoderModel (`BertLMHeadModel.bert`,
+    /// `RobertaForCausalLM.roberta`), and the prefix of the stack in *ForMaskedLM files.
+    pub fn stack_prefix(self) -> &'static str {
+        match self {
+            Family::Bert => "bert.",
+            Family::Roberta => "roberta.",
+        }
+    }
+    pub fn head(self) -> HeadNames {
+        match self {
+            Family::Bert => HeadNames {
+                dense: "cls.predictions.transform.dense",
+                norm: "cls.predictions.transform.LayerNorm",
+                bias: "cls.predictions.bias",
+                tied: "cls.predictions.decoder.",
+            },
+            Family::Roberta => HeadNames {
+                dense: "lm_head.dense",
+                norm: "lm_head.layer_norm",
+                bias: "lm_head.bias",
+                tied: "lm_head.decoder.",
+            },
+        }
+    }
+    /// transformers' class for the encoder (`decoder=false`) or the decoder with its LM head.
+    pub fn architecture(self, decoder: bool) -> &'static str {
+        match (self, decoder) {
+            (Family::Bert, false) => "BertModel",
+            (Family::Bert, true) => "BertLMHeadModel",
+            (Family::Roberta, false) => "RobertaModel",
+            (Family::Roberta, true) => "RobertaForCausalLM",
+        }
+    }
+}
+
+/// The BertConfig fields the model uses (a RobertaConfig has the same ones). `raw` keeps every
+/// other key so a saved config round-trips what the user gave us.
 #[derive(Clone, Debug)]
 pub struct BertConfig {
+    pub family: Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
@@ -45,6 +109,22 @@ pub struct BertConfig {
 impl BertConfig {
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
+    }
+
+    /// The position id of a sequence's first token. BERT counts from 0; RoBERTa from
+    /// `pad_token_id + 1`, as transformers' `create_position_ids_from_input_ids` does (our
+    /// padding is on the right only, so the positions of real tokens are offset + index; padded
+    /// rows never reach an unmasked output).
+    pub fn position_offset(&self) -> usize {
+        match self.family {
+            Family::Bert => 0,
+            Family::Roberta => usize::try_from(self.pad_token_id).map_or(0, |p| p + 1),
+        }
+    }
+
+    /// The longest sequence the position table can embed (RoBERTa's 514 rows hold 512).
+    pub fn max_positions(&self) -> usize {
+        self.max_position_embeddings.saturating_sub(self.position_offset())
     }
 
     /// Parse an HF BertConfig object; `file` only names the source in errors. Sizes are checked
@@ -73,24 +153,7 @@ impl BertConfig {
                 }),
             }
         };
-        // Another family read as BERT would load (the tensor names can even match) and be a
-        // different model: RoBERTa's positions start after padding_idx, for one.
-        if let Some(kind) = obj.get("model_type")
-            && kind.as_str() != Some("bert")
-        {
-            // Named when it looks like a model type (what the user needs to read), else only its
-            // JSON kind: config values are never echoed as they are.
-            let plain =
-                |k: &&str| k.len() <= 32 && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-            let shown = match kind.as_str().filter(plain) {
-                Some(k) => format!("`{k}`"),
-                None => crate::data::json_kind(kind).to_string(),
-            };
-            return Err(Error::input(
-                file,
-                format!("config key `model_type` is {shown}: only `bert` checkpoints are supported"),
-            ));
-        }
+        let family = family_of(obj.get("model_type"), file)?;
         if let Some(act) = obj.get("hidden_act")
             && act.as_str() != Some("gelu")
         {
@@ -108,6 +171,7 @@ impl BertConfig {
             ));
         }
         let cfg = BertConfig {
+            family,
             vocab_size: usize_key("vocab_size")?,
             hidden_size: usize_key("hidden_size")?,
             num_hidden_layers: usize_key("num_hidden_layers")?,
@@ -122,6 +186,15 @@ impl BertConfig {
             pad_token_id: obj.get("pad_token_id").and_then(Value::as_i64).unwrap_or(0) as i32,
             raw: obj.clone(),
         };
+        if cfg.family == Family::Roberta && cfg.pad_token_id < 0 {
+            return Err(Error::input(file, "config key `pad_token_id`: RoBERTa positions need a non-negative pad id"));
+        }
+        if cfg.max_positions() == 0 {
+            return Err(Error::input(
+                file,
+                "config key `max_position_embeddings` leaves no position after RoBERTa's offset (`pad_token_id` + 1)",
+            ));
+        }
         if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(Error::input(
                 file,
@@ -142,8 +215,8 @@ impl BertConfig {
     pub fn to_value(&self, decoder: bool) -> Value {
         let mut m = self.raw.clone();
         m.remove("_name_or_path");
-        m.insert("model_type".into(), json!("bert"));
-        m.insert("architectures".into(), json!([if decoder { "BertLMHeadModel" } else { "BertModel" }]));
+        m.insert("model_type".into(), json!(self.family.model_type()));
+        m.insert("architectures".into(), json!([self.family.architecture(decoder)]));
         m.insert("vocab_size".into(), json!(self.vocab_size));
         m.insert("hidden_size".into(), json!(self.hidden_size));
         m.insert("num_hidden_layers".into(), json!(self.num_hidden_layers));
@@ -161,6 +234,29 @@ impl BertConfig {
         m.insert("add_cross_attention".into(), json!(decoder));
         m.insert("tie_word_embeddings".into(), json!(true));
         Value::Object(m)
+    }
+}
+
+/// The family `model_type` names: absent is BERT (old BERT configs have no `model_type`). Another
+/// family read as BERT would load (the tensor names can even match) and be a different model,
+/// so it is refused by name when the value looks like a model type, else by its JSON kind:
+/// config values are never echoed as they are.
+fn family_of(kind: Option<&Value>, file: &Path) -> Result<Family> {
+    match kind.map(|k| (k, k.as_str())) {
+        None | Some((_, Some("bert"))) => Ok(Family::Bert),
+        Some((_, Some("roberta"))) => Ok(Family::Roberta),
+        Some((kind, s)) => {
+            let plain =
+                |k: &&str| k.len() <= 32 && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            let shown = match s.filter(plain) {
+                Some(k) => format!("`{k}`"),
+                None => crate::data::json_kind(kind).to_string(),
+            };
+            Err(Error::input(
+                file,
+                format!("config key `model_type` is {shown}: only `bert` and `roberta` checkpoints are supported"),
+            ))
+        }
     }
 }
 
@@ -236,10 +332,10 @@ impl ModelConfig {
                 d.max_position_embeddings,
                 d.type_vocab_size,
             );
-            if !same {
+            if !same || e.family != d.family {
                 return Err(Error::input(
                     file,
-                    "`tie_encoder_decoder` is true but the encoder and decoder configs differ in shape",
+                    "`tie_encoder_decoder` is true but the encoder and decoder configs differ in shape or family",
                 ));
             }
         }
@@ -275,6 +371,12 @@ impl ModelConfig {
         Self::from_value(&read_json(path)?, path)
     }
 
+    /// Where the decoder's stack sits in an EncoderDecoderModel: `decoder.bert.` or
+    /// `decoder.roberta.`.
+    pub fn decoder_prefix(&self) -> String {
+        format!("decoder.{}", self.decoder.family.stack_prefix())
+    }
+
     /// Parameters of both stacks, counted from the config without allocating (an upper bound:
     /// shared weights counted twice, cross-attention counted for the encoder too).
     pub fn parameter_estimate(&self) -> u64 {
@@ -290,10 +392,10 @@ impl ModelConfig {
         u64::try_from(one(&self.encoder) + one(&self.decoder)).unwrap_or(u64::MAX)
     }
 
-    /// The longest source and target the model can embed: `max_position_embeddings` of the
-    /// encoder and of the decoder (BERT's absolute positions start at 0, no offset).
+    /// The longest source and target the model can embed: the position tables less each
+    /// family's offset (BERT's absolute positions start at 0, RoBERTa's after its pad id).
     pub fn max_lengths(&self) -> (usize, usize) {
-        (self.encoder.max_position_embeddings, self.decoder.max_position_embeddings)
+        (self.encoder.max_positions(), self.decoder.max_positions())
     }
 }
 
@@ -369,8 +471,29 @@ mod tests {
 
     #[test]
     fn another_model_family_is_refused_by_name() {
-        let m = msg(model(|v| v["decoder"]["model_type"] = json!("roberta")));
-        assert!(m.contains("in `decoder`: config key `model_type` is `roberta`: only `bert`"), "{m}");
+        let m = msg(model(|v| v["decoder"]["model_type"] = json!("gpt2")));
+        assert!(m.contains("in `decoder`: config key `model_type` is `gpt2`: only `bert` and `roberta`"), "{m}");
+    }
+
+    #[test]
+    fn roberta_positions_start_after_the_pad_id() {
+        let cfg = model(|v| {
+            v["decoder"]["model_type"] = json!("roberta");
+            v["decoder"]["pad_token_id"] = json!(1);
+        })
+        .unwrap();
+        assert_eq!((cfg.encoder.family, cfg.decoder.family), (Family::Bert, Family::Roberta));
+        assert_eq!((cfg.encoder.position_offset(), cfg.decoder.position_offset()), (0, 2));
+        assert_eq!(cfg.max_lengths(), (64, 62));
+        let saved = cfg.to_value();
+        assert_eq!(saved["decoder"]["model_type"], "roberta");
+        assert_eq!(saved["decoder"]["architectures"][0], "RobertaForCausalLM");
+        assert_eq!(saved["encoder"]["architectures"][0], "BertModel");
+        let m = msg(model(|v| {
+            v["encoder"]["model_type"] = json!("roberta");
+            v["encoder"]["pad_token_id"] = json!(63);
+        }));
+        assert!(m.contains("leaves no position after RoBERTa's offset"), "{m}");
     }
 
     #[test]
@@ -380,7 +503,7 @@ mod tests {
             ("hidden_act", json!("SECRET"), "`hidden_act`: only \"gelu\""),
             ("position_embedding_type", json!({"k": "SECRET"}), "`position_embedding_type`: only \"absolute\""),
             ("layer_norm_eps", json!(["SECRET"]), "`layer_norm_eps` must be a finite number, found an array"),
-            ("model_type", json!("SECRET value"), "`model_type` is a string: only `bert`"),
+            ("model_type", json!("SECRET value"), "`model_type` is a string: only `bert` and `roberta`"),
         ] {
             let m = msg(model(|v| v["encoder"][key] = value));
             assert!(m.contains(want) && !m.contains("SECRET"), "{m}");

@@ -155,11 +155,27 @@ pub fn read_pairs(path: &Path, source_field: &str, target_field: &str) -> Result
 /// Token ids, one row per text.
 pub type IdRows = Vec<Vec<i32>>;
 
-/// Token ids of every source and every target, without special tokens.
+/// Token ids of every source (the encoder's vocabulary) and every target (the decoder's),
+/// without special tokens.
 pub fn tokenize_pairs(tok: &Tokenizer, pairs: &[Pair]) -> Result<(IdRows, IdRows)> {
     let src: Vec<&str> = pairs.iter().map(|p| p.source.as_str()).collect();
     let tgt: Vec<&str> = pairs.iter().map(|p| p.target.as_str()).collect();
-    Ok((tok.encode_batch(&src)?, tok.encode_batch(&tgt)?))
+    Ok((tok.encode_source_batch(&src)?, tok.encode_target_batch(&tgt)?))
+}
+
+/// The specials each side is framed with: the encoder's around sources, the decoder's on
+/// targets. They differ only when the two vocabularies do (`Tokenizer::framing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Framing {
+    pub source: Special,
+    pub target: Special,
+}
+
+/// One vocabulary frames both sides.
+impl From<Special> for Framing {
+    fn from(s: Special) -> Self {
+        Framing { source: s, target: s }
+    }
 }
 
 /// How a text's token ids (without special tokens) become model rows, transformers'
@@ -232,13 +248,20 @@ impl Batch {
     /// # Panics
     /// If `src` and `tgt` differ in length, `max_src < 2` or `max_tgt < 1` (callers validate
     /// those limits when they parse them).
-    pub fn new(src: &[Vec<i32>], tgt: &[Vec<i32>], special: Special, max_src: usize, max_tgt: usize) -> Batch {
+    pub fn new(
+        src: &[Vec<i32>],
+        tgt: &[Vec<i32>],
+        framing: impl Into<Framing>,
+        max_src: usize,
+        max_tgt: usize,
+    ) -> Batch {
+        let framing = framing.into();
         assert_eq!(src.len(), tgt.len(), "Batch::new: {} sources but {} targets", src.len(), tgt.len());
         assert!(max_src >= 2, "Batch::new: max_src {max_src} leaves no room for [CLS] and [SEP]");
         assert!(max_tgt >= 1, "Batch::new: max_tgt must be at least 1");
         let batch = src.len();
-        let sources: Vec<Vec<i32>> = src.iter().map(|s| encode_source(s, special, max_src)).collect();
-        let targets: Vec<EncodedTarget> = tgt.iter().map(|t| encode_target(t, special, max_tgt)).collect();
+        let sources: Vec<Vec<i32>> = src.iter().map(|s| encode_source(s, framing.source, max_src)).collect();
+        let targets: Vec<EncodedTarget> = tgt.iter().map(|t| encode_target(t, framing.target, max_tgt)).collect();
         let src_len = sources.iter().map(Vec::len).max().unwrap_or(0);
         let tgt_len = targets.iter().map(|t| t.labels.len()).max().unwrap_or(0);
 
@@ -246,9 +269,9 @@ impl Batch {
             batch,
             src_len,
             tgt_len,
-            src_ids: vec![special.pad; batch * src_len],
+            src_ids: vec![framing.source.pad; batch * src_len],
             src_mask: vec![0.0; batch * src_len],
-            dec_ids: vec![special.pad; batch * tgt_len],
+            dec_ids: vec![framing.target.pad; batch * tgt_len],
             labels: vec![kernels::IGNORE_INDEX; batch * tgt_len],
         };
         for (r, (s, t)) in sources.iter().zip(&targets).enumerate() {
@@ -497,8 +520,8 @@ mod tests {
         ];
         let (src, tgt) = tokenize_pairs(&tok, &pairs).unwrap();
         for (i, p) in pairs.iter().enumerate() {
-            assert_eq!(src[i], tok.encode(&p.source).unwrap());
-            assert_eq!(tgt[i], tok.encode(&p.target).unwrap());
+            assert_eq!(src[i], tok.encode_source(&p.source).unwrap());
+            assert_eq!(tgt[i], tok.encode_target_batch(&[&p.target]).unwrap()[0]);
         }
         assert_eq!((src[0].len(), tgt[1].len()), (3, 5));
     }

@@ -37,13 +37,22 @@ pub fn check_special_ids(cfg: &ModelConfig, special: Special, config_file: &Path
 
 /// Every id the tokenizer can produce has a row in both embedding tables: a larger tokenizer
 /// would index past them.
-pub fn check_tokenizer_fits(cfg: &ModelConfig, tokenizer_vocab: usize, tokenizer_file: &Path) -> Result<()> {
-    for (side, vocab) in [("encoder", cfg.encoder.vocab_size), ("decoder", cfg.decoder.vocab_size)] {
-        if tokenizer_vocab > vocab {
+pub fn check_tokenizer_fits(cfg: &ModelConfig, tok: &crate::tokenizer::Tokenizer) -> Result<()> {
+    let (source, target) = tok.vocab_sizes();
+    check_vocab_fits(cfg, (source, tok.source_origin()), (target, tok.target_origin()))
+}
+
+/// [`check_tokenizer_fits`] over the sizes: the encoder's tokenizer against the encoder's
+/// `vocab_size`, the decoder's against the decoder's, each error naming its tokenizer file.
+pub fn check_vocab_fits(cfg: &ModelConfig, source: (usize, &Path), target: (usize, &Path)) -> Result<()> {
+    for (side, vocab, (tokens, file)) in
+        [("encoder", cfg.encoder.vocab_size, source), ("decoder", cfg.decoder.vocab_size, target)]
+    {
+        if tokens > vocab {
             return Err(Error::input(
-                tokenizer_file,
+                file,
                 format!(
-                    "the tokenizer has {tokenizer_vocab} tokens but the {side}'s `vocab_size` is {vocab}: it does not fit the model"
+                    "the tokenizer has {tokens} tokens but the {side}'s `vocab_size` is {vocab}: it does not fit the model"
                 ),
             ));
         }
@@ -179,8 +188,11 @@ mod tests {
     fn a_tokenizer_larger_than_either_vocabulary_is_refused() {
         let cfg = model_config();
         let p = Path::new("tokenizer.json");
-        check_tokenizer_fits(&cfg, cfg.decoder.vocab_size, p).unwrap();
-        refused(check_tokenizer_fits(&cfg, cfg.encoder.vocab_size + 1, p), "does not fit the model");
+        let fits = |s: usize, t: usize| check_vocab_fits(&cfg, (s, p), (t, Path::new("decoder_tokenizer.json")));
+        fits(cfg.encoder.vocab_size, cfg.decoder.vocab_size).unwrap();
+        refused(fits(cfg.encoder.vocab_size + 1, 1), "does not fit the model");
+        let e = fits(1, cfg.decoder.vocab_size + 1).unwrap_err().to_string();
+        assert!(e.starts_with("decoder_tokenizer.json: ") && e.contains("decoder's `vocab_size`"), "{e}");
     }
 
     #[test]

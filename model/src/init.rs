@@ -107,15 +107,17 @@ pub fn warm_start_with_report(
     // (side: 0 encoder, 1 decoder; checkpoint tensor name) taken so far. Per side, as
     // transformers loads (and reports) the encoder and the decoder as two models.
     let mut used: std::collections::HashSet<(usize, &str)> = std::collections::HashSet::new();
+    let dec_prefix = config.decoder_prefix();
     for e in table.owned() {
         let out = &mut params[e.range()];
         let (is_encoder, rest) = if let Some(rest) = e.name.strip_prefix("encoder.") {
             (true, Some(rest))
-        } else if let Some(rest) = e.name.strip_prefix("decoder.bert.") {
+        } else if let Some(rest) = e.name.strip_prefix(dec_prefix.as_str()) {
             (false, Some(rest))
         } else {
-            // The MLM head of a BertForPreTraining file (`cls.predictions.*`), as transformers
-            // loads it into BertLMHeadModel; checkpoints without one get a random head.
+            // The MLM head of a BertForPreTraining file (`cls.predictions.*`; RobertaForMaskedLM's
+            // `lm_head.*`), as transformers loads it into BertLMHeadModel (RobertaForCausalLM);
+            // checkpoints without one get a random head.
             (false, e.name.strip_prefix("decoder."))
         };
         let side = if is_encoder { enc_w.as_ref() } else { dec_w };
@@ -158,7 +160,7 @@ fn pick<'a>(w: Option<&'a BertWeights>, name: &str) -> Option<&'a (Vec<usize>, V
 /// `_init_weights` of BertPreTrainedModel: Linear weights and embedding tables ~ N(0, range),
 /// the padding row of the word embeddings zero, biases zero, LayerNorm (1, 0).
 fn init_random(name: &str, out: &mut [f32], cfg: &BertConfig, seed: u64) {
-    if name.ends_with("LayerNorm.weight") {
+    if name.ends_with("LayerNorm.weight") || name.ends_with("layer_norm.weight") {
         out.fill(1.0);
     } else if name.ends_with(".bias") {
         out.fill(0.0);
@@ -168,8 +170,12 @@ fn init_random(name: &str, out: &mut [f32], cfg: &BertConfig, seed: u64) {
         let stream = kernels::rng::derive(seed, fnv1a(name));
         let std = cfg.initializer_range;
         out.par_iter_mut().enumerate().for_each(|(i, x)| *x = kernels::rng::normal(stream, i as u64) * std);
-        if name.ends_with("embeddings.word_embeddings.weight") {
-            // nn.Embedding(padding_idx=config.pad_token_id): the BERT config's, as in transformers.
+        // nn.Embedding(padding_idx=config.pad_token_id): the BERT config's, as in transformers;
+        // RoBERTa's position table has the same padding row.
+        let padded = name.ends_with("embeddings.word_embeddings.weight")
+            || (cfg.family == crate::config::Family::Roberta
+                && name.ends_with("embeddings.position_embeddings.weight"));
+        if padded {
             let h = cfg.hidden_size;
             if let Ok(pad) = usize::try_from(cfg.pad_token_id)
                 && let Some(row) = out.get_mut(pad * h..(pad + 1) * h)
@@ -414,3 +420,7 @@ mod tests {
         assert!(err.is_bad_input() && err.to_string().contains("`hidden_size` 6 differs"), "{err}");
     }
 }
+
+#[cfg(test)]
+#[path = "init_roberta_tests.rs"]
+mod roberta_tests;

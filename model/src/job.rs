@@ -11,7 +11,7 @@ pub use jobspec::{Device, Metric, Precision, limits};
 /// Checks of a job that read the model.
 pub trait JobModelExt {
     /// The lengths of `data` and `eval` against the model's position tables
-    /// (`max_position_embeddings` of its config.json files; BERT positions have no offset), so
+    /// (`max_position_embeddings` of its config.json files less RoBERTa's offset), so
     /// a job that would die at its first long example fails when it is checked instead. Reads
     /// only the config files (bounded), each validated whole; errors name the job key and the
     /// config file.
@@ -24,11 +24,11 @@ impl JobModelExt for JobSpec {
         let (enc_max, dec_max) = match &self.model {
             ModelSpec::Init(_) => ModelConfig::from_file(&enc_file)?.max_lengths(),
             ModelSpec::Inline { decoder, .. } => {
-                let enc = BertConfig::from_file(&enc_file)?.max_position_embeddings;
+                let enc = BertConfig::from_file(&enc_file)?.max_positions();
                 // A random decoder takes the encoder's config (`init::warm_start`).
                 let dec = match decoder {
                     None => enc,
-                    Some(_) => BertConfig::from_file(&dec_file)?.max_position_embeddings,
+                    Some(_) => BertConfig::from_file(&dec_file)?.max_positions(),
                 };
                 (enc, dec)
             }

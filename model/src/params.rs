@@ -5,10 +5,14 @@
 //! Layout choices that the model code relies on:
 //! - a Linear's `weight` is immediately followed by its `bias`, and a LayerNorm's `weight` by
 //!   its `bias`;
-//! - under bertShare, `decoder.bert.X` is an alias of `encoder.X`: both names point at the same
-//!   storage, so their gradients sum without extra work;
-//! - the LM head's projection (`decoder.cls.predictions.decoder.weight`) is never stored: it is
-//!   the decoder's word embeddings, as in HF.
+//! - under bertShare, `decoder.bert.X` (`decoder.roberta.X`) is an alias of `encoder.X`: both
+//!   names point at the same storage, so their gradients sum without extra work;
+//! - the LM head's projection (`decoder.cls.predictions.decoder.weight`, RoBERTa's
+//!   `decoder.lm_head.decoder.weight`) is never stored: it is the decoder's word embeddings, as
+//!   in HF.
+//!
+//! Names follow the decoder's family (`ModelConfig::decoder_prefix`, `Family::head`); the
+//! encoder is `encoder.` in both.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -82,7 +86,11 @@ pub struct LayerView {
 #[derive(Clone, Debug)]
 pub struct EmbeddingsView {
     pub word: Range<usize>,
+    /// The whole position table (what the optimizer and gradient zeroing see).
     pub position: Range<usize>,
+    /// The rows that positions 0, 1, ... read: the table from the family's offset on (all of it
+    /// for BERT; from `pad_token_id + 1` for RoBERTa), so position ids stay `0..T` everywhere.
+    pub position_rows: Range<usize>,
     pub token_type: Range<usize>,
     pub norm: NormView,
 }
@@ -173,13 +181,14 @@ fn bert_stack(b: &mut Builder, prefix: &str, c: &BertConfig, cross: bool, pooler
 impl ParamTable {
     pub fn new(cfg: &ModelConfig) -> Self {
         let mut b = Builder { entries: Vec::new(), index: HashMap::new(), offset: 0 };
+        let dec_prefix = cfg.decoder_prefix();
         bert_stack(&mut b, "encoder.", &cfg.encoder, false, true);
         if cfg.tie_encoder_decoder {
             // Decoder BERT = encoder BERT, except the cross-attention, which the encoder lacks.
             let mut dec = Builder { entries: Vec::new(), index: HashMap::new(), offset: b.offset };
-            bert_stack(&mut dec, "decoder.bert.", &cfg.decoder, true, false);
+            bert_stack(&mut dec, &dec_prefix, &cfg.decoder, true, false);
             for e in dec.entries {
-                let shared = e.name.replacen("decoder.bert.", "encoder.", 1);
+                let shared = e.name.replacen(&dec_prefix, "encoder.", 1);
                 if e.name.contains(".crossattention.") {
                     b.push(e.name, e.shape, e.no_decay, e.frozen);
                 } else {
@@ -187,12 +196,13 @@ impl ParamTable {
                 }
             }
         } else {
-            bert_stack(&mut b, "decoder.bert.", &cfg.decoder, true, false);
+            bert_stack(&mut b, &dec_prefix, &cfg.decoder, true, false);
         }
         let h = cfg.decoder.hidden_size;
-        b.linear("decoder.cls.predictions.transform.dense", h, h);
-        b.norm("decoder.cls.predictions.transform.LayerNorm", h);
-        b.push("decoder.cls.predictions.bias".into(), vec![cfg.decoder.vocab_size], true, false);
+        let head = cfg.decoder.family.head();
+        b.linear(&format!("decoder.{}", head.dense), h, h);
+        b.norm(&format!("decoder.{}", head.norm), h);
+        b.push(format!("decoder.{}", head.bias), vec![cfg.decoder.vocab_size], true, false);
         ParamTable { entries: b.entries, index: b.index, storage_len: b.offset }
     }
 
@@ -228,15 +238,18 @@ impl ParamTable {
         }
     }
 
-    fn stack(&self, prefix: &str, layers: usize, cross: bool) -> StackView {
+    fn stack(&self, prefix: &str, cfg: &BertConfig, cross: bool) -> StackView {
+        let position = self.range(&format!("{prefix}embeddings.position_embeddings.weight"));
+        let first_row = (position.start + cfg.position_offset() * cfg.hidden_size).min(position.end);
         StackView {
             embeddings: EmbeddingsView {
                 word: self.range(&format!("{prefix}embeddings.word_embeddings.weight")),
-                position: self.range(&format!("{prefix}embeddings.position_embeddings.weight")),
+                position_rows: first_row..position.end,
+                position,
                 token_type: self.range(&format!("{prefix}embeddings.token_type_embeddings.weight")),
                 norm: self.norm(&format!("{prefix}embeddings.LayerNorm")),
             },
-            layers: (0..layers)
+            layers: (0..cfg.num_hidden_layers)
                 .map(|l| {
                     let lp = format!("{prefix}encoder.layer.{l}");
                     LayerView {
@@ -252,13 +265,14 @@ impl ParamTable {
     }
 
     pub fn view(&self, cfg: &ModelConfig) -> ModelView {
+        let head = cfg.decoder.family.head();
         ModelView {
-            encoder: self.stack("encoder.", cfg.encoder.num_hidden_layers, false),
-            decoder: self.stack("decoder.bert.", cfg.decoder.num_hidden_layers, true),
+            encoder: self.stack("encoder.", &cfg.encoder, false),
+            decoder: self.stack(&cfg.decoder_prefix(), &cfg.decoder, true),
             lm_head: LmHeadView {
-                transform: self.linear("decoder.cls.predictions.transform.dense"),
-                norm: self.norm("decoder.cls.predictions.transform.LayerNorm"),
-                bias: self.range("decoder.cls.predictions.bias"),
+                transform: self.linear(&format!("decoder.{}", head.dense)),
+                norm: self.norm(&format!("decoder.{}", head.norm)),
+                bias: self.range(&format!("decoder.{}", head.bias)),
             },
         }
     }

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::{self, Batch, IdRows, Pair, Special, read_pairs, tokenize_pairs};
+use crate::data::{self, Batch, Framing, IdRows, Pair, read_pairs, tokenize_pairs};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -122,7 +122,13 @@ impl Dataset {
     }
 
     /// The padded batch of the examples at `indices` (see `Batch::new`).
-    pub fn batch(&self, indices: &[usize], special: Special, max_src: usize, max_tgt: usize) -> Result<Batch> {
+    pub fn batch(
+        &self,
+        indices: &[usize],
+        framing: impl Into<Framing>,
+        max_src: usize,
+        max_tgt: usize,
+    ) -> Result<Batch> {
         if max_src < 2 || max_tgt < 1 {
             return Err(Error::Other(format!("batch limits {max_src}/{max_tgt} leave no room for [CLS]/[SEP]")));
         }
@@ -131,7 +137,7 @@ impl Dataset {
         }
         let src: Vec<Vec<i32>> = indices.iter().map(|&i| self.src[i].clone()).collect();
         let tgt: Vec<Vec<i32>> = indices.iter().map(|&i| self.tgt[i].clone()).collect();
-        Ok(Batch::new(&src, &tgt, special, max_src, max_tgt))
+        Ok(Batch::new(&src, &tgt, framing, max_src, max_tgt))
     }
 }
 

@@ -1,3 +1,4 @@
+use crate::data::Special;
 use std::collections::{BTreeSet, HashMap};
 
 use super::*;

@@ -47,6 +47,61 @@ pub fn tokenizer_json() -> Value {
     })
 }
 
+/// The byte-level alphabet of GPT-2/RoBERTa tokenizers: every byte as one printable char
+/// (printable Latin-1 bytes as themselves, the rest shifted past 255 in byte order).
+fn byte_level_alphabet() -> Vec<char> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut shifted = 0;
+    (0..256u32)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).expect("Latin-1")
+            } else {
+                shifted += 1;
+                char::from_u32(255 + shifted).expect("below the surrogates")
+            }
+        })
+        .collect()
+}
+
+/// A tiny RoBERTa tokenizer.json (byte-level BPE): <s> 0, <pad> 1, </s> 2, <unk> 3, the 256
+/// byte symbols, and a few merges so that `the` and ` the` are single tokens. Cased, as
+/// RoBERTa's is. `ROBERTA_VOCAB` tokens in all.
+pub fn roberta_tokenizer_json() -> Value {
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<s>", "<pad>", "</s>", "<unk>"].iter().enumerate() {
+        vocab.insert(t.to_string(), json!(i));
+    }
+    for c in byte_level_alphabet() {
+        let n = vocab.len();
+        vocab.insert(c.to_string(), json!(n));
+    }
+    for t in ["th", "the", "\u{120}the"] {
+        let n = vocab.len();
+        vocab.insert(t.to_string(), json!(n));
+    }
+    let added: Vec<Value> = ["<s>", "<pad>", "</s>", "<unk>"]
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            json!({"id": i, "content": w, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": {"type": "RobertaProcessing", "sep": ["</s>", 2], "cls": ["<s>", 0], "trim_offsets": true, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": ["t h", "th e", "\u{120} the"]}
+    })
+}
+
+/// Tokens in [`roberta_tokenizer_json`].
+pub const ROBERTA_VOCAB: usize = 4 + 256 + 3;
+
 /// The sizes of a tiny BERT config for tests. Tests pick their own (odd sizes catch layout
 /// bugs that round ones hide), so only the JSON around them is shared.
 #[derive(Clone, Copy, Debug)]
@@ -106,6 +161,53 @@ pub fn write_bert_dir(dir: &Path, seed: u64, break_tensor: Option<&str>) {
             }
             let n: usize = shape.iter().product();
             let vals = (0..n as u64).map(|i| 0.2 * kernels::rng::normal(seed ^ k as u64, i)).collect();
+            (name, shape, vals)
+        })
+        .collect();
+    let refs: Vec<(String, Vec<usize>, &[f32])> =
+        tensors.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice())).collect();
+    write_tensors(&dir.join("model.safetensors"), &refs).expect("write weights");
+}
+
+/// The config.json of [`write_roberta_dir`]: the tiny BERT's sizes as a RoBERTa (positions
+/// after pad + 1, one token type, the byte-level vocabulary).
+pub fn roberta_config() -> Value {
+    with_keys(
+        bert_config(),
+        json!({
+            "architectures": ["RobertaForMaskedLM"], "model_type": "roberta", "vocab_size": ROBERTA_VOCAB,
+            "max_position_embeddings": 66, "type_vocab_size": 1, "pad_token_id": 1, "bos_token_id": 0,
+            "eos_token_id": 2, "layer_norm_eps": 1e-5
+        }),
+    )
+}
+
+/// Write a tiny random RoBERTa directory as RobertaForMaskedLM saves it: the stack under
+/// `roberta.`, no pooler, the MLM head as `lm_head.*`, and [`roberta_tokenizer_json`].
+pub fn write_roberta_dir(dir: &Path, seed: u64) {
+    std::fs::create_dir_all(dir).expect("create test dir");
+    let cfg_v = roberta_config();
+    std::fs::write(dir.join("config.json"), cfg_v.to_string()).expect("write config");
+    std::fs::write(dir.join("tokenizer.json"), roberta_tokenizer_json().to_string()).expect("write tokenizer");
+    let cfg = BertConfig::from_value(&cfg_v, dir).expect("valid test config");
+    let h = cfg.hidden_size;
+    let head = [
+        ("lm_head.dense.weight".to_string(), vec![h, h]),
+        ("lm_head.dense.bias".to_string(), vec![h]),
+        ("lm_head.layer_norm.weight".to_string(), vec![h]),
+        ("lm_head.layer_norm.bias".to_string(), vec![h]),
+        ("lm_head.bias".to_string(), vec![cfg.vocab_size]),
+    ];
+    let stack = bert_shapes(&cfg)
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with("pooler."))
+        .map(|(n, s)| (format!("roberta.{n}"), s));
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = stack
+        .chain(head)
+        .enumerate()
+        .map(|(k, (name, shape))| {
+            let n: usize = shape.iter().product();
+            let vals = (0..n as u64).map(|i| 0.2 * kernels::rng::normal(seed ^ (k as u64 + 1000), i)).collect();
             (name, shape, vals)
         })
         .collect();

@@ -95,3 +95,19 @@ fn matches_transformers_bert2bert() {
 fn matches_transformers_bertshare() {
     check("tiny_bertshare");
 }
+
+#[test]
+fn matches_transformers_roberta2roberta() {
+    check("tiny_roberta2roberta");
+}
+
+#[test]
+fn matches_transformers_robertashare() {
+    check("tiny_robertashare");
+}
+
+/// A BERT encoder and a RoBERTa decoder: two families, two vocabularies (97 and 89 tokens).
+#[test]
+fn matches_transformers_bert2roberta() {
+    check("tiny_bert2roberta");
+}

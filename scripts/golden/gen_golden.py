@@ -7,7 +7,13 @@ NOT run in CI. The outputs are committed under model/tests/fixtures/<name>/:
 Re-run (needs torch, transformers 5.x, safetensors):
     python3 scripts/golden/gen_golden.py [--out model/tests/fixtures]
 
-Tiny config: vocab 97, hidden 20, 4 heads (head_dim 5, not a power of two), 2 encoder + 2 decoder layers,
+Fixtures: tiny_bert2bert, tiny_bertshare, tiny_roberta2roberta, tiny_robertashare, tiny_bert2roberta (a BERT encoder
+and a RoBERTa decoder with two vocabularies); `--only a,b` writes just those (seeds stay per fixture).
+RoBERTa sides: vocab 89, pad 1, <s> 0 (= decoder start), </s> 2 (= eos), type_vocab_size 1, LayerNorm eps 1e-5,
+max positions 42 (positions start at pad + 1 = 2, as create_position_ids_from_input_ids counts), module names
+decoder.roberta.* and decoder.lm_head.{dense,layer_norm,bias}.
+
+BERT config: vocab 97, hidden 20, 4 heads (head_dim 5, not a power of two), 2 encoder + 2 decoder layers,
 intermediate 37, max positions 40, gelu, LayerNorm eps 1e-12. Token ids: pad 0, cls 2 (= decoder start), sep 3 (= eos).
 Every parameter is perturbed with random values so nothing is trivially 0 or 1.
 
@@ -57,57 +63,85 @@ import warnings
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel
-
-PAD, CLS, SEP = 0, 2, 3
-VOCAB = 97
-LM_ALIASES = {
-    "decoder.cls.predictions.decoder.weight": "decoder.bert.embeddings.word_embeddings.weight",
-    "decoder.cls.predictions.decoder.bias": "decoder.cls.predictions.bias",
-}
+from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel, RobertaConfig
 
 
-def bert_config(decoder: bool) -> BertConfig:
-    return BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=20,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        intermediate_size=37,
-        max_position_embeddings=40,
-        type_vocab_size=2,
-        hidden_act="gelu",
-        layer_norm_eps=1e-12,
-        pad_token_id=PAD,
-        is_decoder=decoder,
-        add_cross_attention=decoder,
-    )
+class Family:
+    """What differs between BERT and RoBERTa for these fixtures: special ids (the roles of [CLS]/[SEP]/[PAD] are
+    RoBERTa's <s>/</s>/<pad>), the vocabulary, the decoder stack's and LM head's module names, and the position
+    table (RoBERTa's positions start at pad + 1, so it has pad + 1 more rows for the same 40 usable positions)."""
+
+    def __init__(self, name, pad, cls, sep, vocab, stack, head, tied, eps, type_vocab):
+        self.name, self.pad, self.cls, self.sep, self.vocab = name, pad, cls, sep, vocab
+        self.stack, self.head, self.tied, self.eps, self.type_vocab = stack, head, tied, eps, type_vocab
+
+    def config(self, decoder: bool):
+        make = BertConfig if self.name == "bert" else RobertaConfig
+        extra = {} if self.name == "bert" else {"bos_token_id": self.cls, "eos_token_id": self.sep}
+        return make(
+            vocab_size=self.vocab,
+            hidden_size=20,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            intermediate_size=37,
+            max_position_embeddings=40 + (0 if self.name == "bert" else self.pad + 1),
+            type_vocab_size=self.type_vocab,
+            hidden_act="gelu",
+            layer_norm_eps=self.eps,
+            pad_token_id=self.pad,
+            is_decoder=decoder,
+            add_cross_attention=decoder,
+            **extra,
+        )
+
+    def aliases(self):
+        """The decoder's tied LM-head names (not stored), each with the tensor it aliases."""
+        return {
+            f"decoder.{self.tied}.weight": f"decoder.{self.stack}.embeddings.word_embeddings.weight",
+            f"decoder.{self.tied}.bias": f"decoder.{self.head}.bias",
+        }
 
 
-def build_config(share: bool) -> EncoderDecoderConfig:
-    cfg = EncoderDecoderConfig.from_encoder_decoder_configs(bert_config(False), bert_config(True))
+BERT = Family("bert", pad=0, cls=2, sep=3, vocab=97, stack="bert", head="cls.predictions",
+              tied="cls.predictions.decoder", eps=1e-12, type_vocab=2)
+# A different vocabulary size than BERT's, so bert2roberta has two vocabularies.
+ROBERTA = Family("roberta", pad=1, cls=0, sep=2, vocab=89, stack="roberta", head="lm_head", tied="lm_head.decoder",
+                 eps=1e-5, type_vocab=1)
+
+
+def build_config(enc: Family, dec: Family, share: bool) -> EncoderDecoderConfig:
+    cfg = EncoderDecoderConfig.from_encoder_decoder_configs(enc.config(False), dec.config(True))
     cfg.tie_encoder_decoder = share
-    cfg.decoder_start_token_id = CLS
-    cfg.pad_token_id = PAD
-    cfg.eos_token_id = SEP
+    cfg.decoder_start_token_id = dec.cls
+    cfg.pad_token_id = dec.pad
+    cfg.eos_token_id = dec.sep
     return cfg
 
 
-def tie_shared(model: EncoderDecoderModel) -> list:
-    """bertShare: make every decoder.bert.X parameter the same Parameter object as encoder.X.
+def decoder_stack(model: EncoderDecoderModel, dec: Family):
+    return getattr(model.decoder, dec.stack)
+
+
+def lm_projection(model: EncoderDecoderModel, dec: Family):
+    return model.decoder.cls.predictions.decoder if dec.name == "bert" else model.decoder.lm_head.decoder
+
+
+def tie_shared(model: EncoderDecoderModel, dec: Family) -> list:
+    """bertShare/robertaShare: make every decoder.<stack>.X parameter the same Parameter object as encoder.X.
 
     Cross-attention has no encoder counterpart and stays decoder-only. The LM-head projection, tied by transformers
     to the decoder word embeddings, is re-pointed to the (now shared) word embeddings. Returns the tied names."""
     enc = dict(model.encoder.named_parameters())
     tied = []
-    for mod_name, mod in model.decoder.bert.named_modules():
+    stack = decoder_stack(model, dec)
+    for mod_name, mod in stack.named_modules():
         for pname, _ in list(mod.named_parameters(recurse=False)):
             suffix = f"{mod_name}.{pname}" if mod_name else pname
             if suffix in enc:
                 setattr(mod, pname, enc[suffix])
-                tied.append("decoder.bert." + suffix)
-    model.decoder.cls.predictions.decoder.weight = model.decoder.bert.embeddings.word_embeddings.weight
-    assert model.decoder.cls.predictions.decoder.weight is model.encoder.embeddings.word_embeddings.weight
+                tied.append(f"decoder.{dec.stack}." + suffix)
+    lm_projection(model, dec).weight = stack.embeddings.word_embeddings.weight
+    assert lm_projection(model, dec).weight is model.encoder.embeddings.word_embeddings.weight
     return tied
 
 
@@ -129,7 +163,7 @@ def report_ties(model, title):
 def perturb(model, gen):
     # named_parameters() yields each shared Parameter once, so tied tensors are perturbed once.
     for name, p in model.named_parameters():
-        if "LayerNorm.weight" in name:
+        if "LayerNorm.weight" in name or "layer_norm.weight" in name:
             p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
         elif p.dim() == 1:  # biases and LayerNorm biases
             p.copy_(0.1 * torch.randn(p.shape, generator=gen))
@@ -137,42 +171,43 @@ def perturb(model, gen):
             p.copy_(0.3 * torch.randn(p.shape, generator=gen))
 
 
-def make_batch(gen, src_lens, tgt_lens):
+def make_batch(gen, src_lens, tgt_lens, enc: Family, dec_f: Family):
+    """Sources framed with the encoder's specials and vocabulary, targets with the decoder's."""
     B = len(src_lens)
     S = max(src_lens) + 2
     T = max(tgt_lens) + 1
-    src = torch.full((B, S), PAD, dtype=torch.long)
+    src = torch.full((B, S), enc.pad, dtype=torch.long)
     mask = torch.zeros((B, S), dtype=torch.float32)
-    dec = torch.full((B, T), PAD, dtype=torch.long)
+    dec = torch.full((B, T), dec_f.pad, dtype=torch.long)
     lab = torch.full((B, T), -100, dtype=torch.long)
     for b in range(B):
-        s = torch.randint(5, VOCAB, (src_lens[b],), generator=gen)
-        t = torch.randint(5, VOCAB, (tgt_lens[b],), generator=gen)
-        row = torch.cat([torch.tensor([CLS]), s, torch.tensor([SEP])])
+        s = torch.randint(5, enc.vocab, (src_lens[b],), generator=gen)
+        t = torch.randint(5, dec_f.vocab, (tgt_lens[b],), generator=gen)
+        row = torch.cat([torch.tensor([enc.cls]), s, torch.tensor([enc.sep])])
         src[b, : len(row)] = row
         mask[b, : len(row)] = 1.0
-        dec[b, : 1 + len(t)] = torch.cat([torch.tensor([CLS]), t])
-        lab[b, : len(t) + 1] = torch.cat([t, torch.tensor([SEP])])
+        dec[b, : 1 + len(t)] = torch.cat([torch.tensor([dec_f.cls]), t])
+        lab[b, : len(t) + 1] = torch.cat([t, torch.tensor([dec_f.sep])])
     return src, mask, dec, lab
 
 
-def generate(name, share, out_root, seed):
+def generate(name, enc, dec_f, share, out_root, seed):
     out = os.path.join(out_root, name)
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
 
-    model = EncoderDecoderModel(config=build_config(share))
+    model = EncoderDecoderModel(config=build_config(enc, dec_f, share))
     if share:
-        tie_shared(model)
+        tie_shared(model, dec_f)
     perturb(model, gen)
     report_ties(model, name)
 
     # Save. transformers 5.x refuses to save encoder/decoder shared tensors, so for bertshare copy the (tied) values
     # into an untied model first: the file then holds every decoder.bert.* key with the encoder's values.
     if share:
-        plain = EncoderDecoderModel(config=build_config(True))
+        plain = EncoderDecoderModel(config=build_config(enc, dec_f, True))
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
         plain.load_state_dict(sd, strict=True)
         plain.save_pretrained(out, safe_serialization=True)
@@ -186,8 +221,8 @@ def generate(name, share, out_root, seed):
 
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
         stored = sorted(f.keys())
-    print(f"[{name}] model.safetensors: {len(stored)} tensors; decoder.bert.* stored: "
-          f"{sum(k.startswith('decoder.bert.') for k in stored)}; not stored: "
+    print(f"[{name}] model.safetensors: {len(stored)} tensors; decoder.{dec_f.stack}.* stored: "
+          f"{sum(k.startswith(f'decoder.{dec_f.stack}.') for k in stored)}; not stored: "
           f"{sorted(set(model.state_dict()) - set(stored))}")
 
     # Reload exactly what was written (checks the round trip), then go to float64.
@@ -198,8 +233,8 @@ def generate(name, share, out_root, seed):
     ref = ref.double()
     ref.eval()  # dropout off
     if share:
-        tie_shared(ref)  # after .double(): the conversion must not be what breaks the sharing
-    assert ref.decoder.cls.predictions.decoder.weight is ref.decoder.bert.embeddings.word_embeddings.weight
+        tie_shared(ref, dec_f)  # after .double(): the conversion must not be what breaks the sharing
+    assert lm_projection(ref, dec_f).weight is decoder_stack(ref, dec_f).embeddings.word_embeddings.weight
     for p in ref.parameters():
         p.requires_grad_(True)
     with torch.no_grad():  # f64 weights equal the stored f32 values exactly
@@ -207,7 +242,7 @@ def generate(name, share, out_root, seed):
             if v.is_floating_point():
                 assert torch.equal(v, v.float().double()), k
 
-    src, mask, dec, lab = make_batch(gen, [7, 4, 6], [5, 2, 4])
+    src, mask, dec, lab = make_batch(gen, [7, 4, 6], [5, 2, 4], enc, dec_f)
     # transformers derives decoder_input_ids from labels by shift_tokens_right; the explicit ones must agree on
     # every labelled position (they differ only after the end, where labels are -100 and causality hides it).
     shifted = ref.prepare_decoder_input_ids_from_labels(labels=lab)
@@ -243,7 +278,7 @@ def generate(name, share, out_root, seed):
     params = dict(ref.named_parameters(remove_duplicate=False))
     n_zero_pool = 0
     for k in ref.state_dict():
-        if k in LM_ALIASES or k not in params:
+        if k in dec_f.aliases() or k not in params:
             continue  # tied alias (not stored) or buffer
         g = params[k].grad
         if g is None:
@@ -258,10 +293,12 @@ def generate(name, share, out_root, seed):
         "generator": "scripts/golden/gen_golden.py",
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
-        "variant": "bertshare" if share else "bert2bert",
+        "variant": name.removeprefix("tiny_"),
         "seed": str(seed),
-        "ids": {"pad": PAD, "cls": CLS, "sep": SEP},
-        "shared_grads": "decoder.bert.* shared with encoder.*: grad is the sum of both uses, written under both names"
+        "ids": {"encoder": {"pad": enc.pad, "cls": enc.cls, "sep": enc.sep},
+                "decoder": {"pad": dec_f.pad, "cls": dec_f.cls, "sep": dec_f.sep}},
+        "shared_grads": f"decoder.{dec_f.stack}.* shared with encoder.*: grad is the sum of both uses, "
+        "written under both names"
         if share
         else "none",
     }
@@ -292,11 +329,22 @@ def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--out", default=os.path.join(here, "..", "..", "model", "tests", "fixtures"))
     ap.add_argument("--seed", type=int, default=20240611)
+    ap.add_argument("--only", help="comma-separated fixture names (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     total = 0
-    for i, (name, share) in enumerate([("tiny_bert2bert", False), ("tiny_bertshare", True)]):
-        total += generate(name, share, os.path.normpath(args.out), args.seed + i)
+    fixtures = [
+        ("tiny_bert2bert", BERT, BERT, False),
+        ("tiny_bertshare", BERT, BERT, True),
+        ("tiny_roberta2roberta", ROBERTA, ROBERTA, False),
+        ("tiny_robertashare", ROBERTA, ROBERTA, True),
+        # Two families and two vocabularies: a BERT encoder (97 tokens) and a RoBERTa decoder (89).
+        ("tiny_bert2roberta", BERT, ROBERTA, False),
+    ]
+    only = set(args.only.split(",")) if args.only else None
+    for i, (name, enc, dec_f, share) in enumerate(fixtures):
+        if only is None or name in only:
+            total += generate(name, enc, dec_f, share, os.path.normpath(args.out), args.seed + i)
     print(f"total fixture bytes: {total}")
 
 

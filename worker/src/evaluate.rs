@@ -136,10 +136,10 @@ pub fn evaluate<B: Backend>(
     tgt: &[Vec<i32>],
     opts: &EvalOptions,
 ) -> Result<EvalResult> {
-    let special = tok.special();
+    let framing = tok.framing();
     let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
     for (s, t) in src.chunks(opts.batch_size.max(1)).zip(tgt.chunks(opts.batch_size.max(1))) {
-        let batch = Batch::new(s, t, special, opts.max_source_len, opts.max_target_len);
+        let batch = Batch::new(s, t, framing, opts.max_source_len, opts.max_target_len);
         let x = Inputs::from_batch(b, &batch)?;
         let l = net.pass(b, &x, PassOptions { train: false, seed: 0, label_smoothing: 0.0, grad_scale: None })?;
         loss_sum += l.sum();
@@ -163,7 +163,7 @@ pub fn evaluate<B: Backend>(
     for start in (0..n).step_by(opts.batch_size.max(1)) {
         let end = (start + opts.batch_size.max(1)).min(n);
         let rows: Vec<Vec<i32>> =
-            src[start..end].iter().map(|s| encode_source(s, special, opts.max_source_len)).collect();
+            src[start..end].iter().map(|s| encode_source(s, framing.source, opts.max_source_len)).collect();
         for (i, g) in net.generate(b, &rows, &gen_opts)?.into_iter().enumerate() {
             hyps.push(case(&detokenize(tok, &g.tokens)?));
             refs.push(case(&pairs[start + i].target));

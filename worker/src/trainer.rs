@@ -96,11 +96,11 @@ pub struct Trainer<'a, B: Backend, C: Collective<B>> {
 fn load_model(job: &JobSpec) -> Result<(Checkpoint, Tokenizer)> {
     match &job.model {
         ModelSpec::Init(dir) => {
-            let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+            let tok = Tokenizer::from_model_dir(dir)?;
             Ok((checkpoint::load_model_dir(dir)?, tok))
         }
         ModelSpec::Inline { encoder, decoder, variant } => {
-            let tok = Tokenizer::from_file(&encoder.join("tokenizer.json"))?;
+            let tok = Tokenizer::from_checkpoints(encoder, decoder.as_deref())?;
             let ck = model::init::warm_start(encoder, decoder.as_deref(), *variant, tok.special(), job.training.seed)?;
             Ok((ck, tok))
         }
@@ -137,7 +137,7 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
             ModelSpec::Inline { encoder, .. } => encoder.clone(),
         };
         model::guards::check_special_ids(&ck.config, tok.special(), &model_dir.join("config.json"))?;
-        model::guards::check_tokenizer_fits(&ck.config, tok.vocab_size(), &model_dir.join("tokenizer.json"))?;
+        model::guards::check_tokenizer_fits(&ck.config, &tok)?;
         let net = Bert2Bert::new(b, ck.config.clone(), ck.table.clone(), &ck.params)?;
         let opt = Optimizer::new(b, &ck.table, job.adamw())?;
         let schedule = job.schedule();
@@ -261,7 +261,7 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
         let grad_scale = world as f32 / label_tokens as f32;
         self.net.zero_grads(b)?;
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
-        let special = self.tok.special();
+        let (special, framing) = (self.tok.special(), self.tok.framing());
         let micros = shard(&global, job.micro_batch(), rank, world);
         let n = self.net.table.storage_len;
         let bucket_len = (self.grad_bucket_mb.max(0.0) * 1e6 / 4.0) as usize;
@@ -301,7 +301,7 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
             };
             let passes = (|| -> Result<()> {
                 for (j, micro) in micros.iter().enumerate() {
-                    let batch = train.batch(micro, special, d.max_source_len, d.max_target_len)?;
+                    let batch = train.batch(micro, framing, d.max_source_len, d.max_target_len)?;
                     if step == 0 {
                         // Before step 1: the batches are framed as the model expects.
                         model::guards::check_batch(&batch, special, &d.train)?;

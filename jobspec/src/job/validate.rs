@@ -129,8 +129,8 @@ impl JobSpec {
     }
 
     /// The lengths of `data` and `eval` against the model's position tables: `encoder` and
-    /// `decoder` are each a config file and its `max_position_embeddings` (BERT positions have
-    /// no offset), so a job that would die at its first long example fails when it is checked
+    /// `decoder` are each a config file and the positions it can embed (`max_position_embeddings`,
+    /// less `pad_token_id + 1` for RoBERTa, whose positions start there), so a job that would die at its first long example fails when it is checked
     /// instead. The caller reads the config files (`model::job::JobModelExt`, or the
     /// coordinator's lighter reader); errors name the job key and the config file.
     pub fn check_positions(&self, encoder: (&Path, usize), decoder: (&Path, usize)) -> Result<()> {

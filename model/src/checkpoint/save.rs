@@ -19,10 +19,10 @@ use std::path::{Path, PathBuf};
 
 use super::{Checkpoint, write_safetensors};
 use crate::error::{Error, Result};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{DECODER_TOKENIZER_FILE, Tokenizer};
 
 /// The files a model save writes.
-pub const MODEL_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
+pub const MODEL_FILES: [&str; 4] = ["config.json", "model.safetensors", "tokenizer.json", DECODER_TOKENIZER_FILE];
 
 /// Written first into every temp directory (and kept in checkpoints), holding the writer's
 /// identity: a partial directory is only ever removed when this file says it is ours.
@@ -190,7 +190,8 @@ fn build_aside(
     result
 }
 
-/// config.json, model.safetensors and tokenizer.json, each at `path(name)`.
+/// config.json, model.safetensors and tokenizer.json (and the decoder's tokenizer when it has
+/// its own vocabulary), each at `path(name)`.
 fn write_model_files(
     ck: &Checkpoint,
     tokenizer: Option<&Tokenizer>,
@@ -206,6 +207,10 @@ fn write_model_files(
     if let Some(tok) = tokenizer {
         write_synced(&path("tokenizer.json"), tok.to_json_string()?.as_bytes())?;
         written.push("tokenizer.json");
+        if let Some(decoder) = tok.decoder_json_string()? {
+            write_synced(&path(DECODER_TOKENIZER_FILE), decoder.as_bytes())?;
+            written.push(DECODER_TOKENIZER_FILE);
+        }
     }
     // The config last: the rename order below follows this list, so a crash part way leaves the
     // old config, which then disagrees with the new weights loudly (shapes) or not at all.
@@ -216,6 +221,16 @@ fn write_model_files(
 
 /// Our files into an existing directory, each through `.NAME.tmp.<writer>` + fsync + rename.
 fn write_in_place(dir: &Path, ck: &Checkpoint, tokenizer: Option<&Tokenizer>) -> Result<()> {
+    // A decoder tokenizer left by an earlier model of two vocabularies would be loaded with this
+    // one-vocabulary model; it may not be ours to delete, so refuse and name it.
+    let stale = dir.join(DECODER_TOKENIZER_FILE);
+    if tokenizer.is_some_and(|t| !t.two_vocabularies()) && std::fs::symlink_metadata(&stale).is_ok() {
+        return Err(Error::input(
+            &stale,
+            "is the decoder tokenizer of another model, and this model has one vocabulary; \
+             move it away or write to another directory",
+        ));
+    }
     let suffix = writer_suffix();
     let tmp = |name: &str| dir.join(format!(".{name}.tmp.{suffix}"));
     let result = write_model_files(ck, tokenizer, &tmp).and_then(|written| {

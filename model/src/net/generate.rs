@@ -228,7 +228,7 @@ impl<B: Backend> Bert2Bert<B> {
         }
         let s = sources.iter().map(Vec::len).max().unwrap_or(1).max(1);
         let tmax = opts.max_len + 1;
-        if s > ec.max_position_embeddings || tmax > dc.max_position_embeddings {
+        if s > ec.max_positions() || tmax > dc.max_positions() {
             return Err(Error::Other(format!(
                 "source length {s} or max_len {} exceeds the position table",
                 opts.max_len

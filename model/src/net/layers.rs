@@ -490,7 +490,8 @@ impl<B: Backend> FfnActs<B> {
     }
 }
 
-/// Embeddings: `dropout(LN(word[ids] + position[t] + token_type[0]))`.
+/// Embeddings: `dropout(LN(word[ids] + position[offset + t] + token_type[0]))` (offset: see
+/// `EmbeddingsView::position_rows`).
 pub(crate) struct EmbActs<B: Backend> {
     pub norm: NormActs<B>,
 }
@@ -526,7 +527,13 @@ impl<B: Backend> EmbActs<B> {
         eps: f32,
     ) -> KResult<()> {
         b.embedding_forward(&ids.tokens, p.master(b, ev.word.clone()), c, w(b, &mut self.norm.input), false)?;
-        b.embedding_forward(&ids.positions, p.master(b, ev.position.clone()), c, w(b, &mut self.norm.input), true)?;
+        b.embedding_forward(
+            &ids.positions,
+            p.master(b, ev.position_rows.clone()),
+            c,
+            w(b, &mut self.norm.input),
+            true,
+        )?;
         b.embedding_forward(&ids.types, p.master(b, ev.token_type.clone()), c, w(b, &mut self.norm.input), true)?;
         self.norm.forward(b, p, &ev.norm, eps)?;
         if dropout.0 > 0.0 {
@@ -556,7 +563,7 @@ impl<B: Backend> EmbActs<B> {
         self.norm.backward(b, p, g, &ev.norm, r(b, d_out), b.view_mut(d_sum, 0..n), false)?;
         let ds = b.view(d_sum, 0..n);
         b.embedding_backward(&ids.tokens, ds, c, b.view_mut(g, ev.word.clone()))?;
-        b.embedding_backward(&ids.positions, ds, c, b.view_mut(g, ev.position.clone()))?;
+        b.embedding_backward(&ids.positions, ds, c, b.view_mut(g, ev.position_rows.clone()))?;
         b.embedding_backward(&ids.types, ds, c, b.view_mut(g, ev.token_type.clone()))
     }
 }

@@ -388,11 +388,9 @@ impl<B: Backend> Bert2Bert<B> {
     /// Encoder, decoder, and the LM head up to its LN output on the label rows.
     fn forward(&self, b: &B, x: &Inputs<B>, opts: PassOptions, ws: &mut Workspace<B>, clock: &mut Clock) -> Result<()> {
         let (ec, dc) = (&self.config.encoder, &self.config.decoder);
-        for (name, len, max) in
-            [("source", x.src_len, ec.max_position_embeddings), ("target", x.tgt_len, dc.max_position_embeddings)]
-        {
+        for (name, len, max) in [("source", x.src_len, ec.max_positions()), ("target", x.tgt_len, dc.max_positions())] {
             if len > max {
-                return Err(Error::Other(format!("{name} length {len} exceeds max_position_embeddings {max}")));
+                return Err(Error::Other(format!("{name} length {len} exceeds the {max} positions of the model")));
             }
         }
         let (esp, dsp) = self.stack_passes(x.batch, &opts);
