@@ -64,7 +64,7 @@ pub fn run(a: Args) -> CliResult {
     tracing::info!(
         "wrote {} ({}, {} tensors, {:.1}M parameters)",
         a.out.display(),
-        variant.as_str(),
+        a.variant.to_ascii_lowercase(),
         ck.table.entries.len(),
         ck.table.storage_len as f64 / 1e6
     );
