@@ -44,6 +44,10 @@ fn deploy_k8s_passes() {
         [
             "Deployment/bert2bert-coordinator",
             "Namespace/bert2bert",
+            "NetworkPolicy/bert2bert-client",
+            "NetworkPolicy/bert2bert-coordinator",
+            "NetworkPolicy/bert2bert-default-deny",
+            "NetworkPolicy/bert2bert-worker",
             "PersistentVolumeClaim/bert2bert-coordinator-state",
             "PersistentVolumeClaim/bert2bert-shared",
             "Pod/bert2bert-toolbox",
@@ -239,6 +243,60 @@ fn each_kind_of_mistake_is_caught() {
             assert_caught(&input, expected, &what);
         }
     }
+}
+
+/// Network policies: each slip that would cut a path under the default deny is caught.
+#[test]
+fn each_network_policy_mistake_is_caught() {
+    let cases: &[(&str, &str, &str)] = &[
+        // No default deny: pods no policy selects would be open.
+        (
+            "  policyTypes: [Ingress, Egress]\n---\n# The coordinator",
+            "  policyTypes: [Ingress]\n---\n# The coordinator",
+            "no default deny",
+        ),
+        // A client pod without the label can no longer reach the coordinator.
+        (
+            "    bert2bert.io/client: \"true\"\nspec:",
+            "    bert2bert.io/kind: client\nspec:",
+            "selected by no NetworkPolicy with rules",
+        ),
+        // The coordinator's gRPC port closed to everyone.
+        (
+            "        - protocol: TCP\n          port: 7070\n    # Prometheus",
+            "        - protocol: TCP\n          port: 7071\n    # Prometheus",
+            "port Int(7071) is served by no container",
+        ),
+        // A typo in a peer selector.
+        (
+            "              app.kubernetes.io/component: worker\n        # A pod",
+            "              app.kubernetes.io/component: workers\n        # A pod",
+            "podSelector selects no pod",
+        ),
+    ];
+    for (from, to, expected) in cases {
+        let file =
+            if from.contains("bert2bert.io/client: \"true\"\nspec:") { "tools/toolbox.yaml" } else { "network.yaml" };
+        assert_caught(&mutated(file, from, to), expected, &format!("{file}: `{from}` -> `{to}`"));
+    }
+    // Workers that may not reach each other lose the ring (and NCCL).
+    let input = mutated(
+        "network.yaml",
+        "  ingress:\n    - from:\n        - podSelector:\n            matchLabels:\n              app.kubernetes.io/name: bert2bert\n              app.kubernetes.io/component: worker\n  egress:",
+        "  ingress: []\n  egress:",
+    );
+    assert_caught(&input, "dials its peers' ring, but no NetworkPolicy lets it into", "no worker ingress");
+    // Workers' egress to the coordinator removed.
+    let input = mutated(
+        "network.yaml",
+        "  egress:\n    - to:\n        - podSelector:\n            matchLabels:\n              app.kubernetes.io/name: bert2bert\n              app.kubernetes.io/component: coordinator\n      ports:\n        - protocol: TCP\n          port: 7070\n    - to:\n        - podSelector:\n            matchLabels:\n              app.kubernetes.io/name: bert2bert\n              app.kubernetes.io/component: worker\n",
+        "  egress:\n    - to:\n        - podSelector:\n            matchLabels:\n              app.kubernetes.io/name: bert2bert\n              app.kubernetes.io/component: worker\n",
+    );
+    assert_caught(
+        &input,
+        "dials http://bert2bert-coordinator:7070, but no NetworkPolicy lets its egress reach",
+        "no egress",
+    );
 }
 
 /// Keys whose mapping is free-form (any key is valid), so renaming a key there is no mistake.
