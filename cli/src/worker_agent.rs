@@ -57,6 +57,11 @@ pub struct Args {
     /// seconds of starting. Default: keep trying.
     #[arg(long, value_name = "S")]
     connect_timeout: Option<f64>,
+    /// Serve plain-HTTP probes on HOST:PORT: GET /healthz is 200 while the agent's loop runs
+    /// (503 once it has been silent for twice --collective-timeout, at least 60 s), GET /readyz
+    /// is 200 while the worker is registered with the coordinator. Default: no server.
+    #[arg(long, value_name = "HOST:PORT")]
+    health_listen: Option<String>,
     #[command(flatten)]
     policy: crate::serve::PolicyArgs,
 }
@@ -73,6 +78,7 @@ pub fn run(a: Args) -> CliResult {
         None => None,
     };
     let policy = a.policy.policy()?;
+    let health_listener = a.health_listen.as_deref().map(bind_health).transpose()?;
     let token = match crate::serve::read_token(a.token_file.as_ref(), "BERT2BERT_WORKER_TOKEN")? {
         Some(t) => Some(t),
         None if a.token_file.is_none() => crate::serve::read_token(None, "BERT2BERT_TOKEN")?,
@@ -97,9 +103,19 @@ pub fn run(a: Args) -> CliResult {
         collective_timeout: Duration::from_secs_f64(a.collective_timeout),
         connect_timeout,
         policy,
+        health_listener,
         shutdown,
     };
     Ok(agent::run(config)?)
+}
+
+/// Binds `--health-listen` before anything else starts, so that a bad address fails at once.
+fn bind_health(addr: &str) -> CliResult<std::net::TcpListener> {
+    use std::net::ToSocketAddrs;
+    let parsed = addr.to_socket_addrs().ok().and_then(|mut it| it.next());
+    let addr = parsed.ok_or_else(|| CliError::usage(format!("--health-listen {addr}: not a HOST:PORT address")))?;
+    std::net::TcpListener::bind(addr)
+        .map_err(|e| CliError::failure(format!("--health-listen {addr}: cannot listen: {e}")))
 }
 
 /// SIGTERM and SIGINT: the first sets `shutdown` (the agent finishes its step, reports and

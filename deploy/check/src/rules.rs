@@ -175,6 +175,7 @@ fn workloads<'a>(objects: &'a [Object], r: &mut Report) -> Vec<Workload<'a>> {
         };
         match &o.kind {
             Kind::Deployment(d) => check_deployment(o, d, spec, r),
+            Kind::StatefulSet(_) => check_probes_present(o, spec, r),
             _ => {}
         }
         out.push(Workload { at: &o.at, kind, replicas, labels, spec });

@@ -231,6 +231,18 @@ fn each_kind_of_mistake_is_caught() {
         ("jobs/kjv-cuda.yaml", "dir: /shared/runs/kjv/ckpt", "dir: runs/kjv/ckpt", "checkpoint.dir: a relative path"),
         ("jobs/kjv-cuda.yaml", "device: cuda", "device: cpu", "training.precision"),
         ("jobs/kjv-cuda.yaml", "  steps: 400", "  stepz: 400", "not a valid job file"),
+        (
+            "workers.yaml",
+            "              port: health\n            periodSeconds: 10",
+            "              port: healthz\n            periodSeconds: 10",
+            "readinessProbe probes port healthz",
+        ),
+        (
+            "workers.yaml",
+            "          livenessProbe:\n            httpGet:\n              path: /healthz\n",
+            "          startupProbe:\n            httpGet:\n              path: /healthz\n",
+            "(StatefulSet/bert2bert-worker): container `worker` has no livenessProbe",
+        ),
     ];
     for (file, from, to, expected) in cases {
         let input = mutated(file, from, to);
