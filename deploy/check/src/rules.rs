@@ -579,6 +579,11 @@ fn check_images(k: &Kustomization, workloads: &[Workload], r: &mut Report) {
                 _ => name,
             };
             used.insert(name);
+            // Even where kustomize replaces it: a file applied by hand (tools/) must not fall
+            // back to a tag.
+            if !image.split_once('@').is_some_and(|(_, d)| is_sha256_digest(d)) {
+                r.at(w.at, format!("image `{image}` is not pinned by digest (NAME@sha256:...)"));
+            }
             if !listed.contains(name) {
                 r.at(
                     w.at,
@@ -590,6 +595,26 @@ fn check_images(k: &Kustomization, workloads: &[Workload], r: &mut Report) {
     for name in listed.difference(&used) {
         r.at("kustomization.yaml", format!("images: `{name}` is used by no container"));
     }
+    // A tag can be moved to other bytes; a digest cannot. kustomize writes NAME@DIGEST when
+    // `digest` is set, whatever the tag.
+    for i in &k.images {
+        match i.digest.as_deref() {
+            None => {
+                r.at("kustomization.yaml", format!("images: `{}` has no digest: pin it (digest: sha256:...)", i.name))
+            }
+            Some(d) if !is_sha256_digest(d) => r.at(
+                "kustomization.yaml",
+                format!("images: `{}` digest `{d}` is not sha256: followed by 64 lowercase hex digits", i.name),
+            ),
+            Some(_) => {}
+        }
+    }
+}
+
+/// `sha256:` and 64 lowercase hex digits, the only digest form registries hand out today.
+pub fn is_sha256_digest(d: &str) -> bool {
+    d.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
 fn check_services(objects: &[Object], workloads: &[Workload], r: &mut Report) {

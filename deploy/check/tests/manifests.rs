@@ -243,6 +243,12 @@ fn each_kind_of_mistake_is_caught() {
             "          startupProbe:\n            httpGet:\n              path: /healthz\n",
             "(StatefulSet/bert2bert-worker): container `worker` has no livenessProbe",
         ),
+        (
+            "coordinator.yaml",
+            "image: bert2bert@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+            "image: bert2bert:0.1.0",
+            "is not pinned by digest",
+        ),
     ];
     for (file, from, to, expected) in cases {
         let input = mutated(file, from, to);
@@ -254,6 +260,22 @@ fn each_kind_of_mistake_is_caught() {
         } else {
             assert_caught(&input, expected, &what);
         }
+    }
+}
+
+/// The image is pinned in kustomization.yaml `images:` by a well-formed sha256 digest.
+#[test]
+fn an_image_without_a_digest_is_caught() {
+    let digest = "    digest: sha256:0000000000000000000000000000000000000000000000000000000000000000\n";
+    for (to, expected) in [
+        ("", "has no digest"),
+        ("    digest: sha256:00\n", "is not sha256: followed by 64"),
+        ("    digest: md5:0000000000000000000000000000000000000000000000000000000000000000\n", "is not sha256:"),
+    ] {
+        let mut input = real();
+        assert_eq!(input.kustomization.matches(digest).count(), 1, "the digest line moved");
+        input.kustomization = input.kustomization.replace(digest, to);
+        assert_caught(&input, expected, &format!("digest -> `{to}`"));
     }
 }
 
