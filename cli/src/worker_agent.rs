@@ -35,7 +35,9 @@ pub struct Args {
     token_file: Option<PathBuf>,
     #[command(flatten)]
     tls: crate::tls::TlsArgs,
-    /// `cpu`, or `cuda[:N]` for jobs with `device: cuda` (NCCL between the ranks).
+    /// `cpu`, or `cuda[:N]` for jobs with `device: cuda` (NCCL between the ranks). A bare `cuda`
+    /// takes N from SLURM_LOCALID, else LOCAL_RANK (one worker per GPU under srun or torchrun),
+    /// else 0; it is 0 when CUDA_VISIBLE_DEVICES lists a single GPU.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Where the CPU ring listens for the left neighbour; port 0 picks a free port.
@@ -68,7 +70,8 @@ pub struct Args {
 
 /// Checks the flags, reads the token, installs the signal handlers and runs the agent.
 pub fn run(a: Args) -> CliResult {
-    let device: agent::LocalDevice = a.device.parse().map_err(CliError::usage)?;
+    let launcher = agent::device::LauncherEnv::from_process();
+    let device = agent::device::resolve(&a.device, &launcher).map_err(CliError::usage)?;
     if !(a.collective_timeout > 0.0 && a.collective_timeout.is_finite()) {
         return Err(CliError::usage("--collective-timeout must be a positive number of seconds"));
     }
