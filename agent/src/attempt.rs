@@ -180,7 +180,7 @@ pub(crate) fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Co
     (backend, collective, spec, timeout): (&B, &C, JobSpec, Duration),
     (halt, abort): (&Arc<AtomicBool>, &dyn Fn()),
 ) -> Result {
-    let shutdown = take(current, |c| c.shutdown.clone());
+    let (shutdown, health) = take(current, |c| (c.shutdown.clone(), c.health.clone()));
     // Checkpoints name the coordinator's job id: another job sharing checkpoint.dir is refused.
     let owner = worker::state::JobOwner { name: spec.name.clone(), id: Some(asg.job_id.clone()) };
     let (mut trainer, resumed) = Trainer::new_owned(backend, collective, spec, owner)?;
@@ -225,6 +225,7 @@ pub(crate) fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Co
         .and_then(|made| made.map_err(|e| tracing::warn!("logging.dir: no TensorBoard events: {e}")).ok());
     let mut on_event = recording(curves.as_mut(), |e| match e {
         Event::Step(s) => {
+            health.beat();
             if shutdown.load(Ordering::SeqCst) {
                 halt.store(true, Ordering::SeqCst);
             }
@@ -248,8 +249,14 @@ pub(crate) fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Co
                 abort();
             }
         }
-        Event::Checkpoint { step, dir } => commit_checkpoint(rt, client, asg, me, *step, dir),
-        Event::Eval { step, result } => report_eval(rt, client, asg, &base, last_progress, *step, result),
+        Event::Checkpoint { step, dir } => {
+            health.beat();
+            commit_checkpoint(rt, client, asg, me, *step, dir)
+        }
+        Event::Eval { step, result } => {
+            health.beat();
+            report_eval(rt, client, asg, &base, last_progress, *step, result)
+        }
         Event::Resumed { .. } => {}
     });
     let ran = trainer.run(None, 0, &mut on_event);

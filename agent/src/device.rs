@@ -72,6 +72,55 @@ impl std::str::FromStr for LocalDevice {
     }
 }
 
+/// The launcher's environment that a bare `--device cuda` takes its index from.
+#[derive(Clone, Debug, Default)]
+pub struct LauncherEnv {
+    /// `SLURM_LOCALID`: the task's index on its node under `srun`.
+    pub slurm_localid: Option<String>,
+    /// `LOCAL_RANK`: the same under torchrun-style launchers.
+    pub local_rank: Option<String>,
+    /// `CUDA_VISIBLE_DEVICES`: a launcher that binds one GPU per task leaves exactly one here.
+    pub cuda_visible_devices: Option<String>,
+}
+
+impl LauncherEnv {
+    /// Reads the three variables from the process environment (unset or not UTF-8: `None`).
+    pub fn from_process() -> LauncherEnv {
+        let var = |name: &str| std::env::var(name).ok();
+        LauncherEnv {
+            slurm_localid: var("SLURM_LOCALID"),
+            local_rank: var("LOCAL_RANK"),
+            cuda_visible_devices: var("CUDA_VISIBLE_DEVICES"),
+        }
+    }
+}
+
+/// The device `--device` names. An explicit index (`cuda:N`) is kept. A bare `cuda` or
+/// `cuda-emu` is one of several tasks on a node, each meant to take its own GPU: the index is
+/// `SLURM_LOCALID`, else `LOCAL_RANK`, else 0. A real GPU is 0 when `CUDA_VISIBLE_DEVICES`
+/// lists a single device: the launcher already bound the task to it, and it is the only one
+/// the task can see. A variable that is set but not a number is an error naming it.
+pub fn resolve(flag: &str, env: &LauncherEnv) -> Result<LocalDevice, String> {
+    let device: LocalDevice = flag.parse()?;
+    let LocalDevice::Cuda(gpu) = device else { return Ok(device) };
+    if flag.contains(':') {
+        return Ok(device);
+    }
+    let from_var = |name: &str, value: &str| {
+        value.trim().parse::<usize>().map_err(|_| {
+            format!("{name}={value:?}: not a device index (a whole number); it picks the GPU of --device {flag}")
+        })
+    };
+    let index = match (env.slurm_localid.as_deref(), env.local_rank.as_deref()) {
+        (Some(v), _) => from_var("SLURM_LOCALID", v)?,
+        (None, Some(v)) => from_var("LOCAL_RANK", v)?,
+        (None, None) => 0,
+    };
+    let bound = env.cuda_visible_devices.as_deref().is_some_and(|v| !v.trim().is_empty() && !v.contains(','));
+    let ordinal = if bound && !gpu.emulated { 0 } else { index };
+    Ok(LocalDevice::Cuda(Gpu { ordinal, ..gpu }))
+}
+
 /// Open CUDA device `gpu`. A machine without a driver (or without that device) is a usage
 /// error, exit 2, with the backend's words ("no CUDA driver found; use --device cpu"); any
 /// other failure to start (NVRTC, cuBLAS, out of memory) is exit 1. The virtual GPU is
@@ -120,5 +169,47 @@ mod tests {
         assert_eq!(gpu(2, true).kind(), jobspec::Device::Cuda);
         assert_eq!(LocalDevice::Cpu.kind(), jobspec::Device::Cpu);
         assert_eq!(Gpu { ordinal: 2, emulated: true }.to_string(), "cuda-emu:2");
+    }
+
+    fn env(slurm: Option<&str>, local: Option<&str>, visible: Option<&str>) -> LauncherEnv {
+        let own = |v: Option<&str>| v.map(str::to_owned);
+        LauncherEnv { slurm_localid: own(slurm), local_rank: own(local), cuda_visible_devices: own(visible) }
+    }
+
+    #[test]
+    fn a_bare_cuda_takes_its_index_from_the_launcher() {
+        let gpu = |ordinal, emulated| Ok(LocalDevice::Cuda(Gpu { ordinal, emulated }));
+        assert_eq!(resolve("cuda", &env(None, None, None)), gpu(0, false));
+        assert_eq!(resolve("cuda", &env(Some("3"), None, None)), gpu(3, false));
+        assert_eq!(resolve("cuda", &env(None, Some("2"), None)), gpu(2, false));
+        // SLURM_LOCALID wins over LOCAL_RANK; whitespace is tolerated.
+        assert_eq!(resolve("cuda", &env(Some(" 1\n"), Some("5"), None)), gpu(1, false));
+        assert_eq!(resolve("cuda-emu", &env(Some("1"), None, Some("7"))), gpu(1, true));
+        // An explicit index is kept, whatever the launcher says (even a bad value).
+        assert_eq!(resolve("cuda:4", &env(Some("1"), Some("x"), None)), gpu(4, false));
+        assert_eq!(resolve("cuda:0", &env(Some("zz"), None, None)), gpu(0, false));
+        assert_eq!(resolve("cpu", &env(Some("zz"), None, None)), Ok(LocalDevice::Cpu));
+    }
+
+    #[test]
+    fn a_task_bound_to_one_visible_gpu_uses_index_0() {
+        let gpu = |ordinal| Ok(LocalDevice::Cuda(Gpu::real(ordinal)));
+        assert_eq!(resolve("cuda", &env(Some("3"), None, Some("GPU-5f2a"))), gpu(0));
+        assert_eq!(resolve("cuda", &env(Some("3"), None, Some("0,1,2,3"))), gpu(3));
+        assert_eq!(resolve("cuda", &env(Some("3"), None, Some(""))), gpu(3));
+    }
+
+    #[test]
+    fn a_bad_launcher_variable_is_named() {
+        for (e, name) in [
+            (env(Some("one"), None, None), "SLURM_LOCALID"),
+            (env(Some("-1"), Some("0"), None), "SLURM_LOCALID"),
+            (env(None, Some(""), None), "LOCAL_RANK"),
+            (env(None, Some("1.5"), Some("0")), "LOCAL_RANK"),
+        ] {
+            let err = resolve("cuda", &e).unwrap_err();
+            assert!(err.starts_with(name), "{err}");
+        }
+        assert!(resolve("cuda:x", &env(None, None, None)).unwrap_err().contains("`cuda:x`"));
     }
 }

@@ -23,6 +23,7 @@ mod attempt;
 pub mod client;
 pub mod device;
 mod error;
+pub mod health;
 mod nccl;
 mod report;
 mod retry;
@@ -31,6 +32,7 @@ mod session;
 pub use client::TlsFiles;
 pub use device::LocalDevice;
 pub use error::{Error, Result};
+pub use health::Health;
 
 /// Everything the agent needs, already read and checked by the caller.
 pub struct Config {
@@ -53,6 +55,9 @@ pub struct Config {
     pub connect_timeout: Option<Duration>,
     /// Where assignments may point (`--allow-*`).
     pub policy: model::policy::PathPolicy,
+    /// `--health-listen`, already bound: serves `/healthz` and `/readyz` ([`health`]) while the
+    /// agent runs.
+    pub health_listener: Option<TcpListener>,
     /// Set it to leave: the current step finishes (rank 0 then checkpoints), the attempt is
     /// reported failed as a worker shutdown, the worker deregisters and [`run`] returns `Ok`.
     pub shutdown: Arc<AtomicBool>,
@@ -71,6 +76,7 @@ impl Config {
             collective_timeout: Duration::from_secs(60),
             connect_timeout: None,
             policy: model::policy::PathPolicy::default(),
+            health_listener: None,
             shutdown: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -101,6 +107,8 @@ pub(crate) struct Current {
     reregister: bool,
     /// [`Config::shutdown`]: finish the step, checkpoint (rank 0), report, leave.
     shutdown: Arc<AtomicBool>,
+    /// What `--health-listen` answers; beaten by this thread, never by the heartbeat task.
+    health: Arc<Health>,
 }
 
 pub(crate) fn take<T>(current: &Mutex<Current>, f: impl FnOnce(&mut Current) -> T) -> T {
@@ -111,7 +119,7 @@ pub(crate) fn take<T>(current: &Mutex<Current>, f: impl FnOnce(&mut Current) -> 
 /// Runs the agent until `config.shutdown` is set (then `Ok`), or until it cannot go on: a
 /// device that cannot be opened, a bad setting, a coordinator that refuses this worker or cannot
 /// be reached within `connect_timeout`.
-pub fn run(config: Config) -> Result {
+pub fn run(mut config: Config) -> Result {
     // A machine without a driver is told so (usage) before the worker registers.
     let cuda = nccl::open(config.device)?;
     let listen: SocketAddr = config
@@ -125,13 +133,36 @@ pub fn run(config: Config) -> Result {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let shutdown = config.shutdown.clone();
     let policy = Arc::new(config.policy.clone());
-    let current = Arc::new(Mutex::new(Current { cuda, policy, shutdown: shutdown.clone(), ..Current::default() }));
+    let health = Arc::new(Health::new(Health::stale_limit(config.collective_timeout)));
+    let (stop_health, stopped) = tokio::sync::watch::channel(false);
+    let server = config.health_listener.take().map(|l| rt.spawn(health::serve(l, health.clone(), stopped)));
+    let current = Current { cuda, policy, shutdown: shutdown.clone(), health: health.clone(), ..Current::default() };
+    let current = Arc::new(Mutex::new(current));
+    let ran = serve_coordinator(&rt, &config, &listener, ring_address, &current);
+    // Not ready once the loop is over, whatever ended it; then the port closes.
+    health.set_registered(false);
+    let _ = stop_health.send(true);
+    if let Some(server) = server {
+        let _ = rt.block_on(server);
+    }
+    ran
+}
+
+/// Connects, registers, heartbeats and polls for assignments until the shutdown flag is set.
+fn serve_coordinator(
+    rt: &tokio::runtime::Runtime,
+    config: &Config,
+    listener: &TcpListener,
+    ring_address: SocketAddr,
+    current: &Arc<Mutex<Current>>,
+) -> Result {
     let deadline = config.connect_timeout.map(|t| Instant::now() + t);
-    let channel = connect(&rt, &config.coordinator, &config.tls, deadline)?;
+    let health = take(current, |c| c.health.clone());
+    let channel = connect(rt, &config.coordinator, &config.tls, deadline, &health)?;
     let client: Client = WorkerServiceClient::with_interceptor(channel, client::bearer(config.token.clone())?);
-    let interval = session::register(&rt, &client, ring_address, &current, deadline)?;
+    let interval = session::register(rt, &client, ring_address, current, deadline)?;
     let heartbeats = rt.spawn(session::heartbeats(client.clone(), current.clone(), interval));
-    let ran = poll(&rt, &client, &listener, ring_address, &current, config.collective_timeout);
+    let ran = poll(rt, &client, listener, ring_address, current, config.collective_timeout);
     heartbeats.abort();
     ran
 }
@@ -145,11 +176,13 @@ fn poll(
     current: &Arc<Mutex<Current>>,
     timeout: Duration,
 ) -> Result {
-    let shutdown = take(current, |c| c.shutdown.clone());
+    let (shutdown, health) = take(current, |c| (c.shutdown.clone(), c.health.clone()));
     let mut backoff = retry::Backoff::default();
     loop {
+        health.beat();
         if shutdown.load(Ordering::SeqCst) {
             tracing::info!("shutting down");
+            health.set_registered(false);
             session::deregister(rt, client, &take(current, |c| c.me.clone()));
             return Ok(());
         }
@@ -172,7 +205,7 @@ fn poll(
             // no longer takes our token: registering again either recovers or fails for good.
             Err(s) if s.code() == Code::Unauthenticated => {
                 tracing::warn!("GetAssignment: {}; registering again", s.message());
-                take(current, |c| c.reregister = true);
+                session::must_reregister(current);
                 continue;
             }
             Err(s) if s.code() == Code::PermissionDenied => return Err(client::status_error(s)),
@@ -190,9 +223,16 @@ fn poll(
 
 /// A channel to the coordinator, retried with backoff until `deadline` (`None`: for ever).
 /// A bad URL or TLS setting is a usage error at once.
-fn connect(rt: &tokio::runtime::Runtime, url: &str, tls: &TlsFiles, deadline: Option<Instant>) -> Result<Channel> {
+fn connect(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    tls: &TlsFiles,
+    deadline: Option<Instant>,
+    health: &Health,
+) -> Result<Channel> {
     let mut backoff = retry::Backoff::default();
     loop {
+        health.beat();
         match rt.block_on(client::channel(url, tls)) {
             Ok(ch) => return Ok(ch),
             Err(e) if e.is_usage() => return Err(e),

@@ -40,7 +40,9 @@ pub(crate) fn register(
         version: env!("CARGO_PKG_VERSION").into(),
     };
     let mut backoff = retry::Backoff::default();
+    let health = take(current, |c| c.health.clone());
     let r = loop {
+        health.beat();
         match rt.block_on(client.clone().register(req.clone())) {
             Ok(r) => break r.into_inner(),
             Err(s) if !retryable(s.code()) => return Err(status_error(s)),
@@ -55,7 +57,16 @@ pub(crate) fn register(
     };
     tracing::info!(worker = %r.worker_id, ring = %ring_address, "registered");
     take(current, |c| c.me = Me { id: r.worker_id, secret: r.worker_secret });
+    health.set_registered(true);
     Ok(Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 60_000)))
+}
+
+/// The coordinator forgot this worker: register again at the next poll, and not ready until then.
+pub(crate) fn must_reregister(current: &Mutex<Current>) {
+    take(current, |c| {
+        c.reregister = true;
+        c.health.set_registered(false);
+    });
 }
 
 /// Whether a failed call may succeed when tried again (the coordinator is down or restarting),
@@ -89,11 +100,11 @@ pub(crate) async fn heartbeats(mut client: Client, current: Arc<Mutex<Current>>,
                     r.abort();
                 }
             }),
-            Ok(v1::WorkerCommand::Reregister) => take(&current, |c| c.reregister = true),
+            Ok(v1::WorkerCommand::Reregister) => must_reregister(&current),
             // A coordinator on a new state directory no longer knows our secret.
             Err(s) if s.code() == Code::Unauthenticated && s.message().starts_with("worker_secret") => {
                 tracing::warn!("heartbeat: {}; registering again", s.message());
-                take(&current, |c| c.reregister = true);
+                must_reregister(&current);
             }
             Ok(_) => {}
             Err(s) => tracing::warn!("heartbeat: {}", s.message()),

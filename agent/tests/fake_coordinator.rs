@@ -39,6 +39,8 @@ struct Fake {
     ring_address: Mutex<String>,
     /// Attempts the fake answers STOP for (in heartbeats and progress responses).
     stop: Mutex<HashSet<u32>>,
+    /// While set, Register does not answer (the worker is not registered yet).
+    hold_register: std::sync::atomic::AtomicBool,
 }
 
 impl Fake {
@@ -64,6 +66,9 @@ impl WorkerService for Served {
         req: Request<v1::RegisterWorkerRequest>,
     ) -> Result<Response<v1::RegisterWorkerResponse>, Status> {
         let req = req.into_inner();
+        while self.0.hold_register.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         *self.0.ring_address.lock().unwrap() = req.ring_address.clone();
         self.0.recorded.lock().unwrap().registered.push(req);
         Ok(Response::new(v1::RegisterWorkerResponse {
@@ -227,7 +232,15 @@ fn wait_for(fake: &Fake, what: &str, done: impl Fn(&Recorded) -> bool) {
 
 /// Starts the agent on a thread against `server`.
 fn start_agent(server: &Server) -> (Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<agent::Result>) {
+    start_agent_with(server, None)
+}
+
+fn start_agent_with(
+    server: &Server,
+    health: Option<std::net::TcpListener>,
+) -> (Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<agent::Result>) {
     let mut config = agent::Config::new(format!("http://{}", server.addr));
+    config.health_listener = health;
     config.token = Some("worker-token".into());
     config.collective_timeout = Duration::from_secs(20);
     config.connect_timeout = Some(Duration::from_secs(30));
@@ -322,4 +335,81 @@ fn a_stop_ends_the_attempt_and_shutdown_ends_the_next_one_and_deregisters() {
     assert_eq!(r.deregistered[0].worker_secret, SECRET);
     drop(r);
     drop(server);
+}
+
+/// One `GET path` on a new connection: (status, body), or `None` when nothing listens there.
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{answer}"));
+    Some((status, answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned()))
+}
+
+/// Polls `GET path` until it answers `status`; panics naming it after a minute.
+fn wait_status(addr: SocketAddr, path: &str, status: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = http_get(addr, path);
+        match got {
+            Some((s, body)) if s == status => return body,
+            _ => assert!(Instant::now() < deadline, "{path}: waited for {status}, last got {got:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn health_is_live_at_once_ready_once_registered_and_gone_after_shutdown() {
+    let fake = Arc::new(Fake::default());
+    fake.hold_register.store(true, Ordering::SeqCst);
+    let server = Server::start(fake.clone());
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = probe.local_addr().unwrap();
+    let (shutdown, agent) = start_agent_with(&server, Some(probe));
+
+    // Register is held: live, not ready.
+    assert_eq!(wait_status(addr, "/healthz", 200), "ok\n");
+    let body = wait_status(addr, "/readyz", 503);
+    assert!(body.contains("not registered"), "{body}");
+    assert!(fake.recorded.lock().unwrap().registered.is_empty());
+    assert_eq!(http_get(addr, "/metrics").map(|(s, _)| s), Some(404));
+
+    fake.hold_register.store(false, Ordering::SeqCst);
+    assert_eq!(wait_status(addr, "/readyz", 200), "ready\n");
+    assert_eq!(fake.recorded.lock().unwrap().registered.len(), 1);
+
+    shutdown.store(true, Ordering::SeqCst);
+    let ran = agent.join().unwrap();
+    assert!(ran.is_ok(), "{:?}", ran.err());
+    assert_eq!(fake.recorded.lock().unwrap().deregistered.len(), 1);
+    // The server ended with the agent: nothing listens any more.
+    assert_eq!(http_get(addr, "/healthz"), None);
+    drop(server);
+}
+
+#[test]
+fn healthz_turns_503_when_the_agent_stops_beating_and_200_when_it_beats_again() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = probe.local_addr().unwrap();
+    let health = Arc::new(agent::Health::new(Duration::from_millis(200)));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let served = rt.spawn(agent::health::serve(probe, health.clone(), stopped));
+
+    let body = wait_status(addr, "/healthz", 503);
+    assert!(body.starts_with("stale"), "{body}");
+    health.beat();
+    health.set_registered(true);
+    // Polled until seen: a slow machine may let the fresh beat go stale before the first look.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(addr, "/readyz").map(|(s, _)| s) != Some(200) {
+        assert!(Instant::now() < deadline, "/readyz never 200 after a beat");
+        health.beat();
+    }
+    stop.send(true).unwrap();
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), served).await }).unwrap().unwrap();
+    assert_eq!(http_get(addr, "/healthz"), None);
 }

@@ -35,7 +35,9 @@ pub struct Args {
     token_file: Option<PathBuf>,
     #[command(flatten)]
     tls: crate::tls::TlsArgs,
-    /// `cpu`, or `cuda[:N]` for jobs with `device: cuda` (NCCL between the ranks).
+    /// `cpu`, or `cuda[:N]` for jobs with `device: cuda` (NCCL between the ranks). A bare `cuda`
+    /// takes N from SLURM_LOCALID, else LOCAL_RANK (one worker per GPU under srun or torchrun),
+    /// else 0; it is 0 when CUDA_VISIBLE_DEVICES lists a single GPU.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Where the CPU ring listens for the left neighbour; port 0 picks a free port.
@@ -57,13 +59,19 @@ pub struct Args {
     /// seconds of starting. Default: keep trying.
     #[arg(long, value_name = "S")]
     connect_timeout: Option<f64>,
+    /// Serve plain-HTTP probes on HOST:PORT: GET /healthz is 200 while the agent's loop runs
+    /// (503 once it has been silent for twice --collective-timeout, at least 60 s), GET /readyz
+    /// is 200 while the worker is registered with the coordinator. Default: no server.
+    #[arg(long, value_name = "HOST:PORT")]
+    health_listen: Option<String>,
     #[command(flatten)]
     policy: crate::serve::PolicyArgs,
 }
 
 /// Checks the flags, reads the token, installs the signal handlers and runs the agent.
 pub fn run(a: Args) -> CliResult {
-    let device: agent::LocalDevice = a.device.parse().map_err(CliError::usage)?;
+    let launcher = agent::device::LauncherEnv::from_process();
+    let device = agent::device::resolve(&a.device, &launcher).map_err(CliError::usage)?;
     if !(a.collective_timeout > 0.0 && a.collective_timeout.is_finite()) {
         return Err(CliError::usage("--collective-timeout must be a positive number of seconds"));
     }
@@ -73,6 +81,7 @@ pub fn run(a: Args) -> CliResult {
         None => None,
     };
     let policy = a.policy.policy()?;
+    let health_listener = a.health_listen.as_deref().map(bind_health).transpose()?;
     let token = match crate::serve::read_token(a.token_file.as_ref(), "BERT2BERT_WORKER_TOKEN")? {
         Some(t) => Some(t),
         None if a.token_file.is_none() => crate::serve::read_token(None, "BERT2BERT_TOKEN")?,
@@ -97,9 +106,19 @@ pub fn run(a: Args) -> CliResult {
         collective_timeout: Duration::from_secs_f64(a.collective_timeout),
         connect_timeout,
         policy,
+        health_listener,
         shutdown,
     };
     Ok(agent::run(config)?)
+}
+
+/// Binds `--health-listen` before anything else starts, so that a bad address fails at once.
+fn bind_health(addr: &str) -> CliResult<std::net::TcpListener> {
+    use std::net::ToSocketAddrs;
+    let parsed = addr.to_socket_addrs().ok().and_then(|mut it| it.next());
+    let addr = parsed.ok_or_else(|| CliError::usage(format!("--health-listen {addr}: not a HOST:PORT address")))?;
+    std::net::TcpListener::bind(addr)
+        .map_err(|e| CliError::failure(format!("--health-listen {addr}: cannot listen: {e}")))
 }
 
 /// SIGTERM and SIGINT: the first sets `shutdown` (the agent finishes its step, reports and

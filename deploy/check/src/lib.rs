@@ -9,11 +9,14 @@
 //!   would not survive: a Secret, ConfigMap, PVC or Service that is not in the set, a probe on a
 //!   port the container does not declare, an object outside the namespace, a container that may
 //!   run as root or write its root filesystem, a job file whose paths are off the shared volume.
+//! - network ([`network`]): NetworkPolicies that select no pod, open a port no pod serves, or
+//!   leave a workload or a Service port unreachable under the namespace's default deny.
 //!
 //! [`Input::read`] loads a kustomization directory as text; tests mutate that text and call
 //! [`check`] again to show that each kind of mistake is caught.
 
 pub mod kustomize;
+pub mod network;
 pub mod rules;
 
 use std::collections::BTreeMap;
@@ -23,6 +26,7 @@ use std::path::Path;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::de::DeserializeOwned;
 
 use crate::kustomize::Kustomization;
@@ -98,6 +102,7 @@ pub enum Kind {
     PersistentVolumeClaim(PersistentVolumeClaim),
     ConfigMap(ConfigMap),
     Secret(Secret),
+    NetworkPolicy(NetworkPolicy),
 }
 
 impl Object {
@@ -112,6 +117,7 @@ impl Object {
             Kind::PersistentVolumeClaim(_) => "PersistentVolumeClaim",
             Kind::ConfigMap(_) => "ConfigMap",
             Kind::Secret(_) => "Secret",
+            Kind::NetworkPolicy(_) => "NetworkPolicy",
         }
     }
 
@@ -126,6 +132,7 @@ impl Object {
             Kind::PersistentVolumeClaim(o) => &o.metadata,
             Kind::ConfigMap(o) => &o.metadata,
             Kind::Secret(o) => &o.metadata,
+            Kind::NetworkPolicy(o) => &o.metadata,
         }
     }
 
@@ -182,13 +189,14 @@ pub fn parse_file(file: &str, text: &str, in_kustomization: bool, problems: &mut
             ("v1", "PersistentVolumeClaim") => strict(value, &at, problems).map(Kind::PersistentVolumeClaim),
             ("v1", "ConfigMap") => strict(value, &at, problems).map(Kind::ConfigMap),
             ("v1", "Secret") => strict(value, &at, problems).map(Kind::Secret),
+            ("networking.k8s.io/v1", "NetworkPolicy") => strict(value, &at, problems).map(Kind::NetworkPolicy),
             _ => {
                 problems.push(Problem {
                     at: at.clone(),
                     message: format!(
                         "apiVersion `{api_version}` kind `{kind}`: not a kind deploy-check knows \
                          (Namespace, Deployment, StatefulSet, Job, Pod, Service, PersistentVolumeClaim, \
-                         ConfigMap, Secret); teach it in deploy/check/src/lib.rs"
+                         ConfigMap, Secret, NetworkPolicy); teach it in deploy/check/src/lib.rs"
                     ),
                 });
                 None

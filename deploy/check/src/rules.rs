@@ -17,21 +17,21 @@ pub const IMAGE_PTX_CACHE: &str = "/var/cache/bert2bert";
 /// Shortest grace period for a worker: a step plus rank 0's checkpoint after SIGTERM.
 pub const MIN_WORKER_GRACE_S: i64 = 60;
 
-struct Report<'a>(&'a mut Vec<Problem>);
+pub(crate) struct Report<'a>(&'a mut Vec<Problem>);
 
 impl Report<'_> {
-    fn at(&mut self, at: &str, message: impl Into<String>) {
+    pub(crate) fn at(&mut self, at: &str, message: impl Into<String>) {
         self.0.push(Problem { at: at.to_owned(), message: message.into() });
     }
 }
 
 /// A pod template (or a bare Pod) with what is needed to check it.
-struct Workload<'a> {
-    at: &'a str,
-    kind: &'static str,
-    replicas: i32,
-    labels: BTreeMap<String, String>,
-    spec: &'a PodSpec,
+pub(crate) struct Workload<'a> {
+    pub(crate) at: &'a str,
+    pub(crate) kind: &'static str,
+    pub(crate) replicas: i32,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) spec: &'a PodSpec,
 }
 
 /// The names (and keys) that references may point to.
@@ -57,6 +57,7 @@ pub fn check_all(k: &Kustomization, input: &Input, objects: &[Object], problems:
     check_services(objects, &workloads, &mut r);
     check_claim_sharing(&catalog, &workloads, &mut r);
     check_jobs(k, input, &workloads, &mut r);
+    crate::network::check(objects, &workloads, &mut r);
 }
 
 fn catalog<'a>(k: &Kustomization, objects: &'a [Object], r: &mut Report) -> Catalog<'a> {
@@ -172,8 +173,10 @@ fn workloads<'a>(objects: &'a [Object], r: &mut Report) -> Vec<Workload<'a>> {
             r.at(&o.at, "spec.template.spec is missing");
             continue;
         };
-        if let Kind::Deployment(d) = &o.kind {
-            check_deployment(o, d, spec, r);
+        match &o.kind {
+            Kind::Deployment(d) => check_deployment(o, d, spec, r),
+            Kind::StatefulSet(_) => check_probes_present(o, spec, r),
+            _ => {}
         }
         out.push(Workload { at: &o.at, kind, replicas, labels, spec });
     }
@@ -192,6 +195,12 @@ fn check_deployment(o: &Object, d: &k8s_openapi::api::apps::v1::Deployment, spec
             r.at(&o.at, "spec.strategy.type must be Recreate: a rolling update runs two writers on one database");
         }
     }
+    check_probes_present(o, spec, r);
+}
+
+/// Long-running pods (the coordinator, the workers) need both probes: without readiness a
+/// Service sends to a pod that is not serving; without liveness a wedged agent stays forever.
+fn check_probes_present(o: &Object, spec: &PodSpec, r: &mut Report) {
     for c in &spec.containers {
         for (probe, name) in [(&c.readiness_probe, "readinessProbe"), (&c.liveness_probe, "livenessProbe")] {
             if probe.is_none() {
@@ -280,14 +289,14 @@ fn check_items(
 
 /// `command` then `args`, as the container runs them (the image's entrypoint is bert2bert, so
 /// args alone start with the subcommand).
-fn command_of(c: &Container) -> Vec<String> {
+pub(crate) fn command_of(c: &Container) -> Vec<String> {
     let mut out = c.command.clone().unwrap_or_default();
     out.extend(c.args.clone().unwrap_or_default());
     out
 }
 
 /// The value of `--flag` in `args`, as `--flag=value` or `--flag value`.
-fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+pub(crate) fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
     let eq = format!("{name}=");
     args.iter().enumerate().find_map(|(i, a)| {
         if let Some(v) = a.strip_prefix(&eq) {
@@ -570,6 +579,11 @@ fn check_images(k: &Kustomization, workloads: &[Workload], r: &mut Report) {
                 _ => name,
             };
             used.insert(name);
+            // Even where kustomize replaces it: a file applied by hand (tools/) must not fall
+            // back to a tag.
+            if !image.split_once('@').is_some_and(|(_, d)| is_sha256_digest(d)) {
+                r.at(w.at, format!("image `{image}` is not pinned by digest (NAME@sha256:...)"));
+            }
             if !listed.contains(name) {
                 r.at(
                     w.at,
@@ -581,6 +595,26 @@ fn check_images(k: &Kustomization, workloads: &[Workload], r: &mut Report) {
     for name in listed.difference(&used) {
         r.at("kustomization.yaml", format!("images: `{name}` is used by no container"));
     }
+    // A tag can be moved to other bytes; a digest cannot. kustomize writes NAME@DIGEST when
+    // `digest` is set, whatever the tag.
+    for i in &k.images {
+        match i.digest.as_deref() {
+            None => {
+                r.at("kustomization.yaml", format!("images: `{}` has no digest: pin it (digest: sha256:...)", i.name))
+            }
+            Some(d) if !is_sha256_digest(d) => r.at(
+                "kustomization.yaml",
+                format!("images: `{}` digest `{d}` is not sha256: followed by 64 lowercase hex digits", i.name),
+            ),
+            Some(_) => {}
+        }
+    }
+}
+
+/// `sha256:` and 64 lowercase hex digits, the only digest form registries hand out today.
+pub fn is_sha256_digest(d: &str) -> bool {
+    d.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
 fn check_services(objects: &[Object], workloads: &[Workload], r: &mut Report) {

@@ -44,6 +44,10 @@ fn deploy_k8s_passes() {
         [
             "Deployment/bert2bert-coordinator",
             "Namespace/bert2bert",
+            "NetworkPolicy/bert2bert-client",
+            "NetworkPolicy/bert2bert-coordinator",
+            "NetworkPolicy/bert2bert-default-deny",
+            "NetworkPolicy/bert2bert-worker",
             "PersistentVolumeClaim/bert2bert-coordinator-state",
             "PersistentVolumeClaim/bert2bert-shared",
             "Pod/bert2bert-toolbox",
@@ -227,6 +231,24 @@ fn each_kind_of_mistake_is_caught() {
         ("jobs/kjv-cuda.yaml", "dir: /shared/runs/kjv/ckpt", "dir: runs/kjv/ckpt", "checkpoint.dir: a relative path"),
         ("jobs/kjv-cuda.yaml", "device: cuda", "device: cpu", "training.precision"),
         ("jobs/kjv-cuda.yaml", "  steps: 400", "  stepz: 400", "not a valid job file"),
+        (
+            "workers.yaml",
+            "              port: health\n            periodSeconds: 10",
+            "              port: healthz\n            periodSeconds: 10",
+            "readinessProbe probes port healthz",
+        ),
+        (
+            "workers.yaml",
+            "          livenessProbe:\n            httpGet:\n              path: /healthz\n",
+            "          startupProbe:\n            httpGet:\n              path: /healthz\n",
+            "(StatefulSet/bert2bert-worker): container `worker` has no livenessProbe",
+        ),
+        (
+            "coordinator.yaml",
+            "image: bert2bert@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+            "image: bert2bert:0.1.0",
+            "is not pinned by digest",
+        ),
     ];
     for (file, from, to, expected) in cases {
         let input = mutated(file, from, to);
@@ -239,6 +261,76 @@ fn each_kind_of_mistake_is_caught() {
             assert_caught(&input, expected, &what);
         }
     }
+}
+
+/// The image is pinned in kustomization.yaml `images:` by a well-formed sha256 digest.
+#[test]
+fn an_image_without_a_digest_is_caught() {
+    let digest = "    digest: sha256:0000000000000000000000000000000000000000000000000000000000000000\n";
+    for (to, expected) in [
+        ("", "has no digest"),
+        ("    digest: sha256:00\n", "is not sha256: followed by 64"),
+        ("    digest: md5:0000000000000000000000000000000000000000000000000000000000000000\n", "is not sha256:"),
+    ] {
+        let mut input = real();
+        assert_eq!(input.kustomization.matches(digest).count(), 1, "the digest line moved");
+        input.kustomization = input.kustomization.replace(digest, to);
+        assert_caught(&input, expected, &format!("digest -> `{to}`"));
+    }
+}
+
+/// Network policies: each slip that would cut a path under the default deny is caught.
+#[test]
+fn each_network_policy_mistake_is_caught() {
+    let cases: &[(&str, &str, &str)] = &[
+        // No default deny: pods no policy selects would be open.
+        (
+            "  policyTypes: [Ingress, Egress]\n---\n# The coordinator",
+            "  policyTypes: [Ingress]\n---\n# The coordinator",
+            "no default deny",
+        ),
+        // A client pod without the label can no longer reach the coordinator.
+        (
+            "    bert2bert.io/client: \"true\"\nspec:",
+            "    bert2bert.io/kind: client\nspec:",
+            "selected by no NetworkPolicy with rules",
+        ),
+        // The coordinator's gRPC port closed to everyone.
+        (
+            "        - protocol: TCP\n          port: 7070\n    # Prometheus",
+            "        - protocol: TCP\n          port: 7071\n    # Prometheus",
+            "port Int(7071) is served by no container",
+        ),
+        // A typo in a peer selector.
+        (
+            "              app.kubernetes.io/component: worker\n        # A pod",
+            "              app.kubernetes.io/component: workers\n        # A pod",
+            "podSelector selects no pod",
+        ),
+    ];
+    for (from, to, expected) in cases {
+        let file =
+            if from.contains("bert2bert.io/client: \"true\"\nspec:") { "tools/toolbox.yaml" } else { "network.yaml" };
+        assert_caught(&mutated(file, from, to), expected, &format!("{file}: `{from}` -> `{to}`"));
+    }
+    // Workers that may not reach each other lose the ring (and NCCL).
+    let input = mutated(
+        "network.yaml",
+        "  ingress:\n    - from:\n        - podSelector:\n            matchLabels:\n              app.kubernetes.io/name: bert2bert\n              app.kubernetes.io/component: worker\n  egress:",
+        "  ingress: []\n  egress:",
+    );
+    assert_caught(&input, "dials its peers' ring, but no NetworkPolicy lets it into", "no worker ingress");
+    // Workers' egress to the coordinator removed.
+    let input = mutated(
+        "network.yaml",
+        "  egress:\n    - to:\n        - podSelector:\n            matchLabels:\n              app.kubernetes.io/name: bert2bert\n              app.kubernetes.io/component: coordinator\n      ports:\n        - protocol: TCP\n          port: 7070\n    - to:\n        - podSelector:\n            matchLabels:\n              app.kubernetes.io/name: bert2bert\n              app.kubernetes.io/component: worker\n",
+        "  egress:\n    - to:\n        - podSelector:\n            matchLabels:\n              app.kubernetes.io/name: bert2bert\n              app.kubernetes.io/component: worker\n",
+    );
+    assert_caught(
+        &input,
+        "dials http://bert2bert-coordinator:7070, but no NetworkPolicy lets its egress reach",
+        "no egress",
+    );
 }
 
 /// Keys whose mapping is free-form (any key is valid), so renaming a key there is no mistake.
