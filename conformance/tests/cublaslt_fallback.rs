@@ -4,7 +4,7 @@
 //! Its own test binary: the variable is process-wide.
 
 use kernels::cuda::{Cuda, GemmPrecision};
-use kernels::{Cpu, GemmOps, GemmShape, Memory, Operand};
+use kernels::{Cpu, GemmOps, GemmShape, Operand};
 
 /// `gemm_bias` and `gemm_bias_grad` on one fresh backend: (y, dW, dbias, kernels launched).
 fn linear_ops<B: GemmOps>(dev: &B, x: &[f32], w: &[f32], b: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
