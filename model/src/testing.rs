@@ -27,16 +27,21 @@ pub const PAIRS: &[(&str, &str)] = &[
     ("And the night was", "The night is."),
 ];
 
-pub fn tokenizer_json() -> Value {
-    let vocab: serde_json::Map<String, Value> =
-        WORDS.iter().enumerate().map(|(i, w)| (w.to_string(), json!(i))).collect();
-    let added: Vec<Value> = WORDS[..5]
+/// tokenizer.json's `added_tokens` for special tokens whose ids are their indices in `names`.
+fn added_specials(names: &[&str]) -> Vec<Value> {
+    names
         .iter()
         .enumerate()
         .map(|(i, w)| {
             json!({"id": i, "content": w, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
         })
-        .collect();
+        .collect()
+}
+
+pub fn tokenizer_json() -> Value {
+    let vocab: serde_json::Map<String, Value> =
+        WORDS.iter().enumerate().map(|(i, w)| (w.to_string(), json!(i))).collect();
+    let added = added_specials(&WORDS[..5]);
     json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
         "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true, "strip_accents": null, "lowercase": true},
@@ -80,13 +85,7 @@ pub fn roberta_tokenizer_json() -> Value {
         let n = vocab.len();
         vocab.insert(t.to_string(), json!(n));
     }
-    let added: Vec<Value> = ["<s>", "<pad>", "</s>", "<unk>"]
-        .iter()
-        .enumerate()
-        .map(|(i, w)| {
-            json!({"id": i, "content": w, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
-        })
-        .collect();
+    let added = added_specials(&["<s>", "<pad>", "</s>", "<unk>"]);
     json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
         "normalizer": null,
