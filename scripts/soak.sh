@@ -8,7 +8,13 @@
 #     passed the final step (no committed step lost),
 #   - every checkpoint directory left on disk has a manifest that verifies (none corrupt).
 # It prints each kill's recovery time (kill -9 -> the first progress report of the re-formed
-# gang, i.e. the first step past its resume point) and their min/median/max.
+# gang, i.e. the first step past its resume point) and the steps it lost (the coordinator's
+# goodput: steps rank 0 had reported past the step the next attempt resumed from), with their
+# min/median/max, and the job's goodput.
+#
+# Survivors keep their training state in memory and the re-formed gang resumes from it (recovery
+# from peers); SOAK_PEER_STATE=0 starts the workers with --no-peer-state, so that every recovery
+# resumes from the last checkpoint instead (the baseline to compare with).
 #
 # Knobs: SOAK_KILLS (20), SOAK_STEPS (job length, 20000), SOAK_BUDGET_S (600: the whole run is
 # cut off, and fails, after this), SOAK_KEEP=1 keeps the work directory (logs, checkpoints),
@@ -18,6 +24,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 KILLS=${SOAK_KILLS:-20}
+PEER_STATE=${SOAK_PEER_STATE:-1}
+worker_flags=()
+[[ "$PEER_STATE" == 0 ]] && worker_flags+=(--no-peer-state)
 STEPS=${SOAK_STEPS:-20000}
 BUDGET=${SOAK_BUDGET_S:-600}
 start=$(date +%s)
@@ -75,7 +84,7 @@ workers=()
 started=0
 start_worker() {
   started=$((started + 1))
-  ./bert2bert worker --coordinator "$url" --collective-timeout 3 </dev/null 2>"worker-$started.log" &
+  ./bert2bert worker --coordinator "$url" --collective-timeout 3 "${worker_flags[@]}" </dev/null 2>"worker-$started.log" &
   pids+=($!)
   workers+=($!)
   # No "Killed" notices from the shell: the kills are the point.
@@ -84,14 +93,15 @@ start_worker() {
 for _ in 1 2 3; do start_worker; done
 job=$(./bert2bert submit job.yaml --coordinator "$url")
 
-# One status poll: sets state, step, restarts, committed; checks that the committed step never
-# goes backwards.
+# One status poll: sets state, step, restarts, committed, lost (goodput's steps lost so far) and
+# goodput (its ratio); checks that the committed step never goes backwards.
 committed=0
 max_committed=0
 poll() {
   local j
   j=$(./bert2bert status "$job" --json --coordinator "$url" 2>/dev/null) || return 1
-  read -r state step restarts committed < <(jq -r '"\(.state) \(.step) \(.restarts) \(.checkpoint_step)"' <<<"$j")
+  read -r state step restarts committed lost goodput < <(jq -r \
+    '"\(.state) \(.step) \(.restarts) \(.checkpoint_step) \(.goodput.steps_lost // 0) \(.goodput.ratio // 0)"' <<<"$j")
   ((committed >= max_committed)) || fail "committed checkpoint went back from $max_committed to $committed"
   max_committed=$committed
 }
@@ -104,6 +114,7 @@ until [[ "$state" == RUNNING ]] && ((step > 0)); do
 done
 
 times=()
+losses=()
 for k in $(seq 1 "$KILLS"); do
   # A random moment: 0.3 to 4 s into the run of the current gang.
   sleep "$(awk -v r="$RANDOM" 'BEGIN { printf "%.2f", 0.3 + 3.7 * r / 32767 }')"
@@ -112,6 +123,7 @@ for k in $(seq 1 "$KILLS"); do
   i=$((RANDOM % ${#workers[@]}))
   victim=${workers[$i]}
   r0=$restarts
+  lost0=$lost
   at_step=$step
   t0=$(now)
   kill -9 "$victim"
@@ -132,8 +144,9 @@ for k in $(seq 1 "$KILLS"); do
   done
   dt=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')
   times+=("$dt")
-  printf 'kill %2d: worker pid %s at step %s -> resumed and at step %s after %s s (restarts %s)\n' \
-    "$k" "$victim" "$at_step" "$step" "$dt" "$restarts"
+  losses+=($((lost - lost0)))
+  printf 'kill %2d: worker pid %s at step %s -> resumed and at step %s after %s s (restarts %s, steps lost %s)\n' \
+    "$k" "$victim" "$at_step" "$step" "$dt" "$restarts" "$((lost - lost0))"
 done
 
 until [[ "$state" == SUCCEEDED || "$state" == FAILED ]]; do
@@ -148,11 +161,15 @@ done
 ./soak_fixture verify ckpt >verify.txt || fail "a checkpoint does not verify: $(cat verify.txt)"
 [[ "$(tail -n 1 verify.txt)" == "$STEPS ok" ]] || fail "the newest checkpoint on disk is not step $STEPS"
 
-sorted=$(printf '%s\n' "${times[@]}" | sort -n)
-n=${#times[@]}
-min=$(head -n 1 <<<"$sorted")
-max=$(tail -n 1 <<<"$sorted")
-median=$(awk -v n="$n" '{ v[NR] = $1 } END { if (n % 2) print v[(n + 1) / 2]; else printf "%.2f\n", (v[n / 2] + v[n / 2 + 1]) / 2 }' <<<"$sorted")
+# "min M, median D, max X (n=N)" of the numbers given as arguments.
+summary() {
+  printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END {
+    m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+    printf "min %s, median %s, max %s (n=%d)", v[1], m, v[NR], NR }'
+}
 echo "SOAK OK: job $job SUCCEEDED at step $step of $STEPS after $KILLS kill -9s ($restarts restarts) in $(($(date +%s) - start)) s;" \
   "checkpoints on disk verify: $(tr '\n' ' ' <verify.txt)"
-echo "recovery time (kill -9 -> first step past the resume point), s: min $min, median $median, max $max (n=$n)"
+mode=$([[ "$PEER_STATE" == 0 ]] && echo "from the checkpoint (--no-peer-state)" || echo "from peers' memory")
+echo "recovery $mode"
+echo "recovery time (kill -9 -> first step past the resume point), s: $(summary "${times[@]}")"
+echo "steps lost per kill: $(summary "${losses[@]}"); in all $lost; goodput $(printf '%.3f' "$goodput")"

@@ -42,10 +42,10 @@ pub(crate) fn attempt(
     });
     tracing::info!(job = %asg.job_id, attempt = asg.attempt, rank = asg.rank, world = asg.world_size, "assigned");
     let result = train(rt, client, listener, current, &asg, &me, timeout);
-    let (stopped, step, shutdown) = take(current, |c| {
+    let (stopped, step, shutdown, held_state) = take(current, |c| {
         c.job = None;
         c.ring = None;
-        (std::mem::take(&mut c.stop), c.step, c.shutdown.load(Ordering::SeqCst))
+        (std::mem::take(&mut c.stop), c.step, c.shutdown.load(Ordering::SeqCst), c.held_state())
     });
     // Leaving: say so whatever else failed, so that the coordinator drops this worker.
     let result = if shutdown && result.is_err() { Err(shutdown_error()) } else { result };
@@ -83,6 +83,7 @@ pub(crate) fn attempt(
                 worker_secret,
                 input_error,
                 kind: kind as i32,
+                held_state,
             };
             rt.block_on(client.clone().report_failed(req)).map(|_| ())
         }
@@ -183,7 +184,24 @@ pub(crate) fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Co
     let (shutdown, health) = take(current, |c| (c.shutdown.clone(), c.health.clone()));
     // Checkpoints name the coordinator's job id: another job sharing checkpoint.dir is refused.
     let owner = worker::state::JobOwner { name: spec.name.clone(), id: Some(asg.job_id.clone()) };
-    let (mut trainer, resumed) = Trainer::new_owned(backend, collective, spec, owner)?;
+    // A state kept from another attempt is used (by the rank named to hand it on) or dropped.
+    // It stays held when the trainer cannot be made (the next attempt may still use it).
+    let held = take(current, |c| c.held.take()).filter(|h| h.job_id == asg.job_id);
+    let made = match asg.resume_peer_rank {
+        Some(root) => {
+            let mine = held.as_ref().filter(|_| root == asg.rank).map(|h| &h.snapshot);
+            Trainer::new_from_peer(backend, collective, spec, owner, (root as usize, mine)).map(|t| (t, None))
+        }
+        None => Trainer::new_owned(backend, collective, spec, owner),
+    };
+    let (mut trainer, resumed) = match made {
+        Ok(made) => made,
+        Err(e) => {
+            take(current, |c| c.held = held);
+            return Err(e.into());
+        }
+    };
+    drop(held);
     trainer.stop = Some(halt.clone());
     // A step fails (and the attempt with it) instead of hanging when a peer dies mid-collective.
     trainer.collective_timeout = timeout;
@@ -223,6 +241,16 @@ pub(crate) fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Co
     let mut curves = (asg.rank == 0)
         .then(|| TrainLog::create(&trainer.job.logging.dir, trainer.step, asg.world_size as usize))
         .and_then(|made| made.map_err(|e| tracing::warn!("logging.dir: no TensorBoard events: {e}")).ok());
+    // What failures have cost the job so far, as the coordinator counts it, at the resume step.
+    if let (Some(log), Some(g)) = (curves.as_mut(), asg.goodput.as_ref()) {
+        let values = [
+            ("goodput/ratio", g.ratio),
+            ("goodput/failures", f64::from(g.failures)),
+            ("goodput/steps_lost", g.steps_lost as f64),
+            ("goodput/recovering_s", g.recovering_s),
+        ];
+        log.scalars(trainer.step, &values);
+    }
     let mut on_event = recording(curves.as_mut(), |e| match e {
         Event::Step(s) => {
             health.beat();
@@ -261,6 +289,7 @@ pub(crate) fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Co
     });
     let ran = trainer.run(None, 0, &mut on_event);
     drop(on_event);
+    keep_state(current, &asg.job_id, &trainer, &shutdown);
     // The last progress is delivered; a STOP that comes back now changes nothing: training
     // has already ended, and how it ended is reported next.
     reporter.finish(rt);
@@ -272,6 +301,30 @@ pub(crate) fn run_trainer<B: kernels::Backend + Sync, C: kernels::collective::Co
         return Err(shutdown_error());
     }
     Ok(())
+}
+
+/// Keeps the trainer's state in memory when its job is not finished, so that the next attempt
+/// can resume from it instead of from the last checkpoint. Whatever ended `run` (a dead peer
+/// mid-step, a STOP), the state is that of the last completed step: a step changes it only
+/// after all of its collectives are done (see [`worker::peer`]). A worker that is leaving keeps
+/// nothing.
+fn keep_state<B: kernels::Backend + Sync, C: kernels::collective::Collective<B> + Sync>(
+    current: &Mutex<Current>,
+    job_id: &str,
+    trainer: &Trainer<'_, B, C>,
+    shutdown: &AtomicBool,
+) {
+    let wanted = take(current, |c| c.keep_state);
+    if !wanted || trainer.step >= trainer.job.training.steps || shutdown.load(Ordering::SeqCst) {
+        return;
+    }
+    match trainer.snapshot() {
+        Ok(snapshot) => {
+            tracing::info!(job = %job_id, step = snapshot.step, "keeping the training state in memory for the next attempt");
+            take(current, |c| c.held = Some(crate::Held { job_id: job_id.to_owned(), snapshot }));
+        }
+        Err(e) => tracing::warn!("could not keep the training state: {e}"),
+    }
 }
 
 /// Rank 0 reports an evaluation with the progress of the step that ran it.

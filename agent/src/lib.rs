@@ -58,6 +58,9 @@ pub struct Config {
     /// `--health-listen`, already bound: serves `/healthz` and `/readyz` ([`health`]) while the
     /// agent runs.
     pub health_listener: Option<TcpListener>,
+    /// Keep the training state in host memory when an attempt ends before its job, so that
+    /// the next attempt can resume from it (recovery from peers) rather than from a checkpoint.
+    pub keep_state: bool,
     /// Set it to leave: the current step finishes (rank 0 then checkpoints), the attempt is
     /// reported failed as a worker shutdown, the worker deregisters and [`run`] returns `Ok`.
     pub shutdown: Arc<AtomicBool>,
@@ -77,6 +80,7 @@ impl Config {
             connect_timeout: None,
             policy: model::policy::PathPolicy::default(),
             health_listener: None,
+            keep_state: true,
             shutdown: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -109,6 +113,24 @@ pub(crate) struct Current {
     shutdown: Arc<AtomicBool>,
     /// What `--health-listen` answers; beaten by this thread, never by the heartbeat task.
     health: Arc<Health>,
+    /// The training state kept from an attempt that ended before its job did (recovery from
+    /// peers, [`worker::peer`]): offered to the coordinator until the next assignment.
+    held: Option<Held>,
+    /// [`Config::keep_state`].
+    keep_state: bool,
+}
+
+/// A job's training state in host memory.
+pub(crate) struct Held {
+    job_id: String,
+    snapshot: worker::peer::Snapshot,
+}
+
+impl Current {
+    /// What this worker tells the coordinator it holds.
+    fn held_state(&self) -> Option<v1::HeldState> {
+        self.held.as_ref().map(|h| v1::HeldState { job_id: h.job_id.clone(), step: h.snapshot.step })
+    }
 }
 
 pub(crate) fn take<T>(current: &Mutex<Current>, f: impl FnOnce(&mut Current) -> T) -> T {
@@ -136,7 +158,9 @@ pub fn run(mut config: Config) -> Result {
     let health = Arc::new(Health::new(Health::stale_limit(config.collective_timeout)));
     let (stop_health, stopped) = tokio::sync::watch::channel(false);
     let server = config.health_listener.take().map(|l| rt.spawn(health::serve(l, health.clone(), stopped)));
-    let current = Current { cuda, policy, shutdown: shutdown.clone(), health: health.clone(), ..Current::default() };
+    let keep_state = config.keep_state;
+    let current =
+        Current { cuda, policy, shutdown: shutdown.clone(), health: health.clone(), keep_state, ..Current::default() };
     let current = Arc::new(Mutex::new(current));
     let ran = serve_coordinator(&rt, &config, &listener, ring_address, &current);
     // Not ready once the loop is over, whatever ended it; then the port closes.
@@ -189,11 +213,12 @@ fn poll(
         if take(current, |c| std::mem::take(&mut c.reregister)) {
             session::register(rt, client, ring_address, current, None)?;
         }
-        let me = take(current, |c| c.me.clone());
+        let (me, held_state) = take(current, |c| (c.me.clone(), c.held_state()));
         let req = v1::GetAssignmentRequest {
             worker_id: me.id,
             wait_ms: 2_000,
             worker_secret: me.secret,
+            held_state,
             ..Default::default()
         };
         let assignment = match rt.block_on(client.clone().get_assignment(req)) {

@@ -64,6 +64,7 @@ pub(crate) fn unique_id(
             wait_ms,
             nccl_unique_id,
             worker_secret: me.secret.clone(),
+            held_state: None,
         };
         rt.block_on(client.clone().get_assignment(req)).map(|r| r.into_inner().assignment).map_err(status_error)
     };

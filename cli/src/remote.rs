@@ -112,6 +112,10 @@ fn job_json(j: &v1::Job) -> serde_json::Value {
         "restarts": j.restarts, "reason": j.reason, "checkpoint_step": j.checkpoint_step,
         "workers": j.workers, "min_workers": j.min_workers,
         "created_unix_ms": j.created_unix_ms, "updated_unix_ms": j.updated_unix_ms,
+        "goodput": j.goodput.as_ref().map(|g| json!({
+            "ratio": g.ratio, "productive_s": g.productive_s, "wall_s": g.wall_s, "failures": g.failures,
+            "steps_lost": g.steps_lost, "recovering_s": g.recovering_s,
+        })),
     })
 }
 
@@ -209,6 +213,17 @@ pub fn status(a: StatusArgs) -> CliResult {
             println!("checkpoint:  {}", j.checkpoint_step);
             println!("workers:     {} (min {})", j.workers, j.min_workers);
             println!("restarts:    {}", j.restarts);
+            if let Some(g) = &j.goodput {
+                println!(
+                    "goodput:     {:.1}% ({:.1} s of {:.1} s in kept steps; {} failures, {} steps lost, {:.1} s recovering)",
+                    100.0 * g.ratio,
+                    g.productive_s,
+                    g.wall_s,
+                    g.failures,
+                    g.steps_lost,
+                    g.recovering_s
+                );
+            }
             if !j.reason.is_empty() {
                 println!("reason:      {}", j.reason);
             }

@@ -37,8 +37,8 @@ impl View {
                     let was = self.progress.as_ref().map_or(b.step, |p| p.step);
                     let why = if j.reason.is_empty() { String::new() } else { format!(": {}", j.reason) };
                     lines.push(format!(
-                        "{} restarted from checkpoint step {} (restart {}, was at step {was}){why}",
-                        j.id, j.checkpoint_step, j.restarts
+                        "{} restarted (restart {}, was at step {was}; newest checkpoint step {}){why}",
+                        j.id, j.restarts, j.checkpoint_step
                     ));
                 }
                 // A new attempt starts over from its checkpoint with a new gang: the old
@@ -86,6 +86,16 @@ impl View {
         }
         if let Some(e) = &self.eval {
             out.push(format!("  {}", eval_line(e)));
+        }
+        // As of the job's last state change; shown once a failure has cost something.
+        if let Some(g) = self.job.as_ref().and_then(|j| j.goodput).filter(|g| g.failures > 0) {
+            out.push(format!(
+                "  goodput {:.1}%  failures {}  steps lost {}  recovering {:.1} s",
+                100.0 * g.ratio,
+                g.failures,
+                g.steps_lost,
+                g.recovering_s
+            ));
         }
         for w in self.workers.values() {
             let msg = if w.message.is_empty() { String::new() } else { format!("  {}", w.message) };
@@ -324,7 +334,7 @@ mod tests {
         j.checkpoint_step = 4;
         j.reason = "worker w-a lost".into();
         let lines = v.apply(&Event::Job(j));
-        assert_eq!(lines, ["job-7 restarted from checkpoint step 4 (restart 1, was at step 6): worker w-a lost"]);
+        assert_eq!(lines, ["job-7 restarted (restart 1, was at step 6; newest checkpoint step 4): worker w-a lost"]);
         let frame = v.frame();
         assert!(frame[0].starts_with("job-7 RUNNING   step 4/10 "), "{frame:?}");
         assert_eq!(frame.len(), 2, "the old gang's ranks are gone: {frame:?}");

@@ -64,6 +64,11 @@ pub struct Args {
     /// is 200 while the worker is registered with the coordinator. Default: no server.
     #[arg(long, value_name = "HOST:PORT")]
     health_listen: Option<String>,
+    /// Do not keep the training state in host memory when an attempt ends before its job (a
+    /// peer died): saves a copy of the parameters and optimizer moments, but the job's next
+    /// attempt then resumes from its last checkpoint and redoes the steps since.
+    #[arg(long)]
+    no_peer_state: bool,
     #[command(flatten)]
     policy: crate::serve::PolicyArgs,
 }
@@ -107,6 +112,7 @@ pub fn run(a: Args) -> CliResult {
         connect_timeout,
         policy,
         health_listener,
+        keep_state: !a.no_peer_state,
         shutdown,
     };
     Ok(agent::run(config)?)

@@ -12,7 +12,7 @@ use crate::domain::{
     EvalMetrics, FailureKind, Job, JobEvent, JobFilter, JobState, Progress, WorkerEvent, WorkerEventKind, job_number,
 };
 use crate::error::{Error, Result};
-use crate::scheduler::{Assignment, AttemptRef};
+use crate::scheduler::{Assignment, AttemptRef, HeldState};
 use crate::workers::{Command, Registration};
 
 /// The longest id, name or address field a request may carry.
@@ -294,6 +294,20 @@ impl From<Job> for v1::Job {
             min_workers: j.min_workers,
             checkpoint_step: j.checkpoint_step,
             spec_yaml_omitted: false,
+            goodput: j.goodput.map(Into::into),
+        }
+    }
+}
+
+impl From<crate::goodput::Goodput> for v1::Goodput {
+    fn from(g: crate::goodput::Goodput) -> Self {
+        v1::Goodput {
+            ratio: g.ratio(),
+            productive_s: g.productive_ms as f64 / 1e3,
+            wall_s: g.wall_ms as f64 / 1e3,
+            failures: g.failures,
+            steps_lost: g.steps_lost,
+            recovering_s: g.recovering_ms as f64 / 1e3,
         }
     }
 }
@@ -410,6 +424,8 @@ pub struct AssignmentPoll {
     /// Rank 0 of an NCCL job posting its unique id.
     pub nccl_unique_id: Option<Vec<u8>>,
     pub secret: String,
+    /// The training state the worker holds in memory, if any.
+    pub held: Option<HeldState>,
 }
 
 /// The longest GetAssignment long-poll.
@@ -431,6 +447,7 @@ impl TryFrom<v1::GetAssignmentRequest> for AssignmentPoll {
             wait_ms: r.wait_ms.min(MAX_WAIT_MS),
             nccl_unique_id,
             secret: text_field("worker_secret", r.worker_secret)?,
+            held: held_state("held_state", r.held_state)?,
         })
     }
 }
@@ -448,6 +465,8 @@ impl From<Assignment> for v1::Assignment {
             resume_checkpoint: a.resume_checkpoint,
             resume_step: a.resume_step,
             ring_token: a.ring_token,
+            resume_peer_rank: a.resume_peer_rank,
+            goodput: a.goodput.map(Into::into),
         }
     }
 }
@@ -588,8 +607,20 @@ fn device_kind(caps: &v1::Capabilities) -> Result<jobspec::Device> {
 /// SIGTERM; recognised only for them (kind UNSPECIFIED).
 const LEGACY_SHUTDOWN_REASON: &str = "worker shutting down (SIGTERM)";
 
+/// A worker's claim to hold a job's state in memory; an empty message (no job id) is none.
+fn held_state(field: &str, h: Option<v1::HeldState>) -> Result<Option<HeldState>> {
+    match h {
+        Some(h) if !h.job_id.is_empty() => {
+            Ok(Some(HeldState { job_id: id_field(&format!("{field}.job_id"), &h.job_id)?, step: h.step }))
+        }
+        _ => Ok(None),
+    }
+}
+
 pub struct Failed {
     pub at: AttemptRef,
+    /// The training state the worker kept from the attempt, if any.
+    pub held: Option<HeldState>,
     /// At most [`MAX_REASON`] bytes.
     pub reason: String,
     /// What the scheduler does next: retry, fail the job, or drop the worker.
@@ -640,6 +671,7 @@ impl TryFrom<v1::ReportFailedRequest> for Failed {
         Ok(Failed {
             at: attempt_ref(&r.worker_id, &r.job_id, r.attempt)?,
             kind: failure_kind(&r)?,
+            held: held_state("held_state", r.held_state.clone())?,
             reason: cap_reason(r.reason),
             secret: text_field("worker_secret", r.worker_secret)?,
         })

@@ -59,6 +59,8 @@ pub struct Job {
     pub checkpoint_step: u64,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// Soft state, not stored: `None` until an attempt has started since the coordinator did.
+    pub goodput: Option<crate::goodput::Goodput>,
 }
 
 /// A job to create: the store assigns the id.

@@ -40,6 +40,8 @@ pub struct Jobs {
     queue: Mutex<Option<BTreeMap<(u64, String), Queued>>>,
     /// Called after a job joins the queue (submitted, or queued again), without locks held.
     queue_listeners: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
+    /// Goodput of each job (soft state, like `live`).
+    goodput: crate::goodput::Book,
 }
 
 /// What scheduling needs of a PENDING job: the typed columns, no YAML.
@@ -92,6 +94,7 @@ impl Jobs {
             ended: std::sync::atomic::AtomicU64::new(0),
             queue: Mutex::new(None),
             queue_listeners: Mutex::new(Vec::new()),
+            goodput: crate::goodput::Book::default(),
         }
     }
 
@@ -156,6 +159,7 @@ impl Jobs {
             job.step = step;
             job.updated_ms = job.updated_ms.max(at_ms);
         }
+        job.goodput = self.goodput.get(&job.id, self.clock.now_ms());
         job
     }
 
@@ -227,6 +231,7 @@ impl Jobs {
         Self::lock(&self.channels).map(|mut c| c.remove(id)).ok();
         Self::lock(&self.members).map(|mut m| m.remove(id)).ok();
         Self::lock(&self.live).map(|mut l| l.remove(id)).ok();
+        self.goodput.forget(id);
         self.ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(job = %id, "job deleted");
         Ok(job)
@@ -263,7 +268,19 @@ impl Jobs {
         attempt: &Attempt,
         change: impl FnOnce(&mut Job) -> Result<()>,
     ) -> Result<Job> {
-        self.store_transition(id, Some(attempt), change)
+        let job = self.store_transition(id, Some(attempt), change)?;
+        self.goodput.attempt_started(id, attempt.resume_step, attempt.started_ms);
+        Ok(job)
+    }
+
+    /// The job's goodput now (`None` before its first attempt since the coordinator started).
+    pub fn goodput(&self, id: &str) -> Option<crate::goodput::Goodput> {
+        self.goodput.get(id, self.clock.now_ms())
+    }
+
+    /// The job's current attempt ended; `failed`: by a failure, so the job runs again.
+    pub fn attempt_ended(&self, id: &str, failed: bool) {
+        self.goodput.attempt_ended(id, failed, self.clock.now_ms());
     }
 
     fn store_transition(
@@ -283,6 +300,7 @@ impl Jobs {
             }
             if job.state.is_terminal() {
                 self.ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.goodput.job_ended(id, job.updated_ms);
             }
             // The stored job now holds the live step (read above) or the one `change` set (a
             // restart from a checkpoint): the live value is spent.
@@ -308,6 +326,7 @@ impl Jobs {
     pub fn set_step(&self, id: &str, step: u64) -> Result<()> {
         let now = self.clock.now_ms();
         Self::lock(&self.live)?.insert(id.to_owned(), (step, now));
+        self.goodput.progress(id, step, now);
         Ok(())
     }
 

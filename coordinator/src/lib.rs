@@ -13,6 +13,7 @@ pub mod auth;
 pub mod convert;
 pub mod domain;
 pub mod error;
+pub mod goodput;
 pub mod jobs;
 pub mod metrics;
 pub mod scheduler;

@@ -68,6 +68,10 @@ pub struct Metrics {
     job_step: Family<JobLabels, Gauge>,
     job_loss: Family<JobLabels, FloatGauge>,
     job_tokens_per_s: Family<JobLabels, FloatGauge>,
+    job_goodput: Family<JobLabels, FloatGauge>,
+    job_failures: Family<JobLabels, Gauge>,
+    job_steps_lost: Family<JobLabels, Gauge>,
+    job_recovering_s: Family<JobLabels, FloatGauge>,
     rpcs: Family<RpcLabels, Counter>,
     /// `/package.Service/Method` of every served method: anything else is counted as `other`,
     /// so that a caller cannot grow the label set without bound.
@@ -93,6 +97,10 @@ impl Metrics {
             job_step: Family::default(),
             job_loss: Family::default(),
             job_tokens_per_s: Family::default(),
+            job_goodput: Family::default(),
+            job_failures: Family::default(),
+            job_steps_lost: Family::default(),
+            job_recovering_s: Family::default(),
             rpcs: Family::default(),
             methods: served_methods(),
             registry: Registry::default(),
@@ -114,6 +122,22 @@ impl Metrics {
             "Training throughput of the whole gang, per running job",
             m.job_tokens_per_s.clone(),
         );
+        registry.register(
+            "job_goodput_ratio",
+            "Productive step time over wall time since the job first started, per unfinished job",
+            m.job_goodput.clone(),
+        );
+        registry.register("job_failures", "Attempts ended by a failure, per unfinished job", m.job_failures.clone());
+        registry.register(
+            "job_steps_lost",
+            "Steps done again after failures (reported, then resumed from before), per unfinished job",
+            m.job_steps_lost.clone(),
+        );
+        registry.register(
+            "job_recovering_seconds",
+            "Time from failures to the next attempt's first step, summed, per unfinished job",
+            m.job_recovering_s.clone(),
+        );
         registry.register("rpc_requests", "gRPC calls by method and final status code", m.rpcs.clone());
         Metrics { registry, ..m }
     }
@@ -131,6 +155,23 @@ impl Metrics {
             self.jobs.get_or_create(&StateLabels { state: state.as_str() }).set(n as i64);
         }
         self.workers_alive.set(workers.alive()?.len() as i64);
+        for j in &all {
+            let l = JobLabels { job: j.id.clone() };
+            match j.goodput.filter(|_| !j.state.is_terminal()) {
+                Some(g) => {
+                    self.job_goodput.get_or_create(&l).set(g.ratio());
+                    self.job_failures.get_or_create(&l).set(i64::from(g.failures));
+                    self.job_steps_lost.get_or_create(&l).set(g.steps_lost as i64);
+                    self.job_recovering_s.get_or_create(&l).set(g.recovering_ms as f64 / 1e3);
+                }
+                None => {
+                    self.job_goodput.remove(&l);
+                    self.job_failures.remove(&l);
+                    self.job_steps_lost.remove(&l);
+                    self.job_recovering_s.remove(&l);
+                }
+            }
+        }
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
             .map_err(|_| crate::Error::Internal("encoding metrics".into()))?;

@@ -49,6 +49,19 @@ pub struct Assignment {
     pub uses_nccl: bool,
     /// NCCL jobs: rank 0's unique id, empty until rank 0 has posted it ([`Scheduler::post_nccl_id`]).
     pub nccl_unique_id: Vec<u8>,
+    /// Resume from the state this rank holds in memory (at `resume_step`), handed to the other
+    /// ranks over the collective, rather than from `resume_checkpoint`.
+    pub resume_peer_rank: Option<u32>,
+    /// The job's goodput when the attempt started.
+    pub goodput: Option<crate::goodput::Goodput>,
+}
+
+/// A worker's claim to hold a job's training state in memory after `step` steps (recovery from
+/// peers): kept from its ReportFailed or GetAssignment until it joins a gang.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldState {
+    pub job_id: String,
+    pub step: u64,
 }
 
 /// A running attempt.
@@ -59,6 +72,9 @@ struct Gang {
     ring_peers: Vec<String>,
     ring_token: u64,
     resume: Option<Checkpoint>,
+    /// The rank whose in-memory state the attempt resumes from, if any.
+    peer_rank: Option<u32>,
+    goodput: Option<crate::goodput::Goodput>,
     nccl: NcclRelay,
 }
 
@@ -87,6 +103,9 @@ struct Table {
     /// Worker id -> how many of its GetAssignment calls are waiting now ([`Scheduler::wait_for_assignment`]):
     /// a worker in such a call is alive and idle however long ago it was last heard from.
     waiting: HashMap<String, usize>,
+    /// Worker id -> the training state it says it holds in memory (checked: it was a member of
+    /// an attempt of that job). Cleared when the worker joins a gang.
+    held: HashMap<String, HeldState>,
 }
 
 /// How recently an idle worker must have called (or registered) to join a gang, unless it is
@@ -182,9 +201,11 @@ impl Scheduler {
             ring_peers: g.ring_peers.clone(),
             ring_token: g.ring_token,
             resume_checkpoint: g.resume.as_ref().map(|c| c.path.clone()).unwrap_or_default(),
-            resume_step: g.resume.as_ref().map_or(0, |c| c.step),
+            resume_step: g.attempt.resume_step,
             uses_nccl: !matches!(g.nccl, NcclRelay::NotNeeded),
             nccl_unique_id: g.nccl.id().to_vec(),
+            resume_peer_rank: g.peer_rank,
+            goodput: g.goodput,
         })
     }
 
@@ -202,7 +223,7 @@ impl Scheduler {
             }
         }
         for id in ended {
-            self.end(t, &id, "job ended")?;
+            self.end(t, &id, "job ended", false)?;
         }
         let mut stale = Vec::new();
         for id in t.grow_to.keys() {
@@ -240,8 +261,10 @@ impl Scheduler {
                 let alive = self.workers.alive()?;
                 idle = Some(self.ready(t, &alive).into_iter().filter(|w| w.id != caller).cloned().collect());
             }
-            let others: Vec<&Worker> =
-                idle.iter().flatten().filter(|w| w.device == job.device).take(need - 1).collect();
+            // Workers holding the job's newest state in memory first, so the gang resumes from it.
+            let mut others: Vec<&Worker> = idle.iter().flatten().filter(|w| w.device == job.device).collect();
+            others.sort_by_key(|w| std::cmp::Reverse(held_step(t, &w.id, &job.id).map_or(0, |s| s + 1)));
+            others.truncate(need - 1);
             let due = job.since_ms.saturating_add(self.elastic_wait_ms);
             let waited = now >= due;
             let grown = t.grow_to.get(&job.id).is_some_and(|&n| others.len() + 1 >= n.min(need));
@@ -290,7 +313,7 @@ impl Scheduler {
         let target = (world + extra).min(want);
         let why = format!("scaling up from {world} to {target} workers at step {step}");
         tracing::info!(job = %job_id, "{why}");
-        self.end(t, job_id, &why)?;
+        self.end(t, job_id, &why, false)?;
         t.grow_to.insert(job_id.to_owned(), target);
         self.jobs.transition(job_id, |j| {
             j.state = JobState::Pending;
@@ -309,12 +332,25 @@ impl Scheduler {
         t.grow_to.remove(&job.id);
         let number = self.store.attempts(&job.id)?.iter().map(|a| a.attempt).max().unwrap_or(0) + 1;
         let resume = self.store.latest_checkpoint(&job.id)?;
+        let checkpoint_step = resume.as_ref().map_or(0, |c| c.step);
+        // The newest state a member holds, if newer than the checkpoint. A state at the last
+        // step is not used: its attempt may have ended before writing the final checkpoint.
+        let peer = gang
+            .iter()
+            .enumerate()
+            .filter_map(|(rank, w)| held_step(t, &w.id, &job.id).map(|step| (step, std::cmp::Reverse(rank))))
+            .filter(|&(step, _)| step > checkpoint_step && step < job.total_steps)
+            .max()
+            .map(|(step, std::cmp::Reverse(rank))| (rank as u32, step));
+        for w in &gang {
+            t.held.remove(&w.id);
+        }
         let attempt = Attempt {
             job_id: job.id.clone(),
             attempt: number,
             world_size: gang.len() as u32,
             workers: gang.iter().map(|w| w.id.clone()).collect(),
-            resume_step: resume.as_ref().map_or(0, |c| c.step),
+            resume_step: peer.map_or(checkpoint_step, |p| p.1),
             started_ms: self.clock.now_ms(),
             ended_ms: None,
             outcome: String::new(),
@@ -326,10 +362,22 @@ impl Scheduler {
             j.reason = String::new();
             Ok(())
         })?;
-        tracing::info!(job = %job.id, attempt = number, world = gang.len(), "attempt started");
+        match peer {
+            Some((rank, step)) => {
+                tracing::info!(job = %job.id, attempt = number, world = gang.len(), step, rank, "attempt started from a peer's state")
+            }
+            None => {
+                tracing::info!(job = %job.id, attempt = number, world = gang.len(), step = checkpoint_step, "attempt started")
+            }
+        }
         for (rank, w) in gang.iter().enumerate() {
             t.busy.insert(w.id.clone(), job.id.clone());
-            let what = format!("attempt {number}: rank {rank} of {}", gang.len());
+            let from = match peer {
+                Some((p, step)) => format!("from step {step} held in memory by rank {p}"),
+                None if checkpoint_step > 0 => format!("from checkpoint step {checkpoint_step}"),
+                None => "from the start".to_owned(),
+            };
+            let what = format!("attempt {number}: rank {rank} of {}, {from}", gang.len());
             self.worker_event(&job.id, &w.id, rank, WorkerEventKind::Joined, what);
         }
         let gang = Gang {
@@ -340,15 +388,19 @@ impl Scheduler {
             ring_peers: gang.iter().map(|w| w.ring_address.clone()).collect(),
             ring_token: ring_token()?,
             resume,
+            peer_rank: peer.map(|p| p.0),
+            goodput: self.jobs.goodput(&job.id),
         };
         t.gangs.insert(job.id, gang);
         self.changed.notify_waiters();
         Ok(())
     }
 
-    /// Ends the job's attempt with `outcome` and frees its workers.
-    fn end(&self, t: &mut Table, job_id: &str, outcome: &str) -> Result<()> {
+    /// Ends the job's attempt with `outcome` and frees its workers. `failed`: a failure ended
+    /// it (for goodput; not a cancel, a success or a scale-up).
+    fn end(&self, t: &mut Table, job_id: &str, outcome: &str, failed: bool) -> Result<()> {
         if let Some(mut g) = t.gangs.remove(job_id) {
+            self.jobs.attempt_ended(job_id, failed);
             for w in &g.attempt.workers {
                 t.busy.remove(w);
                 // A member may have died with the attempt: it joins a new gang only once it
@@ -474,7 +526,7 @@ impl Scheduler {
                     let why = format!("rank 0 stopped at step {step} of {}", job.total_steps);
                     return self.failed(r, &why, FailureKind::Error);
                 }
-                self.end(&mut t, &r.job_id, "succeeded")?;
+                self.end(&mut t, &r.job_id, "succeeded", false)?;
                 self.worker_event(&r.job_id, &r.worker_id, 0, WorkerEventKind::Left, format!("done at step {step}"));
                 self.jobs.transition(&r.job_id, |j| {
                     j.state = JobState::Succeeded;
@@ -510,7 +562,7 @@ impl Scheduler {
         };
         let why = format!("rank {rank} ({}) failed: {reason}", r.worker_id);
         self.worker_event(&r.job_id, &r.worker_id, rank, WorkerEventKind::Failed, reason.to_owned());
-        self.end(&mut t, &r.job_id, &why)?;
+        self.end(&mut t, &r.job_id, &why, true)?;
         // The reporter is alive, unlike (perhaps) the rest of its gang.
         self.heard(&mut t, &r.worker_id);
         if kind == FailureKind::InputError {
@@ -550,7 +602,7 @@ impl Scheduler {
             };
             let rank = t.gangs.get(&job_id).and_then(|g| g.attempt.workers.iter().position(|m| *m == w.id));
             self.worker_event(&job_id, &w.id, rank.unwrap_or(0), kind, reason.to_owned());
-            self.end(&mut t, &job_id, &why)?;
+            self.end(&mut t, &job_id, &why, true)?;
             self.requeue(&job_id, &why)?;
         }
         Ok(())
@@ -572,6 +624,32 @@ impl Scheduler {
             j.reason = cap_reason(why.to_owned());
             Ok(())
         })?;
+        Ok(())
+    }
+}
+
+/// The step of `job_id`'s state that `worker_id` holds in memory, if it holds one.
+fn held_step(t: &Table, worker_id: &str, job_id: &str) -> Option<u64> {
+    t.held.get(worker_id).filter(|h| h.job_id == job_id).map(|h| h.step)
+}
+
+impl Scheduler {
+    /// Records what training state a worker says it holds in memory (`None`: nothing). A claim
+    /// about a job the worker never ran an attempt of, or one that has ended, is ignored: only
+    /// a member may hand a job's state to the next gang.
+    pub fn note_held(&self, worker_id: &str, held: Option<HeldState>) -> Result<()> {
+        let Some(h) = held else {
+            self.table()?.held.remove(worker_id);
+            return Ok(());
+        };
+        let was_member = self.store.attempts(&h.job_id)?.iter().any(|a| a.workers.iter().any(|w| w == worker_id));
+        let open = self.jobs.get(&h.job_id).is_ok_and(|j| !j.state.is_terminal());
+        let mut t = self.table()?;
+        if was_member && open {
+            t.held.insert(worker_id.to_owned(), h);
+        } else {
+            t.held.remove(worker_id);
+        }
         Ok(())
     }
 }

@@ -308,8 +308,8 @@ fn watchers_see_members_join_checkpoint_fail_and_rank_0_evaluations() {
     assert_eq!(
         seen,
         [
-            format!("Joined {a} rank 0 attempt 1: rank 0 of 2"),
-            format!("Joined {b} rank 1 attempt 1: rank 1 of 2"),
+            format!("Joined {a} rank 0 attempt 1: rank 0 of 2, from the start"),
+            format!("Joined {b} rank 1 attempt 1: rank 1 of 2, from the start"),
             "eval 4 2.5".to_owned(),
             format!("Checkpoint {a} rank 0 step 4"),
             format!("Failed {b} rank 1 peer gone"),
@@ -491,4 +491,43 @@ fn scheduling_reads_the_typed_columns_not_the_yaml() {
     assert_eq!(s.assignment(&b).unwrap().unwrap().attempt, 2);
     s.failed(&AttemptRef { attempt: 2, ..ra }, "boom", FailureKind::Error).unwrap();
     assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Failed, "max_restarts 1 from its column");
+}
+
+/// A survivor that holds the job's state in memory is put in the new gang (before idle workers
+/// registered earlier), and the attempt resumes from its step, named by its rank. Claims from a
+/// worker that never ran the job, and states at the last step, are not used.
+#[test]
+fn a_gang_resumes_from_the_newest_state_a_member_holds() {
+    let (s, jobs, workers) = setup();
+    let spec = JOB.replace("max_restarts: 1", "max_restarts: 5");
+    let job = jobs.submit(&JobSpec::from_str(&spec, Path::new("job_yaml")).unwrap()).unwrap();
+    let ws = [reg(&workers, 1), reg(&workers, 2), reg(&workers, 3)];
+    assert!(s.assignment(&ws[0]).unwrap().is_some());
+    let ranks: Vec<Option<u32>> = ws.iter().map(|w| s.assignment(w).unwrap().map(|a| a.rank)).collect();
+    let by_rank = |r: u32| ws[ranks.iter().position(|&x| x == Some(r)).unwrap()].clone();
+    let (m0, m1) = (by_rank(0), by_rank(1));
+    let idle = ws[ranks.iter().position(|x| x.is_none()).unwrap()].clone();
+    let at = |w: &str, attempt: u32| AttemptRef { worker_id: w.to_owned(), job_id: job.id.clone(), attempt };
+    s.commit_checkpoint(&at(&m0, 1), 2, "/c/step-00000002".into(), String::new()).unwrap();
+    let held = |step: u64| Some(HeldState { job_id: job.id.clone(), step });
+    // The idle worker never ran the job: its claim is ignored.
+    s.note_held(&idle, held(9)).unwrap();
+    // Rank 1 survives at step 6 and says so as it reports the failure; rank 0 reports too.
+    s.note_held(&m1, held(6)).unwrap();
+    s.failed(&at(&m1, 1), "peer gone", FailureKind::Error).unwrap();
+    s.failed(&at(&m0, 1), "peer gone", FailureKind::Error).unwrap();
+    // Rank 0 registered before rank 1, but the holder is preferred.
+    let next = s.assignment(&idle).unwrap().unwrap();
+    let holder = s.assignment(&m1).unwrap().expect("the holder joins the new gang");
+    assert_eq!(s.assignment(&m0).unwrap(), None);
+    assert_eq!(next.attempt, 2);
+    assert_eq!((next.resume_peer_rank, next.resume_step), (Some(holder.rank), 6), "{next:?}");
+    assert_eq!(holder.resume_peer_rank, Some(holder.rank));
+    assert_eq!(next.resume_checkpoint, "/c/step-00000002");
+    // A state at the last step is never resumed from (its final checkpoint may be missing).
+    s.note_held(&m1, held(10)).unwrap();
+    s.failed(&at(&m1, 2), "gone again", FailureKind::Error).unwrap();
+    s.failed(&at(&idle, 2), "gone again", FailureKind::Error).unwrap();
+    let third = s.assignment(&m1).unwrap().unwrap();
+    assert_eq!((third.attempt, third.resume_peer_rank, third.resume_step), (3, None, 2));
 }

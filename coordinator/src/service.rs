@@ -172,6 +172,7 @@ impl WorkerService for WorkerApi {
         if let Some(id) = &poll.nccl_unique_id {
             self.scheduler.post_nccl_id(&poll.worker_id, id)?;
         }
+        self.scheduler.note_held(&poll.worker_id, poll.held)?;
         // Woken by the scheduler (see Scheduler::wait_for_assignment), not a polling loop.
         let wait = Duration::from_millis(u64::from(poll.wait_ms));
         let a = self.scheduler.wait_for_assignment(&poll.worker_id, wait).await?;
@@ -215,8 +216,10 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<v1::ReportFailedRequest>,
     ) -> Result<Response<v1::ReportFailedResponse>, Status> {
-        let Failed { at, reason, kind, secret } = req.into_inner().try_into()?;
+        let Failed { at, reason, kind, secret, held } = req.into_inner().try_into()?;
         self.workers.authenticate(&at.worker_id, &secret)?;
+        // Before the attempt ends: the gang that re-forms at once must know what this worker holds.
+        self.scheduler.note_held(&at.worker_id, held)?;
         self.scheduler.failed(&at, &reason, kind)?;
         Ok(Response::new(v1::ReportFailedResponse {}))
     }

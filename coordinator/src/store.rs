@@ -318,6 +318,7 @@ fn job_from_row(r: &Row) -> rusqlite::Result<Job> {
         created_ms: r.get(10)?,
         updated_ms: r.get(11)?,
         checkpoint_step: r.get::<_, i64>(12)? as u64,
+        goodput: None,
         placement: Placement {
             device: jobspec::Device::parse(&device).ok_or_else(|| bad_column(13, "device", &device))?,
             max_restarts: r.get(14)?,
@@ -587,6 +588,7 @@ impl Store for MemStore {
                 min_workers: j.min_workers,
                 placement: j.placement,
                 checkpoint_step: 0,
+                goodput: None,
                 created_ms: j.created_ms,
                 updated_ms: j.created_ms,
             };

@@ -336,6 +336,7 @@ async fn nccl_unique_id_is_relayed_from_rank_0_and_checked() {
         wait_ms,
         nccl_unique_id: nccl,
         worker_secret: secrets[id].clone(),
+        held_state: None,
     };
     let assignment = |r: tonic::Response<v1::GetAssignmentResponse>| r.into_inner().assignment.expect("an assignment");
     let first = assignment(w.get_assignment(poll(&ids[0], 2_000, vec![])).await.unwrap());

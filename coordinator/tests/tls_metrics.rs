@@ -445,6 +445,18 @@ async fn metrics_follow_jobs_workers_attempts_and_calls() {
             && !m.contains_key(&format!("bert2bert_job_step{jl}"))
     })
     .await;
+    // Goodput of the unfinished job: one failure; no step lost yet (no attempt resumed), and
+    // some of its time went into steps.
+    let m = tokio::task::spawn_blocking(move || scrape(addr)).await.unwrap();
+    assert_eq!(get(&m, &format!("bert2bert_job_failures{jl}")), 1.0);
+    assert_eq!(get(&m, &format!("bert2bert_job_steps_lost{jl}")), 0.0);
+    let ratio = get(&m, &format!("bert2bert_job_goodput_ratio{jl}"));
+    assert!((0.0..=1.0).contains(&ratio), "goodput ratio {ratio}");
+    assert!(get(&m, &format!("bert2bert_job_recovering_seconds{jl}")) >= 0.0);
+    let status = jobs.get(v1::GetJobRequest { job_id: job.id.clone() }).await.unwrap().into_inner().job.unwrap();
+    let g = status.goodput.expect("goodput once an attempt has run");
+    assert_eq!((g.failures, g.steps_lost), (1, 0));
+    assert!(g.wall_s > 0.0 && g.productive_s <= g.wall_s, "{g:?}");
     check_rpc_counts(addr, step).await;
 
     // Silence: both workers are lost to the heartbeat timeout.

@@ -3,6 +3,7 @@
 //! one GPU, and (with a ring or NCCL collective) across workers.
 
 pub mod evaluate;
+pub mod peer;
 pub mod ring;
 pub mod state;
 pub mod tensorboard;

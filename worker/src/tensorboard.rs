@@ -172,6 +172,15 @@ impl TrainLog {
         self.writer.as_ref().map(|w| w.path())
     }
 
+    /// Scalars that come from elsewhere (e.g. the coordinator's goodput) at `step`.
+    pub fn scalars(&mut self, step: u64, values: &[(&str, f64)]) {
+        let Some(w) = &mut self.writer else { return };
+        if let Err(e) = w.scalars(step, values) {
+            tracing::warn!("writing {}: {e}; no more TensorBoard events this run", w.path().display());
+            self.writer = None;
+        }
+    }
+
     pub fn record(&mut self, event: &TrainEvent) {
         let Some(w) = &mut self.writer else { return };
         let written = match event {

@@ -27,6 +27,7 @@ use model::tokenizer::Tokenizer;
 use model::{Error, Result};
 
 use crate::evaluate::{EvalOptions, EvalResult, evaluate};
+use crate::peer::{self, Snapshot};
 use crate::state::{self, JobOwner, TrainingState};
 
 /// How long a step's collectives may take, by default, before the host gives up on them: well
@@ -119,6 +120,55 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
     /// writes name `owner`; it resumes from and prunes only checkpoints of the same job, and
     /// refuses to start over another job's unless `checkpoint.resume_from` names one.
     pub fn new_owned(b: &'a B, coll: &'a C, job: JobSpec, owner: JobOwner) -> Result<(Self, Option<Event>)> {
+        let (mut trainer, ck, model_dir) = Self::build(b, coll, job, owner)?;
+        let resumed = trainer.resume()?;
+        // A fresh start trains the cross-attention from what the checkpoint holds: refuse one
+        // that was never initialised (a resumed run has trained it already).
+        if trainer.step == 0 {
+            model::guards::check_cross_attention(&ck.table, &ck.params, &model_dir)?;
+        }
+        Ok((trainer, resumed))
+    }
+
+    /// `new_owned`, resuming from the training state rank `root` holds in memory (`held`, on
+    /// that rank) instead of from a checkpoint: the root hands it to every rank over the
+    /// collective, checked by a hash ([`crate::peer`]). Every rank of the gang must call this.
+    pub fn new_from_peer(
+        b: &'a B,
+        coll: &'a C,
+        job: JobSpec,
+        owner: JobOwner,
+        (root, held): (usize, Option<&Snapshot>),
+    ) -> Result<Self> {
+        let (mut t, _, _) = Self::build(b, coll, job, owner)?;
+        let n = t.net.table.storage_len;
+        let bufs = peer::StateBuffers::<B> { params: &mut t.net.params, adam_m: &mut t.opt.m, adam_v: &mut t.opt.v, n };
+        let got = peer::transfer(b, coll, root, held, t.job.training.seed, bufs)?;
+        t.net.params_written();
+        if got.step > t.job.training.steps {
+            return Err(Error::Other(format!("peer state is at step {}, past training.steps", got.step)));
+        }
+        (t.step, t.opt.step, t.cursor) = (got.step, got.step, got.cursor);
+        tracing::info!("resumed from rank {root}'s state in memory at step {}", got.step);
+        Ok(t)
+    }
+
+    /// This rank's training state, copied to host memory (kept for [`Self::new_from_peer`]).
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let (b, n) = (self.b, self.net.table.storage_len);
+        Ok(Snapshot {
+            step: self.step,
+            cursor: self.cursor,
+            seed: self.job.training.seed,
+            params: b.download(b.view(&self.net.params, 0..n))?,
+            adam_m: b.download(b.view(&self.opt.m, 0..n))?,
+            adam_v: b.download(b.view(&self.opt.v, 0..n))?,
+        })
+    }
+
+    /// The trainer at step 0 with the model's initial weights, and the checkpoint and model
+    /// directory they came from.
+    fn build(b: &'a B, coll: &'a C, job: JobSpec, owner: JobOwner) -> Result<(Self, Checkpoint, PathBuf)> {
         let (ck, tok) = load_model(&job)?;
         let d = &job.data;
         let train = Dataset::load(&d.train, &tok, &d.source_field, &d.target_field)?;
@@ -141,7 +191,7 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
         let net = Bert2Bert::new(b, ck.config.clone(), ck.table.clone(), &ck.params)?;
         let opt = Optimizer::new(b, &ck.table, job.adamw())?;
         let schedule = job.schedule();
-        let mut trainer = Trainer {
+        let trainer = Trainer {
             b,
             coll,
             tok,
@@ -169,13 +219,7 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
         if trainer.coll.rank() == 0 {
             state::remove_stale_partials(&trainer.job.checkpoint.dir, &trainer.owner)?;
         }
-        let resumed = trainer.resume()?;
-        // A fresh start trains the cross-attention from what the checkpoint holds: refuse one
-        // that was never initialised (a resumed run has trained it already).
-        if trainer.step == 0 {
-            model::guards::check_cross_attention(&ck.table, &ck.params, &model_dir)?;
-        }
-        Ok((trainer, resumed))
+        Ok((trainer, ck, model_dir))
     }
 
     /// Where to resume from: this job's newest valid checkpoint; else `checkpoint.resume_from`;
