@@ -680,7 +680,8 @@ fn killed_virtual_gpu_worker_mid_collective_job_recovers() {
     let mut c = Cluster::new(root);
     let (a, b) = (c.add_worker_with(&["--device", "cuda-emu"]), c.add_worker_with(&["--device", "cuda-emu"]));
     let job = c.submit();
-    let before = c.wait_for(&job, "a committed checkpoint", committed(10));
+    // Past the checkpoint at step 10, so that the survivor's state is the newer one.
+    let before = c.wait_for(&job, "step 12", |v| v["step"].as_u64().unwrap_or(0) >= 12);
     c.workers[a].0.kill().unwrap();
     c.workers[a].0.wait().unwrap();
     let killed_at = Instant::now();
@@ -699,4 +700,9 @@ fn killed_virtual_gpu_worker_mid_collective_job_recovers() {
     assert!(before["step"].as_u64().unwrap() < total, "the kill came after the end: {before}");
     assert!(v["restarts"].as_u64().unwrap() >= 1, "{v}");
     assert_final_checkpoint(root, total);
+    // The survivor kept its state through the aborted communicator, and the new gang resumed
+    // from it over NCCL: no step lost.
+    let from_memory = c.worker_log_text().lines().filter(|l| l.contains("state in memory at step")).count();
+    assert_eq!(from_memory, 2, "both ranks resume from the survivor's memory\n{}", c.logs());
+    assert_eq!(v["goodput"]["steps_lost"], 0, "{v}\n{}", c.logs());
 }
