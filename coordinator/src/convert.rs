@@ -621,6 +621,8 @@ pub struct Failed {
     pub at: AttemptRef,
     /// The training state the worker kept from the attempt, if any.
     pub held: Option<HeldState>,
+    /// Steps the worker had completed.
+    pub step: u64,
     /// At most [`MAX_REASON`] bytes.
     pub reason: String,
     /// What the scheduler does next: retry, fail the job, or drop the worker.
@@ -672,6 +674,7 @@ impl TryFrom<v1::ReportFailedRequest> for Failed {
             at: attempt_ref(&r.worker_id, &r.job_id, r.attempt)?,
             kind: failure_kind(&r)?,
             held: held_state("held_state", r.held_state.clone())?,
+            step: r.step,
             reason: cap_reason(r.reason),
             secret: text_field("worker_secret", r.worker_secret)?,
         })

@@ -40,6 +40,8 @@ struct Attempt {
     resume_step: u64,
     first: Option<(u64, i64)>,
     last: Option<(u64, i64)>,
+    /// The most steps a member said it had completed (when it reported a failure).
+    reached: u64,
 }
 
 impl Attempt {
@@ -106,7 +108,7 @@ impl Book {
                 // Counted once, even if this attempt too ends before its first step.
                 g.reached = resume_step;
             }
-            t.current = Attempt { started_ms: now, resume_step, first: None, last: None };
+            t.current = Attempt { started_ms: now, resume_step, ..Attempt::default() };
         })
     }
 
@@ -127,11 +129,17 @@ impl Book {
         })
     }
 
+    /// A member of the current attempt had completed `step` steps.
+    pub fn reached(&self, id: &str, step: u64) {
+        self.with(id, |t| t.current.reached = t.current.reached.max(step))
+    }
+
     /// The current attempt ended; `failed`: by a failure (the job runs again).
     pub fn attempt_ended(&self, id: &str, failed: bool, now: i64) {
         self.with(id, |t| {
             t.kept_ms += t.current.productive_ms();
-            let reached = t.current.last.map_or(t.current.resume_step, |(s, _)| s);
+            let reported = t.current.last.map_or(t.current.resume_step, |(s, _)| s);
+            let reached = reported.max(t.current.reached);
             let step_ms = t.current.step_ms().or(t.gap.map(|g| g.step_ms)).unwrap_or(0.0);
             t.totals.failures += u32::from(failed);
             // An attempt that ended before its first step extends the gap before it.
@@ -215,5 +223,18 @@ mod tests {
         let g = b.get("j", 500).unwrap();
         assert_eq!((g.failures, g.steps_lost, g.recovering_ms), (1, 0, 80));
         assert!(b.get("other", 500).is_none());
+    }
+
+    /// Progress reports lag (rank 0 sends at most every 250 ms): the step a survivor reports
+    /// with its failure counts as reached, so a resume from an older checkpoint shows its loss.
+    #[test]
+    fn a_survivors_reported_step_counts_as_reached() {
+        let b = Book::default();
+        b.attempt_started("j", 0, 0);
+        b.progress("j", 5, 100);
+        b.reached("j", 19);
+        b.attempt_ended("j", true, 400);
+        b.attempt_started("j", 10, 450);
+        assert_eq!(b.get("j", 450).unwrap().steps_lost, 9);
     }
 }

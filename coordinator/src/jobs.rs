@@ -278,6 +278,11 @@ impl Jobs {
         self.goodput.get(id, self.clock.now_ms())
     }
 
+    /// A member of the job's current attempt had completed `step` steps.
+    pub fn attempt_reached(&self, id: &str, step: u64) {
+        self.goodput.reached(id, step);
+    }
+
     /// The job's current attempt ended; `failed`: by a failure, so the job runs again.
     pub fn attempt_ended(&self, id: &str, failed: bool) {
         self.goodput.attempt_ended(id, failed, self.clock.now_ms());

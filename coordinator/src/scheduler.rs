@@ -551,8 +551,17 @@ impl Scheduler {
     /// worker's roots), so another attempt would fail the same way: fail the job at once.
     /// WorkerShutdown: the worker is leaving, so it joins no new gang.
     pub fn failed(&self, r: &AttemptRef, reason: &str, kind: FailureKind) -> Result<()> {
+        self.failed_at(r, reason, kind, 0)
+    }
+
+    /// [`Self::failed`] by a worker that had completed `step` steps: the steps the attempt
+    /// reached, for goodput's steps lost (rank 0's throttled progress may lag behind).
+    pub fn failed_at(&self, r: &AttemptRef, reason: &str, kind: FailureKind, step: u64) -> Result<()> {
         let mut t = self.table()?;
         let member = self.member(&t, r)?;
+        if member.is_some() {
+            self.jobs.attempt_reached(&r.job_id, step);
+        }
         if kind == FailureKind::WorkerShutdown {
             t.departed.insert(r.worker_id.clone());
         }

@@ -216,11 +216,11 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<v1::ReportFailedRequest>,
     ) -> Result<Response<v1::ReportFailedResponse>, Status> {
-        let Failed { at, reason, kind, secret, held } = req.into_inner().try_into()?;
+        let Failed { at, reason, kind, secret, held, step } = req.into_inner().try_into()?;
         self.workers.authenticate(&at.worker_id, &secret)?;
         // Before the attempt ends: the gang that re-forms at once must know what this worker holds.
         self.scheduler.note_held(&at.worker_id, held)?;
-        self.scheduler.failed(&at, &reason, kind)?;
+        self.scheduler.failed_at(&at, &reason, kind, step)?;
         Ok(Response::new(v1::ReportFailedResponse {}))
     }
 

@@ -14,8 +14,8 @@ mod tensors;
 #[cfg(test)]
 use save::write_synced;
 pub use save::{
-    MODEL_FILES, WRITER_FILE, is_model_dir, remove_stale_partials, save_model_dir, save_model_dir_opts,
-    save_model_dir_with,
+    MODEL_FILES, WRITER_FILE, is_model_dir, remove_checkpoint_dir, remove_stale_partials, save_model_dir,
+    save_model_dir_opts, save_model_dir_with,
 };
 use shards::{DirKind, Tensor, WeightFiles};
 pub use tensors::{NamedTensor, read_i32_tensor, read_tensors, safetensors_error, write_tensors};

@@ -332,10 +332,35 @@ fn plain_file_names(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Unlinks `names` in `dir`, then `rmdir`s it. False (with a warning) when something else is
-/// still inside: it is not ours to delete.
+/// Deletes the whole checkpoint directory `dir`, whose files are `names`, so that a crash part
+/// way leaves nothing that looks like a checkpoint: it is renamed to `DIR.old.<writer>` first
+/// (one atomic step), then emptied, its writer file last (so that [`remove_stale_partials`] can
+/// still prove it ours and finish), and removed. A directory that also holds anything else is
+/// neither moved nor removed: only `names` are unlinked in place, and the result is false.
+pub fn remove_checkpoint_dir(dir: &Path, names: &[String]) -> Result<bool> {
+    let only_ours = match plain_file_names(dir) {
+        Ok(present) => present.iter().all(|n| names.contains(n)),
+        Err(_) if !dir.exists() => return Ok(true),
+        Err(_) => false,
+    };
+    if !only_ours {
+        return remove_named_then_dir(dir, names);
+    }
+    let old = sibling(dir, &format!("old.{}", writer_suffix()))?;
+    match std::fs::rename(dir, &old) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(Error::io(dir, e)),
+    }
+    sync_dir(&parent_of(dir))?;
+    remove_named_then_dir(&old, names)
+}
+
+/// Unlinks `names` in `dir` (its writer file last), then `rmdir`s it. False (with a warning)
+/// when something else is still inside: it is not ours to delete.
 fn remove_named_then_dir(dir: &Path, names: &[String]) -> Result<bool> {
-    for name in names {
+    let (writer, others): (Vec<&String>, Vec<&String>) = names.iter().partition(|n| n.as_str() == WRITER_FILE);
+    for name in others.into_iter().chain(writer) {
         match std::fs::remove_file(dir.join(name)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

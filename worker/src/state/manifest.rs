@@ -314,21 +314,14 @@ pub fn prune(root: &Path, keep: usize, me: &JobOwner) -> Result<Vec<PathBuf>> {
             kept += 1;
             continue;
         }
-        // The manifest goes last: a crash part way leaves a directory that fails to verify
-        // (and is skipped) rather than one that looks whole.
-        for name in m.files.keys().map(String::as_str).chain([MANIFEST_FILE]) {
-            match std::fs::remove_file(dir.join(name)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(dir.join(name), e)),
-                _ => {}
-            }
-        }
+        // Renamed aside first: a crash part way leaves a `.old.` directory that the next start
+        // removes (`remove_stale_partials`), never a half-deleted `step-` directory.
+        let names: Vec<String> = m.files.keys().cloned().chain([MANIFEST_FILE.to_owned()]).collect();
         verified().get_or_insert_with(HashMap::new).remove(&dir);
-        match std::fs::remove_dir(&dir) {
-            Ok(()) => deleted.push(dir),
-            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
-                tracing::warn!("{}: pruned; files it did not list are left in place", dir.display());
-            }
-            Err(e) => return Err(Error::io(&dir, e)),
+        if checkpoint::remove_checkpoint_dir(&dir, &names)? {
+            deleted.push(dir);
+        } else {
+            tracing::warn!("{}: pruned; files it did not list are left in place", dir.display());
         }
     }
     Ok(deleted)

@@ -167,3 +167,33 @@ fn manifest_entries_must_be_regular_files_inside_the_directory() {
     std::fs::write(dir.join("manifest.json"), vec![b' '; (1 << 20) + 1]).unwrap();
     assert!(verify_manifest(&dir).unwrap_err().to_string().contains("at most"));
 }
+
+/// A prune renames the checkpoint aside before deleting it, so a kill part way (here: after the
+/// rename, with some files gone) leaves no `step-` directory that fails to verify, and the next
+/// start's `remove_stale_partials` finishes the job. A prune that completes leaves nothing.
+#[test]
+fn a_prune_cut_short_leaves_no_half_deleted_checkpoint() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    for step in [1u64, 2, 3] {
+        let dir = fake_checkpoint(r, step, &me());
+        std::fs::write(dir.join(model::checkpoint::WRITER_FILE), me().writer_tag()).unwrap();
+        write_manifest(&dir, &me()).unwrap();
+    }
+    assert_eq!(prune(r, 2, &me()).unwrap(), vec![checkpoint_dir(r, 1)]);
+    let names = |r: &Path| {
+        let mut n: Vec<String> =
+            std::fs::read_dir(r).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(r), ["step-00000002", "step-00000003"]);
+    // What a kill after the rename leaves: the directory aside, partly emptied.
+    let aside = r.join("step-00000002.old.77.0.5");
+    std::fs::rename(checkpoint_dir(r, 2), &aside).unwrap();
+    std::fs::remove_file(aside.join("model.safetensors")).unwrap();
+    std::fs::remove_file(aside.join("manifest.json")).unwrap();
+    assert_eq!(steps(r), vec![3], "nothing half-deleted looks like a checkpoint");
+    assert_eq!(remove_stale_partials(r, &me()).unwrap(), vec![aside]);
+    assert_eq!(names(r), ["step-00000003"]);
+}
