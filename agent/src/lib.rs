@@ -224,7 +224,12 @@ fn poll(
         let assignment = match rt.block_on(client.clone().get_assignment(req)) {
             Ok(r) => {
                 backoff.reset();
-                r.into_inner().assignment
+                let r = r.into_inner();
+                if r.release_held_state && r.assignment.is_none() {
+                    take(current, |c| c.held = None);
+                    tracing::info!("the coordinator will not use the training state kept in memory: freed");
+                }
+                r.assignment
             }
             // The coordinator no longer knows our secret (its state directory was replaced), or
             // no longer takes our token: registering again either recovers or fails for good.

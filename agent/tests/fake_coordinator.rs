@@ -98,10 +98,10 @@ impl WorkerService for Served {
         let Some(mut asg) = next else {
             // A short long-poll keeps the agent's loop turning quickly in tests.
             tokio::time::sleep(Duration::from_millis(u64::from(req.wait_ms).min(50))).await;
-            return Ok(Response::new(v1::GetAssignmentResponse { assignment: None }));
+            return Ok(Response::new(v1::GetAssignmentResponse { assignment: None, ..Default::default() }));
         };
         asg.ring_peers = vec![self.0.ring_address.lock().unwrap().clone()];
-        Ok(Response::new(v1::GetAssignmentResponse { assignment: Some(asg) }))
+        Ok(Response::new(v1::GetAssignmentResponse { assignment: Some(asg), ..Default::default() }))
     }
 
     async fn report_progress(

@@ -330,6 +330,12 @@ fn killed_worker_is_replaced_from_a_survivors_memory_bit_for_bit() {
     let g = &v["goodput"];
     assert_eq!((g["failures"].as_u64(), g["steps_lost"].as_u64()), (Some(1), Some(0)), "{v}");
     assert!(g["ratio"].as_f64().unwrap() > 0.0 && g["recovering_s"].as_f64().unwrap() > 0.0, "{v}");
+    // Rank 0 of the second attempt wrote the failure into the job's TensorBoard events, at the
+    // step it resumed from.
+    let (scalars, _) = worker::tensorboard::read_scalars(&root.join("ckpt").join("logs")).unwrap();
+    let failures: Vec<(i64, f32)> =
+        scalars.iter().filter(|s| s.tag == "goodput/failures").map(|s| (s.step, s.value)).collect();
+    assert_eq!(failures.last(), Some(&(step as i64, 1.0)), "{failures:?}");
     train(root, "straight.yaml", "2");
     let name = format!("step-{total:08}");
     let (got, want) =

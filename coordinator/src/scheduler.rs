@@ -645,11 +645,12 @@ fn held_step(t: &Table, worker_id: &str, job_id: &str) -> Option<u64> {
 impl Scheduler {
     /// Records what training state a worker says it holds in memory (`None`: nothing). A claim
     /// about a job the worker never ran an attempt of, or one that has ended, is ignored: only
-    /// a member may hand a job's state to the next gang.
-    pub fn note_held(&self, worker_id: &str, held: Option<HeldState>) -> Result<()> {
+    /// a member may hand a job's state to the next gang. Returns false for a claim that is
+    /// not kept (the worker may free that state).
+    pub fn note_held(&self, worker_id: &str, held: Option<HeldState>) -> Result<bool> {
         let Some(h) = held else {
             self.table()?.held.remove(worker_id);
-            return Ok(());
+            return Ok(true);
         };
         let was_member = self.store.attempts(&h.job_id)?.iter().any(|a| a.workers.iter().any(|w| w == worker_id));
         let open = self.jobs.get(&h.job_id).is_ok_and(|j| !j.state.is_terminal());
@@ -659,7 +660,7 @@ impl Scheduler {
         } else {
             t.held.remove(worker_id);
         }
-        Ok(())
+        Ok(was_member && open)
     }
 }
 

@@ -511,9 +511,9 @@ fn a_gang_resumes_from_the_newest_state_a_member_holds() {
     s.commit_checkpoint(&at(&m0, 1), 2, "/c/step-00000002".into(), String::new()).unwrap();
     let held = |step: u64| Some(HeldState { job_id: job.id.clone(), step });
     // The idle worker never ran the job: its claim is ignored.
-    s.note_held(&idle, held(9)).unwrap();
+    assert!(!s.note_held(&idle, held(9)).unwrap(), "told to free it");
     // Rank 1 survives at step 6 and says so as it reports the failure; rank 0 reports too.
-    s.note_held(&m1, held(6)).unwrap();
+    assert!(s.note_held(&m1, held(6)).unwrap());
     s.failed(&at(&m1, 1), "peer gone", FailureKind::Error).unwrap();
     s.failed(&at(&m0, 1), "peer gone", FailureKind::Error).unwrap();
     // Rank 0 registered before rank 1, but the holder is preferred.

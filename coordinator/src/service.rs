@@ -172,11 +172,11 @@ impl WorkerService for WorkerApi {
         if let Some(id) = &poll.nccl_unique_id {
             self.scheduler.post_nccl_id(&poll.worker_id, id)?;
         }
-        self.scheduler.note_held(&poll.worker_id, poll.held)?;
+        let kept = self.scheduler.note_held(&poll.worker_id, poll.held)?;
         // Woken by the scheduler (see Scheduler::wait_for_assignment), not a polling loop.
         let wait = Duration::from_millis(u64::from(poll.wait_ms));
         let a = self.scheduler.wait_for_assignment(&poll.worker_id, wait).await?;
-        Ok(Response::new(v1::GetAssignmentResponse { assignment: a.map(Into::into) }))
+        Ok(Response::new(v1::GetAssignmentResponse { assignment: a.map(Into::into), release_held_state: !kept }))
     }
 
     async fn report_progress(
