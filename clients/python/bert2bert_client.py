@@ -118,6 +118,19 @@ def job_json(pb, job):
         "min_workers": job.min_workers,
         "created_unix_ms": job.created_unix_ms,
         "updated_unix_ms": job.updated_unix_ms,
+        "goodput": goodput_json(job.goodput) if job.HasField("goodput") else None,
+    }
+
+
+def goodput_json(g):
+    """The job's goodput as `status --json` shows it."""
+    return {
+        "ratio": g.ratio,
+        "productive_s": g.productive_s,
+        "wall_s": g.wall_s,
+        "failures": g.failures,
+        "steps_lost": g.steps_lost,
+        "recovering_s": g.recovering_s,
     }
 
 
