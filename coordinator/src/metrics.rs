@@ -156,21 +156,7 @@ impl Metrics {
         }
         self.workers_alive.set(workers.alive()?.len() as i64);
         for j in &all {
-            let l = JobLabels { job: j.id.clone() };
-            match j.goodput.filter(|_| !j.state.is_terminal()) {
-                Some(g) => {
-                    self.job_goodput.get_or_create(&l).set(g.ratio());
-                    self.job_failures.get_or_create(&l).set(i64::from(g.failures));
-                    self.job_steps_lost.get_or_create(&l).set(g.steps_lost as i64);
-                    self.job_recovering_s.get_or_create(&l).set(g.recovering_ms as f64 / 1e3);
-                }
-                None => {
-                    self.job_goodput.remove(&l);
-                    self.job_failures.remove(&l);
-                    self.job_steps_lost.remove(&l);
-                    self.job_recovering_s.remove(&l);
-                }
-            }
+            self.goodput(&j.id, j.goodput.filter(|_| !j.state.is_terminal()));
         }
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
@@ -183,6 +169,22 @@ impl Metrics {
         self.job_step.get_or_create(&l).set(p.step as i64);
         self.job_loss.get_or_create(&l).set(f64::from(p.loss));
         self.job_tokens_per_s.get_or_create(&l).set(p.tokens_per_s);
+    }
+
+    /// Sets the job's goodput gauges, or drops them (`None`: ended, or no attempt yet).
+    fn goodput(&self, job_id: &str, g: Option<crate::goodput::Goodput>) {
+        let l = JobLabels { job: job_id.to_owned() };
+        let Some(g) = g else {
+            self.job_goodput.remove(&l);
+            self.job_failures.remove(&l);
+            self.job_steps_lost.remove(&l);
+            self.job_recovering_s.remove(&l);
+            return;
+        };
+        self.job_goodput.get_or_create(&l).set(g.ratio());
+        self.job_failures.get_or_create(&l).set(i64::from(g.failures));
+        self.job_steps_lost.get_or_create(&l).set(g.steps_lost as i64);
+        self.job_recovering_s.get_or_create(&l).set(g.recovering_ms as f64 / 1e3);
     }
 
     fn forget_job(&self, job_id: &str) {

@@ -443,20 +443,9 @@ impl<'a, B: Backend + Sync, C: Collective<B> + Sync> Trainer<'a, B, C> {
         if self.coll.rank() != 0 {
             return Ok(None);
         }
-        let b = self.b;
-        let n = self.net.table.storage_len;
-        let ck = Checkpoint {
-            config: self.net.config.clone(),
-            table: self.net.table.clone(),
-            params: b.download(b.view(&self.net.params, 0..n))?,
-        };
-        let st = TrainingState {
-            step: self.step,
-            cursor: self.cursor,
-            seed: self.job.training.seed,
-            adam_m: b.download(b.view(&self.opt.m, 0..n))?,
-            adam_v: b.download(b.view(&self.opt.v, 0..n))?,
-        };
+        let Snapshot { step, cursor, seed, params, adam_m, adam_v } = self.snapshot()?;
+        let ck = Checkpoint { config: self.net.config.clone(), table: self.net.table.clone(), params };
+        let st = TrainingState { step, cursor, seed, adam_m, adam_v };
         let root = &self.job.checkpoint.dir;
         std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
         let dir = state::checkpoint_dir(root, self.step);
